@@ -1,0 +1,17 @@
+"""Model zoo: re-ID architectures, their backbones and registry, the ONNX contract, RAM, shipped models.
+
+What this package owns:
+- ``contract``: the ONNX contract between training and the service (input, outputs, metadata), torch-free.
+- ``ram``: Ranking Activation Maps (CAMA paper, eq. 10) in numpy, torch-free.
+- ``preprocess``: image decoding and resizing shared by training and the service, torch-free.
+- ``registry``: architectures by name; ``backbones`` and ``architectures``: the torch modules.
+- ``models/``: the trained ONNX models that ship with the product, each with a model card.
+
+Import rules: this package never imports ``service`` or ``training``. Importing ``model_zoo`` itself must not
+import torch, so the service can use the torch-free modules; import ``model_zoo.architectures`` (which
+imports torch and registers every architecture) where torch is wanted.
+"""
+from pathlib import Path
+
+SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL_PATH = SHIPPED_MODELS_DIR / "cama_mobilenetv2_cuhk03.onnx"

@@ -1,0 +1,53 @@
+"""Pieces every architecture shares: the input normalisation, the output type, the embedding rule."""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import model_zoo.backbones  # noqa: F401  (registers backbones)
+from model_zoo.registry import ARCHITECTURE_REGISTRY
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InputNormalization(nn.Module):
+    """uint8 RGB [B, H, W, 3] -> normalised float [B, 3, H, W]; part of the model so no client normalises twice."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        return x * self.scale - self.shift
+
+
+@dataclass
+class ReIDOutput:
+    """feature_maps: [B, N, D, h, w], the per-branch maps F^i; logits: [B, N, C] class scores per branch
+    (training mode only: the classifiers are not part of an exported model)."""
+
+    feature_maps: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return embedding_from_maps(self.feature_maps)
+
+
+def branch_features(feature_maps: torch.Tensor) -> torch.Tensor:
+    """Per-branch L2-normalised GAP features, [B, N, D]."""
+    return F.normalize(feature_maps.float().mean(dim=(3, 4)), dim=2)
+
+
+def embedding_from_maps(feature_maps: torch.Tensor) -> torch.Tensor:
+    """The concatenation of per-branch L2-normalised GAP features (CAMA section 3.3), [B, N*D]."""
+    return branch_features(feature_maps).flatten(1)
+
+
+def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
+    return ARCHITECTURE_REGISTRY.get(model_cfg["architecture"])(model_cfg, num_classes)

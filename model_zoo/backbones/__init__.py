@@ -1,0 +1,11 @@
+"""Backbones in plain torch with torchvision-compatible state-dict keys.
+
+Each backbone is registered in ``BACKBONE_REGISTRY`` as ``build(pretrained: str | None) -> BackboneParts``:
+the full torchvision-layout network is built, the user's checkpoint is loaded into it (so torchvision and
+timm files load unchanged), and then it is split into the shared trunk and the last stage that every
+branch copies.
+"""
+from model_zoo.backbones.base import BackboneParts
+from model_zoo.backbones import mobilenetv2, resnet  # noqa: F401  (registration)
+
+__all__ = ["BackboneParts"]

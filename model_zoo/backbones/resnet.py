@@ -1,0 +1,74 @@
+"""ResNet-50 with torchvision's state-dict keys and the last spatial down-sampling removed (as in PCB).
+
+A 256x128 input gives a 16x8 map. The trunk is conv1..conv4 (``layer3``), the last stage is ``layer4``.
+"""
+from typing import Optional
+
+from torch import nn
+
+from model_zoo.backbones.base import BackboneParts, load_checkpoint
+from model_zoo.registry import BACKBONE_REGISTRY
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Module):
+    """torchvision's resnet50 layout (without ``fc``); ``last_stride`` sets layer4's stride."""
+
+    def __init__(self, last_stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.in_channels = 64
+        self.layer1 = self._layer(64, 3, 1)
+        self.layer2 = self._layer(128, 4, 2)
+        self.layer3 = self._layer(256, 6, 2)
+        self.layer4 = self._layer(512, 3, last_stride)
+
+    def _layer(self, width: int, blocks: int, stride: int) -> nn.Sequential:
+        out_channels = width * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or self.in_channels != out_channels:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        layers = [Bottleneck(self.in_channels, width, stride, downsample)]
+        self.in_channels = out_channels
+        layers += [Bottleneck(out_channels, width) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def split(self) -> BackboneParts:
+        trunk = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3)
+        return BackboneParts(trunk=trunk, last_stage=self.layer4, out_channels=2048, stride=16)
+
+
+@BACKBONE_REGISTRY.register("resnet50")
+def build_resnet50(pretrained: Optional[str] = None) -> BackboneParts:
+    net = ResNet50(last_stride=1)
+    if pretrained:
+        load_checkpoint(net, pretrained)
+    return net.split()

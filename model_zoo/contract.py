@@ -1,0 +1,88 @@
+"""The ONNX contract between ``training`` (which writes the file) and ``service`` (which loads it).
+
+The contract itself is written down once, in ``model_zoo/CONTRACT.md``; this module is its executable form:
+the names, the metadata keys, and ``check_session`` which both the exporter's parity check and the service
+run against a loaded ONNX Runtime session. Torch-free.
+"""
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict
+
+import numpy as np
+
+CONTRACT_VERSION = "1"
+INPUT_IMAGES = "images"
+OUTPUT_EMBEDDING = "embedding"
+OUTPUT_FEATURE_MAPS = "feature_maps"
+METADATA_PREFIX = "reid."
+
+
+class ContractError(ValueError):
+    """An ONNX model does not follow the contract."""
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What a re-ID ONNX model promises: its shapes, and where it came from."""
+
+    architecture: str
+    backbone: str
+    num_branches: int
+    branch_dim: int
+    map_height: int
+    map_width: int
+    input_height: int
+    input_width: int
+    training_data: str = ""
+    evaluation: Dict[str, Any] = field(default_factory=dict)
+    config: Dict[str, Any] = field(default_factory=dict)
+    contract_version: str = CONTRACT_VERSION
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.num_branches * self.branch_dim
+
+    def to_metadata(self) -> Dict[str, str]:
+        return {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Dict[str, str]) -> "ModelContract":
+        values = {k[len(METADATA_PREFIX):]: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
+        if values.get("contract_version") != CONTRACT_VERSION:
+            raise ContractError(f"model contract version {values.get('contract_version')!r}, this code reads {CONTRACT_VERSION!r}")
+        text_fields = {"architecture", "backbone", "training_data", "contract_version"}
+        try:
+            parsed = {k: v if k in text_fields else json.loads(v) for k, v in values.items() if k in cls.__dataclass_fields__}
+            return cls(**parsed)
+        except (TypeError, ValueError) as exc:
+            raise ContractError(f"model metadata does not follow the contract: {exc}") from None
+
+
+def _check_io(node, name: str, dtype: str, shape: list) -> None:
+    if node.type != dtype:
+        raise ContractError(f"{name}: type {node.type}, the contract says {dtype}")
+    fixed = [d if isinstance(d, int) else None for d in node.shape]
+    if len(fixed) != len(shape) or any(s is not None and f is not None and f != s for f, s in zip(fixed, shape)):
+        raise ContractError(f"{name}: shape {node.shape}, the contract says {shape} (None = any)")
+
+
+def check_session(session) -> ModelContract:
+    """Read the contract from an ``onnxruntime.InferenceSession`` and check its inputs and outputs against it."""
+    contract = ModelContract.from_metadata(session.get_modelmeta().custom_metadata_map)
+    inputs = {node.name: node for node in session.get_inputs()}
+    outputs = {node.name: node for node in session.get_outputs()}
+    if set(inputs) != {INPUT_IMAGES}:
+        raise ContractError(f"inputs {sorted(inputs)}, the contract says [{INPUT_IMAGES!r}]")
+    missing = {OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS} - set(outputs)
+    if missing:
+        raise ContractError(f"outputs {sorted(outputs)} lack {sorted(missing)}")
+    c = contract
+    _check_io(inputs[INPUT_IMAGES], INPUT_IMAGES, "tensor(uint8)", [None, c.input_height, c.input_width, 3])
+    _check_io(outputs[OUTPUT_EMBEDDING], OUTPUT_EMBEDDING, "tensor(float)", [None, c.embedding_dim])
+    _check_io(outputs[OUTPUT_FEATURE_MAPS], OUTPUT_FEATURE_MAPS, "tensor(float)", [None, c.num_branches, c.branch_dim, c.map_height, c.map_width])
+    return contract
+
+
+def split_branches(embedding: np.ndarray, num_branches: int) -> np.ndarray:
+    """[..., N*D] -> [..., N, D]: the per-branch L2-normalised features inside an embedding."""
+    return embedding.reshape(*embedding.shape[:-1], num_branches, -1)

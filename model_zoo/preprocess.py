@@ -1,0 +1,50 @@
+"""Image decoding and resizing, shared by training and the service so both feed the model the same pixels.
+
+The ONNX model takes uint8 RGB [B, H, W, 3] at the size its metadata names and normalises inside the graph;
+the only preprocessing outside it is: decode (format judged by content), convert to RGB, resize with PIL's
+bilinear filter to width x height. Torch-free.
+"""
+import io
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class InvalidImage(ValueError):
+    """The bytes are not a decodable image, or the image is too large."""
+
+
+def decode_image(data: Union[bytes, Path, str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (or a file) into an RGB PIL image; the format is judged by content, not name."""
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    if isinstance(data, (bytes, bytearray)) and not data:
+        raise InvalidImage("empty file")
+    try:
+        with Image.open(source) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise InvalidImage(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
+            img.load()
+            return img.convert("RGB")
+    except InvalidImage:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImage("not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(f"cannot decode image: {exc}") from None
+
+
+def resize_to_input(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """Resize to the model's input size; returns uint8 [height, width, 3]."""
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_for_model(data: Union[bytes, Path, str], height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode and resize in one step: what both the trainer's evaluation and the service feed the model."""
+    return resize_to_input(decode_image(data, max_pixels), height, width)

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny synthetic Market-1501-layout data and a tiny training config."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_HEIGHT, TINY_WIDTH = 64, 32
+
+
+def person_image(pid: int, variant: int, size=(20, 40)) -> Image.Image:
+    """A synthetic 'person': two colour blocks fixed by the pid, plus a little noise per variant."""
+    rng = np.random.default_rng(pid * 1000 + variant)
+    palette = np.random.default_rng(pid).integers(0, 256, (2, 3))
+    width, height = size
+    pixels = np.empty((height, width, 3), np.uint8)
+    pixels[: height // 2] = palette[0]
+    pixels[height // 2 :] = palette[1]
+    noise = rng.integers(-20, 21, pixels.shape)
+    return Image.fromarray(np.clip(pixels.astype(int) + noise, 0, 255).astype(np.uint8))
+
+
+def write_market(root: Path, train_pids=range(6), test_pids=range(1000, 1004), per_camera: int = 3) -> Path:
+    """A Market-1501-layout folder: train ids in cameras 1 and 2, test ids queried from c1 against c2."""
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+    counter = 0
+    for pid in train_pids:
+        for cam in (1, 2):
+            for _ in range(per_camera):
+                counter += 1
+                person_image(pid, counter).save(root / "bounding_box_train" / f"{pid:04d}_c{cam}s1_{counter:06d}_00.jpg")
+    for pid in test_pids:
+        counter += 1
+        person_image(pid, counter).save(root / "query" / f"{pid:04d}_c1s1_{counter:06d}_00.jpg")
+        for _ in range(2):
+            counter += 1
+            person_image(pid, counter).save(root / "bounding_box_test" / f"{pid:04d}_c2s1_{counter:06d}_00.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def market_root(tmp_path_factory) -> Path:
+    return write_market(tmp_path_factory.mktemp("market"))
+
+
+def tiny_overrides(root: Path, out: Path, **extra) -> list:
+    values = {
+        "data.root": str(root), "data.height": TINY_HEIGHT, "data.width": TINY_WIDTH, "data.batch_size": 8,
+        "data.padding": 4, "model.pretrained": "null", "model.num_branches": 2, "model.reduction_dim": 16,
+        "loss.k": 2, "solver.warmup_epochs": 1, "solver.epochs": 1, "solver.max_iters_per_epoch": 2,
+        "run.output_dir": str(out), "run.progress": "false", "run.threads": 1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

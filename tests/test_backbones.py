@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from model_zoo.architectures import build_model
+from model_zoo.backbones.base import CheckpointMismatch, load_checkpoint
+from model_zoo.backbones.mobilenetv2 import MobileNetV2, convert_flat_layout
+from model_zoo.backbones.resnet import ResNet50
+from model_zoo.registry import BACKBONE_REGISTRY
+
+NESTED_TO_FLAT_T1 = {"0.0": "0", "0.1": "1", "1": "3", "2": "4"}
+NESTED_TO_FLAT = {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"}
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50"])
+def test_a_256x128_input_gives_a_16x8_map(name):
+    parts = BACKBONE_REGISTRY.get(name)(None)
+    with torch.no_grad():
+        maps = parts.last_stage(parts.trunk(torch.zeros(1, 3, 256, 128)))
+    assert maps.shape == (1, parts.out_channels, 16, 8)
+
+
+def test_resnet50_keys_are_torchvision_keys():
+    keys = set(ResNet50().state_dict())
+    assert {"conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer4.2.conv3.weight"} <= keys
+    assert ResNet50().layer4[0].conv2.stride == (1, 1)
+
+
+def test_checkpoint_loading_reports_missing_and_unexpected_keys(tmp_path):
+    state = ResNet50().state_dict()
+    state.pop("layer4.2.bn3.bias")
+    state["fc.weight"] = torch.zeros(1000, 2048)
+    torch.save(state, tmp_path / "r50.pth")
+    report = load_checkpoint(ResNet50(), tmp_path / "r50.pth")
+    assert report == {"missing": ["layer4.2.bn3.bias"], "unexpected": ["fc.weight"]}
+
+
+def test_checkpoint_loading_refuses_a_shape_mismatch(tmp_path):
+    state = MobileNetV2().state_dict()
+    state["features.18.0.weight"] = torch.zeros(1000, 320, 1, 1)
+    torch.save({"state_dict": state}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatch, match="features.18.0.weight"):
+        load_checkpoint(MobileNetV2(), tmp_path / "bad.pth", convert=convert_flat_layout)
+
+
+def test_the_original_flat_mobilenetv2_layout_loads_into_torchvision_keys(tmp_path):
+    reference = MobileNetV2()
+    for p in reference.parameters():
+        torch.nn.init.normal_(p)
+    flat = {}
+    for key, value in reference.state_dict().items():
+        parts = key.split(".")
+        if parts[2] == "conv":
+            block, rest = parts[1], parts[3:]
+            table = NESTED_TO_FLAT_T1 if block == "1" else NESTED_TO_FLAT
+            nested = ".".join(rest[:2]) if ".".join(rest[:2]) in table else rest[0]
+            tail = rest[len(nested.split(".")):]
+            key = ".".join(["features", block, "conv", table[nested], *tail])
+        flat[key] = value
+    torch.save(flat, tmp_path / "flat.pt")
+    model = MobileNetV2()
+    assert load_checkpoint(model, tmp_path / "flat.pt", convert=convert_flat_layout) == {"missing": [], "unexpected": []}
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_cama_branches_own_their_last_stage_and_output_the_contract_shapes():
+    model = build_model({"architecture": "cama", "backbone": "mobilenetv2", "num_branches": 3, "reduction_dim": 32}, num_classes=5)
+    first, second = model.branches[0].stage, model.branches[1].stage
+    assert first is not second and first[0].conv[0][0].weight is not second[0].conv[0][0].weight
+    images = torch.randint(0, 256, (2, 64, 32, 3), dtype=torch.uint8)
+    out = model.train()(images)
+    assert out.feature_maps.shape == (2, 3, 32, 4, 2) and out.logits.shape == (2, 3, 5)
+    maps = model.target_activation_maps(out.feature_maps, torch.tensor([1, 4]))
+    manual = torch.einsum("dhw,d->hw", out.feature_maps[1, 2], model.branches[2].classifier.weight[4])
+    torch.testing.assert_close(maps[1, 2], manual)
+    # class scores = GAP(M) (eq. 4)
+    torch.testing.assert_close(maps[:, 2].mean(dim=(1, 2))[1], out.logits[1, 2, 4])
+    model.eval()
+    embedding = model(images).embedding
+    assert embedding.shape == (2, 96)
+    torch.testing.assert_close(embedding.view(2, 3, 32).norm(dim=2), torch.ones(2, 3))

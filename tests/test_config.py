@@ -1,0 +1,30 @@
+import pytest
+
+from training.cli import build_parser
+from training.config import TrainConfig, load_config
+
+
+def test_cpu_schedule_layers_on_the_paper_schedule():
+    cfg = load_config("cpu_short.yaml")
+    assert (cfg.solver.warmup_epochs, cfg.solver.epochs, cfg.solver.step_size) == (1, 3, 2)
+    assert (cfg.solver.lr, cfg.solver.warmup_lr, cfg.data.batch_size) == (3e-4, 3e-6, 32)
+    paper = load_config("base.yaml")
+    assert (paper.solver.warmup_epochs, paper.solver.epochs, paper.solver.step_size) == (10, 50, 20)
+
+
+def test_overrides_are_parsed_as_yaml_and_unknown_keys_refused():
+    cfg = load_config("base.yaml", ["model.num_branches=1", "loss.alpha=0", "model.reduction_dim=256", "model.pretrained=null"])
+    assert cfg.model.num_branches == 1 and cfg.loss.alpha == 0 and cfg.model.reduction_dim == 256 and cfg.model.pretrained is None
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(None, ["solver.learning_rate=1"])
+    with pytest.raises(ValueError):
+        load_config(None, ["solver.lr"])
+
+
+def test_train_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    for section, cls in TrainConfig.__dataclass_fields__.items():
+        for name in cls.default_factory.__dataclass_fields__:
+            assert f"{section}.{name}=" in text

@@ -1,0 +1,108 @@
+"""End to end on tiny synthetic data: train, resume, evaluate, export with parity, read the contract back."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from model_zoo.contract import INPUT_IMAGES, ModelContract, check_session, split_branches
+from model_zoo.ram import ranking_activation_maps
+from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
+from training import evaluate, export, load_config, train
+from training.engine import Trainer, load_trained_model
+from training.export import ExportParityError, check_parity, parity_images
+
+
+@pytest.fixture(scope="module")
+def trained_run(market_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    summary = train(load_config("base.yaml", tiny_overrides(market_root, out)))
+    return out, summary
+
+
+def test_training_writes_a_run_folder_with_config_checkpoints_and_metrics(trained_run):
+    out, summary = trained_run
+    assert {"config.yaml", "last.pt", "model.pt", "metrics.json"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert all(h["loss_oap"] > 0 for h in metrics["history"])
+    assert set(metrics["evaluation"]) == {"all", "branch1", "branch2"}
+    assert set(metrics["evaluation"]["all"]) >= {"rank1", "rank5", "rank10", "mAP", "mINP"}
+
+
+def test_warm_up_trains_only_the_classifiers_then_everything(market_root, tmp_path):
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path)))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_epoch(0)
+    changed = {k for k, v in trainer.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k]) and "running" not in k}
+    assert changed == {"branches.0.classifier.weight", "branches.1.classifier.weight"}
+    trainer.train_epoch(1)
+    for i in range(2):
+        # stage keys keep the backbone's indices (features.14 -> stage.14)
+        assert not torch.equal(trainer.model.branches[i].stage[0].conv[0][0].weight, before[f"branches.{i}.stage.14.conv.0.0.weight"])
+
+
+def test_gradients_of_the_objective_reach_every_branch(market_root, tmp_path):
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.num_branches": 3})))
+    images, targets = trainer._batch(list(range(8)))
+    out = trainer.model.train()(images)
+    trainer.oap(trainer.model.target_activation_maps(out.feature_maps, targets)).backward()
+    for branch in trainer.model.branches:
+        assert branch.stage[0].conv[0][0].weight.grad.abs().sum() > 0
+
+
+def test_the_baseline_trains_without_oap(market_root, tmp_path):
+    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.num_branches": 1, "run.evaluate_at_end": "false"}))
+    trainer = Trainer(cfg)
+    assert trainer.oap is None
+    summary = trainer.fit()
+    assert all(h["loss_oap"] == 0 for h in summary["history"]) and all(np.isfinite(h["loss_id"]) for h in summary["history"])
+
+
+def test_resume_continues_where_the_checkpoint_stopped(market_root, trained_run, tmp_path):
+    out, _ = trained_run
+    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"solver.epochs": 2, "run.evaluate_at_end": "false"}))
+    summary = train(cfg, resume=out / "last.pt")
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+
+
+def test_evaluate_a_checkpoint(trained_run, market_root):
+    out, summary = trained_run
+    results = evaluate(out / "model.pt", market_root, progress=False)
+    assert results["all"]["mAP"] == pytest.approx(summary["evaluation"]["all"]["mAP"], abs=1e-6)
+
+
+def test_export_follows_the_contract_and_agrees_with_pytorch(trained_run, market_root, tmp_path):
+    out, summary = trained_run
+    report = export(out / "model.pt", tmp_path / "model.onnx")
+    assert max(v for k, v in report["parity"].items() if k.endswith("embedding")) <= 1e-4
+    assert {k.split("_batch")[0] for k in report["parity"]} == {"random", "real"}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    contract = check_session(session)
+    assert (contract.num_branches, contract.branch_dim, contract.map_height, contract.map_width) == (2, 16, 4, 2)
+    assert (contract.input_height, contract.input_width) == (TINY_HEIGHT, TINY_WIDTH)
+    assert contract.evaluation["all"]["mAP"] == pytest.approx(summary["evaluation"]["all"]["mAP"])
+    assert contract.config["model"]["num_branches"] == 2
+    images = parity_images(TINY_HEIGHT, TINY_WIDTH, market_root / "query", count=3)["real"]
+    embedding, maps = session.run(None, {INPUT_IMAGES: images})
+    # RAM of a real exported model: grid mean == retrieval score (mean over branches of cosines)
+    score = float(embedding[0] @ embedding[1]) / contract.num_branches
+    ram = ranking_activation_maps(split_branches(embedding[0], contract.num_branches), maps[1])
+    assert ram.score == pytest.approx(score, abs=1e-5)
+
+
+def test_a_parity_failure_is_reported(trained_run, tmp_path):
+    out, _ = trained_run
+    export(out / "model.pt", tmp_path / "model.onnx", real_images=None)
+    model, _ = load_trained_model(out / "model.pt")
+    with torch.no_grad():
+        model.branches[0].bn.bias.add_(1.0)
+    with pytest.raises(ExportParityError):
+        check_parity(model, tmp_path / "model.onnx", parity_images(TINY_HEIGHT, TINY_WIDTH, None))
+
+
+def test_contract_metadata_round_trips():
+    contract = ModelContract("cama", "mobilenetv2", 3, 1280, 16, 8, 256, 128, "data", {"all": {"mAP": 0.5}}, {"a": 1})
+    assert ModelContract.from_metadata(contract.to_metadata()) == contract
+    assert contract.embedding_dim == 3840

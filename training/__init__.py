@@ -1,0 +1,12 @@
+"""Training: trains re-ID models from ``model_zoo``'s registry on Market-1501-layout data, evaluates them with
+the single-query Market protocol, and exports the ONNX file the service loads.
+
+Python API first (``training.train``, ``training.evaluate``, ``training.export``); ``python -m training`` is a
+thin CLI over it. May import torch and ``model_zoo``; never imports ``service``.
+"""
+from training.config import TrainConfig, load_config
+from training.engine import train
+from training.evaluation import evaluate_checkpoint as evaluate
+from training.export import export_onnx as export
+
+__all__ = ["TrainConfig", "load_config", "train", "evaluate", "export"]

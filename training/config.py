@@ -1,0 +1,138 @@
+"""Training configuration: dataclasses with help text, YAML files that layer a ``_base_`` file, and
+``section.key=value`` overrides from the command line (values parsed as YAML)."""
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def option(default, help: str, **kwargs):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = option("cama", "architecture name in model_zoo's registry")
+    backbone: str = option("mobilenetv2", "backbone: mobilenetv2 or resnet50")
+    num_branches: int = option(3, "number of ordered branches N (1 = IDE+BN baseline)")
+    reduction_dim: Optional[int] = option(None, "optional 1x1 reduction to D channels per branch (null: backbone width)")
+    pretrained: Optional[str] = option("imagenet", "'imagenet' (MobileNetV2: fetched offline), a checkpoint path, or null")
+
+
+@dataclass
+class LossConfig:
+    alpha: float = option(1.0, "weight of the overlapped activation penalty (eq. 8); 0 gives MltB+L_id")
+    k: int = option(20, "sigma^i is the k-th largest value of M^i_t (eq. 5); the 16x8 grid has 128 cells")
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = option(None, "dataset folder in Market-1501 layout (bounding_box_train, query, bounding_box_test)")
+    height: int = option(256, "input height")
+    width: int = option(128, "input width")
+    flip_prob: float = option(0.5, "probability of a horizontal flip")
+    padding: int = option(10, "zero padding before the random crop, in pixels")
+    sampler: str = option("random", "'random' or 'pk' (P identities x K images per batch)")
+    batch_size: int = option(32, "images per batch")
+    num_instances: int = option(4, "K, images per identity, for the pk sampler")
+    cache_images: bool = option(True, "decode and resize every training image once, into memory")
+    workers: int = option(0, "data loader workers when cache_images is false")
+
+
+@dataclass
+class SolverConfig:
+    lr: float = option(3e-4, "Adam learning rate after the warm-up")
+    warmup_lr: float = option(3e-6, "learning rate at the start of the warm-up")
+    warmup_epochs: int = option(10, "epochs training only the classifiers W^i, lr rising warmup_lr -> lr")
+    epochs: int = option(50, "epochs training the whole model after the warm-up")
+    step_size: int = option(20, "multiply the lr by gamma every step_size epochs after the warm-up")
+    gamma: float = option(0.1, "lr decay factor")
+    weight_decay: float = option(5e-4, "Adam weight decay")
+    max_iters_per_epoch: Optional[int] = option(None, "cap on iterations per epoch (smoke tests)")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = option("runs/default", "run folder: config, checkpoints, metrics")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "'auto' (CUDA when present), 'cuda' or 'cpu'")
+    amp: bool = option(True, "mixed precision on CUDA (ignored on CPU)")
+    threads: Optional[int] = option(None, "torch CPU threads (null: torch's default)")
+    checkpoint_every: int = option(1, "save a checkpoint every this many epochs")
+    evaluate_at_end: bool = option(True, "evaluate on query/bounding_box_test after training")
+    progress: bool = option(True, "show a progress bar")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_yaml_layers(path: Path) -> Dict[str, Any]:
+    """Read a YAML config, first reading the file its ``_base_`` key names (relative to it)."""
+    path = Path(path)
+    if not path.exists() and (CONFIG_DIR / path).exists():
+        path = CONFIG_DIR / path
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("_base_", None)
+    return _merge(read_yaml_layers(path.parent / base), data) if base else data
+
+
+def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
+    tree: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not section.key=value")
+        dotted, raw = item.split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(raw)
+    return tree
+
+
+def from_dict(cls, data: Dict[str, Any]):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}; known: {sorted(known)}")
+    values = {}
+    for name, value in data.items():
+        kind = known[name].default_factory if is_dataclass(known[name].default_factory) else None
+        values[name] = from_dict(kind, value) if kind is not None else value
+    return cls(**values)
+
+
+def load_config(path: Optional[Path] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
+    data = read_yaml_layers(path) if path else {}
+    return from_dict(TrainConfig, _merge(data, parse_overrides(overrides or [])))
+
+
+def describe_options() -> str:
+    """Every config key with its default and help, for the CLI's --help."""
+    lines = []
+    for section in fields(TrainConfig):
+        for item in fields(section.default_factory):
+            default = getattr(section.default_factory(), item.name)
+            lines.append(f"  {section.name}.{item.name}={default!r}\n      {item.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Single-query Market-1501 evaluation: CMC rank-1/5/10, mAP and mINP, for the concatenated embedding and for
+each branch alone and each prefix of branches (CAMA Table 5).
+
+Protocol: for each query, gallery images of the same pid taken by the same camera are ignored, and so are
+junk images (pid -1); distractors (pid 0) stay as negatives. Queries with no valid match are skipped.
+Similarity is the inner product of L2-normalised per-branch features (cosine), ties broken by gallery order.
+"""
+import logging
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.data.market import ImageRecord, decode_records, read_split
+
+log = logging.getLogger(__name__)
+RANKS = (1, 5, 10)
+
+
+def market_metrics(similarity: np.ndarray, query_pids, query_cams, gallery_pids, gallery_cams, ranks: Iterable[int] = RANKS) -> Dict[str, float]:
+    """CMC at ``ranks``, mAP and mINP from a [Q, G] similarity matrix (higher = more similar)."""
+    query_pids, query_cams = np.asarray(query_pids), np.asarray(query_cams)
+    gallery_pids, gallery_cams = np.asarray(gallery_pids), np.asarray(gallery_cams)
+    max_rank = max(ranks)
+    cmc_sum = np.zeros(max_rank)
+    aps, inps = [], []
+    for q in range(similarity.shape[0]):
+        order = np.argsort(-similarity[q], kind="stable")
+        pids, cams = gallery_pids[order], gallery_cams[order]
+        valid = (pids != -1) & ~((pids == query_pids[q]) & (cams == query_cams[q]))
+        matches = (pids[valid] == query_pids[q]).astype(np.float64)
+        if query_pids[q] <= 0 or not matches.any():
+            continue
+        hits = np.flatnonzero(matches)
+        cmc = np.zeros(max_rank)
+        cmc[hits[0]:] = 1.0 if hits[0] < max_rank else 0.0
+        cmc_sum += cmc
+        aps.append(np.mean(np.arange(1, len(hits) + 1) / (hits + 1)))
+        inps.append(len(hits) / (hits[-1] + 1))
+    if not aps:
+        raise ValueError("no query has a valid gallery match")
+    metrics = {f"rank{r}": float(cmc_sum[r - 1] / len(aps)) for r in ranks}
+    metrics.update(mAP=float(np.mean(aps)), mINP=float(np.mean(inps)), num_queries=len(aps))
+    return metrics
+
+
+@torch.no_grad()
+def branch_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64, device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """Per-branch L2-normalised features [num_images, N, D] from a model in eval mode."""
+    from model_zoo.architectures.common import branch_features as normalised
+
+    model.eval()
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="embed", disable=not progress, leave=False):
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+        chunks.append(normalised(model(batch).feature_maps).cpu().numpy())
+    return np.concatenate(chunks)
+
+
+def features_metrics(query_feats: np.ndarray, gallery_feats: np.ndarray, query: List[ImageRecord], gallery: List[ImageRecord]) -> Dict[str, Dict[str, float]]:
+    """Metrics for the whole embedding, each branch alone and each prefix of branches."""
+    ids = dict(
+        query_pids=[r.pid for r in query], query_cams=[r.camid for r in query],
+        gallery_pids=[r.pid for r in gallery], gallery_cams=[r.camid for r in gallery],
+    )
+    num_branches = query_feats.shape[1]
+
+    def score(branches: List[int]) -> Dict[str, float]:
+        q = query_feats[:, branches].reshape(len(query_feats), -1)
+        g = gallery_feats[:, branches].reshape(len(gallery_feats), -1)
+        return market_metrics(q @ g.T / len(branches), **ids)
+
+    results = {"all": score(list(range(num_branches)))}
+    if num_branches > 1:
+        for i in range(num_branches):
+            results[f"branch{i + 1}"] = score([i])
+        for i in range(2, num_branches):
+            results[f"branches1-{i}"] = score(list(range(i)))
+    return results
+
+
+def load_test_split(root: Path, height: int, width: int, progress: bool = True):
+    """Decoded query and gallery images with their records."""
+    query, _ = read_split(Path(root) / "query")
+    gallery, _ = read_split(Path(root) / "bounding_box_test")
+    query_images, query, _ = decode_records(query, height, width, progress, "decode query")
+    gallery_images, gallery, _ = decode_records(gallery, height, width, progress, "decode gallery")
+    return query_images, query, gallery_images, gallery
+
+
+def evaluate_model(model: torch.nn.Module, root: Path, height: int, width: int, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, float]]:
+    query_images, query, gallery_images, gallery = load_test_split(root, height, width, progress)
+    query_feats = branch_features(model, query_images, device=device, progress=progress)
+    gallery_feats = branch_features(model, gallery_images, device=device, progress=progress)
+    return features_metrics(query_feats, gallery_feats, query, gallery)
+
+
+def evaluate_checkpoint(checkpoint: Path, data_root: Optional[Path] = None, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, float]]:
+    """Evaluate a training checkpoint on ``data_root`` (default: the data it was trained on)."""
+    from training.engine import load_trained_model
+
+    model, cfg = load_trained_model(checkpoint, device)
+    root = data_root or cfg.data.root
+    return evaluate_model(model, root, cfg.data.height, cfg.data.width, device, progress)

@@ -1,0 +1,117 @@
+"""Export a trained checkpoint to the ONNX file the service loads (contract: model_zoo/CONTRACT.md), then
+check ONNX Runtime against PyTorch on random and real images at batch 1 and 7; a failed check deletes the
+file and raises."""
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session
+from model_zoo.preprocess import load_for_model
+from training.engine import load_trained_model
+
+log = logging.getLogger(__name__)
+EMBEDDING_TOLERANCE = 1e-4
+FEATURE_MAP_TOLERANCE = 1e-3  # relative to the largest |F| value
+PARITY_BATCHES = (1, 7)
+
+
+class ExportParityError(RuntimeError):
+    """ONNX Runtime and PyTorch disagree beyond the tolerance."""
+
+
+class ContractOutputs(nn.Module):
+    """uint8 images -> (embedding, feature_maps), the two outputs the contract names."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        out = self.model(images)
+        return out.embedding, out.feature_maps.float()
+
+
+def describe(model: nn.Module, cfg, evaluation: Optional[Dict]) -> ModelContract:
+    height, width = cfg.data.height, cfg.data.width
+    with torch.no_grad():
+        maps = model(torch.zeros(1, height, width, 3, dtype=torch.uint8)).feature_maps
+    _, branches, dim, map_h, map_w = maps.shape
+    return ModelContract(
+        architecture=cfg.model.architecture, backbone=cfg.model.backbone, num_branches=branches, branch_dim=dim,
+        map_height=map_h, map_width=map_w, input_height=height, input_width=width,
+        training_data=str(Path(cfg.data.root).name) if cfg.data.root else "", evaluation=evaluation or {},
+        config=cfg.to_dict(),
+    )
+
+
+def parity_images(height: int, width: int, real_images: Optional[Path], count: int = 7) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    sets = {"random": rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8)}
+    if real_images:
+        files = sorted(p for p in Path(real_images).iterdir() if p.is_file())[:count]
+        if files:
+            sets["real"] = np.stack([load_for_model(p, height, width) for p in files])
+    return sets
+
+
+def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Max |ORT - torch| on each image set at each batch size; raises ExportParityError past the bounds."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    check_session(session)
+    model.eval()
+    report = {}
+    for name, batch in images.items():
+        for size in PARITY_BATCHES:
+            x = np.resize(batch, (size, *batch.shape[1:]))
+            with torch.no_grad():
+                out = model(torch.from_numpy(x))
+            emb, maps = session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: x})
+            emb_diff = float(np.abs(emb - out.embedding.numpy()).max())
+            map_scale = max(1.0, float(np.abs(maps).max()))
+            map_diff = float(np.abs(maps - out.feature_maps.float().numpy()).max()) / map_scale
+            report[f"{name}_batch{size}_embedding"] = emb_diff
+            report[f"{name}_batch{size}_feature_maps_relative"] = map_diff
+            print(f"parity {name:6s} batch {size}: max |d embedding| = {emb_diff:.2e}, max |d F| / max|F| = {map_diff:.2e}")
+            if emb_diff > EMBEDDING_TOLERANCE or map_diff > FEATURE_MAP_TOLERANCE:
+                raise ExportParityError(f"{name} batch {size}: embedding diff {emb_diff:.2e} (bound {EMBEDDING_TOLERANCE}), feature map diff {map_diff:.2e} (bound {FEATURE_MAP_TOLERANCE})")
+    return report
+
+
+def export_onnx(checkpoint: Path, output: Path, real_images: Optional[Path] = None, evaluation: Optional[Path] = None, opset: int = 17) -> Dict:
+    """Export ``checkpoint`` to ``output`` with the contract's metadata; returns the parity report.
+
+    ``real_images``: a folder of images for the parity check (default: the training data's query folder).
+    ``evaluation``: a metrics.json whose ``evaluation`` figures go into the metadata (default: the run's).
+    """
+    checkpoint, output = Path(checkpoint), Path(output)
+    model, cfg = load_trained_model(checkpoint)
+    metrics_file = Path(evaluation) if evaluation else checkpoint.parent / "metrics.json"
+    figures = json.loads(metrics_file.read_text()).get("evaluation") if metrics_file.exists() else None
+    contract = describe(model, cfg, figures)
+    if real_images is None and cfg.data.root and (Path(cfg.data.root) / "query").is_dir():
+        real_images = Path(cfg.data.root) / "query"
+    dummy = torch.zeros(2, cfg.data.height, cfg.data.width, 3, dtype=torch.uint8)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        ContractOutputs(model).eval(), (dummy,), str(output), input_names=[INPUT_IMAGES],
+        output_names=[OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], opset_version=opset, dynamo=False,
+        dynamic_axes={INPUT_IMAGES: {0: "batch"}, OUTPUT_EMBEDDING: {0: "batch"}, OUTPUT_FEATURE_MAPS: {0: "batch"}},
+    )
+    proto = onnx.load(str(output))
+    for key, value in contract.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(output))
+    try:
+        report = check_parity(model, output, parity_images(cfg.data.height, cfg.data.width, real_images))
+    except Exception:
+        output.unlink(missing_ok=True)
+        raise
+    return {"output": str(output), "bytes": output.stat().st_size, "parity": report, "contract": contract.to_metadata()}
