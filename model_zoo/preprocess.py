@@ -6,7 +6,7 @@ bilinear filter to width x height. Torch-free.
 """
 import io
 from pathlib import Path
-from typing import Union
+from typing import Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,11 +15,20 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class InvalidImage(ValueError):
-    """The bytes are not a decodable image, or the image is too large."""
+    """The bytes are not a decodable image."""
+
+
+class ImageTooLarge(InvalidImage):
+    """The image has more pixels than allowed (a decompression bomb, or just too big)."""
 
 
 def decode_image(data: Union[bytes, Path, str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes (or a file) into an RGB PIL image; the format is judged by content, not name."""
+    return decode_with_format(data, max_pixels)[0]
+
+
+def decode_with_format(data: Union[bytes, Path, str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[Image.Image, str]:
+    """Like ``decode_image``, also returning the format PIL found (``JPEG``, ``PNG``, ...)."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     if isinstance(data, (bytes, bytearray)) and not data:
         raise InvalidImage("empty file")
@@ -27,14 +36,16 @@ def decode_image(data: Union[bytes, Path, str], max_pixels: int = DEFAULT_MAX_PI
         with Image.open(source) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise InvalidImage(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
+                raise ImageTooLarge(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
             img.load()
-            return img.convert("RGB")
+            return img.convert("RGB"), img.format or "UNKNOWN"
     except InvalidImage:
         raise
     except UnidentifiedImageError:
         raise InvalidImage("not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"cannot decode image: {exc}") from None
 
 

@@ -53,3 +53,26 @@ def tiny_overrides(root: Path, out: Path, **extra) -> list:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(market_root, tmp_path_factory):
+    """A tiny CAMA (2 branches, D=16, 64x32 input) trained for 36 steps and exported: (checkpoint, onnx).
+
+    Enough steps for its BatchNorm statistics to settle: with fewer, a randomly initialised net maps every
+    image to the same embedding."""
+    from training import export, load_config, train
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    steps = {"run.evaluate_at_end": "false", "solver.epochs": 8, "solver.max_iters_per_epoch": "null", "data.sampler": "pk", "data.num_instances": 2}
+    train(load_config("base.yaml", tiny_overrides(market_root, out, **steps)))
+    export(out / "model.pt", out / "model.onnx")
+    return out / "model.pt", out / "model.onnx"
+
+
+def image_bytes(pid: int, variant: int, fmt: str = "JPEG") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    person_image(pid, variant).save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -1,0 +1,10 @@
+"""The retrieval service: enrol pedestrian crops into a gallery, query it, explain each match with RAM heatmaps.
+
+What this package owns: the FastAPI app (``app``), settings from environment variables (``settings``), ONNX
+Runtime inference with the provider chosen in one place (``inference``), dynamic micro-batching
+(``batching``), the FAISS index (``index``), the durable SQLite store (``store``), the gallery that keeps
+index and store consistent (``gallery``), heatmap rendering (``heatmaps``) and the error shape (``errors``).
+
+Import rules: never imports torch or ``training``. From ``model_zoo`` it uses only the torch-free modules:
+``contract``, ``ram``, ``preprocess`` and the default model path.
+"""

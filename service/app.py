@@ -1,0 +1,294 @@
+"""The FastAPI app: routes, API key, lifespan (load model, open gallery, start the batcher)."""
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import List, Optional
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Query, Request, Response, Security, UploadFile
+from fastapi.security import APIKeyHeader
+
+from model_zoo.contract import split_branches
+from model_zoo.preprocess import ImageTooLarge, InvalidImage, decode_with_format, resize_to_input
+from model_zoo.ram import ranking_activation_maps
+from service.batching import MicroBatcher
+from service.errors import ERROR_SCHEMA, APIError, install_error_handlers
+from service.gallery import Gallery
+from service.heatmaps import overlay, png_base64
+from service.inference import InferenceModel
+from service.metrics import ServiceMetrics
+from service.schemas import EnrollResponse, GalleryItem, GalleryPage, Heatmap, Match, QueryResponse, ReadyResponse
+from service.settings import Settings
+from service.store import GalleryStore, NewItem
+
+log = logging.getLogger(__name__)
+MAX_ID_LENGTH = 128
+MAX_METADATA_BYTES = 16 * 1024
+ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422)}
+
+
+class Upload:
+    """A validated upload: original bytes, decoded RGB image and its format."""
+
+    def __init__(self, data: bytes, image, image_format: str):
+        self.data, self.image, self.format = data, image, image_format
+
+
+async def read_upload(upload: UploadFile, position: int, settings: Settings) -> Upload:
+    label = f"upload {position} ({upload.filename or 'unnamed'})"
+    data = await upload.read(settings.max_image_bytes + 1)
+    if len(data) > settings.max_image_bytes:
+        raise APIError(413, "image_too_large", f"{label}: more than {settings.max_image_bytes} bytes")
+    try:
+        image, image_format = await asyncio.to_thread(decode_with_format, data, settings.max_image_pixels)
+    except ImageTooLarge as exc:
+        raise APIError(413, "image_too_large", f"{label}: {exc}") from None
+    except InvalidImage as exc:
+        raise APIError(400, "invalid_image", f"{label}: {exc}") from None
+    return Upload(data, image, image_format)
+
+
+def per_image(values: Optional[List[str]], count: int, name: str) -> List[Optional[str]]:
+    """A form field given once (for every image) or once per image."""
+    if not values:
+        return [None] * count
+    if len(values) not in (1, count):
+        raise APIError(422, "invalid_request", f"{name}: give it once, or once per image ({count}), not {len(values)} times")
+    return values * count if len(values) == 1 else list(values)
+
+
+def check_id(value: Optional[str], name: str) -> Optional[str]:
+    if value is not None and (not value.strip() or len(value) > MAX_ID_LENGTH):
+        raise APIError(422, "invalid_request", f"{name}: must be 1 to {MAX_ID_LENGTH} characters")
+    return value
+
+
+def parse_metadata(text: Optional[str]) -> dict:
+    if text is None or text == "":
+        return {}
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise APIError(422, "invalid_metadata", f"metadata: more than {MAX_METADATA_BYTES} bytes")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise APIError(422, "invalid_metadata", f"metadata: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise APIError(422, "invalid_metadata", "metadata: must be a JSON object")
+    return value
+
+
+def item_body(item) -> GalleryItem:
+    return GalleryItem(**asdict(item))
+
+
+def make_heatmap(query_features: np.ndarray, maps: np.ndarray, image) -> Heatmap:
+    ram = ranking_activation_maps(query_features, maps)
+    return Heatmap(
+        grid=ram.aggregate.tolist(), branch_grids=ram.per_branch.tolist(),
+        overlay_png=png_base64(overlay(image, ram.aggregate)),
+        branch_overlays_png=[png_base64(overlay(image, grid)) for grid in ram.per_branch],
+    )
+
+
+def create_app(settings: Optional[Settings] = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads).load()
+        store = GalleryStore(settings.store_path)
+        gallery = Gallery(store, model, settings)
+        await asyncio.to_thread(gallery.open)
+        batcher = MicroBatcher(model, settings.max_batch_size, settings.max_batch_wait_ms / 1000, metrics.observe_batch)
+        await batcher.start()
+        app.state.model, app.state.gallery, app.state.batcher = model, gallery, batcher
+        metrics.gallery_size.set(gallery.size)
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await batcher.stop()
+            store.close()
+
+    app = FastAPI(
+        title="Person re-ID retrieval", version="0.1.0", lifespan=lifespan,
+        description="Enrol pedestrian crops, query with one, get ranked matches with Ranking Activation Map heatmaps. "
+        'Every error is {"error": {"code", "message"}}.',
+    )
+    app.state.ready = False
+    app.state.settings, app.state.metrics = settings, metrics
+    install_error_handlers(app, on_error=lambda code: metrics.errors.labels(code).inc())
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        metrics.latency.labels(path, request.method, str(response.status_code)).observe(time.perf_counter() - started)
+        return response
+
+    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when REID_API_KEY is set")
+
+    def require_key(key: Optional[str] = Security(api_key_header)) -> None:
+        expected = settings.api_key.get_secret_value() if settings.api_key else None
+        if expected and not (key and hmac.compare_digest(key.encode(), expected.encode())):
+            raise APIError(401, "unauthorized", "missing or wrong X-API-Key header")
+
+    def state(request: Request):
+        if not request.app.state.ready:
+            raise APIError(503, "not_ready", "the model or the gallery is still loading")
+        return request.app.state
+
+    protected = [Depends(require_key)]
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=ReadyResponse, responses={503: ERROR_SCHEMA})
+    async def readyz(request: Request):
+        s = state(request)
+        index = s.gallery.index
+        return ReadyResponse(
+            ready=True, provider={**asdict(s.model.providers), "fell_back": s.model.providers.fell_back},
+            index={"type": index.built_kind, "requested_type": index.kind, "device": index.device, "size": index.size, "tombstones": len(index.tombstones)},
+            gallery_size=s.gallery.size, model_fingerprint=s.model.fingerprint,
+        )
+
+    @app.get("/model", tags=["health"], dependencies=protected, responses=ERRORS)
+    async def model_info(request: Request):
+        s = state(request)
+        return {**asdict(s.model.contract), "embedding_dim": s.model.contract.embedding_dim,
+                "fingerprint": s.model.fingerprint, "file": s.model.path.name}
+
+    @app.get("/metrics", tags=["health"], dependencies=protected)
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/gallery", status_code=201, tags=["gallery"], response_model=EnrollResponse, dependencies=protected, responses=ERRORS)
+    async def enroll(
+        request: Request,
+        images: List[UploadFile] = File(..., description="one or more image files"),
+        person_id: Optional[List[str]] = Form(None, description="once for all images, or once per image"),
+        camera_id: Optional[List[str]] = Form(None, description="once for all images, or once per image"),
+        metadata: Optional[List[str]] = Form(None, description="a JSON object, once for all images or once per image"),
+    ):
+        s = state(request)
+        if len(images) > settings.max_images_per_request:
+            raise APIError(413, "too_many_images", f"{len(images)} images, at most {settings.max_images_per_request} per request")
+        count = len(images)
+        persons = [check_id(p, "person_id") for p in per_image(person_id, count, "person_id")]
+        cameras = [check_id(c, "camera_id") for c in per_image(camera_id, count, "camera_id")]
+        metas = [parse_metadata(m) for m in per_image(metadata, count, "metadata")]
+        uploads = [await read_upload(upload, i, settings) for i, upload in enumerate(images)]
+        height, width = s.model.input_size
+        pixels = np.stack([resize_to_input(u.image, height, width) for u in uploads])
+        embedding, _ = await s.batcher.embed(pixels)
+        new = [NewItem(u.data, u.format, u.image.width, u.image.height, e, p, c, m)
+               for u, e, p, c, m in zip(uploads, embedding, persons, cameras, metas)]
+        ids = s.gallery.add(new)
+        metrics.gallery_size.set(s.gallery.size)
+        stored = s.gallery.store.get_many(ids)
+        return EnrollResponse(ids=ids, items=[item_body(stored[i]) for i in ids])
+
+    @app.get("/gallery", tags=["gallery"], response_model=GalleryPage, dependencies=protected, responses=ERRORS)
+    async def list_gallery(
+        request: Request,
+        limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**62),
+        person_id: Optional[str] = Query(None, max_length=MAX_ID_LENGTH), camera_id: Optional[str] = Query(None, max_length=MAX_ID_LENGTH),
+    ):
+        total, items = state(request).gallery.store.list(limit, offset, person_id, camera_id)
+        return GalleryPage(total=total, limit=limit, offset=offset, items=[item_body(i) for i in items])
+
+    def find(request: Request, item_id: int):
+        item = state(request).gallery.store.get(item_id)
+        if item is None:
+            raise APIError(404, "not_found", f"no gallery item {item_id}")
+        return item
+
+    @app.get("/gallery/{item_id}", tags=["gallery"], response_model=GalleryItem, dependencies=protected, responses=ERRORS)
+    async def get_item(request: Request, item_id: int):
+        return item_body(find(request, item_id))
+
+    @app.get("/gallery/{item_id}/image", tags=["gallery"], dependencies=protected, responses=ERRORS)
+    async def get_image(request: Request, item_id: int):
+        item = find(request, item_id)
+        data = state(request).gallery.store.images([item_id]).get(item_id)
+        if data is None:
+            raise APIError(404, "not_found", f"no gallery item {item_id}")
+        return Response(data, media_type=f"image/{item.image_format.lower()}")
+
+    @app.delete("/gallery/{item_id}", status_code=204, tags=["gallery"], dependencies=protected, responses=ERRORS)
+    async def delete_item(request: Request, item_id: int):
+        s = state(request)
+        if not s.gallery.delete(item_id):
+            raise APIError(404, "not_found", f"no gallery item {item_id}")
+        metrics.gallery_size.set(s.gallery.size)
+        return Response(status_code=204)
+
+    @app.post("/query", tags=["query"], response_model=QueryResponse, dependencies=protected, responses=ERRORS)
+    async def query(
+        request: Request,
+        image: UploadFile = File(..., description="the query image"),
+        top_k: int = Form(10, description="number of matches, 1 to REID_MAX_TOP_K"),
+        camera_id: Optional[str] = Form(None, description="only matches from this camera"),
+        exclude_camera_id: Optional[str] = Form(None, description="no matches from this camera (the re-ID protocol's same-camera rule)"),
+        person_id: Optional[str] = Form(None, description="only matches of this person"),
+        min_score: Optional[float] = Form(None, ge=-1.0, le=1.0, description="only matches scoring at least this"),
+        heatmaps: bool = Form(True, description="compute RAM heatmaps for the query and each match"),
+    ):
+        s = state(request)
+        if not 1 <= top_k <= settings.max_top_k:
+            raise APIError(422, "invalid_request", f"top_k: must be between 1 and {settings.max_top_k}")
+        for value, name in ((camera_id, "camera_id"), (exclude_camera_id, "exclude_camera_id"), (person_id, "person_id")):
+            check_id(value, name)
+        upload = await read_upload(image, 0, settings)
+        if s.gallery.size == 0:
+            raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
+        timing = {}
+        started = time.perf_counter()
+        height, width = s.model.input_size
+        embedding, maps = await s.batcher.embed(resize_to_input(upload.image, height, width)[None], with_maps=heatmaps)
+        timing["embed"] = (time.perf_counter() - started) * 1000
+        hits = s.gallery.search(embedding[0], top_k, camera_id, exclude_camera_id, person_id, min_score)
+        items = s.gallery.store.get_many([i for i, _ in hits])
+        hits = [(i, score) for i, score in hits if i in items]  # a synthetic benchmark vector has no item
+        vectors = s.gallery.store.embeddings([i for i, _ in hits], s.gallery.dim)
+        branches = s.model.contract.num_branches
+        query_features = split_branches(embedding[0], branches)
+        timing["search"] = (time.perf_counter() - started) * 1000 - timing["embed"]
+        matches = [
+            Match(id=i, rank=r + 1, score=score, branch_scores=(split_branches(vectors[i], branches) * query_features).sum(axis=1).tolist(),
+                  person_id=items[i].person_id, camera_id=items[i].camera_id, metadata=items[i].metadata)
+            for r, (i, score) in enumerate(hits)
+        ]
+        query_heatmap = None
+        if heatmaps:
+            query_heatmap = await asyncio.to_thread(make_heatmap, query_features, maps[0], upload.image)
+            await add_heatmaps(s, matches, query_features)
+            timing["heatmaps"] = (time.perf_counter() - started) * 1000 - timing["embed"] - timing["search"]
+        timing["total"] = (time.perf_counter() - started) * 1000
+        return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing)
+
+    async def add_heatmaps(s, matches: List[Match], query_features: np.ndarray) -> None:
+        """Re-embed the matches' stored images in one batch for their feature maps, then draw their RAMs."""
+        if not matches:
+            return
+        stored = s.gallery.store.images([m.id for m in matches])
+        matches[:] = [m for m in matches if m.id in stored]
+        height, width = s.model.input_size
+        decoded = await asyncio.to_thread(lambda: [decode_with_format(stored[m.id], settings.max_image_pixels)[0] for m in matches])
+        pixels = np.stack([resize_to_input(img, height, width) for img in decoded])
+        _, maps = await s.batcher.embed(pixels, with_maps=True)
+        heatmaps = await asyncio.to_thread(lambda: [make_heatmap(query_features, m, img) for m, img in zip(maps, decoded)])
+        for match, heatmap in zip(matches, heatmaps):
+            match.heatmap = heatmap
+
+    return app

@@ -1,0 +1,34 @@
+"""Every setting, from environment variables prefixed ``REID_`` (see the README's settings table)."""
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model_zoo import DEFAULT_MODEL_PATH
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REID_", env_file=None, protected_namespaces=())
+
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model following model_zoo/CONTRACT.md")
+    store_path: Path = Field(Path("var/gallery.sqlite3"), description="SQLite gallery file (created if missing)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    api_key: Optional[SecretStr] = Field(None, description="if set, every route but /healthz, /readyz and / needs header X-API-Key")
+    execution_provider: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when ONNX Runtime can use it, else CPU; cuda: refuse to start without it")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime CPU threads (0: its default)")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="most images embedded in one model call")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long the first image of a batch waits for others")
+    index_type: Literal["flat", "ivf", "hnsw"] = Field("flat", description="flat: exact; ivf or hnsw: approximate, for large galleries")
+    index_device: Literal["auto", "cpu", "gpu"] = Field("auto", description="where FAISS searches: auto uses a GPU when FAISS sees one")
+    ivf_nlist: int = Field(1024, ge=1, description="IVF lists (capped at gallery size / 39)")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists searched per query")
+    hnsw_m: int = Field(32, ge=4, description="HNSW neighbours per node")
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth")
+    on_model_change: Literal["reembed", "refuse"] = Field("reembed", description="a gallery embedded by another model is re-embedded from its stored images, or the start is refused")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one POST /gallery")
+    max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
+    log_level: str = Field("warning", description="uvicorn and service log level")

@@ -1,0 +1,187 @@
+"""The durable gallery: SQLite in WAL mode holding each item's original image bytes, embedding, ids and
+metadata, and the fingerprint of the model that made the embeddings.
+
+Every write is one transaction with ``synchronous=FULL``: a batch is all or nothing, and what a request
+acknowledged survives ``kill -9`` (and power loss). Ids come from AUTOINCREMENT, so they are never reused.
+"""
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    person_id TEXT,
+    camera_id TEXT,
+    metadata TEXT NOT NULL,
+    image BLOB NOT NULL,
+    image_format TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    embedding BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_person ON items(person_id);
+CREATE INDEX IF NOT EXISTS items_camera ON items(camera_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at"
+
+
+@dataclass
+class NewItem:
+    image: bytes
+    image_format: str
+    width: int
+    height: int
+    embedding: np.ndarray
+    person_id: Optional[str] = None
+    camera_id: Optional[str] = None
+    metadata: Optional[dict] = None
+
+
+@dataclass
+class Item:
+    id: int
+    person_id: Optional[str]
+    camera_id: Optional[str]
+    metadata: dict
+    image_format: str
+    width: int
+    height: int
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: tuple) -> "Item":
+        return cls(row[0], row[1], row[2], json.loads(row[3]), *row[4:])
+
+
+class GalleryStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _transaction(self):
+        return _Transaction(self.db)
+
+    def get_meta(self, key: str) -> Optional[str]:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def add(self, items: Sequence[NewItem]) -> List[int]:
+        """Insert all items in one transaction; returns their ids in order."""
+        now = time.time()
+        ids = []
+        with self._transaction():
+            for item in items:
+                cursor = self.db.execute(
+                    "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (item.person_id, item.camera_id, json.dumps(item.metadata or {}), item.image, item.image_format,
+                     item.width, item.height, np.ascontiguousarray(item.embedding, np.float32).tobytes(), now),
+                )
+                ids.append(cursor.lastrowid)
+        return ids
+
+    def delete(self, item_id: int) -> bool:
+        with self._transaction():
+            return self.db.execute("DELETE FROM items WHERE id = ?", (item_id,)).rowcount == 1
+
+    def get(self, item_id: int) -> Optional[Item]:
+        row = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+        return Item.from_row(row) if row else None
+
+    def get_many(self, ids: Sequence[int]) -> Dict[int, Item]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id IN ({marks})", list(ids)).fetchall()
+        return {row[0]: Item.from_row(row) for row in rows}
+
+    def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
+        marks = ",".join("?" * len(ids))
+        return dict(self.db.execute(f"SELECT id, image FROM items WHERE id IN ({marks})", list(ids)).fetchall()) if ids else {}
+
+    def embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, np.ndarray]:
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(f"SELECT id, embedding FROM items WHERE id IN ({marks})", list(ids)).fetchall() if ids else []
+        return {i: np.frombuffer(blob, np.float32, count=dim) for i, blob in rows}
+
+    def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None) -> Tuple[int, List[Item]]:
+        where, args = [], []
+        for column, value in (("person_id", person_id), ("camera_id", camera_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        total = self.db.execute(f"SELECT COUNT(*) FROM items{clause}", args).fetchone()[0]
+        rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items{clause} ORDER BY id LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        return total, [Item.from_row(r) for r in rows]
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def iter_embeddings(self, dim: int, chunk: int = 4096) -> Iterator[Tuple[np.ndarray, np.ndarray, List[Tuple]]]:
+        """All (ids, embeddings [n, dim], (person_id, camera_id) rows) in chunks, in id order."""
+        last = 0
+        while True:
+            rows = self.db.execute(
+                "SELECT id, person_id, camera_id, embedding FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            ids = np.array([r[0] for r in rows], np.int64)
+            vectors = np.stack([np.frombuffer(r[3], np.float32) for r in rows])
+            if vectors.shape[1] != dim:
+                raise ValueError(f"stored embeddings have {vectors.shape[1]} dimensions, the model {dim}")
+            yield ids, vectors, [(r[1], r[2]) for r in rows]
+
+    def iter_images(self, chunk: int = 64) -> Iterator[List[Tuple[int, bytes]]]:
+        last = 0
+        while True:
+            rows = self.db.execute("SELECT id, image FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield rows
+
+    def replace_embeddings(self, updates: Sequence[Tuple[int, np.ndarray]], meta: Dict[str, str]) -> None:
+        """Write new embeddings and the new model's metadata in one transaction."""
+        with self._transaction():
+            self.db.executemany("UPDATE items SET embedding = ? WHERE id = ?",
+                                [(np.ascontiguousarray(e, np.float32).tobytes(), i) for i, e in updates])
+            self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
+
+    def integrity_ok(self) -> bool:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

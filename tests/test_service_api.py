@@ -1,0 +1,231 @@
+"""The service over HTTP: a real uvicorn process on loopback, the tiny exported model, a real SQLite file."""
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import image_bytes
+from tests.server import REPO, ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store") / "gallery.sqlite3"
+    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=8, max_top_k=20) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def files(*blobs, name="images"):
+    return [(name, (f"img{i}.jpg", blob, "image/jpeg")) for i, blob in enumerate(blobs)]
+
+
+def enroll(client, blobs, **data):
+    response = client.post("/gallery", files=files(*blobs), data=data)
+    assert response.status_code == 201, response.text
+    return response.json()["ids"]
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+
+
+def gallery_total(client) -> int:
+    return client.get("/gallery").json()["total"]
+
+
+def test_query_on_an_empty_gallery_is_a_clear_409(client):
+    assert_error(client.post("/query", files=files(image_bytes(1, 1), name="image")), 409, "gallery_empty")
+
+
+def test_health_ready_and_model(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["provider"]["active"] == "CPUExecutionProvider" and ready["provider"]["fell_back"] is False
+    model = client.get("/model").json()
+    assert (model["architecture"], model["num_branches"], model["branch_dim"], model["embedding_dim"]) == ("cama", 2, 16, 32)
+
+
+def test_enroll_one_and_many_with_ids_and_metadata(client):
+    [single] = enroll(client, [image_bytes(1000, 1)], person_id="p1000", camera_id="cam1", metadata='{"site": "north"}')
+    item = client.get(f"/gallery/{single}").json()
+    assert (item["person_id"], item["camera_id"], item["metadata"], item["image_format"]) == ("p1000", "cam1", {"site": "north"}, "JPEG")
+    response = client.post("/gallery", files=files(image_bytes(1001, 2), image_bytes(1001, 3, "PNG")),
+                           data={"person_id": ["a", "b"], "camera_id": "cam2"})
+    assert response.status_code == 201
+    ids = response.json()["ids"]
+    assert [client.get(f"/gallery/{i}").json()["person_id"] for i in ids] == ["a", "b"]
+    assert client.get(f"/gallery/{ids[1]}/image").content == image_bytes(1001, 3, "PNG")
+
+
+def truncated_jpeg() -> bytes:
+    return image_bytes(5, 5)[:200]
+
+
+def decompression_bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def noise_png(side=400) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("blob, status, code", [
+    (b"this is not an image", 400, "invalid_image"),
+    (b"", 400, "invalid_image"),
+    (truncated_jpeg(), 400, "invalid_image"),
+    (decompression_bomb(), 413, "image_too_large"),
+    (noise_png(), 413, "image_too_large"),
+])
+def test_bad_images_are_refused_and_a_batch_is_all_or_nothing(client, blob, status, code):
+    before = gallery_total(client)
+    assert_error(client.post("/gallery", files=files(image_bytes(7, 1), blob)), status, code)
+    assert_error(client.post("/query", files=files(blob, name="image")), status, code)
+    assert gallery_total(client) == before
+
+
+@pytest.mark.parametrize("data, code", [
+    ({"metadata": "{not json"}, "invalid_metadata"),
+    ({"metadata": "[1, 2]"}, "invalid_metadata"),
+    ({"person_id": ["a", "b", "c"]}, "invalid_request"),
+    ({"camera_id": "x" * 200}, "invalid_request"),
+])
+def test_malformed_fields_are_refused(client, data, code):
+    before = gallery_total(client)
+    assert_error(client.post("/gallery", files=files(image_bytes(8, 1), image_bytes(8, 2)), data=data), 422, code)
+    assert gallery_total(client) == before
+
+
+def test_too_many_images_and_missing_parts(client):
+    assert_error(client.post("/gallery", files=files(*[image_bytes(9, i) for i in range(9)])), 413, "too_many_images")
+    assert_error(client.post("/gallery", data={"person_id": "x"}), 422, "invalid_request")
+    assert_error(client.post("/query", data={"top_k": "3"}), 422, "invalid_request")
+
+
+def test_unknown_ids_and_routes(client):
+    for response in (client.get("/gallery/999999"), client.get("/gallery/999999/image"), client.delete("/gallery/999999")):
+        assert_error(response, 404, "not_found")
+    assert_error(client.get("/gallery/abc"), 422, "invalid_request")
+    assert_error(client.get("/nowhere"), 404, "not_found")
+
+
+@pytest.mark.parametrize("top_k", ["0", "21", "-3", "many"])
+def test_top_k_out_of_range(client, top_k):
+    assert_error(client.post("/query", files=files(image_bytes(1, 1), name="image"), data={"top_k": top_k}), 422, "invalid_request")
+
+
+def test_query_ranks_the_same_image_first_with_consistent_scores_and_heatmaps(client):
+    # The tiny model barely trained, so only an identical image is sure to rank first (score 1).
+    for pid in (2000, 2001, 2002):
+        enroll(client, [image_bytes(pid, 10), image_bytes(pid, 11)], person_id=str(pid), camera_id="c2")
+    response = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    matches = body["matches"]
+    assert [m["rank"] for m in matches] == [1, 2, 3, 4]
+    assert matches[0]["person_id"] == "2001" and matches[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    scores = [m["score"] for m in matches]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    for m in matches:
+        assert np.mean(m["branch_scores"]) == pytest.approx(m["score"], abs=1e-5)
+        grid = np.array(m["heatmap"]["grid"])
+        assert grid.shape == (4, 2) and grid.mean() == pytest.approx(m["score"], abs=1e-4)
+        assert np.array(m["heatmap"]["branch_grids"]).shape == (2, 4, 2)
+        png = Image.open(io.BytesIO(__import__("base64").b64decode(m["heatmap"]["overlay_png"])))
+        assert png.format == "PNG" and max(png.size) <= 256
+    assert np.mean(body["query_heatmap"]["grid"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_query_filters(client):
+    enroll(client, [image_bytes(3000, 1)], person_id="3000", camera_id="c9")
+    query = files(image_bytes(3000, 2), name="image")
+    only = client.post("/query", files=query, data={"camera_id": "c9", "heatmaps": "false"}).json()["matches"]
+    assert [m["camera_id"] for m in only] == ["c9"] and only[0]["heatmap"] is None
+    excluded = client.post("/query", files=query, data={"exclude_camera_id": "c9", "top_k": "20", "heatmaps": "false"}).json()["matches"]
+    assert excluded and all(m["camera_id"] != "c9" for m in excluded)
+    high = client.post("/query", files=query, data={"min_score": "0.999", "heatmaps": "false"}).json()["matches"]
+    assert all(m["score"] >= 0.999 for m in high)
+    assert_error(client.post("/query", files=query, data={"min_score": "2"}), 422, "invalid_request")
+
+
+def test_list_paginates_and_filters(client):
+    total = gallery_total(client)
+    first = client.get("/gallery", params={"limit": 2, "offset": 0}).json()
+    second = client.get("/gallery", params={"limit": 2, "offset": 2}).json()
+    assert first["total"] == total and len(first["items"]) == 2
+    assert first["items"][-1]["id"] < second["items"][0]["id"]
+    by_camera = client.get("/gallery", params={"camera_id": "c2"}).json()
+    assert by_camera["total"] == 6 and all(i["camera_id"] == "c2" for i in by_camera["items"])
+    assert_error(client.get("/gallery", params={"limit": 0}), 422, "invalid_request")
+
+
+def test_delete_removes_from_index_and_store_together(client):
+    [item_id] = enroll(client, [image_bytes(4000, 1)], person_id="4000")
+    query = files(image_bytes(4000, 1), name="image")
+    assert client.post("/query", files=query, data={"heatmaps": "false"}).json()["matches"][0]["id"] == item_id
+    assert client.delete(f"/gallery/{item_id}").status_code == 204
+    assert_error(client.get(f"/gallery/{item_id}"), 404, "not_found")
+    ids = [m["id"] for m in client.post("/query", files=query, data={"top_k": "20", "heatmaps": "false"}).json()["matches"]]
+    assert item_id not in ids
+    ready = client.get("/readyz").json()
+    assert ready["index"]["size"] == ready["gallery_size"] == gallery_total(client)
+
+
+def test_metrics_expose_latency_batches_queue_gallery_and_errors(client):
+    text = client.get("/metrics").text
+    for name in ("reid_request_seconds_bucket", "reid_batch_size_bucket", "reid_queue_wait_seconds_bucket", "reid_gallery_items", "reid_errors_total"):
+        assert name in text
+    assert 'route="/query"' in text
+
+
+def test_openapi_documents_the_routes(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/gallery", "/gallery/{item_id}", "/gallery/{item_id}/image", "/query", "/healthz", "/readyz", "/model", "/metrics"} <= set(paths)
+
+
+def test_service_embeddings_equal_the_exporters_on_the_same_files(server, client, tiny_model, market_root):
+    import torch
+
+    from model_zoo.preprocess import load_for_model
+    from training.engine import load_trained_model
+
+    paths = sorted((market_root / "query").iterdir())[:3]
+    ids = enroll(client, [p.read_bytes() for p in paths])
+    model, cfg = load_trained_model(tiny_model[0])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.stack([load_for_model(p, cfg.data.height, cfg.data.width) for p in paths]))).embedding.numpy()
+    db = sqlite3.connect(server.env["REID_STORE_PATH"])
+    stored = [np.frombuffer(db.execute("SELECT embedding FROM items WHERE id = ?", (i,)).fetchone()[0], np.float32) for i in ids]
+    np.testing.assert_allclose(np.stack(stored), expected, atol=1e-4)
+
+
+def test_api_key_protects_every_route_but_health(tiny_model, tmp_path):
+    with ServiceProcess(tiny_model[1], tmp_path / "g.sqlite3", api_key="s3cret") as process, process.client() as anonymous:
+        assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code == 200
+        for response in (anonymous.get("/gallery"), anonymous.get("/model"), anonymous.get("/metrics"),
+                         anonymous.post("/gallery", files=files(image_bytes(1, 1))), anonymous.get("/gallery", headers={"X-API-Key": "wrong"})):
+            assert_error(response, 401, "unauthorized")
+        assert anonymous.get("/gallery", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_the_service_never_imports_torch():
+    code = "import sys, service.app, service.__main__; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
