@@ -46,8 +46,7 @@ class VectorIndex:
             inner = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             inner.train(training)
             inner.nprobe = min(self.ivf_nprobe, nlist)
-            inner.own_fields = True
-            self._quantizer = quantizer
+            self._quantizer = quantizer  # the IVF index points at it; Python must keep it alive
             self.built_kind = "ivf"
         else:
             inner = faiss.IndexFlatIP(self.dim)

@@ -1,0 +1,120 @@
+"""Service parts without a server: the index on every type, the micro-batcher, heatmaps, provider choice."""
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.batching import MicroBatcher
+from service.heatmaps import overlay, png_base64
+from service.index import VectorIndex
+from service.inference import CPU, InferenceModel, choose_providers
+
+
+def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_every_index_type_finds_added_vectors_and_forgets_deleted_ones(kind):
+    vectors = unit_rows(2000, 16)
+    ids = np.arange(10, 2010, dtype=np.int64)
+    index = VectorIndex(16, kind, "cpu", ivf_nlist=16, ivf_nprobe=16)
+    index.rebuild([(ids[:1500], vectors[:1500])])
+    index.add(ids[1500:], vectors[1500:])
+    assert index.size == 2000
+    assert index.built_kind == kind
+    assert index.search(vectors[1700], 1)[0][0] == 1710
+    index.remove(1710)
+    assert 1710 not in [i for i, _ in index.search(vectors[1700], 5)]
+    assert index.size == 1999
+
+
+def test_tombstones_trigger_a_rebuild_and_filters_widen_the_search():
+    vectors = unit_rows(100, 8)
+    index = VectorIndex(8, "flat", "cpu")
+    index.rebuild([(np.arange(100), vectors)])
+    for i in range(21):
+        index.remove(i)
+    assert index.needs_rebuild
+    only_odd_far = index.search(vectors[50], 5, accept=lambda i, s: i % 2 == 1 and i > 90)
+    assert [i for i, _ in only_odd_far] and all(i % 2 == 1 and i > 90 for i, _ in only_odd_far)
+    assert sorted(i for i, _ in only_odd_far) == [91, 93, 95, 97, 99]
+    assert index.search(vectors[50], 5, accept=lambda i, s: i == 3) == []  # deleted: never returned
+
+
+def test_an_ivf_index_starts_exact_and_is_trained_once_the_gallery_is_large_enough():
+    index = VectorIndex(8, "ivf", "cpu", ivf_nlist=8)
+    index.rebuild([])
+    assert index.built_kind == "flat" and not index.needs_rebuild
+    index.add(np.arange(1000), unit_rows(1000, 8))
+    assert index.needs_rebuild
+
+
+class CountingModel:
+    """Stands in for InferenceModel: records the batch sizes it is called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, images, with_maps=True):
+        self.calls.append(len(images))
+        embedding = images.reshape(len(images), -1)[:, :4].astype(np.float32)
+        return embedding, (embedding[:, None] if with_maps else None)
+
+
+def test_the_batcher_embeds_concurrent_requests_together_and_splits_large_ones():
+    model = CountingModel()
+    observed = []
+
+    async def scenario():
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.05, observe=lambda size, waits: observed.append((size, len(waits))))
+        await batcher.start()
+        images = [np.full((1, 2, 2, 3), i, np.uint8) for i in range(6)]
+        results = await asyncio.gather(*(batcher.embed(x) for x in images))
+        big, _ = await batcher.embed(np.zeros((20, 2, 2, 3), np.uint8))
+        await batcher.stop()
+        return results, big
+
+    results, big = asyncio.run(scenario())
+    assert [int(r[0][0, 0]) for r in results] == list(range(6))  # each request gets its own rows back
+    assert model.calls[0] == 6 and observed[0] == (6, 6)
+    assert model.calls[1:] == [8, 8, 4] and big.shape == (20, 4)
+
+
+def test_a_model_failure_fails_the_batch_not_the_batcher():
+    class Failing(CountingModel):
+        def predict(self, images, with_maps=True):
+            if images[0, 0, 0, 0] == 1:
+                raise RuntimeError("boom")
+            return super().predict(images, with_maps)
+
+    async def scenario():
+        batcher = MicroBatcher(Failing(), max_batch_size=4, max_wait_s=0.0)
+        await batcher.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.embed(np.ones((1, 2, 2, 3), np.uint8))
+        ok, _ = await batcher.embed(np.zeros((1, 2, 2, 3), np.uint8))
+        await batcher.stop()
+        return ok
+
+    assert asyncio.run(scenario()).shape == (1, 4)
+
+
+def test_overlay_is_a_png_of_the_image_size_capped_at_256():
+    image = Image.new("RGB", (90, 280), "gray")
+    grid = np.arange(8, dtype=np.float32).reshape(4, 2)
+    png = Image.open(io.BytesIO(__import__("base64").b64decode(png_base64(overlay(image, grid)))))
+    assert png.format == "PNG" and png.size == (82, 256)
+    top, bottom = np.asarray(png)[5, 40], np.asarray(png)[250, 40]
+    assert not np.array_equal(top, bottom)
+
+
+def test_provider_choice_and_report(tiny_model):
+    assert choose_providers("cpu") == [CPU]
+    model = InferenceModel(tiny_model[1], "auto").load()
+    # This machine has no GPU: whichever onnxruntime build is installed, CPU must be what runs, and said so.
+    assert model.providers.active == CPU
+    assert model.providers.fell_back == (model.providers.asked[0] != CPU)
