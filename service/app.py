@@ -259,7 +259,6 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         timing["embed"] = (time.perf_counter() - started) * 1000
         hits = s.gallery.search(embedding[0], top_k, camera_id, exclude_camera_id, person_id, min_score)
         items = s.gallery.store.get_many([i for i, _ in hits])
-        hits = [(i, score) for i, score in hits if i in items]  # a synthetic benchmark vector has no item
         vectors = s.gallery.store.embeddings([i for i, _ in hits], s.gallery.dim)
         branches = s.model.contract.num_branches
         query_features = split_branches(embedding[0], branches)

@@ -82,11 +82,6 @@ class Gallery:
         self._maybe_rebuild()
         return ids
 
-    def add_vectors_unchecked(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Benchmark-only internal path: index synthetic vectors without storing images."""
-        self.index.add(ids, vectors)
-        self.labels.update({int(i): (None, None) for i in ids})
-
     def delete(self, item_id: int) -> bool:
         if not self.store.delete(item_id):
             return False
