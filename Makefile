@@ -1,28 +1,41 @@
-# Two commands: `make serve` and `make test`. Both create .venv if there is none and install the right set
-# (the GPU set where nvidia-smi sees a GPU, else the CPU set); re-running is quick when nothing changed.
+# The two commands: `make serve` (the service on the shipped model, SQLite store in var/) and `make test`.
+# Each creates .venv if there is none and installs what it needs: the GPU set where nvidia-smi sees a GPU,
+# else the CPU set (never both: the other set's packages are removed first). Re-running is quick: a stamp
+# per set is redone only when pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 RUNTIME := $(if $(HAS_GPU),gpu,cpu)
-STAMP := $(VENV)/.installed-$(RUNTIME)
+OTHER_RUNTIME_PACKAGES := $(if $(HAS_GPU),onnxruntime faiss-cpu,onnxruntime-gpu faiss-gpu-cu12)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install test weights clean
+.PHONY: serve test install weights clean
 
-install: $(STAMP)
+serve: $(VENV)/.serve-$(RUNTIME)
+	$(BIN)/python -m service
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[$(RUNTIME),train,dev]"
-	rm -f $(VENV)/.installed-*
-	touch $@
+test: $(VENV)/.test-$(RUNTIME)
+	$(BIN)/python -m pytest
 
-weights: install
+install: $(VENV)/.test-$(RUNTIME)
+
+weights: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python -m model_zoo.pretrained
 
-test: install
-	$(BIN)/python -m pytest
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+
+$(VENV)/.serve-$(RUNTIME): pyproject.toml | $(BIN)/python
+	-$(PIP) uninstall --quiet --yes $(OTHER_RUNTIME_PACKAGES) 2>/dev/null
+	$(PIP) install --quiet -e ".[$(RUNTIME)]"
+	rm -f $(VENV)/.serve-* $(VENV)/.test-*
+	touch $@
+
+$(VENV)/.test-$(RUNTIME): pyproject.toml $(VENV)/.serve-$(RUNTIME)
+	$(PIP) install --quiet -e ".[$(RUNTIME),train,dev]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache

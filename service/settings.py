@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_zoo import DEFAULT_MODEL_PATH
@@ -31,4 +31,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
     max_images_per_request: int = Field(64, ge=1, description="most images in one POST /gallery")
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
-    log_level: str = Field("warning", description="uvicorn and service log level")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("warning", description="uvicorn and service log level")
+
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def empty_means_default(cls, value):
+        # docker-compose passes unset variables through as "", which must mean "the shipped model"
+        return DEFAULT_MODEL_PATH if value in ("", None) else value

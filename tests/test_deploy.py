@@ -1,0 +1,63 @@
+"""Deployment files: the compose file's structure, the Dockerfiles (hadolint), and that the container runs the
+same command the tests start."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.settings import Settings
+from tests.server import REPO
+
+DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
+SERVICE_COMMAND = ["python", "-m", "service"]  # what tests/server.py runs, with sys.executable for python
+
+
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_compose_reserves_a_gpu_and_has_a_cpu_profile():
+    services = compose()["services"]
+    gpu = services["reid"]
+    assert "profiles" not in gpu, "the GPU service must start with a plain `docker compose up`"
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert services["reid-cpu"]["profiles"] == ["cpu"] and "deploy" not in services["reid-cpu"]
+    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu" and services["reid-cpu"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+
+
+@pytest.mark.parametrize("name", ["reid", "reid-cpu"])
+def test_compose_service_has_store_volume_healthcheck_and_valid_settings(name):
+    spec = compose()
+    service = spec["services"][name]
+    assert "gallery:/data" in service["volumes"] and "gallery" in spec["volumes"]
+    assert "/healthz" in " ".join(service["healthcheck"]["test"])
+    known = {f"REID_{field.upper()}" for field in Settings.model_fields}
+    assert set(service["environment"]) <= known
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_the_tested_command_as_a_non_root_user_with_a_healthcheck(dockerfile):
+    lines = dockerfile.read_text().splitlines()
+    cmd = [line for line in lines if line.startswith("CMD ")][-1]
+    assert yaml.safe_load(cmd[4:]) == SERVICE_COMMAND
+    user = [line.split()[1] for line in lines if line.startswith("USER ")][-1]
+    assert user not in ("root", "0")
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert any("/data" in line for line in lines if line.startswith("VOLUME"))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile):
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed here")
+def test_docker_compose_config_passes():
+    for args in ([], ["--profile", "cpu"]):
+        subprocess.run(["docker-compose", *args, "config", "-q"], cwd=REPO, check=True)
