@@ -10,7 +10,7 @@ RUNTIME := $(if $(HAS_GPU),gpu,cpu)
 OTHER_RUNTIME_PACKAGES := $(if $(HAS_GPU),onnxruntime faiss-cpu,onnxruntime-gpu faiss-gpu-cu12)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: serve test install weights clean
+.PHONY: serve test install weights browser clean
 
 serve: $(VENV)/.serve-$(RUNTIME)
 	$(BIN)/python -m service
@@ -36,6 +36,11 @@ $(VENV)/.serve-$(RUNTIME): pyproject.toml | $(BIN)/python
 $(VENV)/.test-$(RUNTIME): pyproject.toml $(VENV)/.serve-$(RUNTIME)
 	$(PIP) install --quiet -e ".[$(RUNTIME),train,dev]"
 	touch $@
+
+# Debian's Chromium and ChromeDriver for the web page's browser test (which skips, saying so, without them).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,11 +6,14 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, Response, Security, UploadFile
+from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
 
 from model_zoo.contract import split_branches
 from model_zoo.preprocess import ImageTooLarge, InvalidImage, decode_with_format, resize_to_input
@@ -26,6 +29,7 @@ from service.settings import Settings
 from service.store import GalleryStore, NewItem
 
 log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
 MAX_ID_LENGTH = 128
 MAX_METADATA_BYTES = 16 * 1024
 ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422)}
@@ -147,6 +151,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return request.app.state
 
     protected = [Depends(require_key)]
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The search page (plain static files; it asks for the API key itself when one is needed)."""
+        return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/healthz", tags=["health"])
     async def healthz():

@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+SERVICE_ARGS = ["-m", "service"]  # python -m service: what `make serve` and the Docker images run too
 
 
 def free_port() -> int:
@@ -31,7 +32,7 @@ class ServiceProcess:
 
     def start(self, timeout: float = 60) -> "ServiceProcess":
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "service"], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([sys.executable, *SERVICE_ARGS], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -9,14 +9,19 @@ import pytest
 import yaml
 
 from service.settings import Settings
-from tests.server import REPO
+from tests.server import REPO, SERVICE_ARGS
 
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
-SERVICE_COMMAND = ["python", "-m", "service"]  # what tests/server.py runs, with sys.executable for python
+SERVICE_COMMAND = ["python", *SERVICE_ARGS]
 
 
 def compose() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_make_serve_runs_the_tested_command():
+    serve = (REPO / "Makefile").read_text().split("\nserve:")[1].splitlines()[1].split()
+    assert serve == ["$(BIN)/python", *SERVICE_ARGS]
 
 
 def test_compose_reserves_a_gpu_and_has_a_cpu_profile():

@@ -1,0 +1,208 @@
+// Person re-ID search page. Uses only the public HTTP API; no build step.
+"use strict";
+
+const state = {
+  key: sessionStorage.getItem("reid-api-key") || "",
+  offset: 0,
+  pageSize: 24,
+  branches: 1,
+  imageUrls: new Map(),
+};
+const $ = (id) => document.getElementById(id);
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (state.key) headers.set("X-API-Key", state.key);
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    $("key-dialog").hidden = false;
+    throw new Error("this service needs an API key");
+  }
+  if (!response.ok) {
+    let message = response.statusText;
+    try { message = (await response.json()).error.message; } catch (_) { /* not our JSON error */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+async function galleryImageUrl(id) {
+  if (!state.imageUrls.has(id)) {
+    const blob = await (await api(`gallery/${id}/image`)).blob();
+    state.imageUrls.set(id, URL.createObjectURL(blob));
+  }
+  return state.imageUrls.get(id);
+}
+
+function element(tag, attributes = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (name === "text") node.textContent = value;
+    else if (name.startsWith("data-") || name === "class" || name === "alt" || name === "src" || name === "type") node.setAttribute(name, value);
+    else node[name] = value;
+  }
+  children.forEach((child) => node.append(child));
+  return node;
+}
+
+function fmt(value) { return value === null || value === undefined ? "–" : value; }
+
+// ---- model and provider ----
+async function loadModelInfo() {
+  try {
+    const [model, ready] = await Promise.all([(await api("model")).json(), (await api("readyz")).json()]);
+    state.branches = model.num_branches;
+    const figures = (model.evaluation && model.evaluation.all) || {};
+    const pct = (x) => (x === undefined ? "–" : `${(100 * x).toFixed(1)}%`);
+    $("model-info").textContent =
+      `${model.architecture} · ${model.backbone} · ${model.num_branches} branches × ${model.branch_dim} = ${model.embedding_dim}-d · ` +
+      `trained on ${model.training_data || "?"} (rank-1 ${pct(figures.rank1)}, mAP ${pct(figures.mAP)}) · ` +
+      `ONNX Runtime: ${ready.provider.active}${ready.provider.fell_back ? " (fell back!)" : ""} · gallery ${ready.gallery_size}`;
+    const select = $("overlay-kind");
+    select.replaceChildren(element("option", { value: "aggregate", text: "aggregate RAM" }));
+    for (let i = 0; i < model.num_branches; i++) select.append(element("option", { value: String(i), text: `branch ${i + 1}` }));
+  } catch (error) {
+    $("model-info").textContent = `model: ${error.message}`;
+  }
+}
+
+// ---- query ----
+function overlaySource(heatmap) {
+  if (!heatmap) return null;
+  const kind = $("overlay-kind").value;
+  const png = kind === "aggregate" ? heatmap.overlay_png : heatmap.branch_overlays_png[Number(kind)];
+  return `data:image/png;base64,${png}`;
+}
+
+function applyOverlays() {
+  const opacity = $("opacity").value;
+  const on = $("overlay-all").checked;
+  document.querySelectorAll("#results .card").forEach((card) => {
+    const overlay = card.querySelector("img.overlay");
+    if (!overlay) return;
+    overlay.src = overlaySource(card.heatmap) || "";
+    overlay.style.opacity = on && !card.classList.contains("overlay-off") ? opacity : 0;
+  });
+}
+
+function stack(baseUrl, heatmap, alt) {
+  const box = element("div", { class: "stack" }, [element("img", { src: baseUrl, alt })]);
+  if (heatmap) box.append(element("img", { class: "overlay", alt: `${alt} RAM overlay` }));
+  return box;
+}
+
+function matchCard(match, imageUrl, queryPerson) {
+  const same = queryPerson && match.person_id === queryPerson;
+  const toggle = element("button", { type: "button", class: "secondary toggle-overlay", text: "overlay" });
+  const card = element("figure", { class: `card match${same ? " same-person" : ""}`, "data-id": match.id, "data-rank": match.rank, "data-score": match.score }, [
+    stack(imageUrl, match.heatmap, `match ${match.rank}`),
+    element("figcaption", {}, [
+      element("div", { text: `#${match.rank} · ${match.score.toFixed(3)}` }),
+      element("div", { class: "muted", text: `person ${fmt(match.person_id)} · cam ${fmt(match.camera_id)}` }),
+      element("span", { class: "badge", text: "same person" }),
+      match.heatmap ? toggle : "",
+    ]),
+  ]);
+  card.heatmap = match.heatmap;
+  toggle.addEventListener("click", () => { card.classList.toggle("overlay-off"); applyOverlays(); });
+  return card;
+}
+
+async function runQuery(event) {
+  event.preventDefault();
+  const file = $("query-file").files[0];
+  if (!file) { $("query-status").textContent = "pick a query image first"; return; }
+  const form = new FormData();
+  form.append("image", file);
+  form.append("top_k", $("top-k").value || "10");
+  if ($("exclude-camera").value) form.append("exclude_camera_id", $("exclude-camera").value);
+  $("query-status").textContent = "searching…";
+  try {
+    const body = await (await api("query", { method: "POST", body: form })).json();
+    const queryPerson = $("query-person").value.trim();
+    const urls = await Promise.all(body.matches.map((m) => galleryImageUrl(m.id)));
+    const cards = body.matches.map((m, i) => matchCard(m, urls[i], queryPerson));
+    $("matches").replaceChildren(...cards);
+    const queryCard = $("query-card");
+    queryCard.replaceChildren(stack(URL.createObjectURL(file), body.query_heatmap, "query"),
+      element("figcaption", { text: "query · own RAM (R_q^q)" }));
+    queryCard.heatmap = body.query_heatmap;
+    queryCard.hidden = false;
+    applyOverlays();
+    $("query-status").textContent = `${body.matches.length} matches from ${body.gallery_size} in ${body.timing_ms.total.toFixed(0)} ms`;
+  } catch (error) {
+    $("query-status").textContent = `query failed: ${error.message}`;
+  }
+}
+
+// ---- gallery ----
+async function loadGallery() {
+  try {
+    const page = await (await api(`gallery?limit=${state.pageSize}&offset=${state.offset}`)).json();
+    const cards = await Promise.all(page.items.map(async (item) => {
+      const remove = element("button", { type: "button", class: "secondary delete", text: "delete" });
+      remove.addEventListener("click", async () => {
+        try { await api(`gallery/${item.id}`, { method: "DELETE" }); await loadGallery(); } catch (error) { $("enroll-status").textContent = error.message; }
+      });
+      return element("figure", { class: "card gallery-item", "data-id": item.id }, [
+        element("div", { class: "stack" }, [element("img", { src: await galleryImageUrl(item.id), alt: `item ${item.id}` })]),
+        element("figcaption", {}, [element("div", { class: "muted", text: `#${item.id} · ${fmt(item.person_id)} · ${fmt(item.camera_id)}` }), remove]),
+      ]);
+    }));
+    $("gallery").replaceChildren(...cards);
+    const last = Math.min(page.total, state.offset + page.items.length);
+    $("page-info").textContent = page.total ? `${state.offset + 1}–${last} of ${page.total}` : "empty gallery";
+    $("prev-page").disabled = state.offset === 0;
+    $("next-page").disabled = last >= page.total;
+  } catch (error) {
+    $("page-info").textContent = `gallery: ${error.message}`;
+  }
+}
+
+async function enroll(event) {
+  event.preventDefault();
+  const files = $("enroll-files").files;
+  if (!files.length) { $("enroll-status").textContent = "pick one or more images"; return; }
+  const form = new FormData();
+  for (const file of files) form.append("images", file);
+  if ($("enroll-person").value) form.append("person_id", $("enroll-person").value);
+  if ($("enroll-camera").value) form.append("camera_id", $("enroll-camera").value);
+  try {
+    const body = await (await api("gallery", { method: "POST", body: form })).json();
+    $("enroll-status").textContent = `enrolled ${body.ids.length}: ids ${body.ids.join(", ")}`;
+    $("enroll-form").reset();
+    await loadGallery();
+    await loadModelInfo();
+  } catch (error) {
+    $("enroll-status").textContent = `enrol failed: ${error.message}`;
+  }
+}
+
+function wire() {
+  $("query-form").addEventListener("submit", runQuery);
+  $("enroll-form").addEventListener("submit", enroll);
+  ["opacity", "overlay-kind", "overlay-all"].forEach((id) => $(id).addEventListener("input", applyOverlays));
+  $("overlay-kind").addEventListener("change", applyOverlays);
+  $("prev-page").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.pageSize); loadGallery(); });
+  $("next-page").addEventListener("click", () => { state.offset += state.pageSize; loadGallery(); });
+  const zone = $("drop-zone");
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    $("query-file").files = e.dataTransfer.files;
+  });
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.key = $("key-input").value;
+    sessionStorage.setItem("reid-api-key", state.key);
+    $("key-dialog").hidden = true;
+    loadModelInfo();
+    loadGallery();
+  });
+}
+
+wire();
+loadModelInfo();
+loadGallery();
