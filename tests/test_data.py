@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.conftest import person_image, write_market
 from training.data import MarketDataset, PKSampler, RandomBatchSampler, TrainAugmentation, read_split

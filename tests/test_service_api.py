@@ -1,6 +1,5 @@
 """The service over HTTP: a real uvicorn process on loopback, the tiny exported model, a real SQLite file."""
 import io
-import json
 import sqlite3
 import subprocess
 import sys
@@ -229,3 +228,17 @@ def test_api_key_protects_every_route_but_health(tiny_model, tmp_path):
 def test_the_service_never_imports_torch():
     code = "import sys, service.app, service.__main__; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server, client):
+    limit = 8 * 300_000 + 1024 * 1024
+    assert_error(client.post("/gallery", content=b"x" * (limit + 1), headers={"content-type": "multipart/form-data; boundary=b"}), 413, "payload_too_large")
+
+    def chunks():  # a well-formed multipart upload of one huge file, streamed without a Content-Length
+        yield b'--b\r\nContent-Disposition: form-data; name="images"; filename="big.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        for _ in range(limit // 65536 + 2):
+            yield b"y" * 65536
+        yield b"\r\n--b--\r\n"
+
+    assert_error(client.post("/gallery", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}), 413, "payload_too_large")
+    assert client.get("/healthz").status_code == 200
