@@ -1,0 +1,61 @@
+"""Diagnostic: how strongly L_id and alpha * L_oap pull on each part of a CAMA model, on one training batch.
+
+Prints the gradient norm of each loss term on the classifiers, the branches' last stages and the shared
+trunk, from a training checkpoint. Used to investigate why CAMA's L_id fell more slowly than MltB+L_id's on
+the shortened CPU schedule (see the README's results section).
+
+    python bench/oap_gradients.py runs/cuhk03/cama/last.pt --batches 4
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.engine import Trainer
+from training.config import from_dict, TrainConfig
+
+
+def grad_norm(params) -> float:
+    return float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a training checkpoint with its config")
+    parser.add_argument("--batches", type=int, default=4, help="batches to average over")
+    args = parser.parse_args()
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    cfg = from_dict(TrainConfig, state["config"])
+    cfg.model.pretrained = None
+    cfg.run.progress = False
+    trainer = Trainer(cfg)
+    trainer.model.load_state_dict(state["model"])
+    model = trainer.model.train()
+    groups = {
+        "classifiers": model.classifier_parameters,
+        "branch stages": [p for b in model.branches for p in list(b.stage.parameters()) + list(b.bn.parameters())],
+        "trunk": list(model.trunk.parameters()),
+    }
+    oap = trainer.oap or torch.nn.Identity()
+    rows = {name: {"L_id": [], "alpha*L_oap": []} for name in groups}
+    for batch in range(args.batches):
+        images, targets = trainer._batch(list(trainer.sampler)[0])
+        for term in ("L_id", "alpha*L_oap"):
+            model.zero_grad(set_to_none=True)
+            out = model(images)
+            if term == "L_id":
+                loss = trainer.id_loss(out.logits, targets)
+            else:
+                loss = cfg.loss.alpha * oap(model.target_activation_maps(out.feature_maps, targets))
+            loss.backward()
+            for name, params in groups.items():
+                rows[name][term].append(grad_norm(params))
+    print(f"{'parameters':16s} {'|grad L_id|':>14s} {'|grad a*L_oap|':>16s} {'ratio':>8s}")
+    for name, terms in rows.items():
+        id_norm, oap_norm = np.mean(terms["L_id"]), np.mean(terms["alpha*L_oap"])
+        print(f"{name:16s} {id_norm:14.4f} {oap_norm:16.4f} {oap_norm / max(id_norm, 1e-12):8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The README stays in step with the code: every setting is in its table, every route has a curl example."""
+import re
+
+from service.app import create_app
+from service.settings import Settings
+from tests.server import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def test_every_setting_is_in_the_readme_table():
+    documented = set(re.findall(r"^\| `(REID_[A-Z_]+)` \|", README, flags=re.M))
+    assert documented == {f"REID_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_every_route_has_a_curl_example():
+    routes = {route.path for route in create_app(Settings()).routes if getattr(route, "include_in_schema", False)}
+    examples = " ".join(line for line in README.splitlines() if line.startswith("curl"))
+    for path in routes:
+        pattern = re.escape(path).replace(r"\{item_id\}", r"\d+")
+        assert re.search(rf"8000{pattern}(['\s?]|$)", examples), path
