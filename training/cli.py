@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, values parsed as YAML")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint with the single-query Market protocol")
-    evaluate.add_argument("checkpoint", type=Path, help="a training checkpoint (RUN/model.pt)")
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint or an exported .onnx with the single-query Market protocol")
+    evaluate.add_argument("checkpoint", type=Path, help="a training checkpoint (RUN/model.pt) or an exported .onnx file (needs --data-root)")
     evaluate.add_argument("--data-root", type=Path, default=None, help="Market-layout folder (default: the training data)")
     evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     evaluate.add_argument("--output", type=Path, default=None, help="also write the figures to this JSON file")

@@ -97,10 +97,41 @@ def evaluate_model(model: torch.nn.Module, root: Path, height: int, width: int, 
     return features_metrics(query_feats, gallery_feats, query, gallery)
 
 
+def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Per-branch features [num_images, N, D] from an exported model's ``embedding`` output."""
+    from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, split_branches
+
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="embed (onnx)", disable=not progress, leave=False):
+        (embedding,) = session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: images[start : start + batch_size]})
+        chunks.append(split_branches(embedding, num_branches))
+    return np.concatenate(chunks)
+
+
+def evaluate_onnx(path: Path, data_root: Path, progress: bool = True) -> Dict[str, Dict[str, float]]:
+    """Evaluate an exported ONNX file through ONNX Runtime, as the service runs it."""
+    import onnxruntime as ort
+
+    from model_zoo.contract import check_session
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    contract = check_session(session)
+    query_images, query, gallery_images, gallery = load_test_split(data_root, contract.input_height, contract.input_width, progress)
+    return features_metrics(
+        onnx_branch_features(session, query_images, contract.num_branches, progress=progress),
+        onnx_branch_features(session, gallery_images, contract.num_branches, progress=progress), query, gallery,
+    )
+
+
 def evaluate_checkpoint(checkpoint: Path, data_root: Optional[Path] = None, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, float]]:
-    """Evaluate a training checkpoint on ``data_root`` (default: the data it was trained on)."""
+    """Evaluate a training checkpoint, or an exported .onnx file, on ``data_root`` (for a checkpoint, by
+    default the data it was trained on)."""
     from training.engine import load_trained_model
 
+    if Path(checkpoint).suffix == ".onnx":
+        if data_root is None:
+            raise ValueError("evaluating an ONNX file needs --data-root")
+        return evaluate_onnx(checkpoint, data_root, progress)
     model, cfg = load_trained_model(checkpoint, device)
     root = data_root or cfg.data.root
     return evaluate_model(model, root, cfg.data.height, cfg.data.width, device, progress)
