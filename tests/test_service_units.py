@@ -118,3 +118,21 @@ def test_provider_choice_and_report(tiny_model):
     # This machine has no GPU: whichever onnxruntime build is installed, CPU must be what runs, and said so.
     assert model.providers.active == CPU
     assert model.providers.fell_back == (model.providers.asked[0] != CPU)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+def test_a_silent_cuda_fall_back_is_detected_and_reported(tiny_model, monkeypatch):
+    # No GPU here: pretend this onnxruntime build offers CUDA (the one faked part); the real session then
+    # runs on the CPU, as onnxruntime-gpu does on a host whose CUDA libraries are missing.
+    import onnxruntime as ort
+
+    from service.inference import CUDA, ProviderUnavailable
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    model = InferenceModel(tiny_model[1], "auto").load()
+    assert model.providers.asked == [CUDA, CPU] and model.providers.active == CPU and model.providers.fell_back
+    with pytest.raises(ProviderUnavailable, match="runs on CPUExecutionProvider"):
+        InferenceModel(tiny_model[1], "cuda").load()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    with pytest.raises(ProviderUnavailable, match="install the GPU set"):
+        InferenceModel(tiny_model[1], "cuda").load()

@@ -1,0 +1,77 @@
+"""The README's picture: the web page answering a real query with the shipped model.
+
+Starts the service on a fresh store, enrols a Market-layout gallery (bounding_box_test) through the API with
+person and camera ids from the file names, asks one query in headless Chromium and saves a screenshot of the
+results. Research-licensed data may appear in the README only as such a small illustration.
+
+    python bench/readme_figure.py ../shared/data/cuhk03-detected --query 1003_c1s1_007264_00.jpg --output docs/query_result.png
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
+from tests.server import ServiceProcess  # noqa: E402
+from training.data.market import read_split  # noqa: E402
+
+
+def enrol_gallery(client, root: Path) -> int:
+    records, _ = read_split(root / "bounding_box_test")
+    for start in range(0, len(records), 32):
+        chunk = records[start : start + 32]
+        files = [("images", (r.path.name, r.path.read_bytes(), "image/jpeg")) for r in chunk]
+        data = {"person_id": [str(r.pid) for r in chunk], "camera_id": [f"c{r.camid}" for r in chunk]}
+        client.post("/gallery", files=files, data=data).raise_for_status()
+    return len(records)
+
+
+def screenshot(url: str, query: Path, person: str, top_k: int, output: Path) -> None:
+    os.environ.setdefault("SE_OFFLINE", "true")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--window-size=1100,760"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(url + "/")
+        WebDriverWait(driver, 30).until(lambda d: "branches" in d.find_element(By.ID, "model-info").text)
+        driver.find_element(By.ID, "query-file").send_keys(str(query))
+        driver.find_element(By.ID, "query-person").send_keys(person)
+        top = driver.find_element(By.ID, "top-k")
+        top.clear()
+        top.send_keys(str(top_k))
+        driver.find_element(By.CSS_SELECTOR, "#query-form button").click()
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#matches .card")) == top_k)
+        time.sleep(1)
+        driver.save_screenshot(str(output))
+    finally:
+        driver.quit()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_root", type=Path, help="Market-layout folder")
+    parser.add_argument("--query", required=True, help="file name in data_root/query")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model")
+    parser.add_argument("--top-k", type=int, default=10, help="matches to show")
+    parser.add_argument("--output", type=Path, default=Path("docs/query_result.png"), help="PNG to write")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        with ServiceProcess(args.model, Path(tmp) / "g.sqlite3") as server, server.client() as client:
+            print("enrolled", enrol_gallery(client, args.data_root))
+            screenshot(server.url, args.data_root / "query" / args.query, args.query.split("_")[0], args.top_k, args.output)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()
