@@ -174,11 +174,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         'Every error is {"error": {"code", "message"}}.',
     )
     app.state.ready = False
-    app.state.settings, app.state.metrics = settings, metrics
-    install_error_handlers(app, on_error=lambda code: metrics.errors.labels(code).inc())
 
+    def count_error(code: str) -> None:
+        metrics.errors.labels(code).inc()
+
+    install_error_handlers(app, on_error=count_error)
     body_limit = settings.max_images_per_request * settings.max_image_bytes + 1024 * 1024
-    app.add_middleware(BodyLimit, limit=body_limit, on_error=lambda code: metrics.errors.labels(code).inc())
+    app.add_middleware(BodyLimit, limit=body_limit, on_error=count_error)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
