@@ -2,7 +2,7 @@
 
 Starts the service on a fresh store, enrols a Market-layout gallery (bounding_box_test) through the API with
 person and camera ids from the file names, asks one query in headless Chromium and saves a screenshot of the
-results. Research-licensed data may appear in the README only as such a small illustration.
+query panel. Research-licensed data may appear in the README only as such a small illustration.
 
     python bench/readme_figure.py ../shared/data/cuhk03-detected --query 1003_c1s1_007264_00.jpg --output docs/query_result.png
 """
@@ -39,7 +39,7 @@ def screenshot(url: str, query: Path, person: str, top_k: int, output: Path) -> 
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--window-size=1100,760"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--window-size=1000,1400"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
@@ -53,7 +53,7 @@ def screenshot(url: str, query: Path, person: str, top_k: int, output: Path) -> 
         driver.find_element(By.CSS_SELECTOR, "#query-form button").click()
         WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#matches .card")) == top_k)
         time.sleep(1)
-        driver.save_screenshot(str(output))
+        driver.find_element(By.ID, "query-panel").screenshot(str(output))
     finally:
         driver.quit()
 

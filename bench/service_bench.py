@@ -1,8 +1,10 @@
 """Service benchmark, side by side in one run on this machine (not a test: it takes minutes).
 
 1. Raw ONNX Runtime batch throughput of the model (batch = REID_MAX_BATCH_SIZE).
-2. The service's enrol throughput under concurrency: a real uvicorn server on loopback, C clients each
-   posting one image per request; reported with its ratio to (1).
+2. The service's enrol throughput under concurrency: a real uvicorn server on loopback, C connections each
+   posting one image per request, from wrk (a C load generator, so the client takes little of the 2 cores
+   the server and the model share) when it is installed, else from C Python clients; reported with its ratio
+   to (1).
 3. Query latency p50/p95/p99 (client side, top_k=10) for galleries of 1k, 10k and 100k items, with and
    without heatmaps. Galleries are filled through an internal path: synthetic unit embeddings written with
    the service's own GalleryStore (a tiny placeholder image each, the model's fingerprint), plus 50 real
@@ -14,8 +16,12 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +81,38 @@ async def enrol_throughput(url: str, clients: int, seconds: float, images) -> fl
     return done / (time.perf_counter() - started)
 
 
+WRK_SCRIPT = """
+local f = io.open(os.getenv("REID_BENCH_BODY"), "rb")
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=reidbench"
+"""
+
+
+def enrol_throughput_wrk(url: str, clients: int, seconds: float, image: bytes, tmp: Path) -> float:
+    """Requests (= images) per second from wrk; any non-2xx answer fails the benchmark."""
+    body = tmp / "body.bin"
+    body.write_bytes(b'--reidbench\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+                     b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--reidbench--\r\n")
+    script = tmp / "enrol.lua"
+    script.write_text(WRK_SCRIPT)
+    result = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "30s", "-s", str(script), url + "/gallery"],
+                            capture_output=True, text=True, check=True, env={**os.environ, "REID_BENCH_BODY": str(body)})
+    if "Non-2xx" in result.stdout:
+        raise RuntimeError(result.stdout)
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
+
+
+def batching_figures(metrics: str) -> dict:
+    """Mean images per model call and mean queue wait, from the service's own Prometheus metrics."""
+    def value(name: str) -> float:
+        return float(re.search(rf"^{name} (\S+)$", metrics, flags=re.M).group(1))
+
+    return {"mean_batch_size": round(value("reid_batch_size_sum") / value("reid_batch_size_count"), 1),
+            "mean_queue_wait_ms": round(1000 * value("reid_queue_wait_seconds_sum") / value("reid_queue_wait_seconds_count"), 1)}
+
+
 def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> None:
     store = GalleryStore(store_path)
     store.set_meta(FINGERPRINT_KEY, sha256_of(model_path))
@@ -108,7 +146,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="max batch size, raw and in the service")
     parser.add_argument("--clients", type=int, default=32, help="concurrent enrolling clients")
     parser.add_argument("--seconds", type=float, default=30, help="length of each throughput measurement")
-    parser.add_argument("--galleries", type=int, nargs="+", default=[1000, 10000, 100000], help="gallery sizes for query latency")
+    parser.add_argument("--galleries", type=int, nargs="*", default=[1000, 10000, 100000], help="gallery sizes for query latency")
     parser.add_argument("--queries", type=int, default=50, help="queries per latency figure")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -120,7 +158,13 @@ def main() -> None:
         tmp = Path(tmp)
         results["raw_onnxruntime_images_per_s"] = round(raw_throughput(args.model, args.batch, args.seconds), 1)
         with ServiceProcess(args.model, tmp / "enrol.sqlite3", max_batch_size=args.batch, max_batch_wait_ms=10) as server:
-            service = asyncio.run(enrol_throughput(server.url, args.clients, args.seconds, images))
+            if shutil.which("wrk"):
+                service = enrol_throughput_wrk(server.url, args.clients, args.seconds, images[0], tmp)
+                results["enrol_client"] = f"wrk, {args.clients} connections"
+            else:
+                service = asyncio.run(enrol_throughput(server.url, args.clients, args.seconds, images))
+                results["enrol_client"] = f"httpx, {args.clients} asyncio clients in the benchmark process"
+            results["service_batching"] = batching_figures(httpx.get(server.url + "/metrics").text)
         results["service_enrol_images_per_s"] = round(service, 1)
         results["service_over_raw"] = round(service / results["raw_onnxruntime_images_per_s"], 3)
         print(json.dumps(results, indent=2), flush=True)
