@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model (default: the shipped one)")
     parser.add_argument("--batch", type=int, default=32, help="max batch size, raw and in the service")
     parser.add_argument("--clients", type=int, default=32, help="concurrent enrolling clients")
+    parser.add_argument("--client", choices=["auto", "wrk", "httpx"], default="auto", help="enrol load generator (auto: wrk when installed)")
     parser.add_argument("--seconds", type=float, default=30, help="length of each throughput measurement")
     parser.add_argument("--galleries", type=int, nargs="*", default=[1000, 10000, 100000], help="gallery sizes for query latency")
     parser.add_argument("--queries", type=int, default=50, help="queries per latency figure")
@@ -158,7 +159,7 @@ def main() -> None:
         tmp = Path(tmp)
         results["raw_onnxruntime_images_per_s"] = round(raw_throughput(args.model, args.batch, args.seconds), 1)
         with ServiceProcess(args.model, tmp / "enrol.sqlite3", max_batch_size=args.batch, max_batch_wait_ms=10) as server:
-            if shutil.which("wrk"):
+            if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
                 service = enrol_throughput_wrk(server.url, args.clients, args.seconds, images[0], tmp)
                 results["enrol_client"] = f"wrk, {args.clients} connections"
             else:
