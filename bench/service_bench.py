@@ -115,8 +115,7 @@ def batching_figures(metrics: str) -> dict:
 
 def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> None:
     store = GalleryStore(store_path)
-    store.set_meta(FINGERPRINT_KEY, sha256_of(model_path))
-    store.set_meta(EMBEDDING_DIM_KEY, str(dim))
+    store.set_meta({FINGERPRINT_KEY: sha256_of(model_path), EMBEDDING_DIM_KEY: str(dim)})
     placeholder = jpeg(0, (8, 16))
     rng = np.random.default_rng(1)
     for start in tqdm(range(0, count, 2000), desc=f"synthetic gallery {count}", leave=False):

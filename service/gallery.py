@@ -41,10 +41,14 @@ class Gallery:
                 raise ModelMismatch(
                     f"the gallery in {self.store.path} was embedded by model {stored[:12]}, this is {self.model.fingerprint[:12]}; "
                     "set REID_ON_MODEL_CHANGE=reembed to re-embed its stored images, or point REID_STORE_PATH elsewhere")
-            self.reembed(progress)
-        self.store.set_meta(FINGERPRINT_KEY, self.model.fingerprint)
-        self.store.set_meta(EMBEDDING_DIM_KEY, str(self.dim))
+            self.reembed(progress)  # writes the new fingerprint with the new embeddings
+        else:
+            self.store.set_meta(self._meta)
         self.rebuild_index()
+
+    @property
+    def _meta(self) -> Dict[str, str]:
+        return {FINGERPRINT_KEY: self.model.fingerprint, EMBEDDING_DIM_KEY: str(self.dim)}
 
     def reembed(self, progress: bool = True) -> None:
         """Embed every stored image with the current model; written in one transaction at the end."""
@@ -56,7 +60,7 @@ class Gallery:
                 embedding, _ = self.model.predict(batch, with_maps=False)
                 updates += [(item_id, vector) for (item_id, _), vector in zip(rows, embedding)]
                 bar.update(len(rows))
-        self.store.replace_embeddings(updates, {FINGERPRINT_KEY: self.model.fingerprint, EMBEDDING_DIM_KEY: str(self.dim)})
+        self.store.replace_embeddings(updates, self._meta)
         log.warning("re-embedded %d gallery items with model %s", len(updates), self.model.fingerprint[:12])
 
     def rebuild_index(self) -> None:

@@ -81,9 +81,9 @@ class GalleryStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
+    def set_meta(self, values: Dict[str, str]) -> None:
         with self._transaction():
-            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
 
     def add(self, items: Sequence[NewItem]) -> List[int]:
         """Insert all items in one transaction; returns their ids in order."""

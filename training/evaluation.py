@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model_zoo.architectures.common import branch_features as normalised_branch_features
 from training.data.market import ImageRecord, decode_records, read_split
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,11 @@ def market_metrics(similarity: np.ndarray, query_pids, query_cams, gallery_pids,
 @torch.no_grad()
 def branch_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64, device: str = "cpu", progress: bool = True) -> np.ndarray:
     """Per-branch L2-normalised features [num_images, N, D] from a model in eval mode."""
-    from model_zoo.architectures.common import branch_features as normalised
-
     model.eval()
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="embed", disable=not progress, leave=False):
         batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-        chunks.append(normalised(model(batch).feature_maps).cpu().numpy())
+        chunks.append(normalised_branch_features(model(batch).feature_maps).cpu().numpy())
     return np.concatenate(chunks)
 
 
