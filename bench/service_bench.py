@@ -157,7 +157,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         results["raw_onnxruntime_images_per_s"] = round(raw_throughput(args.model, args.batch, args.seconds), 1)
-        with ServiceProcess(args.model, tmp / "enrol.sqlite3", max_batch_size=args.batch, max_batch_wait_ms=10) as server:
+        # intra_op_threads=0: ONNX Runtime's default, as in the raw figure (the test helper otherwise pins 1)
+        with ServiceProcess(args.model, tmp / "enrol.sqlite3", max_batch_size=args.batch, max_batch_wait_ms=10, intra_op_threads=0) as server:
             if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
                 service = enrol_throughput_wrk(server.url, args.clients, args.seconds, images[0], tmp)
                 results["enrol_client"] = f"wrk, {args.clients} connections"
@@ -174,7 +175,7 @@ def main() -> None:
         for size in args.galleries:
             store = tmp / f"gallery{size}.sqlite3"
             fill_synthetic(store, args.model, size - 50, dim)
-            with ServiceProcess(args.model, store, max_batch_size=args.batch, max_top_k=100) as server:
+            with ServiceProcess(args.model, store, max_batch_size=args.batch, max_top_k=100, intra_op_threads=0) as server:
                 with httpx.Client(base_url=server.url, timeout=120) as c:
                     for i in range(0, 50, 10):
                         c.post("/gallery", files=[("images", (f"{j}.jpg", images[j], "image/jpeg")) for j in range(i, i + 10)]).raise_for_status()
