@@ -28,6 +28,7 @@ class VectorIndex:
         if device == "gpu" and gpu_count() == 0:
             raise RuntimeError("REID_INDEX_DEVICE=gpu but FAISS sees no GPU (faiss-cpu installed, or no CUDA device)")
         self.tombstones: Set[int] = set()
+        self.trained_on = 0  # vectors the current index was built over (IVF retrains when the gallery outgrows it)
         self.built_kind = "flat"
         self.index = self._make(np.zeros((0, dim), np.float32))
 
@@ -86,7 +87,7 @@ class VectorIndex:
     def needs_rebuild(self) -> bool:
         stale = self.index.ntotal > 0 and len(self.tombstones) > COMPACT_FRACTION * self.index.ntotal
         untrained = self.kind == "ivf" and self.built_kind == "flat" and self.size >= max(1000, MIN_IVF_TRAINING)
-        grown = self.kind == "ivf" and self.built_kind == "ivf" and self.size > 4 * max(1, getattr(self, "trained_on", 0))
+        grown = self.kind == "ivf" and self.built_kind == "ivf" and self.size > 4 * max(1, self.trained_on)
         return stale or untrained or grown
 
     def search(self, query: np.ndarray, k: int, accept: Optional[Callable[[int, float], bool]] = None) -> List[Tuple[int, float]]:

@@ -83,7 +83,10 @@ class GalleryStore:
 
     def set_meta(self, values: Dict[str, str]) -> None:
         with self._transaction():
-            self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
+            self._write_meta(values)
+
+    def _write_meta(self, values: Dict[str, str]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
 
     def add(self, items: Sequence[NewItem]) -> List[int]:
         """Insert all items in one transaction; returns their ids in order."""
@@ -108,21 +111,20 @@ class GalleryStore:
         row = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
         return Item.from_row(row) if row else None
 
-    def get_many(self, ids: Sequence[int]) -> Dict[int, Item]:
+    def _rows_by_id(self, columns: str, ids: Sequence[int]) -> List[tuple]:
         if not ids:
-            return {}
+            return []
         marks = ",".join("?" * len(ids))
-        rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id IN ({marks})", list(ids)).fetchall()
-        return {row[0]: Item.from_row(row) for row in rows}
+        return self.db.execute(f"SELECT {columns} FROM items WHERE id IN ({marks})", list(ids)).fetchall()
+
+    def get_many(self, ids: Sequence[int]) -> Dict[int, Item]:
+        return {row[0]: Item.from_row(row) for row in self._rows_by_id(ITEM_COLUMNS, ids)}
 
     def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
-        marks = ",".join("?" * len(ids))
-        return dict(self.db.execute(f"SELECT id, image FROM items WHERE id IN ({marks})", list(ids)).fetchall()) if ids else {}
+        return dict(self._rows_by_id("id, image", ids))
 
     def embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, np.ndarray]:
-        marks = ",".join("?" * len(ids))
-        rows = self.db.execute(f"SELECT id, embedding FROM items WHERE id IN ({marks})", list(ids)).fetchall() if ids else []
-        return {i: np.frombuffer(blob, np.float32, count=dim) for i, blob in rows}
+        return {i: np.frombuffer(blob, np.float32, count=dim) for i, blob in self._rows_by_id("id, embedding", ids)}
 
     def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None) -> Tuple[int, List[Item]]:
         where, args = [], []
@@ -168,7 +170,7 @@ class GalleryStore:
         with self._transaction():
             self.db.executemany("UPDATE items SET embedding = ? WHERE id = ?",
                                 [(np.ascontiguousarray(e, np.float32).tobytes(), i) for i, e in updates])
-            self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
+            self._write_meta(meta)
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
