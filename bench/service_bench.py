@@ -1,10 +1,14 @@
 """Service benchmark, side by side in one run on this machine (not a test: it takes minutes).
 
-1. Raw ONNX Runtime batch throughput of the model (batch = REID_MAX_BATCH_SIZE).
+1. Raw ONNX Runtime batch throughput of the model (batch = REID_MAX_BATCH_SIZE), in this process, in two
+   thread plans: the service's own (on the CPU, one single-threaded call per core, running at once) and one
+   call at a time on every core. The service's ratio is taken to the faster of the two.
 2. The service's enrol throughput under concurrency: a real uvicorn server on loopback, C connections each
    posting one image per request, from wrk (a C load generator, so the client takes little of the 2 cores
-   the server and the model share) when it is installed, else from C Python clients; reported with its ratio
-   to (1).
+   the server and the model share) when it is installed, else from C Python clients.
+   (1) and (2) alternate in rounds (raw, service, raw, service, ...) and the ratio is taken per round, next
+   to each other in time, because this machine's speed drifts by 15% over minutes; the median round ratio is
+   the figure reported.
 3. Query latency p50/p95/p99 (client side, top_k=10) for galleries of 1k, 10k and 100k items, with and
    without heatmaps. Galleries are filled through an internal path: synthetic unit embeddings written with
    the service's own GalleryStore (a tiny placeholder image each, the model's fingerprint), plus 50 real
@@ -19,11 +23,13 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +48,9 @@ from service.store import GalleryStore, NewItem  # noqa: E402
 from tests.server import ServiceProcess  # noqa: E402
 
 
+SETTLE_S = 2  # between raw and service phases: the server finishes its last batches, idle threads stop spinning
+
+
 def jpeg(seed: int, size=(64, 160)) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = np.repeat(np.repeat(rng.integers(0, 256, (8, 4, 3), dtype=np.uint8), size[1] // 8, 0), size[0] // 4, 1)
@@ -50,16 +59,37 @@ def jpeg(seed: int, size=(64, 160)) -> bytes:
     return buffer.getvalue()
 
 
-def raw_throughput(model_path: Path, batch: int, seconds: float) -> float:
-    model = InferenceModel(model_path, "auto").load()
-    height, width = model.input_size
-    images = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
-    model.predict(images, with_maps=False)
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        model.predict(images, with_maps=False)
-        done += batch
-    return done / (time.perf_counter() - started)
+class RawModel:
+    """The model alone through ONNX Runtime: ``instances`` threads each calling it on its own batch, as the
+    service's model threads do (0: the service's own choice, service.inference.plan_threads)."""
+
+    def __init__(self, model_path: Path, batch: int, instances: int = 0):
+        self.model = InferenceModel(model_path, "auto", instances=instances).load()
+        height, width = self.model.input_size
+        self.images = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+        self.model.predict(self.images, with_maps=False)
+
+    @property
+    def label(self) -> str:
+        threads = self.model.intra_op_threads or "default"
+        return f"{self.model.instances} concurrent call(s) x {threads} ONNX Runtime thread(s)"
+
+    def throughput(self, seconds: float) -> float:
+        done = [0] * self.model.instances
+        deadline = time.perf_counter() + seconds
+
+        def call(worker: int) -> None:
+            while time.perf_counter() < deadline:
+                self.model.predict(self.images, with_maps=False)
+                done[worker] += len(self.images)
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=call, args=(w,)) for w in range(self.model.instances)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(done) / (time.perf_counter() - started)
 
 
 async def enrol_throughput(url: str, clients: int, seconds: float, images) -> float:
@@ -104,13 +134,45 @@ def enrol_throughput_wrk(url: str, clients: int, seconds: float, image: bytes, t
     return float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
 
 
-def batching_figures(metrics: str) -> dict:
-    """Mean images per model call and mean queue wait, from the service's own Prometheus metrics."""
-    def value(name: str) -> float:
-        return float(re.search(rf"^{name} (\S+)$", metrics, flags=re.M).group(1))
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    return {"mean_batch_size": round(value("reid_batch_size_sum") / value("reid_batch_size_count"), 1),
-            "mean_queue_wait_ms": round(1000 * value("reid_queue_wait_seconds_sum") / value("reid_queue_wait_seconds_count"), 1)}
+
+def client_cpu_seconds() -> float:
+    """CPU time of this process (the httpx clients) and its finished children (wrk)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def enrol_round(raws, enrol, server: ServiceProcess, seconds: float) -> dict:
+    """Each raw configuration, then the service under load, with the CPU (in cores) the server and the client
+    used meanwhile and the fraction of the time the service's model was running."""
+    figures = {}
+    for name, raw in raws.items():
+        time.sleep(SETTLE_S)
+        figures[name] = round(raw.throughput(seconds / 2), 1)
+    time.sleep(SETTLE_S)
+    pid = server.process.pid
+    model, cpu, client, started = metric(server.url, "reid_model_seconds_sum"), cpu_seconds(pid), client_cpu_seconds(), time.perf_counter()
+    service_rate = enrol(seconds)
+    wall = time.perf_counter() - started
+    best_raw = max(figures.values())
+    return {**figures, "service": round(service_rate, 1), "ratio": round(service_rate / best_raw, 3),
+            "model_busy": round((metric(server.url, "reid_model_seconds_sum") - model) / wall, 3),
+            "server_cores": round((cpu_seconds(pid) - cpu) / wall, 2), "client_cores": round((client_cpu_seconds() - client) / wall, 2)}
+
+
+def metric(url: str, name: str) -> float:
+    """One value from the service's own Prometheus metrics."""
+    return float(re.search(rf"^{name} (\S+)$", httpx.get(url + "/metrics").text, flags=re.M).group(1))
+
+
+def batching_figures(url: str) -> dict:
+    """Mean images per model call and mean queue wait over the whole enrol benchmark."""
+    return {"mean_batch_size": round(metric(url, "reid_batch_size_sum") / metric(url, "reid_batch_size_count"), 1),
+            "mean_queue_wait_ms": round(1000 * metric(url, "reid_queue_wait_seconds_sum") / metric(url, "reid_queue_wait_seconds_count"), 1)}
 
 
 def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> None:
@@ -139,50 +201,69 @@ def latencies(url: str, images, queries: int, heatmaps: bool) -> dict:
     return {"p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1), "p99_ms": round(q[98], 1), "queries": len(times)}
 
 
+def enrol_benchmark(args, images, tmp: Path) -> dict:
+    # Raw in the service's own thread plan and as one call on every thread: the ratio is to the faster.
+    raws = {"raw_service_plan": RawModel(args.model, args.batch), "raw_one_call": RawModel(args.model, args.batch, instances=1)}
+    results = {"raw_configurations": {name: raw.label for name, raw in raws.items()}}
+    # 0 = the service's own thread plan, as in raw_service_plan (the test helper otherwise pins one thread)
+    with ServiceProcess(args.model, tmp / "enrol.sqlite3", max_batch_size=args.batch, max_batch_wait_ms=10, intra_op_threads=0, model_instances=0) as server:
+        if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
+            def enrol(seconds):
+                return enrol_throughput_wrk(server.url, args.clients, seconds, images[0], tmp)
+            results["enrol_client"] = f"wrk, {args.clients} connections"
+        else:
+            def enrol(seconds):
+                return asyncio.run(enrol_throughput(server.url, args.clients, seconds, images))
+            results["enrol_client"] = f"httpx, {args.clients} asyncio clients in the benchmark process"
+        enrol(3)  # warm-up: connections, first batches
+        rounds = [enrol_round(raws, enrol, server, args.seconds) for _ in tqdm(range(args.rounds), desc="raw / service rounds")]
+        results["service_batching"] = batching_figures(server.url)
+    results["enrol_rounds"] = rounds
+    for name in raws:
+        results[f"{name}_images_per_s"] = statistics.median(r[name] for r in rounds)
+    results["service_enrol_images_per_s"] = statistics.median(r["service"] for r in rounds)
+    results["service_over_raw"] = round(statistics.median(r["ratio"] for r in rounds), 3)
+    results["service_over_raw_range"] = [min(r["ratio"] for r in rounds), max(r["ratio"] for r in rounds)]
+    return results
+
+
+def query_benchmark(args, images, tmp: Path) -> dict:
+    dim = InferenceModel(args.model, "cpu").load().contract.embedding_dim
+    results = {}
+    for size in args.galleries:
+        store = tmp / f"gallery{size}.sqlite3"
+        fill_synthetic(store, args.model, size - 50, dim)
+        with ServiceProcess(args.model, store, max_batch_size=args.batch, max_top_k=100, intra_op_threads=0, model_instances=0) as server:
+            with httpx.Client(base_url=server.url, timeout=120) as c:
+                for i in range(0, 50, 10):
+                    c.post("/gallery", files=[("images", (f"{j}.jpg", images[j], "image/jpeg")) for j in range(i, i + 10)]).raise_for_status()
+            results[str(size)] = {f"heatmaps_{h}": latencies(server.url, images, args.queries, h) for h in (False, True)}
+        print(size, json.dumps(results[str(size)]), flush=True)
+        store.unlink()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model (default: the shipped one)")
     parser.add_argument("--batch", type=int, default=32, help="max batch size, raw and in the service")
     parser.add_argument("--clients", type=int, default=32, help="concurrent enrolling clients")
     parser.add_argument("--client", choices=["auto", "wrk", "httpx"], default="auto", help="enrol load generator (auto: wrk when installed)")
-    parser.add_argument("--seconds", type=float, default=30, help="length of each throughput measurement")
+    parser.add_argument("--seconds", type=float, default=20, help="length of each service measurement (raw: half of it)")
+    parser.add_argument("--rounds", type=int, default=5, help="raw / service measurement rounds (0: query latency only)")
     parser.add_argument("--galleries", type=int, nargs="*", default=[1000, 10000, 100000], help="gallery sizes for query latency")
     parser.add_argument("--queries", type=int, default=50, help="queries per latency figure")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
     images = [jpeg(i) for i in range(64)]
-    results = {"model": args.model.name, "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+    results = {"model": args.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        results["raw_onnxruntime_images_per_s"] = round(raw_throughput(args.model, args.batch, args.seconds), 1)
-        # intra_op_threads=0: ONNX Runtime's default, as in the raw figure (the test helper otherwise pins 1)
-        with ServiceProcess(args.model, tmp / "enrol.sqlite3", max_batch_size=args.batch, max_batch_wait_ms=10, intra_op_threads=0) as server:
-            if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
-                service = enrol_throughput_wrk(server.url, args.clients, args.seconds, images[0], tmp)
-                results["enrol_client"] = f"wrk, {args.clients} connections"
-            else:
-                service = asyncio.run(enrol_throughput(server.url, args.clients, args.seconds, images))
-                results["enrol_client"] = f"httpx, {args.clients} asyncio clients in the benchmark process"
-            results["service_batching"] = batching_figures(httpx.get(server.url + "/metrics").text)
-        results["service_enrol_images_per_s"] = round(service, 1)
-        results["service_over_raw"] = round(service / results["raw_onnxruntime_images_per_s"], 3)
-        print(json.dumps(results, indent=2), flush=True)
-
-        dim = InferenceModel(args.model, "cpu").load().contract.embedding_dim
-        results["query_latency"] = {}
-        for size in args.galleries:
-            store = tmp / f"gallery{size}.sqlite3"
-            fill_synthetic(store, args.model, size - 50, dim)
-            with ServiceProcess(args.model, store, max_batch_size=args.batch, max_top_k=100, intra_op_threads=0) as server:
-                with httpx.Client(base_url=server.url, timeout=120) as c:
-                    for i in range(0, 50, 10):
-                        c.post("/gallery", files=[("images", (f"{j}.jpg", images[j], "image/jpeg")) for j in range(i, i + 10)]).raise_for_status()
-                figures = {f"heatmaps_{h}": latencies(server.url, images, args.queries, h) for h in (False, True)}
-            results["query_latency"][str(size)] = figures
-            print(size, json.dumps(figures), flush=True)
-            store.unlink()
+        if args.rounds:  # 0: query latency only
+            results.update(enrol_benchmark(args, images, Path(tmp)))
+            print(json.dumps(results, indent=2), flush=True)
+        results["query_latency"] = query_benchmark(args, images, Path(tmp))
     text = json.dumps(results, indent=2)
     print(text)
     if args.output:

