@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_ID_LENGTH = 128
 MAX_METADATA_BYTES = 16 * 1024
-ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422)}
+ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422, 503)}
 
 
 class Upload:
@@ -322,6 +322,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         hits = s.gallery.search(embedding[0], top_k, camera_id, exclude_camera_id, person_id, min_score)
         items = s.gallery.store.get_many([i for i, _ in hits])
         vectors = s.gallery.store.embeddings([i for i, _ in hits], s.gallery.dim)
+        hits = [(i, score) for i, score in hits if i in items and i in vectors]  # a delete committed, not yet indexed
         branches = s.model.contract.num_branches
         query_features = split_branches(embedding[0], branches)
         timing["search"] = (time.perf_counter() - started) * 1000 - timing["embed"]

@@ -1,5 +1,6 @@
 """One JSON error shape for every failure: ``{"error": {"code": str, "message": str}}``."""
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +45,12 @@ def install_error_handlers(app: FastAPI, on_error=lambda code: None) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         return respond(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def storage_error(_: Request, exc: sqlite3.OperationalError):
+        # disk full, I/O error, read-only file: the server's trouble, not the request's; nothing was written
+        log.error("gallery store: %s", exc)
+        return respond(503, "storage_unavailable", f"the gallery store refused the write: {exc}")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):

@@ -3,8 +3,10 @@
 Every write (enrol, delete) goes through one writer task, in arrival order: it commits the store in a worker
 thread (writes that arrive together share one transaction and one fsync: group commit), then updates the
 in-memory index on the event loop, then answers the requests. A write is acknowledged only once it is durable
-and searchable, and no other write can come between its store commit and its index update. At start the index
-is rebuilt from the store; a store embedded by another model is re-embedded from its stored images or refused.
+and searchable, and no other write can come between its store commit and its index update. Reads run while a
+commit is under way, so a query may find an id in the index whose delete the store has already committed:
+readers skip ids the store no longer has. At start the index is rebuilt from the store; a store embedded by
+another model is re-embedded from its stored images or refused.
 """
 import asyncio
 import logging

@@ -1,14 +1,17 @@
 """The service over HTTP: a real uvicorn process on loopback, the tiny exported model, a real SQLite file."""
+import contextlib
 import io
 import sqlite3
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from service.inference import cpu_cores
+from service.settings import Settings
 from tests.conftest import image_bytes
 from tests.server import REPO, ServiceProcess
 
@@ -245,3 +248,43 @@ def test_an_oversized_body_is_refused_before_it_is_read(server, client):
 
     assert_error(client.post("/gallery", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}), 413, "payload_too_large")
     assert client.get("/healthz").status_code == 200
+
+
+@contextlib.contextmanager
+def in_process(tiny_model, tmp_path):
+    """The app in this process (lifespan and all), for tests that must reach into its store."""
+    from service.app import create_app
+
+    app = create_app(Settings(model_path=tiny_model[1], store_path=tmp_path / "g.sqlite3", intra_op_threads=1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
+        from fastapi.testclient import TestClient
+
+        with TestClient(app) as client:
+            yield app, client
+
+
+def test_a_full_disk_is_a_503_and_writes_nothing(tiny_model, tmp_path):
+    # SQLite's own page limit makes the disk "full" (SQLITE_FULL), as a real one would.
+    with in_process(tiny_model, tmp_path) as (app, c):
+        enroll(c, [image_bytes(1, 1)])
+        store = app.state.gallery.store
+        pages = store.writer.execute("PRAGMA page_count").fetchone()[0]
+        store.writer.execute(f"PRAGMA max_page_count = {pages}")
+        noise = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 100, 3), np.uint8)).save(noise, format="PNG")
+        response = c.post("/gallery", files=[("images", ("a.png", noise.getvalue(), "image/png"))])  # needs new pages
+        assert response.status_code == 503 and response.json()["error"]["code"] == "storage_unavailable"
+        assert store.count() == 1 and c.get("/readyz").json()["index"]["size"] == 1
+        store.writer.execute("PRAGMA max_page_count = 1073741823")
+        enroll(c, [image_bytes(3, 1)])  # the writer goes on once there is room again
+        assert store.count() == 2
+
+
+def test_a_query_skips_an_item_whose_delete_is_committed_but_not_yet_indexed(tiny_model, tmp_path):
+    with in_process(tiny_model, tmp_path) as (app, c):
+        ids = enroll(c, [image_bytes(1, 1), image_bytes(2, 1)])
+        app.state.gallery.store.delete(ids[0])  # the writer thread's commit, before the index has heard of it
+        response = c.post("/query", files=[("image", ("q.jpg", image_bytes(1, 1), "image/jpeg"))], data={"heatmaps": "true"})
+        assert response.status_code == 200, response.text
+        assert [m["id"] for m in response.json()["matches"]] == [ids[1]]

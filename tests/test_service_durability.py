@@ -74,7 +74,7 @@ def test_concurrent_enrol_delete_and_query_keep_index_and_store_consistent(tiny_
         with server.client() as client:
             seed_ids = [enroll_one(client, image_bytes(1, i), "seed") for i in range(4)]
         errors = []
-        deleted = []
+        deleting = []
 
         def enroller(w):
             with server.client() as c:
@@ -84,14 +84,14 @@ def test_concurrent_enrol_delete_and_query_keep_index_and_store_consistent(tiny_
         def deleter():
             with server.client() as c:
                 for item_id in seed_ids[:3]:
+                    deleting.append(item_id)  # from here on it may vanish from queries and lookups
                     assert c.delete(f"/gallery/{item_id}").status_code == 204
-                    deleted.append(item_id)
 
         def querier():
             with server.client() as c:
                 for n in range(6):
                     for item_id, _ in query_ids_scores(c, image_bytes(1, n)):
-                        if c.get(f"/gallery/{item_id}").status_code != 200 and item_id not in deleted:
+                        if c.get(f"/gallery/{item_id}").status_code != 200 and item_id not in deleting:
                             errors.append(item_id)
 
         def guard(fn, *args):
