@@ -256,10 +256,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         embedding, _ = await s.batcher.embed(np.stack([u.pixels for u in uploads]))
         new = [NewItem(u.data, u.format, u.image.width, u.image.height, e, p, c, m)
                for u, e, p, c, m in zip(uploads, embedding, persons, cameras, metas)]
-        ids = await s.gallery.add(new)
+        stored = await s.gallery.add(new)
         metrics.gallery_size.set(s.gallery.size)
-        stored = s.gallery.store.get_many(ids)
-        return EnrollResponse(ids=ids, items=[item_body(stored[i]) for i in ids])
+        return EnrollResponse(ids=[i.id for i in stored], items=[item_body(i) for i in stored])
 
     @app.get("/gallery", tags=["gallery"], response_model=GalleryPage, dependencies=protected, responses=ERRORS)
     async def list_gallery(

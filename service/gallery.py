@@ -22,7 +22,7 @@ from model_zoo.preprocess import load_for_model
 from service.index import VectorIndex
 from service.inference import InferenceModel
 from service.settings import Settings
-from service.store import GalleryStore, NewItem
+from service.store import GalleryStore, Item, NewItem
 
 log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "model_fingerprint"
@@ -104,11 +104,11 @@ class Gallery:
         await asyncio.gather(self._writer, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def add(self, items: Sequence[NewItem]) -> List[int]:
-        """Store and index the items, all or nothing; returns their ids once they are durable and searchable."""
-        def in_index(ids: List[int]) -> None:
-            self.index.add(np.array(ids, np.int64), np.stack([item.embedding for item in items]))
-            self.labels.update({i: (item.person_id, item.camera_id) for i, item in zip(ids, items)})
+    async def add(self, items: Sequence[NewItem]) -> List[Item]:
+        """Store and index the items, all or nothing; returns them as stored once they are durable and searchable."""
+        def in_index(stored: List[Item]) -> None:
+            self.index.add(np.array([i.id for i in stored], np.int64), np.stack([item.embedding for item in items]))
+            self.labels.update({i.id: (i.person_id, i.camera_id) for i in stored})
 
         return await self._write(partial(self.store.insert, items), in_index)
 

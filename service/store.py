@@ -113,8 +113,8 @@ class GalleryStore:
     def _write_meta(self, values: Dict[str, str]) -> None:
         self.writer.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(values.items()))
 
-    def add(self, items: Sequence[NewItem]) -> List[int]:
-        """Insert all items in one transaction; returns their ids in order."""
+    def add(self, items: Sequence[NewItem]) -> List[Item]:
+        """Insert all items in one transaction; returns them as stored, in order."""
         with self._transaction():
             return self.insert(items)
 
@@ -122,14 +122,20 @@ class GalleryStore:
         with self._transaction():
             return self.remove(item_id)
 
-    def insert(self, items: Sequence[NewItem]) -> List[int]:
-        """Insert items inside the caller's transaction (``add`` or ``commit_group``); returns their ids."""
+    def insert(self, items: Sequence[NewItem]) -> List[Item]:
+        """Insert items inside the caller's transaction (``add`` or ``commit_group``); returns them as stored
+        (built here, not read back: a delete may already be on its way)."""
         now = time.time()
-        rows = [(item.person_id, item.camera_id, json.dumps(item.metadata or {}), item.image, item.image_format,
-                 item.width, item.height, np.ascontiguousarray(item.embedding, np.float32).tobytes(), now) for item in items]
-        return [self.writer.execute(
-            "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+        stored = []
+        for item in items:
+            metadata = item.metadata or {}
+            cursor = self.writer.execute(
+                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item.person_id, item.camera_id, json.dumps(metadata), item.image, item.image_format, item.width, item.height,
+                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now))
+            stored.append(Item(cursor.lastrowid, item.person_id, item.camera_id, metadata, item.image_format, item.width, item.height, now))
+        return stored
 
     def remove(self, item_id: int) -> bool:
         """Delete one item inside the caller's transaction; False when there was none."""

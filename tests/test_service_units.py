@@ -155,7 +155,7 @@ def test_concurrent_writes_share_one_commit_and_a_failing_one_fails_alone(tmp_pa
         first = await gallery.add([item(0)])
         # image NULL breaks a NOT NULL column: that request, both of its items, must fail and leave no trace
         bad = [item(1), item(2, image=None)]
-        results = await asyncio.gather(*(gallery.add([item(10 + i)]) for i in range(8)), gallery.add(bad), gallery.delete(first[0]),
+        results = await asyncio.gather(*(gallery.add([item(10 + i)]) for i in range(8)), gallery.add(bad), gallery.delete(first[0].id),
                                        return_exceptions=True)
         await gallery.stop()
         return results
@@ -163,7 +163,7 @@ def test_concurrent_writes_share_one_commit_and_a_failing_one_fails_alone(tmp_pa
     results = asyncio.run(scenario())
     assert isinstance(results[8], sqlite3.IntegrityError) and results[9] is True
     assert groups == [1, 10]  # the first write alone, then the ten concurrent ones in one transaction
-    added = [ids[0] for ids in results[:8]]
+    added = [items[0].id for items in results[:8]]
     assert sorted(gallery.store.get_many(added)) == sorted(added) and gallery.store.count() == 8
     assert gallery.index.size == 8 and set(gallery.labels) == set(added)
     found = gallery.search(unit_rows(1, 4, 13)[0], 1)
@@ -180,12 +180,12 @@ def test_a_failed_index_update_rebuilds_the_index_and_the_write_stands(tmp_path,
 
     async def scenario():
         await gallery.start()
-        ids = await gallery.add([item(0), item(1)])
+        stored = await gallery.add([item(0), item(1)])
         await gallery.stop()
-        return ids
+        return stored
 
-    ids = asyncio.run(scenario())
-    assert gallery.index.size == 2 and gallery.search(unit_rows(1, 4, 1)[0], 1)[0][0] == ids[1]
+    stored = asyncio.run(scenario())
+    assert gallery.index.size == 2 and gallery.search(unit_rows(1, 4, 1)[0], 1)[0][0] == stored[1].id
 
 
 def test_overlay_is_a_png_of_the_image_size_capped_at_256():
