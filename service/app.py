@@ -163,7 +163,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         gallery = Gallery(store, model, settings)
         await asyncio.to_thread(gallery.open)
         await gallery.start()
-        batcher = MicroBatcher(model, settings.max_batch_size, settings.max_batch_wait_ms / 1000, model.instances, metrics.observe_batch)
+        batcher = MicroBatcher(model, settings.max_batch_size, settings.max_batch_wait_ms / 1000, model.instances,
+                               settings.max_queued_images, metrics.observe_batch)
         await batcher.start()
         app.state.model, app.state.gallery, app.state.batcher = model, gallery, batcher
         metrics.gallery_size.set(gallery.size)

@@ -6,6 +6,8 @@ waiting job and keeps collecting until the batch holds ``max_batch_size`` images
 ``max_wait`` seconds; then it runs the model, hands the rows back to the event loop, and comes back for the
 next batch. The model never waits for the event loop to get round to starting it, which under load is what
 keeps it busy. A request is split into parts no larger than a batch, and into one part per model thread.
+Past ``max_queued_images`` waiting images a request is refused at once (``Overloaded``) rather than queued
+behind work its client may have given up on.
 """
 import asyncio
 import queue
@@ -21,6 +23,10 @@ from service.inference import InferenceModel
 _STOP = object()
 
 
+class Overloaded(RuntimeError):
+    """Too many images are already waiting for the model."""
+
+
 @dataclass
 class _Job:
     images: np.ndarray
@@ -31,8 +37,12 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, model: InferenceModel, max_batch_size: int, max_wait_s: float, instances: int = 1, observe=None):
+    def __init__(self, model: InferenceModel, max_batch_size: int, max_wait_s: float, instances: int = 1,
+                 max_queued_images: int = 1 << 30, observe=None):
         self.model, self.max_batch_size, self.max_wait_s, self.instances = model, max_batch_size, max_wait_s, instances
+        self.max_queued_images = max_queued_images
+        self._queued_images = 0  # put on the queue and not yet in a batch
+        self._counting = threading.Lock()
         # observe(batch size, [queue wait of each request], model seconds), called on the event loop
         self.observe = observe
         self._queue: "queue.Queue" = queue.Queue()
@@ -56,6 +66,10 @@ class MicroBatcher:
         """Embed uint8 images [B, H, W, 3]; returns (embedding, feature maps or None)."""
         # Split over the instances too, so that a lone request (a query's matches re-embedded for heatmaps)
         # uses every model thread; under load the collector joins the parts with other requests' again.
+        with self._counting:
+            if self._queued_images + len(images) > self.max_queued_images:
+                raise Overloaded(f"{self._queued_images} images are waiting for the model already (REID_MAX_QUEUED_IMAGES={self.max_queued_images})")
+            self._queued_images += len(images)
         size = min(self.max_batch_size, -(-len(images) // self.instances))
         request = object()
         jobs = [_Job(images[start : start + size], with_maps, self._loop.create_future(), request) for start in range(0, len(images), size)]
@@ -95,6 +109,8 @@ class MicroBatcher:
                 jobs = self._collect()
             if jobs is None:
                 return
+            with self._counting:
+                self._queued_images -= sum(len(job.images) for job in jobs)
             started = time.perf_counter()
             batch = np.concatenate([job.images for job in jobs])
             try:

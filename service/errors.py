@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.batching import Overloaded
+
 log = logging.getLogger(__name__)
 
 
@@ -29,9 +31,9 @@ HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 
 
 
 def install_error_handlers(app: FastAPI, on_error=lambda code: None) -> None:
-    def respond(status: int, code: str, message: str) -> JSONResponse:
+    def respond(status: int, code: str, message: str, headers=None) -> JSONResponse:
         on_error(code)
-        return JSONResponse(error_body(code, message), status_code=status)
+        return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
@@ -45,6 +47,10 @@ def install_error_handlers(app: FastAPI, on_error=lambda code: None) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         return respond(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, exc: Overloaded):
+        return respond(503, "overloaded", str(exc), headers={"Retry-After": "1"})
 
     @app.exception_handler(sqlite3.OperationalError)
     async def storage_error(_: Request, exc: sqlite3.OperationalError):

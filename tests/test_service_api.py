@@ -288,3 +288,11 @@ def test_a_query_skips_an_item_whose_delete_is_committed_but_not_yet_indexed(tin
         response = c.post("/query", files=[("image", ("q.jpg", image_bytes(1, 1), "image/jpeg"))], data={"heatmaps": "true"})
         assert response.status_code == 200, response.text
         assert [m["id"] for m in response.json()["matches"]] == [ids[1]]
+
+
+def test_an_overloaded_service_answers_503_with_retry_after_and_writes_nothing(tiny_model, tmp_path):
+    with in_process(tiny_model, tmp_path) as (app, c):
+        app.state.batcher.max_queued_images = 0  # as if the queue were full
+        response = c.post("/gallery", files=files(image_bytes(1, 1)))
+        assert_error(response, 503, "overloaded")
+        assert response.headers["retry-after"] == "1" and app.state.gallery.store.count() == 0

@@ -113,6 +113,37 @@ def test_a_lone_request_is_split_over_the_model_instances_and_runs_at_once():
     assert model.calls == [2, 2]  # the 4-image request as two calls of 2, at once (or the barrier breaks)
 
 
+def test_past_the_queue_limit_a_request_is_refused_at_once_and_the_queue_drains():
+    import threading
+
+    from service.batching import Overloaded
+
+    entered, release = threading.Event(), threading.Event()
+
+    class BlockingModel(CountingModel):
+        def predict(self, images, with_maps=True):
+            entered.set()
+            release.wait(10)
+            return super().predict(images, with_maps)
+
+    async def scenario():
+        batcher = MicroBatcher(BlockingModel(), max_batch_size=2, max_wait_s=0.0, max_queued_images=3)
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.embed(np.zeros((2, 2, 2, 3), np.uint8)))
+        await asyncio.to_thread(entered.wait, 10)  # that batch is in the model: nothing is queued
+        queued = [asyncio.ensure_future(batcher.embed(np.zeros((n, 2, 2, 3), np.uint8))) for n in (2, 1)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.embed(np.zeros((1, 2, 2, 3), np.uint8))  # 3 waiting + 1 > 3
+        release.set()
+        done = await asyncio.gather(running, *queued)
+        after, _ = await batcher.embed(np.zeros((3, 2, 2, 3), np.uint8))  # drained: room for 3 again
+        await batcher.stop()
+        return [len(d[0]) for d in done], len(after)
+
+    assert asyncio.run(scenario()) == ([2, 2, 1], 3)
+
+
 def test_a_model_failure_fails_the_batch_not_the_batcher():
     class Failing(CountingModel):
         def predict(self, images, with_maps=True):
