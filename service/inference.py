@@ -2,6 +2,7 @@
 how the model's work is spread over threads are chosen here and nowhere else, and what ONNX Runtime really
 uses is reported, never silently assumed."""
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,18 @@ def choose_providers(requested: str) -> List[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (respects taskset and cpusets, not CPU quotas: set the settings then)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_cores(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup v2 CPU quota
+    (``docker run --cpus``, Kubernetes limits), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()
+    except (OSError, ValueError):
+        return cores
+    return cores if quota == "max" else max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 def plan_threads(provider: str, instances: int, intra_op_threads: int) -> Tuple[int, int]:

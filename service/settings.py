@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     api_key: Optional[SecretStr] = Field(None, description="if set, every route but /healthz, /readyz and / needs header X-API-Key")
     execution_provider: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when ONNX Runtime can use it, else CPU; cuda: refuse to start without it")
-    model_instances: int = Field(0, ge=0, description="model calls that run at once, each on its own batch (0: one per core on the CPU, 1 on CUDA)")
+    model_instances: int = Field(0, ge=0, description="model calls that run at once, each on its own batch (0: one per core on the CPU, counting a cgroup CPU quota; 1 on CUDA)")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per model call (0: cores / instances on the CPU, ONNX Runtime's default on CUDA)")
     max_batch_size: int = Field(32, ge=1, le=1024, description="most images embedded in one model call")
     max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long the first image of a batch waits for others")

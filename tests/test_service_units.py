@@ -236,6 +236,16 @@ def test_thread_plan_one_single_threaded_call_per_core_on_the_cpu_one_call_on_cu
     assert plan_threads(CUDA, 0, 0) == (1, 0)
 
 
+def test_cpu_cores_follow_a_cgroup_quota(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert cpu_cores(cpu_max) == cpu_cores(tmp_path / "absent")  # no quota: the affinity
+    cpu_max.write_text("50000 100000\n")  # --cpus 0.5
+    assert cpu_cores(cpu_max) == 1
+    cpu_max.write_text(f"{150000 * 64} 100000\n")  # a quota above the cores changes nothing
+    assert cpu_cores(cpu_max) == cpu_cores(tmp_path / "absent")
+
+
 def test_provider_choice_and_report(tiny_model):
     assert choose_providers("cpu") == [CPU]
     model = InferenceModel(tiny_model[1], "auto").load()
