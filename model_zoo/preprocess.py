@@ -22,13 +22,9 @@ class ImageTooLarge(InvalidImage):
     """The image has more pixels than allowed (a decompression bomb, or just too big)."""
 
 
-def decode_image(data: Union[bytes, Path, str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes (or a file) into an RGB PIL image; the format is judged by content, not name."""
-    return decode_with_format(data, max_pixels)[0]
-
-
 def decode_with_format(data: Union[bytes, Path, str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[Image.Image, str]:
-    """Like ``decode_image``, also returning the format PIL found (``JPEG``, ``PNG``, ...)."""
+    """Decode image bytes (or a file) into an RGB PIL image, with the format PIL found (``JPEG``, ``PNG``,
+    ...); the format is judged by content, not name."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     if isinstance(data, (bytes, bytearray)) and not data:
         raise InvalidImage("empty file")
@@ -56,6 +52,13 @@ def resize_to_input(img: Image.Image, height: int, width: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def decode_for_model(data: Union[bytes, Path, str], height: int, width: int,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[Image.Image, str, np.ndarray]:
+    """Decode and resize in one step: (RGB image, its format, uint8 [height, width, 3] for the model)."""
+    image, image_format = decode_with_format(data, max_pixels)
+    return image, image_format, resize_to_input(image, height, width)
+
+
 def load_for_model(data: Union[bytes, Path, str], height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode and resize in one step: what both the trainer's evaluation and the service feed the model."""
-    return resize_to_input(decode_image(data, max_pixels), height, width)
+    """The model's input pixels only: what the trainer's evaluation, the exporter and the service feed it."""
+    return decode_for_model(data, height, width, max_pixels)[2]

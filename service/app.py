@@ -16,7 +16,7 @@ from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 
 from model_zoo.contract import split_branches
-from model_zoo.preprocess import ImageTooLarge, InvalidImage, decode_with_format, resize_to_input
+from model_zoo.preprocess import ImageTooLarge, InvalidImage, decode_for_model
 from model_zoo.ram import ranking_activation_maps
 from service.batching import MicroBatcher
 from service.errors import ERROR_SCHEMA, APIError, error_body, install_error_handlers
@@ -42,19 +42,13 @@ class Upload:
         self.data, self.image, self.format, self.pixels = data, image, image_format, pixels
 
 
-def decode_for_model(data: bytes, max_pixels: int, size: Tuple[int, int]):
-    """Decode and resize in one worker-thread hop: (RGB image, format, uint8 [height, width, 3])."""
-    image, image_format = decode_with_format(data, max_pixels)
-    return image, image_format, resize_to_input(image, *size)
-
-
 async def read_upload(upload: UploadFile, position: int, settings: Settings, size: Tuple[int, int]) -> Upload:
     label = f"upload {position} ({upload.filename or 'unnamed'})"
     data = await upload.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
         raise APIError(413, "image_too_large", f"{label}: more than {settings.max_image_bytes} bytes")
     try:
-        image, image_format, pixels = await asyncio.to_thread(decode_for_model, data, settings.max_image_pixels, size)
+        image, image_format, pixels = await asyncio.to_thread(decode_for_model, data, *size, settings.max_image_pixels)
     except ImageTooLarge as exc:
         raise APIError(413, "image_too_large", f"{label}: {exc}") from None
     except InvalidImage as exc:
@@ -93,6 +87,12 @@ def parse_metadata(text: Optional[str]) -> dict:
 
 def item_body(item) -> GalleryItem:
     return GalleryItem(**asdict(item))
+
+
+def match_body(rank: int, score: float, item, vector: np.ndarray, query_features: np.ndarray) -> Match:
+    branch_scores = (split_branches(vector, len(query_features)) * query_features).sum(axis=1)
+    return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores.tolist(),
+                 person_id=item.person_id, camera_id=item.camera_id, metadata=item.metadata)
 
 
 def make_heatmap(query_features: np.ndarray, maps: np.ndarray, image) -> Heatmap:
@@ -320,17 +320,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         embedding, maps = await s.batcher.embed(upload.pixels[None], with_maps=heatmaps)
         timing["embed"] = (time.perf_counter() - started) * 1000
         hits = s.gallery.search(embedding[0], top_k, camera_id, exclude_camera_id, person_id, min_score)
-        items = s.gallery.store.get_many([i for i, _ in hits])
-        vectors = s.gallery.store.embeddings([i for i, _ in hits], s.gallery.dim)
-        hits = [(i, score) for i, score in hits if i in items and i in vectors]  # a delete committed, not yet indexed
-        branches = s.model.contract.num_branches
-        query_features = split_branches(embedding[0], branches)
+        found = s.gallery.store.get_many_with_embeddings([i for i, _ in hits], s.gallery.dim)
+        query_features = split_branches(embedding[0], s.model.contract.num_branches)
         timing["search"] = (time.perf_counter() - started) * 1000 - timing["embed"]
-        matches = [
-            Match(id=i, rank=r + 1, score=score, branch_scores=(split_branches(vectors[i], branches) * query_features).sum(axis=1).tolist(),
-                  person_id=items[i].person_id, camera_id=items[i].camera_id, metadata=items[i].metadata)
-            for r, (i, score) in enumerate(hits)
-        ]
+        live = [(i, score) for i, score in hits if i in found]  # absent: a delete committed, not yet indexed
+        matches = [match_body(rank, score, *found[i], query_features) for rank, (i, score) in enumerate(live, 1)]
         query_heatmap = None
         if heatmaps:
             query_heatmap, _ = await asyncio.gather(asyncio.to_thread(make_heatmap, query_features, maps[0], upload.image),
@@ -345,7 +339,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             return
         stored = s.gallery.store.images([m.id for m in matches])
         matches[:] = [m for m in matches if m.id in stored]
-        decoded = await asyncio.to_thread(lambda: [decode_for_model(stored[m.id], settings.max_image_pixels, s.model.input_size) for m in matches])
+        decoded = await asyncio.to_thread(lambda: [decode_for_model(stored[m.id], *s.model.input_size, settings.max_image_pixels) for m in matches])
         _, maps = await s.batcher.embed(np.stack([pixels for _, _, pixels in decoded]), with_maps=True)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
         heatmaps = await asyncio.gather(*(asyncio.to_thread(make_heatmap, query_features, m, image) for m, (image, _, _) in zip(maps, decoded)))

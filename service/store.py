@@ -151,14 +151,13 @@ class GalleryStore:
         marks = ",".join("?" * len(ids))
         return self.db.execute(f"SELECT {columns} FROM items WHERE id IN ({marks})", list(ids)).fetchall()
 
-    def get_many(self, ids: Sequence[int]) -> Dict[int, Item]:
-        return {row[0]: Item.from_row(row) for row in self._rows_by_id(ITEM_COLUMNS, ids)}
+    def get_many_with_embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, Tuple[Item, np.ndarray]]:
+        """Items and their embeddings by id, in one read; ids no longer stored are absent."""
+        return {row[0]: (Item.from_row(row[:-1]), np.frombuffer(row[-1], np.float32, count=dim))
+                for row in self._rows_by_id(f"{ITEM_COLUMNS}, embedding", ids)}
 
     def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
         return dict(self._rows_by_id("id, image", ids))
-
-    def embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, np.ndarray]:
-        return {i: np.frombuffer(blob, np.float32, count=dim) for i, blob in self._rows_by_id("id, embedding", ids)}
 
     def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None) -> Tuple[int, List[Item]]:
         where, args = [], []

@@ -195,7 +195,7 @@ def test_concurrent_writes_share_one_commit_and_a_failing_one_fails_alone(tmp_pa
     assert isinstance(results[8], sqlite3.IntegrityError) and results[9] is True
     assert groups == [1, 10]  # the first write alone, then the ten concurrent ones in one transaction
     added = [items[0].id for items in results[:8]]
-    assert sorted(gallery.store.get_many(added)) == sorted(added) and gallery.store.count() == 8
+    assert sorted(gallery.store.get_many_with_embeddings(added, 4)) == sorted(added) and gallery.store.count() == 8
     assert gallery.index.size == 8 and set(gallery.labels) == set(added)
     found = gallery.search(unit_rows(1, 4, 13)[0], 1)
     assert found[0][0] == added[3] and found[0][1] == pytest.approx(1.0, abs=1e-5)
