@@ -64,12 +64,12 @@ class MicroBatcher:
 
     async def embed(self, images: np.ndarray, with_maps: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Embed uint8 images [B, H, W, 3]; returns (embedding, feature maps or None)."""
-        # Split over the instances too, so that a lone request (a query's matches re-embedded for heatmaps)
-        # uses every model thread; under load the collector joins the parts with other requests' again.
         with self._counting:
             if self._queued_images + len(images) > self.max_queued_images:
                 raise Overloaded(f"{self._queued_images} images are waiting for the model already (REID_MAX_QUEUED_IMAGES={self.max_queued_images})")
             self._queued_images += len(images)
+        # Split over the instances too, so that a lone request (a query's matches re-embedded for heatmaps)
+        # uses every model thread; under load the collector joins the parts with other requests' again.
         size = min(self.max_batch_size, -(-len(images) // self.instances))
         request = object()
         jobs = [_Job(images[start : start + size], with_maps, self._loop.create_future(), request) for start in range(0, len(images), size)]
