@@ -1,43 +1,68 @@
-"""Markdown results table from training run folders (their metrics.json), for the README.
+"""Markdown results table from training run folders (their metrics.json), for the README: one row per run, a
+column group per evaluation set (rank-1 / mAP / mINP of the whole embedding), each branch's mAP alone per set.
 
-    python bench/training_table.py runs/cuhk03/ide_bn runs/cuhk03/mltb_lid runs/cuhk03/cama
+    python bench/training_table.py /work/runs/cama_ordered /work/runs/ide_bn ...
 """
 import argparse
 import json
 from pathlib import Path
 
-FIGURES = ("rank1", "rank5", "rank10", "mAP", "mINP")
+FIGURES = ("rank1", "mAP", "mINP")
 
 
 def row_name(cfg: dict) -> str:
-    if cfg["model"]["num_branches"] == 1:
+    model, loss = cfg["model"], cfg["loss"]
+    if model["num_branches"] == 1:
         return "IDE+BN (N=1)"
-    if cfg["loss"]["alpha"] == 0:
-        return f"MltB+L_id (N={cfg['model']['num_branches']}, alpha=0)"
-    return f"CAMA (N={cfg['model']['num_branches']}, alpha={cfg['loss']['alpha']:g}, k={cfg['loss']['k']})"
+    if loss["alpha"] == 0:
+        return f"MltB+L_id (N={model['num_branches']}, alpha=0)"
+    return f"CAMA {loss.get('oap_mode', 'symmetric')} (N={model['num_branches']}, alpha={loss['alpha']:g}, k={loss['k']})"
 
 
 def percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def set_cells(figures: dict) -> str:
+    return " / ".join(percent(figures["all"][f]) for f in FIGURES)
+
+
+def branch_cells(figures: dict) -> str:
+    branches = sorted(k for k in figures if k.startswith("branch") and "-" not in k)
+    return ", ".join(percent(figures[b]["mAP"]) for b in branches) or "-"
+
+
+def read_metrics(run: Path) -> dict:
+    path = Path(run) if Path(run).is_file() else Path(run) / "metrics.json"
+    metrics = json.loads(path.read_text())
+    if "all" in metrics["evaluation"]:  # runs from before per-set evaluation: one set, their training data's test split
+        name = Path(metrics["config"]["data"].get("root", "test")).name
+        metrics["evaluation"] = {name: metrics["evaluation"]}
+    return metrics
+
+
 def table(runs) -> str:
-    lines = ["| model | rank-1 | rank-5 | rank-10 | mAP | mINP | per branch mAP (alone) | train time | hardware |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for run in runs:
-        metrics = json.loads((Path(run) / "metrics.json").read_text())
-        evaluation = metrics["evaluation"]
-        branches = sorted(k for k in evaluation if k.startswith("branch") and "-" not in k)
-        per_branch = ", ".join(percent(evaluation[b]["mAP"]) for b in branches) or "-"
-        minutes = metrics["train_seconds_total"] / 60
-        cells = [row_name(metrics["config"]), *(percent(evaluation["all"][f]) for f in FIGURES), per_branch, f"{minutes:.0f} min", metrics["hardware"]]
+    metrics = [read_metrics(run) for run in runs]
+    sets = list(metrics[0]["evaluation"])
+    header = ["model", *(f"{s} R1 / mAP / mINP" for s in sets), f"per-branch mAP ({'; '.join(sets)})", "epochs", "train time", "hardware"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in metrics:
+        evaluation, solver = run["evaluation"], run["config"]["solver"]
+        cells = [
+            row_name(run["config"]),
+            *(set_cells(evaluation[s]) if s in evaluation else "-" for s in sets),
+            "; ".join(branch_cells(evaluation[s]) for s in sets if s in evaluation),
+            f"{solver['warmup_epochs']} + {solver['epochs']}",
+            f"{run['train_seconds_total'] / 60:.0f} min",
+            f"{run['hardware']}, {run.get('precision', 'float32')}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.json")
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.json, or copies of it (bench/results/training/*.json)")
     print(table(parser.parse_args().runs))
 
 

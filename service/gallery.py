@@ -168,7 +168,8 @@ class Gallery:
 
         filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score))
         hits = self.index.search(embedding, k, accept if filtered else None)
-        return [(item_id, raw / self.num_branches) for item_id, raw in hits]
+        # float32 inner products put an identical image a hair above 1 (1.0000001): the documented range holds
+        return [(item_id, min(1.0, max(-1.0, raw / self.num_branches))) for item_id, raw in hits]
 
 
 def _settle(future: asyncio.Future, result: Any = None, error: Optional[BaseException] = None) -> None:

@@ -41,12 +41,12 @@ def write_market(root: Path, train_pids=range(6), test_pids=range(1000, 1004), p
 
 @pytest.fixture(scope="session")
 def market_root(tmp_path_factory) -> Path:
-    return write_market(tmp_path_factory.mktemp("market"))
+    return write_market(tmp_path_factory.mktemp("data") / "market")
 
 
 def tiny_overrides(root: Path, out: Path, **extra) -> list:
     values = {
-        "data.root": str(root), "data.height": TINY_HEIGHT, "data.width": TINY_WIDTH, "data.batch_size": 8,
+        "data.roots": f"[{root}]", "data.height": TINY_HEIGHT, "data.width": TINY_WIDTH, "data.batch_size": 8,
         "data.padding": 4, "model.pretrained": "null", "model.num_branches": 2, "model.reduction_dim": 16,
         "loss.k": 2, "solver.warmup_epochs": 1, "solver.epochs": 1, "solver.max_iters_per_epoch": 2,
         "run.output_dir": str(out), "run.progress": "false", "run.threads": 1,

@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model_zoo.architectures import build_model
 from model_zoo.backbones.base import CheckpointMismatch, load_checkpoint
+from model_zoo.backbones.ibn import InstanceBatchNorm2d
 from model_zoo.backbones.mobilenetv2 import MobileNetV2, convert_flat_layout
 from model_zoo.backbones.resnet import ResNet50
 from model_zoo.registry import BACKBONE_REGISTRY
@@ -79,3 +81,47 @@ def test_cama_branches_own_their_last_stage_and_output_the_contract_shapes():
     embedding = model(images).embedding
     assert embedding.shape == (2, 96)
     torch.testing.assert_close(embedding.view(2, 3, 32).norm(dim=2), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50"])
+def test_ibn_keeps_every_key_so_imagenet_checkpoints_load_unchanged(name):
+    plain, ibn = BACKBONE_REGISTRY.get(name)(None), BACKBONE_REGISTRY.get(name)(None, ibn=True)
+    shapes = [{k: v.shape for k, v in parts.trunk.state_dict().items()} for parts in (plain, ibn)]
+    assert shapes[0] == shapes[1]
+    assert any(isinstance(m, InstanceBatchNorm2d) for m in ibn.trunk.modules())
+    assert not any(isinstance(m, InstanceBatchNorm2d) for m in ibn.last_stage.modules())
+
+
+def test_mobilenetv2_ibn_loads_a_torchvision_checkpoint(tmp_path):
+    reference = MobileNetV2()
+    for p in reference.parameters():
+        torch.nn.init.normal_(p)
+    torch.save(reference.state_dict(), tmp_path / "mnv2.pt")
+    model = MobileNetV2()
+    model.use_ibn()
+    assert load_checkpoint(model, tmp_path / "mnv2.pt") == {"missing": [], "unexpected": []}
+    assert torch.equal(model.features[3].conv[0][1].weight, reference.features[3].conv[0][1].weight)
+    assert isinstance(model.features[3].conv[0][1], InstanceBatchNorm2d)
+
+
+def test_instance_batch_norm_equals_instance_norm_beside_batch_norm():
+    torch.manual_seed(0)
+    layer = InstanceBatchNorm2d(8)
+    layer.weight.data.uniform_(0.5, 2)
+    layer.bias.data.normal_()
+    x = (torch.randn(6, 8, 5, 4) * 3 + 1).requires_grad_()
+    running_mean, running_var = layer.running_mean.clone(), layer.running_var.clone()
+
+    def reference(x, mean, var, training):
+        instance = F.instance_norm(x[:, :4], eps=layer.eps)
+        batch = F.batch_norm(x[:, 4:], mean[4:], var[4:], None, None, training, layer.momentum, layer.eps)
+        return torch.cat([instance, batch], 1) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+
+    out, expected = layer(x), reference(x, running_mean, running_var, True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.running_mean, running_mean)
+    torch.testing.assert_close(layer.running_var, running_var)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0], atol=1e-5, rtol=1e-5)
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference(x, layer.running_mean, layer.running_var, False), atol=1e-5, rtol=1e-5)

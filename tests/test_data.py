@@ -11,7 +11,7 @@ def test_reader_parses_names_and_keeps_junk_out_of_training(tmp_path):
     person_image(9, 1).save(root / "bounding_box_train" / "-1_c1s1_000099_00.jpg")
     (root / "bounding_box_train" / "notes.txt").write_text("not an image, not named like one")
     data = MarketDataset(root, 64, 32, progress=False)
-    assert data.num_classes == 2 and data.junk == 1 and data.unnamed == ["notes.txt"]
+    assert data.num_classes == 2 and data.junk == 1 and data.unnamed == [f"{root.name}/notes.txt"]
     assert sorted(set(data.labels.tolist())) == [0, 1]
     assert data.images.shape == (12, 64, 32, 3) and data.images.dtype == np.uint8
     query, _ = read_split(root / "query")
@@ -64,3 +64,76 @@ def test_augmentation_flips_pads_and_crops_to_the_input_size():
     padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2), (2, 2, 2, 2)).permute(0, 2, 3, 1)
     for b in range(2):
         assert any(torch.equal(out[b], padded[b, t : t + 8, l : l + 4]) for t in range(5) for l in range(5))
+
+
+def write_source_mapping(root, subset_of_pid):
+    rows = ["split,file,pid,cam,source_subset"]
+    for path in sorted((root / "bounding_box_train").iterdir()):
+        pid = int(path.name[:4])
+        rows.append(f"bounding_box_train,{path.name},{pid},1,{subset_of_pid[pid]}")
+    (root / "mapping.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_several_roots_get_their_own_ids_cameras_and_sources(tmp_path):
+    first = write_market(tmp_path / "first", train_pids=[0, 1], test_pids=[1000])
+    second = write_market(tmp_path / "second", train_pids=[0, 7], test_pids=[1000])
+    write_source_mapping(second, {0: "Mall", 7: "Street"})
+    data = MarketDataset([first, second], 64, 32, progress=False)
+    # pid 0 of each folder is a different person; cameras 1-2 of the second folder become 3-4
+    assert data.num_classes == 4
+    assert sorted({(r.source, r.camid) for r in data.records}) == [
+        ("first", 1), ("first", 2), ("second/Mall", 3), ("second/Mall", 4), ("second/Street", 3), ("second/Street", 4)]
+    assert data.describe_sources() == {name: {"images": 6 * n, "identities": n} for name, n in
+                                       (("first", 2), ("second/Mall", 1), ("second/Street", 1))}
+    assert data.source_weights({"Street": 0.25, "first": 2}).tolist() == [2.0, 1.0, 0.25]
+    with pytest.raises(ValueError, match="no such source"):
+        data.source_weights({"TownCentre": 0.5})
+
+
+def test_pk_sampler_draws_identities_in_proportion_to_their_weight():
+    labels = [label for label in range(6) for _ in range(4)]
+    weights = [1, 1, 1, 1, 4, 0]
+    sampler = PKSampler(labels, batch_size=4, num_instances=2, generator=torch.Generator().manual_seed(0), identity_weights=weights)
+    counts = np.zeros(6)
+    for _ in range(200):
+        for batch in sampler:
+            counts[sorted({labels[i] for i in batch})] += 1
+    assert counts[5] == 0
+    # identity 4 is in nearly every batch (drawn first 4 times in 8, else often second), the rest share the remainder
+    assert counts[4] > 2 * counts[:4].mean()
+    assert np.ptp(counts[:4]) < 0.25 * counts[:4].mean()
+
+
+def test_weighted_random_sampler_follows_the_weights():
+    sampler = RandomBatchSampler(400, 50, torch.Generator().manual_seed(0), weights=[0, 1, 1, 2] * 100)
+    drawn = np.bincount([i % 4 for batch in sampler for i in batch], minlength=4)
+    assert drawn[0] == 0 and abs(drawn[3] / drawn[1] - 2) < 0.5
+
+
+def test_photometric_augmentations_keep_shape_and_change_what_they_should():
+    images = torch.from_numpy(np.stack([np.asarray(person_image(p, 1, (32, 64))) for p in range(8)]))
+    gray = TrainAugmentation(flip_prob=0, padding=0, grayscale_prob=1.0)(images, torch.Generator().manual_seed(0))
+    assert gray.dtype == torch.uint8 and gray.shape == images.shape
+    assert (gray.int().diff(dim=3).abs() <= 1).all()  # R = G = B up to rounding
+    jitter = TrainAugmentation(flip_prob=0, padding=0, color_jitter=0.4, color_jitter_prob=1.0)
+    assert not torch.equal(jitter(images, torch.Generator().manual_seed(0)), images)
+    erased = TrainAugmentation(flip_prob=0, padding=0, erasing_prob=1.0)(images, torch.Generator().manual_seed(0))
+    changed = (erased != images).any(dim=3).float().mean(dim=(1, 2))
+    assert ((changed > 0.01) & (changed < 0.45)).all()  # one rectangle of 2-40% of the image per image
+    again = TrainAugmentation(flip_prob=0, padding=0, erasing_prob=1.0)(images, torch.Generator().manual_seed(0))
+    assert torch.equal(erased, again)
+
+
+def test_batches_are_the_same_inline_and_in_worker_processes(tmp_path):
+    from training.data import batch_loader
+
+    root = write_market(tmp_path, train_pids=range(4), test_pids=[1000])
+    data = MarketDataset(root, 32, 16, progress=False)
+    augment = TrainAugmentation(padding=2, color_jitter=0.3, erasing_prob=0.5)
+
+    def epoch(workers):
+        sampler = PKSampler(data.labels, 8, 2, torch.Generator().manual_seed(3))
+        return list(batch_loader(data, augment, sampler, torch.Generator().manual_seed(4), 3, workers))
+
+    for (inline_images, inline_labels), (worker_images, worker_labels) in zip(epoch(0), epoch(1)):
+        assert torch.equal(inline_images, worker_images) and torch.equal(inline_labels, worker_labels)

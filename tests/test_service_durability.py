@@ -127,7 +127,7 @@ def test_a_gallery_from_another_model_is_reembedded_or_refused(tiny_model, marke
         old = query_ids_scores(client, image_bytes(5, 1))
     other = tmp_path / "other.onnx"
     figures = tmp_path / "metrics.json"
-    figures.write_text('{"evaluation": {"all": {"mAP": 0.5}}}')
+    figures.write_text('{"evaluation": {"market": {"all": {"mAP": 0.5}}}}')
     export(tiny_model[0], other, evaluation=figures)  # same weights, other metadata: another fingerprint
     with pytest.raises(RuntimeError, match="REID_ON_MODEL_CHANGE"):
         ServiceProcess(other, store, on_model_change="refuse").start()

@@ -13,6 +13,8 @@ from training import evaluate, export, load_config, train
 from training.engine import Trainer, load_trained_model
 from training.export import ExportParityError, check_parity, parity_images
 
+SET = "market"  # the evaluation set's name: the tiny market folder's own name
+
 
 @pytest.fixture(scope="module")
 def trained_run(market_root, tmp_path_factory):
@@ -27,8 +29,10 @@ def test_training_writes_a_run_folder_with_config_checkpoints_and_metrics(traine
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert all(h["loss_oap"] > 0 for h in metrics["history"])
-    assert set(metrics["evaluation"]) == {"all", "branch1", "branch2"}
-    assert set(metrics["evaluation"]["all"]) >= {"rank1", "rank5", "rank10", "mAP", "mINP"}
+    assert set(metrics["evaluation"]) == {SET}
+    assert set(metrics["evaluation"][SET]) == {"all", "branch1", "branch2"}
+    assert set(metrics["evaluation"][SET]["all"]) >= {"rank1", "rank5", "rank10", "mAP", "mINP"}
+    assert metrics["precision"] == "float32" and metrics["sources"] == {SET: {"images": 36, "identities": 6}}
 
 
 def test_warm_up_trains_only_the_classifiers_then_everything(market_root, tmp_path):
@@ -45,9 +49,10 @@ def test_warm_up_trains_only_the_classifiers_then_everything(market_root, tmp_pa
 
 def test_gradients_of_the_objective_reach_every_branch(market_root, tmp_path):
     trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.num_branches": 3})))
-    images, targets = trainer._batch(list(range(8)))
+    images = torch.from_numpy(np.stack([trainer.dataset.image(i) for i in range(8)]))
+    targets = torch.from_numpy(trainer.dataset.labels[:8])
     out = trainer.model.train()(images)
-    trainer.oap(trainer.model.target_activation_maps(out.feature_maps, targets)).backward()
+    trainer.objective.oap(trainer.model.target_activation_maps(out.feature_maps, targets)).backward()
     for branch in trainer.model.branches:
         assert branch.stage[0].conv[0][0].weight.grad.abs().sum() > 0
 
@@ -55,7 +60,7 @@ def test_gradients_of_the_objective_reach_every_branch(market_root, tmp_path):
 def test_the_baseline_trains_without_oap(market_root, tmp_path):
     cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.num_branches": 1, "run.evaluate_at_end": "false"}))
     trainer = Trainer(cfg)
-    assert trainer.oap is None
+    assert trainer.objective.oap is None
     summary = trainer.fit()
     assert all(h["loss_oap"] == 0 for h in summary["history"]) and all(np.isfinite(h["loss_id"]) for h in summary["history"])
 
@@ -69,8 +74,8 @@ def test_resume_continues_where_the_checkpoint_stopped(market_root, trained_run,
 
 def test_evaluate_a_checkpoint(trained_run, market_root):
     out, summary = trained_run
-    results = evaluate(out / "model.pt", market_root, progress=False)
-    assert results["all"]["mAP"] == pytest.approx(summary["evaluation"]["all"]["mAP"], abs=1e-6)
+    results = evaluate(out / "model.pt", progress=False)
+    assert results[SET]["all"]["mAP"] == pytest.approx(summary["evaluation"][SET]["all"]["mAP"], abs=1e-6)
 
 
 def test_export_follows_the_contract_and_agrees_with_pytorch(trained_run, market_root, tmp_path):
@@ -82,7 +87,7 @@ def test_export_follows_the_contract_and_agrees_with_pytorch(trained_run, market
     contract = check_session(session)
     assert (contract.num_branches, contract.branch_dim, contract.map_height, contract.map_width) == (2, 16, 4, 2)
     assert (contract.input_height, contract.input_width) == (TINY_HEIGHT, TINY_WIDTH)
-    assert contract.evaluation["all"]["mAP"] == pytest.approx(summary["evaluation"]["all"]["mAP"])
+    assert contract.evaluation[SET]["all"]["mAP"] == pytest.approx(summary["evaluation"][SET]["all"]["mAP"])
     assert contract.config["model"]["num_branches"] == 2
     images = parity_images(TINY_HEIGHT, TINY_WIDTH, market_root / "query", count=3)["real"]
     embedding, maps = session.run(None, {INPUT_IMAGES: images})
@@ -106,7 +111,7 @@ def test_the_exported_file_evaluates_like_its_checkpoint(trained_run, market_roo
                                branch_features(model, query_images, progress=False), atol=1e-5)
     # The barely trained model's scores nearly tie, so rankings (and mAP) may differ by float noise: only
     # the route is checked here; on real models the figures agree (the model card lists both).
-    assert set(evaluate(tmp_path / "model.onnx", market_root, progress=False)) == {"all", "branch1", "branch2"}
+    assert set(evaluate(tmp_path / "model.onnx", [market_root], progress=False)[SET]) == {"all", "branch1", "branch2"}
 
 
 def test_a_parity_failure_is_reported(trained_run, tmp_path):
@@ -120,6 +125,62 @@ def test_a_parity_failure_is_reported(trained_run, tmp_path):
 
 
 def test_contract_metadata_round_trips():
-    contract = ModelContract("cama", "mobilenetv2", 3, 1280, 16, 8, 256, 128, "data", {"all": {"mAP": 0.5}}, {"a": 1})
+    contract = ModelContract("cama", "mobilenetv2", 3, 1280, 16, 8, 256, 128, "data", {"cuhk03": {"all": {"mAP": 0.5}}}, {"a": 1})
     assert ModelContract.from_metadata(contract.to_metadata()) == contract
     assert contract.embedding_dim == 3840
+
+
+def test_bf16_is_used_only_where_the_cpu_has_it_natively(tmp_path):
+    from training.engine import autocast_dtype, cpu_has_native_bf16
+
+    (tmp_path / "avx512").write_text("flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n")
+    (tmp_path / "bf16").write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    (tmp_path / "amx").write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert [cpu_has_native_bf16(tmp_path / name) for name in ("avx512", "bf16", "amx", "missing")] == [False, True, True, False]
+    assert autocast_dtype(torch.device("cpu"), amp=False) is None
+    assert autocast_dtype(torch.device("cuda"), amp=True) == torch.float16
+
+
+def test_cosine_schedule_runs_from_lr_down_to_its_floor(market_root, tmp_path):
+    from training.engine import learning_rate
+
+    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"solver.scheduler": "cosine", "solver.epochs": 4,
+                                                                          "solver.lr": 1.0, "solver.final_lr_factor": 0.1}))
+    rates = [learning_rate(cfg, epoch, it, 10) for epoch in range(1, 5) for it in range(10)]
+    assert rates[0] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert learning_rate(cfg, 3, 0, 10) == pytest.approx(0.55)  # half way: the mean of lr and its floor
+
+
+def test_the_whole_recipe_trains_on_two_folders_and_evaluates_each(market_root, tmp_path, capsys):
+    from tests.conftest import write_market
+    from training.cli import main
+
+    other = write_market(tmp_path / "data" / "other", train_pids=range(20, 26), test_pids=range(1020, 1024))
+    recipe = {
+        "data.roots": f"[{market_root},{other}]", "run.eval_roots": f"[{market_root},{other}]", "run.eval_every": 1,
+        "data.sampler": "pk", "data.num_instances": 2, "data.color_jitter": 0.3, "data.grayscale_prob": 0.1,
+        "data.erasing_prob": 0.5, "data.source_weights": "{other: 0.5}", "model.ibn": "true",
+        "loss.oap_mode": "ordered", "loss.label_smoothing": 0.1, "loss.triplet_weight": 1.0,
+        "solver.scheduler": "cosine", "solver.epochs": 2,
+    }
+    summary = train(load_config("pool.yaml", tiny_overrides(market_root, tmp_path / "run", **recipe)))
+    assert summary["sources"] == {"market": {"images": 36, "identities": 6}, "other": {"images": 36, "identities": 6}}
+    assert set(summary["evaluation"]) == {"market", "other"}
+    assert [set(h.get("evaluation", ())) for h in summary["history"]] == [{"market", "other"}] * 2 + [set()]
+    assert all(h["loss_tri"] > 0 and h["loss_oap"] > 0 for h in summary["history"][1:])
+    main(["evaluate", str(tmp_path / "run" / "model.pt"), "--data-root", str(market_root), "--data-root", str(other),
+          "--quiet", "--output", str(tmp_path / "figures.json")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| market") or line.startswith("| other")]
+    assert len(rows) == 2
+    assert set(json.loads((tmp_path / "figures.json").read_text())) == {"market", "other"}
+
+
+def test_a_bf16_step_trains(market_root, tmp_path):
+    # bf16 autocast runs on any CPU (emulated where it is not native), so the route is checked here too.
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"loss.triplet_weight": 1.0,
+                                                                                          "data.sampler": "pk"})))
+    trainer.autocast_dtype = torch.bfloat16
+    stats = trainer.train_epoch(1)
+    assert all(np.isfinite(v) for v in stats.values() if isinstance(v, float))
+    assert trainer.model.branches[0].stage[0].conv[0][0].weight.dtype == torch.float32

@@ -12,18 +12,20 @@ def _train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume)
-    evaluation = summary.get("evaluation", {}).get("all")
-    print(json.dumps({"run": cfg.run.output_dir, "train_seconds": round(summary["train_seconds_total"], 1), "evaluation": evaluation}, indent=2))
+    from training.evaluation import results_table
+
+    print(f"run {cfg.run.output_dir}: {summary['train_seconds_total'] / 60:.1f} min of training")
+    if summary.get("evaluation"):
+        print(results_table(summary["evaluation"]))
 
 
 def _evaluate(args) -> None:
-    from training.evaluation import evaluate_checkpoint
+    from training.evaluation import evaluate_checkpoint, results_table
 
     results = evaluate_checkpoint(args.checkpoint, args.data_root, args.device, progress=not args.quiet)
-    text = json.dumps(results, indent=2)
     if args.output:
-        Path(args.output).write_text(text)
-    print(text)
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    print(results_table(results))
 
 
 def _export(args) -> None:
@@ -41,18 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a model", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a model. Settings come from --config (YAML, may layer a _base_ file) and then from\n"
-        "section.key=value overrides, e.g. data.root=/data/market solver.epochs=30. Every key:\n\n" + describe_options(),
+        "section.key=value overrides, e.g. data.roots=[/data/market] solver.epochs=30. Every key:\n\n" + describe_options(),
     )
     train.add_argument("--config", type=Path, default=Path("base.yaml"), help="YAML config (a path, or a name in training/configs/); default base.yaml, the paper's schedule")
     train.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint (e.g. RUN/last.pt)")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, values parsed as YAML")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, values parsed as YAML (lists too: data.roots=[a,b])")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint or an exported .onnx with the single-query Market protocol")
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint or an exported .onnx with the single-query Market protocol, one table row per set")
     evaluate.add_argument("checkpoint", type=Path, help="a training checkpoint (RUN/model.pt) or an exported .onnx file (needs --data-root)")
-    evaluate.add_argument("--data-root", type=Path, default=None, help="Market-layout folder (default: the training data)")
+    evaluate.add_argument("--data-root", type=Path, action="append", default=None, help="Market-layout folder with query and bounding_box_test; repeat for several sets (default for a checkpoint: the sets its training evaluated)")
     evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    evaluate.add_argument("--output", type=Path, default=None, help="also write the figures to this JSON file")
+    evaluate.add_argument("--output", type=Path, default=None, help="also write every figure to this JSON file, keyed by set")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_evaluate)
 

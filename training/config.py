@@ -22,26 +22,36 @@ class ModelConfig:
     num_branches: int = option(3, "number of ordered branches N (1 = IDE+BN baseline)")
     reduction_dim: Optional[int] = option(None, "optional 1x1 reduction to D channels per branch (null: backbone width)")
     pretrained: Optional[str] = option("imagenet", "'imagenet' (MobileNetV2: fetched offline), a checkpoint path, or null")
+    ibn: bool = option(False, "IBN-a: half instance / half batch norm in the early blocks (MobileNetV2 1-10, ResNet-50 layer1-3)")
 
 
 @dataclass
 class LossConfig:
     alpha: float = option(1.0, "weight of the overlapped activation penalty (eq. 8); 0 gives MltB+L_id")
-    k: int = option(20, "sigma^i is the k-th largest value of M^i_t (eq. 5); the 16x8 grid has 128 cells")
+    k: int = option(20, "sigma^i is the k-th largest value of M^i_t (eq. 5); the 16x8 grid has 128 cells, 8x4 has 32")
+    oap_mode: str = option("symmetric", "'symmetric' (eq. 6: the product of all masks) or 'ordered' (branch i against the fixed union of branches 1..i-1)")
+    label_smoothing: float = option(0.0, "label smoothing eps of the identification loss (0: plain cross-entropy)")
+    triplet_weight: float = option(0.0, "weight of the batch-hard triplet loss on the per-branch features (0: off; use the pk sampler)")
+    triplet_margin: Optional[float] = option(0.3, "triplet margin on L2-normalised features (null: soft margin)")
 
 
 @dataclass
 class DataConfig:
-    root: Optional[str] = option(None, "dataset folder in Market-1501 layout (bounding_box_train, query, bounding_box_test)")
+    roots: List[str] = option([], "training folders in Market-1501 layout; ids and cameras are offset per folder")
+    source_weights: Dict[str, float] = option({}, "per-source sampling multipliers, e.g. {TownCentre: 0.5} (source: a folder's name or a mapping.csv subset)")
     height: int = option(256, "input height")
     width: int = option(128, "input width")
     flip_prob: float = option(0.5, "probability of a horizontal flip")
     padding: int = option(10, "zero padding before the random crop, in pixels")
+    color_jitter: float = option(0.0, "colour jitter strength s: brightness, contrast, saturation factors in [1-s, 1+s] (0: off)")
+    color_jitter_prob: float = option(0.8, "probability that an image is colour-jittered")
+    grayscale_prob: float = option(0.0, "probability of turning an image to grayscale")
+    erasing_prob: float = option(0.0, "probability of random erasing (area 2-40%, random pixels)")
     sampler: str = option("random", "'random' or 'pk' (P identities x K images per batch)")
     batch_size: int = option(32, "images per batch")
     num_instances: int = option(4, "K, images per identity, for the pk sampler")
     cache_images: bool = option(True, "decode and resize every training image once, into memory")
-    workers: int = option(0, "data loader workers when cache_images is false")
+    workers: int = option(0, "processes that decode images and make augmented batches ahead of the model (0: inline)")
 
 
 @dataclass
@@ -50,8 +60,10 @@ class SolverConfig:
     warmup_lr: float = option(3e-6, "learning rate at the start of the warm-up")
     warmup_epochs: int = option(10, "epochs training only the classifiers W^i, lr rising warmup_lr -> lr")
     epochs: int = option(50, "epochs training the whole model after the warm-up")
+    scheduler: str = option("step", "after the warm-up: 'step' (x gamma every step_size epochs) or 'cosine' (down to lr x final_lr_factor)")
     step_size: int = option(20, "multiply the lr by gamma every step_size epochs after the warm-up")
     gamma: float = option(0.1, "lr decay factor")
+    final_lr_factor: float = option(0.01, "the cosine schedule's last learning rate, as a fraction of lr")
     weight_decay: float = option(5e-4, "Adam weight decay")
     max_iters_per_epoch: Optional[int] = option(None, "cap on iterations per epoch (smoke tests)")
 
@@ -61,10 +73,13 @@ class RunConfig:
     output_dir: str = option("runs/default", "run folder: config, checkpoints, metrics")
     seed: int = option(0, "random seed")
     device: str = option("auto", "'auto' (CUDA when present), 'cuda' or 'cpu'")
-    amp: bool = option(True, "mixed precision on CUDA (ignored on CPU)")
+    amp: bool = option(True, "mixed precision: fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); else off")
+    channels_last: bool = option(False, "channels-last memory format for the convolutions")
     threads: Optional[int] = option(None, "torch CPU threads (null: torch's default)")
     checkpoint_every: int = option(1, "save a checkpoint every this many epochs")
-    evaluate_at_end: bool = option(True, "evaluate on query/bounding_box_test after training")
+    eval_roots: List[str] = option([], "Market-layout folders evaluated (query vs bounding_box_test); empty: the training roots that have a query split")
+    eval_every: int = option(0, "also evaluate every this many epochs (0: only at the end); for watching, never for choosing")
+    evaluate_at_end: bool = option(True, "evaluate on eval_roots after training")
     progress: bool = option(True, "show a progress bar")
 
 
@@ -81,9 +96,11 @@ class TrainConfig:
 
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    """Sections merge key by key; a key's value is replaced whole, even a list or a mapping such as
+    ``data.source_weights`` (so a layer or an override can also empty it)."""
+    merged = {section: dict(values) for section, values in base.items()}
+    for section, values in update.items():
+        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
     return merged
 
 

@@ -1,12 +1,16 @@
-"""The training loop: warm-up of the classifiers, then the whole model; checkpoints, resume, run folder."""
+"""The training loop: warm-up of the classifiers, then the whole model; checkpoints, resume, run folder,
+evaluation on a list of sets every few epochs and at the end."""
 import json
 import logging
+import math
 import platform
 import random
+import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,10 +18,11 @@ import yaml
 from tqdm import tqdm
 
 from model_zoo.architectures import build_model
+from model_zoo.architectures.common import branch_features
 from training.config import TrainConfig, from_dict
-from training.data import MarketDataset, PKSampler, RandomBatchSampler, TrainAugmentation
-from training.evaluation import evaluate_model
-from training.losses import IdentificationLoss, OverlappedActivationPenalty
+from training.data import MarketDataset, PKSampler, RandomBatchSampler, TrainAugmentation, batch_loader
+from training.evaluation import evaluate_sets, test_roots
+from training.losses import BatchHardTripletLoss, IdentificationLoss, OverlappedActivationPenalty
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
@@ -28,6 +33,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """AVX512-BF16 or AMX: where bf16 autocast speeds training up. The CPU's flags, not oneDNN, decide: oneDNN
+    reports bf16 on any AVX512 CPU and there emulates it, slower than fp32 (bench/RESULTS.md)."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
+    """fp16 on CUDA, bf16 on a CPU with native bf16, else None (fp32)."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 def hardware_description(device: torch.device) -> str:
@@ -59,7 +83,12 @@ def learning_rate(cfg: TrainConfig, epoch: int, iteration: int, iters_per_epoch:
     if epoch < s.warmup_epochs:
         progress = (epoch * iters_per_epoch + iteration) / max(1, s.warmup_epochs * iters_per_epoch - 1)
         return s.warmup_lr + (s.lr - s.warmup_lr) * min(1.0, progress)
-    return s.lr * s.gamma ** ((epoch - s.warmup_epochs) // s.step_size)
+    if s.scheduler == "cosine":
+        progress = ((epoch - s.warmup_epochs) * iters_per_epoch + iteration) / max(1, s.epochs * iters_per_epoch)
+        return s.lr * (s.final_lr_factor + (1 - s.final_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if s.scheduler == "step":
+        return s.lr * s.gamma ** ((epoch - s.warmup_epochs) // s.step_size)
+    raise ValueError(f"unknown scheduler {s.scheduler!r}: 'step' or 'cosine'")
 
 
 def set_trainable(model: torch.nn.Module, classifiers_only: bool) -> None:
@@ -67,6 +96,27 @@ def set_trainable(model: torch.nn.Module, classifiers_only: bool) -> None:
     classifiers = {id(p) for p in model.classifier_parameters}
     for param in model.parameters():
         param.requires_grad_(not classifiers_only or id(param) in classifiers)
+
+
+class Objective:
+    """The weighted sum of the loss terms the config switches on; returns the total and every term."""
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module):
+        self.loss_cfg, self.model = cfg.loss, model
+        self.id_loss = IdentificationLoss(cfg.loss.label_smoothing)
+        use_oap = cfg.model.num_branches > 1 and cfg.loss.alpha > 0
+        self.oap = OverlappedActivationPenalty(cfg.loss.k, cfg.loss.oap_mode) if use_oap else None
+        self.triplet = BatchHardTripletLoss(cfg.loss.triplet_margin) if cfg.loss.triplet_weight > 0 else None
+
+    def __call__(self, out, targets: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        zero = out.logits.new_zeros((), dtype=torch.float32)
+        terms = {
+            "loss_id": self.id_loss(out.logits, targets),
+            "loss_oap": self.oap(self.model.target_activation_maps(out.feature_maps, targets)) if self.oap else zero,
+            "loss_tri": self.triplet(branch_features(out.feature_maps), targets) if self.triplet else zero,
+        }
+        total = terms["loss_id"] + self.loss_cfg.alpha * terms["loss_oap"] + self.loss_cfg.triplet_weight * terms["loss_tri"]
+        return total, terms
 
 
 class Trainer:
@@ -78,73 +128,89 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.generator = seed_everything(cfg.run.seed)
         self.device = resolve_device(cfg.run.device)
-        if cfg.data.root is None:
-            raise ValueError("data.root is not set: point it at a Market-1501-layout folder")
-        self.dataset = MarketDataset(cfg.data.root, cfg.data.height, cfg.data.width, cfg.data.cache_images, cfg.run.progress)
+        if not cfg.data.roots:
+            raise ValueError("data.roots is empty: give one or more Market-1501-layout folders")
+        d = cfg.data
+        self.dataset = MarketDataset(d.roots, d.height, d.width, d.cache_images, cfg.run.progress, d.workers)
         self.model = build_model(resolve_pretrained(asdict(cfg.model)), self.dataset.num_classes).to(self.device)
-        self.id_loss = IdentificationLoss()
-        self.oap = OverlappedActivationPenalty(cfg.loss.k) if cfg.model.num_branches > 1 and cfg.loss.alpha > 0 else None
+        if cfg.run.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.objective = Objective(cfg, self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.solver.lr, weight_decay=cfg.solver.weight_decay)
-        self.amp = cfg.run.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.augment = TrainAugmentation(cfg.data.flip_prob, cfg.data.padding)
+        self.autocast_dtype = autocast_dtype(self.device, cfg.run.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.augment = TrainAugmentation(d.flip_prob, d.padding, d.color_jitter, d.color_jitter_prob, d.grayscale_prob, d.erasing_prob)
         self.sampler = self._sampler()
+        self.eval_roots = list(cfg.run.eval_roots) or test_roots(d.roots)
         self.start_epoch = 0
-        self.history = []
+        self.history: List[Dict] = []
 
     def _sampler(self):
         d = self.cfg.data
+        per_source = self.dataset.source_weights(d.source_weights)
         if d.sampler == "pk":
-            return PKSampler(self.dataset.labels, d.batch_size, d.num_instances, self.generator)
+            identity_weights = np.zeros(self.dataset.num_classes)
+            identity_weights[self.dataset.labels] = per_source[self.dataset.sources]
+            return PKSampler(self.dataset.labels, d.batch_size, d.num_instances, self.generator, identity_weights)
         if d.sampler == "random":
-            return RandomBatchSampler(len(self.dataset), d.batch_size, self.generator)
+            weights = None if not d.source_weights else per_source[self.dataset.sources]
+            return RandomBatchSampler(len(self.dataset), d.batch_size, self.generator, weights)
         raise ValueError(f"unknown sampler {d.sampler!r}: 'random' or 'pk'")
 
     @property
     def total_epochs(self) -> int:
         return self.cfg.solver.warmup_epochs + self.cfg.solver.epochs
 
-    def _batch(self, indices) -> Tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(np.stack([self.dataset.image(i) for i in indices]))
-        images = self.augment(images, self.generator).to(self.device, non_blocking=True)
-        return images, torch.from_numpy(self.dataset.labels[indices]).to(self.device)
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
-        with torch.autocast(self.device.type, enabled=self.amp):
+        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        with self._autocast():
             out = self.model(images)
-            loss_id = self.id_loss(out.logits, targets)
-            loss_oap = self.oap(self.model.target_activation_maps(out.feature_maps, targets)) if self.oap else torch.zeros((), device=self.device)
-            loss = loss_id + self.cfg.loss.alpha * loss_oap
+            loss, terms = self.objective(out, targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         accuracy = (out.logits.argmax(-1) == targets.unsqueeze(1)).float().mean()
-        return {"loss": loss.item(), "loss_id": loss_id.item(), "loss_oap": loss_oap.item(), "acc": accuracy.item()}
+        return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "acc": accuracy.item()}
+
+    def iterations_per_epoch(self) -> int:
+        iters = len(self.sampler)
+        return min(iters, self.cfg.solver.max_iters_per_epoch) if self.cfg.solver.max_iters_per_epoch else iters
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         self.model.train()
         set_trainable(self.model, classifiers_only=epoch < self.cfg.solver.warmup_epochs)
-        iters = len(self.sampler)
-        if self.cfg.solver.max_iters_per_epoch:
-            iters = min(iters, self.cfg.solver.max_iters_per_epoch)
+        iters = self.iterations_per_epoch()
+        loader = batch_loader(self.dataset, self.augment, self.sampler, self.generator, iters, self.cfg.data.workers, self.device.type == "cuda")
         sums: Dict[str, float] = {}
         seen, start = 0, time.perf_counter()
         bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{self.total_epochs}", disable=not self.cfg.run.progress)
-        for iteration, indices in zip(range(iters), self.sampler):
+        for iteration, (images, targets) in enumerate(loader):
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(self.cfg, epoch, iteration, iters)
-            stats = self._step(*self._batch(indices))
+            stats = self._step(images, targets)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
-            seen += len(indices)
-            bar.set_postfix(loss_id=f"{stats['loss_id']:.3f}", loss_oap=f"{stats['loss_oap']:.3f}", acc=f"{stats['acc']:.2f}",
-                            lr=f"{self.optimizer.param_groups[0]['lr']:.1e}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+            seen += len(targets)
+            bar.set_postfix(id=f"{stats['loss_id']:.3f}", oap=f"{stats['loss_oap']:.3f}", tri=f"{stats['loss_tri']:.3f}",
+                            acc=f"{stats['acc']:.2f}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
+                            img_s=f"{seen / (time.perf_counter() - start):.1f}")
             bar.update()
         bar.close()
         seconds = time.perf_counter() - start
         return {"epoch": epoch + 1, **{k: v / max(1, iters) for k, v in sums.items()}, "lr": self.optimizer.param_groups[0]["lr"],
                 "images_per_s": seen / seconds, "seconds": seconds}
+
+    def evaluate(self) -> Dict[str, Dict]:
+        d = self.cfg.data
+        return evaluate_sets(self.model, self.eval_roots, d.height, d.width, self.device, self.cfg.run.progress)
 
     def save(self, epoch: int, name: str = LAST_CHECKPOINT) -> Path:
         path = self.out / name
@@ -170,20 +236,26 @@ class Trainer:
     def fit(self) -> Dict:
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         started = time.perf_counter()
+        every = self.cfg.run.eval_every
         for epoch in range(self.start_epoch, self.total_epochs):
-            self.history.append(self.train_epoch(epoch))
+            record = self.train_epoch(epoch)
+            if every and (epoch + 1) % every == 0 and epoch + 1 < self.total_epochs:
+                record["evaluation"] = self.evaluate()
+            self.history.append(record)
             if (epoch + 1) % self.cfg.run.checkpoint_every == 0 or epoch + 1 == self.total_epochs:
                 self.save(epoch)
         self.save(self.total_epochs - 1, FINAL_CHECKPOINT)
         summary = {
             "config": self.cfg.to_dict(), "history": self.history, "hardware": hardware_description(self.device),
+            "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
             "train_seconds_this_session": time.perf_counter() - started,
             "train_seconds_total": sum(h["seconds"] for h in self.history),
             "num_classes": self.dataset.num_classes, "num_train_images": len(self.dataset),
+            "sources": self.dataset.describe_sources(),
             "bad_files": self.dataset.bad_files, "unnamed_files": self.dataset.unnamed,
         }
         if self.cfg.run.evaluate_at_end:
-            summary["evaluation"] = evaluate_model(self.model, self.cfg.data.root, self.cfg.data.height, self.cfg.data.width, self.device, self.cfg.run.progress)
+            summary["evaluation"] = self.evaluate()
         (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
 

@@ -7,7 +7,7 @@ Similarity is the inner product of L2-normalised per-branch features (cosine), t
 """
 import logging
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,11 +89,27 @@ def load_test_split(root: Path, height: int, width: int, progress: bool = True):
     return query_images, query, gallery_images, gallery
 
 
+def test_roots(roots: Sequence[Path]) -> List[str]:
+    """The folders among ``roots`` that have a test split (query and bounding_box_test)."""
+    return [str(r) for r in roots if (Path(r) / "query").is_dir() and (Path(r) / "bounding_box_test").is_dir()]
+
+
+def set_names(roots: Sequence[Path]) -> List[str]:
+    """A name per evaluation folder: its own name, with its parent's where two would clash."""
+    names = [Path(r).name for r in roots]
+    return [f"{Path(r).parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(roots, names)]
+
+
 def evaluate_model(model: torch.nn.Module, root: Path, height: int, width: int, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, float]]:
     query_images, query, gallery_images, gallery = load_test_split(root, height, width, progress)
     query_feats = branch_features(model, query_images, device=device, progress=progress)
     gallery_feats = branch_features(model, gallery_images, device=device, progress=progress)
     return features_metrics(query_feats, gallery_feats, query, gallery)
+
+
+def evaluate_sets(model: torch.nn.Module, roots: Sequence[Path], height: int, width: int, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``evaluate_model`` on each folder: {set name: {"all": ..., "branch1": ..., ...}}."""
+    return {name: evaluate_model(model, root, height, width, device, progress) for name, root in zip(set_names(roots), roots)}
 
 
 def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_size: int = 64, progress: bool = True) -> np.ndarray:
@@ -107,30 +123,44 @@ def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_s
     return np.concatenate(chunks)
 
 
-def evaluate_onnx(path: Path, data_root: Path, progress: bool = True) -> Dict[str, Dict[str, float]]:
-    """Evaluate an exported ONNX file through ONNX Runtime, as the service runs it."""
+def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Evaluate an exported ONNX file through ONNX Runtime, as the service runs it, on each folder."""
     import onnxruntime as ort
 
     from model_zoo.contract import check_session
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     contract = check_session(session)
-    query_images, query, gallery_images, gallery = load_test_split(data_root, contract.input_height, contract.input_width, progress)
-    return features_metrics(
-        onnx_branch_features(session, query_images, contract.num_branches, progress=progress),
-        onnx_branch_features(session, gallery_images, contract.num_branches, progress=progress), query, gallery,
-    )
+    results = {}
+    for name, root in zip(set_names(data_roots), data_roots):
+        query_images, query, gallery_images, gallery = load_test_split(root, contract.input_height, contract.input_width, progress)
+        results[name] = features_metrics(
+            onnx_branch_features(session, query_images, contract.num_branches, progress=progress),
+            onnx_branch_features(session, gallery_images, contract.num_branches, progress=progress), query, gallery,
+        )
+    return results
 
 
-def evaluate_checkpoint(checkpoint: Path, data_root: Optional[Path] = None, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, float]]:
-    """Evaluate a training checkpoint, or an exported .onnx file, on ``data_root`` (for a checkpoint, by
-    default the data it was trained on)."""
+def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] = None, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Evaluate a training checkpoint, or an exported .onnx file, on each of ``data_roots`` (for a checkpoint,
+    by default the sets its training evaluated): {set name: {"all": ..., "branch1": ..., ...}}."""
     from training.engine import load_trained_model
 
     if Path(checkpoint).suffix == ".onnx":
-        if data_root is None:
-            raise ValueError("evaluating an ONNX file needs --data-root")
-        return evaluate_onnx(checkpoint, data_root, progress)
+        if not data_roots:
+            raise ValueError("evaluating an ONNX file needs at least one --data-root")
+        return evaluate_onnx(checkpoint, data_roots, progress)
     model, cfg = load_trained_model(checkpoint, device)
-    root = data_root or cfg.data.root
-    return evaluate_model(model, root, cfg.data.height, cfg.data.width, device, progress)
+    roots = list(data_roots or cfg.run.eval_roots or test_roots(cfg.data.roots))
+    return evaluate_sets(model, roots, cfg.data.height, cfg.data.width, device, progress)
+
+
+def results_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """One markdown row per set: the embedding's rank-1/5/10, mAP, mINP and each branch's mAP alone."""
+    lines = ["| set | queries | rank-1 | rank-5 | rank-10 | mAP | mINP | per-branch mAP |", "|---|---|---|---|---|---|---|---|"]
+    for name, figures in results.items():
+        whole = figures["all"]
+        branches = ", ".join(f"{100 * figures[k]['mAP']:.1f}" for k in sorted(figures) if k.startswith("branch") and "-" not in k) or "-"
+        cells = [name, str(whole["num_queries"]), *(f"{100 * whole[k]:.1f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")), branches]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -46,7 +46,7 @@ def describe(model: nn.Module, cfg, evaluation: Optional[Dict]) -> ModelContract
     return ModelContract(
         architecture=cfg.model.architecture, backbone=cfg.model.backbone, num_branches=branches, branch_dim=dim,
         map_height=map_h, map_width=map_w, input_height=height, input_width=width,
-        training_data=str(Path(cfg.data.root).name) if cfg.data.root else "", evaluation=evaluation or {},
+        training_data=" + ".join(Path(root).name for root in cfg.data.roots), evaluation=evaluation or {},
         config=cfg.to_dict(),
     )
 
@@ -97,8 +97,8 @@ def export_onnx(checkpoint: Path, output: Path, real_images: Optional[Path] = No
     metrics_file = Path(evaluation) if evaluation else checkpoint.parent / "metrics.json"
     figures = json.loads(metrics_file.read_text()).get("evaluation") if metrics_file.exists() else None
     contract = describe(model, cfg, figures)
-    if real_images is None and cfg.data.root and (Path(cfg.data.root) / "query").is_dir():
-        real_images = Path(cfg.data.root) / "query"
+    if real_images is None:
+        real_images = next((Path(root) / "query" for root in cfg.data.roots if (Path(root) / "query").is_dir()), None)
     dummy = torch.zeros(2, cfg.data.height, cfg.data.width, 3, dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
     # The TorchScript exporter: on this CPU it exports in seconds where dynamo=True takes about a minute, for

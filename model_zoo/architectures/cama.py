@@ -30,11 +30,12 @@ class CAMABranch(nn.Module):
 
 
 class CAMA(nn.Module):
-    def __init__(self, backbone: str, num_branches: int, num_classes: int, reduction_dim: Optional[int] = None, pretrained: Optional[str] = None):
+    def __init__(self, backbone: str, num_branches: int, num_classes: int, reduction_dim: Optional[int] = None,
+                 pretrained: Optional[str] = None, ibn: bool = False):
         super().__init__()
         if num_branches < 1:
             raise ValueError("num_branches must be at least 1")
-        parts = BACKBONE_REGISTRY.get(backbone)(pretrained)
+        parts = BACKBONE_REGISTRY.get(backbone)(pretrained, ibn=ibn)
         self.normalize = InputNormalization()
         self.trunk = parts.trunk
         self.branches = nn.ModuleList(
@@ -70,4 +71,5 @@ def build_cama(model_cfg: dict, num_classes: int) -> CAMA:
         num_classes=num_classes,
         reduction_dim=model_cfg.get("reduction_dim"),
         pretrained=model_cfg.get("pretrained"),
+        ibn=model_cfg.get("ibn", False),
     )

@@ -1,6 +1,6 @@
 """MobileNetV2 with torchvision's state-dict keys and its last stride-2 stage set to stride 1.
 
-A 256x128 input gives a 16x8 map. The trunk is ``features[0:14]``; the last stage, copied per branch, is
+A 256x128 input gives a 16x8 map, a 128x64 input an 8x4 map. The trunk is ``features[0:14]``; the last stage, copied per branch, is
 ``features[14:]`` (the stride-2 block of 160 channels, the 320-channel block and the 1x1 conv to 1280),
 the analogue of ResNet's conv5.
 """
@@ -11,11 +11,15 @@ import torch
 from torch import nn
 
 from model_zoo.backbones.base import BackboneParts, load_checkpoint
+from model_zoo.backbones.ibn import to_instance_batch_norm
 from model_zoo.registry import BACKBONE_REGISTRY
 
 # (expansion t, channels c, repeats n, stride s) as in the paper and torchvision; the last s=2 is made 1.
 INVERTED_RESIDUAL_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1), (6, 320, 1, 1)]
 TRUNK_END = 14
+# IBN-a goes into the blocks before the stride-16 stages (features 1..10: the 16- to 64-channel stages), as
+# IBN-Net puts it in ResNet's layer1-3 and keeps the last, most identity-specific stages pure BatchNorm.
+IBN_BLOCKS = range(1, 11)
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -57,6 +61,13 @@ class MobileNetV2(nn.Module):
         layers.append(conv_bn_relu(in_ch, 1280, 1))
         self.features = nn.Sequential(*layers)
 
+    def use_ibn(self) -> None:
+        """IBN-a: the first norm of each early block (after the expansion, or the depthwise conv where there is
+        none) becomes half instance, half batch normalisation; state-dict keys do not change."""
+        for index in IBN_BLOCKS:
+            first = self.features[index].conv[0]
+            first[1] = to_instance_batch_norm(first[1])
+
     def split(self) -> BackboneParts:
         return BackboneParts(
             trunk=self.features[:TRUNK_END], last_stage=self.features[TRUNK_END:], out_channels=1280, stride=16
@@ -86,8 +97,10 @@ def convert_flat_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 
 
 @BACKBONE_REGISTRY.register("mobilenetv2")
-def build_mobilenetv2(pretrained: Optional[str] = None) -> BackboneParts:
+def build_mobilenetv2(pretrained: Optional[str] = None, ibn: bool = False) -> BackboneParts:
     net = MobileNetV2()
+    if ibn:
+        net.use_ibn()
     if pretrained:
         load_checkpoint(net, pretrained, convert=convert_flat_layout)
     return net.split()

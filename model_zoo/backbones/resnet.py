@@ -7,6 +7,7 @@ from typing import Optional
 from torch import nn
 
 from model_zoo.backbones.base import BackboneParts, load_checkpoint
+from model_zoo.backbones.ibn import to_instance_batch_norm
 from model_zoo.registry import BACKBONE_REGISTRY
 
 
@@ -61,14 +62,22 @@ class ResNet50(nn.Module):
         layers += [Bottleneck(out_channels, width) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
+    def use_ibn(self) -> None:
+        """IBN-a as in IBN-Net: bn1 of every bottleneck in layer1-3 becomes half instance, half batch norm."""
+        for layer in (self.layer1, self.layer2, self.layer3):
+            for block in layer:
+                block.bn1 = to_instance_batch_norm(block.bn1)
+
     def split(self) -> BackboneParts:
         trunk = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3)
         return BackboneParts(trunk=trunk, last_stage=self.layer4, out_channels=2048, stride=16)
 
 
 @BACKBONE_REGISTRY.register("resnet50")
-def build_resnet50(pretrained: Optional[str] = None) -> BackboneParts:
+def build_resnet50(pretrained: Optional[str] = None, ibn: bool = False) -> BackboneParts:
     net = ResNet50(last_stride=1)
+    if ibn:
+        net.use_ibn()
     if pretrained:
         load_checkpoint(net, pretrained)
     return net.split()

@@ -52,11 +52,13 @@ async function loadModelInfo() {
   try {
     const [model, ready] = await Promise.all([(await api("model")).json(), (await api("readyz")).json()]);
     state.branches = model.num_branches;
-    const figures = (model.evaluation && model.evaluation.all) || {};
     const pct = (x) => (x === undefined ? "–" : `${(100 * x).toFixed(1)}%`);
+    // reid.evaluation: {set name: {"all": {rank1, mAP, ...}, "branch1": ...}}, one entry per evaluation set
+    const figures = Object.entries(model.evaluation || {})
+      .map(([set, f]) => `${set} rank-1 ${pct(f.all && f.all.rank1)}, mAP ${pct(f.all && f.all.mAP)}`).join("; ");
     $("model-info").textContent =
       `${model.architecture} · ${model.backbone} · ${model.num_branches} branches × ${model.branch_dim} = ${model.embedding_dim}-d · ` +
-      `trained on ${model.training_data || "?"} (rank-1 ${pct(figures.rank1)}, mAP ${pct(figures.mAP)}) · ` +
+      `trained on ${model.training_data || "?"} (${figures || "no figures"}) · ` +
       `ONNX Runtime: ${ready.provider.active}${ready.provider.fell_back ? " (fell back!)" : ""} · gallery ${ready.gallery_size}`;
     const select = $("overlay-kind");
     select.replaceChildren(element("option", { value: "aggregate", text: "aggregate RAM" }));

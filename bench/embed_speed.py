@@ -1,0 +1,84 @@
+"""Embedding throughput of exported models through ONNX Runtime on this CPU, side by side in one run.
+
+The models take turns in rounds (A, B, A, B, ...) and each round's speed is divided by the first model's in
+the same round, because this machine's speed drifts over minutes; the median ratio is the figure reported.
+Batch 32 of random uint8 images at each model's own input size, one ONNX Runtime call at a time with
+``--threads`` threads.
+
+    python bench/embed_speed.py model_zoo/models/cama_mobilenetv2_cuhk03.onnx model_zoo/models/NEW.onnx \
+        --output bench/results/embed_speed.json
+"""
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from model_zoo.contract import INPUT_IMAGES, check_session
+
+
+def session_for(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def images_per_second(session: ort.InferenceSession, batch: np.ndarray, seconds: float) -> float:
+    session.run(None, {INPUT_IMAGES: batch})
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, {INPUT_IMAGES: batch})
+        done += len(batch)
+    return done / (time.perf_counter() - start)
+
+
+def measure(paths, threads: int, rounds: int, seconds: float, batch_size: int) -> dict:
+    sessions, batches = [], []
+    rng = np.random.default_rng(0)
+    for path in paths:
+        session = session_for(path, threads)
+        contract = check_session(session)
+        sessions.append(session)
+        batches.append(rng.integers(0, 256, (batch_size, contract.input_height, contract.input_width, 3), dtype=np.uint8))
+    speeds = [[] for _ in paths]
+    for _ in range(rounds):
+        for i, (session, batch) in enumerate(zip(sessions, batches)):
+            speeds[i].append(images_per_second(session, batch, seconds))
+    return {
+        str(path): {
+            "input": list(batch.shape[1:3]),
+            "images_per_second_median": statistics.median(s),
+            "ratio_to_first_median": statistics.median(a / b for a, b in zip(s, speeds[0])),
+            "rounds": s,
+        }
+        for path, batch, s in zip(paths, batches, speeds)
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path, help="exported .onnx files; ratios are to the first")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime intra-op threads, one measurement each")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per model per round")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", type=Path, default=None, help="write the figures as JSON")
+    args = parser.parse_args()
+    results = {"machine": f"{platform.machine()} {platform.processor()}", "onnxruntime": ort.__version__,
+               "batch_size": args.batch_size, "threads": {}}
+    for threads in args.threads:
+        results["threads"][threads] = measure(args.models, threads, args.rounds, args.seconds, args.batch_size)
+        for path, figures in results["threads"][threads].items():
+            print(f"{threads} thread(s)  {Path(path).name:45s} {figures['input']}  "
+                  f"{figures['images_per_second_median']:7.1f} img/s  x{figures['ratio_to_first_median']:.2f}")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The README's multi-source results table: every row's training run, resumable, then the table.
+
+Each row is ``pool.yaml`` (the multi-source recipe) plus the overrides below, trained on the whole pool and
+evaluated on CUHK03-val, PRID and GRID (never trained on). The first four rows are the paper family's models
+with the recipe; the rest take one piece away from CAMA ordered (ablation). A row whose run folder has a
+``metrics.json`` is done and skipped; one with a ``last.pt`` resumes from it, so a schedule longer than one
+session runs across sessions (or hand the runs folder to a GPU host).
+
+    python bench/pool_runs.py --data ../shared/data --runs /work/runs --only cama_ordered solver.epochs=5
+    python bench/pool_runs.py --data ../shared/data --runs /work/runs --table-only
+"""
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
+EVAL_SETS = ("cuhk03-detected", "prid", "grid")
+
+ROWS = {
+    "ide_bn": ["model.num_branches=1", "loss.alpha=0"],
+    "mltb_lid": ["loss.alpha=0"],
+    "cama_symmetric": ["loss.oap_mode=symmetric"],
+    "cama_ordered": [],
+    "cama_ordered_no_triplet": ["loss.triplet_weight=0"],
+    "cama_ordered_no_ibn": ["model.ibn=false"],
+    "cama_ordered_no_colour": ["data.color_jitter=0", "data.grayscale_prob=0"],
+    "cama_ordered_no_erasing": ["data.erasing_prob=0"],
+    "cama_ordered_no_label_smoothing": ["loss.label_smoothing=0"],
+    "cama_ordered_cuhk03_only": ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}"],
+}
+
+
+def command(name: str, data: Path, runs: Path, schedule: list) -> list:
+    run = runs / name
+    roots = ",".join(str(data / s) for s in TRAIN_SETS)
+    evals = ",".join(str(data / s) for s in EVAL_SETS)
+    overrides = [f"data.roots=[{roots}]", f"run.eval_roots=[{evals}]", f"run.output_dir={run}",
+                 *(o.format(data=data) for o in ROWS[name]), *schedule]
+    resume = ["--resume", str(run / "last.pt")] if (run / "last.pt").exists() else []
+    return [sys.executable, "-m", "training", "train", "--config", "pool.yaml", *resume, *overrides]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the folder holding the training and validation sets")
+    parser.add_argument("--runs", type=Path, required=True, help="run folders go here, one per row (outside git)")
+    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="rows to train, in this order")
+    parser.add_argument("--table-only", action="store_true", help="train nothing; print the table of the finished rows")
+    parser.add_argument("schedule", nargs="*", metavar="section.key=value", help="overrides for every row (the same schedule)")
+    args = parser.parse_args()
+    for name in [] if args.table_only else args.only:
+        if (args.runs / name / "metrics.json").exists():
+            print(f"{name}: done, skipped")
+            continue
+        print(" ".join(command(name, args.data.resolve(), args.runs, args.schedule)), flush=True)
+        subprocess.run(command(name, args.data.resolve(), args.runs, args.schedule), check=True)
+    finished = [args.runs / name for name in ROWS if (args.runs / name / "metrics.json").exists()]
+    if finished:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("training_table.py")), *map(str, finished)], check=True)
+
+
+if __name__ == "__main__":
+    main()

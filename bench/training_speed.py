@@ -1,0 +1,93 @@
+"""Training throughput of the multi-source recipe (``pool.yaml``) on this machine, variant by variant, side by
+side in one run: fp32 against bf16 autocast, IBN-a on and off, channels_last, the data loader inline against
+one worker process.
+
+Each variant is a real ``Trainer`` on a synthetic Market-layout folder (random images, so only speed is
+measured), timing full-model epochs of ``--iters`` batches. Variants take turns in rounds and each round's
+speed is divided by the baseline's in the same round, because this machine's speed drifts; medians reported.
+
+    python bench/training_speed.py --output bench/results/training_speed.json
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training import load_config
+from training.engine import Trainer, cpu_has_native_bf16, hardware_description
+
+VARIANTS = {
+    "baseline: fp32, IBN-a, loader inline": {},
+    "bf16 autocast": {"bf16": True},
+    "no IBN-a": {"model.ibn": "false"},
+    "channels_last": {"run.channels_last": "true"},
+    "loader in 1 worker process": {"data.workers": 1},
+}
+
+
+def write_folder(root: Path, identities: int, per_identity: int, height: int, width: int) -> Path:
+    rng = np.random.default_rng(0)
+    folder = root / "synthetic" / "bounding_box_train"
+    folder.mkdir(parents=True)
+    for pid in range(identities):
+        for i in range(per_identity):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{pid:04d}_c{1 + i % 2}s1_{pid * per_identity + i:06d}_00.jpg")
+    return folder.parent
+
+
+def trainer_for(root: Path, out: Path, overrides: dict, threads: int) -> Trainer:
+    values = {"data.roots": f"[{root}]", "data.source_weights": "{}", "model.pretrained": "null",
+              "run.output_dir": str(out), "run.progress": "false", "run.threads": threads, "run.amp": "false"}
+    values.update({k: v for k, v in overrides.items() if k != "bf16"})
+    trainer = Trainer(load_config("pool.yaml", [f"{k}={v}" for k, v in values.items()]))
+    if overrides.get("bf16"):
+        trainer.autocast_dtype = torch.bfloat16  # forced, to measure it even where it is emulated
+    return trainer
+
+
+def images_per_second(trainer: Trainer, iters: int) -> float:
+    trainer.cfg.solver.max_iters_per_epoch = iters
+    start = time.perf_counter()
+    trainer.train_epoch(trainer.cfg.solver.warmup_epochs)
+    return iters * trainer.cfg.data.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=10, help="batches of 64 per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_folder(Path(tmp), identities=64, per_identity=8, height=128, width=64)
+        trainers = {name: trainer_for(root, Path(tmp) / f"run{i}", o, args.threads) for i, (name, o) in enumerate(VARIANTS.items())}
+        for trainer in trainers.values():
+            images_per_second(trainer, 2)  # warm-up: allocator, oneDNN kernels, worker start
+        speeds = {name: [] for name in trainers}
+        for _ in range(args.rounds):
+            for name, trainer in trainers.items():
+                speeds[name].append(images_per_second(trainer, args.iters))
+    baseline = speeds[next(iter(VARIANTS))]
+    results = {
+        "hardware": hardware_description(torch.device("cpu")), "native_bf16": cpu_has_native_bf16(),
+        "batch": "64 (16 ids x 4), 128x64, CAMA N=3 MobileNetV2, pool.yaml losses",
+        "variants": {name: {"images_per_second_median": statistics.median(s),
+                            "ratio_to_baseline_median": statistics.median(a / b for a, b in zip(s, baseline)),
+                            "rounds": s} for name, s in speeds.items()},
+    }
+    for name, figures in results["variants"].items():
+        print(f"{name:40s} {figures['images_per_second_median']:6.1f} img/s  x{figures['ratio_to_baseline_median']:.2f}")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
