@@ -5,7 +5,7 @@ the same round, because this machine's speed drifts over minutes; the median rat
 Batch 32 of random uint8 images at each model's own input size, one ONNX Runtime call at a time with
 ``--threads`` threads.
 
-    python bench/embed_speed.py model_zoo/models/cama_mobilenetv2_cuhk03.onnx model_zoo/models/NEW.onnx \
+    python bench/embed_speed.py model_zoo/models/cama_mobilenetv2_cuhk03.onnx model_zoo/models/cama_mobilenetv2_pool.onnx \
         --output bench/results/embed_speed.json
 """
 import argparse

@@ -4,7 +4,7 @@ Starts the service on a fresh store, enrols a Market-layout gallery (bounding_bo
 person and camera ids from the file names, asks one query in headless Chromium and saves a screenshot of the
 query panel. Research-licensed data may appear in the README only as such a small illustration.
 
-    python bench/readme_figure.py ../shared/data/cuhk03-detected --query 1003_c1s1_007264_00.jpg --output docs/query_result.png
+    python bench/readme_figure.py ../shared/data/cuhk03-detected --query 1003_c1s1_007270_00.jpg --output docs/query_result.png
 """
 import argparse
 import os

@@ -52,7 +52,7 @@ def table(runs) -> str:
             row_name(run["config"]),
             *(set_cells(evaluation[s]) if s in evaluation else "-" for s in sets),
             "; ".join(branch_cells(evaluation[s]) for s in sets if s in evaluation),
-            f"{solver['warmup_epochs']} + {solver['epochs']}",
+            f"{solver['warmup_epochs']} + {solver['epochs']}" + (f" (at most {solver['max_iters_per_epoch']} batches each)" if solver.get("max_iters_per_epoch") else ""),
             f"{run['train_seconds_total'] / 60:.0f} min",
             f"{run['hardware']}, {run.get('precision', 'float32')}",
         ]

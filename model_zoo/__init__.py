@@ -14,4 +14,4 @@ imports torch and registers every architecture) where torch is wanted.
 from pathlib import Path
 
 SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
-DEFAULT_MODEL_PATH = SHIPPED_MODELS_DIR / "cama_mobilenetv2_cuhk03.onnx"
+DEFAULT_MODEL_PATH = SHIPPED_MODELS_DIR / "cama_mobilenetv2_pool.onnx"

@@ -28,3 +28,11 @@ def test_train_help_documents_every_option(capsys):
     for section, cls in TrainConfig.__dataclass_fields__.items():
         for name in cls.default_factory.__dataclass_fields__:
             assert f"{section}.{name}=" in text
+
+
+def test_the_pool_recipe_layers_on_the_paper_schedule_and_overrides_replace_whole_values():
+    cfg = load_config("pool.yaml")
+    assert (cfg.model.ibn, cfg.loss.oap_mode, cfg.loss.k, cfg.data.height, cfg.data.width) == (True, "ordered", 5, 128, 64)
+    assert cfg.model.backbone == "mobilenetv2" and cfg.data.source_weights == {"TownCentre": 0.5}
+    emptied = load_config("pool.yaml", ["data.source_weights={}", "data.roots=[/a, /b]"])
+    assert emptied.data.source_weights == {} and emptied.data.roots == ["/a", "/b"]

@@ -27,6 +27,7 @@ from training.losses import BatchHardTripletLoss, IdentificationLoss, Overlapped
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "model.pt"
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,14 +36,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """AVX512-BF16 or AMX: where bf16 autocast speeds training up. The CPU's flags, not oneDNN, decide: oneDNN
-    reports bf16 on any AVX512 CPU and there emulates it, slower than fp32 (bench/RESULTS.md)."""
+def read_cpuinfo(path: Path = CPUINFO) -> str:
+    """Linux's CPU description ('' elsewhere)."""
     try:
-        flags = cpuinfo.read_text()
+        return path.read_text()
     except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+        return ""
+
+
+def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """AVX512-BF16 or AMX: where bf16 autocast speeds training up. The CPU's flags, not oneDNN, decide: oneDNN
+    reports bf16 on any AVX512 CPU and there emulates it, slower than fp32 (README, Results)."""
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", read_cpuinfo(cpuinfo)) is not None
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
@@ -54,10 +59,15 @@ def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
+def cpu_name(cpuinfo: Path = CPUINFO) -> str:
+    found = re.search(r"^model name\s*:\s*(.+)$", read_cpuinfo(cpuinfo), re.MULTILINE)
+    return found.group(1).strip() if found else f"{platform.processor() or platform.machine()} CPU"
+
+
 def hardware_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def resolve_pretrained(model_cfg: dict) -> dict:
