@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from training.evaluation import single_branch_keys
+
 FIGURES = ("rank1", "mAP", "mINP")
 
 
@@ -28,8 +30,7 @@ def set_cells(figures: dict) -> str:
 
 
 def branch_cells(figures: dict) -> str:
-    branches = sorted(k for k in figures if k.startswith("branch") and "-" not in k)
-    return ", ".join(percent(figures[b]["mAP"]) for b in branches) or "-"
+    return ", ".join(percent(figures[b]["mAP"]) for b in single_branch_keys(figures)) or "-"
 
 
 def read_metrics(run: Path) -> dict:

@@ -164,12 +164,16 @@ class Gallery:
         def accept(item_id: int, raw: float) -> bool:
             person, camera = self.labels.get(item_id, (None, None))
             return ((camera_id is None or camera == camera_id) and (exclude_camera_id is None or camera != exclude_camera_id)
-                    and (person_id is None or person == person_id) and (min_score is None or raw / self.num_branches >= min_score))
+                    and (person_id is None or person == person_id) and (min_score is None or self._score(raw) >= min_score))
 
         filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score))
         hits = self.index.search(embedding, k, accept if filtered else None)
-        # float32 inner products put an identical image a hair above 1 (1.0000001): the documented range holds
-        return [(item_id, min(1.0, max(-1.0, raw / self.num_branches))) for item_id, raw in hits]
+        return [(item_id, self._score(raw)) for item_id, raw in hits]
+
+    def _score(self, raw: float) -> float:
+        """The index's inner product as the documented score, the mean of the branches' cosines in [-1, 1]
+        (float32 sums put an identical image a hair above 1, 1.0000001)."""
+        return min(1.0, max(-1.0, raw / self.num_branches))
 
 
 def _settle(future: asyncio.Future, result: Any = None, error: Optional[BaseException] = None) -> None:

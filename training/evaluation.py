@@ -6,8 +6,9 @@ junk images (pid -1); distractors (pid 0) stay as negatives. Queries with no val
 Similarity is the inner product of L2-normalised per-branch features (cosine), ties broken by gallery order.
 """
 import logging
+import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -100,16 +101,20 @@ def set_names(roots: Sequence[Path]) -> List[str]:
     return [f"{Path(r).parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(roots, names)]
 
 
-def evaluate_model(model: torch.nn.Module, root: Path, height: int, width: int, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, float]]:
-    query_images, query, gallery_images, gallery = load_test_split(root, height, width, progress)
-    query_feats = branch_features(model, query_images, device=device, progress=progress)
-    gallery_feats = branch_features(model, gallery_images, device=device, progress=progress)
-    return features_metrics(query_feats, gallery_feats, query, gallery)
+def evaluate_features(embed: Callable[[np.ndarray], np.ndarray], roots: Sequence[Path], height: int, width: int,
+                      progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Each folder's query against its gallery, with ``embed`` (uint8 images -> per-branch features [n, N, D]):
+    {set name: {"all": ..., "branch1": ..., ...}}. PyTorch models and exported files share this route."""
+    results = {}
+    for name, root in zip(set_names(roots), roots):
+        query_images, query, gallery_images, gallery = load_test_split(root, height, width, progress)
+        results[name] = features_metrics(embed(query_images), embed(gallery_images), query, gallery)
+    return results
 
 
 def evaluate_sets(model: torch.nn.Module, roots: Sequence[Path], height: int, width: int, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """``evaluate_model`` on each folder: {set name: {"all": ..., "branch1": ..., ...}}."""
-    return {name: evaluate_model(model, root, height, width, device, progress) for name, root in zip(set_names(roots), roots)}
+    """A PyTorch model on each folder: {set name: {"all": ..., "branch1": ..., ...}}."""
+    return evaluate_features(lambda images: branch_features(model, images, device=device, progress=progress), roots, height, width, progress)
 
 
 def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_size: int = 64, progress: bool = True) -> np.ndarray:
@@ -131,14 +136,8 @@ def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True)
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     contract = check_session(session)
-    results = {}
-    for name, root in zip(set_names(data_roots), data_roots):
-        query_images, query, gallery_images, gallery = load_test_split(root, contract.input_height, contract.input_width, progress)
-        results[name] = features_metrics(
-            onnx_branch_features(session, query_images, contract.num_branches, progress=progress),
-            onnx_branch_features(session, gallery_images, contract.num_branches, progress=progress), query, gallery,
-        )
-    return results
+    return evaluate_features(lambda images: onnx_branch_features(session, images, contract.num_branches, progress=progress),
+                             data_roots, contract.input_height, contract.input_width, progress)
 
 
 def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] = None, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
@@ -155,12 +154,17 @@ def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] =
     return evaluate_sets(model, roots, cfg.data.height, cfg.data.width, device, progress)
 
 
+def single_branch_keys(figures: Dict[str, Dict[str, float]]) -> List[str]:
+    """The keys of the branches alone (``branch1``, ``branch2``, ...), in order, without the prefixes (``branches1-2``)."""
+    return [key for key in figures if re.fullmatch(r"branch\d+", key)]
+
+
 def results_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
     """One markdown row per set: the embedding's rank-1/5/10, mAP, mINP and each branch's mAP alone."""
     lines = ["| set | queries | rank-1 | rank-5 | rank-10 | mAP | mINP | per-branch mAP |", "|---|---|---|---|---|---|---|---|"]
     for name, figures in results.items():
         whole = figures["all"]
-        branches = ", ".join(f"{100 * figures[k]['mAP']:.1f}" for k in sorted(figures) if k.startswith("branch") and "-" not in k) or "-"
+        branches = ", ".join(f"{100 * figures[k]['mAP']:.1f}" for k in single_branch_keys(figures)) or "-"
         cells = [name, str(whole["num_queries"]), *(f"{100 * whole[k]:.1f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")), branches]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
