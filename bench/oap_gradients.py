@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from training.engine import Trainer
-from training.config import from_dict, TrainConfig
+from training.config import TrainConfig, from_dict
+from training.data import batch_loader
 
 
 def grad_norm(params) -> float:
@@ -33,22 +34,18 @@ def main() -> None:
     trainer.model.load_state_dict(state["model"])
     model = trainer.model.train()
     groups = {
-        "classifiers": model.classifier_parameters,
+        "classifiers": [p for b in model.branches for p in b.classifier.parameters()],
         "branch stages": [p for b in model.branches for p in list(b.stage.parameters()) + list(b.bn.parameters())],
         "trunk": list(model.trunk.parameters()),
     }
-    oap = trainer.oap or torch.nn.Identity()
+    objective, weights = trainer.objective, trainer.objective.weights()
     rows = {name: {"L_id": [], "alpha*L_oap": []} for name in groups}
-    for batch in range(args.batches):
-        images, targets = trainer._batch(list(trainer.sampler)[0])
-        for term in ("L_id", "alpha*L_oap"):
+    loader = batch_loader(trainer.dataset, trainer.augment, trainer.sampler, trainer.generator, args.batches, 0, False)
+    for images, targets in loader:
+        for term, key in (("L_id", "loss_id"), ("alpha*L_oap", "loss_oap")):
             model.zero_grad(set_to_none=True)
             out = model(images)
-            if term == "L_id":
-                loss = trainer.id_loss(out.logits, targets)
-            else:
-                loss = cfg.loss.alpha * oap(model.target_activation_maps(out.feature_maps, targets))
-            loss.backward()
+            (weights[key] * objective.terms(out, targets, {key})[key]).backward()
             for name, params in groups.items():
                 rows[name][term].append(grad_norm(params))
     print(f"{'parameters':16s} {'|grad L_id|':>14s} {'|grad a*L_oap|':>16s} {'ratio':>8s}")

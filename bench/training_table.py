@@ -42,6 +42,13 @@ def read_metrics(run: Path) -> dict:
     return metrics
 
 
+def schedule_cell(solver: dict) -> str:
+    """Epochs per phase ("1 + 3"), with the per-epoch batch cap when there is one."""
+    epochs = [p["epochs"] for p in solver["phases"]] if solver.get("phases") else [solver["warmup_epochs"], solver["epochs"]]
+    cap = solver.get("max_iters_per_epoch")
+    return " + ".join(map(str, epochs)) + (f" (at most {cap} batches each)" if cap else "")
+
+
 def table(runs) -> str:
     metrics = [read_metrics(run) for run in runs]
     sets = list(metrics[0]["evaluation"])
@@ -53,7 +60,7 @@ def table(runs) -> str:
             row_name(run["config"]),
             *(set_cells(evaluation[s]) if s in evaluation else "-" for s in sets),
             "; ".join(branch_cells(evaluation[s]) for s in sets if s in evaluation),
-            f"{solver['warmup_epochs']} + {solver['epochs']}" + (f" (at most {solver['max_iters_per_epoch']} batches each)" if solver.get("max_iters_per_epoch") else ""),
+            schedule_cell(solver),
             f"{run['train_seconds_total'] / 60:.0f} min",
             f"{run['hardware']}, {run.get('precision', 'float32')}",
         ]

@@ -10,11 +10,13 @@ from typing import Any, Dict
 
 import numpy as np
 
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "1.1"
+READABLE_CONTRACT_VERSIONS = ("1", "1.1")  # 1.1 only adds optional keys: a version 1 file reads with their defaults
 INPUT_IMAGES = "images"
 OUTPUT_EMBEDDING = "embedding"
 OUTPUT_FEATURE_MAPS = "feature_maps"
 METADATA_PREFIX = "reid."
+FEATURE_MAPS_KINDS = ("activations", "attribution")
 
 
 class ContractError(ValueError):
@@ -36,7 +38,12 @@ class ModelContract:
     training_data: str = ""
     evaluation: Dict[str, Any] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)
+    feature_maps_kind: str = "activations"
     contract_version: str = CONTRACT_VERSION
+
+    def __post_init__(self):
+        if self.feature_maps_kind not in FEATURE_MAPS_KINDS:
+            raise ContractError(f"feature_maps_kind {self.feature_maps_kind!r}, the contract knows {', '.join(FEATURE_MAPS_KINDS)}")
 
     @property
     def embedding_dim(self) -> int:
@@ -48,9 +55,9 @@ class ModelContract:
     @classmethod
     def from_metadata(cls, metadata: Dict[str, str]) -> "ModelContract":
         values = {k[len(METADATA_PREFIX):]: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
-        if values.get("contract_version") != CONTRACT_VERSION:
-            raise ContractError(f"model contract version {values.get('contract_version')!r}, this code reads {CONTRACT_VERSION!r}")
-        text_fields = {"architecture", "backbone", "training_data", "contract_version"}
+        if values.get("contract_version") not in READABLE_CONTRACT_VERSIONS:
+            raise ContractError(f"model contract version {values.get('contract_version')!r}, this code reads {', '.join(READABLE_CONTRACT_VERSIONS)}")
+        text_fields = {"architecture", "backbone", "training_data", "feature_maps_kind", "contract_version"}
         try:
             parsed = {k: v if k in text_fields else json.loads(v) for k, v in values.items() if k in cls.__dataclass_fields__}
             return cls(**parsed)

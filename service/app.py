@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from model_zoo.contract import split_branches
 from model_zoo.preprocess import ImageTooLarge, InvalidImage, decode_for_model
 from model_zoo.ram import ranking_activation_maps
+from model_zoo.rerank import rerank_shortlist
 from service.batching import MicroBatcher
 from service.errors import ERROR_SCHEMA, APIError, error_body, install_error_handlers
 from service.gallery import Gallery
@@ -89,10 +90,19 @@ def item_body(item) -> GalleryItem:
     return GalleryItem(**asdict(item))
 
 
-def match_body(rank: int, score: float, item, vector: np.ndarray, query_features: np.ndarray) -> Match:
+def match_body(rank: int, score: float, item, vector: np.ndarray, query_features: np.ndarray, rerank_distance: Optional[float] = None) -> Match:
     branch_scores = (split_branches(vector, len(query_features)) * query_features).sum(axis=1)
-    return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores.tolist(),
+    return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores.tolist(), rerank_distance=rerank_distance,
                  person_id=item.person_id, camera_id=item.camera_id, metadata=item.metadata)
+
+
+def rerank_hits(embedding: np.ndarray, hits: List[Tuple[int, float]], found: dict, top_k: int, settings: Settings) -> Tuple[List[Tuple[int, float]], List[float]]:
+    """The shortlist ``hits`` re-ranked with the query alone (model_zoo.rerank): the first ``top_k`` in the
+    new order, and their re-ranked distances. ``found`` holds each hit's stored embedding."""
+    vectors = np.stack([found[i][1] for i, _ in hits]) if hits else np.zeros((0, len(embedding)), np.float32)
+    distances, order = rerank_shortlist(embedding, vectors, settings.rerank_k1, settings.rerank_k2, settings.rerank_lambda)
+    order = order[:top_k]
+    return [hits[j] for j in order], distances[order].tolist()
 
 
 def make_heatmap(query_features: np.ndarray, maps: np.ndarray, image) -> Heatmap:
@@ -306,6 +316,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         person_id: Optional[str] = Form(None, description="only matches of this person"),
         min_score: Optional[float] = Form(None, ge=-1.0, le=1.0, description="only matches scoring at least this"),
         heatmaps: bool = Form(True, description="compute RAM heatmaps for the query and each match"),
+        rerank: bool = Form(False, description="k-reciprocal re-ranking (Zhong et al. 2017) of a shortlist of REID_RERANK_SHORTLIST "
+                            "index hits (the same filters), the query alone with them: the matches then follow rerank_distance, not score"),
     ):
         s = state(request)
         if not 1 <= top_k <= settings.max_top_k:
@@ -319,19 +331,25 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         started = time.perf_counter()
         embedding, maps = await s.batcher.embed(upload.pixels[None], with_maps=heatmaps)
         timing["embed"] = (time.perf_counter() - started) * 1000
-        hits = s.gallery.search(embedding[0], top_k, camera_id, exclude_camera_id, person_id, min_score)
+        shortlist = max(top_k, settings.rerank_shortlist) if rerank else top_k
+        hits = s.gallery.search(embedding[0], shortlist, camera_id, exclude_camera_id, person_id, min_score)
         found = s.gallery.store.get_many_with_embeddings([i for i, _ in hits], s.gallery.dim)
         query_features = split_branches(embedding[0], s.model.contract.num_branches)
         timing["search"] = (time.perf_counter() - started) * 1000 - timing["embed"]
         live = [(i, score) for i, score in hits if i in found]  # absent: a delete committed, not yet indexed
-        matches = [match_body(rank, score, *found[i], query_features) for rank, (i, score) in enumerate(live, 1)]
+        distances = [None] * len(live)
+        if rerank:
+            live, distances = await asyncio.to_thread(rerank_hits, embedding[0], live, found, top_k, settings)
+            timing["rerank"] = (time.perf_counter() - started) * 1000 - sum(timing.values())
+        matches = [match_body(rank, score, *found[i], query_features, distance)
+                   for rank, ((i, score), distance) in enumerate(zip(live, distances), 1)]
         query_heatmap = None
         if heatmaps:
             query_heatmap, _ = await asyncio.gather(asyncio.to_thread(make_heatmap, query_features, maps[0], upload.image),
                                                     add_heatmaps(s, matches, query_features))
-            timing["heatmaps"] = (time.perf_counter() - started) * 1000 - timing["embed"] - timing["search"]
+            timing["heatmaps"] = (time.perf_counter() - started) * 1000 - sum(timing.values())
         timing["total"] = (time.perf_counter() - started) * 1000
-        return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing)
+        return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing, reranked=rerank)
 
     async def add_heatmaps(s, matches: List[Match], query_features: np.ndarray) -> None:
         """Re-embed the matches' stored images in one batch for their feature maps, then draw their RAMs."""

@@ -37,8 +37,11 @@ class Heatmap(BaseModel):
 class Match(BaseModel):
     id: int
     rank: int
-    score: float = Field(description="mean over branches of the cosine similarity, in [-1, 1]")
+    score: float = Field(description="mean over branches of the cosine similarity, in [-1, 1]; the matches come in descending "
+                         "score unless the query re-ranked them (then they follow rerank_distance)")
     branch_scores: List[float]
+    rerank_distance: Optional[float] = Field(None, description="with rerank=true: the k-reciprocal re-ranked distance, lower = more "
+                                             "alike, in [0, 1], which orders the matches; null without re-ranking")
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
     metadata: Dict = Field(default_factory=dict)
@@ -48,6 +51,8 @@ class Match(BaseModel):
 class QueryResponse(BaseModel):
     matches: List[Match]
     query_heatmap: Optional[Heatmap] = Field(None, description="the query's own map R_q^q")
+    reranked: bool = Field(False, description="true when the matches were re-ranked: their order follows rerank_distance, not score, "
+                           "and score (still the mean cosine, the heatmap grid's mean) need not decrease down the list")
     gallery_size: int
     timing_ms: Dict[str, float]
 

@@ -6,6 +6,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.rerank import DEFAULT_K1, DEFAULT_K2, DEFAULT_LAMBDA
 
 
 class Settings(BaseSettings):
@@ -33,6 +34,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
     max_images_per_request: int = Field(64, ge=1, description="most images in one POST /gallery")
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
+    rerank_shortlist: int = Field(100, ge=1, le=2000, description="index hits a query with rerank=true re-ranks (at least its top_k)")
+    rerank_k1: int = Field(DEFAULT_K1, ge=1, description="re-ranking: k-reciprocal neighbourhood size (clamped to the shortlist's size)")
+    rerank_k2: int = Field(DEFAULT_K2, ge=1, description="re-ranking: local query expansion size (clamped to the shortlist's size + 1)")
+    rerank_lambda: float = Field(DEFAULT_LAMBDA, ge=0, le=1, description="re-ranking: weight of the plain distance against the Jaccard distance")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("warning", description="uvicorn and service log level")
 
     @field_validator("model_path", mode="before")

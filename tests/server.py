@@ -68,3 +68,25 @@ class ServiceProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def assert_heatmaps_sum_to_scores(model: Path, store: Path, architecture: str, num_branches: int) -> None:
+    """Serve ``model`` unchanged, enrol four tiny images, query one: the same image first at score 1, and every
+    match's RAM grid and branch scores averaging to its score (CAMA eq. 10)."""
+    import numpy as np
+    import pytest
+
+    from tests.conftest import image_bytes
+
+    with ServiceProcess(model, store) as server, server.client() as client:
+        info = client.get("/model").json()
+        assert info["architecture"] == architecture and info["num_branches"] == num_branches
+        blobs = [image_bytes(pid, v) for pid in (1, 2) for v in (1, 2)]
+        enrolled = client.post("/gallery", files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)])
+        assert enrolled.status_code == 201, enrolled.text
+        body = client.post("/query", files={"image": ("q.jpg", blobs[0], "image/jpeg")}, data={"top_k": 4}).json()
+        assert body["matches"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        for match in body["matches"]:
+            assert np.mean(match["heatmap"]["grid"]) == pytest.approx(match["score"], abs=1e-4)
+            assert np.mean(match["branch_scores"]) == pytest.approx(match["score"], abs=1e-4)
+            assert np.array(match["heatmap"]["branch_grids"]).shape[0] == num_branches

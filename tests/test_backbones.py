@@ -125,3 +125,29 @@ def test_instance_batch_norm_equals_instance_norm_beside_batch_norm():
     torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0], atol=1e-5, rtol=1e-5)
     layer.eval()
     torch.testing.assert_close(layer(x), reference(x, layer.running_mean, layer.running_var, False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50"])
+def test_named_stages_compose_to_the_trunk_and_last_stage_and_state_their_shapes(name):
+    from model_zoo.backbones.base import STAGE_NAMES, run_stages
+
+    parts = BACKBONE_REGISTRY.get(name)(None)
+    assert tuple(parts.stages) == STAGE_NAMES
+    x = torch.randn(1, 3, 64, 32)
+    with torch.no_grad():
+        taps = run_stages(parts.stages, x, STAGE_NAMES)
+        torch.testing.assert_close(taps["layer4"], parts.last_stage(parts.trunk(x)))
+        torch.testing.assert_close(parts.stage_range("layer2", "layer3")(taps["layer1"]), taps["layer3"])
+    for stage, out in taps.items():
+        assert out.shape[1:] == (parts.stage_channels[stage], 64 // parts.stage_strides[stage], 32 // parts.stage_strides[stage]), stage
+    assert parts.stage_range("stem", "layer1")[1] is parts.stages["layer1"]  # views, not copies
+    with pytest.raises(KeyError, match="no stage named"):
+        run_stages(parts.stages, x, ["pool5"])
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50"])
+def test_last_stride_two_halves_the_last_map(name):
+    parts = BACKBONE_REGISTRY.get(name)(None, last_stride=2)
+    with torch.no_grad():
+        out = parts.last_stage(parts.trunk(torch.zeros(1, 3, 64, 32)))
+    assert parts.stride == parts.stage_strides["layer4"] == 32 and out.shape[2:] == (2, 1)

@@ -1,7 +1,7 @@
 import pytest
 
 from training.cli import build_parser
-from training.config import TrainConfig, load_config
+from training.config import CONFIG_DIR, TrainConfig, load_config
 
 
 def test_cpu_schedule_layers_on_the_paper_schedule():
@@ -36,3 +36,19 @@ def test_the_pool_recipe_layers_on_the_paper_schedule_and_overrides_replace_whol
     assert cfg.model.backbone == "mobilenetv2" and cfg.data.source_weights == {"TownCentre": 0.5}
     emptied = load_config("pool.yaml", ["data.source_weights={}", "data.roots=[/a, /b]"])
     assert emptied.data.source_weights == {} and emptied.data.roots == ["/a", "/b"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_builds_its_model_and_its_phases_name_real_parts(name):
+    from model_zoo.architectures import build_model
+    from model_zoo.architectures.common import parameter_groups
+    from training.engine import model_settings
+    from training.objectives import build_objective
+    from training.solver import phases_from_config
+
+    cfg = load_config(name, ["model.pretrained=null"])
+    model = build_model(model_settings(cfg), num_classes=4)
+    groups, terms = set(parameter_groups(model)), set(build_objective(cfg, model).weights())
+    for phase in phases_from_config(cfg.solver):
+        assert set(phase.trainable + phase.eval_mode + list(phase.lr_multipliers)) <= groups, phase.name
+        assert set(phase.loss_weights) <= terms, phase.name

@@ -9,7 +9,7 @@ README = (REPO / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme_table():
-    documented = set(re.findall(r"^\| `(REID_[A-Z_]+)` \|", README, flags=re.M))
+    documented = set(re.findall(r"^\| `(REID_[A-Z0-9_]+)` \|", README, flags=re.M))
     assert documented == {f"REID_{name.upper()}" for name in Settings.model_fields}
 
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("store") / "gallery.sqlite3"
-    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=8, max_top_k=20) as process:
+    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=8, max_top_k=20, rerank_shortlist=8) as process:
         yield process
 
 
@@ -169,6 +169,70 @@ def test_query_filters(client):
     high = client.post("/query", files=query, data={"min_score": "0.999", "heatmaps": "false"}).json()["matches"]
     assert all(m["score"] >= 0.999 for m in high)
     assert_error(client.post("/query", files=query, data={"min_score": "2"}), 422, "invalid_request")
+
+
+def stored_embeddings(server, ids) -> np.ndarray:
+    db = sqlite3.connect(server.env["REID_STORE_PATH"])
+    try:
+        return np.stack([np.frombuffer(db.execute("SELECT embedding FROM items WHERE id = ?", (i,)).fetchone()[0], np.float32) for i in ids])
+    finally:
+        db.close()
+
+
+def test_rerank_reorders_the_shortlist_and_keeps_scores_and_heatmaps_plain(server, client):
+    from model_zoo.rerank import rerank_shortlist
+
+    # 12 items on their own camera; the server re-ranks a shortlist of 8 (REID_RERANK_SHORTLIST), k1 = 20 clamped to 8
+    ids = [i for pids in ((4000, 4001), (4002, 4003)) for i in enroll(
+        client, [image_bytes(pid, v) for pid in pids for v in (1, 2, 3)], person_id=[str(p) for p in pids for _ in range(3)], camera_id="rr")]
+    query = {"files": files(image_bytes(4000, 1), name="image")}  # the same image as ids[0]
+    plain = client.post("/query", **query, data={"camera_id": "rr", "top_k": "8", "heatmaps": "false"}).json()["matches"]
+    body = client.post("/query", **query, data={"camera_id": "rr", "top_k": "5", "rerank": "true"}).json()
+    assert body["reranked"] is True
+    matches = body["matches"]
+    assert [m["rank"] for m in matches] == [1, 2, 3, 4, 5] and matches[0]["id"] == ids[0]
+    distances = [m["rerank_distance"] for m in matches]
+    assert distances == sorted(distances) and all(0 <= d <= 1 for d in distances)
+    # the same re-ranking computed here from the stored vectors of the plain shortlist (the query is ids[0]'s image)
+    shortlist = [m["id"] for m in plain]
+    expected, _ = rerank_shortlist(stored_embeddings(server, [ids[0]])[0], stored_embeddings(server, shortlist))
+    expected = dict(zip(shortlist, expected))
+    for m in matches:
+        assert m["rerank_distance"] == pytest.approx(expected[m["id"]], abs=1e-3)
+    left_out = [expected[i] for i in shortlist if i not in {m["id"] for m in matches}]
+    assert max(distances) <= min(left_out) + 1e-3
+    # score is still the plain mean cosine: the branch scores' mean and the heatmap grid's mean
+    plain_scores = {m["id"]: m["score"] for m in plain}
+    for m in matches:
+        assert m["score"] == pytest.approx(plain_scores[m["id"]], abs=1e-5)
+        assert np.mean(m["branch_scores"]) == pytest.approx(m["score"], abs=1e-5)
+        assert np.array(m["heatmap"]["grid"]).mean() == pytest.approx(m["score"], abs=1e-4)
+    assert "rerank" in body["timing_ms"]
+
+
+def test_rerank_off_answers_as_before(client):
+    query = {"files": files(image_bytes(4001, 2), name="image")}
+    default = client.post("/query", **query, data={"top_k": "6", "heatmaps": "false"}).json()
+    off = client.post("/query", **query, data={"top_k": "6", "heatmaps": "false", "rerank": "false"}).json()
+    assert default["reranked"] is False and off["reranked"] is False
+    for body in (default, off):
+        assert all(m["rerank_distance"] is None for m in body["matches"])
+        scores = [m["score"] for m in body["matches"]]
+        assert scores == sorted(scores, reverse=True)
+    assert [(m["id"], m["score"]) for m in off["matches"]] == [(m["id"], m["score"]) for m in default["matches"]]
+
+
+def test_rerank_must_be_a_boolean(client):
+    assert_error(client.post("/query", files=files(image_bytes(4001, 2), name="image"), data={"rerank": "maybe"}), 422, "invalid_request")
+
+
+@pytest.mark.parametrize("setting", [dict(rerank_shortlist=0), dict(rerank_shortlist=5000), dict(rerank_k1=0), dict(rerank_k2=0),
+                                     dict(rerank_lambda=-0.1), dict(rerank_lambda=1.5)])
+def test_bad_rerank_settings_are_refused(setting):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        Settings(**setting)
 
 
 def test_list_paginates_and_filters(client):

@@ -4,6 +4,7 @@ import json
 import logging
 from pathlib import Path
 
+from model_zoo.rerank import DEFAULT_K1, DEFAULT_K2, DEFAULT_LAMBDA
 from training.config import describe_options, load_config
 
 
@@ -20,9 +21,10 @@ def _train(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from training.evaluation import evaluate_checkpoint, results_table
+    from training.evaluation import Rerank, evaluate_checkpoint, results_table
 
-    results = evaluate_checkpoint(args.checkpoint, args.data_root, args.device, progress=not args.quiet)
+    rerank = None if args.rerank == "off" else Rerank(args.rerank, args.k1, args.k2, args.lambda_value)
+    results = evaluate_checkpoint(args.checkpoint, args.data_root, args.device, progress=not args.quiet, rerank=rerank)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
     print(results_table(results))
@@ -33,6 +35,20 @@ def _export(args) -> None:
 
     report = export_onnx(args.checkpoint, args.output, args.real_images, args.metrics, args.opset)
     print(json.dumps({k: report[k] for k in ("output", "bytes", "parity")}, indent=2))
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     evaluate.add_argument("--output", type=Path, default=None, help="also write every figure to this JSON file, keyed by set")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument("--rerank", choices=("off", "all", "single"), default="off",
+                          help="also report the whole embedding after k-reciprocal re-ranking (an extra row per set, key all_rerank): "
+                          "all = every query and the gallery in one graph (the papers' protocol), single = each query alone with the "
+                          "gallery (what the service can do; slower: the gallery's graph is redone per query)")
+    evaluate.add_argument("--k1", type=_at_least_one, default=DEFAULT_K1, help=f"re-ranking: k-reciprocal neighbourhood size (default {DEFAULT_K1})")
+    evaluate.add_argument("--k2", type=_at_least_one, default=DEFAULT_K2, help=f"re-ranking: local query expansion size (default {DEFAULT_K2})")
+    evaluate.add_argument("--lambda-value", type=_unit_interval, default=DEFAULT_LAMBDA,
+                          help=f"re-ranking: weight of the original distance, in [0, 1] (default {DEFAULT_LAMBDA})")
     evaluate.set_defaults(run=_evaluate)
 
     export = commands.add_parser("export", help="export a checkpoint to ONNX (the service's contract) with a parity check")

@@ -23,16 +23,24 @@ class ModelConfig:
     reduction_dim: Optional[int] = option(None, "optional 1x1 reduction to D channels per branch (null: backbone width)")
     pretrained: Optional[str] = option("imagenet", "'imagenet' (MobileNetV2: fetched offline), a checkpoint path, or null")
     ibn: bool = option(False, "IBN-a: half instance / half batch norm in the early blocks (MobileNetV2 1-10, ResNet-50 layer1-3)")
+    mask_layer: str = option("stem", "FMN: the stage whose output the feature mask multiplies (stem = ResNet's pool1); the LAN copies the stages after it")
+    last_stride: int = option(1, "stride of the backbone's last stage (layer4): 1 (re-ID's usual, a 16x8 map at 256x128) or 2 (the ImageNet network)")
 
 
 @dataclass
 class LossConfig:
+    objective: Optional[str] = option(None, "the registered objective (training/objectives); null: the architecture's own")
     alpha: float = option(1.0, "weight of the overlapped activation penalty (eq. 8); 0 gives MltB+L_id")
     k: int = option(20, "sigma^i is the k-th largest value of M^i_t (eq. 5); the 16x8 grid has 128 cells, 8x4 has 32")
     oap_mode: str = option("symmetric", "'symmetric' (eq. 6: the product of all masks) or 'ordered' (branch i against the fixed union of branches 1..i-1)")
     label_smoothing: float = option(0.0, "label smoothing eps of the identification loss (0: plain cross-entropy)")
     triplet_weight: float = option(0.0, "weight of the batch-hard triplet loss on the per-branch features (0: off; use the pk sampler)")
     triplet_margin: Optional[float] = option(0.3, "triplet margin on L2-normalised features (null: soft margin)")
+    mix: str = option("hardmix", "PMM: what stages II and III see in training: 'hardmix' (A-Hard-Mix: Grad-CAM's top blocks from another person), 'cutout' (those blocks zeroed) or 'none'")
+    mix_block: List[int] = option([1, 1], "PMM: the Grad-CAM block, [rows, columns] of feature-map cells (the paper: 3x2 on a 24x8 map)")
+    mix_top_blocks: int = option(8, "PMM: K, how many of the highest-ranked blocks are mixed (the paper: 3 Market, 6 Duke, 8 CUHK03)")
+    rank_margin: float = option(0.1, "FMN: margin of the rank loss max(0, p_G - p_L + margin) on true-class probabilities")
+    rank_weight: float = option(1.0, "FMN: weight of the rank loss")
 
 
 @dataclass
@@ -56,15 +64,20 @@ class DataConfig:
 
 @dataclass
 class SolverConfig:
-    lr: float = option(3e-4, "Adam learning rate after the warm-up")
+    optimizer: str = option("adam", "'adam' or 'sgd' (with momentum)")
+    lr: float = option(3e-4, "learning rate after the warm-up")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "SGD with Nesterov momentum")
+    weight_decay: float = option(5e-4, "weight decay")
     warmup_lr: float = option(3e-6, "learning rate at the start of the warm-up")
     warmup_epochs: int = option(10, "epochs training only the classifiers W^i, lr rising warmup_lr -> lr")
     epochs: int = option(50, "epochs training the whole model after the warm-up")
-    scheduler: str = option("step", "after the warm-up: 'step' (x gamma every step_size epochs) or 'cosine' (down to lr x final_lr_factor)")
+    scheduler: str = option("step", "after the warm-up: 'step' (x gamma every step_size epochs), 'multistep' (x gamma at each milestone), 'cosine' (down to lr x final_lr_factor) or 'constant'")
     step_size: int = option(20, "multiply the lr by gamma every step_size epochs after the warm-up")
+    milestones: List[int] = option([], "multistep: epochs after the warm-up at which the lr is multiplied by gamma")
     gamma: float = option(0.1, "lr decay factor")
     final_lr_factor: float = option(0.01, "the cosine schedule's last learning rate, as a fraction of lr")
-    weight_decay: float = option(5e-4, "Adam weight decay")
+    phases: List[Dict[str, Any]] = option([], "explicit training phases (training/solver.py: name, epochs, trainable, eval_mode, optimizer, lr, lr_multipliers, scheduler, start_lr, step_size, milestones, gamma, loss_weights ...); when given, the warm-up/epochs/scheduler keys above are not used, and each phase takes optimizer, lr, momentum, nesterov and weight_decay from above unless it sets them")
     max_iters_per_epoch: Optional[int] = option(None, "cap on iterations per epoch (smoke tests)")
 
 

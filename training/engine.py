@@ -1,8 +1,8 @@
-"""The training loop: warm-up of the classifiers, then the whole model; checkpoints, resume, run folder,
-evaluation on a list of sets every few epochs and at the end."""
+"""The training loop: the phases of ``training.solver`` (by default CAMA's: the classifiers' warm-up, then
+the whole model), the architecture's objective (``training.objectives``), checkpoints, phase-aware resume,
+the run folder, evaluation on a list of sets every few epochs and at the end."""
 import json
 import logging
-import math
 import platform
 import random
 import re
@@ -18,11 +18,11 @@ import yaml
 from tqdm import tqdm
 
 from model_zoo.architectures import build_model
-from model_zoo.architectures.common import branch_features
 from training.config import TrainConfig, from_dict
 from training.data import MarketDataset, PKSampler, RandomBatchSampler, TrainAugmentation, batch_loader
 from training.evaluation import evaluate_sets, test_roots
-from training.losses import BatchHardTripletLoss, IdentificationLoss, OverlappedActivationPenalty
+from training.objectives import build_objective
+from training.solver import PhaseSchedule, build_optimizer, enter_phase, load_optimizer_state, phases_from_config, set_learning_rate
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
@@ -70,6 +70,11 @@ def hardware_description(device: torch.device) -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
+def model_settings(cfg: TrainConfig) -> dict:
+    """What an architecture's builder reads: the model section plus the input size (FMN's mask is a fixed grid)."""
+    return {**asdict(cfg.model), "input_size": (cfg.data.height, cfg.data.width)}
+
+
 def resolve_pretrained(model_cfg: dict) -> dict:
     """Turn ``pretrained: imagenet`` into a file path (MobileNetV2 only: its weights can be fetched offline)."""
     if model_cfg.get("pretrained") != "imagenet":
@@ -88,47 +93,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def learning_rate(cfg: TrainConfig, epoch: int, iteration: int, iters_per_epoch: int) -> float:
-    s = cfg.solver
-    if epoch < s.warmup_epochs:
-        progress = (epoch * iters_per_epoch + iteration) / max(1, s.warmup_epochs * iters_per_epoch - 1)
-        return s.warmup_lr + (s.lr - s.warmup_lr) * min(1.0, progress)
-    if s.scheduler == "cosine":
-        progress = ((epoch - s.warmup_epochs) * iters_per_epoch + iteration) / max(1, s.epochs * iters_per_epoch)
-        return s.lr * (s.final_lr_factor + (1 - s.final_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
-    if s.scheduler == "step":
-        return s.lr * s.gamma ** ((epoch - s.warmup_epochs) // s.step_size)
-    raise ValueError(f"unknown scheduler {s.scheduler!r}: 'step' or 'cosine'")
-
-
-def set_trainable(model: torch.nn.Module, classifiers_only: bool) -> None:
-    """During the warm-up only the classifiers W^i learn (CAMA 4.2); afterwards everything does."""
-    classifiers = {id(p) for p in model.classifier_parameters}
-    for param in model.parameters():
-        param.requires_grad_(not classifiers_only or id(param) in classifiers)
-
-
-class Objective:
-    """The weighted sum of the loss terms the config switches on; returns the total and every term."""
-
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module):
-        self.loss_cfg, self.model = cfg.loss, model
-        self.id_loss = IdentificationLoss(cfg.loss.label_smoothing)
-        use_oap = cfg.model.num_branches > 1 and cfg.loss.alpha > 0
-        self.oap = OverlappedActivationPenalty(cfg.loss.k, cfg.loss.oap_mode) if use_oap else None
-        self.triplet = BatchHardTripletLoss(cfg.loss.triplet_margin) if cfg.loss.triplet_weight > 0 else None
-
-    def __call__(self, out, targets: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        zero = out.logits.new_zeros((), dtype=torch.float32)
-        terms = {
-            "loss_id": self.id_loss(out.logits, targets),
-            "loss_oap": self.oap(self.model.target_activation_maps(out.feature_maps, targets)) if self.oap else zero,
-            "loss_tri": self.triplet(branch_features(out.feature_maps), targets) if self.triplet else zero,
-        }
-        total = terms["loss_id"] + self.loss_cfg.alpha * terms["loss_oap"] + self.loss_cfg.triplet_weight * terms["loss_tri"]
-        return total, terms
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -142,13 +106,15 @@ class Trainer:
             raise ValueError("data.roots is empty: give one or more Market-1501-layout folders")
         d = cfg.data
         self.dataset = MarketDataset(d.roots, d.height, d.width, d.cache_images, cfg.run.progress, d.workers)
-        self.model = build_model(resolve_pretrained(asdict(cfg.model)), self.dataset.num_classes).to(self.device)
+        self.model = build_model(resolve_pretrained(model_settings(cfg)), self.dataset.num_classes).to(self.device)
         if cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.objective = Objective(cfg, self.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.solver.lr, weight_decay=cfg.solver.weight_decay)
+        self.objective = build_objective(cfg, self.model)
+        self.schedule = PhaseSchedule(phases_from_config(cfg.solver))
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.optimizer_phase: Optional[int] = None  # the phase whose settings built the optimizer
         self.autocast_dtype = autocast_dtype(self.device, cfg.run.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.augment = TrainAugmentation(d.flip_prob, d.padding, d.color_jitter, d.color_jitter_prob, d.grayscale_prob, d.erasing_prob)
@@ -171,7 +137,17 @@ class Trainer:
 
     @property
     def total_epochs(self) -> int:
-        return self.cfg.solver.warmup_epochs + self.cfg.solver.epochs
+        return self.schedule.total_epochs
+
+    def enter_phase(self, index: int) -> None:
+        """Trainable and eval-mode parts and loss weights as phase ``index`` says; a fresh optimizer unless the
+        current one was built by a phase with the same settings."""
+        phase = self.schedule.phases[index]
+        enter_phase(self.model, phase)
+        self.objective.set_phase_weights(phase.loss_weights)
+        if self.optimizer is None or not self.schedule.shares_optimizer(self.optimizer_phase, index):
+            self.optimizer = build_optimizer(self.model, phase)
+            self.optimizer_phase = index
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -181,41 +157,41 @@ class Trainer:
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
         images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         with self._autocast():
-            out = self.model(images)
-            loss, terms = self.objective(out, targets)
+            out, loss, terms = self.objective(images, targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        accuracy = (out.logits.argmax(-1) == targets.unsqueeze(1)).float().mean()
-        return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "acc": accuracy.item()}
+        stats = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+        if out.logits is not None:
+            stats["acc"] = (out.logits.argmax(-1) == targets.unsqueeze(1)).float().mean().item()
+        return stats
 
     def iterations_per_epoch(self) -> int:
         iters = len(self.sampler)
         return min(iters, self.cfg.solver.max_iters_per_epoch) if self.cfg.solver.max_iters_per_epoch else iters
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
-        self.model.train()
-        set_trainable(self.model, classifiers_only=epoch < self.cfg.solver.warmup_epochs)
+        index, phase, phase_epoch = self.schedule.phase_at(epoch)
+        self.enter_phase(index)
         iters = self.iterations_per_epoch()
         loader = batch_loader(self.dataset, self.augment, self.sampler, self.generator, iters, self.cfg.data.workers, self.device.type == "cuda")
         sums: Dict[str, float] = {}
         seen, start = 0, time.perf_counter()
-        bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{self.total_epochs}", disable=not self.cfg.run.progress)
+        bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{self.total_epochs} ({phase.name})", disable=not self.cfg.run.progress)
         for iteration, (images, targets) in enumerate(loader):
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(self.cfg, epoch, iteration, iters)
+            lr = phase.learning_rate(phase_epoch, iteration, iters)
+            set_learning_rate(self.optimizer, lr)
             stats = self._step(images, targets)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             seen += len(targets)
-            bar.set_postfix(id=f"{stats['loss_id']:.3f}", oap=f"{stats['loss_oap']:.3f}", tri=f"{stats['loss_tri']:.3f}",
-                            acc=f"{stats['acc']:.2f}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
-                            img_s=f"{seen / (time.perf_counter() - start):.1f}")
+            bar.set_postfix({key.removeprefix("loss_"): f"{value:.3f}" for key, value in stats.items()},
+                            lr=f"{lr:.1e}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
             bar.update()
         bar.close()
         seconds = time.perf_counter() - start
-        return {"epoch": epoch + 1, **{k: v / max(1, iters) for k, v in sums.items()}, "lr": self.optimizer.param_groups[0]["lr"],
+        return {"epoch": epoch + 1, "phase": phase.name, **{k: v / max(1, iters) for k, v in sums.items()}, "lr": lr,
                 "images_per_s": seen / seconds, "seconds": seconds}
 
     def evaluate(self) -> Dict[str, Dict]:
@@ -225,8 +201,8 @@ class Trainer:
     def save(self, epoch: int, name: str = LAST_CHECKPOINT) -> Path:
         path = self.out / name
         state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": epoch, "config": self.cfg.to_dict(), "num_classes": self.dataset.num_classes,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None, "scaler": self.scaler.state_dict(),
+            "epoch": epoch, "phase": self.optimizer_phase, "config": self.cfg.to_dict(), "num_classes": self.dataset.num_classes,
             "generator": self.generator.get_state(), "history": self.history,
         }
         torch.save(state, path.with_suffix(".tmp"))
@@ -236,12 +212,24 @@ class Trainer:
     def resume(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         self.history = state["history"]
         self.start_epoch = state["epoch"] + 1
+        if self.start_epoch < self.total_epochs:
+            self._resume_optimizer(state)
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    def _resume_optimizer(self, state: Dict) -> None:
+        """Carry the optimizer's state over if the checkpoint's phase and the next one share an optimizer;
+        a new phase with other settings starts a fresh one, as it would have without the interruption."""
+        next_phase = self.schedule.phase_at(self.start_epoch)[0]
+        saved_phase = state.get("phase")
+        if saved_phase is None:  # checkpoints from before phases existed
+            saved_phase = self.schedule.phase_at(state["epoch"])[0]
+        self.enter_phase(saved_phase)
+        if self.schedule.shares_optimizer(saved_phase, next_phase):
+            load_optimizer_state(self.optimizer, state["optimizer"])
 
     def fit(self) -> Dict:
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -252,7 +240,8 @@ class Trainer:
             if every and (epoch + 1) % every == 0 and epoch + 1 < self.total_epochs:
                 record["evaluation"] = self.evaluate()
             self.history.append(record)
-            if (epoch + 1) % self.cfg.run.checkpoint_every == 0 or epoch + 1 == self.total_epochs:
+            last_of_phase = epoch + 1 in self.schedule.starts or epoch + 1 == self.total_epochs
+            if (epoch + 1) % self.cfg.run.checkpoint_every == 0 or last_of_phase:
                 self.save(epoch)
         self.save(self.total_epochs - 1, FINAL_CHECKPOINT)
         summary = {
@@ -282,7 +271,7 @@ def load_trained_model(checkpoint: Path, device: str = "cpu") -> Tuple[torch.nn.
     """The model of a training checkpoint, in eval mode, and its config."""
     state = torch.load(checkpoint, map_location=device, weights_only=False)
     cfg = from_dict(TrainConfig, state["config"])
-    model_cfg = {**asdict(cfg.model), "pretrained": None}
+    model_cfg = {**model_settings(cfg), "pretrained": None}
     model = build_model(model_cfg, state["num_classes"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg

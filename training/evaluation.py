@@ -4,9 +4,13 @@ each branch alone and each prefix of branches (CAMA Table 5).
 Protocol: for each query, gallery images of the same pid taken by the same camera are ignored, and so are
 junk images (pid -1); distractors (pid 0) stay as negatives. Queries with no valid match are skipped.
 Similarity is the inner product of L2-normalised per-branch features (cosine), ties broken by gallery order.
+
+Opt-in k-reciprocal re-ranking (``Rerank``, model_zoo.rerank) adds ``"all_rerank"``: the whole embedding's
+figures from re-ranked distances, with the variant and parameters that made them.
 """
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -15,10 +19,37 @@ import torch
 from tqdm import tqdm
 
 from model_zoo.architectures.common import branch_features as normalised_branch_features
+from model_zoo.rerank import DEFAULT_K1, DEFAULT_K2, DEFAULT_LAMBDA, check_parameters, rerank_all_queries, rerank_one_query_at_a_time
 from training.data.market import ImageRecord, decode_records, read_split
 
 log = logging.getLogger(__name__)
 RANKS = (1, 5, 10)
+RERANK_KEY = "all_rerank"
+# "all": every query and the gallery in one graph (the papers' protocol); "single": each query alone with the
+# gallery, queries never seeing each other (what the service can do)
+RERANK_VARIANTS = {"all": rerank_all_queries, "single": rerank_one_query_at_a_time}
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """k-reciprocal re-ranking of the whole embedding, reported under ``RERANK_KEY`` beside the plain figures."""
+    variant: str = "all"
+    k1: int = DEFAULT_K1
+    k2: int = DEFAULT_K2
+    lambda_value: float = DEFAULT_LAMBDA
+
+    def __post_init__(self):
+        if self.variant not in RERANK_VARIANTS:
+            raise ValueError(f"re-ranking variant must be one of {sorted(RERANK_VARIANTS)}, not {self.variant!r}")
+        check_parameters(self.k1, self.k2, self.lambda_value)
+
+    def distances(self, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        """Re-ranked distances [Q, G] (lower = more alike) of flat query [Q, F] and gallery [G, F] features."""
+        return RERANK_VARIANTS[self.variant](query, gallery, self.k1, self.k2, self.lambda_value)
+
+    def figures(self) -> Dict[str, object]:
+        """The parameters, stored with the metrics they produced."""
+        return {"rerank_variant": self.variant, "k1": self.k1, "k2": self.k2, "lambda_value": self.lambda_value}
 
 
 def market_metrics(similarity: np.ndarray, query_pids, query_cams, gallery_pids, gallery_cams, ranks: Iterable[int] = RANKS) -> Dict[str, float]:
@@ -59,8 +90,10 @@ def branch_features(model: torch.nn.Module, images: np.ndarray, batch_size: int 
     return np.concatenate(chunks)
 
 
-def features_metrics(query_feats: np.ndarray, gallery_feats: np.ndarray, query: List[ImageRecord], gallery: List[ImageRecord]) -> Dict[str, Dict[str, float]]:
-    """Metrics for the whole embedding, each branch alone and each prefix of branches."""
+def features_metrics(query_feats: np.ndarray, gallery_feats: np.ndarray, query: List[ImageRecord], gallery: List[ImageRecord],
+                     rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, float]]:
+    """Metrics for the whole embedding, each branch alone and each prefix of branches; with ``rerank``, also
+    the whole embedding re-ranked, under ``RERANK_KEY``."""
     ids = dict(
         query_pids=[r.pid for r in query], query_cams=[r.camid for r in query],
         gallery_pids=[r.pid for r in gallery], gallery_cams=[r.camid for r in gallery],
@@ -73,6 +106,9 @@ def features_metrics(query_feats: np.ndarray, gallery_feats: np.ndarray, query: 
         return market_metrics(q @ g.T / len(branches), **ids)
 
     results = {"all": score(list(range(num_branches)))}
+    if rerank is not None:
+        distances = rerank.distances(query_feats.reshape(len(query_feats), -1), gallery_feats.reshape(len(gallery_feats), -1))
+        results[RERANK_KEY] = {**market_metrics(-distances, **ids), **rerank.figures()}
     if num_branches > 1:
         for i in range(num_branches):
             results[f"branch{i + 1}"] = score([i])
@@ -102,19 +138,20 @@ def set_names(roots: Sequence[Path]) -> List[str]:
 
 
 def evaluate_features(embed: Callable[[np.ndarray], np.ndarray], roots: Sequence[Path], height: int, width: int,
-                      progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+                      progress: bool = True, rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Each folder's query against its gallery, with ``embed`` (uint8 images -> per-branch features [n, N, D]):
     {set name: {"all": ..., "branch1": ..., ...}}. PyTorch models and exported files share this route."""
     results = {}
     for name, root in zip(set_names(roots), roots):
         query_images, query, gallery_images, gallery = load_test_split(root, height, width, progress)
-        results[name] = features_metrics(embed(query_images), embed(gallery_images), query, gallery)
+        results[name] = features_metrics(embed(query_images), embed(gallery_images), query, gallery, rerank)
     return results
 
 
-def evaluate_sets(model: torch.nn.Module, roots: Sequence[Path], height: int, width: int, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate_sets(model: torch.nn.Module, roots: Sequence[Path], height: int, width: int, device: str = "cpu", progress: bool = True,
+                  rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
     """A PyTorch model on each folder: {set name: {"all": ..., "branch1": ..., ...}}."""
-    return evaluate_features(lambda images: branch_features(model, images, device=device, progress=progress), roots, height, width, progress)
+    return evaluate_features(lambda images: branch_features(model, images, device=device, progress=progress), roots, height, width, progress, rerank)
 
 
 def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_size: int = 64, progress: bool = True) -> np.ndarray:
@@ -128,7 +165,7 @@ def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_s
     return np.concatenate(chunks)
 
 
-def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True, rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Evaluate an exported ONNX file through ONNX Runtime, as the service runs it, on each folder."""
     import onnxruntime as ort
 
@@ -137,21 +174,23 @@ def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     contract = check_session(session)
     return evaluate_features(lambda images: onnx_branch_features(session, images, contract.num_branches, progress=progress),
-                             data_roots, contract.input_height, contract.input_width, progress)
+                             data_roots, contract.input_height, contract.input_width, progress, rerank)
 
 
-def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] = None, device: str = "cpu", progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] = None, device: str = "cpu", progress: bool = True,
+                        rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Evaluate a training checkpoint, or an exported .onnx file, on each of ``data_roots`` (for a checkpoint,
-    by default the sets its training evaluated): {set name: {"all": ..., "branch1": ..., ...}}."""
+    by default the sets its training evaluated): {set name: {"all": ..., "branch1": ..., ...}}, and with
+    ``rerank`` the re-ranked whole embedding under ``RERANK_KEY``."""
     from training.engine import load_trained_model
 
     if Path(checkpoint).suffix == ".onnx":
         if not data_roots:
             raise ValueError("evaluating an ONNX file needs at least one --data-root")
-        return evaluate_onnx(checkpoint, data_roots, progress)
+        return evaluate_onnx(checkpoint, data_roots, progress, rerank)
     model, cfg = load_trained_model(checkpoint, device)
     roots = list(data_roots or cfg.run.eval_roots or test_roots(cfg.data.roots))
-    return evaluate_sets(model, roots, cfg.data.height, cfg.data.width, device, progress)
+    return evaluate_sets(model, roots, cfg.data.height, cfg.data.width, device, progress, rerank)
 
 
 def single_branch_keys(figures: Dict[str, Dict[str, float]]) -> List[str]:
@@ -160,11 +199,19 @@ def single_branch_keys(figures: Dict[str, Dict[str, float]]) -> List[str]:
 
 
 def results_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
-    """One markdown row per set: the embedding's rank-1/5/10, mAP, mINP and each branch's mAP alone."""
+    """One markdown row per set: the embedding's rank-1/5/10, mAP, mINP and each branch's mAP alone; below it,
+    where the results have one, the re-ranked embedding's row, named with its variant and parameters."""
     lines = ["| set | queries | rank-1 | rank-5 | rank-10 | mAP | mINP | per-branch mAP |", "|---|---|---|---|---|---|---|---|"]
-    for name, figures in results.items():
-        whole = figures["all"]
-        branches = ", ".join(f"{100 * figures[k]['mAP']:.1f}" for k in single_branch_keys(figures)) or "-"
+
+    def row(name: str, whole: Dict[str, float], branches: str) -> str:
         cells = [name, str(whole["num_queries"]), *(f"{100 * whole[k]:.1f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")), branches]
-        lines.append("| " + " | ".join(cells) + " |")
+        return "| " + " | ".join(cells) + " |"
+
+    for name, figures in results.items():
+        branches = ", ".join(f"{100 * figures[k]['mAP']:.1f}" for k in single_branch_keys(figures)) or "-"
+        lines.append(row(name, figures["all"], branches))
+        if RERANK_KEY in figures:
+            reranked = figures[RERANK_KEY]
+            label = f"{name} (re-ranked {reranked['rerank_variant']}, k1={reranked['k1']} k2={reranked['k2']} lambda={reranked['lambda_value']})"
+            lines.append(row(label, reranked, "-"))
     return "\n".join(lines)

@@ -103,3 +103,18 @@ class BatchHardTripletLoss(nn.Module):
             gap = (hardest_positive - hardest_negative)[usable]
             total = total + (F.softplus(gap) if self.margin is None else F.relu(gap + self.margin)).mean()
         return total
+
+
+class ProbabilityMarginRankLoss(nn.Module):
+    """FMN's rank loss (eq. 5): mean over the batch of max(0, p^G_t - p^L_t + margin), p_t the softmax
+    probability of the true class from the frozen global network (G, a constant) and the locally attentive
+    one (L): the LAN must be more sure of the right person than the GRN, by the margin."""
+
+    def __init__(self, margin: float = 0.1):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, global_logits: torch.Tensor, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        p_global = global_logits.detach().float().softmax(dim=-1).gather(-1, targets.view(-1, 1))
+        p_local = local_logits.float().softmax(dim=-1).gather(-1, targets.view(-1, 1))
+        return F.relu(p_global - p_local + self.margin).mean()

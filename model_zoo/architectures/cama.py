@@ -9,9 +9,10 @@ import copy
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from model_zoo.architectures.common import InputNormalization, ReIDOutput
+from model_zoo.architectures.common import InputNormalization, ReIDOutput, class_activation_maps
 from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
 
 
@@ -30,12 +31,14 @@ class CAMABranch(nn.Module):
 
 
 class CAMA(nn.Module):
+    feature_maps_kind = "activations"  # F^i are the branches' BN maps (contract: reid.feature_maps_kind)
+
     def __init__(self, backbone: str, num_branches: int, num_classes: int, reduction_dim: Optional[int] = None,
-                 pretrained: Optional[str] = None, ibn: bool = False):
+                 pretrained: Optional[str] = None, ibn: bool = False, last_stride: int = 1):
         super().__init__()
         if num_branches < 1:
             raise ValueError("num_branches must be at least 1")
-        parts = BACKBONE_REGISTRY.get(backbone)(pretrained, ibn=ibn)
+        parts = BACKBONE_REGISTRY.get(backbone)(pretrained, ibn=ibn, last_stride=last_stride)
         self.normalize = InputNormalization()
         self.trunk = parts.trunk
         self.branches = nn.ModuleList(
@@ -44,9 +47,9 @@ class CAMA(nn.Module):
         )
         self.stride = parts.stride
 
-    @property
-    def classifier_parameters(self):
-        return [branch.classifier.weight for branch in self.branches]
+    def parameter_groups(self):
+        """``classifiers``: the W^i alone, which CAMA's warm-up trains first (section 4.2)."""
+        return {"classifiers": [branch.classifier for branch in self.branches]}
 
     def forward(self, images: torch.Tensor) -> ReIDOutput:
         shared = self.trunk(self.normalize(images))
@@ -60,7 +63,12 @@ class CAMA(nn.Module):
     def target_activation_maps(self, feature_maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """M^i_t = W^i_t . F^i for each image's target class t (eq. 4): [B, N, h, w]."""
         weights = torch.stack([branch.classifier.weight[targets] for branch in self.branches], dim=1)
-        return torch.einsum("bndhw,bnd->bnhw", feature_maps.float(), weights.float())
+        return class_activation_maps(feature_maps, weights)
+
+    def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        """The paper's per-branch descriptors computed directly, [B, N, D]: GAP of each branch's map (section 3.3)."""
+        shared = self.trunk(self.normalize(images))
+        return torch.stack([F.adaptive_avg_pool2d(branch(shared), 1).flatten(1) for branch in self.branches], dim=1)
 
 
 @ARCHITECTURE_REGISTRY.register("cama")
@@ -72,4 +80,5 @@ def build_cama(model_cfg: dict, num_classes: int) -> CAMA:
         reduction_dim=model_cfg.get("reduction_dim"),
         pretrained=model_cfg.get("pretrained"),
         ibn=model_cfg.get("ibn", False),
+        last_stride=model_cfg.get("last_stride", 1),
     )

@@ -1,6 +1,6 @@
 """Pieces every architecture shares: the input normalisation, the output type, the embedding rule."""
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,12 @@ class InputNormalization(nn.Module):
 @dataclass
 class ReIDOutput:
     """feature_maps: [B, N, D, h, w], the per-branch maps F^i; logits: [B, N, C] class scores per branch
-    (training mode only: the classifiers are not part of an exported model)."""
+    (training mode only: the classifiers are not part of an exported model); aux: whatever else an
+    architecture's objective needs in training (named logits, vectors for metric losses, attention maps)."""
 
     feature_maps: torch.Tensor
     logits: Optional[torch.Tensor] = None
+    aux: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def embedding(self) -> torch.Tensor:
@@ -47,6 +49,19 @@ def branch_features(feature_maps: torch.Tensor) -> torch.Tensor:
 def embedding_from_maps(feature_maps: torch.Tensor) -> torch.Tensor:
     """The concatenation of per-branch L2-normalised GAP features (CAMA section 3.3), [B, N*D]."""
     return branch_features(feature_maps).flatten(1)
+
+
+def parameter_groups(model: nn.Module) -> Dict[str, List[nn.Module]]:
+    """Named parts of a model that training phases make trainable, freeze or give their own learning rate:
+    ``all`` plus whatever the architecture's ``parameter_groups()`` names (CAMA: ``classifiers``)."""
+    own = model.parameter_groups() if hasattr(model, "parameter_groups") else {}
+    return {"all": [model], **own}
+
+
+def class_activation_maps(feature_maps: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """M = W_t . F per cell (CAMA eq. 4), in fp32: feature_maps [B, ..., D, h, w], class_weights [B, ..., D]
+    (each image's target-class classifier row) -> [B, ..., h, w]."""
+    return torch.einsum("b...dhw,b...d->b...hw", feature_maps.float(), class_weights.float())
 
 
 def build_model(model_cfg: dict, num_classes: int) -> nn.Module:

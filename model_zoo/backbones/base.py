@@ -2,7 +2,7 @@
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,14 +10,49 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
 @dataclass
 class BackboneParts:
-    """A backbone split for multi-branch models: ``trunk`` is shared, ``last_stage`` is copied per branch."""
+    """A backbone as named stages (``STAGE_NAMES``), plus the usual split for multi-branch models: ``trunk``
+    (stem..layer3, shared) and ``last_stage`` (layer4, copied per branch, e.g. by CAMA).
+
+    ``stages`` are views of the same modules as ``trunk`` and ``last_stage``, so an architecture can read a
+    middle stage (a tap), run a range of stages, or deep-copy one; ``stage_channels`` and ``stage_strides``
+    (input pixels per cell, cumulative) say what each stage's output is.
+    """
 
     trunk: nn.Module
     last_stage: nn.Module
     out_channels: int
     stride: int  # input pixels per feature-map cell
+    stages: Dict[str, nn.Module]
+    stage_channels: Dict[str, int]
+    stage_strides: Dict[str, int]
+
+    def stage_range(self, first: str, last: str) -> nn.Sequential:
+        """Stages ``first``..``last`` inclusive, in order, as one module (the same modules, not copies)."""
+        names = list(self.stages)
+        chosen = names[names.index(first) : names.index(last) + 1]
+        if not chosen:
+            raise ValueError(f"stage {first!r} comes after {last!r}; order: {', '.join(names)}")
+        return nn.Sequential(*(self.stages[name] for name in chosen))
+
+
+def run_stages(stages: Dict[str, nn.Module], x: torch.Tensor, taps: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Run ``stages`` in order up to the last name in ``taps``; returns the output of each tapped stage."""
+    wanted, out = set(taps), {}
+    for name, stage in stages.items():
+        if not wanted - set(out):
+            break
+        x = stage(x)
+        if name in wanted:
+            out[name] = x
+    missing = wanted - set(out)
+    if missing:
+        raise KeyError(f"no stage named {sorted(missing)}; stages: {', '.join(stages)}")
+    return out
 
 
 class CheckpointMismatch(ValueError):

@@ -1,8 +1,13 @@
-"""MobileNetV2 with torchvision's state-dict keys and its last stride-2 stage set to stride 1.
+"""MobileNetV2 with torchvision's state-dict keys and its last stride-2 stage set to ``last_stride`` (1 by
+default, as ResNet's last stride in re-ID).
 
 A 256x128 input gives a 16x8 map, a 128x64 input an 8x4 map. The trunk is ``features[0:14]``; the last stage, copied per branch, is
 ``features[14:]`` (the stride-2 block of 160 channels, the 320-channel block and the 1x1 conv to 1280),
 the analogue of ResNet's conv5.
+
+Named stages, the analogues of ResNet-50's by resolution: ``stem`` = features 0-1 (stride 2, 16 channels;
+ResNet's stem ends at stride 4), ``layer1`` = 2-3 (stride 4, 24), ``layer2`` = 4-6 (stride 8, 32),
+``layer3`` = 7-13 (stride 16, 96), ``layer4`` = 14-18 (stride 16 x last_stride, 1280).
 """
 import re
 from typing import Dict, Optional
@@ -14,9 +19,11 @@ from model_zoo.backbones.base import BackboneParts, load_checkpoint
 from model_zoo.backbones.ibn import to_instance_batch_norm
 from model_zoo.registry import BACKBONE_REGISTRY
 
-# (expansion t, channels c, repeats n, stride s) as in the paper and torchvision; the last s=2 is made 1.
-INVERTED_RESIDUAL_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1), (6, 320, 1, 1)]
+# (expansion t, channels c, repeats n, stride s) as in the paper and torchvision; None is the last stride.
+INVERTED_RESIDUAL_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, None), (6, 320, 1, 1)]
 TRUNK_END = 14
+# (name, first feature index, channels, stride of the stage's output before the last stride)
+STAGES = (("stem", 0, 16, 2), ("layer1", 2, 24, 4), ("layer2", 4, 32, 8), ("layer3", 7, 96, 16), ("layer4", TRUNK_END, 1280, 16))
 # IBN-a goes into the blocks before the stride-16 stages (features 1..10: the 16- to 64-channel stages), as
 # IBN-Net puts it in ResNet's layer1-3 and keeps the last, most identity-specific stages pure BatchNorm.
 IBN_BLOCKS = range(1, 11)
@@ -50,13 +57,14 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """torchvision's mobilenet_v2 ``features`` (no classifier)."""
 
-    def __init__(self):
+    def __init__(self, last_stride: int = 1):
         super().__init__()
+        self.last_stride = last_stride
         layers = [conv_bn_relu(3, 32, 3, stride=2)]
         in_ch = 32
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             for i in range(n):
-                layers.append(InvertedResidual(in_ch, c, s if i == 0 else 1, t))
+                layers.append(InvertedResidual(in_ch, c, (s or last_stride) if i == 0 else 1, t))
                 in_ch = c
         layers.append(conv_bn_relu(in_ch, 1280, 1))
         self.features = nn.Sequential(*layers)
@@ -69,8 +77,13 @@ class MobileNetV2(nn.Module):
             first[1] = to_instance_batch_norm(first[1])
 
     def split(self) -> BackboneParts:
+        ends = [first for _, first, _, _ in STAGES[1:]] + [len(self.features)]
+        stages = {name: self.features[first:end] for (name, first, _, _), end in zip(STAGES, ends)}
+        strides = {name: stride * (self.last_stride if name == "layer4" else 1) for name, _, _, stride in STAGES}
         return BackboneParts(
-            trunk=self.features[:TRUNK_END], last_stage=self.features[TRUNK_END:], out_channels=1280, stride=16
+            trunk=self.features[:TRUNK_END], last_stage=self.features[TRUNK_END:], out_channels=1280,
+            stride=strides["layer4"], stages=stages, stage_channels={name: ch for name, _, ch, _ in STAGES},
+            stage_strides=strides,
         )
 
 
@@ -97,8 +110,8 @@ def convert_flat_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 
 
 @BACKBONE_REGISTRY.register("mobilenetv2")
-def build_mobilenetv2(pretrained: Optional[str] = None, ibn: bool = False) -> BackboneParts:
-    net = MobileNetV2()
+def build_mobilenetv2(pretrained: Optional[str] = None, ibn: bool = False, last_stride: int = 1) -> BackboneParts:
+    net = MobileNetV2(last_stride)
     if ibn:
         net.use_ibn()
     if pretrained:

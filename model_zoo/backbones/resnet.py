@@ -1,6 +1,8 @@
-"""ResNet-50 with torchvision's state-dict keys and the last spatial down-sampling removed (as in PCB).
+"""ResNet-50 with torchvision's state-dict keys and the last spatial down-sampling removed (as in PCB) by
+default (``last_stride=2`` gives the standard network).
 
 A 256x128 input gives a 16x8 map. The trunk is conv1..conv4 (``layer3``), the last stage is ``layer4``.
+Named stages: ``stem`` (conv1, bn1, relu, maxpool: "pool1", stride 4), ``layer1``..``layer4``.
 """
 from typing import Optional
 
@@ -39,6 +41,7 @@ class ResNet50(nn.Module):
 
     def __init__(self, last_stride: int = 1):
         super().__init__()
+        self.last_stride = last_stride
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -70,12 +73,17 @@ class ResNet50(nn.Module):
 
     def split(self) -> BackboneParts:
         trunk = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3)
-        return BackboneParts(trunk=trunk, last_stage=self.layer4, out_channels=2048, stride=16)
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        stages = {"stem": stem, "layer1": self.layer1, "layer2": self.layer2, "layer3": self.layer3, "layer4": self.layer4}
+        strides = {"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16 * self.last_stride}
+        channels = {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+        return BackboneParts(trunk=trunk, last_stage=self.layer4, out_channels=2048, stride=strides["layer4"],
+                             stages=stages, stage_channels=channels, stage_strides=strides)
 
 
 @BACKBONE_REGISTRY.register("resnet50")
-def build_resnet50(pretrained: Optional[str] = None, ibn: bool = False) -> BackboneParts:
-    net = ResNet50(last_stride=1)
+def build_resnet50(pretrained: Optional[str] = None, ibn: bool = False, last_stride: int = 1) -> BackboneParts:
+    net = ResNet50(last_stride)
     if ibn:
         net.use_ibn()
     if pretrained:

@@ -99,7 +99,7 @@ function matchCard(match, imageUrl, queryPerson) {
   const card = element("figure", { class: `card match${same ? " same-person" : ""}`, "data-id": match.id, "data-rank": match.rank, "data-score": match.score }, [
     stack(imageUrl, match.heatmap, `match ${match.rank}`),
     element("figcaption", {}, [
-      element("div", { text: `#${match.rank} · ${match.score.toFixed(3)}` }),
+      element("div", { text: `#${match.rank} · ${match.score.toFixed(3)}` + (match.rerank_distance == null ? "" : ` · d* ${match.rerank_distance.toFixed(3)}`) }),
       element("div", { class: "muted", text: `person ${fmt(match.person_id)} · cam ${fmt(match.camera_id)}` }),
       element("span", { class: "badge", text: "same person" }),
       match.heatmap ? toggle : "",
@@ -118,6 +118,7 @@ async function runQuery(event) {
   form.append("image", file);
   form.append("top_k", $("top-k").value || "10");
   if ($("exclude-camera").value) form.append("exclude_camera_id", $("exclude-camera").value);
+  if ($("rerank").checked) form.append("rerank", "true");
   $("query-status").textContent = "searching…";
   try {
     const body = await (await api("query", { method: "POST", body: form })).json();

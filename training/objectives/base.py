@@ -1,0 +1,52 @@
+"""The objective interface and its registry."""
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from model_zoo.architectures import ReIDOutput
+from model_zoo.registry import Registry
+
+OBJECTIVE_REGISTRY = Registry("objective")
+
+
+class Objective:
+    """Subclasses name their terms and default weights (``default_weights``) and compute the active ones
+    (``terms``); ``forward`` is the training forward, by default ``model(images)``."""
+
+    def __init__(self, cfg, model: nn.Module):
+        self.cfg, self.model = cfg, model
+        self.overrides: Dict[str, float] = {}
+
+    def default_weights(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def terms(self, out: ReIDOutput, targets: torch.Tensor, active: set) -> Dict[str, torch.Tensor]:
+        """The value of every term named in ``active``."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> ReIDOutput:
+        return self.model(images)
+
+    def set_phase_weights(self, overrides: Dict[str, float]) -> None:
+        unknown = set(overrides) - set(self.default_weights())
+        if unknown:
+            raise ValueError(f"loss_weights names {sorted(unknown)}; this objective's terms are {sorted(self.default_weights())}")
+        self.overrides = dict(overrides)
+
+    def weights(self) -> Dict[str, float]:
+        return {**self.default_weights(), **self.overrides}
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[ReIDOutput, torch.Tensor, Dict[str, torch.Tensor]]:
+        """(output, weighted total, every active term)."""
+        out = self.forward(images, targets)
+        weights = self.weights()
+        active = {name for name, weight in weights.items() if weight}
+        terms = self.terms(out, targets, active)
+        total = sum((weights[name] * terms[name] for name in sorted(active)), out.feature_maps.new_zeros((), dtype=torch.float32))
+        return out, total, terms
+
+
+def build_objective(cfg, model: nn.Module) -> Objective:
+    """The objective ``loss.objective`` names, by default the architecture's own."""
+    return OBJECTIVE_REGISTRY.get(cfg.loss.objective or cfg.model.architecture)(cfg, model)

@@ -1,0 +1,187 @@
+"""Training phases, optimisers and learning-rate schedules.
+
+A run is a list of phases (CAMA's classifier warm-up then the whole model; FMN's GRN then mask + LAN with the
+GRN frozen; PMM's staircase warm-up then multi-step decay). Each phase says how many epochs it lasts, which of
+the architecture's parameter groups learn (``parameter_groups``: ``all``, CAMA's ``classifiers``, ...), which
+are held in eval mode with no gradient (batch-norm statistics frozen), its optimiser and learning rate (one
+rate per group through ``lr_multipliers``), its schedule, and loss-term weights that differ from the
+objective's.
+
+The optimiser: consecutive phases with the same optimiser settings share one optimiser, so Adam's moments
+carry over from CAMA's warm-up into the main phase; a phase with other settings starts a fresh one. Every
+parameter is in the optimiser from the start; a phase's frozen parameters get no gradient, and
+PyTorch's optimisers skip parameters without a gradient (weight decay included).
+"""
+import math
+from dataclasses import dataclass, field, fields
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from model_zoo.architectures.common import parameter_groups
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine", "step", "multistep", "staircase")
+
+
+@dataclass
+class Phase:
+    """One training phase; epochs and iterations below count from the phase's start."""
+
+    name: str
+    epochs: int
+    trainable: List[str] = field(default_factory=lambda: ["all"])
+    eval_mode: List[str] = field(default_factory=list)
+    optimizer: str = "adam"
+    lr: float = 3e-4
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: str = "constant"
+    start_lr: float = 0.0  # linear: the rate at the phase's first iteration, rising to lr at its last
+    step_size: int = 20  # step: x gamma every step_size epochs; staircase: lr grows every step_size epochs
+    milestones: List[int] = field(default_factory=list)  # multistep: x gamma at each of these epochs
+    gamma: float = 0.1
+    final_lr_factor: float = 0.01  # cosine: the last rate, as a fraction of lr
+    loss_weights: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"phase {self.name!r}: unknown optimizer {self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"phase {self.name!r}: unknown scheduler {self.scheduler!r}; one of {', '.join(SCHEDULERS)}")
+        if self.epochs < 0:
+            raise ValueError(f"phase {self.name!r}: epochs must be >= 0")
+
+    @property
+    def optimizer_settings(self) -> Tuple:
+        """Phases with equal settings share one optimiser (and its state)."""
+        return (self.optimizer, self.weight_decay, self.momentum, self.nesterov, tuple(sorted(self.lr_multipliers.items())))
+
+    def learning_rate(self, epoch: int, iteration: int, iters_per_epoch: int) -> float:
+        """The base rate (before a group's multiplier) at ``iteration`` of ``epoch``, both from the phase's start."""
+        done = epoch * iters_per_epoch + iteration
+        if self.scheduler == "constant":
+            return self.lr
+        if self.scheduler == "linear":
+            progress = min(1.0, done / max(1, self.epochs * iters_per_epoch - 1))
+            return self.start_lr + (self.lr - self.start_lr) * progress
+        if self.scheduler == "cosine":
+            progress = done / max(1, self.epochs * iters_per_epoch)
+            return self.lr * (self.final_lr_factor + (1 - self.final_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        if self.scheduler == "step":
+            return self.lr * self.gamma ** (epoch // self.step_size)
+        if self.scheduler == "multistep":
+            return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        # staircase (BDB/PMM's warm-up, 1-indexed epochs e: start_lr x (floor(e / step_size) + 1)), capped at lr
+        return min(self.lr, self.start_lr * ((epoch + 1) // self.step_size + 1))
+
+
+def phase_from_dict(values: dict, defaults: dict) -> Phase:
+    known = {f.name for f in fields(Phase)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown phase keys {sorted(unknown)}; known: {sorted(known)}")
+    return Phase(**{**{k: v for k, v in defaults.items() if k in known}, **values})
+
+
+def phases_from_config(solver) -> List[Phase]:
+    """``solver.phases`` when given (each phase takes the solver's optimiser keys unless it sets its own);
+    otherwise CAMA's two phases from the solver keys: ``warmup_epochs`` training the classifiers with the rate
+    rising linearly from ``warmup_lr`` to ``lr``, then ``epochs`` training everything with ``scheduler``."""
+    defaults = {"optimizer": solver.optimizer, "lr": solver.lr, "weight_decay": solver.weight_decay,
+                "momentum": solver.momentum, "nesterov": solver.nesterov}
+    if solver.phases:
+        return [phase_from_dict({"name": f"phase{i + 1}", **p}, defaults) for i, p in enumerate(solver.phases)]
+    main = {"scheduler": solver.scheduler, "step_size": solver.step_size, "milestones": solver.milestones,
+            "gamma": solver.gamma, "final_lr_factor": solver.final_lr_factor}
+    return [
+        phase_from_dict({"name": "warmup", "epochs": solver.warmup_epochs, "trainable": ["classifiers"],
+                         "scheduler": "linear", "start_lr": solver.warmup_lr}, defaults),
+        phase_from_dict({"name": "main", "epochs": solver.epochs, **main}, defaults),
+    ]
+
+
+class PhaseSchedule:
+    """Where each global epoch falls: ``phase_at(epoch) -> (index, phase, epoch within the phase)``."""
+
+    def __init__(self, phases: Sequence[Phase]):
+        self.phases = list(phases)
+        self.starts = [sum(p.epochs for p in self.phases[:i]) for i in range(len(self.phases))]
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+    def phase_at(self, epoch: int) -> Tuple[int, Phase, int]:
+        for index in reversed(range(len(self.phases))):
+            if epoch >= self.starts[index] and self.phases[index].epochs:
+                return index, self.phases[index], epoch - self.starts[index]
+        raise ValueError(f"epoch {epoch} is outside every phase")
+
+    def shares_optimizer(self, first: int, last: int) -> bool:
+        """Whether phases ``first``..``last`` all run on one optimiser (its state carries across them)."""
+        settings = {self.phases[i].optimizer_settings for i in range(min(first, last), max(first, last) + 1)}
+        return len(settings) == 1
+
+
+def _modules_parameters(modules: Sequence[nn.Module]) -> List[nn.Parameter]:
+    seen, params = set(), []
+    for module in modules:
+        for param in module.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def _group_parameters(model: nn.Module, names: Sequence[str]) -> List[nn.Parameter]:
+    groups = parameter_groups(model)
+    unknown = [n for n in names if n not in groups]
+    if unknown:
+        raise ValueError(f"unknown parameter group(s) {unknown}; this architecture has {', '.join(groups)}")
+    return _modules_parameters([m for n in names for m in groups[n]])
+
+
+def build_optimizer(model: nn.Module, phase: Phase) -> torch.optim.Optimizer:
+    """An optimiser over every parameter; a parameter in a ``lr_multipliers`` group (the first that names it)
+    learns at lr x that multiplier, the rest at lr. ``group["multiplier"]`` keeps the factor for the schedule."""
+    claimed, param_groups = set(), []
+    for name, multiplier in phase.lr_multipliers.items():
+        params = [p for p in _group_parameters(model, [name]) if id(p) not in claimed]
+        claimed.update(id(p) for p in params)
+        param_groups.append({"params": params, "multiplier": multiplier, "group": name})
+    rest = [p for p in model.parameters() if id(p) not in claimed]
+    param_groups.append({"params": rest, "multiplier": 1.0, "group": "default"})
+    param_groups = [g for g in param_groups if g["params"]]
+    if phase.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay, nesterov=phase.nesterov)
+    return torch.optim.Adam(param_groups, lr=phase.lr, weight_decay=phase.weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group["multiplier"]
+
+
+def enter_phase(model: nn.Module, phase: Phase) -> None:
+    """Train mode; the phase's ``trainable`` groups get gradients, every other parameter none; its
+    ``eval_mode`` groups run in eval mode (batch-norm statistics frozen) and never learn."""
+    model.train()
+    frozen = {id(p) for p in _group_parameters(model, phase.eval_mode)}
+    learning = {id(p) for p in _group_parameters(model, phase.trainable)} - frozen
+    for param in model.parameters():
+        param.requires_grad_(id(param) in learning)
+    for module in [m for name in phase.eval_mode for m in parameter_groups(model)[name]]:
+        module.eval()
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Moments and step counts from a checkpoint; each group's multiplier stays the config's (checkpoints
+    written before phases existed have none)."""
+    multipliers = [(g["multiplier"], g["group"]) for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, (multiplier, name) in zip(optimizer.param_groups, multipliers):
+        group["multiplier"], group["group"] = multiplier, name
