@@ -1,8 +1,9 @@
 """The README's multi-source results table: every row's training run, resumable, then the table.
 
-Each row is ``pool.yaml`` (the multi-source recipe) plus the overrides below, trained on the whole pool and
-evaluated on CUHK03-val, PRID and GRID (never trained on). The first four rows are the paper family's models
-with the recipe; the rest take one piece away from CAMA ordered (ablation). A row whose run folder has a
+Each row is a config with the multi-source recipe (``pool.yaml``, or ``fmn_pool.yaml`` / ``pmm_pool.yaml``
+which layer on it) plus the overrides below, trained on the whole pool and evaluated on CUHK03-val, PRID and
+GRID (never trained on). The first seven rows are the paper family's models with the recipe (PMM with and
+without A-Hard-Mix); the rest take one piece away from CAMA ordered (ablation). A row whose run folder has a
 ``metrics.json`` is done and skipped; one with a ``last.pt`` resumes from it, so a schedule longer than one
 session runs across sessions (or hand the runs folder to a GPU host).
 
@@ -10,6 +11,7 @@ session runs across sessions (or hand the runs folder to a GPU host).
     python bench/pool_runs.py --data ../shared/data --runs /work/runs --table-only
 """
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,28 +19,39 @@ from pathlib import Path
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 EVAL_SETS = ("cuhk03-detected", "prid", "grid")
 
+# row: (config, overrides). FMN and PMM carry the short schedule in their configs' phases.
 ROWS = {
-    "ide_bn": ["model.num_branches=1", "loss.alpha=0"],
-    "mltb_lid": ["loss.alpha=0"],
-    "cama_symmetric": ["loss.oap_mode=symmetric"],
-    "cama_ordered": [],
-    "cama_ordered_no_triplet": ["loss.triplet_weight=0"],
-    "cama_ordered_no_ibn": ["model.ibn=false"],
-    "cama_ordered_no_colour": ["data.color_jitter=0", "data.grayscale_prob=0"],
-    "cama_ordered_no_erasing": ["data.erasing_prob=0"],
-    "cama_ordered_no_label_smoothing": ["loss.label_smoothing=0"],
-    "cama_ordered_cuhk03_only": ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}"],
+    "ide_bn": ("pool.yaml", ["model.num_branches=1", "loss.alpha=0"]),
+    "mltb_lid": ("pool.yaml", ["loss.alpha=0"]),
+    "cama_symmetric": ("pool.yaml", ["loss.oap_mode=symmetric"]),
+    "cama_ordered": ("pool.yaml", []),
+    "fmn": ("fmn_pool.yaml", []),
+    "pmm": ("pmm_pool.yaml", []),
+    "pmm_no_mix": ("pmm_pool.yaml", ["loss.mix=none"]),
+    "cama_ordered_no_triplet": ("pool.yaml", ["loss.triplet_weight=0"]),
+    "cama_ordered_no_ibn": ("pool.yaml", ["model.ibn=false"]),
+    "cama_ordered_no_colour": ("pool.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
+    "cama_ordered_no_erasing": ("pool.yaml", ["data.erasing_prob=0"]),
+    "cama_ordered_no_label_smoothing": ("pool.yaml", ["loss.label_smoothing=0"]),
+    "cama_ordered_cuhk03_only": ("pool.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}"]),
 }
+
+
+def finished(run: Path) -> bool:
+    """A run with its final evaluation (a warm-up alone writes metrics.json without one)."""
+    metrics = run / "metrics.json"
+    return metrics.exists() and "evaluation" in json.loads(metrics.read_text())
 
 
 def command(name: str, data: Path, runs: Path, schedule: list) -> list:
     run = runs / name
     roots = ",".join(str(data / s) for s in TRAIN_SETS)
     evals = ",".join(str(data / s) for s in EVAL_SETS)
+    config, extra = ROWS[name]
     overrides = [f"data.roots=[{roots}]", f"run.eval_roots=[{evals}]", f"run.output_dir={run}",
-                 *(o.format(data=data) for o in ROWS[name]), *schedule]
+                 *(o.format(data=data) for o in extra), *schedule]
     resume = ["--resume", str(run / "last.pt")] if (run / "last.pt").exists() else []
-    return [sys.executable, "-m", "training", "train", "--config", "pool.yaml", *resume, *overrides]
+    return [sys.executable, "-m", "training", "train", "--config", config, *resume, *overrides]
 
 
 def main() -> None:
@@ -50,14 +63,14 @@ def main() -> None:
     parser.add_argument("schedule", nargs="*", metavar="section.key=value", help="overrides for every row (the same schedule)")
     args = parser.parse_args()
     for name in [] if args.table_only else args.only:
-        if (args.runs / name / "metrics.json").exists():
+        if finished(args.runs / name):
             print(f"{name}: done, skipped")
             continue
         print(" ".join(command(name, args.data.resolve(), args.runs, args.schedule)), flush=True)
         subprocess.run(command(name, args.data.resolve(), args.runs, args.schedule), check=True)
-    finished = [args.runs / name for name in ROWS if (args.runs / name / "metrics.json").exists()]
-    if finished:
-        subprocess.run([sys.executable, str(Path(__file__).with_name("training_table.py")), *map(str, finished)], check=True)
+    done = [args.runs / name for name in ROWS if finished(args.runs / name)]
+    if done:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("training_table.py")), *map(str, done)], check=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ FIGURES = ("rank1", "mAP", "mINP")
 
 def row_name(cfg: dict) -> str:
     model, loss = cfg["model"], cfg["loss"]
+    architecture = model.get("architecture", "cama")
+    if architecture == "fmn":
+        return f"FMN (GRN + LAN, mask at {model.get('mask_layer', 'stem')})"
+    if architecture == "pmm":
+        mix = loss.get("mix", "hardmix")
+        return f"PMM ({'A-Hard-Mix' if mix == 'hardmix' else mix}, K={loss.get('mix_top_blocks')})"
     if model["num_branches"] == 1:
         return "IDE+BN (N=1)"
     if loss["alpha"] == 0:

@@ -149,3 +149,9 @@ def test_a_checkpoint_from_before_phases_resumes(market_root, tmp_path):
     trainer.resume(run / "legacy.pt")
     assert trainer.optimizer.state and trainer.optimizer.param_groups[0]["multiplier"] == 1.0
     assert trainer.train_epoch(trainer.start_epoch)["phase"] == "main"
+
+
+def test_a_phase_caps_its_own_epochs_and_the_solver_caps_every_phase(market_root, tmp_path):
+    phases = "[{epochs: 1, max_iters_per_epoch: 1}, {epochs: 1, max_iters_per_epoch: 5}, {epochs: 1}]"
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"solver.phases": phases})))
+    assert [trainer.iterations_per_epoch(p) for p in trainer.schedule.phases] == [1, 2, 2]  # the solver's cap is 2

@@ -77,7 +77,7 @@ class SolverConfig:
     milestones: List[int] = option([], "multistep: epochs after the warm-up at which the lr is multiplied by gamma")
     gamma: float = option(0.1, "lr decay factor")
     final_lr_factor: float = option(0.01, "the cosine schedule's last learning rate, as a fraction of lr")
-    phases: List[Dict[str, Any]] = option([], "explicit training phases (training/solver.py: name, epochs, trainable, eval_mode, optimizer, lr, lr_multipliers, scheduler, start_lr, step_size, milestones, gamma, loss_weights ...); when given, the warm-up/epochs/scheduler keys above are not used, and each phase takes optimizer, lr, momentum, nesterov and weight_decay from above unless it sets them")
+    phases: List[Dict[str, Any]] = option([], "explicit training phases (training/solver.py: name, epochs, trainable, eval_mode, optimizer, lr, lr_multipliers, scheduler, start_lr, step_size, milestones, gamma, loss_weights, max_iters_per_epoch ...); when given, the warm-up/epochs/scheduler keys above are not used, and each phase takes optimizer, lr, momentum, nesterov and weight_decay from above unless it sets them")
     max_iters_per_epoch: Optional[int] = option(None, "cap on iterations per epoch (smoke tests)")
 
 

@@ -167,14 +167,15 @@ class Trainer:
             stats["acc"] = (out.logits.argmax(-1) == targets.unsqueeze(1)).float().mean().item()
         return stats
 
-    def iterations_per_epoch(self) -> int:
-        iters = len(self.sampler)
-        return min(iters, self.cfg.solver.max_iters_per_epoch) if self.cfg.solver.max_iters_per_epoch else iters
+    def iterations_per_epoch(self, phase=None) -> int:
+        """The sampler's batches per epoch, capped by ``solver.max_iters_per_epoch`` and the phase's own cap."""
+        caps = [cap for cap in (self.cfg.solver.max_iters_per_epoch, phase and phase.max_iters_per_epoch) if cap]
+        return min([len(self.sampler), *caps])
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         index, phase, phase_epoch = self.schedule.phase_at(epoch)
         self.enter_phase(index)
-        iters = self.iterations_per_epoch()
+        iters = self.iterations_per_epoch(phase)
         loader = batch_loader(self.dataset, self.augment, self.sampler, self.generator, iters, self.cfg.data.workers, self.device.type == "cuda")
         sums: Dict[str, float] = {}
         seen, start = 0, time.perf_counter()

@@ -14,7 +14,7 @@ PyTorch's optimisers skip parameters without a gradient (weight decay included).
 """
 import math
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class Phase:
     gamma: float = 0.1
     final_lr_factor: float = 0.01  # cosine: the last rate, as a fraction of lr
     loss_weights: Dict[str, float] = field(default_factory=dict)
+    max_iters_per_epoch: Optional[int] = None  # a cap on this phase's epochs (solver.max_iters_per_epoch caps every phase)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
