@@ -28,6 +28,7 @@ ROWS = {
     "fmn": ("fmn_pool.yaml", []),
     "pmm": ("pmm_pool.yaml", []),
     "pmm_no_mix": ("pmm_pool.yaml", ["loss.mix=none"]),
+    "casn": ("casn_pool.yaml", []),
     "cama_ordered_no_triplet": ("pool.yaml", ["loss.triplet_weight=0"]),
     "cama_ordered_no_ibn": ("pool.yaml", ["model.ibn=false"]),
     "cama_ordered_no_colour": ("pool.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),

@@ -17,6 +17,8 @@ def row_name(cfg: dict) -> str:
     architecture = model.get("architecture", "cama")
     if architecture == "fmn":
         return f"FMN (GRN + LAN, mask at {model.get('mask_layer', 'stem')})"
+    if architecture == "casn":
+        return f"CASN ({model.get('layout', 'ide')})"
     if architecture == "pmm":
         mix = loss.get("mix", "hardmix")
         return f"PMM ({'A-Hard-Mix' if mix == 'hardmix' else mix}, K={loss.get('mix_top_blocks')})"

@@ -66,5 +66,5 @@ def test_one_branch_has_no_overlap_term_and_objectives_are_chosen_by_name():
     cfg, model, images, targets = cama_case("ordered", False, "model.num_branches=1")
     assert "loss_oap" not in build_objective(cfg, model).weights()
     assert "cama" in OBJECTIVE_REGISTRY.names()
-    with pytest.raises(KeyError, match="unknown objective 'casn'"):
-        build_objective(load_config(None, ["loss.objective=casn"]), model)
+    with pytest.raises(KeyError, match="unknown objective 'siamese'"):
+        build_objective(load_config(None, ["loss.objective=siamese"]), model)

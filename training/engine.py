@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from model_zoo.architectures import build_model
 from training.config import TrainConfig, from_dict
-from training.data import MarketDataset, PKSampler, RandomBatchSampler, TrainAugmentation, batch_loader
+from training.data import MarketDataset, PairSampler, PKSampler, RandomBatchSampler, TrainAugmentation, batch_loader
 from training.evaluation import evaluate_sets, test_roots
 from training.objectives import build_objective
 from training.solver import PhaseSchedule, build_optimizer, enter_phase, load_optimizer_state, phases_from_config, set_learning_rate
@@ -133,7 +133,9 @@ class Trainer:
         if d.sampler == "random":
             weights = None if not d.source_weights else per_source[self.dataset.sources]
             return RandomBatchSampler(len(self.dataset), d.batch_size, self.generator, weights)
-        raise ValueError(f"unknown sampler {d.sampler!r}: 'random' or 'pk'")
+        if d.sampler == "pairs":
+            return PairSampler(self.dataset.labels, d.batch_size, self.generator, d.pair_positive_share)
+        raise ValueError(f"unknown sampler {d.sampler!r}: 'random', 'pk' or 'pairs'")
 
     @property
     def total_epochs(self) -> int:

@@ -72,3 +72,43 @@ class PKSampler:
         for _ in range(len(self)):
             chosen = torch.multinomial(self.weights, self.identities_per_batch, replacement=False, generator=self.generator)
             yield [i for c in chosen.tolist() for i in self._draw(self.per_label[self.labels[c]])]
+
+
+class PairSampler:
+    """Batches of image pairs for Siamese training (CASN): ``[a_1, b_1, a_2, b_2, ...]``, ``batch_size / 2``
+    pairs, each a positive (two different images of one person) with probability ``positive_share``, else a
+    negative (two people). A pair's "same" flag is its two labels compared, so nothing else travels with the
+    batch. Positives come from identities with at least two images; pair order is random."""
+
+    def __init__(self, labels: Sequence[int], batch_size: int, generator: torch.Generator, positive_share: float = 0.5):
+        if batch_size % 2:
+            raise ValueError(f"batch_size {batch_size} must be even: pairs of images")
+        if not 0 <= positive_share <= 1:
+            raise ValueError("positive_share must be in [0, 1]")
+        per_label = defaultdict(list)
+        for index, label in enumerate(labels):
+            per_label[int(label)].append(index)
+        self.per_label = per_label
+        self.repeated = [label for label, items in per_label.items() if len(items) >= 2]
+        self.all_labels = sorted(per_label)
+        if (positive_share > 0 and not self.repeated) or (positive_share < 1 and len(self.all_labels) < 2):
+            raise ValueError("pairs need a person with two images (positives) and two people (negatives)")
+        self.batch_size, self.generator, self.positive_share = batch_size, generator, positive_share
+        self.num_items = len(labels)
+
+    def __len__(self) -> int:
+        return self.num_items // self.batch_size
+
+    def _pick(self, items: List, count: int) -> List:
+        return [items[i] for i in torch.randperm(len(items), generator=self.generator)[:count].tolist()]
+
+    def _pair(self) -> List[int]:
+        if torch.rand((), generator=self.generator).item() < self.positive_share:
+            (label,) = self._pick(self.repeated, 1)
+            return self._pick(self.per_label[label], 2)
+        first, second = self._pick(self.all_labels, 2)
+        return [self._pick(self.per_label[first], 1)[0], self._pick(self.per_label[second], 1)[0]]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for _ in range(len(self)):
+            yield [index for _ in range(self.batch_size // 2) for index in self._pair()]

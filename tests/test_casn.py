@@ -1,0 +1,132 @@
+"""CASN (model_zoo/architectures/casn.py, training/objectives/casn.py): the pair sampler, the soft mask, the
+identification attention, the Siamese indicator and closed-form attention, row alignment and the consistency
+term, PCB's contract maps, and training to RAM heatmaps over HTTP."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_zoo.architectures import build_model
+from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
+from tests.server import assert_heatmaps_sum_to_scores
+from training import export, load_config, train
+from training.data import PairSampler
+from training.engine import Trainer
+from training.gradcam import grad_cam, linear_head_cam
+from training.objectives.casn import aligned_profile, pair_indicator, soft_mask
+
+TINY_CASN = {"architecture": "casn", "backbone": "mobilenetv2", "pretrained": None, "reduction_dim": 8}
+
+
+def test_pairs_alternate_positives_and_negatives_in_the_asked_share():
+    labels = [i // 3 for i in range(640)]
+    sampler = PairSampler(labels, 32, torch.Generator().manual_seed(0), positive_share=0.5)
+    same = []
+    for batch in sampler:
+        assert len(batch) == 32
+        for a, b in zip(batch[0::2], batch[1::2]):
+            assert a != b
+            same.append(labels[a] == labels[b])
+    assert 0.4 < sum(same) / len(same) < 0.6
+    with pytest.raises(ValueError, match="even"):
+        PairSampler(labels, 31, torch.Generator())
+    with pytest.raises(ValueError, match="two images"):
+        PairSampler(list(range(10)), 4, torch.Generator(), positive_share=0.5)
+
+
+def test_soft_mask_hand_values():
+    values = soft_mask(torch.tensor([0.5, 1.0, 0.0]), 10.0, 0.5)
+    assert values.tolist() == pytest.approx([0.5, 0.9933071, 0.0066929], abs=1e-6)
+    image = torch.randn(1, 3, 4, 2)
+    assert torch.equal(image * (1 - torch.ones(1, 1, 4, 2)), torch.zeros_like(image))
+
+
+def test_row_alignment_hand_case_and_shift_invariance():
+    profile = torch.tensor([0, 0, 0.2, 1.0, 0.6, 0])
+    aligned = aligned_profile(profile, 0.1, 6)
+    assert aligned.tolist() == pytest.approx([0.2, 0.52, 0.84, 0.92, 0.76, 0.6], abs=1e-6)
+    shifted = torch.tensor([0, 0, 0, 0.2, 1.0, 0.6])
+    assert torch.linalg.vector_norm(aligned - aligned_profile(shifted, 0.1, 6)).item() == pytest.approx(0.0, abs=1e-7)
+    assert aligned_profile(torch.zeros(6), 0.1, 6) is None
+
+
+def test_the_indicator_of_a_linear_pair_head_is_the_sign_of_its_same_row():
+    head = torch.nn.Linear(5, 2)
+    difference = torch.randn(3, 5, requires_grad=True)
+    a = pair_indicator(head(difference), difference)
+    assert torch.equal(a, (head.weight[1] > 0).float().expand(3, 5)) and not a.requires_grad
+
+
+def test_siamese_grad_cam_closed_form_equals_autograd():
+    maps = torch.randn(2, 6, 4, 3).relu().requires_grad_()
+    a = (torch.randn(6) > 0).float()
+    score = (maps.mean(dim=(2, 3)) * a).sum()  # s_j = <a, f_j>, f = GAP(A)
+    torch.testing.assert_close(grad_cam(score, maps), linear_head_cam(maps, a.expand(2, -1)).detach(), atol=1e-6, rtol=0)
+
+
+def test_pair_cross_entropy_of_zero_logits_is_log_two():
+    assert F.cross_entropy(torch.zeros(1, 2), torch.tensor([1])).item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+def batch(trainer, indices):
+    images = np.stack([trainer.dataset.image(i) for i in indices])
+    return torch.from_numpy(images), torch.from_numpy(trainer.dataset.labels[indices])
+
+
+def casn_overrides(root, out, **extra):
+    return tiny_overrides(root, out, **{"model.architecture": "casn", "model.reduction_dim": 8, "data.sampler": "pairs",
+                                        "solver.warmup_epochs": 0, **extra})
+
+
+@pytest.mark.parametrize("layout", ["ide", "pcb"])
+def test_every_term_trains_and_a_negative_pair_adds_no_consistency(layout, market_root, tmp_path):
+    trainer = Trainer(load_config("base.yaml", casn_overrides(market_root, tmp_path, **{"model.layout": layout})))
+    model, objective = trainer.model.train(), trainer.objective
+    images, targets = batch(trainer, [0, 1, 6, 30])
+    assert targets[0] == targets[1] and targets[2] != targets[3]  # one positive pair, one negative
+    out, total, terms = objective(images, targets)
+    assert set(terms) == {"loss_ide", "loss_ia", "loss_pair", "loss_consistency"}
+    assert 0 <= terms["loss_ia"].item() <= 1 and terms["loss_consistency"].item() >= 0
+    total.backward()
+    assert model.trunk[0][0].weight.grad.abs().sum() > 0 and model.pair_head[0].weight.grad.abs().sum() > 0
+
+    negative_only = objective.consistency(out.aux["maps"][2:], torch.ones(1, out.aux["maps"].shape[1]), torch.tensor([False]))
+    assert negative_only.item() == 0 and not negative_only.requires_grad
+
+
+def test_identification_attention_reaches_the_backbone_through_the_mask(market_root, tmp_path):
+    trainer = Trainer(load_config("base.yaml", casn_overrides(market_root, tmp_path)))
+    objective = trainer.objective
+    objective.set_phase_weights({"loss_ide": 0, "loss_pair": 0, "loss_consistency": 0})
+    _, total, terms = objective(*batch(trainer, [0, 1, 2, 3]))
+    assert set(terms) == {"loss_ia"}
+    total.backward()
+    assert trainer.model.trunk[0][0].weight.grad.abs().sum() > 0
+
+
+def test_pcb_maps_average_to_each_stripe_descriptor_and_vanish_outside_the_stripe():
+    torch.manual_seed(0)
+    model = build_model({**TINY_CASN, "layout": "pcb"}, num_classes=5).eval()
+    images = torch.randint(0, 256, (2, 96, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        maps = model(images).feature_maps
+        reference = model.reference_descriptors(images)
+    assert maps.shape == (2, 6, 8, 6, 2)
+    torch.testing.assert_close(maps.mean(dim=(3, 4)), reference, atol=1e-6, rtol=0)
+    for p in range(6):
+        outside = [row for row in range(6) if row != p]
+        assert not maps[:, p][:, :, outside].any()
+
+
+@pytest.fixture(scope="module")
+def casn_onnx(market_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("casn")
+    train(load_config("base.yaml", casn_overrides(market_root, out, **{"solver.max_iters_per_epoch": 3, "run.evaluate_at_end": "false"})))
+    export(out / "model.pt", out / "model.onnx")
+    return out / "model.onnx"
+
+
+def test_casn_is_served_unchanged_with_heatmaps_that_average_to_the_score(casn_onnx, tmp_path):
+    assert_heatmaps_sum_to_scores(casn_onnx, tmp_path / "gallery.sqlite3", "casn", 1)
