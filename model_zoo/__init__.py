@@ -4,8 +4,9 @@ What this package owns:
 - ``contract``: the ONNX contract between training and the service (input, outputs, metadata), torch-free.
 - ``ram``: Ranking Activation Maps (CAMA paper, eq. 10) in numpy, torch-free.
 - ``rerank``: k-reciprocal re-ranking (Zhong et al., CVPR 2017) in numpy, torch-free, for evaluation and service.
+- ``pair_attention``: CASN's pairwise attention term at test time and its pair-head artifact, numpy, torch-free.
 - ``preprocess``: image decoding and resizing shared by training and the service, torch-free.
-- ``registry``: architectures by name; ``backbones`` and ``architectures``: the torch modules.
+- ``registry``: architectures by name; ``backbones`` and ``architectures`` (with ``contract_maps``): the torch modules.
 - ``models/``: the trained ONNX models that ship with the product, each with a model card.
 
 Import rules: this package never imports ``service`` or ``training``. Importing ``model_zoo`` itself must not

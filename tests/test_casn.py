@@ -130,3 +130,54 @@ def casn_onnx(market_root, tmp_path_factory):
 
 def test_casn_is_served_unchanged_with_heatmaps_that_average_to_the_score(casn_onnx, tmp_path):
     assert_heatmaps_sum_to_scores(casn_onnx, tmp_path / "gallery.sqlite3", "casn", 1)
+
+
+def test_the_artifact_indicator_equals_autograd_on_the_eval_mode_head():
+    from model_zoo.pair_attention import PairHead
+
+    torch.manual_seed(0)
+    model = build_model(TINY_CASN, num_classes=5).eval()
+    norm = model.pair_head[1]
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2.0)
+    head = model.pair_head_artifact("sha", 0.3)
+    difference = torch.randn(7, 1280, requires_grad=True)
+    expected = pair_indicator(model.pair_head(difference), difference)
+    assert isinstance(head, PairHead) and np.array_equal(head.indicator(difference.detach().numpy()), expected.numpy() > 0)
+    assert build_model({**TINY_CASN, "layout": "pcb"}, num_classes=5).pair_head_artifact("sha", 0.3) is None
+
+
+def test_the_service_side_alignment_equals_the_training_side():
+    from model_zoo.pair_attention import aligned_profile as service_profile
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        profile = torch.rand(8, generator=generator) * (torch.rand(8, generator=generator) > 0.3)
+        trained = aligned_profile(profile, 0.3, 8)
+        served = service_profile(profile.numpy(), 0.3, 8)
+        assert np.allclose(served, np.zeros(8) if trained is None else trained.numpy(), atol=1e-6)
+
+
+def test_fusion_with_one_attention_distance_ranks_by_features_alone():
+    from model_zoo.pair_attention import fused_distances
+
+    features = np.array([0.9, 0.1, 0.5, 0.3])
+    assert np.array_equal(np.argsort(fused_distances(features, np.full(4, 0.7))), np.argsort(features))
+    assert fused_distances(features, np.array([1.0, 0.0, 0.5, 0.2])).tolist() == pytest.approx([2.0, 0.0, 1.0, 0.45])
+
+
+def test_export_writes_the_pair_head_bound_to_its_model_and_evaluation_uses_it(casn_onnx, market_root, tmp_path, capsys):
+    import shutil
+
+    from model_zoo.pair_attention import PairHead, PairHeadMismatch, pair_head_path
+    from training.cli import main
+
+    artifact = pair_head_path(casn_onnx)
+    assert PairHead.load(artifact, casn_onnx).weight.shape == (512, 1280)
+    other = tmp_path / "other.onnx"
+    shutil.copy(casn_onnx, other)
+    other.write_bytes(other.read_bytes() + b"\0")
+    with pytest.raises(PairHeadMismatch):
+        PairHead.load(artifact, other)
+    main(["evaluate", str(casn_onnx), "--data-root", str(market_root), "--pair-head", str(artifact), "--quiet"])
+    assert "(features + pairwise attention)" in capsys.readouterr().out

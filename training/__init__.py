@@ -1,6 +1,10 @@
 """Training: trains re-ID models from ``model_zoo``'s registry on Market-1501-layout data, evaluates them with
 the single-query Market protocol, and exports the ONNX file the service loads.
 
+One idea per module, as in reid-strong-baseline: ``data/`` (reader, augmentation, samplers, loader),
+``losses``, ``objectives/`` (each architecture's loss terms, by name), ``solver`` (phases, optimisers,
+schedules), ``gradcam``, ``engine`` (the loop), ``evaluation``, ``export``, ``config`` and ``cli``.
+
 Python API first (``training.train``, ``training.evaluate``, ``training.export``); ``python -m training`` is a
 thin CLI over it. May import torch and ``model_zoo``; never imports ``service``.
 """

@@ -24,7 +24,7 @@ def _evaluate(args) -> None:
     from training.evaluation import Rerank, evaluate_checkpoint, results_table
 
     rerank = None if args.rerank == "off" else Rerank(args.rerank, args.k1, args.k2, args.lambda_value)
-    results = evaluate_checkpoint(args.checkpoint, args.data_root, args.device, progress=not args.quiet, rerank=rerank)
+    results = evaluate_checkpoint(args.checkpoint, args.data_root, args.device, progress=not args.quiet, rerank=rerank, pair_head=args.pair_head)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
     print(results_table(results))
@@ -34,7 +34,7 @@ def _export(args) -> None:
     from training.export import export_onnx
 
     report = export_onnx(args.checkpoint, args.output, args.real_images, args.metrics, args.opset)
-    print(json.dumps({k: report[k] for k in ("output", "bytes", "parity")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("output", "bytes", "parity", "pair_head") if k in report}, indent=2))
 
 
 def _at_least_one(text: str) -> int:
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     evaluate.add_argument("--output", type=Path, default=None, help="also write every figure to this JSON file, keyed by set")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument("--pair-head", type=Path, default=None,
+                          help="CASN: also rank by features + pairwise Siamese attention with this pair-head artifact (MODEL.pair_head.npz, beside the .onnx file; key all_pair)")
     evaluate.add_argument("--rerank", choices=("off", "all", "single"), default="off",
                           help="also report the whole embedding after k-reciprocal re-ranking (an extra row per set, key all_rerank): "
                           "all = every query and the gallery in one graph (the papers' protocol), single = each query alone with the "

@@ -24,6 +24,7 @@ from training.data.market import ImageRecord, decode_records, read_split
 
 log = logging.getLogger(__name__)
 RANKS = (1, 5, 10)
+PAIR_KEY = "all_pair"  # CASN: features and pairwise attention together
 RERANK_KEY = "all_rerank"
 # "all": every query and the gallery in one graph (the papers' protocol); "single": each query alone with the
 # gallery, queries never seeing each other (what the service can do)
@@ -177,17 +178,69 @@ def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True,
                              data_roots, contract.input_height, contract.input_width, progress, rerank)
 
 
+def onnx_features_and_maps(session, images: np.ndarray, batch_size: int = 64, progress: bool = True):
+    """(embeddings [n, N*D], feature maps [n, N, D, h, w]) from an exported model."""
+    from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS
+
+    outputs = [session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: images[start : start + batch_size]})
+               for start in tqdm(range(0, len(images), batch_size), desc="embed (onnx, maps)", disable=not progress, leave=False)]
+    return np.concatenate([e for e, _ in outputs]), np.concatenate([m for _, m in outputs])
+
+
+def pair_attention_metrics(head, query, gallery, query_records: List[ImageRecord], gallery_records: List[ImageRecord]) -> Dict[str, float]:
+    """Market metrics of CASN's test-time rule (model_zoo.pair_attention): per query, min-max normalised feature
+    distance plus min-max normalised Siamese attention distance. ``query``/``gallery``: (embeddings, maps)."""
+    from model_zoo.pair_attention import fused_distances
+
+    (query_embeddings, query_maps), (gallery_embeddings, gallery_maps) = query, gallery
+    gallery_maps, gallery_raw = gallery_maps[:, 0], gallery_maps[:, 0].mean(axis=(2, 3))
+    distances = np.stack([
+        fused_distances(np.linalg.norm(gallery_embeddings - embedding, axis=1),
+                        head.attention_distances(maps[0].mean(axis=(1, 2)), maps[0], gallery_raw, gallery_maps))
+        for embedding, maps in zip(query_embeddings, query_maps)
+    ])
+    ids = dict(query_pids=[r.pid for r in query_records], query_cams=[r.camid for r in query_records],
+               gallery_pids=[r.pid for r in gallery_records], gallery_cams=[r.camid for r in gallery_records])
+    return market_metrics(-distances, **ids)
+
+
+def evaluate_pair_attention(path: Path, pair_head: Path, data_roots: Sequence[Path], progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """CASN's features + pairwise attention rule, through ONNX Runtime and the pair-head artifact as a service
+    runs them: {set name: {PAIR_KEY: ...}}."""
+    import onnxruntime as ort
+
+    from model_zoo.contract import check_session
+    from model_zoo.pair_attention import PairHead
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    contract = check_session(session)
+    head = PairHead.load(pair_head, path)
+    results = {}
+    for name, root in zip(set_names(data_roots), data_roots):
+        query_images, query, gallery_images, gallery = load_test_split(root, contract.input_height, contract.input_width, progress)
+        outputs = [onnx_features_and_maps(session, images, progress=progress) for images in (query_images, gallery_images)]
+        results[name] = {PAIR_KEY: pair_attention_metrics(head, *outputs, query, gallery)}
+    return results
+
+
 def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] = None, device: str = "cpu", progress: bool = True,
-                        rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
+                        rerank: Optional[Rerank] = None, pair_head: Optional[Path] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Evaluate a training checkpoint, or an exported .onnx file, on each of ``data_roots`` (for a checkpoint,
     by default the sets its training evaluated): {set name: {"all": ..., "branch1": ..., ...}}, and with
-    ``rerank`` the re-ranked whole embedding under ``RERANK_KEY``."""
+    ``rerank`` the re-ranked whole embedding under ``RERANK_KEY``; with ``pair_head`` (a CASN .onnx file's
+    artifact) CASN's features + pairwise attention rule under ``PAIR_KEY``."""
     from training.engine import load_trained_model
 
     if Path(checkpoint).suffix == ".onnx":
         if not data_roots:
             raise ValueError("evaluating an ONNX file needs at least one --data-root")
-        return evaluate_onnx(checkpoint, data_roots, progress, rerank)
+        results = evaluate_onnx(checkpoint, data_roots, progress, rerank)
+        if pair_head is not None:
+            for name, figures in evaluate_pair_attention(checkpoint, pair_head, data_roots, progress).items():
+                results[name].update(figures)
+        return results
+    if pair_head is not None:
+        raise ValueError("the pairwise attention term is evaluated on an exported .onnx file with its pair-head artifact")
     model, cfg = load_trained_model(checkpoint, device)
     roots = list(data_roots or cfg.run.eval_roots or test_roots(cfg.data.roots))
     return evaluate_sets(model, roots, cfg.data.height, cfg.data.width, device, progress, rerank)
@@ -214,4 +267,6 @@ def results_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
             reranked = figures[RERANK_KEY]
             label = f"{name} (re-ranked {reranked['rerank_variant']}, k1={reranked['k1']} k2={reranked['k2']} lambda={reranked['lambda_value']})"
             lines.append(row(label, reranked, "-"))
+        if PAIR_KEY in figures:
+            lines.append(row(f"{name} (features + pairwise attention)", figures[PAIR_KEY], "-"))
     return "\n".join(lines)

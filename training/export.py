@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from model_zoo.architectures.common import branch_features
-from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session, split_branches
+from model_zoo.contract import INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session, split_branches
+from model_zoo.pair_attention import file_sha256, pair_head_path
 from model_zoo.preprocess import load_for_model
 from training.engine import load_trained_model
 
@@ -29,15 +30,23 @@ class ExportParityError(RuntimeError):
 
 
 class ContractOutputs(nn.Module):
-    """uint8 images -> (embedding, feature_maps), the two outputs the contract names."""
+    """uint8 images -> (embedding, feature_maps), the two outputs the contract names, then the optional ones in
+    ``extras`` (names in ``OPTIONAL_OUTPUTS``), read from the eval-mode output's ``aux``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, extras=()):
         super().__init__()
-        self.model = model
+        self.model, self.extras = model, tuple(extras)
 
     def forward(self, images: torch.Tensor):
         out = self.model(images)
-        return out.embedding, out.feature_maps.float()
+        return (out.embedding, out.feature_maps.float(), *(out.aux[name].float() for name in self.extras))
+
+
+def optional_outputs(model: nn.Module, images: torch.Tensor) -> list:
+    """The contract's optional outputs that ``model`` gives in eval mode (its output's ``aux``), in contract order."""
+    with torch.no_grad():
+        aux = model.eval()(images).aux
+    return [name for name in OPTIONAL_OUTPUTS if name in aux]
 
 
 def describe(model: nn.Module, cfg, evaluation: Optional[Dict]) -> ModelContract:
@@ -68,12 +77,14 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
 
     For ``attribution`` maps (the file's ``feature_maps_kind``) a near-tied selection may move a spike between
     runtimes, so the rule is model_zoo/CONTRACT.md's: the embedding, the identity on the ONNX outputs, and the
-    maps without the channels whose ``model.selection_margins(images)`` [B, N, D] is below NEAR_TIE_TOLERANCE."""
+    maps without the channels whose ``model.selection_margins(images)`` [B, N, D] is below NEAR_TIE_TOLERANCE.
+    Optional outputs (``attention_maps``) are held to the embedding's bound."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     attribution = check_session(session).feature_maps_kind == "attribution"
     margins = getattr(model, "selection_margins", None) if attribution else None
+    extras = [node.name for node in session.get_outputs() if node.name in OPTIONAL_OUTPUTS]
     model.eval()
     report = {}
     for name, batch in images.items():
@@ -82,7 +93,7 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
             with torch.no_grad():
                 out = model(torch.from_numpy(x))
                 kept = np.ones(out.feature_maps.shape[:3], bool) if margins is None else (margins(torch.from_numpy(x)) >= NEAR_TIE_TOLERANCE).numpy()
-            emb, maps = session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: x})
+            emb, maps, *extra = session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, *extras], {INPUT_IMAGES: x})
             emb_diff = float(np.abs(emb - out.embedding.numpy()).max())
             map_scale = max(1.0, float(np.abs(maps).max()))
             map_diff = float(np.abs(maps - out.feature_maps.float().numpy())[kept].max(initial=0.0)) / map_scale
@@ -92,6 +103,10 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
             report[f"{name}_batch{size}_feature_maps_relative"] = map_diff
             report[f"{name}_batch{size}_identity"] = identity_diff
             report[f"{name}_batch{size}_channels_left_out"] = int(kept.size - kept.sum())
+            for output, values in zip(extras, extra):
+                diff = report[f"{name}_batch{size}_{output}"] = float(np.abs(values - out.aux[output].float().numpy()).max())
+                if diff > EMBEDDING_TOLERANCE:
+                    raise ExportParityError(f"{name} batch {size}: {output} diff {diff:.2e} (bound {EMBEDDING_TOLERANCE})")
             print(f"parity {name:6s} batch {size}: max |d embedding| = {emb_diff:.2e}, max |d F| / max|F| = {map_diff:.2e}, identity {identity_diff:.2e}, {kept.size - kept.sum()} channels left out")
             if emb_diff > EMBEDDING_TOLERANCE or map_diff > FEATURE_MAP_TOLERANCE or identity_diff > EMBEDDING_TOLERANCE:
                 raise ExportParityError(f"{name} batch {size}: embedding diff {emb_diff:.2e} (bound {EMBEDDING_TOLERANCE}), feature map diff {map_diff:.2e} (bound {FEATURE_MAP_TOLERANCE}), "
@@ -100,18 +115,21 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
 
 
 def write_onnx(model: nn.Module, contract: ModelContract, output: Path, opset: int = 17) -> None:
-    """The model's contract outputs as an ONNX graph at ``output``, with the contract's metadata (no parity check)."""
+    """The model's contract outputs (and the optional ones it gives) as an ONNX graph at ``output``, with the
+    contract's metadata (no parity check)."""
     output = Path(output)
     dummy = torch.zeros(2, contract.input_height, contract.input_width, 3, dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
+    extras = optional_outputs(model, dummy)
+    names = [OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, *extras]
     # The TorchScript exporter: on this CPU it exports in seconds where dynamo=True takes about a minute, for
     # an equivalent graph; torch is pinned, and the parity check guards the result either way.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            ContractOutputs(model).eval(), (dummy,), str(output), input_names=[INPUT_IMAGES],
-            output_names=[OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], opset_version=opset, dynamo=False,
-            dynamic_axes={INPUT_IMAGES: {0: "batch"}, OUTPUT_EMBEDDING: {0: "batch"}, OUTPUT_FEATURE_MAPS: {0: "batch"}},
+            ContractOutputs(model, extras).eval(), (dummy,), str(output), input_names=[INPUT_IMAGES],
+            output_names=names, opset_version=opset, dynamo=False,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_IMAGES, *names]},
         )
     proto = onnx.load(str(output))
     for key, value in contract.to_metadata().items():
@@ -138,4 +156,16 @@ def export_onnx(checkpoint: Path, output: Path, real_images: Optional[Path] = No
     except Exception:
         output.unlink(missing_ok=True)
         raise
-    return {"output": str(output), "bytes": output.stat().st_size, "parity": report, "contract": contract.to_metadata()}
+    summary = {"output": str(output), "bytes": output.stat().st_size, "parity": report, "contract": contract.to_metadata()}
+    return {**summary, **export_pair_head(model, cfg, output)}
+
+
+def export_pair_head(model: nn.Module, cfg, output: Path) -> Dict:
+    """CASN (IDE): the pair head beside the ONNX file, bound to it by its sha256 (model_zoo/pair_attention.py);
+    other architectures have none."""
+    make = getattr(model, "pair_head_artifact", None)
+    artifact = make(file_sha256(output), cfg.loss.casn_row_threshold) if make else None
+    if artifact is None:
+        return {}
+    artifact.save(pair_head_path(output))
+    return {"pair_head": str(pair_head_path(output))}

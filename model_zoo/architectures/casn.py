@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_zoo.architectures.common import InputNormalization, ReIDOutput
-from model_zoo.architectures.contract_maps import region_map, relu_gate, stripe_masks
+from model_zoo.architectures.contract_maps import as_affine, region_map, relu_gate, stripe_masks
+from model_zoo.pair_attention import PairHead
 from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
 
 LAYOUTS = ("ide", "pcb")
@@ -117,6 +118,17 @@ class CASN(nn.Module):
             return ReIDOutput(feature_maps=self.contract_maps(maps))
         return ReIDOutput(feature_maps=self.descriptors(maps)[..., None, None], logits=self.identity_logits(maps),
                           aux={"images": normalized, "maps": maps, "siamese": self.siamese_features(maps)})
+
+    @torch.no_grad()
+    def pair_head_artifact(self, model_sha256: str, row_threshold: float) -> Optional[PairHead]:
+        """The pair head in eval mode, its batch norm folded into the first layer, for the test-time attention
+        term (model_zoo.pair_attention); None for PCB, whose exported maps are not A."""
+        if self.layout != "ide":
+            return None
+        first, norm, _, _, second = self.pair_head.eval()
+        scale, shift = as_affine(norm)
+        weight, bias = scale[:, None] * first.weight, scale * first.bias + shift
+        return PairHead(weight.numpy(), bias.numpy(), second.weight[1].numpy(), row_threshold, model_sha256)
 
     def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:
         return self.descriptors(self.backbone_map(self.normalize(images)))

@@ -1,0 +1,113 @@
+"""CASN's pairwise attention term at test time, torch-free: the pair-head artifact, and the re-ranking of a
+gallery (or a service's shortlist) by features and Siamese attention together (CASN section 4, "the l2 distance
+of the attention maps and l2 distance of the feature vectors are normalized and summed"; design 3.2-3.3).
+
+Why it is a separate artifact: the term depends on the query and the gallery image jointly (through the pair
+head's indicator a), so no single-image embedding can hold it and FAISS cannot index it. It ships beside the
+ONNX file as ``<model>.pair_head.npz``, bound to that file by its sha256, and only for CASN's IDE layout, where
+the contract's feature map is the backbone's map A itself (f = GAP(A)); PCB's maps are reduced and A is gone.
+
+For a query q and a gallery image g, with the pair head in eval mode (its batch norm folded into the first
+layer: h = W (f_q - f_g) + b):
+    a = 1[W^T (1[h > 0] * w_same) > 0]                 the indicator of eq. 4, d z_same / d f^- > 0
+    M_j = ReLU(sum_k a_k A_j^k) / hw, j = q, g           Siamese Grad-CAM in closed form
+    profile_j = the rows' maxima of M_j / max M_j, cropped to the rows above t, resized to h
+    d_att = ||profile_q - profile_g||_2                  (an all-zero map: a zero profile)
+    d = minmax(d_feature) + minmax(d_att)               per query over the gallery (the shortlist in a service)
+with d_feature the Euclidean distance of the L2-normalised features. Lower d ranks first.
+"""
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+PAIR_HEAD_SUFFIX = ".pair_head.npz"
+ARTIFACT_VERSION = 1
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pair_head_path(model_path: Union[str, Path]) -> Path:
+    """Where a model's pair-head artifact lives: beside it, ``model.onnx`` -> ``model.pair_head.npz``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + PAIR_HEAD_SUFFIX)
+
+
+class PairHeadMismatch(ValueError):
+    """The artifact was exported with another model file."""
+
+
+@dataclass(frozen=True)
+class PairHead:
+    weight: np.ndarray  # [H, D], the first layer with its batch norm folded in
+    bias: np.ndarray  # [H]
+    same_weight: np.ndarray  # [H], the second layer's row of the "same person" logit
+    row_threshold: float
+    model_sha256: str
+
+    def save(self, path: Union[str, Path]) -> None:
+        np.savez(path, version=ARTIFACT_VERSION, weight=self.weight, bias=self.bias, same_weight=self.same_weight,
+                 row_threshold=self.row_threshold, model_sha256=self.model_sha256)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], model_path: Union[str, Path, None] = None) -> "PairHead":
+        """Read an artifact; with ``model_path``, refuse it unless it was exported with that very file."""
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["version"]) != ARTIFACT_VERSION:
+                raise ValueError(f"{path}: pair-head artifact version {int(data['version'])}, this code reads {ARTIFACT_VERSION}")
+            head = cls(data["weight"].astype(np.float32), data["bias"].astype(np.float32), data["same_weight"].astype(np.float32),
+                       float(data["row_threshold"]), str(data["model_sha256"]))
+        if model_path is not None and file_sha256(model_path) != head.model_sha256:
+            raise PairHeadMismatch(f"{path} belongs to another model file than {model_path}")
+        return head
+
+    def indicator(self, difference: np.ndarray) -> np.ndarray:
+        """a [P, D] for feature differences f_q - f_g [P, D]."""
+        hidden = difference @ self.weight.T + self.bias
+        return ((hidden > 0) * self.same_weight) @ self.weight > 0
+
+    def attention_distances(self, query_feature: np.ndarray, query_map: np.ndarray, gallery_features: np.ndarray,
+                            gallery_maps: np.ndarray) -> np.ndarray:
+        """d_att [G] of one query (f [D], A [D, h, w]) against gallery images (f [G, D], A [G, D, h, w])."""
+        a = self.indicator(query_feature[None] - gallery_features).astype(np.float32)
+        cells = query_map.shape[1] * query_map.shape[2]
+        query_attention = np.maximum(np.einsum("gd,dhw->ghw", a, query_map), 0) / cells
+        gallery_attention = np.maximum(np.einsum("gd,gdhw->ghw", a, gallery_maps), 0) / cells
+        height = query_map.shape[1]
+        query_profiles = [aligned_profile(p, self.row_threshold, height) for p in row_profiles(query_attention)]
+        gallery_profiles = [aligned_profile(p, self.row_threshold, height) for p in row_profiles(gallery_attention)]
+        return np.array([np.linalg.norm(q - g) for q, g in zip(query_profiles, gallery_profiles)])
+
+
+def row_profiles(attention: np.ndarray) -> np.ndarray:
+    """[P, h, w] maps -> [P, h]: each map divided by its maximum (a zero map stays zero), then each row's maximum."""
+    peak = attention.reshape(len(attention), -1).max(axis=1)
+    return (attention / np.maximum(peak, 1e-12)[:, None, None]).max(axis=2)
+
+
+def aligned_profile(profile: np.ndarray, threshold: float, length: int) -> np.ndarray:
+    """The profile from its first to its last value above ``threshold``, linearly resized to ``length`` (the
+    ends kept, as torch's align_corners=True); a profile with nothing above the threshold gives zeros."""
+    above = np.flatnonzero(profile > threshold)
+    if len(above) == 0:
+        return np.zeros(length)
+    crop = profile[above[0] : above[-1] + 1]
+    return np.interp(np.linspace(0, len(crop) - 1, length), np.arange(len(crop)), crop)
+
+
+def min_max(values: np.ndarray) -> np.ndarray:
+    spread = values.max() - values.min()
+    return (values - values.min()) / spread if spread > 0 else np.zeros_like(values)
+
+
+def fused_distances(feature_distances: np.ndarray, attention_distances: np.ndarray) -> np.ndarray:
+    """d = minmax(d_feature) + minmax(d_att) over one query's gallery: both terms weigh equally."""
+    return min_max(np.asarray(feature_distances, np.float64)) + min_max(np.asarray(attention_distances, np.float64))
