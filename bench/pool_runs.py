@@ -1,8 +1,8 @@
 """The README's multi-source results table: every row's training run, resumable, then the table.
 
-Each row is a config with the multi-source recipe (``pool.yaml``, or ``fmn_pool.yaml`` / ``pmm_pool.yaml``
-which layer on it) plus the overrides below, trained on the whole pool and evaluated on CUHK03-val, PRID and
-GRID (never trained on). The first seven rows are the paper family's models with the recipe (PMM with and
+Each row is a config with the multi-source recipe (``pool.yaml``, or a family config such as ``fmn_pool.yaml``
+which layers on it) plus the overrides below, trained on the whole pool and evaluated on CUHK03-val, PRID and
+GRID (never trained on). The first nine rows are the paper family's models with the recipe (PMM with and
 without A-Hard-Mix); the rest take one piece away from CAMA ordered (ablation). A row whose run folder has a
 ``metrics.json`` is done and skipped; one with a ``last.pt`` resumes from it, so a schedule longer than one
 session runs across sessions (or hand the runs folder to a GPU host).
@@ -19,7 +19,7 @@ from pathlib import Path
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 EVAL_SETS = ("cuhk03-detected", "prid", "grid")
 
-# row: (config, overrides). FMN and PMM carry the short schedule in their configs' phases.
+# row: (config, overrides). FMN, PMM and CLPD carry the short schedule in their configs' phases.
 ROWS = {
     "ide_bn": ("pool.yaml", ["model.num_branches=1", "loss.alpha=0"]),
     "mltb_lid": ("pool.yaml", ["loss.alpha=0"]),
@@ -29,6 +29,7 @@ ROWS = {
     "pmm": ("pmm_pool.yaml", []),
     "pmm_no_mix": ("pmm_pool.yaml", ["loss.mix=none"]),
     "casn": ("casn_pool.yaml", []),
+    "clpd": ("clpd_pool.yaml", []),
     "cama_ordered_no_triplet": ("pool.yaml", ["loss.triplet_weight=0"]),
     "cama_ordered_no_ibn": ("pool.yaml", ["model.ibn=false"]),
     "cama_ordered_no_colour": ("pool.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),

@@ -19,6 +19,8 @@ def row_name(cfg: dict) -> str:
         return f"FMN (GRN + LAN, mask at {model.get('mask_layer', 'stem')})"
     if architecture == "casn":
         return f"CASN ({model.get('layout', 'ide')})"
+    if architecture == "clpd":
+        return f"CLPD ({model.get('clpd_attention', 'multiscale')} attention, {model.get('clpd_descriptor', 'SPR')} descriptor)"
     if architecture == "pmm":
         mix = loss.get("mix", "hardmix")
         return f"PMM ({'A-Hard-Mix' if mix == 'hardmix' else mix}, K={loss.get('mix_top_blocks')})"

@@ -15,6 +15,8 @@ READABLE_CONTRACT_VERSIONS = ("1", "1.1")  # 1.1 only adds optional keys: a vers
 INPUT_IMAGES = "images"
 OUTPUT_EMBEDDING = "embedding"
 OUTPUT_FEATURE_MAPS = "feature_maps"
+OUTPUT_ATTENTION_MAPS = "attention_maps"  # optional: [B, K, h', w'] maps in [0, 1] to show beside RAM (CLPD's parts)
+OPTIONAL_OUTPUTS = (OUTPUT_ATTENTION_MAPS,)
 METADATA_PREFIX = "reid."
 FEATURE_MAPS_KINDS = ("activations", "attribution")
 
@@ -87,6 +89,8 @@ def check_session(session) -> ModelContract:
     _check_io(inputs[INPUT_IMAGES], INPUT_IMAGES, "tensor(uint8)", [None, c.input_height, c.input_width, 3])
     _check_io(outputs[OUTPUT_EMBEDDING], OUTPUT_EMBEDDING, "tensor(float)", [None, c.embedding_dim])
     _check_io(outputs[OUTPUT_FEATURE_MAPS], OUTPUT_FEATURE_MAPS, "tensor(float)", [None, c.num_branches, c.branch_dim, c.map_height, c.map_width])
+    if OUTPUT_ATTENTION_MAPS in outputs:
+        _check_io(outputs[OUTPUT_ATTENTION_MAPS], OUTPUT_ATTENTION_MAPS, "tensor(float)", [None, None, None, None])
     return contract
 
 

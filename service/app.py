@@ -1,60 +1,82 @@
 """The FastAPI app: routes, API key, lifespan (load model, open gallery, start the batcher)."""
 import asyncio
-import hmac
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Annotated, List, Optional, Tuple
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Query, Request, Response, Security, UploadFile
-from fastapi.responses import FileResponse
+from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, Response, Security, UploadFile
+from fastapi.responses import FileResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
+from pydantic import BeforeValidator
+from starlette.middleware.cors import CORSMiddleware
 
 from model_zoo.contract import split_branches
-from model_zoo.preprocess import ImageTooLarge, InvalidImage, decode_for_model
+from model_zoo.preprocess import DecodeBudgetExceeded, DecodedImage, ImageTooLarge, InvalidImage, decode_for_model
 from model_zoo.ram import ranking_activation_maps
 from model_zoo.rerank import rerank_shortlist
+from service.access import AccessGate
 from service.batching import MicroBatcher
-from service.errors import ERROR_SCHEMA, APIError, error_body, install_error_handlers
+from service.errors import ERROR_SCHEMA, APIError, install_error_handlers, send_error
 from service.gallery import Gallery
 from service.heatmaps import overlay, png_base64
+from service.http_contract import HeadAsGet, image_headers
 from service.inference import InferenceModel
 from service.metrics import RequestTimer, ServiceMetrics
 from service.schemas import EnrollResponse, GalleryItem, GalleryPage, Heatmap, Match, QueryResponse, ReadyResponse
 from service.settings import Settings
 from service.store import GalleryStore, NewItem
+from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, InvalidValue, check_item_id, check_label
+from service.validation import parse_metadata as parse_metadata_text
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_ID_LENGTH = 128
-MAX_METADATA_BYTES = 16 * 1024
 ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422, 503)}
+# Gallery ids in paths: decimal digits only ("+1" and "1_0" are no ids), within SQLite's INTEGER
+ItemId = Annotated[int, PathParam(ge=1, le=MAX_ITEM_ID, description="a gallery item's id"), BeforeValidator(check_item_id)]
+IMAGE_RESPONSE = {200: {"description": "the original image bytes", "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+METRICS_RESPONSE = {200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
 class Upload:
-    """A validated upload: original bytes, decoded RGB image, its format, and the model's input pixels."""
+    """A validated upload: the original bytes and what decoding them kept (the model's input pixels, the size,
+    a preview when asked for); the full-size image is gone once resized."""
 
-    def __init__(self, data: bytes, image, image_format: str, pixels: np.ndarray):
-        self.data, self.image, self.format, self.pixels = data, image, image_format, pixels
+    def __init__(self, data: bytes, decoded: DecodedImage):
+        self.data, self.decoded = data, decoded
 
 
-async def read_upload(upload: UploadFile, position: int, settings: Settings, size: Tuple[int, int]) -> Upload:
+class PixelBudget:
+    """The pixels one request may still decode (REID_MAX_REQUEST_PIXELS): many small files that each decode
+    to an image just under REID_MAX_IMAGE_PIXELS would otherwise cost seconds of CPU per request."""
+
+    def __init__(self, limit: int):
+        self.limit = self.left = limit
+
+    def spend(self, decoded: DecodedImage) -> None:
+        self.left -= decoded.decoded_pixels
+
+
+async def read_upload(upload: UploadFile, position: int, settings: Settings, size: Tuple[int, int], budget: PixelBudget,
+                      preview: bool = False) -> Upload:
     label = f"upload {position} ({upload.filename or 'unnamed'})"
     data = await upload.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
         raise APIError(413, "image_too_large", f"{label}: more than {settings.max_image_bytes} bytes")
     try:
-        image, image_format, pixels = await asyncio.to_thread(decode_for_model, data, *size, settings.max_image_pixels)
+        decoded = await asyncio.to_thread(decode_for_model, data, *size, settings.max_image_pixels, budget.left, preview)
+    except DecodeBudgetExceeded as exc:
+        raise APIError(413, "too_many_pixels", f"{label}: {exc} of the request's REID_MAX_REQUEST_PIXELS={budget.limit}") from None
     except ImageTooLarge as exc:
         raise APIError(413, "image_too_large", f"{label}: {exc}") from None
     except InvalidImage as exc:
         raise APIError(400, "invalid_image", f"{label}: {exc}") from None
-    return Upload(data, image, image_format, pixels)
+    budget.spend(decoded)
+    return Upload(data, decoded)
 
 
 def per_image(values: Optional[List[str]], count: int, name: str) -> List[Optional[str]]:
@@ -67,23 +89,18 @@ def per_image(values: Optional[List[str]], count: int, name: str) -> List[Option
 
 
 def check_id(value: Optional[str], name: str) -> Optional[str]:
-    if value is not None and (not value.strip() or len(value) > MAX_ID_LENGTH):
-        raise APIError(422, "invalid_request", f"{name}: must be 1 to {MAX_ID_LENGTH} characters")
-    return value
+    try:
+        return check_label(value, name)
+    except InvalidValue as exc:
+        raise APIError(422, "invalid_request", str(exc)) from None
 
 
 def parse_metadata(text: Optional[str]) -> dict:
-    if text is None or text == "":
-        return {}
-    if len(text.encode()) > MAX_METADATA_BYTES:
-        raise APIError(422, "invalid_metadata", f"metadata: more than {MAX_METADATA_BYTES} bytes")
+    """Checked in full before anything is written: see service.validation."""
     try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise APIError(422, "invalid_metadata", f"metadata: not JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise APIError(422, "invalid_metadata", "metadata: must be a JSON object")
-    return value
+        return parse_metadata_text(text)
+    except InvalidValue as exc:
+        raise APIError(422, "invalid_metadata", f"metadata: {exc}") from None
 
 
 def item_body(item) -> GalleryItem:
@@ -153,9 +170,7 @@ class BodyLimit:
 
     async def _refuse(self, send):
         self.on_error("payload_too_large")
-        body = json.dumps(error_body("payload_too_large", f"request body over {self.limit} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, "payload_too_large", f"request body over {self.limit} bytes")
 
 
 class _BodyTooLarge(Exception):
@@ -189,6 +204,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     app = FastAPI(
         title="Person re-ID retrieval", version="0.1.0", lifespan=lifespan,
+        redirect_slashes=False,  # a redirect would be built from the request's Host header: /gallery/ is a 404
         description="Enrol pedestrian crops, query with one, get ranked matches with Ranking Activation Map heatmaps. "
         'Every error is {"error": {"code", "message"}}.',
     )
@@ -200,22 +216,27 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     install_error_handlers(app, on_error=count_error)
     body_limit = settings.max_images_per_request * settings.max_image_bytes + 1024 * 1024
     app.add_middleware(BodyLimit, limit=body_limit, on_error=count_error)
+    # outside BodyLimit: a request refused by its headers is refused before its size is even looked at
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(AccessGate, api_key=api_key, allowed_origins=settings.origins, on_error=count_error)
+    if settings.origins:  # outside the gate: a CORS preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["X-API-Key"], expose_headers=["Retry-After"], max_age=600)
 
     app.add_middleware(RequestTimer, latency=metrics.latency)
+    app.add_middleware(HeadAsGet)
 
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when REID_API_KEY is set")
 
-    async def require_key(key: Optional[str] = Security(api_key_header)) -> None:  # async: no thread hop per request
-        expected = settings.api_key.get_secret_value() if settings.api_key else None
-        if expected and not (key and hmac.compare_digest(key.encode(), expected.encode())):
-            raise APIError(401, "unauthorized", "missing or wrong X-API-Key header")
+    async def declare_key(key: Optional[str] = Security(api_key_header)) -> None:
+        """Declares the header in the OpenAPI schema; AccessGate checks it, before the body is read."""
 
     def state(request: Request):
         if not request.app.state.ready:
             raise APIError(503, "not_ready", "the model or the gallery is still loading")
         return request.app.state
 
-    protected = [Depends(require_key)]
+    protected = [Depends(declare_key)]
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -244,7 +265,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return {**asdict(s.model.contract), "embedding_dim": s.model.contract.embedding_dim,
                 "fingerprint": s.model.fingerprint, "file": s.model.path.name}
 
-    @app.get("/metrics", tags=["health"], dependencies=protected)
+    @app.get("/metrics", tags=["health"], dependencies=protected, response_class=PlainTextResponse, responses={**ERRORS, **METRICS_RESPONSE})
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -263,9 +284,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         persons = [check_id(p, "person_id") for p in per_image(person_id, count, "person_id")]
         cameras = [check_id(c, "camera_id") for c in per_image(camera_id, count, "camera_id")]
         metas = [parse_metadata(m) for m in per_image(metadata, count, "metadata")]
-        uploads = [await read_upload(upload, i, settings, s.model.input_size) for i, upload in enumerate(images)]
-        embedding, _ = await s.batcher.embed(np.stack([u.pixels for u in uploads]))
-        new = [NewItem(u.data, u.format, u.image.width, u.image.height, e, p, c, m)
+        budget = PixelBudget(settings.max_request_pixels)
+        uploads = [await read_upload(upload, i, settings, s.model.input_size, budget) for i, upload in enumerate(images)]
+        embedding, _ = await s.batcher.embed(np.stack([u.decoded.pixels for u in uploads]))
+        new = [NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m)
                for u, e, p, c, m in zip(uploads, embedding, persons, cameras, metas)]
         stored = await s.gallery.add(new)
         metrics.gallery_size.set(s.gallery.size)
@@ -287,19 +309,19 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return item
 
     @app.get("/gallery/{item_id}", tags=["gallery"], response_model=GalleryItem, dependencies=protected, responses=ERRORS)
-    async def get_item(request: Request, item_id: int):
+    async def get_item(request: Request, item_id: ItemId):
         return item_body(find(request, item_id))
 
-    @app.get("/gallery/{item_id}/image", tags=["gallery"], dependencies=protected, responses=ERRORS)
-    async def get_image(request: Request, item_id: int):
+    @app.get("/gallery/{item_id}/image", tags=["gallery"], dependencies=protected, response_class=Response, responses={**ERRORS, **IMAGE_RESPONSE})
+    async def get_image(request: Request, item_id: ItemId):
         item = find(request, item_id)
         data = state(request).gallery.store.images([item_id]).get(item_id)
         if data is None:
             raise APIError(404, "not_found", f"no gallery item {item_id}")
-        return Response(data, media_type=f"image/{item.image_format.lower()}")
+        return Response(data, headers=image_headers(item.image_format))
 
     @app.delete("/gallery/{item_id}", status_code=204, tags=["gallery"], dependencies=protected, responses=ERRORS)
-    async def delete_item(request: Request, item_id: int):
+    async def delete_item(request: Request, item_id: ItemId):
         s = state(request)
         if not await s.gallery.delete(item_id):
             raise APIError(404, "not_found", f"no gallery item {item_id}")
@@ -324,12 +346,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             raise APIError(422, "invalid_request", f"top_k: must be between 1 and {settings.max_top_k}")
         for value, name in ((camera_id, "camera_id"), (exclude_camera_id, "exclude_camera_id"), (person_id, "person_id")):
             check_id(value, name)
-        upload = await read_upload(image, 0, settings, s.model.input_size)
+        upload = await read_upload(image, 0, settings, s.model.input_size, PixelBudget(settings.max_request_pixels), preview=heatmaps)
         if s.gallery.size == 0:
             raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
         timing = {}
         started = time.perf_counter()
-        embedding, maps = await s.batcher.embed(upload.pixels[None], with_maps=heatmaps)
+        embedding, maps = await s.batcher.embed(upload.decoded.pixels[None], with_maps=heatmaps)
         timing["embed"] = (time.perf_counter() - started) * 1000
         shortlist = max(top_k, settings.rerank_shortlist) if rerank else top_k
         hits = s.gallery.search(embedding[0], shortlist, camera_id, exclude_camera_id, person_id, min_score)
@@ -345,23 +367,29 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                    for rank, ((i, score), distance) in enumerate(zip(live, distances), 1)]
         query_heatmap = None
         if heatmaps:
-            query_heatmap, _ = await asyncio.gather(asyncio.to_thread(make_heatmap, query_features, maps[0], upload.image),
+            query_heatmap, _ = await asyncio.gather(asyncio.to_thread(make_heatmap, query_features, maps[0], upload.decoded.preview),
                                                     add_heatmaps(s, matches, query_features))
             timing["heatmaps"] = (time.perf_counter() - started) * 1000 - sum(timing.values())
         timing["total"] = (time.perf_counter() - started) * 1000
-        return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing, reranked=rerank)
+        return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing, reranked=rerank,
+                             heatmap_matches=sum(m.heatmap is not None for m in matches))
 
     async def add_heatmaps(s, matches: List[Match], query_features: np.ndarray) -> None:
-        """Re-embed the matches' stored images in one batch for their feature maps, then draw their RAMs."""
-        if not matches:
+        """Re-embed the first REID_MAX_HEATMAP_MATCHES matches' stored images in one batch for their feature
+        maps, then draw their RAMs on previews (a top_k=100 query drew 100 took 3.7 s and answered 17.7 MB)."""
+        chosen = matches[:settings.max_heatmap_matches]
+        stored = s.gallery.store.images([m.id for m in chosen])
+        gone = {m.id for m in chosen if m.id not in stored}  # deleted since the search
+        matches[:] = [m for m in matches if m.id not in gone]
+        chosen = [m for m in chosen if m.id in stored]
+        if not chosen:
             return
-        stored = s.gallery.store.images([m.id for m in matches])
-        matches[:] = [m for m in matches if m.id in stored]
-        decoded = await asyncio.to_thread(lambda: [decode_for_model(stored[m.id], *s.model.input_size, settings.max_image_pixels) for m in matches])
-        _, maps = await s.batcher.embed(np.stack([pixels for _, _, pixels in decoded]), with_maps=True)
+        decoded = await asyncio.to_thread(lambda: [decode_for_model(stored[m.id], *s.model.input_size, settings.max_image_pixels, preview=True)
+                                                   for m in chosen])
+        _, maps = await s.batcher.embed(np.stack([d.pixels for d in decoded]), with_maps=True)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
-        heatmaps = await asyncio.gather(*(asyncio.to_thread(make_heatmap, query_features, m, image) for m, (image, _, _) in zip(maps, decoded)))
-        for match, heatmap in zip(matches, heatmaps):
+        heatmaps = await asyncio.gather(*(asyncio.to_thread(make_heatmap, query_features, m, d.preview) for m, d in zip(maps, decoded)))
+        for match, heatmap in zip(chosen, heatmaps):
             match.heatmap = heatmap
 
     return app

@@ -10,6 +10,7 @@ another model is re-embedded from its stored images or refused.
 """
 import asyncio
 import logging
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +23,7 @@ from model_zoo.preprocess import load_for_model
 from service.index import VectorIndex
 from service.inference import InferenceModel
 from service.settings import Settings
-from service.store import GalleryStore, Item, NewItem
+from service.store import GalleryStore, Item, NewItem, is_disk_full
 
 log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "model_fingerprint"
@@ -38,6 +39,7 @@ class _Write:
     in_store: Callable[[], Any]  # runs inside the group's transaction, in the writer thread
     in_index: Callable[[Any], None]  # gets in_store's result, runs on the event loop after the commit
     future: asyncio.Future
+    frees_space: bool = False  # a delete: on a full disk it is committed again with the store's disk reserve
 
 
 class Gallery:
@@ -119,21 +121,20 @@ class Gallery:
                 self.index.remove(item_id)
                 self.labels.pop(item_id, None)
 
-        return await self._write(partial(self.store.remove, item_id), in_index)
+        return await self._write(partial(self.store.remove, item_id), in_index, frees_space=True)
 
-    async def _write(self, in_store: Callable[[], Any], in_index: Callable[[Any], None]) -> Any:
-        write = _Write(in_store, in_index, asyncio.get_running_loop().create_future())
+    async def _write(self, in_store: Callable[[], Any], in_index: Callable[[Any], None], frees_space: bool = False) -> Any:
+        write = _Write(in_store, in_index, asyncio.get_running_loop().create_future(), frees_space)
         await self._writes.put(write)
         return await write.future
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             group = [await self._writes.get()]
             while not self._writes.empty():
                 group.append(self._writes.get_nowait())
             try:
-                results = await loop.run_in_executor(self._executor, self.store.commit_group, [w.in_store for w in group])
+                results = await self._commit(group)
             except Exception as exc:  # the commit failed, so none of the group happened
                 log.error("gallery write failed: %s", exc)
                 for write in group:
@@ -146,6 +147,22 @@ class Gallery:
                     self._apply_to_index(write, result)
                     _settle(write.future, result=result)
             self._maybe_rebuild()
+
+    async def _commit(self, group: List[_Write]) -> List[Any]:
+        """The group's results, each a value or its own error. On a full disk the group's deletes are
+        committed again on their own, with the store's disk reserve, so that space can still be freed."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self.store.commit_group, [w.in_store for w in group])
+        except sqlite3.OperationalError as exc:
+            deletes = [i for i, w in enumerate(group) if w.frees_space]
+            if not (is_disk_full(exc) and deletes):
+                raise
+            results: List[Any] = [exc] * len(group)
+            freed = await loop.run_in_executor(self._executor, self.store.commit_with_reserve, [group[i].in_store for i in deletes])
+            for i, result in zip(deletes, freed):
+                results[i] = result
+            return results
 
     def _apply_to_index(self, write: _Write, result: Any) -> None:
         try:

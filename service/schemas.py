@@ -53,6 +53,8 @@ class QueryResponse(BaseModel):
     query_heatmap: Optional[Heatmap] = Field(None, description="the query's own map R_q^q")
     reranked: bool = Field(False, description="true when the matches were re-ranked: their order follows rerank_distance, not score, "
                            "and score (still the mean cosine, the heatmap grid's mean) need not decrease down the list")
+    heatmap_matches: int = Field(0, description="how many matches carry a heatmap: the first ones, at most REID_MAX_HEATMAP_MATCHES "
+                                 "(0 with heatmaps=false)")
     gallery_size: int
     timing_ms: Dict[str, float]
 

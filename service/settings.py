@@ -1,8 +1,8 @@
 """Every setting, from environment variables prefixed ``REID_`` (see the README's settings table)."""
 from pathlib import Path
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_zoo import DEFAULT_MODEL_PATH
@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     store_path: Path = Field(Path("var/gallery.sqlite3"), description="SQLite gallery file (created if missing)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
-    api_key: Optional[SecretStr] = Field(None, description="if set, every route but /healthz, /readyz and / needs header X-API-Key")
+    api_key: Optional[SecretStr] = Field(None, description="if set, every route but /healthz, /readyz, / and the API docs needs header X-API-Key, checked before any body is read")
+    allowed_origins: str = Field("", description="comma-separated web origins (https://host[:port]) whose pages may call the API: their writes pass the cross-site check, and CORS answers them; empty: same-origin pages only")
     execution_provider: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when ONNX Runtime can use it, else CPU; cuda: refuse to start without it")
     model_instances: int = Field(0, ge=0, description="model calls that run at once, each on its own batch (0: one per core on the CPU, counting a cgroup CPU quota; 1 on CUDA)")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per model call (0: cores / instances on the CPU, ONNX Runtime's default on CUDA)")
@@ -34,10 +35,16 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
     max_images_per_request: int = Field(64, ge=1, description="most images in one POST /gallery")
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
+    max_request_pixels: int = Field(200_000_000, ge=1, description="most pixels one request may decode, summed over its images (a large JPEG counts at the reduced scale it is decoded at)")
+    max_heatmap_matches: int = Field(10, ge=0, description="a query draws heatmaps for its first this many matches only")
     rerank_shortlist: int = Field(100, ge=1, le=2000, description="index hits a query with rerank=true re-ranks (at least its top_k)")
     rerank_k1: int = Field(DEFAULT_K1, ge=1, description="re-ranking: k-reciprocal neighbourhood size (clamped to the shortlist's size)")
     rerank_k2: int = Field(DEFAULT_K2, ge=1, description="re-ranking: local query expansion size (clamped to the shortlist's size + 1)")
     rerank_lambda: float = Field(DEFAULT_LAMBDA, ge=0, le=1, description="re-ranking: weight of the plain distance against the Jaccard distance")
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers, from connecting or from the previous response; then the connection is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds a request body may pause (no byte arriving while the server is ready to read); then the connection is closed")
+    max_header_bytes: int = Field(65536, ge=1024, description="largest request header block (431 past it)")
+    max_connections: int = Field(512, ge=1, description="open connections past which a new connection's request is answered 503 overloaded")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("warning", description="uvicorn and service log level")
 
     @field_validator("model_path", mode="before")
@@ -45,3 +52,18 @@ class Settings(BaseSettings):
     def empty_means_default(cls, value):
         # docker-compose passes unset variables through as "", which must mean "the shipped model"
         return DEFAULT_MODEL_PATH if value in ("", None) else value
+
+    @property
+    def origins(self) -> List[str]:
+        """REID_ALLOWED_ORIGINS as a list (a plain string in the environment, not JSON)."""
+        return [origin.strip().rstrip("/") for origin in self.allowed_origins.split(",") if origin.strip()]
+
+    @model_validator(mode="after")
+    def one_request_fits_the_queue(self):
+        # One request queues up to max_images_per_request images (an enrolment) or its heatmap matches (a query's
+        # first matches re-embedded) at once: past max_queued_images it would be refused with 503 forever.
+        heatmap_batch = min(self.max_top_k, self.max_heatmap_matches)
+        if self.max_queued_images < max(self.max_images_per_request, heatmap_batch):
+            raise ValueError(f"REID_MAX_QUEUED_IMAGES={self.max_queued_images} is below REID_MAX_IMAGES_PER_REQUEST={self.max_images_per_request} "
+                             f"or the heatmap matches of a query ({heatmap_batch}): such a request could never be queued")
+        return self

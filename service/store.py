@@ -6,7 +6,8 @@ Writes go through their own connection with ``synchronous=FULL``, so what a requ
 ``commit_group`` lets concurrent writes share one transaction, and so one fsync, each in its own savepoint:
 every write is still all or nothing on its own. Ids come from AUTOINCREMENT, so they are never reused.
 """
-import json
+import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from service.validation import check_writable, dump_metadata, read_metadata
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -33,6 +36,12 @@ CREATE INDEX IF NOT EXISTS items_camera ON items(camera_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at"
+RESERVE_BYTES = 16 * 1024 * 1024
+log = logging.getLogger(__name__)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 @dataclass
@@ -60,7 +69,7 @@ class Item:
 
     @classmethod
     def from_row(cls, row: tuple) -> "Item":
-        return cls(row[0], row[1], row[2], json.loads(row[3]), *row[4:])
+        return cls(row[0], row[1], row[2], read_metadata(row[3]), *row[4:])
 
 
 class GalleryStore:
@@ -70,7 +79,12 @@ class GalleryStore:
         self.writer = self._connect()
         self.writer.execute("PRAGMA journal_mode=WAL")
         self.writer.executescript(SCHEMA)
+        self.reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"), RESERVE_BYTES)
+        self.reserve.lay()
         self.db = self._connect()  # reads
+        # A TEXT value that is not UTF-8 (written by another tool) is read with U+FFFD in place of the bad
+        # bytes rather than failing every read that touches its row.
+        self.db.text_factory = lambda data: data.decode("utf-8", "replace")
 
     def _connect(self) -> sqlite3.Connection:
         # check_same_thread=False: the service writes from one worker thread and reads on the event loop,
@@ -86,20 +100,38 @@ class GalleryStore:
     def _transaction(self):
         return _Transaction(self.writer)
 
-    def commit_group(self, writes: Sequence[Callable[[], object]]) -> List[Union[object, sqlite3.Error]]:
+    def commit_group(self, writes: Sequence[Callable[[], object]]) -> List[Union[object, Exception]]:
         """Run writes (store methods bound with ``functools.partial``, such as ``insert`` and ``remove``) in one
-        transaction, each in a savepoint: a write that fails is rolled back alone and its error returned in its
-        place. A failed commit raises, and then none of them happened."""
+        transaction, each in a savepoint: a write that fails, whatever the error (SQLite's, or a value it
+        cannot bind), is rolled back alone and its error returned in its place, so one request's bad value
+        never fails the others in its group. A failed commit, or an error after which SQLite has rolled the
+        whole transaction back (disk full, I/O error), raises, and then none of them happened."""
         results = []
         with self._transaction():
             for write in writes:
                 self.writer.execute("SAVEPOINT write")
                 try:
                     results.append(write())
-                except sqlite3.Error as exc:
+                except Exception as exc:
+                    if not self.writer.in_transaction:
+                        raise
                     self.writer.execute("ROLLBACK TO write")
                     results.append(exc)
                 self.writer.execute("RELEASE write")
+        self.reserve.lay()  # again, once a full disk has room
+        return results
+
+    def commit_with_reserve(self, writes: Sequence[Callable[[], object]]) -> List[Union[object, Exception]]:
+        """``commit_group`` on a full disk, with the disk reserve given back first: for deletes, so that space
+        can always be freed (even a delete needs room in the WAL). Then the WAL is folded into the database,
+        so that later writes reuse its space and the pages the deletes freed."""
+        log.warning("the disk is full: giving back the %d byte disk reserve for %d delete(s)", self.reserve.size, len(writes))
+        self.reserve.release()
+        results = self.commit_group(writes)
+        try:
+            self.writer.execute("PRAGMA wal_checkpoint(RESTART)")
+        except sqlite3.Error as exc:  # best effort: the deletes have committed all the same
+            log.warning("checkpoint after deletes on a full disk: %s", exc)
         return results
 
     def get_meta(self, key: str) -> Optional[str]:
@@ -129,10 +161,11 @@ class GalleryStore:
         stored = []
         for item in items:
             metadata = item.metadata or {}
+            check_writable(metadata)  # the last guard: what is committed must serialise back (service.validation)
             cursor = self.writer.execute(
                 "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (item.person_id, item.camera_id, json.dumps(metadata), item.image, item.image_format, item.width, item.height,
+                (item.person_id, item.camera_id, dump_metadata(metadata), item.image, item.image_format, item.width, item.height,
                  np.ascontiguousarray(item.embedding, np.float32).tobytes(), now))
             stored.append(Item(cursor.lastrowid, item.person_id, item.camera_id, metadata, item.image_format, item.width, item.height, now))
         return stored
@@ -207,6 +240,32 @@ class GalleryStore:
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+class DiskReserve:
+    """Disk space held back for deletes: a file beside the database, given back to the filesystem when the
+    disk is full, and laid again only where twice its size is free (never the disk's last bytes)."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size = path, size
+
+    def lay(self) -> None:
+        if self.path.exists() or _free_bytes(self.path.parent) < 2 * self.size:
+            return
+        try:
+            with open(self.path, "wb") as reserve:
+                os.posix_fallocate(reserve.fileno(), 0, self.size)
+        except OSError as exc:
+            log.warning("could not lay the disk reserve %s: %s", self.path, exc)
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _free_bytes(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
 
 
 class _Transaction:

@@ -50,5 +50,5 @@ def test_every_shipped_config_builds_its_model_and_its_phases_name_real_parts(na
     model = build_model(model_settings(cfg), num_classes=4)
     groups, terms = set(parameter_groups(model)), set(build_objective(cfg, model).weights())
     for phase in phases_from_config(cfg.solver):
-        assert set(phase.trainable + phase.eval_mode + list(phase.lr_multipliers)) <= groups, phase.name
+        assert set(phase.trainable + phase.eval_mode + list(phase.lr_multipliers) + list(phase.fixed_lr)) <= groups, phase.name
         assert set(phase.loss_weights) <= terms, phase.name

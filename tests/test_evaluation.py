@@ -104,7 +104,7 @@ def test_the_evaluate_command_passes_re_ranking_through(monkeypatch, capsys):
 
     seen = {}
 
-    def fake_evaluate(checkpoint, data_roots, device, progress, rerank):
+    def fake_evaluate(checkpoint, data_roots, device, progress, rerank, pair_head=None):
         seen["rerank"] = rerank
         query_feats, query, gallery_feats, gallery = clustered_split()
         return {"set": features_metrics(query_feats, gallery_feats, query, gallery, rerank)}

@@ -26,6 +26,10 @@ class ModelConfig:
     layout: str = option("ide", "CASN: 'ide' (GAP of the last stage) or 'pcb' (six horizontal stripes, each reduced to reduction_dim, 256 by default)")
     mask_layer: str = option("stem", "FMN: the stage whose output the feature mask multiplies (stem = ResNet's pool1); the LAN copies the stages after it")
     last_stride: int = option(1, "stride of the backbone's last stage (layer4): 1 (re-ID's usual, a 16x8 map at 256x128) or 2 (the ImageNet network)")
+    clpd_parts: int = option(8, "CLPD: N, the number of part attention modules; the local feature is N part descriptors of reduction_dim / N each")
+    clpd_attention: str = option("multiscale", "CLPD: 'multiscale' (the constrained attention module, eq. 1-2) or 'single' (Table VI's AM: sigmoid(BN(conv1x1(X))))")
+    clpd_descriptor: str = option("SPR", "CLPD: the part descriptor's blocks (Table VI): G (average pooling) or S (max, min, mean, median, variance), then optionally P (barycentre) and R (cosine distances to the other parts): G, S, GP, GR, SP, SR or SPR")
+    clpd_middle_channels: int = option(256, "CLPD: channels of X, the single 1x1 conv -> BN -> ReLU on layer3 that the attention modules and the part descriptor read")
 
 
 @dataclass
@@ -48,6 +52,9 @@ class LossConfig:
     casn_row_threshold: float = option(0.3, "CASN: t, the rows of a max-normalised attention profile kept for alignment")
     rank_margin: float = option(0.1, "FMN: margin of the rank loss max(0, p_G - p_L + margin) on true-class probabilities")
     rank_weight: float = option(1.0, "FMN: weight of the rank loss")
+    clpd_ratio_weight: float = option(0.1, "CLPD: lambda, weight of the activation-ratio loss L_r (eq. 6), summed over the attention modules (0: off)")
+    clpd_distribution_weight: float = option(1.0, "CLPD: eta, weight of the activation-distribution loss L_d (eq. 10), summed over the attention modules (0: off)")
+    clpd_candidate_ratios: List[float] = option([0.2, 0.2, 0.3, 0.3, 0.3, 0.3, 0.4, 0.4], "CLPD: per attention module, its candidates' share of the grid's cells (K = round(ratio x h x w)); one per part")
 
 
 @dataclass
@@ -85,7 +92,7 @@ class SolverConfig:
     milestones: List[int] = option([], "multistep: epochs after the warm-up at which the lr is multiplied by gamma")
     gamma: float = option(0.1, "lr decay factor")
     final_lr_factor: float = option(0.01, "the cosine schedule's last learning rate, as a fraction of lr")
-    phases: List[Dict[str, Any]] = option([], "explicit training phases (training/solver.py: name, epochs, trainable, eval_mode, optimizer, lr, lr_multipliers, scheduler, start_lr, step_size, milestones, gamma, loss_weights, max_iters_per_epoch ...); when given, the warm-up/epochs/scheduler keys above are not used, and each phase takes optimizer, lr, momentum, nesterov and weight_decay from above unless it sets them")
+    phases: List[Dict[str, Any]] = option([], "explicit training phases (training/solver.py: name, epochs, trainable, eval_mode, optimizer, lr, lr_multipliers, fixed_lr, scheduler, start_lr, step_size, milestones, gamma, loss_weights, max_iters_per_epoch ...); when given, the warm-up/epochs/scheduler keys above are not used, and each phase takes optimizer, lr, momentum, nesterov and weight_decay from above unless it sets them")
     max_iters_per_epoch: Optional[int] = option(None, "cap on iterations per epoch (smoke tests)")
 
 

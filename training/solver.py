@@ -4,8 +4,8 @@ A run is a list of phases (CAMA's classifier warm-up then the whole model; FMN's
 GRN frozen; PMM's staircase warm-up then multi-step decay). Each phase says how many epochs it lasts, which of
 the architecture's parameter groups learn (``parameter_groups``: ``all``, CAMA's ``classifiers``, ...), which
 are held in eval mode with no gradient (batch-norm statistics frozen), its optimiser and learning rate (one
-rate per group through ``lr_multipliers``), its schedule, and loss-term weights that differ from the
-objective's.
+rate per group through ``lr_multipliers``, or a constant rate through ``fixed_lr``), its schedule, and
+loss-term weights that differ from the objective's.
 
 The optimiser: consecutive phases with the same optimiser settings share one optimiser, so Adam's moments
 carry over from CAMA's warm-up into the main phase; a phase with other settings starts a fresh one. Every
@@ -36,6 +36,7 @@ class Phase:
     optimizer: str = "adam"
     lr: float = 3e-4
     lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    fixed_lr: Dict[str, float] = field(default_factory=dict)  # groups held at this rate whatever the schedule (CLPD's step 2)
     weight_decay: float = 5e-4
     momentum: float = 0.9
     nesterov: bool = False
@@ -59,7 +60,8 @@ class Phase:
     @property
     def optimizer_settings(self) -> Tuple:
         """Phases with equal settings share one optimiser (and its state)."""
-        return (self.optimizer, self.weight_decay, self.momentum, self.nesterov, tuple(sorted(self.lr_multipliers.items())))
+        return (self.optimizer, self.weight_decay, self.momentum, self.nesterov, tuple(sorted(self.lr_multipliers.items())),
+                tuple(sorted(self.fixed_lr.items())))
 
     def learning_rate(self, epoch: int, iteration: int, iters_per_epoch: int) -> float:
         """The base rate (before a group's multiplier) at ``iteration`` of ``epoch``, both from the phase's start."""
@@ -147,15 +149,18 @@ def _group_parameters(model: nn.Module, names: Sequence[str]) -> List[nn.Paramet
 
 
 def build_optimizer(model: nn.Module, phase: Phase) -> torch.optim.Optimizer:
-    """An optimiser over every parameter; a parameter in a ``lr_multipliers`` group (the first that names it)
-    learns at lr x that multiplier, the rest at lr. ``group["multiplier"]`` keeps the factor for the schedule."""
+    """An optimiser over every parameter; a parameter in a ``fixed_lr`` group learns at that constant rate, one
+    in a ``lr_multipliers`` group at lr x that multiplier (the first group that names a parameter claims it,
+    ``fixed_lr`` first), the rest at lr. ``group["multiplier"]`` and ``group["fixed_lr"]`` keep the rule for the
+    schedule."""
     claimed, param_groups = set(), []
-    for name, multiplier in phase.lr_multipliers.items():
+    rules = [(name, 1.0, rate) for name, rate in phase.fixed_lr.items()] + [(name, m, None) for name, m in phase.lr_multipliers.items()]
+    for name, multiplier, fixed in rules:
         params = [p for p in _group_parameters(model, [name]) if id(p) not in claimed]
         claimed.update(id(p) for p in params)
-        param_groups.append({"params": params, "multiplier": multiplier, "group": name})
+        param_groups.append({"params": params, "multiplier": multiplier, "fixed_lr": fixed, "group": name})
     rest = [p for p in model.parameters() if id(p) not in claimed]
-    param_groups.append({"params": rest, "multiplier": 1.0, "group": "default"})
+    param_groups.append({"params": rest, "multiplier": 1.0, "fixed_lr": None, "group": "default"})
     param_groups = [g for g in param_groups if g["params"]]
     if phase.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay, nesterov=phase.nesterov)
@@ -164,7 +169,8 @@ def build_optimizer(model: nn.Module, phase: Phase) -> torch.optim.Optimizer:
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = base_lr * group["multiplier"]
+        fixed = group.get("fixed_lr")
+        group["lr"] = base_lr * group["multiplier"] if fixed is None else fixed
 
 
 def enter_phase(model: nn.Module, phase: Phase) -> None:
@@ -180,9 +186,9 @@ def enter_phase(model: nn.Module, phase: Phase) -> None:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Moments and step counts from a checkpoint; each group's multiplier stays the config's (checkpoints
-    written before phases existed have none)."""
-    multipliers = [(g["multiplier"], g["group"]) for g in optimizer.param_groups]
+    """Moments and step counts from a checkpoint; each group's multiplier and fixed rate stay the config's
+    (checkpoints written before phases existed have none)."""
+    rules = [(g["multiplier"], g["fixed_lr"], g["group"]) for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group, (multiplier, name) in zip(optimizer.param_groups, multipliers):
-        group["multiplier"], group["group"] = multiplier, name
+    for group, (multiplier, fixed, name) in zip(optimizer.param_groups, rules):
+        group["multiplier"], group["fixed_lr"], group["group"] = multiplier, fixed, name

@@ -99,14 +99,15 @@ def region_map(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # R3 ------------------------------------------------------------------------------------------------------------
-def weighted_map(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """R3: ``hw . w(x, y) . F(x, y) / sum w``, whose mean is the weighted average ``sum w F / sum w``.
+def weighted_map(maps: torch.Tensor, weights: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """R3: ``hw . w(x, y) . F(x, y) / (sum w + eps)``, whose mean is the weighted average ``sum w F / (sum w + eps)``;
+    ``eps`` > 0 guards non-negative weights that may all be 0 (the map and its mean are then 0).
 
     ``weights``: [..., h, w] (one weight map for every channel) or [..., D, h, w] (one per channel)."""
     if weights.dim() == maps.dim() - 1:
         weights = weights.unsqueeze(-3)
     weights = weights.to(maps.dtype)
-    return maps * (_cells(maps) * weights / weights.sum(dim=(-2, -1), keepdim=True))
+    return maps * (_cells(maps) * weights / (weights.sum(dim=(-2, -1), keepdim=True) + eps))
 
 
 # R4 ------------------------------------------------------------------------------------------------------------

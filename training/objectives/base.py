@@ -47,6 +47,19 @@ class Objective:
         return out, total, terms
 
 
+class GlobalFirstObjective(Objective):
+    """For architectures whose global network first trains alone (FMN's GRN, CLPD's global branch): while no
+    term of ``local_terms`` is weighted, the forward runs only ``model.global_output``."""
+
+    local_terms: Tuple[str, ...] = ()
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> ReIDOutput:
+        weights = self.weights()
+        if not any(weights[name] for name in self.local_terms):
+            return self.model.global_output(images)
+        return self.model(images)
+
+
 def build_objective(cfg, model: nn.Module) -> Objective:
     """The objective ``loss.objective`` names, by default the architecture's own."""
     return OBJECTIVE_REGISTRY.get(cfg.loss.objective or cfg.model.architecture)(cfg, model)

@@ -12,11 +12,13 @@ import torch
 
 from model_zoo.architectures.common import branch_features
 from training.losses import BatchHardTripletLoss, IdentificationLoss, ProbabilityMarginRankLoss
-from training.objectives.base import OBJECTIVE_REGISTRY, Objective
+from training.objectives.base import OBJECTIVE_REGISTRY, GlobalFirstObjective
 
 
 @OBJECTIVE_REGISTRY.register("fmn")
-class FMNObjective(Objective):
+class FMNObjective(GlobalFirstObjective):
+    local_terms = ("loss_lan", "loss_rank")
+
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
         self.id_loss = IdentificationLoss(cfg.loss.label_smoothing)
@@ -25,11 +27,6 @@ class FMNObjective(Objective):
 
     def default_weights(self) -> Dict[str, float]:
         return {"loss_grn": 1.0, "loss_lan": 1.0, "loss_rank": self.cfg.loss.rank_weight, "loss_tri": self.cfg.loss.triplet_weight}
-
-    def forward(self, images, targets):
-        if not self.weights()["loss_lan"] and not self.weights()["loss_rank"]:
-            return self.model.global_output(images)
-        return self.model(images)
 
     def terms(self, out, targets: torch.Tensor, active: set) -> Dict[str, torch.Tensor]:
         compute = {
