@@ -9,7 +9,7 @@ from model_zoo.architectures.fmn import MASK_LOGIT_CLAMP, FeatureMask
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from tests.server import assert_heatmaps_sum_to_scores
 from training import export, load_config, train
-from training.engine import Trainer
+from training.engine import Trainer, model_settings
 from training.losses import ProbabilityMarginRankLoss
 
 TINY_FMN = {"architecture": "fmn", "backbone": "mobilenetv2", "pretrained": None, "input_size": (TINY_HEIGHT, TINY_WIDTH)}
@@ -106,3 +106,17 @@ def fmn_onnx(market_root, tmp_path_factory):
 
 def test_fmn_is_served_unchanged_with_heatmaps_that_average_to_the_score(fmn_onnx, tmp_path):
     assert_heatmaps_sum_to_scores(fmn_onnx, tmp_path / "gallery.sqlite3", "fmn", 2)
+
+
+def test_an_untrained_lan_identical_to_its_grn_exports_to_a_file_onnx_runtime_loads(tmp_path):
+    """The LAN starts as an ImageNet copy of the GRN: identical tensors once broke the exporter's constant folding."""
+    import onnxruntime as ort
+
+    from training.export import describe, write_onnx
+
+    cfg = load_config("base.yaml", ["model.architecture=fmn", "model.pretrained=null", "model.ibn=true",
+                                    f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"])
+    model = build_model(model_settings(cfg), num_classes=5).eval()
+    model.lan.load_state_dict(model.grn_global.state_dict())
+    write_onnx(model, describe(model, cfg, None), tmp_path / "fmn.onnx")
+    ort.InferenceSession(str(tmp_path / "fmn.onnx"), providers=["CPUExecutionProvider"])

@@ -14,7 +14,8 @@ from torch import nn
 
 from model_zoo.architectures.common import branch_features
 from model_zoo.contract import INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session, split_branches
-from model_zoo.pair_attention import file_sha256, pair_head_path
+from model_zoo.files import sha256_of
+from model_zoo.pair_attention import pair_head_path
 from model_zoo.preprocess import load_for_model
 from training.engine import load_trained_model
 
@@ -123,15 +124,23 @@ def write_onnx(model: nn.Module, contract: ModelContract, output: Path, opset: i
     extras = optional_outputs(model, dummy)
     names = [OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, *extras]
     # The TorchScript exporter: on this CPU it exports in seconds where dynamo=True takes about a minute, for
-    # an equivalent graph; torch is pinned, and the parity check guards the result either way.
+    # an equivalent graph; torch is pinned, and the parity check guards the result either way. Its pass that
+    # merges parameter tensors of equal values breaks graphs that hold such tensors (FMN's LAN before training
+    # is an ImageNet copy of the GRN; fresh batch norms are all ones): a node is left reading a merged-away
+    # name and ONNX Runtime refuses the file. keep_initializers_as_inputs skips that pass; the parameters are
+    # then taken back out of the graph's inputs, which the contract says are the images alone.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             ContractOutputs(model, extras).eval(), (dummy,), str(output), input_names=[INPUT_IMAGES],
-            output_names=names, opset_version=opset, dynamo=False,
+            output_names=names, opset_version=opset, dynamo=False, keep_initializers_as_inputs=True,
             dynamic_axes={name: {0: "batch"} for name in [INPUT_IMAGES, *names]},
         )
     proto = onnx.load(str(output))
+    parameters = {tensor.name for tensor in proto.graph.initializer}
+    images_only = [node for node in proto.graph.input if node.name not in parameters]
+    del proto.graph.input[:]
+    proto.graph.input.extend(images_only)
     for key, value in contract.to_metadata().items():
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, str(output))
@@ -164,7 +173,7 @@ def export_pair_head(model: nn.Module, cfg, output: Path) -> Dict:
     """CASN (IDE): the pair head beside the ONNX file, bound to it by its sha256 (model_zoo/pair_attention.py);
     other architectures have none."""
     make = getattr(model, "pair_head_artifact", None)
-    artifact = make(file_sha256(output), cfg.loss.casn_row_threshold) if make else None
+    artifact = make(sha256_of(output), cfg.loss.casn_row_threshold) if make else None
     if artifact is None:
         return {}
     artifact.save(pair_head_path(output))
