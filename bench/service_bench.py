@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from client import AsyncReIDClient, ReIDClient  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from service.gallery import EMBEDDING_DIM_KEY, FINGERPRINT_KEY  # noqa: E402
 from model_zoo.files import sha256_of  # noqa: E402
@@ -98,11 +99,10 @@ async def enrol_throughput(url: str, clients: int, seconds: float, images) -> fl
 
     async def client(worker: int):
         nonlocal done
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        async with AsyncReIDClient(url) as reid:
             n = worker
             while time.perf_counter() < deadline:
-                r = await c.post("/gallery", files=[("images", ("a.jpg", images[n % len(images)], "image/jpeg"))])
-                r.raise_for_status()
+                await reid.enroll([("a.jpg", images[n % len(images)])])
                 done += 1
                 n += clients
 
@@ -189,12 +189,10 @@ def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> 
 
 def latencies(url: str, images, queries: int, heatmaps: bool) -> dict:
     times = []
-    with httpx.Client(base_url=url, timeout=120) as c:
+    with ReIDClient(url, timeout=120) as reid:
         for i in range(queries + 2):
             started = time.perf_counter()
-            r = c.post("/query", files=[("image", ("q.jpg", images[i % len(images)], "image/jpeg"))],
-                       data={"top_k": "10", "heatmaps": str(heatmaps).lower()})
-            r.raise_for_status()
+            reid.query(("q.jpg", images[i % len(images)]), top_k=10, heatmaps=heatmaps)
             if i >= 2:  # two warm-up queries
                 times.append((time.perf_counter() - started) * 1000)
     q = statistics.quantiles(times, n=100, method="inclusive")
@@ -234,9 +232,9 @@ def query_benchmark(args, images, tmp: Path) -> dict:
         store = tmp / f"gallery{size}.sqlite3"
         fill_synthetic(store, args.model, size - 50, dim)
         with ServiceProcess(args.model, store, max_batch_size=args.batch, max_top_k=100, intra_op_threads=0, model_instances=0) as server:
-            with httpx.Client(base_url=server.url, timeout=120) as c:
+            with ReIDClient(server.url, timeout=120) as reid:
                 for i in range(0, 50, 10):
-                    c.post("/gallery", files=[("images", (f"{j}.jpg", images[j], "image/jpeg")) for j in range(i, i + 10)]).raise_for_status()
+                    reid.enroll([(f"{j}.jpg", images[j]) for j in range(i, i + 10)])
             results[str(size)] = {f"heatmaps_{h}": latencies(server.url, images, args.queries, h) for h in (False, True)}
         print(size, json.dumps(results[str(size)]), flush=True)
         store.unlink()

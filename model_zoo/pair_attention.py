@@ -16,23 +16,16 @@ layer: h = W (f_q - f_g) + b):
     d = minmax(d_feature) + minmax(d_att)               per query over the gallery (the shortlist in a service)
 with d_feature the Euclidean distance of the L2-normalised features. Lower d ranks first.
 """
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from model_zoo.files import sha256_of
+
 PAIR_HEAD_SUFFIX = ".pair_head.npz"
 ARTIFACT_VERSION = 1
-
-
-def file_sha256(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pair_head_path(model_path: Union[str, Path]) -> Path:
@@ -65,7 +58,7 @@ class PairHead:
                 raise ValueError(f"{path}: pair-head artifact version {int(data['version'])}, this code reads {ARTIFACT_VERSION}")
             head = cls(data["weight"].astype(np.float32), data["bias"].astype(np.float32), data["same_weight"].astype(np.float32),
                        float(data["row_threshold"]), str(data["model_sha256"]))
-        if model_path is not None and file_sha256(model_path) != head.model_sha256:
+        if model_path is not None and sha256_of(model_path) != head.model_sha256:
             raise PairHeadMismatch(f"{path} belongs to another model file than {model_path}")
         return head
 
@@ -74,17 +67,48 @@ class PairHead:
         hidden = difference @ self.weight.T + self.bias
         return ((hidden > 0) * self.same_weight) @ self.weight > 0
 
-    def attention_distances(self, query_feature: np.ndarray, query_map: np.ndarray, gallery_features: np.ndarray,
-                            gallery_maps: np.ndarray) -> np.ndarray:
-        """d_att [G] of one query (f [D], A [D, h, w]) against gallery images (f [G, D], A [G, D, h, w])."""
+    def attention_maps(self, query_feature: np.ndarray, query_map: np.ndarray, gallery_features: np.ndarray,
+                       gallery_maps: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(M_q, M_g), each [G, h, w]: the Siamese attention of one query (f [D], A [D, h, w]) and of each gallery
+        image (f [G, D], A [G, D, h, w]) in their pair; M_q differs per pair, through the indicator."""
         a = self.indicator(query_feature[None] - gallery_features).astype(np.float32)
         cells = query_map.shape[1] * query_map.shape[2]
         query_attention = np.maximum(np.einsum("gd,dhw->ghw", a, query_map), 0) / cells
         gallery_attention = np.maximum(np.einsum("gd,gdhw->ghw", a, gallery_maps), 0) / cells
-        height = query_map.shape[1]
+        return query_attention, gallery_attention
+
+    def profile_distances(self, query_attention: np.ndarray, gallery_attention: np.ndarray) -> np.ndarray:
+        """d_att [G] of the pairs' attention maps M_q, M_g [G, h, w]: their aligned row profiles apart."""
+        height = query_attention.shape[1]
         query_profiles = [aligned_profile(p, self.row_threshold, height) for p in row_profiles(query_attention)]
         gallery_profiles = [aligned_profile(p, self.row_threshold, height) for p in row_profiles(gallery_attention)]
         return np.array([np.linalg.norm(q - g) for q, g in zip(query_profiles, gallery_profiles)])
+
+    def attention_distances(self, query_feature: np.ndarray, query_map: np.ndarray, gallery_features: np.ndarray,
+                            gallery_maps: np.ndarray) -> np.ndarray:
+        """d_att [G] of one query (f [D], A [D, h, w]) against gallery images (f [G, D], A [G, D, h, w])."""
+        return self.profile_distances(*self.attention_maps(query_feature, query_map, gallery_features, gallery_maps))
+
+    def rank(self, query_embedding: np.ndarray, query_maps: np.ndarray, gallery_embeddings: np.ndarray,
+             gallery_maps: np.ndarray, gallery_features: Optional[np.ndarray] = None) -> "PairRanking":
+        """CASN's test-time rule for one query, from the contract's outputs of an IDE-layout model (N = 1, the
+        map is A, f = its mean over the grid, the embedding normalize(f)): embedding [D] and maps [1, D, h, w]
+        of the query, [G, D] and [G, 1, D, h, w] of the gallery. The min-max runs over these G images only.
+        ``gallery_features`` (f [G, D]) may be given to spare recomputing them for every query."""
+        query_map, gallery_map = query_maps[0], gallery_maps[:, 0]
+        if gallery_features is None:
+            gallery_features = gallery_map.mean(axis=(2, 3))
+        query_attention, gallery_attention = self.attention_maps(query_map.mean(axis=(1, 2)), query_map, gallery_features, gallery_map)
+        feature_distances = np.linalg.norm(gallery_embeddings - query_embedding, axis=1)
+        distances = fused_distances(feature_distances, self.profile_distances(query_attention, gallery_attention))
+        return PairRanking(distances, query_attention, gallery_attention)
+
+
+@dataclass(frozen=True)
+class PairRanking:
+    distances: np.ndarray  # d [G], lower = more alike, in [0, 2]
+    query_attention: np.ndarray  # M_q [G, h, w]
+    gallery_attention: np.ndarray  # M_g [G, h, w]
 
 
 def row_profiles(attention: np.ndarray) -> np.ndarray:

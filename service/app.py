@@ -5,7 +5,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, List, Optional, Tuple
+from typing import Annotated, Dict, List, Optional, Tuple
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, Response, Security, UploadFile
@@ -25,9 +25,10 @@ from service.errors import ERROR_SCHEMA, APIError, install_error_handlers, send_
 from service.gallery import Gallery
 from service.heatmaps import overlay, png_base64
 from service.http_contract import HeadAsGet, image_headers
-from service.inference import InferenceModel
+from service.inference import ImageMaps, InferenceModel
 from service.metrics import RequestTimer, ServiceMetrics
-from service.schemas import EnrollResponse, GalleryItem, GalleryPage, Heatmap, Match, QueryResponse, ReadyResponse
+from service.pair_ranking import load_pair_head, rank_shortlist
+from service.schemas import EnrollResponse, GalleryItem, GalleryPage, Heatmap, Match, PairAttention, QueryResponse, ReadyResponse
 from service.settings import Settings
 from service.store import GalleryStore, NewItem
 from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, InvalidValue, check_item_id, check_label
@@ -107,28 +108,46 @@ def item_body(item) -> GalleryItem:
     return GalleryItem(**asdict(item))
 
 
-def match_body(rank: int, score: float, item, vector: np.ndarray, query_features: np.ndarray, rerank_distance: Optional[float] = None) -> Match:
+def match_body(rank: int, score: float, item, vector: np.ndarray, query_features: np.ndarray, **ranking) -> Match:
+    """``ranking``: the fields a re-ranking step adds (rerank_distance, or pair_distance and pair_attention)."""
     branch_scores = (split_branches(vector, len(query_features)) * query_features).sum(axis=1)
-    return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores.tolist(), rerank_distance=rerank_distance,
+    return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores.tolist(), **ranking,
                  person_id=item.person_id, camera_id=item.camera_id, metadata=item.metadata)
 
 
-def rerank_hits(embedding: np.ndarray, hits: List[Tuple[int, float]], found: dict, top_k: int, settings: Settings) -> Tuple[List[Tuple[int, float]], List[float]]:
+def rerank_hits(embedding: np.ndarray, hits: List[Tuple[int, float]], found: dict, top_k: int, settings: Settings) -> Tuple[List[Tuple[int, float]], List[dict]]:
     """The shortlist ``hits`` re-ranked with the query alone (model_zoo.rerank): the first ``top_k`` in the
-    new order, and their re-ranked distances. ``found`` holds each hit's stored embedding."""
+    new order, and their Match fields (rerank_distance). ``found`` holds each hit's stored embedding."""
     vectors = np.stack([found[i][1] for i, _ in hits]) if hits else np.zeros((0, len(embedding)), np.float32)
     distances, order = rerank_shortlist(embedding, vectors, settings.rerank_k1, settings.rerank_k2, settings.rerank_lambda)
     order = order[:top_k]
-    return [hits[j] for j in order], distances[order].tolist()
+    return [hits[j] for j in order], [{"rerank_distance": float(distances[j])} for j in order]
 
 
-def make_heatmap(query_features: np.ndarray, maps: np.ndarray, image) -> Heatmap:
-    ram = ranking_activation_maps(query_features, maps)
-    return Heatmap(
+def make_heatmap(query_features: np.ndarray, maps: ImageMaps, image) -> Heatmap:
+    """RAM of one image (``maps`` indexed to it), and the model's own attention maps when it exports them."""
+    ram = ranking_activation_maps(query_features, maps.features)
+    heatmap = Heatmap(
         grid=ram.aggregate.tolist(), branch_grids=ram.per_branch.tolist(),
         overlay_png=png_base64(overlay(image, ram.aggregate)),
         branch_overlays_png=[png_base64(overlay(image, grid)) for grid in ram.per_branch],
     )
+    if maps.attention is not None:
+        heatmap.attention_grids = maps.attention.tolist()
+        heatmap.attention_overlays_png = [png_base64(overlay(image, grid, unit_scale=True)) for grid in maps.attention]
+    return heatmap
+
+
+def draw_pair_attention(pair: PairAttention, query_image, match_image) -> None:
+    pair.query_overlay_png = png_base64(overlay(query_image, np.array(pair.query_grid)))
+    pair.gallery_overlay_png = png_base64(overlay(match_image, np.array(pair.gallery_grid)))
+
+
+def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image) -> Heatmap:
+    """One match's drawings, in one worker thread: its RAM and, after a pair_attention query, its pair's maps."""
+    if match.pair_attention is not None:
+        draw_pair_attention(match.pair_attention, query_image, image)
+    return make_heatmap(query_features, maps, image)
 
 
 class BodyLimit:
@@ -184,6 +203,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads, settings.model_instances).load()
+        app.state.pair_head = load_pair_head(settings, model)
         store = GalleryStore(settings.store_path)
         gallery = Gallery(store, model, settings)
         await asyncio.to_thread(gallery.open)
@@ -263,7 +283,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def model_info(request: Request):
         s = state(request)
         return {**asdict(s.model.contract), "embedding_dim": s.model.contract.embedding_dim,
-                "fingerprint": s.model.fingerprint, "file": s.model.path.name}
+                "fingerprint": s.model.fingerprint, "file": s.model.path.name,
+                # what the optional query steps can use: CASN's pair head (pair_attention=true), CLPD-style attention maps
+                "pair_head": s.pair_head is not None, "attention_maps": s.model.has_attention_maps}
 
     @app.get("/metrics", tags=["health"], dependencies=protected, response_class=PlainTextResponse, responses={**ERRORS, **METRICS_RESPONSE})
     async def prometheus():
@@ -340,55 +362,101 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         heatmaps: bool = Form(True, description="compute RAM heatmaps for the query and each match"),
         rerank: bool = Form(False, description="k-reciprocal re-ranking (Zhong et al. 2017) of a shortlist of REID_RERANK_SHORTLIST "
                             "index hits (the same filters), the query alone with them: the matches then follow rerank_distance, not score"),
+        pair_attention: bool = Form(False, description="CASN's pairwise re-ranking of a shortlist of REID_RERANK_SHORTLIST index hits "
+                                    "(the same filters; their stored images re-embedded), by feature + Siamese attention distance: the matches "
+                                    "then follow pair_distance and carry pair_attention. Needs a pair head (GET /model: pair_head; else 409 "
+                                    "no_pair_head); not with rerank=true (422)"),
     ):
         s = state(request)
         if not 1 <= top_k <= settings.max_top_k:
             raise APIError(422, "invalid_request", f"top_k: must be between 1 and {settings.max_top_k}")
         for value, name in ((camera_id, "camera_id"), (exclude_camera_id, "exclude_camera_id"), (person_id, "person_id")):
             check_id(value, name)
+        if pair_attention:
+            check_pair_attention(s, rerank)
         upload = await read_upload(image, 0, settings, s.model.input_size, PixelBudget(settings.max_request_pixels), preview=heatmaps)
         if s.gallery.size == 0:
             raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
         timing = {}
         started = time.perf_counter()
-        embedding, maps = await s.batcher.embed(upload.decoded.pixels[None], with_maps=heatmaps)
-        timing["embed"] = (time.perf_counter() - started) * 1000
-        shortlist = max(top_k, settings.rerank_shortlist) if rerank else top_k
+
+        def lap(name: str) -> None:
+            timing[name] = (time.perf_counter() - started) * 1000 - sum(timing.values())
+
+        embedding, maps = await s.batcher.embed(upload.decoded.pixels[None], with_maps=heatmaps or pair_attention)
+        lap("embed")
+        shortlist = max(top_k, settings.rerank_shortlist) if rerank or pair_attention else top_k
         hits = s.gallery.search(embedding[0], shortlist, camera_id, exclude_camera_id, person_id, min_score)
         found = s.gallery.store.get_many_with_embeddings([i for i, _ in hits], s.gallery.dim)
         query_features = split_branches(embedding[0], s.model.contract.num_branches)
-        timing["search"] = (time.perf_counter() - started) * 1000 - timing["embed"]
+        lap("search")
         live = [(i, score) for i, score in hits if i in found]  # absent: a delete committed, not yet indexed
-        distances = [None] * len(live)
+        ranking, known_maps = [{}] * len(live), {}
         if rerank:
-            live, distances = await asyncio.to_thread(rerank_hits, embedding[0], live, found, top_k, settings)
-            timing["rerank"] = (time.perf_counter() - started) * 1000 - sum(timing.values())
-        matches = [match_body(rank, score, *found[i], query_features, distance)
-                   for rank, ((i, score), distance) in enumerate(zip(live, distances), 1)]
+            live, ranking = await asyncio.to_thread(rerank_hits, embedding[0], live, found, top_k, settings)
+            lap("rerank")
+        if pair_attention:
+            live, ranking, known_maps = await pair_rerank(s, embedding[0], maps[0], live, found, top_k)
+            lap("pair_attention")
+        matches = [match_body(rank, score, *found[i], query_features, **fields)
+                   for rank, ((i, score), fields) in enumerate(zip(live, ranking), 1)]
         query_heatmap = None
         if heatmaps:
             query_heatmap, _ = await asyncio.gather(asyncio.to_thread(make_heatmap, query_features, maps[0], upload.decoded.preview),
-                                                    add_heatmaps(s, matches, query_features))
-            timing["heatmaps"] = (time.perf_counter() - started) * 1000 - sum(timing.values())
+                                                    add_heatmaps(s, matches, query_features, upload.decoded.preview, known_maps))
+            lap("heatmaps")
         timing["total"] = (time.perf_counter() - started) * 1000
-        return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing, reranked=rerank,
-                             heatmap_matches=sum(m.heatmap is not None for m in matches))
+        return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing,
+                             reranked=rerank or pair_attention, heatmap_matches=sum(m.heatmap is not None for m in matches))
 
-    async def add_heatmaps(s, matches: List[Match], query_features: np.ndarray) -> None:
+    def check_pair_attention(s, rerank: bool) -> None:
+        if rerank:
+            raise APIError(422, "invalid_request", "rerank and pair_attention are two re-rankings of the shortlist: choose one")
+        if s.pair_head is None:
+            raise APIError(409, "no_pair_head", f"pair_attention needs a pair head: this model ({s.model.path.name}) has none beside it "
+                           "and REID_PAIR_HEAD_PATH is unset (a CASN IDE model's export writes <model>.pair_head.npz)")
+
+    async def pair_rerank(s, embedding: np.ndarray, query_maps: ImageMaps, hits: List[Tuple[int, float]], found: dict, top_k: int):
+        """CASN's pairwise stage (service.pair_ranking) over the shortlist ``hits``, whose stored images are
+        re-embedded in one batch for their maps: (first ``top_k`` hits, their Match fields, {id: maps}, kept
+        so that the heatmaps of those matches need no second model call)."""
+        decoded = await decode_stored(s, [i for i, _ in hits], preview=False)
+        hits = [(i, score) for i, score in hits if i in decoded]
+        maps = await maps_of(s, list(decoded), decoded, {})
+        ranked, fields = await asyncio.to_thread(rank_shortlist, s.pair_head, embedding, query_maps, hits, found, maps, top_k)
+        return ranked, fields, maps
+
+    async def decode_stored(s, ids: List[int], preview: bool) -> Dict[int, DecodedImage]:
+        """The stored images of ``ids``, decoded for the model; an id deleted since the search is left out."""
+        stored = s.gallery.store.images(ids)
+        present = [i for i in ids if i in stored]
+        return await asyncio.to_thread(lambda: {i: decode_for_model(stored[i], *s.model.input_size, settings.max_image_pixels, preview=preview)
+                                                for i in present})
+
+    async def maps_of(s, ids: List[int], decoded: Dict[int, DecodedImage], known: Dict[int, ImageMaps]) -> Dict[int, ImageMaps]:
+        """Each id's maps: from ``known``, the others from one batch of their decoded images."""
+        missing = [i for i in ids if i not in known]
+        fresh = {}
+        if missing:
+            _, maps = await s.batcher.embed(np.stack([decoded[i].pixels for i in missing]), with_maps=True)
+            fresh = {i: maps[row] for row, i in enumerate(missing)}
+        return {i: fresh[i] if i in fresh else known[i] for i in ids}
+
+    async def add_heatmaps(s, matches: List[Match], query_features: np.ndarray, query_image, known_maps: Dict[int, ImageMaps]) -> None:
         """Re-embed the first REID_MAX_HEATMAP_MATCHES matches' stored images in one batch for their feature
-        maps, then draw their RAMs on previews (a top_k=100 query drew 100 took 3.7 s and answered 17.7 MB)."""
+        maps (unless ``known_maps`` has them), then draw their RAMs on previews (a top_k=100 query drew 100
+        took 3.7 s and answered 17.7 MB)."""
         chosen = matches[:settings.max_heatmap_matches]
-        stored = s.gallery.store.images([m.id for m in chosen])
-        gone = {m.id for m in chosen if m.id not in stored}  # deleted since the search
+        decoded = await decode_stored(s, [m.id for m in chosen], preview=True)
+        gone = {m.id for m in chosen if m.id not in decoded}  # deleted since the search
         matches[:] = [m for m in matches if m.id not in gone]
-        chosen = [m for m in chosen if m.id in stored]
+        chosen = [m for m in chosen if m.id in decoded]
         if not chosen:
             return
-        decoded = await asyncio.to_thread(lambda: [decode_for_model(stored[m.id], *s.model.input_size, settings.max_image_pixels, preview=True)
-                                                   for m in chosen])
-        _, maps = await s.batcher.embed(np.stack([d.pixels for d in decoded]), with_maps=True)
+        maps = await maps_of(s, [m.id for m in chosen], decoded, known_maps)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
-        heatmaps = await asyncio.gather(*(asyncio.to_thread(make_heatmap, query_features, m, d.preview) for m, d in zip(maps, decoded)))
+        heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, query_features, maps[m.id], decoded[m.id].preview, m, query_image)
+                                          for m in chosen))
         for match, heatmap in zip(chosen, heatmaps):
             match.heatmap = heatmap
 

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from service.inference import InferenceModel
+from service.inference import ImageMaps, InferenceModel
 
 _STOP = object()
 
@@ -62,8 +62,8 @@ class MicroBatcher:
             self._queue.put(_STOP)
             await asyncio.to_thread(lambda: [thread.join() for thread in self._threads])
 
-    async def embed(self, images: np.ndarray, with_maps: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Embed uint8 images [B, H, W, 3]; returns (embedding, feature maps or None)."""
+    async def embed(self, images: np.ndarray, with_maps: bool = False) -> Tuple[np.ndarray, Optional[ImageMaps]]:
+        """Embed uint8 images [B, H, W, 3]; returns (embedding, maps or None)."""
         with self._counting:
             if self._queued_images + len(images) > self.max_queued_images:
                 raise Overloaded(f"{self._queued_images} images are waiting for the model already (REID_MAX_QUEUED_IMAGES={self.max_queued_images})")
@@ -77,7 +77,7 @@ class MicroBatcher:
             self._queue.put(job)
         results = await asyncio.gather(*(job.future for job in jobs))
         embedding = np.concatenate([r[0] for r in results])
-        maps = np.concatenate([r[1] for r in results]) if with_maps else None
+        maps = ImageMaps.concatenate([r[1] for r in results]) if with_maps else None
         return embedding, maps
 
     def _collect(self) -> Optional[List[_Job]]:

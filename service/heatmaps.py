@@ -26,12 +26,14 @@ def normalise(grid: np.ndarray) -> np.ndarray:
     return np.zeros_like(grid, np.float32) if high - low < 1e-12 else ((grid - low) / (high - low)).astype(np.float32)
 
 
-def overlay(image: Image.Image, grid: np.ndarray, opacity: float = 0.5) -> Image.Image:
-    """The grid upsampled bilinearly to the image (scaled to at most 256 px a side) and blended on it."""
+def overlay(image: Image.Image, grid: np.ndarray, opacity: float = 0.5, unit_scale: bool = False) -> Image.Image:
+    """The grid upsampled bilinearly to the image (scaled to at most 256 px a side) and blended on it; min-max
+    scaled, or with ``unit_scale`` drawn as it is on [0, 1] (maps whose level means something, like attention)."""
     scale = min(1.0, MAX_OVERLAY_SIDE / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     base = image.convert("RGB").resize(size, Image.BILINEAR)
-    heat = Image.fromarray(normalise(grid), mode="F").resize(size, Image.BILINEAR)
+    values = np.clip(grid, 0, 1).astype(np.float32) if unit_scale else normalise(grid)
+    heat = Image.fromarray(values, mode="F").resize(size, Image.BILINEAR)
     colours = Image.fromarray(colormap(np.asarray(heat)))
     return Image.blend(base, colours, opacity)
 

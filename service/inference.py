@@ -6,12 +6,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnxruntime as ort
 
-from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session
+from model_zoo.contract import INPUT_IMAGES, OUTPUT_ATTENTION_MAPS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session
 from model_zoo.files import sha256_of
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,24 @@ class ProviderReport:
         return self.asked[0] != self.active
 
 
+@dataclass
+class ImageMaps:
+    """The maps predict(with_maps=True) returns beside the embedding, for a batch (or, indexed, one image)."""
+
+    features: np.ndarray  # the contract's feature_maps [B, N, D, h, w]
+    attention: Optional[np.ndarray] = None  # the optional attention_maps [B, K, h', w'], when the model exports them
+
+    def __getitem__(self, rows) -> "ImageMaps":
+        return ImageMaps(self.features[rows], None if self.attention is None else self.attention[rows])
+
+    @staticmethod
+    def concatenate(parts: Sequence["ImageMaps"]) -> "ImageMaps":
+        attention = None if parts[0].attention is None else np.concatenate([p.attention for p in parts])
+        return ImageMaps(np.concatenate([p.features for p in parts]), attention)
+
+
 class InferenceModel:
-    """load() once, then predict(uint8 [B, H, W, 3]) -> (embedding [B, N*D], feature_maps [B, N, D, h, w]).
+    """load() once, then predict(uint8 [B, H, W, 3]) -> (embedding [B, N*D], ImageMaps or None).
 
     predict may be called from ``instances`` threads at once (ONNX Runtime sessions are safe for that)."""
 
@@ -99,13 +115,17 @@ class InferenceModel:
                 raise ProviderUnavailable(message)
             log.warning(message)
         self.fingerprint = sha256_of(self.path)
+        self.has_attention_maps = OUTPUT_ATTENTION_MAPS in {node.name for node in self.session.get_outputs()}
         return self
 
     @property
     def input_size(self) -> Tuple[int, int]:
         return self.contract.input_height, self.contract.input_width
 
-    def predict(self, images: np.ndarray, with_maps: bool = True) -> Tuple[np.ndarray, np.ndarray | None]:
-        outputs = [OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS] if with_maps else [OUTPUT_EMBEDDING]
-        result = self.session.run(outputs, {INPUT_IMAGES: images})
-        return result[0], (result[1] if with_maps else None)
+    def predict(self, images: np.ndarray, with_maps: bool = True) -> Tuple[np.ndarray, Optional[ImageMaps]]:
+        """The maps only when asked for (they cost memory and time), the optional attention maps with them."""
+        if not with_maps:
+            return self.session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: images})[0], None
+        outputs = [OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS] + ([OUTPUT_ATTENTION_MAPS] if self.has_attention_maps else [])
+        embedding, *maps = self.session.run(outputs, {INPUT_IMAGES: images})
+        return embedding, ImageMaps(*maps)

@@ -1,7 +1,7 @@
 """Response bodies, as documented in the OpenAPI schema."""
-from typing import Dict, List, Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 
 class GalleryItem(BaseModel):
@@ -27,21 +27,54 @@ class GalleryPage(BaseModel):
     items: List[GalleryItem]
 
 
-class Heatmap(BaseModel):
+class OmitsUnusedExtras(BaseModel):
+    """Fields of opt-in features are left out of the JSON while null, so that a query that asks for none of
+    them, on a model that offers none of them, answers exactly as before those features existed."""
+
+    omitted_while_null: ClassVar[Tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_null_extras(self, serialize):
+        body = serialize(self)
+        return {name: value for name, value in body.items() if value is not None or name not in self.omitted_while_null}
+
+
+class Heatmap(OmitsUnusedExtras):
+    omitted_while_null = ("attention_grids", "attention_overlays_png")
+
     grid: List[List[float]] = Field(description="aggregate RAM (mean over branches), h x w; its mean is the score")
     branch_grids: List[List[List[float]]] = Field(description="per-branch RAM R^i, N x h x w")
     overlay_png: str = Field(description="base64 PNG: the aggregate map over the image (min-max scaled)")
     branch_overlays_png: List[str] = Field(description="base64 PNGs, one per branch")
+    attention_grids: Optional[List[List[List[float]]]] = Field(
+        None, description="only for a model with the optional attention_maps output (CLPD): its K maps, K x h' x w', in [0, 1], "
+        "which show where each part looks; not part of the score. Absent for other models")
+    attention_overlays_png: Optional[List[str]] = Field(
+        None, description="base64 PNGs, one per attention map, drawn on the maps' own [0, 1] scale (not min-max scaled); absent as above")
 
 
-class Match(BaseModel):
+class PairAttention(BaseModel):
+    query_grid: List[List[float]] = Field(description="CASN's Siamese attention M_q of the query in this pair, h x w (it differs per "
+                                          "match: the pair head picks the channels from the two images' feature difference)")
+    gallery_grid: List[List[float]] = Field(description="the match's Siamese attention M_g in this pair, h x w")
+    query_overlay_png: Optional[str] = Field(None, description="base64 PNG of M_q over the query (min-max scaled), for matches with a heatmap")
+    gallery_overlay_png: Optional[str] = Field(None, description="base64 PNG of M_g over the match (min-max scaled), for matches with a heatmap")
+
+
+class Match(OmitsUnusedExtras):
+    omitted_while_null = ("pair_distance", "pair_attention")
+
     id: int
     rank: int
     score: float = Field(description="mean over branches of the cosine similarity, in [-1, 1]; the matches come in descending "
-                         "score unless the query re-ranked them (then they follow rerank_distance)")
+                         "score unless the query re-ranked them (then they follow rerank_distance or pair_distance)")
     branch_scores: List[float]
     rerank_distance: Optional[float] = Field(None, description="with rerank=true: the k-reciprocal re-ranked distance, lower = more "
                                              "alike, in [0, 1], which orders the matches; null without re-ranking")
+    pair_distance: Optional[float] = Field(None, description="with pair_attention=true: CASN's fused distance, min-max(feature distance) + "
+                                           "min-max(Siamese attention distance) over the query's shortlist, in [0, 2], lower = more alike, "
+                                           "which orders the matches; absent otherwise")
+    pair_attention: Optional[PairAttention] = Field(None, description="with pair_attention=true: the pair's attention maps behind pair_distance; absent otherwise")
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
     metadata: Dict = Field(default_factory=dict)
@@ -51,7 +84,8 @@ class Match(BaseModel):
 class QueryResponse(BaseModel):
     matches: List[Match]
     query_heatmap: Optional[Heatmap] = Field(None, description="the query's own map R_q^q")
-    reranked: bool = Field(False, description="true when the matches were re-ranked: their order follows rerank_distance, not score, "
+    reranked: bool = Field(False, description="true when the matches were re-ranked: their order follows rerank_distance (rerank=true) "
+                           "or pair_distance (pair_attention=true), not score, "
                            "and score (still the mean cosine, the heatmap grid's mean) need not decrease down the list")
     heatmap_matches: int = Field(0, description="how many matches carry a heatmap: the first ones, at most REID_MAX_HEATMAP_MATCHES "
                                  "(0 with heatmaps=false)")

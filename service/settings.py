@@ -37,10 +37,11 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
     max_request_pixels: int = Field(200_000_000, ge=1, description="most pixels one request may decode, summed over its images (a large JPEG counts at the reduced scale it is decoded at)")
     max_heatmap_matches: int = Field(10, ge=0, description="a query draws heatmaps for its first this many matches only")
-    rerank_shortlist: int = Field(100, ge=1, le=2000, description="index hits a query with rerank=true re-ranks (at least its top_k)")
+    rerank_shortlist: int = Field(100, ge=1, le=2000, description="index hits a query with rerank=true or pair_attention=true re-ranks (at least its top_k)")
     rerank_k1: int = Field(DEFAULT_K1, ge=1, description="re-ranking: k-reciprocal neighbourhood size (clamped to the shortlist's size)")
     rerank_k2: int = Field(DEFAULT_K2, ge=1, description="re-ranking: local query expansion size (clamped to the shortlist's size + 1)")
     rerank_lambda: float = Field(DEFAULT_LAMBDA, ge=0, le=1, description="re-ranking: weight of the plain distance against the Jaccard distance")
+    pair_head_path: Optional[Path] = Field(None, description="CASN's pair-head artifact, for queries with pair_attention=true; unset: <model stem>.pair_head.npz beside the model when that file exists, else none. A missing file, or one exported with another model file, refuses the start")
     header_timeout_s: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers, from connecting or from the previous response; then the connection is closed")
     body_timeout_s: float = Field(30.0, gt=0, description="seconds a request body may pause (no byte arriving while the server is ready to read); then the connection is closed")
     max_header_bytes: int = Field(65536, ge=1024, description="largest request header block (431 past it)")
@@ -52,6 +53,11 @@ class Settings(BaseSettings):
     def empty_means_default(cls, value):
         # docker-compose passes unset variables through as "", which must mean "the shipped model"
         return DEFAULT_MODEL_PATH if value in ("", None) else value
+
+    @field_validator("pair_head_path", mode="before")
+    @classmethod
+    def empty_means_unset(cls, value):
+        return None if value == "" else value
 
     @property
     def origins(self) -> List[str]:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import httpx
 
@@ -70,6 +70,39 @@ class ServiceProcess:
         self.stop()
 
 
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    """An answer in the API's one error shape, with this status and code."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+
+
+def enrol(client: httpx.Client, blobs: List[bytes]) -> List[int]:
+    response = client.post("/gallery", files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)])
+    assert response.status_code == 201, response.text
+    return response.json()["ids"]
+
+
+def query(client: httpx.Client, blob: bytes, **fields) -> httpx.Response:
+    return client.post("/query", files={"image": ("q.jpg", blob, "image/jpeg")}, data={k: str(v).lower() if isinstance(v, bool) else str(v)
+                                                                                       for k, v in fields.items()})
+
+
+def onnx_outputs(model: Path, blobs: List[bytes], names: List[str]) -> list:
+    """The model's outputs ``names`` on these image files, decoded as the service decodes them: what a test
+    recomputes locally to check the server's answer."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from model_zoo.contract import INPUT_IMAGES, check_session
+    from model_zoo.preprocess import load_for_model
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    contract = check_session(session)
+    pixels = np.stack([load_for_model(b, contract.input_height, contract.input_width) for b in blobs])
+    return session.run(names, {INPUT_IMAGES: pixels})
+
+
 def assert_heatmaps_sum_to_scores(model: Path, store: Path, architecture: str, num_branches: int) -> None:
     """Serve ``model`` unchanged, enrol four tiny images, query one: the same image first at score 1, and every
     match's RAM grid and branch scores averaging to its score (CAMA eq. 10)."""
@@ -82,9 +115,8 @@ def assert_heatmaps_sum_to_scores(model: Path, store: Path, architecture: str, n
         info = client.get("/model").json()
         assert info["architecture"] == architecture and info["num_branches"] == num_branches
         blobs = [image_bytes(pid, v) for pid in (1, 2) for v in (1, 2)]
-        enrolled = client.post("/gallery", files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)])
-        assert enrolled.status_code == 201, enrolled.text
-        body = client.post("/query", files={"image": ("q.jpg", blobs[0], "image/jpeg")}, data={"top_k": 4}).json()
+        enrol(client, blobs)
+        body = query(client, blobs[0], top_k=4).json()
         assert body["matches"][0]["score"] == pytest.approx(1.0, abs=1e-4)
         for match in body["matches"]:
             assert np.mean(match["heatmap"]["grid"]) == pytest.approx(match["score"], abs=1e-4)

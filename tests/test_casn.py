@@ -1,6 +1,6 @@
 """CASN (model_zoo/architectures/casn.py, training/objectives/casn.py): the pair sampler, the soft mask, the
 identification attention, the Siamese indicator and closed-form attention, row alignment and the consistency
-term, PCB's contract maps, and training to RAM heatmaps over HTTP."""
+term, PCB's contract maps, training to RAM heatmaps over HTTP, and the service's pairwise re-ranking stage."""
 import math
 
 import numpy as np
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from model_zoo.architectures import build_model
-from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
-from tests.server import assert_heatmaps_sum_to_scores
+from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes, person_image, tiny_overrides
+from tests.server import ServiceProcess, assert_error, assert_heatmaps_sum_to_scores, enrol, onnx_outputs, query
+from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
 from training.data import PairSampler
 from training.engine import Trainer
@@ -123,7 +124,10 @@ def test_pcb_maps_average_to_each_stripe_descriptor_and_vanish_outside_the_strip
 @pytest.fixture(scope="module")
 def casn_onnx(market_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("casn")
-    train(load_config("base.yaml", casn_overrides(market_root, out, **{"solver.max_iters_per_epoch": 3, "run.evaluate_at_end": "false"})))
+    # enough steps for the batch norm statistics to settle (see tiny_model): a barely trained net gives every image one
+    # embedding, and the pairwise stage's min-max would then scale noise
+    steps = {"solver.epochs": 8, "solver.max_iters_per_epoch": "null", "run.evaluate_at_end": "false"}
+    train(load_config("base.yaml", casn_overrides(market_root, out, **steps)))
     export(out / "model.pt", out / "model.onnx")
     return out / "model.onnx"
 
@@ -181,3 +185,85 @@ def test_export_writes_the_pair_head_bound_to_its_model_and_evaluation_uses_it(c
         PairHead.load(artifact, other)
     main(["evaluate", str(casn_onnx), "--data-root", str(market_root), "--pair-head", str(artifact), "--quiet"])
     assert "(features + pairwise attention)" in capsys.readouterr().out
+
+
+# CASN's pairwise stage in the service ---------------------------------------------------------------------------
+GALLERY = [(pid, v) for pid in (1, 2, 3) for v in (1, 2)]
+
+
+def local_pair_ranking(model, query_blob, blobs):
+    """The fused distances and pair maps computed here, from the ONNX model and its artifact, over ``blobs``."""
+    from model_zoo.pair_attention import PairHead, pair_head_path
+
+    embeddings, maps = onnx_outputs(model, [query_blob, *blobs], ["embedding", "feature_maps"])
+    return PairHead.load(pair_head_path(model), model).rank(embeddings[0], maps[0], embeddings[1:], maps[1:])
+
+
+def test_pair_attention_orders_the_shortlist_by_the_fused_distance_and_keeps_scores_plain(casn_onnx, tmp_path):
+    blobs, query_blob = [image_bytes(*key) for key in GALLERY], image_bytes(1, 3)
+    with ServiceProcess(casn_onnx, tmp_path / "g.sqlite3", max_heatmap_matches=3) as server, server.client() as client:
+        assert client.get("/model").json()["pair_head"] is True
+        ids = enrol(client, blobs)
+        plain = query(client, query_blob, top_k=6, heatmaps=False).json()["matches"]
+        body = query(client, query_blob, top_k=4, pair_attention=True).json()
+        assert_error(query(client, query_blob, pair_attention=True, rerank=True), 422, "invalid_request")
+    expected = local_pair_ranking(casn_onnx, query_blob, blobs)
+    position = {item: row for row, item in enumerate(ids)}  # the shortlist is the whole gallery of 6
+    matches = body["matches"]
+    assert body["reranked"] is True and "pair_attention" in body["timing_ms"] and [m["rank"] for m in matches] == [1, 2, 3, 4]
+    distances = [m["pair_distance"] for m in matches]
+    assert distances == sorted(distances)
+    for m in matches:
+        row = position[m["id"]]
+        assert m["pair_distance"] == pytest.approx(expected.distances[row], abs=1e-3)
+        np.testing.assert_allclose(m["pair_attention"]["query_grid"], expected.query_attention[row], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(m["pair_attention"]["gallery_grid"], expected.gallery_attention[row], rtol=1e-3, atol=1e-6)
+    left_out = [expected.distances[position[i]] for i in ids if i not in {m["id"] for m in matches}]
+    assert max(distances) <= min(left_out) + 1e-3
+    plain_scores = {m["id"]: m["score"] for m in plain}
+    for m in matches:  # score stays the plain cosine, and RAM still averages to it
+        assert m["score"] == pytest.approx(plain_scores[m["id"]], abs=1e-5)
+    for m in matches[:3]:
+        assert np.mean(m["heatmap"]["grid"]) == pytest.approx(m["score"], abs=1e-4)
+        assert m["pair_attention"]["query_overlay_png"] and m["pair_attention"]["gallery_overlay_png"]
+    assert matches[3]["heatmap"] is None and matches[3]["pair_attention"]["gallery_overlay_png"] is None
+    assert all("pair_distance" not in m and "pair_attention" not in m for m in plain)
+
+
+def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_refuses_the_start(casn_onnx, tmp_path):
+    import dataclasses
+    import shutil
+
+    from model_zoo.pair_attention import PairHead, pair_head_path
+
+    bare = tmp_path / "bare.onnx"  # the same model file, without its artifact beside it
+    shutil.copy(casn_onnx, bare)
+    with ServiceProcess(bare, tmp_path / "g.sqlite3") as server, server.client() as client:
+        assert client.get("/model").json()["pair_head"] is False
+        enrol(client, [image_bytes(1, 1)])
+        assert_error(query(client, image_bytes(1, 1), pair_attention=True), 409, "no_pair_head")
+        assert query(client, image_bytes(1, 1)).status_code == 200
+    stale = dataclasses.replace(PairHead.load(pair_head_path(casn_onnx)), model_sha256="0" * 64)
+    stale.save(pair_head_path(bare))
+    with pytest.raises(RuntimeError, match="belongs to another model file"):
+        ServiceProcess(bare, tmp_path / "h.sqlite3").start()
+    with pytest.raises(RuntimeError, match="REID_PAIR_HEAD_PATH=.*missing.npz: no such file"):
+        ServiceProcess(casn_onnx, tmp_path / "i.sqlite3", pair_head_path=tmp_path / "missing.npz").start()
+    with pytest.raises(RuntimeError, match="more than REID_MAX_QUEUED_IMAGES=50"):  # a shortlist of 100 could never be queued
+        ServiceProcess(casn_onnx, tmp_path / "j.sqlite3", max_queued_images=50, max_images_per_request=8).start()
+
+
+@NEEDS_BROWSER
+def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    image = tmp_path / "query.png"
+    person_image(1, 3).save(image)
+    with ServiceProcess(casn_onnx, tmp_path / "g.sqlite3", max_heatmap_matches=3) as server, server.client() as client:
+        enrol(client, [image_bytes(*key) for key in GALLERY])
+        cards = query_on_page(browser, server, image, "rerank", "pair-attention")  # the second box unticks the first
+        assert not browser.find_element(By.ID, "rerank").is_selected()
+        assert all("d_pair" in card.find_element(By.CSS_SELECTOR, "figcaption div").text for card in cards)
+        assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.pair img")) for card in cards] == [2, 2, 2, 0, 0, 0]
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "web_page_pair_attention.png"))

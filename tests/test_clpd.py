@@ -1,18 +1,24 @@
 """CLPD (model_zoo/architectures/clpd.py, training/objectives/clpd.py): the attention modules, the concentration
 losses and the SPR blocks against hand-computed cases (design 4.7), the contract maps with forced ties and mixed
-strides, the two-step schedule's fixed learning rate, and training to RAM heatmaps over HTTP."""
+strides, the two-step schedule's fixed learning rate, training to RAM heatmaps over HTTP, and its part attention
+maps served beside them."""
+import base64
+import io
 import math
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from model_zoo.architectures import build_model
 from model_zoo.architectures.clpd import MultiscaleAttention, PartDescriptor, barycentre, relational, statistic, statistic_map
 from model_zoo.architectures.contract_maps import cosine_distance_map, grid_mean, weighted_map
 from model_zoo.contract import OUTPUT_ATTENTION_MAPS, check_session
-from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
-from tests.server import assert_heatmaps_sum_to_scores
+from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes, person_image, tiny_overrides
+from tests.server import ServiceProcess, assert_heatmaps_sum_to_scores, enrol, onnx_outputs, query
+from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
 from training.objectives.clpd import activation_distribution_loss, activation_ratio_loss, candidate_counts, concentration_loss
 from training.solver import Phase, build_optimizer, set_learning_rate
@@ -247,3 +253,40 @@ def test_clpd_trains_in_two_steps_and_exports_with_attribution_parity_and_its_at
 
 def test_clpd_is_served_unchanged_with_heatmaps_that_average_to_the_score(clpd_onnx, tmp_path):
     assert_heatmaps_sum_to_scores(clpd_onnx, tmp_path / "gallery.sqlite3", "clpd", 2)
+
+
+def test_the_part_attention_maps_come_beside_ram_for_the_query_and_each_match(clpd_onnx, tmp_path):
+    blobs = [image_bytes(pid, v) for pid in (1, 2) for v in (1, 2)]
+    with ServiceProcess(clpd_onnx, tmp_path / "g.sqlite3") as server, server.client() as client:
+        model = client.get("/model").json()
+        assert model["attention_maps"] is True and model["pair_head"] is False
+        ids = enrol(client, blobs)
+        body = query(client, blobs[0], top_k=4).json()
+        without_heatmaps = query(client, blobs[0], top_k=4, heatmaps=False).json()
+    (attention,) = onnx_outputs(clpd_onnx, blobs, [OUTPUT_ATTENTION_MAPS])
+    expected = dict(zip(ids, attention))  # the query is the first gallery image
+    np.testing.assert_allclose(body["query_heatmap"]["attention_grids"], attention[0], atol=1e-4)
+    for match in body["matches"]:
+        heatmap = match["heatmap"]
+        np.testing.assert_allclose(heatmap["attention_grids"], expected[match["id"]], atol=1e-4)
+        assert len(heatmap["attention_overlays_png"]) == len(attention[0]) == 8
+        assert np.mean(heatmap["grid"]) == pytest.approx(match["score"], abs=1e-4)
+    png = Image.open(io.BytesIO(base64.b64decode(body["matches"][0]["heatmap"]["attention_overlays_png"][0])))
+    assert png.format == "PNG" and max(png.size) <= 256
+    assert all(match["heatmap"] is None for match in without_heatmaps["matches"])
+
+
+@NEEDS_BROWSER
+def test_the_page_shows_the_part_attention_maps_beside_ram(browser, clpd_onnx, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    image = tmp_path / "query.png"
+    person_image(1, 1).save(image)
+    with ServiceProcess(clpd_onnx, tmp_path / "g.sqlite3") as server, server.client() as client:
+        enrol(client, [image_bytes(pid, v) for pid in (1, 2) for v in (1, 2)])
+        cards = query_on_page(browser, server, image)
+        assert not browser.find_element(By.ID, "pair-attention-label").is_displayed()  # no pair head for CLPD
+        assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.parts img")) for card in cards] == [8] * 4
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#query-card .strip.parts img")) == 8
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "web_page_part_attention.png"))

@@ -13,7 +13,7 @@ from PIL import Image
 from service.inference import cpu_cores
 from service.settings import Settings
 from tests.conftest import image_bytes
-from tests.server import REPO, ServiceProcess
+from tests.server import REPO, ServiceProcess, assert_error
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +39,6 @@ def enroll(client, blobs, **data):
     response = client.post("/gallery", files=files(*blobs), data=data)
     assert response.status_code == 201, response.text
     return response.json()["ids"]
-
-
-def assert_error(response, status, code):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
 
 
 def gallery_total(client) -> int:
@@ -224,6 +218,22 @@ def test_rerank_off_answers_as_before(client):
 
 def test_rerank_must_be_a_boolean(client):
     assert_error(client.post("/query", files=files(image_bytes(4001, 2), name="image"), data={"rerank": "maybe"}), 422, "invalid_request")
+
+
+def test_a_model_without_attention_maps_or_pair_head_answers_as_before(client):
+    model = client.get("/model").json()
+    assert model["attention_maps"] is False and model["pair_head"] is False
+    enroll(client, [image_bytes(5000, 1), image_bytes(5000, 2)], camera_id="plain")
+    query = {"files": files(image_bytes(5000, 1), name="image")}
+    body = client.post("/query", **query, data={"camera_id": "plain", "top_k": "2"}).json()
+    assert set(body) == {"matches", "query_heatmap", "reranked", "heatmap_matches", "gallery_size", "timing_ms"}
+    assert set(body["timing_ms"]) == {"embed", "search", "heatmaps", "total"}
+    for match in body["matches"]:
+        assert set(match) == {"id", "rank", "score", "branch_scores", "rerank_distance", "person_id", "camera_id", "metadata", "heatmap"}
+    for heatmap in (body["query_heatmap"], *(m["heatmap"] for m in body["matches"])):
+        assert set(heatmap) == {"grid", "branch_grids", "overlay_png", "branch_overlays_png"}
+    assert_error(client.post("/query", **query, data={"pair_attention": "true"}), 409, "no_pair_head")
+    assert_error(client.post("/query", **query, data={"pair_attention": "true", "rerank": "true"}), 422, "invalid_request")
 
 
 @pytest.mark.parametrize("setting", [dict(rerank_shortlist=0), dict(rerank_shortlist=5000), dict(rerank_k1=0), dict(rerank_k2=0),

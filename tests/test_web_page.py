@@ -11,7 +11,8 @@ from tests.conftest import person_image
 from tests.server import REPO, ServiceProcess
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver: make browser")]
+NEEDS_BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver: make browser")
+pytestmark = [pytest.mark.slow, NEEDS_BROWSER]
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -36,6 +37,20 @@ def wait_for(driver, condition, timeout=30):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def query_on_page(browser, server: ServiceProcess, image: Path, *checkboxes: str) -> list:
+    """Open the page, pick ``image`` as the query, click the checkboxes with these ids, search: the match cards."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/")
+    wait_for(browser, lambda d: "branches" in d.find_element(By.ID, "model-info").text)
+    browser.find_element(By.ID, "query-file").send_keys(str(image))
+    for checkbox in checkboxes:
+        browser.find_element(By.ID, checkbox).click()
+    browser.find_element(By.CSS_SELECTOR, "#query-form button").click()
+    wait_for(browser, lambda d: "matches from" in d.find_element(By.ID, "query-status").text)
+    return browser.find_elements(By.CSS_SELECTOR, "#matches .card")
 
 
 def pictures(tmp_path: Path, pid: int, count: int) -> list:

@@ -190,15 +190,10 @@ def onnx_features_and_maps(session, images: np.ndarray, batch_size: int = 64, pr
 def pair_attention_metrics(head, query, gallery, query_records: List[ImageRecord], gallery_records: List[ImageRecord]) -> Dict[str, float]:
     """Market metrics of CASN's test-time rule (model_zoo.pair_attention): per query, min-max normalised feature
     distance plus min-max normalised Siamese attention distance. ``query``/``gallery``: (embeddings, maps)."""
-    from model_zoo.pair_attention import fused_distances
-
     (query_embeddings, query_maps), (gallery_embeddings, gallery_maps) = query, gallery
-    gallery_maps, gallery_raw = gallery_maps[:, 0], gallery_maps[:, 0].mean(axis=(2, 3))
-    distances = np.stack([
-        fused_distances(np.linalg.norm(gallery_embeddings - embedding, axis=1),
-                        head.attention_distances(maps[0].mean(axis=(1, 2)), maps[0], gallery_raw, gallery_maps))
-        for embedding, maps in zip(query_embeddings, query_maps)
-    ])
+    gallery_features = gallery_maps[:, 0].mean(axis=(2, 3))  # f = GAP(A), once for every query
+    distances = np.stack([head.rank(embedding, maps, gallery_embeddings, gallery_maps, gallery_features).distances
+                          for embedding, maps in zip(query_embeddings, query_maps)])
     ids = dict(query_pids=[r.pid for r in query_records], query_cams=[r.camid for r in query_records],
                gallery_pids=[r.pid for r in gallery_records], gallery_cams=[r.camid for r in gallery_records])
     return market_metrics(-distances, **ids)

@@ -60,6 +60,9 @@ async function loadModelInfo() {
       `${model.architecture} · ${model.backbone} · ${model.num_branches} branches × ${model.branch_dim} = ${model.embedding_dim}-d · ` +
       `trained on ${model.training_data || "?"} (${figures || "no figures"}) · ` +
       `ONNX Runtime: ${ready.provider.active}${ready.provider.fell_back ? " (fell back!)" : ""} · gallery ${ready.gallery_size}`;
+    // CASN's pairwise stage is offered only when the server loaded a pair head for this model
+    $("pair-attention").disabled = !model.pair_head;
+    $("pair-attention-label").hidden = !model.pair_head;
     const select = $("overlay-kind");
     select.replaceChildren(element("option", { value: "aggregate", text: "aggregate RAM" }));
     for (let i = 0; i < model.num_branches; i++) select.append(element("option", { value: String(i), text: `branch ${i + 1}` }));
@@ -93,13 +96,39 @@ function stack(baseUrl, heatmap, alt) {
   return box;
 }
 
+// Small maps shown beside the RAM: a model's own attention maps (CLPD's parts), or CASN's pair of maps.
+function strip(kind, title, pngs, labels) {
+  const shown = pngs.map((png, i) => [png, labels[i]]).filter(([png]) => png);
+  if (!shown.length) return "";
+  return element("div", { class: `strip ${kind}`, title }, shown.map(([png, label]) =>
+    element("img", { src: `data:image/png;base64,${png}`, alt: label, title: label })));
+}
+
+function attentionStrip(heatmap) {
+  const pngs = (heatmap && heatmap.attention_overlays_png) || [];
+  return strip("parts", "the model's part attention maps", pngs, pngs.map((_, i) => `part ${i + 1}`));
+}
+
+function pairStrip(pair) {
+  if (!pair) return "";
+  return strip("pair", "CASN pairwise attention: the query and this match, as the pair head sees them",
+    [pair.query_overlay_png, pair.gallery_overlay_png], ["query in this pair (M_q)", "match in this pair (M_g)"]);
+}
+
+function distanceText(match) {
+  if (match.pair_distance != null) return ` · d_pair ${match.pair_distance.toFixed(3)}`;
+  return match.rerank_distance == null ? "" : ` · d* ${match.rerank_distance.toFixed(3)}`;
+}
+
 function matchCard(match, imageUrl, queryPerson) {
   const same = queryPerson && match.person_id === queryPerson;
   const toggle = element("button", { type: "button", class: "secondary toggle-overlay", text: "overlay" });
   const card = element("figure", { class: `card match${same ? " same-person" : ""}`, "data-id": match.id, "data-rank": match.rank, "data-score": match.score }, [
     stack(imageUrl, match.heatmap, `match ${match.rank}`),
+    attentionStrip(match.heatmap),
+    pairStrip(match.pair_attention),
     element("figcaption", {}, [
-      element("div", { text: `#${match.rank} · ${match.score.toFixed(3)}` + (match.rerank_distance == null ? "" : ` · d* ${match.rerank_distance.toFixed(3)}`) }),
+      element("div", { text: `#${match.rank} · ${match.score.toFixed(3)}${distanceText(match)}` }),
       element("div", { class: "muted", text: `person ${fmt(match.person_id)} · cam ${fmt(match.camera_id)}` }),
       element("span", { class: "badge", text: "same person" }),
       match.heatmap ? toggle : "",
@@ -119,6 +148,7 @@ async function runQuery(event) {
   form.append("top_k", $("top-k").value || "10");
   if ($("exclude-camera").value) form.append("exclude_camera_id", $("exclude-camera").value);
   if ($("rerank").checked) form.append("rerank", "true");
+  if ($("pair-attention").checked) form.append("pair_attention", "true");
   $("query-status").textContent = "searching…";
   try {
     const body = await (await api("query", { method: "POST", body: form })).json();
@@ -127,7 +157,7 @@ async function runQuery(event) {
     const cards = body.matches.map((m, i) => matchCard(m, urls[i], queryPerson));
     $("matches").replaceChildren(...cards);
     const queryCard = $("query-card");
-    queryCard.replaceChildren(stack(URL.createObjectURL(file), body.query_heatmap, "query"),
+    queryCard.replaceChildren(stack(URL.createObjectURL(file), body.query_heatmap, "query"), attentionStrip(body.query_heatmap),
       element("figcaption", { text: "query · own RAM (R_q^q)" }));
     queryCard.heatmap = body.query_heatmap;
     queryCard.hidden = false;
@@ -186,6 +216,9 @@ function wire() {
   $("enroll-form").addEventListener("submit", enroll);
   ["opacity", "overlay-kind", "overlay-all"].forEach((id) => $(id).addEventListener("input", applyOverlays));
   $("overlay-kind").addEventListener("change", applyOverlays);
+  // two re-rankings of one shortlist: the server takes one at a time
+  $("rerank").addEventListener("change", () => { if ($("rerank").checked) $("pair-attention").checked = false; });
+  $("pair-attention").addEventListener("change", () => { if ($("pair-attention").checked) $("rerank").checked = false; });
   $("prev-page").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.pageSize); loadGallery(); });
   $("next-page").addEventListener("click", () => { state.offset += state.pageSize; loadGallery(); });
   const zone = $("drop-zone");

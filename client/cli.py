@@ -1,0 +1,112 @@
+"""``python -m client``: enrol a folder, query an image (print the matches, or save them with their heatmap
+overlays), delete an item. A thin layer over ``ReIDClient``. The URL and key come from ``--url`` /
+``--api-key`` or the environment (``REID_URL``, ``REID_API_KEY``)."""
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from tqdm import tqdm
+
+from client.api import DEFAULT_URL, ReIDClient
+from client.types import QueryResult, ReIDError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+
+
+def market_ids(path: Path) -> Tuple[Optional[str], Optional[str]]:
+    """(person id, camera id) from a Market-1501 file name, ``0042_c3s1_...`` -> ("42", "c3"); else (None, None)."""
+    found = MARKET_NAME.match(path.name)
+    return (str(int(found.group(1))), f"c{found.group(2)}") if found else (None, None)
+
+
+def folder_images(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def enroll_folder(reid: ReIDClient, folder: Path, batch: int, market_names: bool, person_id=None, camera_id=None) -> int:
+    """Enrol every image of ``folder`` in batches (each all or nothing); returns how many were enrolled."""
+    images = folder_images(folder)
+    if market_names and any(market_ids(p)[0] is None for p in images):
+        raise SystemExit(f"--market-names: {next(p.name for p in images if market_ids(p)[0] is None)} is not PPPP_cC...")
+    done = 0
+    for start in tqdm(range(0, len(images), batch), desc="enrol", unit="batch"):
+        chunk = images[start : start + batch]
+        ids = [market_ids(p) for p in chunk] if market_names else [(person_id, camera_id)] * len(chunk)
+        persons, cameras = [i for i, _ in ids], [c for _, c in ids]
+        done += len(reid.enroll(chunk, persons if all(persons) else None, cameras if all(cameras) else None))
+    return done
+
+
+def save_result(result: QueryResult, folder: Path) -> None:
+    """result.json (the answer without its base64 images) and one PNG per overlay: query.png, match01_<id>.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if result.query_heatmap:
+        (folder / "query.png").write_bytes(base64.b64decode(result.query_heatmap["overlay_png"]))
+    for match in result.matches:
+        if match.heatmap:
+            (folder / f"match{match.rank:02d}_{match.id}.png").write_bytes(base64.b64decode(match.heatmap["overlay_png"]))
+    (folder / "result.json").write_text(json.dumps(strip_images(result.raw), indent=2))
+
+
+def strip_images(value):
+    if isinstance(value, dict):
+        return {k: strip_images(v) for k, v in value.items() if not k.endswith("_png")}
+    if isinstance(value, list):
+        return [strip_images(v) for v in value]
+    return value
+
+
+def print_result(result: QueryResult) -> None:
+    print(f"{'rank':>4}  {'id':>8}  {'score':>7}  person      camera")
+    for m in result.matches:
+        print(f"{m.rank:>4}  {m.id:>8}  {m.score:7.4f}  {str(m.person_id or '-'):10s}  {m.camera_id or '-'}")
+    print(f"gallery {result.gallery_size} items, {result.timing_ms.get('total', 0):.0f} ms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client", description="Enrol and query a re-ID service.")
+    parser.add_argument("--url", default=os.environ.get("REID_URL", DEFAULT_URL), help="the service (env REID_URL)")
+    parser.add_argument("--api-key", default=os.environ.get("REID_API_KEY"), help="X-API-Key (env REID_API_KEY)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    enrol = commands.add_parser("enrol", help="enrol every image of a folder")
+    enrol.add_argument("folder", type=Path)
+    enrol.add_argument("--batch", type=int, default=32, help="images per request (at most the server's REID_MAX_IMAGES_PER_REQUEST)")
+    enrol.add_argument("--market-names", action="store_true", help="person and camera ids from Market-1501 file names (0042_c3...)")
+    enrol.add_argument("--person-id", help="one person id for every image")
+    enrol.add_argument("--camera-id", help="one camera id for every image")
+    query = commands.add_parser("query", help="query with one image")
+    query.add_argument("image", type=Path)
+    query.add_argument("--top-k", type=int, default=10)
+    query.add_argument("--exclude-camera-id")
+    query.add_argument("--camera-id")
+    query.add_argument("--no-heatmaps", action="store_true")
+    query.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of a shortlist")
+    query.add_argument("--save", type=Path, help="write result.json and the overlays (PNG) into this folder")
+    delete = commands.add_parser("delete", help="delete an item")
+    delete.add_argument("item_id", type=int)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        with ReIDClient(args.url, api_key=args.api_key) as reid:
+            if args.command == "enrol":
+                count = enroll_folder(reid, args.folder, args.batch, args.market_names, args.person_id, args.camera_id)
+                print(f"enrolled {count} images from {args.folder}")
+            elif args.command == "query":
+                result = reid.query(args.image, args.top_k, exclude_camera_id=args.exclude_camera_id, camera_id=args.camera_id,
+                                    heatmaps=not args.no_heatmaps, rerank=args.rerank)
+                print_result(result)
+                if args.save:
+                    save_result(result, args.save)
+            else:
+                reid.delete(args.item_id)
+    except ReIDError as error:
+        sys.exit(f"error: {error}")
