@@ -213,6 +213,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         await batcher.start()
         app.state.model, app.state.gallery, app.state.batcher = model, gallery, batcher
         metrics.gallery_size.set(gallery.size)
+        metrics.describe_build(model)
+        metrics.queued_images.set_function(batcher.queued_images)
         app.state.ready = True
         try:
             yield

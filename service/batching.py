@@ -62,6 +62,10 @@ class MicroBatcher:
             self._queue.put(_STOP)
             await asyncio.to_thread(lambda: [thread.join() for thread in self._threads])
 
+    def queued_images(self) -> int:
+        """Images put on the queue and not yet in a batch (a gauge reads it at each scrape)."""
+        return self._queued_images
+
     async def embed(self, images: np.ndarray, with_maps: bool = False) -> Tuple[np.ndarray, Optional[ImageMaps]]:
         """Embed uint8 images [B, H, W, 3]; returns (embedding, maps or None)."""
         with self._counting:

@@ -1,6 +1,7 @@
 """Prometheus metrics, one registry per app so tests can run several apps in one process, and the ASGI
 middleware that times every request by route."""
 import time
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -17,6 +18,13 @@ class ServiceMetrics:
         self.queue_wait = Histogram("reid_queue_wait_seconds", "Time a request's images waited for a model call", registry=self.registry, buckets=LATENCY_BUCKETS)
         self.gallery_size = Gauge("reid_gallery_items", "Items in the gallery", registry=self.registry)
         self.errors = Counter("reid_errors_total", "Error responses by code", ["code"], registry=self.registry)
+        self.build_info = Gauge("reid_build_info", "Always 1; what is running: package version, model, ONNX Runtime provider",
+                                ["version", "model_fingerprint", "architecture", "provider"], registry=self.registry)
+        self.queued_images = Gauge("reid_queued_images", "Images waiting for a model call now (REID_MAX_QUEUED_IMAGES bounds it)", registry=self.registry)
+
+    def describe_build(self, model) -> None:
+        """reid_build_info{...} 1 for the loaded model, the one time series that says what answers."""
+        self.build_info.labels(package_version(), model.fingerprint, model.contract.architecture, model.providers.active).set(1)
 
     def observe_batch(self, size: int, waits, model_seconds: float) -> None:
         self.batch_size.observe(size)
@@ -26,6 +34,13 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("reid-retrieval")
+    except metadata.PackageNotFoundError:  # run from a source tree without installing it
+        return "unknown"
 
 
 class RequestTimer:

@@ -66,3 +66,17 @@ def test_hadolint_passes(dockerfile):
 def test_docker_compose_config_passes():
     for args in ([], ["--profile", "cpu"]):
         subprocess.run(["docker-compose", *args, "config", "-q"], cwd=REPO, check=True)
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_service_exposes():
+    import json
+    import re
+
+    from service.metrics import ServiceMetrics
+
+    dashboard = json.loads((REPO / "docker" / "grafana" / "reid-dashboard.json").read_text())
+    exposed = {metric.name for metric in ServiceMetrics().registry.collect()}
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {re.sub(r"_(bucket|sum|count|total)$", "", name) for expr in queries for name in re.findall(r"\breid_\w+", expr)}
+    assert used and used <= {re.sub(r"_total$", "", name) for name in exposed}, used - exposed
+    assert {"reid_build_info", "reid_queued_images", "reid_request_seconds", "reid_errors"} <= used

@@ -275,6 +275,19 @@ def test_metrics_expose_latency_batches_queue_gallery_and_errors(client):
     assert 'route="/query"' in text
 
 
+def test_build_info_names_the_model_and_the_queue_depth_is_a_gauge(client):
+    import re
+
+    model = client.get("/model").json()
+    text = client.get("/metrics").text
+    info = re.search(r'^reid_build_info\{(.*)\} 1\.0$', text, flags=re.M)
+    assert info, text[:500]
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', info.group(1)))
+    assert labels["model_fingerprint"] == model["fingerprint"] and labels["architecture"] == model["architecture"]
+    assert labels["provider"] == "CPUExecutionProvider" and labels["version"]
+    assert re.search(r"^reid_queued_images 0\.0$", text, flags=re.M)
+
+
 def test_openapi_documents_the_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/gallery", "/gallery/{item_id}", "/gallery/{item_id}/image", "/query", "/healthz", "/readyz", "/model", "/metrics"} <= set(paths)
