@@ -2,8 +2,10 @@
 parser (what the answer means); the two clients only differ in how they send."""
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from urllib.parse import quote
 
 import httpx
 
@@ -12,6 +14,8 @@ from client.types import EnrolledItem, GalleryPage, QueryResult, ReIDError, from
 DEFAULT_URL = "http://127.0.0.1:8000"
 ImageInput = Union[str, Path, bytes, Tuple[str, bytes]]  # a file, its bytes, or (file name, bytes)
 PerImage = Union[None, str, Sequence[str]]  # once for all images, or one per image
+Time = Union[None, str, float, datetime]  # ISO 8601 with a time zone, epoch seconds, or an aware datetime
+PerImageTime = Union[Time, Sequence[Time]]
 
 
 @dataclass
@@ -36,6 +40,19 @@ def per_image(value: PerImage) -> List[str]:
     return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
+def time_text(value: Time) -> Optional[str]:
+    """A time as the service reads it; a naive datetime is sent as it is, and refused (422): its zone is unknown."""
+    if value is None or isinstance(value, str):
+        return value
+    return value.isoformat() if isinstance(value, datetime) else f"{float(value):.6f}"  # plain decimals, never 1e-05
+
+
+def per_image_time(value: PerImageTime) -> List[str]:
+    if value is None:
+        return []
+    return [time_text(value)] if isinstance(value, (str, float, int, datetime)) else [time_text(v) for v in value]
+
+
 def form(**values: Any) -> Dict[str, Any]:
     """Form fields without the unset ones; booleans as the service reads them."""
     return {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in values.items() if v is not None}
@@ -53,9 +70,10 @@ def checked(response: httpx.Response) -> httpx.Response:
 
 
 def enroll_request(images: Sequence[ImageInput], person_id: PerImage = None, camera_id: PerImage = None,
-                   metadata: Union[None, Dict, Sequence[Dict]] = None) -> Request:
+                   metadata: Union[None, Dict, Sequence[Dict]] = None, captured_at: PerImageTime = None) -> Request:
     metadata_list = [] if metadata is None else [metadata] if isinstance(metadata, dict) else list(metadata)
-    data = {"person_id": per_image(person_id), "camera_id": per_image(camera_id), "metadata": [json.dumps(m) for m in metadata_list]}
+    data = {"person_id": per_image(person_id), "camera_id": per_image(camera_id), "metadata": [json.dumps(m) for m in metadata_list],
+            "captured_at": per_image_time(captured_at)}
     files = [("images", image_part(image, i)) for i, image in enumerate(images)]
     return Request("POST", "/gallery", lambda r: [from_json(EnrolledItem, i) for i in r.json()["items"]],
                    data={k: v for k, v in data.items() if v}, files=files)
@@ -63,15 +81,23 @@ def enroll_request(images: Sequence[ImageInput], person_id: PerImage = None, cam
 
 def query_request(image: ImageInput, top_k: int = 10, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
                   person_id: Optional[str] = None, min_score: Optional[float] = None, heatmaps: bool = True,
-                  rerank: bool = False, pair_attention: bool = False) -> Request:
+                  rerank: bool = False, pair_attention: bool = False, captured_after: Time = None, captured_before: Time = None) -> Request:
     data = form(top_k=top_k, camera_id=camera_id, exclude_camera_id=exclude_camera_id, person_id=person_id, min_score=min_score,
-                heatmaps=heatmaps, rerank=rerank or None, pair_attention=pair_attention or None)
+                heatmaps=heatmaps, rerank=rerank or None, pair_attention=pair_attention or None,
+                captured_after=time_text(captured_after), captured_before=time_text(captured_before))
     return Request("POST", "/query", lambda r: QueryResult.from_json(r.json()), data=data, files=[("image", image_part(image, 0))])
 
 
-def gallery_request(limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None) -> Request:
+def gallery_request(limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
+                    captured_after: Time = None, captured_before: Time = None) -> Request:
     return Request("GET", "/gallery", lambda r: GalleryPage.from_json(r.json()),
-                   params=form(limit=limit, offset=offset, person_id=person_id, camera_id=camera_id))
+                   params=form(limit=limit, offset=offset, person_id=person_id, camera_id=camera_id,
+                               captured_after=time_text(captured_after), captured_before=time_text(captured_before)))
+
+
+def erase_person_request(person_id: str) -> Request:
+    # quoted whole ("/" too): the id is one path segment to the server, however it is spelt
+    return Request("DELETE", f"/persons/{quote(person_id, safe='')}", lambda r: r.json()["removed"])
 
 
 REQUESTS = {
@@ -104,16 +130,19 @@ class ReIDClient:
     def _send(self, request: Request) -> Any:
         return request.parse(checked(self._http.request(request.method, request.path, **send_kwargs(request))))
 
-    def enroll(self, images: Sequence[ImageInput], person_id: PerImage = None, camera_id: PerImage = None, metadata=None) -> List[EnrolledItem]:
-        """Enrol images, all or nothing; person/camera ids and metadata once for all or once per image."""
-        return self._send(enroll_request(images, person_id, camera_id, metadata))
+    def enroll(self, images: Sequence[ImageInput], person_id: PerImage = None, camera_id: PerImage = None, metadata=None,
+               captured_at: PerImageTime = None) -> List[EnrolledItem]:
+        """Enrol images, all or nothing; person/camera ids, metadata and capture times once for all or once per image."""
+        return self._send(enroll_request(images, person_id, camera_id, metadata, captured_at))
 
     def query(self, image: ImageInput, top_k: int = 10, **options) -> QueryResult:
-        """Matches for one image; ``options``: camera_id, exclude_camera_id, person_id, min_score, heatmaps, rerank, pair_attention."""
+        """Matches for one image; ``options``: camera_id, exclude_camera_id, person_id, min_score, captured_after,
+        captured_before, heatmaps, rerank, pair_attention."""
         return self._send(query_request(image, top_k, **options))
 
-    def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None) -> GalleryPage:
-        return self._send(gallery_request(limit, offset, person_id, camera_id))
+    def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
+                captured_after: Time = None, captured_before: Time = None) -> GalleryPage:
+        return self._send(gallery_request(limit, offset, person_id, camera_id, captured_after, captured_before))
 
     def iter_gallery(self, page_size: int = 100, **filters) -> Iterator[EnrolledItem]:
         """Every enrolled item (optionally filtered), page by page."""
@@ -133,6 +162,10 @@ class ReIDClient:
 
     def delete(self, item_id: int) -> None:
         self._send(REQUESTS["delete"](item_id))
+
+    def erase_person(self, person_id: str) -> int:
+        """Erase every item of the person (images, embeddings, index entries); how many. ReIDError 404 if none."""
+        return self._send(erase_person_request(person_id))
 
     def model(self) -> Dict[str, Any]:
         return self._send(REQUESTS["model"]())
@@ -159,14 +192,16 @@ class AsyncReIDClient:
     async def _send(self, request: Request) -> Any:
         return request.parse(checked(await self._http.request(request.method, request.path, **send_kwargs(request))))
 
-    async def enroll(self, images: Sequence[ImageInput], person_id: PerImage = None, camera_id: PerImage = None, metadata=None) -> List[EnrolledItem]:
-        return await self._send(enroll_request(images, person_id, camera_id, metadata))
+    async def enroll(self, images: Sequence[ImageInput], person_id: PerImage = None, camera_id: PerImage = None, metadata=None,
+                     captured_at: PerImageTime = None) -> List[EnrolledItem]:
+        return await self._send(enroll_request(images, person_id, camera_id, metadata, captured_at))
 
     async def query(self, image: ImageInput, top_k: int = 10, **options) -> QueryResult:
         return await self._send(query_request(image, top_k, **options))
 
-    async def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None) -> GalleryPage:
-        return await self._send(gallery_request(limit, offset, person_id, camera_id))
+    async def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
+                      captured_after: Time = None, captured_before: Time = None) -> GalleryPage:
+        return await self._send(gallery_request(limit, offset, person_id, camera_id, captured_after, captured_before))
 
     async def iter_gallery(self, page_size: int = 100, **filters) -> AsyncIterator[EnrolledItem]:
         offset = 0
@@ -186,6 +221,9 @@ class AsyncReIDClient:
 
     async def delete(self, item_id: int) -> None:
         await self._send(REQUESTS["delete"](item_id))
+
+    async def erase_person(self, person_id: str) -> int:
+        return await self._send(erase_person_request(person_id))
 
     async def model(self) -> Dict[str, Any]:
         return await self._send(REQUESTS["model"]())

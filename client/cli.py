@@ -1,5 +1,5 @@
 """``python -m client``: enrol a folder, query an image (print the matches, or save them with their heatmap
-overlays), delete an item. A thin layer over ``ReIDClient``. The URL and key come from ``--url`` /
+overlays), delete an item, erase a person. A thin layer over ``ReIDClient``. The URL and key come from ``--url`` /
 ``--api-key`` or the environment (``REID_URL``, ``REID_API_KEY``)."""
 import argparse
 import base64
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--save", type=Path, help="write result.json and the overlays (PNG) into this folder")
     delete = commands.add_parser("delete", help="delete an item")
     delete.add_argument("item_id", type=int)
+    erase = commands.add_parser("erase-person", help="erase every item of a person")
+    erase.add_argument("person_id")
     return parser
 
 
@@ -106,6 +108,8 @@ def main(argv=None) -> None:
                 print_result(result)
                 if args.save:
                     save_result(result, args.save)
+            elif args.command == "erase-person":
+                print(f"erased {reid.erase_person(args.person_id)} items of person {args.person_id}")
             else:
                 reid.delete(args.item_id)
     except ReIDError as error:

@@ -29,6 +29,7 @@ class EnrolledItem:
     created_at: float
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
+    captured_at: Optional[float] = None  # epoch seconds; None: unknown
     metadata: Dict[str, Any] = field(default_factory=dict)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -53,6 +54,7 @@ class Match:
     branch_scores: List[float]
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
+    captured_at: Optional[float] = None
     metadata: Dict[str, Any] = field(default_factory=dict)
     heatmap: Optional[Dict[str, Any]] = None  # grid, branch_grids, overlay_png (base64), ...
     rerank_distance: Optional[float] = None

@@ -28,10 +28,10 @@ from service.http_contract import HeadAsGet, image_headers
 from service.inference import ImageMaps, InferenceModel
 from service.metrics import RequestTimer, ServiceMetrics
 from service.pair_ranking import load_pair_head, rank_shortlist
-from service.schemas import EnrollResponse, GalleryItem, GalleryPage, Heatmap, Match, PairAttention, QueryResponse, ReadyResponse
+from service.schemas import EnrollResponse, ErasureResponse, GalleryItem, GalleryPage, Heatmap, Match, PairAttention, QueryResponse, ReadyResponse
 from service.settings import Settings
 from service.store import GalleryStore, NewItem
-from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, InvalidValue, check_item_id, check_label
+from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, InvalidValue, check_item_id, check_label, parse_time
 from service.validation import parse_metadata as parse_metadata_text
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422, 503)}
 ItemId = Annotated[int, PathParam(ge=1, le=MAX_ITEM_ID, description="a gallery item's id"), BeforeValidator(check_item_id)]
 IMAGE_RESPONSE = {200: {"description": "the original image bytes", "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}
 METRICS_RESPONSE = {200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+SECONDS_PER_DAY = 86400
+MAX_CLOCK_AHEAD_S = SECONDS_PER_DAY  # a camera clock may run ahead, but a capture time later than this is a mistake
+TIME_FORMAT = "ISO 8601 with a time zone (2024-06-01T12:00:00Z) or epoch seconds"
 
 
 class Upload:
@@ -96,6 +99,53 @@ def check_id(value: Optional[str], name: str) -> Optional[str]:
         raise APIError(422, "invalid_request", str(exc)) from None
 
 
+def check_time(text: Optional[str], name: str) -> Optional[float]:
+    try:
+        return parse_time(text, name)
+    except InvalidValue as exc:
+        raise APIError(422, "invalid_request", str(exc)) from None
+
+
+def check_captured_at(text: Optional[str], settings: Settings) -> Optional[float]:
+    """A capture time to store: not in the future, and not already past REID_RETENTION_DAYS (it would only
+    be stored to be erased)."""
+    captured = check_time(text, "captured_at")
+    if captured is None:
+        return None
+    now = time.time()
+    if captured > now + MAX_CLOCK_AHEAD_S:
+        raise APIError(422, "invalid_request", f"captured_at: {text} is more than a day in the future")
+    if settings.retention_days and captured < now - settings.retention_days * SECONDS_PER_DAY:
+        raise APIError(422, "invalid_request", f"captured_at: {text} is older than REID_RETENTION_DAYS={settings.retention_days:g}")
+    return captured
+
+
+def time_range(after: Optional[str], before: Optional[str]) -> Tuple[Optional[float], Optional[float]]:
+    """The captured_after / captured_before filters as epoch seconds: captured_after <= captured_at < captured_before."""
+    start, end = check_time(after, "captured_after"), check_time(before, "captured_before")
+    if start is not None and end is not None and start >= end:
+        raise APIError(422, "invalid_request", "captured_after must be earlier than captured_before")
+    return start, end
+
+
+async def purge_expired(gallery: Gallery, days: float) -> int:
+    """Erase what REID_RETENTION_DAYS has expired, the way a person is erased (one transaction, WAL wiped)."""
+    erased = await gallery.erase_older_than(time.time() - days * SECONDS_PER_DAY)
+    if erased:
+        log.info("retention: erased %d item(s) older than %g days", len(erased), days)
+    return len(erased)
+
+
+async def retention_loop(gallery: Gallery, settings: Settings, metrics: ServiceMetrics) -> None:
+    while True:
+        await asyncio.sleep(settings.retention_interval_s)
+        try:
+            await purge_expired(gallery, settings.retention_days)
+        except Exception:  # a full disk, say: the next round tries again
+            log.exception("retention purge failed; next try in %g s", settings.retention_interval_s)
+        metrics.gallery_size.set(gallery.size)
+
+
 def parse_metadata(text: Optional[str]) -> dict:
     """Checked in full before anything is written: see service.validation."""
     try:
@@ -112,7 +162,7 @@ def match_body(rank: int, score: float, item, vector: np.ndarray, query_features
     """``ranking``: the fields a re-ranking step adds (rerank_distance, or pair_distance and pair_attention)."""
     branch_scores = (split_branches(vector, len(query_features)) * query_features).sum(axis=1)
     return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores.tolist(), **ranking,
-                 person_id=item.person_id, camera_id=item.camera_id, metadata=item.metadata)
+                 person_id=item.person_id, camera_id=item.camera_id, captured_at=item.captured_at, metadata=item.metadata)
 
 
 def rerank_hits(embedding: np.ndarray, hits: List[Tuple[int, float]], found: dict, top_k: int, settings: Settings) -> Tuple[List[Tuple[int, float]], List[dict]]:
@@ -208,6 +258,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         gallery = Gallery(store, model, settings)
         await asyncio.to_thread(gallery.open)
         await gallery.start()
+        retention = None
+        if settings.retention_days:
+            await purge_expired(gallery, settings.retention_days)  # before ready: nothing expired is ever served
+            retention = asyncio.create_task(retention_loop(gallery, settings, metrics))
         batcher = MicroBatcher(model, settings.max_batch_size, settings.max_batch_wait_ms / 1000, model.instances,
                                settings.max_queued_images, metrics.observe_batch)
         await batcher.start()
@@ -220,6 +274,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             yield
         finally:
             app.state.ready = False
+            if retention:
+                retention.cancel()
+                await asyncio.gather(retention, return_exceptions=True)
             await batcher.stop()
             await gallery.stop()
             store.close()
@@ -300,6 +357,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         person_id: Optional[List[str]] = Form(None, description="once for all images, or once per image"),
         camera_id: Optional[List[str]] = Form(None, description="once for all images, or once per image"),
         metadata: Optional[List[str]] = Form(None, description="a JSON object, once for all images or once per image"),
+        captured_at: Optional[List[str]] = Form(None, description=f"when each image was taken, {TIME_FORMAT}; once for all images or "
+                                                "once per image; at most a day ahead, not past REID_RETENTION_DAYS; unset: unknown"),
     ):
         s = state(request)
         if len(images) > settings.max_images_per_request:
@@ -308,11 +367,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         persons = [check_id(p, "person_id") for p in per_image(person_id, count, "person_id")]
         cameras = [check_id(c, "camera_id") for c in per_image(camera_id, count, "camera_id")]
         metas = [parse_metadata(m) for m in per_image(metadata, count, "metadata")]
+        times = [check_captured_at(t, settings) for t in per_image(captured_at, count, "captured_at")]
         budget = PixelBudget(settings.max_request_pixels)
         uploads = [await read_upload(upload, i, settings, s.model.input_size, budget) for i, upload in enumerate(images)]
         embedding, _ = await s.batcher.embed(np.stack([u.decoded.pixels for u in uploads]))
-        new = [NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m)
-               for u, e, p, c, m in zip(uploads, embedding, persons, cameras, metas)]
+        new = [NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t)
+               for u, e, p, c, m, t in zip(uploads, embedding, persons, cameras, metas, times)]
         stored = await s.gallery.add(new)
         metrics.gallery_size.set(s.gallery.size)
         return EnrollResponse(ids=[i.id for i in stored], items=[item_body(i) for i in stored])
@@ -322,8 +382,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         request: Request,
         limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**62),
         person_id: Optional[str] = Query(None, max_length=MAX_ID_LENGTH), camera_id: Optional[str] = Query(None, max_length=MAX_ID_LENGTH),
+        captured_after: Optional[str] = Query(None, description=f"only items taken at or after this time, {TIME_FORMAT}"),
+        captured_before: Optional[str] = Query(None, description=f"only items taken before this time, {TIME_FORMAT}"),
     ):
-        total, items = state(request).gallery.store.list(limit, offset, person_id, camera_id)
+        total, items = state(request).gallery.store.list(limit, offset, person_id, camera_id, *time_range(captured_after, captured_before))
         return GalleryPage(total=total, limit=limit, offset=offset, items=[item_body(i) for i in items])
 
     def find(request: Request, item_id: int):
@@ -352,6 +414,18 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         metrics.gallery_size.set(s.gallery.size)
         return Response(status_code=204)
 
+    # :path, so that a person id with a "/" (sent as %2F) can be erased too
+    @app.delete("/persons/{person_id:path}", tags=["gallery"], response_model=ErasureResponse, dependencies=protected, responses=ERRORS)
+    async def erase_person(request: Request, person_id: str):
+        """Erase every item of the person, image, embedding, ids, metadata and index entry, in one transaction;
+        the store's freed bytes are zeroed and its WAL truncated before the answer."""
+        s = state(request)
+        erased = await s.gallery.erase_person(check_id(person_id, "person_id"))
+        if not erased:
+            raise APIError(404, "not_found", "no gallery item of this person")
+        metrics.gallery_size.set(s.gallery.size)
+        return ErasureResponse(person_id=person_id, removed=len(erased), ids=erased)
+
     @app.post("/query", tags=["query"], response_model=QueryResponse, dependencies=protected, responses=ERRORS)
     async def query(
         request: Request,
@@ -361,6 +435,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         exclude_camera_id: Optional[str] = Form(None, description="no matches from this camera (the re-ID protocol's same-camera rule)"),
         person_id: Optional[str] = Form(None, description="only matches of this person"),
         min_score: Optional[float] = Form(None, ge=-1.0, le=1.0, description="only matches scoring at least this"),
+        captured_after: Optional[str] = Form(None, description=f"only matches taken at or after this time, {TIME_FORMAT}"),
+        captured_before: Optional[str] = Form(None, description=f"only matches taken before this time, {TIME_FORMAT}"),
         heatmaps: bool = Form(True, description="compute RAM heatmaps for the query and each match"),
         rerank: bool = Form(False, description="k-reciprocal re-ranking (Zhong et al. 2017) of a shortlist of REID_RERANK_SHORTLIST "
                             "index hits (the same filters), the query alone with them: the matches then follow rerank_distance, not score"),
@@ -374,6 +450,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             raise APIError(422, "invalid_request", f"top_k: must be between 1 and {settings.max_top_k}")
         for value, name in ((camera_id, "camera_id"), (exclude_camera_id, "exclude_camera_id"), (person_id, "person_id")):
             check_id(value, name)
+        after, before = time_range(captured_after, captured_before)
         if pair_attention:
             check_pair_attention(s, rerank)
         upload = await read_upload(image, 0, settings, s.model.input_size, PixelBudget(settings.max_request_pixels), preview=heatmaps)
@@ -388,7 +465,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         embedding, maps = await s.batcher.embed(upload.decoded.pixels[None], with_maps=heatmaps or pair_attention)
         lap("embed")
         shortlist = max(top_k, settings.rerank_shortlist) if rerank or pair_attention else top_k
-        hits = s.gallery.search(embedding[0], shortlist, camera_id, exclude_camera_id, person_id, min_score)
+        hits = s.gallery.search(embedding[0], shortlist, camera_id, exclude_camera_id, person_id, min_score, after, before)
         found = s.gallery.store.get_many_with_embeddings([i for i, _ in hits], s.gallery.dim)
         query_features = split_branches(embedding[0], s.model.contract.num_branches)
         lap("search")

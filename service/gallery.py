@@ -7,6 +7,9 @@ and searchable, and no other write can come between its store commit and its ind
 commit is under way, so a query may find an id in the index whose delete the store has already committed:
 readers skip ids the store no longer has. At start the index is rebuilt from the store; a store embedded by
 another model is re-embedded from its stored images or refused.
+
+Erasure (a person's items, or those retention expires) is one such write: one transaction, then the WAL
+wiped (service.store), then the vectors removed from memory, then the answer.
 """
 import asyncio
 import logging
@@ -14,7 +17,7 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -34,12 +37,23 @@ class ModelMismatch(RuntimeError):
     """The store was embedded by another model and re-embedding is switched off."""
 
 
+class Label(NamedTuple):
+    """What the search filters look at, per id, kept in memory (the store is not read per candidate)."""
+    person_id: Optional[str]
+    camera_id: Optional[str]
+    captured_at: Optional[float]
+
+
+UNLABELLED = Label(None, None, None)
+
+
 @dataclass
 class _Write:
     in_store: Callable[[], Any]  # runs inside the group's transaction, in the writer thread
     in_index: Callable[[Any], None]  # gets in_store's result, runs on the event loop after the commit
     future: asyncio.Future
     frees_space: bool = False  # a delete: on a full disk it is committed again with the store's disk reserve
+    erases: bool = False  # an erasure: the WAL is wiped after its commit
 
 
 class Gallery:
@@ -47,7 +61,7 @@ class Gallery:
         self.store, self.model, self.settings = store, model, settings
         self.dim = model.contract.embedding_dim
         self.num_branches = model.contract.num_branches
-        self.labels: Dict[int, Tuple[Optional[str], Optional[str]]] = {}
+        self.labels: Dict[int, Label] = {}
         self.index = VectorIndex(self.dim, settings.index_type, settings.index_device, settings.ivf_nlist,
                                  settings.ivf_nprobe, settings.hnsw_m, settings.hnsw_ef_search)
 
@@ -85,7 +99,7 @@ class Gallery:
 
         def chunks():
             for ids, vectors, labels in self.store.iter_embeddings(self.dim):
-                self.labels.update(zip(ids.tolist(), labels))
+                self.labels.update(zip(ids.tolist(), (Label(*row) for row in labels)))
                 yield ids, vectors
 
         self.index.rebuild(chunks())
@@ -110,7 +124,7 @@ class Gallery:
         """Store and index the items, all or nothing; returns them as stored once they are durable and searchable."""
         def in_index(stored: List[Item]) -> None:
             self.index.add(np.array([i.id for i in stored], np.int64), np.stack([item.embedding for item in items]))
-            self.labels.update({i.id: (i.person_id, i.camera_id) for i in stored})
+            self.labels.update({i.id: Label(i.person_id, i.camera_id, i.captured_at) for i in stored})
 
         return await self._write(partial(self.store.insert, items), in_index)
 
@@ -123,8 +137,26 @@ class Gallery:
 
         return await self._write(partial(self.store.remove, item_id), in_index, frees_space=True)
 
-    async def _write(self, in_store: Callable[[], Any], in_index: Callable[[Any], None], frees_space: bool = False) -> Any:
-        write = _Write(in_store, in_index, asyncio.get_running_loop().create_future(), frees_space)
+    async def erase_person(self, person_id: str) -> List[int]:
+        """Erase every item of the person (store, WAL, index) in one write; the ids erased, none if there were none."""
+        return await self._erase(partial(self.store.erase_person, person_id))
+
+    async def erase_older_than(self, cutoff: float) -> List[int]:
+        """Erase every item older than ``cutoff`` (epoch seconds; by capture time when known, else enrolment time)."""
+        return await self._erase(partial(self.store.erase_older_than, cutoff))
+
+    async def _erase(self, in_store: Callable[[], List[int]]) -> List[int]:
+        def in_index(erased: List[int]) -> None:
+            if erased:
+                self.index.erase(erased)
+                for item_id in erased:
+                    self.labels.pop(item_id, None)
+
+        return await self._write(in_store, in_index, frees_space=True, erases=True)
+
+    async def _write(self, in_store: Callable[[], Any], in_index: Callable[[Any], None], frees_space: bool = False,
+                     erases: bool = False) -> Any:
+        write = _Write(in_store, in_index, asyncio.get_running_loop().create_future(), frees_space, erases)
         await self._writes.put(write)
         return await write.future
 
@@ -140,6 +172,7 @@ class Gallery:
                 for write in group:
                     _settle(write.future, error=exc)
                 continue
+            await self._wipe_after_erasure(group, results)
             for write, result in zip(group, results):
                 if isinstance(result, Exception):
                     _settle(write.future, error=result)
@@ -164,6 +197,14 @@ class Gallery:
                 results[i] = result
             return results
 
+    async def _wipe_after_erasure(self, group: List[_Write], results: List[Any]) -> None:
+        """Before an erasure is answered, the WAL frames that still hold what it erased are gone."""
+        if any(w.erases and r and not isinstance(r, Exception) for w, r in zip(group, results)):
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.store.wipe_wal)
+            except sqlite3.Error as exc:  # the erasure has committed all the same; the next one wipes again
+                log.error("wiping the WAL after an erasure failed: %s", exc)
+
     def _apply_to_index(self, write: _Write, result: Any) -> None:
         try:
             write.in_index(result)
@@ -176,14 +217,17 @@ class Gallery:
             self.rebuild_index()
 
     def search(self, embedding: np.ndarray, k: int, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
-               person_id: Optional[str] = None, min_score: Optional[float] = None) -> List[Tuple[int, float]]:
-        """Top-k (id, score) with score = mean over branches of the cosine similarity, in [-1, 1]."""
+               person_id: Optional[str] = None, min_score: Optional[float] = None, captured_after: Optional[float] = None,
+               captured_before: Optional[float] = None) -> List[Tuple[int, float]]:
+        """Top-k (id, score) with score = mean over branches of the cosine similarity, in [-1, 1]. The time range
+        is captured_after <= captured_at < captured_before; an item of unknown capture time is in no range."""
         def accept(item_id: int, raw: float) -> bool:
-            person, camera = self.labels.get(item_id, (None, None))
+            person, camera, captured = self.labels.get(item_id, UNLABELLED)
             return ((camera_id is None or camera == camera_id) and (exclude_camera_id is None or camera != exclude_camera_id)
-                    and (person_id is None or person == person_id) and (min_score is None or self._score(raw) >= min_score))
+                    and (person_id is None or person == person_id) and (min_score is None or self._score(raw) >= min_score)
+                    and in_time_range(captured, captured_after, captured_before))
 
-        filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score))
+        filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score, captured_after, captured_before))
         hits = self.index.search(embedding, k, accept if filtered else None)
         return [(item_id, self._score(raw)) for item_id, raw in hits]
 
@@ -191,6 +235,12 @@ class Gallery:
         """The index's inner product as the documented score, the mean of the branches' cosines in [-1, 1]
         (float32 sums put an identical image a hair above 1, 1.0000001)."""
         return min(1.0, max(-1.0, raw / self.num_branches))
+
+
+def in_time_range(captured: Optional[float], after: Optional[float], before: Optional[float]) -> bool:
+    if after is None and before is None:
+        return True
+    return captured is not None and (after is None or captured >= after) and (before is None or captured < before)
 
 
 def _settle(future: asyncio.Future, result: Any = None, error: Optional[BaseException] = None) -> None:

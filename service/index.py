@@ -3,10 +3,12 @@
 GPU indexes, HNSW and IVF-on-GPU cannot remove ids, so deletion is one mechanism for all of them: a deleted id
 becomes a tombstone that searches skip, and once tombstones pass a fifth of the index the gallery rebuilds it
 from the store. Searches widen their candidate list until ``k`` accepted hits are found or the index is
-exhausted, which serves the camera, person and score filters the same way.
+exhausted, which serves the camera, person, time and score filters the same way. Erased ids (a person's,
+or expired ones) leave memory at once: removed in place where FAISS can, else hidden until the rebuild that
+follows the erasure.
 """
 import logging
-from typing import Callable, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import faiss
 import numpy as np
@@ -28,6 +30,7 @@ class VectorIndex:
         if device == "gpu" and gpu_count() == 0:
             raise RuntimeError("REID_INDEX_DEVICE=gpu but FAISS sees no GPU (faiss-cpu installed, or no CUDA device)")
         self.tombstones: Set[int] = set()
+        self.holds_erased = False  # erased vectors hidden but still in memory: rebuild without them
         self.trained_on = 0  # vectors the current index was built over (IVF retrains when the gallery outgrows it)
         self.built_kind = "flat"
         self.index = self._make(np.zeros((0, dim), np.float32))
@@ -69,6 +72,7 @@ class VectorIndex:
         vectors = np.concatenate(vec_list) if vec_list else np.zeros((0, self.dim), np.float32)
         self.index = self._make(vectors)
         self.tombstones = set()
+        self.holds_erased = False
         self.trained_on = len(ids)
         if len(ids):
             self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids.astype(np.int64))
@@ -79,6 +83,17 @@ class VectorIndex:
     def remove(self, item_id: int) -> None:
         self.tombstones.add(int(item_id))
 
+    def erase(self, ids: Sequence[int]) -> None:
+        """Remove the vectors from memory, not only from results: in place on the CPU's flat and IVF indexes;
+        HNSW and GPU indexes cannot remove ids, so there they are hidden and ``needs_rebuild`` asks for an index
+        built without them."""
+        ids = np.asarray(ids, np.int64)
+        try:
+            self.index.remove_ids(ids)
+        except RuntimeError:
+            self.tombstones.update(ids.tolist())
+            self.holds_erased = True
+
     @property
     def size(self) -> int:
         return self.index.ntotal - len(self.tombstones)
@@ -88,7 +103,7 @@ class VectorIndex:
         stale = self.index.ntotal > 0 and len(self.tombstones) > COMPACT_FRACTION * self.index.ntotal
         untrained = self.kind == "ivf" and self.built_kind == "flat" and self.size >= max(1000, MIN_IVF_TRAINING)
         grown = self.kind == "ivf" and self.built_kind == "ivf" and self.size > 4 * max(1, self.trained_on)
-        return stale or untrained or grown
+        return stale or untrained or grown or self.holds_erased
 
     def search(self, query: np.ndarray, k: int, accept: Optional[Callable[[int, float], bool]] = None) -> List[Tuple[int, float]]:
         """The ``k`` best live ids (inner product, descending) that ``accept(id, score)`` lets through."""

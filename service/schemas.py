@@ -12,7 +12,8 @@ class GalleryItem(BaseModel):
     image_format: str
     width: int
     height: int
-    created_at: float
+    created_at: float = Field(description="when it was enrolled, epoch seconds")
+    captured_at: Optional[float] = Field(None, description="when the image was taken, epoch seconds, as enrolled; null: unknown")
 
 
 class EnrollResponse(BaseModel):
@@ -25,6 +26,12 @@ class GalleryPage(BaseModel):
     limit: int
     offset: int
     items: List[GalleryItem]
+
+
+class ErasureResponse(BaseModel):
+    person_id: str
+    removed: int = Field(description="how many items (image, embedding, ids, metadata, index entry) were erased")
+    ids: List[int] = Field(description="the ids they had")
 
 
 class OmitsUnusedExtras(BaseModel):
@@ -77,6 +84,7 @@ class Match(OmitsUnusedExtras):
     pair_attention: Optional[PairAttention] = Field(None, description="with pair_attention=true: the pair's attention maps behind pair_distance; absent otherwise")
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
+    captured_at: Optional[float] = Field(None, description="when the image was taken, epoch seconds; null: unknown")
     metadata: Dict = Field(default_factory=dict)
     heatmap: Optional[Heatmap] = None
 

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="seconds a request body may pause (no byte arriving while the server is ready to read); then the connection is closed")
     max_header_bytes: int = Field(65536, ge=1024, description="largest request header block (431 past it)")
     max_connections: int = Field(512, ge=1, description="open connections past which a new connection's request is answered 503 overloaded")
+    retention_days: float = Field(0, ge=0, allow_inf_nan=False, description="erase items older than this many days (by capture time when known, else enrolment time; fractions allowed), at start and every REID_RETENTION_INTERVAL_S; 0: keep forever")
+    retention_interval_s: float = Field(3600, gt=0, allow_inf_nan=False, description="seconds between retention purges (with REID_RETENTION_DAYS > 0)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("warning", description="uvicorn and service log level")
 
     @field_validator("model_path", mode="before")

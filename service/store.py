@@ -5,6 +5,13 @@ Writes go through their own connection with ``synchronous=FULL``, so what a requ
 ``kill -9`` (and power loss); reads use another, so they never wait for a write's fsync (WAL lets both run).
 ``commit_group`` lets concurrent writes share one transaction, and so one fsync, each in its own savepoint:
 every write is still all or nothing on its own. Ids come from AUTOINCREMENT, so they are never reused.
+
+Erasure (a person, or what retention expires) must leave nothing readable in the files: ``secure_delete``
+zeroes what a delete frees, and ``wipe_wal`` then copies the zeroed pages into the database and truncates
+the WAL, whose older frames still hold the erased rows.
+
+The schema has a version (``PRAGMA user_version``): a file is brought up to date by ``MIGRATIONS`` when it is
+opened, each step in its own transaction, so a gallery written by an older version opens and keeps working.
 """
 import logging
 import os
@@ -35,7 +42,15 @@ CREATE INDEX IF NOT EXISTS items_person ON items(person_id);
 CREATE INDEX IF NOT EXISTS items_camera ON items(camera_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at"
+# AGE: what retention goes by, the capture time when known, else the enrolment time
+AGE = "COALESCE(captured_at, created_at)"
+# MIGRATIONS[n] brings a version n file to version n + 1; SCHEMA above is version 0, the first release's
+MIGRATIONS = [
+    ["ALTER TABLE items ADD COLUMN captured_at REAL",  # epoch seconds, NULL: unknown
+     f"CREATE INDEX items_age ON items({AGE})"],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at, captured_at"
 RESERVE_BYTES = 16 * 1024 * 1024
 log = logging.getLogger(__name__)
 
@@ -54,6 +69,7 @@ class NewItem:
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
     metadata: Optional[dict] = None
+    captured_at: Optional[float] = None
 
 
 @dataclass
@@ -66,6 +82,7 @@ class Item:
     width: int
     height: int
     created_at: float
+    captured_at: Optional[float] = None
 
     @classmethod
     def from_row(cls, row: tuple) -> "Item":
@@ -79,6 +96,7 @@ class GalleryStore:
         self.writer = self._connect()
         self.writer.execute("PRAGMA journal_mode=WAL")
         self.writer.executescript(SCHEMA)
+        self._migrate()
         self.reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"), RESERVE_BYTES)
         self.reserve.lay()
         self.db = self._connect()  # reads
@@ -91,7 +109,19 @@ class GalleryStore:
         # never the same connection from two threads at once.
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA secure_delete=ON")  # freed bytes are zeroed, not left for a file reader (erasure)
         return db
+
+    def _migrate(self) -> None:
+        version = self.writer.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} has schema version {version}, written by a newer service (this one knows {SCHEMA_VERSION})")
+        for number, steps in enumerate(MIGRATIONS[version:], version):
+            with self._transaction():
+                for step in steps:
+                    self.writer.execute(step)
+                self.writer.execute(f"PRAGMA user_version = {number + 1}")
+            log.info("migrated the gallery schema of %s to version %d", self.path, number + 1)
 
     def close(self) -> None:
         self.db.close()
@@ -163,16 +193,36 @@ class GalleryStore:
             metadata = item.metadata or {}
             check_writable(metadata)  # the last guard: what is committed must serialise back (service.validation)
             cursor = self.writer.execute(
-                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at, captured_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (item.person_id, item.camera_id, dump_metadata(metadata), item.image, item.image_format, item.width, item.height,
-                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now))
-            stored.append(Item(cursor.lastrowid, item.person_id, item.camera_id, metadata, item.image_format, item.width, item.height, now))
+                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now, item.captured_at))
+            stored.append(Item(cursor.lastrowid, item.person_id, item.camera_id, metadata, item.image_format, item.width, item.height,
+                               now, item.captured_at))
         return stored
 
     def remove(self, item_id: int) -> bool:
         """Delete one item inside the caller's transaction; False when there was none."""
         return self.writer.execute("DELETE FROM items WHERE id = ?", (item_id,)).rowcount == 1
+
+    def erase_person(self, person_id: str) -> List[int]:
+        """Delete every item of the person inside the caller's transaction; their ids."""
+        return self._erase("person_id = ?", (person_id,))
+
+    def erase_older_than(self, cutoff: float) -> List[int]:
+        """Delete, inside the caller's transaction, every item whose age (AGE) is before ``cutoff``; their ids."""
+        return self._erase(f"{AGE} < ?", (cutoff,))
+
+    def _erase(self, where: str, args: tuple) -> List[int]:
+        return [row[0] for row in self.writer.execute(f"DELETE FROM items WHERE {where} RETURNING id", args).fetchall()]
+
+    def wipe_wal(self) -> bool:
+        """After an erasure: copy the WAL (its zeroed pages) into the database and truncate it, so that no older
+        frame still holds erased rows. False when a reader kept it from finishing (the next wipe does)."""
+        busy, _, _ = self.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("the WAL could not be truncated after an erasure: a reader held it; the next erasure retries")
+        return not busy
 
     def get(self, item_id: int) -> Optional[Item]:
         row = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
@@ -192,11 +242,15 @@ class GalleryStore:
     def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
         return dict(self._rows_by_id("id, image", ids))
 
-    def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None) -> Tuple[int, List[Item]]:
+    def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None,
+             captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> Tuple[int, List[Item]]:
+        """A page of items in id order; the capture time range is captured_after <= captured_at < captured_before
+        (an item of unknown time is in no range)."""
         where, args = [], []
-        for column, value in (("person_id", person_id), ("camera_id", camera_id)):
+        for condition, value in (("person_id = ?", person_id), ("camera_id = ?", camera_id),
+                                 ("captured_at >= ?", captured_after), ("captured_at < ?", captured_before)):
             if value is not None:
-                where.append(f"{column} = ?")
+                where.append(condition)
                 args.append(value)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         total = self.db.execute(f"SELECT COUNT(*) FROM items{clause}", args).fetchone()[0]
@@ -207,20 +261,20 @@ class GalleryStore:
         return self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
     def iter_embeddings(self, dim: int, chunk: int = 4096) -> Iterator[Tuple[np.ndarray, np.ndarray, List[Tuple]]]:
-        """All (ids, embeddings [n, dim], (person_id, camera_id) rows) in chunks, in id order."""
+        """All (ids, embeddings [n, dim], (person_id, camera_id, captured_at) rows) in chunks, in id order."""
         last = 0
         while True:
             rows = self.db.execute(
-                "SELECT id, person_id, camera_id, embedding FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+                "SELECT id, person_id, camera_id, captured_at, embedding FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
             ).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
             ids = np.array([r[0] for r in rows], np.int64)
-            vectors = np.stack([np.frombuffer(r[3], np.float32) for r in rows])
+            vectors = np.stack([np.frombuffer(r[4], np.float32) for r in rows])
             if vectors.shape[1] != dim:
                 raise ValueError(f"stored embeddings have {vectors.shape[1]} dimensions, the model {dim}")
-            yield ids, vectors, [(r[1], r[2]) for r in rows]
+            yield ids, vectors, [r[1:4] for r in rows]
 
     def iter_images(self, chunk: int = 64) -> Iterator[List[Tuple[int, bytes]]]:
         last = 0

@@ -4,12 +4,14 @@ serialises: a stored row must never make a read fail.
 Metadata is strict JSON that round-trips: an object, at most ``MAX_METADATA_DEPTH`` levels deep, no lone
 surrogate in any key or string (UTF-8 cannot carry one, so the answer could not be written), no NaN, Infinity
 or number too large for a double (JSON has none; they would come back as null). Ids are 1 to ``MAX_ID_LENGTH``
-characters of printable text: no control characters, no surrogates.
+characters of printable text: no control characters, no surrogates. Times are ISO 8601 with a time zone or
+epoch seconds, from 1970 to 9999; a naive time would be read in some unknown zone, so it is refused.
 """
 import json
 import math
 import re
 import unicodedata
+from datetime import datetime
 from typing import Any, Optional
 
 MAX_ID_LENGTH = 128
@@ -18,6 +20,11 @@ MAX_METADATA_DEPTH = 32
 MAX_ITEM_ID = 2**63 - 1  # SQLite's INTEGER: a larger id can name no item
 ITEM_ID_PATTERN = r"^[1-9][0-9]{0,18}$"  # plain decimal digits: no sign, no "_", no leading zero, no spaces
 UNREADABLE_KEY = "unreadable_stored_metadata"
+# YYYY-MM-DDTHH:MM[:SS[.fraction]] and a zone (Z or +HH:MM): the shape checked before datetime reads the values,
+# since datetime.fromisoformat alone takes any separator and a zone-less time
+ISO_TIME_PATTERN = r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?(Z|[+-][0-9]{2}:[0-9]{2})"
+EPOCH_PATTERN = r"[0-9]{1,12}(\.[0-9]{1,9})?"  # plain decimal seconds: no sign, exponent, "_", nan or inf
+LAST_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z, datetime's last second
 
 
 class InvalidValue(ValueError):
@@ -44,6 +51,26 @@ def check_label(value: Optional[str], name: str) -> Optional[str]:
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
         raise InvalidValue(f"{name}: control characters and lone surrogates are not allowed")
     return value
+
+
+def parse_time(text: Optional[str], name: str) -> Optional[float]:
+    """A time form field as epoch seconds (None when absent); InvalidValue unless it is ISO 8601 with a time
+    zone or epoch seconds, between 1970 and 9999."""
+    if text is None or text == "":
+        return None
+    if re.fullmatch(EPOCH_PATTERN, text):
+        seconds = float(text)
+    elif re.fullmatch(ISO_TIME_PATTERN, text):
+        try:
+            seconds = datetime.fromisoformat(text).timestamp()
+        except ValueError as exc:  # month 13, February 30, hour 25, offset past 24 h
+            raise InvalidValue(f"{name}: {exc}") from None
+    else:
+        raise InvalidValue(f"{name}: {text[:40]!r} is neither ISO 8601 with a time zone (2024-06-01T12:00:00Z, "
+                           "2024-06-01T14:00:00+02:00) nor epoch seconds (1717243200)")
+    if not 0 <= seconds <= LAST_EPOCH:
+        raise InvalidValue(f"{name}: must be between 1970 and 9999")
+    return seconds
 
 
 def _refuse_constant(name: str):
