@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import httpx
 
-from client.types import EnrolledItem, GalleryPage, QueryResult, ReIDError, from_json
+from client.types import BatchResult, EnrolledItem, GalleryPage, QueryResult, ReIDError, from_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ImageInput = Union[str, Path, bytes, Tuple[str, bytes]]  # a file, its bytes, or (file name, bytes)
@@ -79,13 +79,33 @@ def enroll_request(images: Sequence[ImageInput], person_id: PerImage = None, cam
                    data={k: v for k, v in data.items() if v}, files=files)
 
 
-def query_request(image: ImageInput, top_k: int = 10, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
-                  person_id: Optional[str] = None, min_score: Optional[float] = None, heatmaps: bool = True,
-                  rerank: bool = False, pair_attention: bool = False, captured_after: Time = None, captured_before: Time = None) -> Request:
-    data = form(top_k=top_k, camera_id=camera_id, exclude_camera_id=exclude_camera_id, person_id=person_id, min_score=min_score,
-                heatmaps=heatmaps, rerank=rerank or None, pair_attention=pair_attention or None,
-                captured_after=time_text(captured_after), captured_before=time_text(captured_before))
-    return Request("POST", "/query", lambda r: QueryResult.from_json(r.json()), data=data, files=[("image", image_part(image, 0))])
+def query_fields(top_k: int, heatmaps: bool, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
+                 person_id: Optional[str] = None, min_score: Optional[float] = None, rerank: bool = False, group_by: Optional[str] = None,
+                 captured_after: Time = None, captured_before: Time = None, **route_fields: Any) -> Dict[str, Any]:
+    """The form fields every query route shares, and ``route_fields`` (a route's own, unset when None)."""
+    return form(top_k=top_k, camera_id=camera_id, exclude_camera_id=exclude_camera_id, person_id=person_id, min_score=min_score,
+                heatmaps=heatmaps, rerank=rerank or None, group_by=group_by, captured_after=time_text(captured_after),
+                captured_before=time_text(captured_before), **route_fields)
+
+
+def parse_query(response: httpx.Response) -> QueryResult:
+    return QueryResult.from_json(response.json())
+
+
+def query_request(image: ImageInput, top_k: int = 10, heatmaps: bool = True, pair_attention: bool = False, **options) -> Request:
+    data = query_fields(top_k, heatmaps, pair_attention=pair_attention or None, **options)
+    return Request("POST", "/query", parse_query, data=data, files=[("image", image_part(image, 0))])
+
+
+def track_request(images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", heatmaps: bool = True, **options) -> Request:
+    """Several images of one person as one query: the ``image`` field repeated."""
+    files = [("image", image_part(image, i)) for i, image in enumerate(images)]
+    return Request("POST", "/query", parse_query, data=query_fields(top_k, heatmaps, aggregate=aggregate, **options), files=files)
+
+
+def batch_request(images: Sequence[ImageInput], top_k: int = 10, heatmaps: bool = False, **options) -> Request:
+    files = [("images", image_part(image, i)) for i, image in enumerate(images)]
+    return Request("POST", "/query/batch", lambda r: BatchResult.from_json(r.json()), data=query_fields(top_k, heatmaps, **options), files=files)
 
 
 def gallery_request(limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
@@ -137,8 +157,18 @@ class ReIDClient:
 
     def query(self, image: ImageInput, top_k: int = 10, **options) -> QueryResult:
         """Matches for one image; ``options``: camera_id, exclude_camera_id, person_id, min_score, captured_after,
-        captured_before, heatmaps, rerank, pair_attention."""
+        captured_before, heatmaps, rerank, pair_attention, group_by ("person": one match per person)."""
         return self._send(query_request(image, top_k, **options))
+
+    def query_track(self, images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", **options) -> QueryResult:
+        """Matches for several images of one person (a track), aggregated by ``mean`` or ``best``; the options
+        of ``query`` but pair_attention."""
+        return self._send(track_request(images, top_k, aggregate, **options))
+
+    def query_batch(self, images: Sequence[ImageInput], top_k: int = 10, **options) -> BatchResult:
+        """Each image its own query, the same options for all (those of ``query`` but pair_attention; heatmaps
+        off unless asked for), embedded in one batch: ``results`` in the order of ``images``."""
+        return self._send(batch_request(images, top_k, **options))
 
     def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
                 captured_after: Time = None, captured_before: Time = None) -> GalleryPage:
@@ -198,6 +228,12 @@ class AsyncReIDClient:
 
     async def query(self, image: ImageInput, top_k: int = 10, **options) -> QueryResult:
         return await self._send(query_request(image, top_k, **options))
+
+    async def query_track(self, images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", **options) -> QueryResult:
+        return await self._send(track_request(images, top_k, aggregate, **options))
+
+    async def query_batch(self, images: Sequence[ImageInput], top_k: int = 10, **options) -> BatchResult:
+        return await self._send(batch_request(images, top_k, **options))
 
     async def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
                       captured_after: Time = None, captured_before: Time = None) -> GalleryPage:

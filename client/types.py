@@ -59,6 +59,7 @@ class Match:
     heatmap: Optional[Dict[str, Any]] = None  # grid, branch_grids, overlay_png (base64), ...
     rerank_distance: Optional[float] = None
     pair_distance: Optional[float] = None
+    track_image: Optional[int] = None  # a best-of track: which of its images (0-based) gave the score
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -69,9 +70,25 @@ class QueryResult:
     timing_ms: Dict[str, float]
     query_heatmap: Optional[Dict[str, Any]] = None
     reranked: bool = False
+    track_size: Optional[int] = None  # a query by a track: its images; None for one image
+    aggregate: Optional[str] = None  # a query by a track: mean or best
+    track_heatmaps: Optional[List[Dict[str, Any]]] = None  # a query by a track, with heatmaps: each image's map
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "QueryResult":
         return cls([from_json(Match, m) for m in data["matches"]], data["gallery_size"], data["timing_ms"],
-                   data.get("query_heatmap"), data.get("reranked", False), raw=data)
+                   data.get("query_heatmap"), data.get("reranked", False), data.get("track_size"), data.get("aggregate"),
+                   data.get("track_heatmaps"), raw=data)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    results: List[QueryResult]  # one per query image, in the order sent
+    gallery_size: int
+    timing_ms: Dict[str, float]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "BatchResult":
+        return cls([QueryResult.from_json(r) for r in data["results"]], data["gallery_size"], data["timing_ms"], raw=data)

@@ -3,9 +3,9 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Annotated, Dict, List, Optional, Tuple
+from typing import Annotated, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, Response, Security, UploadFile
@@ -28,9 +28,11 @@ from service.http_contract import HeadAsGet, image_headers
 from service.inference import ImageMaps, InferenceModel
 from service.metrics import RequestTimer, ServiceMetrics
 from service.pair_ranking import load_pair_head, rank_shortlist
-from service.schemas import EnrollResponse, ErasureResponse, GalleryItem, GalleryPage, Heatmap, Match, PairAttention, QueryResponse, ReadyResponse
+from service.schemas import (BatchQueryResponse, EnrollResponse, ErasureResponse, GalleryItem, GalleryPage, Heatmap, Match, PairAttention,
+                             QueryResponse, ReadyResponse)
 from service.settings import Settings
 from service.store import GalleryStore, NewItem
+from service.tracks import Aggregate, Hit, merge_best, mean_embedding
 from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, InvalidValue, check_item_id, check_label, parse_time
 from service.validation import parse_metadata as parse_metadata_text
 
@@ -44,6 +46,8 @@ METRICS_RESPONSE = {200: {"description": "Prometheus text format", "content": {"
 SECONDS_PER_DAY = 86400
 MAX_CLOCK_AHEAD_S = SECONDS_PER_DAY  # a camera clock may run ahead, but a capture time later than this is a mistake
 TIME_FORMAT = "ISO 8601 with a time zone (2024-06-01T12:00:00Z) or epoch seconds"
+GROUP_BY_REORDERED = ("group_by keeps each person's best match in the index's order; rerank and pair_attention put a fixed shortlist "
+                      "in their own order: choose one")
 
 
 class Upload:
@@ -81,6 +85,65 @@ async def read_upload(upload: UploadFile, position: int, settings: Settings, siz
         raise APIError(400, "invalid_image", f"{label}: {exc}") from None
     budget.spend(decoded)
     return Upload(data, decoded)
+
+
+def check_image_count(files: List[UploadFile], settings: Settings) -> None:
+    if len(files) > settings.max_images_per_request:
+        raise APIError(413, "too_many_images", f"{len(files)} images, at most {settings.max_images_per_request} per request")
+
+
+async def read_uploads(files: List[UploadFile], settings: Settings, size: Tuple[int, int], preview: bool = False) -> List[Upload]:
+    """Every image of a request, decoded one after the other against the request's one pixel budget."""
+    budget = PixelBudget(settings.max_request_pixels)
+    return [await read_upload(upload, i, settings, size, budget, preview) for i, upload in enumerate(files)]
+
+
+def pixels_of(uploads: List[Upload]) -> np.ndarray:
+    return np.stack([u.decoded.pixels for u in uploads])
+
+
+def require_gallery(gallery: Gallery) -> None:
+    if gallery.size == 0:
+        raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
+
+
+class Stopwatch:
+    """An answer's timing_ms: the milliseconds of each step, then the total."""
+
+    def __init__(self):
+        self.started, self.timing = time.perf_counter(), {}
+
+    def lap(self, name: str) -> None:
+        self.timing[name] = (time.perf_counter() - self.started) * 1000 - sum(self.timing.values())
+
+    def total(self) -> Dict[str, float]:
+        self.timing["total"] = (time.perf_counter() - self.started) * 1000
+        return self.timing
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """What the queries of one request share."""
+    top_k: int
+    filters: Dict[str, object]  # Gallery.search's filter arguments
+    rerank: bool
+    group_by_person: bool
+    heatmaps: bool = False
+    pair_attention: bool = False
+
+    @property
+    def reorders(self) -> bool:
+        """A re-ranking step puts a shortlist in its own order."""
+        return self.rerank or self.pair_attention
+
+
+def search_index(gallery: Gallery, vectors: np.ndarray, k: int, options: QueryOptions) -> Tuple[List[Hit], Dict[int, int]]:
+    """A query's index hits: its one vector's, or a best-of track's, each image searched and the hits merged at
+    their best score; and, for the latter, which track image gave each hit its score ({} otherwise)."""
+    searches = [gallery.search(vector, k, group_by_person=options.group_by_person, **options.filters) for vector in vectors]
+    if len(searches) == 1:
+        return searches[0], {}
+    return merge_best(searches, k, gallery.person_group if options.group_by_person else None)
 
 
 def per_image(values: Optional[List[str]], count: int, name: str) -> List[Optional[str]]:
@@ -361,16 +424,14 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                                                 "once per image; at most a day ahead, not past REID_RETENTION_DAYS; unset: unknown"),
     ):
         s = state(request)
-        if len(images) > settings.max_images_per_request:
-            raise APIError(413, "too_many_images", f"{len(images)} images, at most {settings.max_images_per_request} per request")
+        check_image_count(images, settings)
         count = len(images)
         persons = [check_id(p, "person_id") for p in per_image(person_id, count, "person_id")]
         cameras = [check_id(c, "camera_id") for c in per_image(camera_id, count, "camera_id")]
         metas = [parse_metadata(m) for m in per_image(metadata, count, "metadata")]
         times = [check_captured_at(t, settings) for t in per_image(captured_at, count, "captured_at")]
-        budget = PixelBudget(settings.max_request_pixels)
-        uploads = [await read_upload(upload, i, settings, s.model.input_size, budget) for i, upload in enumerate(images)]
-        embedding, _ = await s.batcher.embed(np.stack([u.decoded.pixels for u in uploads]))
+        uploads = await read_uploads(images, settings, s.model.input_size)
+        embedding, _ = await s.batcher.embed(pixels_of(uploads))
         new = [NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t)
                for u, e, p, c, m, t in zip(uploads, embedding, persons, cameras, metas, times)]
         stored = await s.gallery.add(new)
@@ -426,10 +487,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         metrics.gallery_size.set(s.gallery.size)
         return ErasureResponse(person_id=person_id, removed=len(erased), ids=erased)
 
-    @app.post("/query", tags=["query"], response_model=QueryResponse, dependencies=protected, responses=ERRORS)
-    async def query(
-        request: Request,
-        image: UploadFile = File(..., description="the query image"),
+    async def query_options(
         top_k: int = Form(10, description="number of matches, 1 to REID_MAX_TOP_K"),
         camera_id: Optional[str] = Form(None, description="only matches from this camera"),
         exclude_camera_id: Optional[str] = Form(None, description="no matches from this camera (the re-ID protocol's same-camera rule)"),
@@ -437,56 +495,127 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         min_score: Optional[float] = Form(None, ge=-1.0, le=1.0, description="only matches scoring at least this"),
         captured_after: Optional[str] = Form(None, description=f"only matches taken at or after this time, {TIME_FORMAT}"),
         captured_before: Optional[str] = Form(None, description=f"only matches taken before this time, {TIME_FORMAT}"),
-        heatmaps: bool = Form(True, description="compute RAM heatmaps for the query and each match"),
         rerank: bool = Form(False, description="k-reciprocal re-ranking (Zhong et al. 2017) of a shortlist of REID_RERANK_SHORTLIST "
                             "index hits (the same filters), the query alone with them: the matches then follow rerank_distance, not score"),
-        pair_attention: bool = Form(False, description="CASN's pairwise re-ranking of a shortlist of REID_RERANK_SHORTLIST index hits "
-                                    "(the same filters; their stored images re-embedded), by feature + Siamese attention distance: the matches "
-                                    "then follow pair_distance and carry pair_attention. Needs a pair head (GET /model: pair_head; else 409 "
-                                    "no_pair_head); not with rerank=true (422)"),
-    ):
-        s = state(request)
+        group_by: Optional[Literal["person"]] = Form(None, description="person: at most one match per person_id, its best-scoring item (items "
+                                                     "without person_id each count alone); the index search widens until top_k persons "
+                                                     "are found. Not with rerank or pair_attention (422)"),
+    ) -> QueryOptions:
+        """The options every query route shares, checked before any image is read."""
         if not 1 <= top_k <= settings.max_top_k:
             raise APIError(422, "invalid_request", f"top_k: must be between 1 and {settings.max_top_k}")
         for value, name in ((camera_id, "camera_id"), (exclude_camera_id, "exclude_camera_id"), (person_id, "person_id")):
             check_id(value, name)
         after, before = time_range(captured_after, captured_before)
-        if pair_attention:
-            check_pair_attention(s, rerank)
-        upload = await read_upload(image, 0, settings, s.model.input_size, PixelBudget(settings.max_request_pixels), preview=heatmaps)
-        if s.gallery.size == 0:
-            raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
-        timing = {}
-        started = time.perf_counter()
+        if group_by and rerank:
+            raise APIError(422, "invalid_request", GROUP_BY_REORDERED)
+        filters = dict(camera_id=camera_id, exclude_camera_id=exclude_camera_id, person_id=person_id, min_score=min_score,
+                       captured_after=after, captured_before=before)
+        return QueryOptions(top_k, filters, rerank, group_by == "person")
 
-        def lap(name: str) -> None:
-            timing[name] = (time.perf_counter() - started) * 1000 - sum(timing.values())
+    @app.post("/query", tags=["query"], response_model=QueryResponse, dependencies=protected, responses=ERRORS)
+    async def query(
+        request: Request,
+        image: List[UploadFile] = File(..., description="the query image; repeated, a track: several images of one person (a tracker's "
+                                       "crops), answered as one query by `aggregate` (at most REID_MAX_IMAGES_PER_REQUEST images)"),
+        options: QueryOptions = Depends(query_options),
+        heatmaps: bool = Form(True, description="compute RAM heatmaps for the query and each match"),
+        pair_attention: bool = Form(False, description="CASN's pairwise re-ranking of a shortlist of REID_RERANK_SHORTLIST index hits "
+                                    "(the same filters; their stored images re-embedded), by feature + Siamese attention distance: the matches "
+                                    "then follow pair_distance and carry pair_attention. Needs a pair head (GET /model: pair_head; else 409 "
+                                    "no_pair_head); not with rerank=true, group_by or a track (422)"),
+        aggregate: Aggregate = Form("mean", description="a track's aggregation: mean (the per-branch mean of its embeddings, "
+                                    "re-normalised, searched as one query) or best (each gallery item at the best score of any track "
+                                    "image, which each match names in track_image; not with rerank). No effect on one image"),
+    ):
+        s = state(request)
+        options = replace(options, heatmaps=heatmaps, pair_attention=pair_attention)
+        check_image_count(image, settings)
+        check_steps(s, options, len(image), aggregate)
+        uploads = await read_uploads(image, settings, s.model.input_size, preview=heatmaps)
+        require_gallery(s.gallery)
+        watch = Stopwatch()
+        embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=heatmaps or pair_attention)
+        watch.lap("embed")
+        vectors = embedding if aggregate == "best" else mean_embedding(embedding, s.model.contract.num_branches)[None]
+        response = await answer(s, options, vectors, maps, [u.decoded.preview for u in uploads], watch)
+        if len(uploads) > 1:
+            response.track_size, response.aggregate = len(uploads), aggregate
+        return response
 
-        embedding, maps = await s.batcher.embed(upload.decoded.pixels[None], with_maps=heatmaps or pair_attention)
-        lap("embed")
-        shortlist = max(top_k, settings.rerank_shortlist) if rerank or pair_attention else top_k
-        hits = s.gallery.search(embedding[0], shortlist, camera_id, exclude_camera_id, person_id, min_score, after, before)
+    @app.post("/query/batch", tags=["query"], response_model=BatchQueryResponse, dependencies=protected, responses=ERRORS)
+    async def query_batch(
+        request: Request,
+        images: List[UploadFile] = File(..., description="the query images, each its own query (at most REID_MAX_IMAGES_PER_REQUEST)"),
+        options: QueryOptions = Depends(query_options),
+        heatmaps: bool = Form(False, description="RAM heatmaps for each query and its first REID_MAX_HEATMAP_MATCHES matches; off by default here"),
+    ):
+        """Independent queries with the same options, embedded together in one model batch; the answers in upload
+        order, each what POST /query answers for that image alone. No pair_attention (it re-embeds a shortlist
+        per query)."""
+        s = state(request)
+        options = replace(options, heatmaps=heatmaps)
+        check_image_count(images, settings)
+        uploads = await read_uploads(images, settings, s.model.input_size, preview=heatmaps)
+        require_gallery(s.gallery)
+        watch = Stopwatch()
+        embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=heatmaps)
+        watch.lap("embed")
+        # one query after the other: each one's heatmap matches are re-embedded as one batch, so the model queue
+        # holds at most one query's REID_MAX_HEATMAP_MATCHES images from this request at a time
+        results = [await answer(s, options, embedding[row : row + 1], None if maps is None else maps[row : row + 1],
+                                [upload.decoded.preview], Stopwatch())
+                   for row, upload in enumerate(uploads)]
+        return BatchQueryResponse(results=results, gallery_size=s.gallery.size, timing_ms=watch.total())
+
+    def check_steps(s, options: QueryOptions, images: int, aggregate: str) -> None:
+        """Optional steps that do not go together (422), then those this model lacks (409)."""
+        if options.pair_attention and options.group_by_person:
+            raise APIError(422, "invalid_request", GROUP_BY_REORDERED)
+        if options.pair_attention and images > 1:
+            raise APIError(422, "invalid_request", "pair_attention compares one query image's maps with each match's: not for a track")
+        if options.rerank and images > 1 and aggregate == "best":
+            raise APIError(422, "invalid_request", "rerank re-ranks around one query embedding: for a track, use aggregate=mean")
+        if options.pair_attention:
+            check_pair_attention(s, options.rerank)
+
+    async def answer(s, options: QueryOptions, vectors: np.ndarray, maps: Optional[ImageMaps], previews: list, watch: Stopwatch) -> QueryResponse:
+        """One query's answer from its embedded images. ``vectors`` [V, N*D] are what is searched: one image's
+        embedding or a track's mean (V = 1), or each image of a best-of track; ``maps`` and ``previews`` are each
+        query image's."""
+        shortlist = max(options.top_k, settings.rerank_shortlist) if options.reorders else options.top_k
+        hits, sources = search_index(s.gallery, vectors, shortlist, options)
         found = s.gallery.store.get_many_with_embeddings([i for i, _ in hits], s.gallery.dim)
-        query_features = split_branches(embedding[0], s.model.contract.num_branches)
-        lap("search")
+        features = split_branches(vectors, s.model.contract.num_branches)  # [V, N, D]
+        watch.lap("search")
         live = [(i, score) for i, score in hits if i in found]  # absent: a delete committed, not yet indexed
         ranking, known_maps = [{}] * len(live), {}
-        if rerank:
-            live, ranking = await asyncio.to_thread(rerank_hits, embedding[0], live, found, top_k, settings)
-            lap("rerank")
-        if pair_attention:
-            live, ranking, known_maps = await pair_rerank(s, embedding[0], maps[0], live, found, top_k)
-            lap("pair_attention")
-        matches = [match_body(rank, score, *found[i], query_features, **fields)
+        if options.rerank:
+            live, ranking = await asyncio.to_thread(rerank_hits, vectors[0], live, found, options.top_k, settings)
+            watch.lap("rerank")
+        if options.pair_attention:
+            live, ranking, known_maps = await pair_rerank(s, vectors[0], maps[0], live, found, options.top_k)
+            watch.lap("pair_attention")
+        # a best-of track's match is scored, and explained, with the features of the image that gave its score
+        features_by_id = {i: features[sources.get(i, 0)] for i, _ in live}
+        matches = [match_body(rank, score, *found[i], features_by_id[i], **fields, **({"track_image": sources[i]} if sources else {}))
                    for rank, ((i, score), fields) in enumerate(zip(live, ranking), 1)]
-        query_heatmap = None
-        if heatmaps:
-            query_heatmap, _ = await asyncio.gather(asyncio.to_thread(make_heatmap, query_features, maps[0], upload.decoded.preview),
-                                                    add_heatmaps(s, matches, query_features, upload.decoded.preview, known_maps))
-            lap("heatmaps")
-        timing["total"] = (time.perf_counter() - started) * 1000
-        return QueryResponse(matches=matches, query_heatmap=query_heatmap, gallery_size=s.gallery.size, timing_ms=timing,
-                             reranked=rerank or pair_attention, heatmap_matches=sum(m.heatmap is not None for m in matches))
+        query_heatmaps = None
+        if options.heatmaps:
+            query_heatmaps, _ = await asyncio.gather(
+                draw_query_heatmaps(features, maps, previews),
+                add_heatmaps(s, matches, features_by_id, previews[0], known_maps))
+            watch.lap("heatmaps")
+        track = len(previews) > 1
+        return QueryResponse(matches=matches, query_heatmap=None if track or not query_heatmaps else query_heatmaps[0],
+                             track_heatmaps=query_heatmaps if track else None, gallery_size=s.gallery.size, timing_ms=watch.total(),
+                             reranked=options.reorders, heatmap_matches=sum(m.heatmap is not None for m in matches))
+
+    async def draw_query_heatmaps(features: np.ndarray, maps: ImageMaps, previews: list) -> List[Heatmap]:
+        """Each query image's map for the features its matches were scored with: the one vector's (an image, a
+        track's mean), or with one vector per image (a best-of track) the image's own."""
+        per_image = features if len(features) > 1 else [features[0]] * len(previews)
+        return list(await asyncio.gather(*(asyncio.to_thread(make_heatmap, per_image[j], maps[j], preview) for j, preview in enumerate(previews))))
 
     def check_pair_attention(s, rerank: bool) -> None:
         if rerank:
@@ -521,10 +650,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             fresh = {i: maps[row] for row, i in enumerate(missing)}
         return {i: fresh[i] if i in fresh else known[i] for i in ids}
 
-    async def add_heatmaps(s, matches: List[Match], query_features: np.ndarray, query_image, known_maps: Dict[int, ImageMaps]) -> None:
+    async def add_heatmaps(s, matches: List[Match], features_by_id: Dict[int, np.ndarray], query_image, known_maps: Dict[int, ImageMaps]) -> None:
         """Re-embed the first REID_MAX_HEATMAP_MATCHES matches' stored images in one batch for their feature
         maps (unless ``known_maps`` has them), then draw their RAMs on previews (a top_k=100 query drew 100
-        took 3.7 s and answered 17.7 MB)."""
+        took 3.7 s and answered 17.7 MB), each for the query features it was scored with (``features_by_id``)."""
         chosen = matches[:settings.max_heatmap_matches]
         decoded = await decode_stored(s, [m.id for m in chosen], preview=True)
         gone = {m.id for m in chosen if m.id not in decoded}  # deleted since the search
@@ -534,7 +663,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             return
         maps = await maps_of(s, [m.id for m in chosen], decoded, known_maps)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
-        heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, query_features, maps[m.id], decoded[m.id].preview, m, query_image)
+        heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image)
                                           for m in chosen))
         for match, heatmap in zip(chosen, heatmaps):
             match.heatmap = heatmap

@@ -218,9 +218,10 @@ class Gallery:
 
     def search(self, embedding: np.ndarray, k: int, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
                person_id: Optional[str] = None, min_score: Optional[float] = None, captured_after: Optional[float] = None,
-               captured_before: Optional[float] = None) -> List[Tuple[int, float]]:
+               captured_before: Optional[float] = None, group_by_person: bool = False) -> List[Tuple[int, float]]:
         """Top-k (id, score) with score = mean over branches of the cosine similarity, in [-1, 1]. The time range
-        is captured_after <= captured_at < captured_before; an item of unknown capture time is in no range."""
+        is captured_after <= captured_at < captured_before; an item of unknown capture time is in no range.
+        ``group_by_person``: the best item of each person only (see ``person_group``)."""
         def accept(item_id: int, raw: float) -> bool:
             person, camera, captured = self.labels.get(item_id, UNLABELLED)
             return ((camera_id is None or camera == camera_id) and (exclude_camera_id is None or camera != exclude_camera_id)
@@ -228,8 +229,14 @@ class Gallery:
                     and in_time_range(captured, captured_after, captured_before))
 
         filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score, captured_after, captured_before))
-        hits = self.index.search(embedding, k, accept if filtered else None)
+        hits = self.index.search(embedding, k, accept if filtered else None, self.person_group if group_by_person else None)
         return [(item_id, self._score(raw)) for item_id, raw in hits]
+
+    def person_group(self, item_id: int) -> Tuple[str, object]:
+        """What group_by=person groups by: the person, or, for an item without person_id, the item alone
+        (unknown people are not merged into one)."""
+        person = self.labels.get(item_id, UNLABELLED).person_id
+        return ("person", person) if person is not None else ("item", item_id)
 
     def _score(self, raw: float) -> float:
         """The index's inner product as the documented score, the mean of the branches' cosines in [-1, 1]

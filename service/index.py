@@ -3,12 +3,13 @@
 GPU indexes, HNSW and IVF-on-GPU cannot remove ids, so deletion is one mechanism for all of them: a deleted id
 becomes a tombstone that searches skip, and once tombstones pass a fifth of the index the gallery rebuilds it
 from the store. Searches widen their candidate list until ``k`` accepted hits are found or the index is
-exhausted, which serves the camera, person, time and score filters the same way. Erased ids (a person's,
+exhausted, which serves the camera, person, time and score filters the same way, and ``k`` groups when the
+hits are grouped (at most one per person: the best). Erased ids (a person's,
 or expired ones) leave memory at once: removed in place where FAISS can, else hidden until the rebuild that
 follows the erasure.
 """
 import logging
-from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Hashable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import faiss
 import numpy as np
@@ -105,8 +106,10 @@ class VectorIndex:
         grown = self.kind == "ivf" and self.built_kind == "ivf" and self.size > 4 * max(1, self.trained_on)
         return stale or untrained or grown or self.holds_erased
 
-    def search(self, query: np.ndarray, k: int, accept: Optional[Callable[[int, float], bool]] = None) -> List[Tuple[int, float]]:
-        """The ``k`` best live ids (inner product, descending) that ``accept(id, score)`` lets through."""
+    def search(self, query: np.ndarray, k: int, accept: Optional[Callable[[int, float], bool]] = None,
+               group: Optional[Callable[[int], Hashable]] = None) -> List[Tuple[int, float]]:
+        """The ``k`` best live ids (inner product, descending) that ``accept(id, score)`` lets through; with
+        ``group``, only the best id of each ``group(id)``."""
         total = self.index.ntotal
         if total == 0 or k <= 0:
             return []
@@ -118,6 +121,20 @@ class VectorIndex:
                 (int(i), float(s)) for s, i in zip(scores[0], ids[0])
                 if i >= 0 and int(i) not in self.tombstones and (accept is None or accept(int(i), float(s)))
             ]
+            if group is not None:
+                hits = first_per_group(hits, group)
             if len(hits) >= k or want >= total:
                 return hits[:k]
             want = min(total, want * 4)
+
+
+def first_per_group(hits: List[Tuple], group: Callable[[int], Hashable]) -> List[Tuple]:
+    """The first hit (id first) of each group, in the order given: the best one, when the hits are ranked."""
+    seen: Set[Hashable] = set()
+    kept = []
+    for hit in hits:
+        key = group(hit[0])
+        if key not in seen:
+            seen.add(key)
+            kept.append(hit)
+    return kept

@@ -69,7 +69,7 @@ class PairAttention(BaseModel):
 
 
 class Match(OmitsUnusedExtras):
-    omitted_while_null = ("pair_distance", "pair_attention")
+    omitted_while_null = ("pair_distance", "pair_attention", "track_image")
 
     id: int
     rank: int
@@ -82,6 +82,8 @@ class Match(OmitsUnusedExtras):
                                            "min-max(Siamese attention distance) over the query's shortlist, in [0, 2], lower = more alike, "
                                            "which orders the matches; absent otherwise")
     pair_attention: Optional[PairAttention] = Field(None, description="with pair_attention=true: the pair's attention maps behind pair_distance; absent otherwise")
+    track_image: Optional[int] = Field(None, description="a track queried with aggregate=best: which of its images (0-based, in upload "
+                                       "order) gave this score; branch_scores and heatmap are that image's. Absent otherwise")
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
     captured_at: Optional[float] = Field(None, description="when the image was taken, epoch seconds; null: unknown")
@@ -89,9 +91,16 @@ class Match(OmitsUnusedExtras):
     heatmap: Optional[Heatmap] = None
 
 
-class QueryResponse(BaseModel):
+class QueryResponse(OmitsUnusedExtras):
+    omitted_while_null = ("track_size", "aggregate", "track_heatmaps")
+
     matches: List[Match]
-    query_heatmap: Optional[Heatmap] = Field(None, description="the query's own map R_q^q")
+    query_heatmap: Optional[Heatmap] = Field(None, description="the query's own map R_q^q; null for a track (see track_heatmaps)")
+    track_size: Optional[int] = Field(None, description="a query by a track (several images): how many images; absent for one image")
+    aggregate: Optional[str] = Field(None, description="a query by a track: how its images were aggregated, mean or best; absent for one image")
+    track_heatmaps: Optional[List[Heatmap]] = Field(
+        None, description="a query by a track, with heatmaps: each track image's map, in upload order, for the query features its matches "
+        "were scored with (mean: the aggregate's, so its grid averages to the image's cosine with the aggregate; best: the image's own, R_q^q)")
     reranked: bool = Field(False, description="true when the matches were re-ranked: their order follows rerank_distance (rerank=true) "
                            "or pair_distance (pair_attention=true), not score, "
                            "and score (still the mean cosine, the heatmap grid's mean) need not decrease down the list")
@@ -99,6 +108,13 @@ class QueryResponse(BaseModel):
                                  "(0 with heatmaps=false)")
     gallery_size: int
     timing_ms: Dict[str, float]
+
+
+class BatchQueryResponse(BaseModel):
+    results: List[QueryResponse] = Field(description="one answer per image, in upload order, each what POST /query answers for that image "
+                                         "with the same options (its timing_ms without the shared embedding)")
+    gallery_size: int
+    timing_ms: Dict[str, float] = Field(description="embed: the one model batch of every image; total")
 
 
 class ProviderInfo(BaseModel):

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     on_model_change: Literal["reembed", "refuse"] = Field("reembed", description="a gallery embedded by another model is re-embedded from its stored images, or the start is refused")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
-    max_images_per_request: int = Field(64, ge=1, description="most images in one POST /gallery")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one POST /gallery, one track on POST /query, one POST /query/batch")
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
     max_request_pixels: int = Field(200_000_000, ge=1, description="most pixels one request may decode, summed over its images (a large JPEG counts at the reduced scale it is decoded at)")
     max_heatmap_matches: int = Field(10, ge=0, description="a query draws heatmaps for its first this many matches only")
