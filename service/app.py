@@ -32,6 +32,7 @@ from service.schemas import (BatchQueryResponse, EnrollResponse, ErasureResponse
                              QueryResponse, ReadyResponse)
 from service.settings import Settings
 from service.store import GalleryStore, NewItem
+from service.tracing import install_tracing
 from service.tracks import Aggregate, Hit, merge_best, mean_embedding
 from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, InvalidValue, check_item_id, check_label, parse_time
 from service.validation import parse_metadata as parse_metadata_text
@@ -367,6 +368,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     app.add_middleware(RequestTimer, latency=metrics.latency)
     app.add_middleware(HeadAsGet)
+    install_tracing(app, settings.tracing)
 
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when REID_API_KEY is set")
 

@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     retention_days: float = Field(0, ge=0, allow_inf_nan=False, description="erase items older than this many days (by capture time when known, else enrolment time; fractions allowed), at start and every REID_RETENTION_INTERVAL_S; 0: keep forever")
     retention_interval_s: float = Field(3600, gt=0, allow_inf_nan=False, description="seconds between retention purges (with REID_RETENTION_DAYS > 0)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("warning", description="uvicorn and service log level")
+    tracing: Literal["off", "console", "otlp"] = Field("off", description="OpenTelemetry spans per request, continuing a W3C traceparent: console (stdout) or otlp (to OTEL_EXPORTER_OTLP_ENDPOINT)")
 
     @field_validator("model_path", mode="before")
     @classmethod
