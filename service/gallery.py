@@ -26,10 +26,9 @@ from model_zoo.preprocess import load_for_model
 from service.index import VectorIndex
 from service.inference import InferenceModel
 from service.settings import Settings
-from service.store import GalleryStore, Item, NewItem, is_disk_full
+from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, is_disk_full
 
 log = logging.getLogger(__name__)
-FINGERPRINT_KEY = "model_fingerprint"
 EMBEDDING_DIM_KEY = "embedding_dim"
 
 

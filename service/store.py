@@ -13,6 +13,7 @@ the WAL, whose older frames still hold the erased rows.
 The schema has a version (``PRAGMA user_version``): a file is brought up to date by ``MIGRATIONS`` when it is
 opened, each step in its own transaction, so a gallery written by an older version opens and keeps working.
 """
+import fcntl
 import logging
 import os
 import sqlite3
@@ -52,6 +53,7 @@ MIGRATIONS = [
 SCHEMA_VERSION = len(MIGRATIONS)
 ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at, captured_at"
 RESERVE_BYTES = 16 * 1024 * 1024
+FINGERPRINT_KEY = "model_fingerprint"  # meta: the sha256 of the model that made the stored embeddings
 log = logging.getLogger(__name__)
 
 
@@ -89,10 +91,54 @@ class Item:
         return cls(row[0], row[1], row[2], read_metadata(row[3]), *row[4:])
 
 
+class StoreInUse(RuntimeError):
+    """Another process (a server, a restore) holds the store's lock."""
+
+
+class StoreLock:
+    """An exclusive advisory lock (``flock``) on ``<store>.lock``, held while a process owns the store: a server
+    for its whole life, a restore while it replaces the file. The kernel lets it go when the process dies, even
+    by ``kill -9``, so a crash never leaves it stale. The lock file is never deleted: deleting it would let two
+    processes lock two different files of the same name."""
+
+    def __init__(self, store_path: Path):
+        self.store_path = Path(store_path)
+        self.path = self.store_path.with_name(self.store_path.name + ".lock")
+        self.file = None
+
+    def acquire(self) -> "StoreLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise StoreInUse(f"{self.store_path} is in use by another process (a running server or a restore): {self.path} is locked") from None
+        return self
+
+    def release(self) -> None:
+        if self.file:
+            self.file.close()  # closing the last descriptor drops the flock
+            self.file = None
+
+    def __enter__(self) -> "StoreLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class GalleryStore:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = StoreLock(self.path).acquire()  # one owner at a time: two servers would each index half the writes
+        try:
+            self._open()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self) -> None:
         self.writer = self._connect()
         self.writer.execute("PRAGMA journal_mode=WAL")
         self.writer.executescript(SCHEMA)
@@ -126,6 +172,7 @@ class GalleryStore:
     def close(self) -> None:
         self.db.close()
         self.writer.close()
+        self.lock.release()
 
     def _transaction(self):
         return _Transaction(self.writer)
