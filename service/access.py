@@ -6,6 +6,8 @@
   cross-origin POST, and a form on any page can post to a service with no key on the user's machine or
   network. A write whose Origin is neither this server's host nor in ``REID_ALLOWED_ORIGINS`` is refused with
   403; clients that are not browsers send no Origin and pass.
+- The body's size (``BodyLimit``): over the limit it is refused with 413 by its Content-Length, or as its
+  chunks arrive, before it is spooled to disk.
 """
 import hmac
 from typing import Callable, Iterable, Optional, Tuple
@@ -71,3 +73,49 @@ class AccessGate:
         if given and hmac.compare_digest(given, self.api_key):
             return None
         return 401, "unauthorized", "missing or wrong X-API-Key header"
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413 before they are spooled to disk: by Content-Length
+    when the client sends one, else by counting the chunks as they arrive."""
+
+    def __init__(self, app, limit: int, on_error):
+        self.app, self.limit, self.on_error = app, limit, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        received = 0
+        too_large = False
+
+        async def counting_receive():
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                too_large = True
+                raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            # The body parser turns our exception into its own error response: answer 413 in its place.
+            if not too_large:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._refuse(send)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        self.on_error("payload_too_large")
+        await send_error(send, 413, "payload_too_large", f"request body over {self.limit} bytes")
+
+
+class _BodyTooLarge(Exception):
+    pass

@@ -1,4 +1,6 @@
-"""The FastAPI app: routes, API key, lifespan (load model, open gallery, start the batcher)."""
+"""The FastAPI app: the routes and the lifespan (load the model, open the gallery, start the batcher). Who may
+call and how big a body may be: ``access``; form fields into 422s: ``form_fields``; queries of several images:
+``tracks``; CASN's pairwise stage: ``pair_ranking``."""
 import asyncio
 import logging
 import time
@@ -19,9 +21,9 @@ from model_zoo.contract import split_branches
 from model_zoo.preprocess import DecodeBudgetExceeded, DecodedImage, ImageTooLarge, InvalidImage, decode_for_model
 from model_zoo.ram import ranking_activation_maps
 from model_zoo.rerank import rerank_shortlist
-from service.access import AccessGate
+from service.access import AccessGate, BodyLimit
 from service.batching import MicroBatcher
-from service.errors import ERROR_SCHEMA, APIError, install_error_handlers, send_error
+from service.errors import ERROR_SCHEMA, APIError, install_error_handlers
 from service.gallery import Gallery
 from service.heatmaps import overlay, png_base64
 from service.http_contract import HeadAsGet, image_headers
@@ -34,8 +36,8 @@ from service.settings import Settings
 from service.store import GalleryStore, NewItem
 from service.tracing import install_tracing
 from service.tracks import Aggregate, Hit, merge_best, mean_embedding
-from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, InvalidValue, check_item_id, check_label, parse_time
-from service.validation import parse_metadata as parse_metadata_text
+from service.form_fields import SECONDS_PER_DAY, check_captured_at, check_id, parse_metadata, per_image, time_range
+from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, check_item_id
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -44,8 +46,6 @@ ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422, 503)}
 ItemId = Annotated[int, PathParam(ge=1, le=MAX_ITEM_ID, description="a gallery item's id"), BeforeValidator(check_item_id)]
 IMAGE_RESPONSE = {200: {"description": "the original image bytes", "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}
 METRICS_RESPONSE = {200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}
-SECONDS_PER_DAY = 86400
-MAX_CLOCK_AHEAD_S = SECONDS_PER_DAY  # a camera clock may run ahead, but a capture time later than this is a mistake
 TIME_FORMAT = "ISO 8601 with a time zone (2024-06-01T12:00:00Z) or epoch seconds"
 GROUP_BY_REORDERED = ("group_by keeps each person's best match in the index's order; rerank and pair_attention put a fixed shortlist "
                       "in their own order: choose one")
@@ -147,51 +147,6 @@ def search_index(gallery: Gallery, vectors: np.ndarray, k: int, options: QueryOp
     return merge_best(searches, k, gallery.person_group if options.group_by_person else None)
 
 
-def per_image(values: Optional[List[str]], count: int, name: str) -> List[Optional[str]]:
-    """A form field given once (for every image) or once per image."""
-    if not values:
-        return [None] * count
-    if len(values) not in (1, count):
-        raise APIError(422, "invalid_request", f"{name}: give it once, or once per image ({count}), not {len(values)} times")
-    return values * count if len(values) == 1 else list(values)
-
-
-def check_id(value: Optional[str], name: str) -> Optional[str]:
-    try:
-        return check_label(value, name)
-    except InvalidValue as exc:
-        raise APIError(422, "invalid_request", str(exc)) from None
-
-
-def check_time(text: Optional[str], name: str) -> Optional[float]:
-    try:
-        return parse_time(text, name)
-    except InvalidValue as exc:
-        raise APIError(422, "invalid_request", str(exc)) from None
-
-
-def check_captured_at(text: Optional[str], settings: Settings) -> Optional[float]:
-    """A capture time to store: not in the future, and not already past REID_RETENTION_DAYS (it would only
-    be stored to be erased)."""
-    captured = check_time(text, "captured_at")
-    if captured is None:
-        return None
-    now = time.time()
-    if captured > now + MAX_CLOCK_AHEAD_S:
-        raise APIError(422, "invalid_request", f"captured_at: {text} is more than a day in the future")
-    if settings.retention_days and captured < now - settings.retention_days * SECONDS_PER_DAY:
-        raise APIError(422, "invalid_request", f"captured_at: {text} is older than REID_RETENTION_DAYS={settings.retention_days:g}")
-    return captured
-
-
-def time_range(after: Optional[str], before: Optional[str]) -> Tuple[Optional[float], Optional[float]]:
-    """The captured_after / captured_before filters as epoch seconds: captured_after <= captured_at < captured_before."""
-    start, end = check_time(after, "captured_after"), check_time(before, "captured_before")
-    if start is not None and end is not None and start >= end:
-        raise APIError(422, "invalid_request", "captured_after must be earlier than captured_before")
-    return start, end
-
-
 async def purge_expired(gallery: Gallery, days: float) -> int:
     """Erase what REID_RETENTION_DAYS has expired, the way a person is erased (one transaction, WAL wiped)."""
     erased = await gallery.erase_older_than(time.time() - days * SECONDS_PER_DAY)
@@ -208,14 +163,6 @@ async def retention_loop(gallery: Gallery, settings: Settings, metrics: ServiceM
         except Exception:  # a full disk, say: the next round tries again
             log.exception("retention purge failed; next try in %g s", settings.retention_interval_s)
         metrics.gallery_size.set(gallery.size)
-
-
-def parse_metadata(text: Optional[str]) -> dict:
-    """Checked in full before anything is written: see service.validation."""
-    try:
-        return parse_metadata_text(text)
-    except InvalidValue as exc:
-        raise APIError(422, "invalid_metadata", f"metadata: {exc}") from None
 
 
 def item_body(item) -> GalleryItem:
@@ -262,52 +209,6 @@ def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Mat
     if match.pair_attention is not None:
         draw_pair_attention(match.pair_attention, query_image, image)
     return make_heatmap(query_features, maps, image)
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413 before they are spooled to disk: by Content-Length
-    when the client sends one, else by counting the chunks as they arrive."""
-
-    def __init__(self, app, limit: int, on_error):
-        self.app, self.limit, self.on_error = app, limit, on_error
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refuse(send)
-        received = 0
-        too_large = False
-
-        async def counting_receive():
-            nonlocal received, too_large
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                too_large = True
-                raise _BodyTooLarge()
-            return message
-
-        async def guarded_send(message):
-            # The body parser turns our exception into its own error response: answer 413 in its place.
-            if not too_large:
-                await send(message)
-            elif message["type"] == "http.response.start":
-                await self._refuse(send)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except _BodyTooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send):
-        self.on_error("payload_too_large")
-        await send_error(send, 413, "payload_too_large", f"request body over {self.limit} bytes")
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:

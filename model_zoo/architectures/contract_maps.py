@@ -25,7 +25,6 @@ directly. Everything exports to ONNX (opset 17) without Python loops over data.
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
