@@ -69,6 +69,15 @@ def print_result(result: QueryResult) -> None:
     print(f"gallery {result.gallery_size} items, {result.timing_ms.get('total', 0):.0f} ms")
 
 
+def run_query(reid: ReIDClient, args) -> QueryResult:
+    """One image's query, or a track's when several images are given."""
+    options = dict(exclude_camera_id=args.exclude_camera_id, camera_id=args.camera_id, heatmaps=not args.no_heatmaps,
+                   rerank=args.rerank, group_by="person" if args.group_by_person else None)
+    if len(args.images) == 1:
+        return reid.query(args.images[0], args.top_k, **options)
+    return reid.query_track(args.images, args.top_k, args.aggregate, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description="Enrol and query a re-ID service.")
     parser.add_argument("--url", default=os.environ.get("REID_URL", DEFAULT_URL), help="the service (env REID_URL)")
@@ -80,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     enrol.add_argument("--market-names", action="store_true", help="person and camera ids from Market-1501 file names (0042_c3...)")
     enrol.add_argument("--person-id", help="one person id for every image")
     enrol.add_argument("--camera-id", help="one camera id for every image")
-    query = commands.add_parser("query", help="query with one image")
-    query.add_argument("image", type=Path)
+    query = commands.add_parser("query", help="query with one image, or with several images of one person (a track)")
+    query.add_argument("images", type=Path, nargs="+", help="one image, or a track's images")
+    query.add_argument("--aggregate", choices=("mean", "best"), default="mean",
+                       help="a track: the mean of its embeddings, or each gallery item's best score over its images")
+    query.add_argument("--group-by-person", action="store_true", help="at most one match per known person, the best")
     query.add_argument("--top-k", type=int, default=10)
     query.add_argument("--exclude-camera-id")
     query.add_argument("--camera-id")
@@ -103,8 +115,7 @@ def main(argv=None) -> None:
                 count = enroll_folder(reid, args.folder, args.batch, args.market_names, args.person_id, args.camera_id)
                 print(f"enrolled {count} images from {args.folder}")
             elif args.command == "query":
-                result = reid.query(args.image, args.top_k, exclude_camera_id=args.exclude_camera_id, camera_id=args.camera_id,
-                                    heatmaps=not args.no_heatmaps, rerank=args.rerank)
+                result = run_query(reid, args)
                 print_result(result)
                 if args.save:
                     save_result(result, args.save)

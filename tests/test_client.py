@@ -82,3 +82,8 @@ def test_the_cli_enrols_a_market_folder_and_saves_a_query_with_overlays(reid, se
     assert len(saved["matches"]) == 2 and "overlay_png" not in saved["matches"][0]["heatmap"]
     assert (tmp_path / "out" / "query.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "out").glob("match*.png"))) == 2
+    track = [folder / "0005_c1s1_000001_00.jpg", query]
+    cli([*common, "query", *map(str, track), "--aggregate", "best", "--group-by-person", "--no-heatmaps"])
+    printed = capsys.readouterr().out.splitlines()
+    persons = [line.split()[3] for line in printed[1:-1]]
+    assert persons[0] == "5" and len(persons) == len(set(persons)) == 2  # one match per person, person 5 first
