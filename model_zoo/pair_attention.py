@@ -84,11 +84,6 @@ class PairHead:
         gallery_profiles = [aligned_profile(p, self.row_threshold, height) for p in row_profiles(gallery_attention)]
         return np.array([np.linalg.norm(q - g) for q, g in zip(query_profiles, gallery_profiles)])
 
-    def attention_distances(self, query_feature: np.ndarray, query_map: np.ndarray, gallery_features: np.ndarray,
-                            gallery_maps: np.ndarray) -> np.ndarray:
-        """d_att [G] of one query (f [D], A [D, h, w]) against gallery images (f [G, D], A [G, D, h, w])."""
-        return self.profile_distances(*self.attention_maps(query_feature, query_map, gallery_features, gallery_maps))
-
     def rank(self, query_embedding: np.ndarray, query_maps: np.ndarray, gallery_embeddings: np.ndarray,
              gallery_maps: np.ndarray, gallery_features: Optional[np.ndarray] = None) -> "PairRanking":
         """CASN's test-time rule for one query, from the contract's outputs of an IDE-layout model (N = 1, the

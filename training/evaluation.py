@@ -91,14 +91,17 @@ def branch_features(model: torch.nn.Module, images: np.ndarray, batch_size: int 
     return np.concatenate(chunks)
 
 
+def market_ids(query: List[ImageRecord], gallery: List[ImageRecord]) -> Dict[str, list]:
+    """The person and camera ids ``market_metrics`` takes, from the split's records."""
+    return dict(query_pids=[r.pid for r in query], query_cams=[r.camid for r in query],
+                gallery_pids=[r.pid for r in gallery], gallery_cams=[r.camid for r in gallery])
+
+
 def features_metrics(query_feats: np.ndarray, gallery_feats: np.ndarray, query: List[ImageRecord], gallery: List[ImageRecord],
                      rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, float]]:
     """Metrics for the whole embedding, each branch alone and each prefix of branches; with ``rerank``, also
     the whole embedding re-ranked, under ``RERANK_KEY``."""
-    ids = dict(
-        query_pids=[r.pid for r in query], query_cams=[r.camid for r in query],
-        gallery_pids=[r.pid for r in gallery], gallery_cams=[r.camid for r in gallery],
-    )
+    ids = market_ids(query, gallery)
     num_branches = query_feats.shape[1]
 
     def score(branches: List[int]) -> Dict[str, float]:
@@ -194,9 +197,7 @@ def pair_attention_metrics(head, query, gallery, query_records: List[ImageRecord
     gallery_features = gallery_maps[:, 0].mean(axis=(2, 3))  # f = GAP(A), once for every query
     distances = np.stack([head.rank(embedding, maps, gallery_embeddings, gallery_maps, gallery_features).distances
                           for embedding, maps in zip(query_embeddings, query_maps)])
-    ids = dict(query_pids=[r.pid for r in query_records], query_cams=[r.camid for r in query_records],
-               gallery_pids=[r.pid for r in gallery_records], gallery_cams=[r.camid for r in gallery_records])
-    return market_metrics(-distances, **ids)
+    return market_metrics(-distances, **market_ids(query_records, gallery_records))
 
 
 def evaluate_pair_attention(path: Path, pair_head: Path, data_roots: Sequence[Path], progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:

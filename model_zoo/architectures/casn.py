@@ -16,7 +16,7 @@ Linear -> BN -> ReLU -> Dropout(0.5) -> Linear(-> 2), class 1 = same person. It 
 here (``training/objectives/casn.py``: identification attention, pair cross-entropy, attention consistency);
 it is not part of the exported retrieval graph, because a pairwise term cannot live in a FAISS index.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -89,19 +89,15 @@ class CASN(nn.Module):
             return maps.float().mean(dim=(2, 3))
         return self._stripe_means(maps).transpose(1, 2).flatten(1)  # [g_1; ...; g_6]
 
-    def identity_logits(self, maps: torch.Tensor) -> torch.Tensor:
-        """[B, 1, C] (ide) or [B, 6, C] (one per stripe)."""
+    def heads(self, maps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the per-branch test descriptors [B, N, D]: f (ide) or h_p (pcb); the identity logits [B, N, C]), in
+        one pass: each head (and its batch norm's running statistics) sees the batch once."""
         if self.layout == "ide":
-            return self.identity_head(maps.float().mean(dim=(2, 3))).unsqueeze(1)
+            features = maps.float().mean(dim=(2, 3))
+            return features.unsqueeze(1), self.identity_head(features).unsqueeze(1)
         means = self._stripe_means(maps)
-        return torch.stack([head(means[:, :, p])[1] for p, head in enumerate(self.stripes)], dim=1)
-
-    def descriptors(self, maps: torch.Tensor) -> torch.Tensor:
-        """The per-branch test descriptors [B, N, D]: f (ide) or h_p (pcb)."""
-        if self.layout == "ide":
-            return maps.float().mean(dim=(2, 3)).unsqueeze(1)
-        means = self._stripe_means(maps)
-        return torch.stack([head(means[:, :, p])[0] for p, head in enumerate(self.stripes)], dim=1)
+        outputs = [head(means[:, :, p]) for p, head in enumerate(self.stripes)]
+        return torch.stack([h for h, _ in outputs], dim=1), torch.stack([logits for _, logits in outputs], dim=1)
 
     def contract_maps(self, maps: torch.Tensor) -> torch.Tensor:
         if self.layout == "ide":
@@ -116,7 +112,8 @@ class CASN(nn.Module):
         maps = self.backbone_map(normalized)
         if not self.training:
             return ReIDOutput(feature_maps=self.contract_maps(maps))
-        return ReIDOutput(feature_maps=self.descriptors(maps)[..., None, None], logits=self.identity_logits(maps),
+        descriptors, logits = self.heads(maps)
+        return ReIDOutput(feature_maps=descriptors[..., None, None], logits=logits,
                           aux={"images": normalized, "maps": maps, "siamese": self.siamese_features(maps)})
 
     @torch.no_grad()
@@ -131,7 +128,7 @@ class CASN(nn.Module):
         return PairHead(weight.numpy(), bias.numpy(), second.weight[1].numpy(), row_threshold, model_sha256)
 
     def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:
-        return self.descriptors(self.backbone_map(self.normalize(images)))
+        return self.heads(self.backbone_map(self.normalize(images)))[0]
 
 
 @ARCHITECTURE_REGISTRY.register("casn")

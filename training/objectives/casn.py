@@ -81,7 +81,7 @@ class CASNObjective(Objective):
         attention = max_normalized(grad_cam(score, maps, "differentiable"))
         attention = F.interpolate(attention.unsqueeze(1), size=images.shape[2:], mode="bilinear", align_corners=False)
         masked = images * (1 - soft_mask(attention, loss.casn_mask_scale, loss.casn_mask_threshold)).to(images.dtype)
-        masked_logits = self.model.identity_logits(self.model.backbone_map(masked)).sum(dim=1)
+        masked_logits = self.model.heads(self.model.backbone_map(masked))[1].sum(dim=1)
         return masked_logits.float().softmax(dim=1).gather(1, targets.view(-1, 1)).mean()
 
     def siamese_terms(self, out, targets: torch.Tensor):
