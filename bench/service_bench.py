@@ -47,6 +47,7 @@ from model_zoo.files import sha256_of  # noqa: E402
 from service.inference import InferenceModel  # noqa: E402
 from service.store import GalleryStore, NewItem  # noqa: E402
 from tests.server import ServiceProcess  # noqa: E402
+from bench.results_io import emit, latency_quantiles  # noqa: E402
 
 
 SETTLE_S = 2  # between raw and service phases: the server finishes its last batches, idle threads stop spinning
@@ -195,8 +196,7 @@ def latencies(url: str, images, queries: int, heatmaps: bool) -> dict:
             reid.query(("q.jpg", images[i % len(images)]), top_k=10, heatmaps=heatmaps)
             if i >= 2:  # two warm-up queries
                 times.append((time.perf_counter() - started) * 1000)
-    q = statistics.quantiles(times, n=100, method="inclusive")
-    return {"p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1), "p99_ms": round(q[98], 1), "queries": len(times)}
+    return latency_quantiles(times)
 
 
 def enrol_benchmark(args, images, tmp: Path) -> dict:
@@ -262,10 +262,7 @@ def main() -> None:
             results.update(enrol_benchmark(args, images, Path(tmp)))
             print(json.dumps(results, indent=2), flush=True)
         results["query_latency"] = query_benchmark(args, images, Path(tmp))
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(results, args.output)
 
 
 if __name__ == "__main__":

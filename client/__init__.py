@@ -7,6 +7,6 @@ standard library; never ``service``, ``model_zoo``, ``training`` or torch, so it
 (``pip install reid-retrieval[client]``).
 """
 from client.api import AsyncReIDClient, ReIDClient
-from client.types import BatchResult, EnrolledItem, GalleryPage, Match, QueryResult, ReIDError
+from client.types import BatchResult, EnrolledItem, GalleryPage, Match, QueryResult, ReIDError, Verification
 
-__all__ = ["AsyncReIDClient", "ReIDClient", "BatchResult", "EnrolledItem", "GalleryPage", "Match", "QueryResult", "ReIDError"]
+__all__ = ["AsyncReIDClient", "ReIDClient", "BatchResult", "EnrolledItem", "GalleryPage", "Match", "QueryResult", "ReIDError", "Verification"]

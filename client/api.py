@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import httpx
 
-from client.types import BatchResult, EnrolledItem, GalleryPage, QueryResult, ReIDError, from_json
+from client.types import BatchResult, EnrolledItem, GalleryPage, QueryResult, ReIDError, Verification, from_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ImageInput = Union[str, Path, bytes, Tuple[str, bytes]]  # a file, its bytes, or (file name, bytes)
@@ -108,6 +108,11 @@ def batch_request(images: Sequence[ImageInput], top_k: int = 10, heatmaps: bool 
     return Request("POST", "/query/batch", lambda r: BatchResult.from_json(r.json()), data=query_fields(top_k, heatmaps, **options), files=files)
 
 
+def verify_request(image_a: ImageInput, image_b: ImageInput) -> Request:
+    return Request("POST", "/verify", lambda r: from_json(Verification, r.json()),
+                   files=[("image_a", image_part(image_a, 0)), ("image_b", image_part(image_b, 1))])
+
+
 def gallery_request(limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
                     captured_after: Time = None, captured_before: Time = None) -> Request:
     return Request("GET", "/gallery", lambda r: GalleryPage.from_json(r.json()),
@@ -169,6 +174,10 @@ class ReIDClient:
         """Each image its own query, the same options for all (those of ``query`` but pair_attention; heatmaps
         off unless asked for), embedded in one batch: ``results`` in the order of ``images``."""
         return self._send(batch_request(images, top_k, **options))
+
+    def verify(self, image_a: ImageInput, image_b: ImageInput) -> Verification:
+        """Are the two images the same person: their score, and the decision at the server's threshold."""
+        return self._send(verify_request(image_a, image_b))
 
     def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
                 captured_after: Time = None, captured_before: Time = None) -> GalleryPage:
@@ -234,6 +243,9 @@ class AsyncReIDClient:
 
     async def query_batch(self, images: Sequence[ImageInput], top_k: int = 10, **options) -> BatchResult:
         return await self._send(batch_request(images, top_k, **options))
+
+    async def verify(self, image_a: ImageInput, image_b: ImageInput) -> Verification:
+        return await self._send(verify_request(image_a, image_b))
 
     async def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
                       captured_after: Time = None, captured_before: Time = None) -> GalleryPage:

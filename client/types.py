@@ -60,6 +60,19 @@ class Match:
     rerank_distance: Optional[float] = None
     pair_distance: Optional[float] = None
     track_image: Optional[int] = None  # a best-of track: which of its images (0-based) gave the score
+    same_person: Optional[bool] = None  # score above the same-person threshold; None: the server has none
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Verification:
+    score: float  # mean over branches of the cosine similarity of the two images
+    branch_scores: List[float]
+    same_person: Optional[bool]  # None: no threshold (model not calibrated, REID_VERIFY_THRESHOLD unset)
+    threshold: Optional[float]
+    threshold_source: Optional[str]  # "setting" or "model"
+    calibration: Dict[str, Any]
+    timing_ms: Dict[str, float]
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
 

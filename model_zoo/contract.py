@@ -6,7 +6,8 @@ run against a loaded ONNX Runtime session. Torch-free.
 """
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Union
 
 import numpy as np
 
@@ -18,7 +19,13 @@ OUTPUT_FEATURE_MAPS = "feature_maps"
 OUTPUT_ATTENTION_MAPS = "attention_maps"  # optional: [B, K, h', w'] maps in [0, 1] to show beside RAM (CLPD's parts)
 OPTIONAL_OUTPUTS = (OUTPUT_ATTENTION_MAPS,)
 METADATA_PREFIX = "reid."
+VERIFICATION_KEY = METADATA_PREFIX + "verification"  # written by ``python -m training calibrate`` (training/calibration.py)
 FEATURE_MAPS_KINDS = ("activations", "attribution")
+# Optional keys outside ModelContract, written by ``python -m training quantize`` only (an fp32 file lacks them):
+PRECISION_KEY = METADATA_PREFIX + "precision"  # "int8"; absent: "fp32"
+QUANTIZATION_KEY = METADATA_PREFIX + "quantization"  # JSON: how the int8 file was made (calibration images, source, ...)
+PRECISIONS = ("fp32", "int8")
+INT8_SUFFIX = ".int8.onnx"
 
 
 class ContractError(ValueError):
@@ -41,6 +48,7 @@ class ModelContract:
     evaluation: Dict[str, Any] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)
     feature_maps_kind: str = "activations"
+    verification: Dict[str, Any] = field(default_factory=dict)  # the same-person threshold and its ROC; {}: not calibrated
     contract_version: str = CONTRACT_VERSION
 
     def __post_init__(self):
@@ -97,3 +105,25 @@ def check_session(session) -> ModelContract:
 def split_branches(embedding: np.ndarray, num_branches: int) -> np.ndarray:
     """[..., N*D] -> [..., N, D]: the per-branch L2-normalised features inside an embedding."""
     return embedding.reshape(*embedding.shape[:-1], num_branches, -1)
+
+
+def identity_error(embedding: np.ndarray, feature_maps: np.ndarray) -> float:
+    """Max |normalize(mean over (x, y) of feature_maps[b, i]) - embedding[b, i*D:(i+1)*D]| of one call's two
+    outputs: the identity RAM depends on, 0 up to rounding in a file that follows the contract."""
+    means = feature_maps.astype(np.float32).mean(axis=(3, 4))
+    branches = means / np.maximum(np.linalg.norm(means, axis=2, keepdims=True), 1e-12)
+    return float(np.abs(branches - split_branches(embedding, feature_maps.shape[1])).max())
+
+
+def precision_of(metadata: Dict[str, str]) -> str:
+    """The file's ``reid.precision``: "int8" for a quantized file, "fp32" where the key is absent."""
+    precision = metadata.get(PRECISION_KEY, "fp32")
+    if precision not in PRECISIONS:
+        raise ContractError(f"{PRECISION_KEY} {precision!r}, the contract knows {', '.join(PRECISIONS)}")
+    return precision
+
+
+def int8_path(model_path: Union[str, Path]) -> Path:
+    """Where a model's int8 file lives: beside it, ``model.onnx`` -> ``model.int8.onnx``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + INT8_SUFFIX)

@@ -31,10 +31,11 @@ from service.inference import ImageMaps, InferenceModel
 from service.metrics import RequestTimer, ServiceMetrics
 from service.pair_ranking import load_pair_head, rank_shortlist
 from service.schemas import (BatchQueryResponse, EnrollResponse, ErasureResponse, GalleryItem, GalleryPage, Heatmap, Match, PairAttention,
-                             QueryResponse, ReadyResponse)
+                             QueryResponse, ReadyResponse, VerifyResponse)
 from service.settings import Settings
 from service.store import GalleryStore, NewItem
 from service.tracing import install_tracing
+from service.verification import SamePersonRule
 from service.tracks import Aggregate, Hit, merge_best, mean_embedding
 from service.form_fields import SECONDS_PER_DAY, check_captured_at, check_id, parse_metadata, per_image, time_range
 from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, check_item_id
@@ -147,9 +148,10 @@ def search_index(gallery: Gallery, vectors: np.ndarray, k: int, options: QueryOp
     return merge_best(searches, k, gallery.person_group if options.group_by_person else None)
 
 
-async def purge_expired(gallery: Gallery, days: float) -> int:
+async def purge_expired(gallery: Gallery, days: float, metrics: ServiceMetrics) -> int:
     """Erase what REID_RETENTION_DAYS has expired, the way a person is erased (one transaction, WAL wiped)."""
     erased = await gallery.erase_older_than(time.time() - days * SECONDS_PER_DAY)
+    metrics.erased.labels("retention").inc(len(erased))
     if erased:
         log.info("retention: erased %d item(s) older than %g days", len(erased), days)
     return len(erased)
@@ -159,7 +161,7 @@ async def retention_loop(gallery: Gallery, settings: Settings, metrics: ServiceM
     while True:
         await asyncio.sleep(settings.retention_interval_s)
         try:
-            await purge_expired(gallery, settings.retention_days)
+            await purge_expired(gallery, settings.retention_days, metrics)
         except Exception:  # a full disk, say: the next round tries again
             log.exception("retention purge failed; next try in %g s", settings.retention_interval_s)
         metrics.gallery_size.set(gallery.size)
@@ -217,15 +219,16 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads, settings.model_instances).load()
+        model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads, settings.model_instances, settings.model_precision).load()
         app.state.pair_head = load_pair_head(settings, model)
+        app.state.same_person = SamePersonRule.choose(model.contract, settings.verify_threshold)
         store = GalleryStore(settings.store_path)
         gallery = Gallery(store, model, settings)
         await asyncio.to_thread(gallery.open)
         await gallery.start()
         retention = None
         if settings.retention_days:
-            await purge_expired(gallery, settings.retention_days)  # before ready: nothing expired is ever served
+            await purge_expired(gallery, settings.retention_days, metrics)  # before ready: nothing expired is ever served
             retention = asyncio.create_task(retention_loop(gallery, settings, metrics))
         batcher = MicroBatcher(model, settings.max_batch_size, settings.max_batch_wait_ms / 1000, model.instances,
                                settings.max_queued_images, metrics.observe_batch)
@@ -300,7 +303,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         index = s.gallery.index
         return ReadyResponse(
             ready=True, provider={**asdict(s.model.providers), "fell_back": s.model.providers.fell_back},
-            index={"type": index.built_kind, "requested_type": index.kind, "device": index.device, "size": index.size, "tombstones": len(index.tombstones)},
+            index={"type": index.built_kind, "requested_type": index.kind, "device": index.device, "size": index.size, "tombstones": len(index.tombstones),
+                   "reduced_dim": index.index.d if index.rescores else None},
             gallery_size=s.gallery.size, model_fingerprint=s.model.fingerprint,
         )
 
@@ -308,7 +312,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def model_info(request: Request):
         s = state(request)
         return {**asdict(s.model.contract), "embedding_dim": s.model.contract.embedding_dim,
-                "fingerprint": s.model.fingerprint, "file": s.model.path.name,
+                "fingerprint": s.model.fingerprint, "file": s.model.path.name, "precision": s.model.precision,
                 # what the optional query steps can use: CASN's pair head (pair_attention=true), CLPD-style attention maps
                 "pair_head": s.pair_head is not None, "attention_maps": s.model.has_attention_maps}
 
@@ -375,6 +379,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         s = state(request)
         if not await s.gallery.delete(item_id):
             raise APIError(404, "not_found", f"no gallery item {item_id}")
+        metrics.erased.labels("item").inc()
         metrics.gallery_size.set(s.gallery.size)
         return Response(status_code=204)
 
@@ -387,6 +392,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         erased = await s.gallery.erase_person(check_id(person_id, "person_id"))
         if not erased:
             raise APIError(404, "not_found", "no gallery item of this person")
+        metrics.erased.labels("person").inc(len(erased))
         metrics.gallery_size.set(s.gallery.size)
         return ErasureResponse(person_id=person_id, removed=len(erased), ids=erased)
 
@@ -471,6 +477,26 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                    for row, upload in enumerate(uploads)]
         return BatchQueryResponse(results=results, gallery_size=s.gallery.size, timing_ms=watch.total())
 
+    @app.post("/verify", tags=["query"], response_model=VerifyResponse, dependencies=protected, responses=ERRORS)
+    async def verify(
+        request: Request,
+        image_a: UploadFile = File(..., description="one image"),
+        image_b: UploadFile = File(..., description="the other image"),
+    ):
+        """Are the two images the same person? Their score, and the decision at the same-person threshold (the
+        model's calibrated one, or REID_VERIFY_THRESHOLD). The gallery is not involved."""
+        s = state(request)
+        uploads = await read_uploads([image_a, image_b], settings, s.model.input_size)
+        watch = Stopwatch()
+        embedding, _ = await s.batcher.embed(pixels_of(uploads), with_maps=False)
+        watch.lap("embed")
+        a, b = split_branches(embedding, s.model.contract.num_branches)
+        branch_scores = (a * b).sum(axis=1)
+        score = min(1.0, max(-1.0, float(branch_scores.mean())))
+        rule = s.same_person
+        return VerifyResponse(score=score, branch_scores=branch_scores.tolist(), same_person=rule.decide(score), threshold=rule.threshold,
+                              threshold_source=rule.source, calibration=rule.calibration, timing_ms=watch.total())
+
     def check_steps(s, options: QueryOptions, images: int, aggregate: str) -> None:
         """Optional steps that do not go together (422), then those this model lacks (409)."""
         if options.pair_attention and options.group_by_person:
@@ -501,7 +527,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             watch.lap("pair_attention")
         # a best-of track's match is scored, and explained, with the features of the image that gave its score
         features_by_id = {i: features[sources.get(i, 0)] for i, _ in live}
-        matches = [match_body(rank, score, *found[i], features_by_id[i], **fields, **({"track_image": sources[i]} if sources else {}))
+        matches = [match_body(rank, score, *found[i], features_by_id[i], same_person=s.same_person.decide(score), **fields,
+                              **({"track_image": sources[i]} if sources else {}))
                    for rank, ((i, score), fields) in enumerate(zip(live, ranking), 1)]
         query_heatmaps = None
         if options.heatmaps:

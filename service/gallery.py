@@ -30,6 +30,7 @@ from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, is_disk_
 
 log = logging.getLogger(__name__)
 EMBEDDING_DIM_KEY = "embedding_dim"
+TRAINING_SAMPLE = 50_000  # gallery vectors a trained index learns from (IVF's lists, the reduction's axes)
 
 
 class ModelMismatch(RuntimeError):
@@ -61,8 +62,8 @@ class Gallery:
         self.dim = model.contract.embedding_dim
         self.num_branches = model.contract.num_branches
         self.labels: Dict[int, Label] = {}
-        self.index = VectorIndex(self.dim, settings.index_type, settings.index_device, settings.ivf_nlist,
-                                 settings.ivf_nprobe, settings.hnsw_m, settings.hnsw_ef_search)
+        self.index = VectorIndex(self.dim, settings.index_type, settings.index_device, settings.ivf_nlist, settings.ivf_nprobe,
+                                 settings.hnsw_m, settings.hnsw_ef_search, settings.index_reduce_dim, settings.index_rescore_candidates)
 
     def open(self, progress: bool = True) -> None:
         stored = self.store.get_meta(FINGERPRINT_KEY)
@@ -101,7 +102,8 @@ class Gallery:
                 self.labels.update(zip(ids.tolist(), (Label(*row) for row in labels)))
                 yield ids, vectors
 
-        self.index.rebuild(chunks())
+        training = self.store.sample_embeddings(TRAINING_SAMPLE, self.dim) if self.index.trains else np.zeros((0, self.dim), np.float32)
+        self.index.rebuild(chunks(), training)
         if self.index.size != self.store.count():
             raise RuntimeError(f"index holds {self.index.size} items, store {self.store.count()}")
 
@@ -228,7 +230,8 @@ class Gallery:
                     and in_time_range(captured, captured_after, captured_before))
 
         filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score, captured_after, captured_before))
-        hits = self.index.search(embedding, k, accept if filtered else None, self.person_group if group_by_person else None)
+        hits = self.index.search(embedding, k, accept if filtered else None, self.person_group if group_by_person else None,
+                                 partial(exact_scores, self.store, embedding))
         return [(item_id, self._score(raw)) for item_id, raw in hits]
 
     def person_group(self, item_id: int) -> Tuple[str, object]:
@@ -241,6 +244,13 @@ class Gallery:
         """The index's inner product as the documented score, the mean of the branches' cosines in [-1, 1]
         (float32 sums put an identical image a hair above 1, 1.0000001)."""
         return min(1.0, max(-1.0, raw / self.num_branches))
+
+
+def exact_scores(store: GalleryStore, embedding: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Inner products of the stored full embeddings of ``ids`` with ``embedding`` (NaN for ids no longer stored):
+    what a reduced index's shortlist is re-scored with."""
+    found = store.embeddings(ids.tolist(), len(embedding))
+    return np.array([float(found[i] @ embedding) if i in found else np.nan for i in ids.tolist()], np.float32)
 
 
 def in_time_range(captured: Optional[float], after: Optional[float], before: Optional[float]) -> bool:

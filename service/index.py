@@ -7,9 +7,16 @@ exhausted, which serves the camera, person, time and score filters the same way,
 hits are grouped (at most one per person: the best). Erased ids (a person's,
 or expired ones) leave memory at once: removed in place where FAISS can, else hidden until the rebuild that
 follows the erasure.
+
+Large galleries: ``reduce_dim`` keeps the indexed vectors in a smaller space, an uncentred PCA of the
+gallery (the top eigenvectors of its second-moment matrix, which keep inner products where a centred PCA
+would shift them by each item's component along the mean). A reduced index returns a shortlist of
+``rescore_candidates`` that the caller's ``exact`` scorer (the stored full embeddings) re-scores, so every
+returned score is the exact one that RAM decomposes; only which items reach the shortlist is approximate.
+The full vectors are not kept in memory: a million 3840-d embeddings are 15 GB, reduced to 256-d 1 GB.
 """
 import logging
-from typing import Callable, Hashable, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Set, Tuple
 
 import faiss
 import numpy as np
@@ -17,6 +24,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 COMPACT_FRACTION = 0.2
 MIN_IVF_TRAINING = 39  # FAISS wants about 39 training points per list
+MIN_TRAINED_SIZE = 1000  # below this a gallery is searched exactly: approximation buys nothing there
+ExactScorer = Callable[[np.ndarray], np.ndarray]  # ids -> their exact inner products with the query
 
 
 def gpu_count() -> int:
@@ -24,9 +33,13 @@ def gpu_count() -> int:
 
 
 class VectorIndex:
-    def __init__(self, dim: int, kind: str = "flat", device: str = "auto", ivf_nlist: int = 1024, ivf_nprobe: int = 32, hnsw_m: int = 32, hnsw_ef_search: int = 128):
+    def __init__(self, dim: int, kind: str = "flat", device: str = "auto", ivf_nlist: int = 1024, ivf_nprobe: int = 32, hnsw_m: int = 32,
+                 hnsw_ef_search: int = 128, reduce_dim: int = 0, rescore_candidates: int = 100):
         self.dim, self.kind = dim, kind
         self.ivf_nlist, self.ivf_nprobe, self.hnsw_m, self.hnsw_ef_search = ivf_nlist, ivf_nprobe, hnsw_m, hnsw_ef_search
+        self.reduce_dim = reduce_dim if 0 < reduce_dim < dim else 0
+        self.rescore_candidates = rescore_candidates
+        self.projection: Optional[np.ndarray] = None  # [dim, reduce_dim] once trained
         self.use_gpu = kind != "hnsw" and (device == "gpu" or (device == "auto" and gpu_count() > 0))
         if device == "gpu" and gpu_count() == 0:
             raise RuntimeError("REID_INDEX_DEVICE=gpu but FAISS sees no GPU (faiss-cpu installed, or no CUDA device)")
@@ -40,21 +53,35 @@ class VectorIndex:
     def device(self) -> str:
         return "gpu" if self.use_gpu else "cpu"
 
+    @property
+    def trains(self) -> bool:
+        """Whether this index kind learns from the gallery (IVF's lists, the reduction's axes)."""
+        return self.kind == "ivf" or self.reduce_dim > 0
+
+    @property
+    def rescores(self) -> bool:
+        """Searches return approximate scores that the caller's exact scorer must replace."""
+        return self.projection is not None
+
     def _make(self, training: np.ndarray):
+        trained = self.trains and len(training) >= max(MIN_TRAINED_SIZE, MIN_IVF_TRAINING)
+        self.projection = uncentred_pca(training, self.reduce_dim) if trained and self.reduce_dim else None
+        training = self._project(training)
+        dim = training.shape[1]
         if self.kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efSearch = self.hnsw_ef_search
             self.built_kind = "hnsw"
-        elif self.kind == "ivf" and len(training) >= MIN_IVF_TRAINING:
+        elif self.kind == "ivf" and trained:
             nlist = max(1, min(self.ivf_nlist, len(training) // MIN_IVF_TRAINING))
-            quantizer = faiss.IndexFlatIP(self.dim)
-            inner = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            quantizer = faiss.IndexFlatIP(dim)
+            inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
             inner.train(training)
             inner.nprobe = min(self.ivf_nprobe, nlist)
             self._quantizer = quantizer  # the IVF index points at it; Python must keep it alive
             self.built_kind = "ivf"
         else:
-            inner = faiss.IndexFlatIP(self.dim)
+            inner = faiss.IndexFlatIP(dim)
             self.built_kind = "flat"
         index = faiss.IndexIDMap2(inner) if self.built_kind == "flat" else faiss.IndexIDMap(inner)
         self._inner = inner
@@ -63,23 +90,26 @@ class VectorIndex:
             index = faiss.index_cpu_to_gpu(self._resources, 0, index)
         return index
 
-    def rebuild(self, chunks: Iterable[Tuple[np.ndarray, np.ndarray]]) -> None:
-        """Replace the index with one over exactly these (ids, vectors) chunks."""
-        ids_list, vec_list = [], []
-        for ids, vectors in chunks:
-            ids_list.append(ids)
-            vec_list.append(vectors)
-        ids = np.concatenate(ids_list) if ids_list else np.zeros(0, np.int64)
-        vectors = np.concatenate(vec_list) if vec_list else np.zeros((0, self.dim), np.float32)
-        self.index = self._make(vectors)
+    def rebuild(self, chunks: Iterable[Tuple[np.ndarray, np.ndarray]], training: Optional[np.ndarray] = None) -> None:
+        """Replace the index with one over exactly these (ids, vectors) chunks, added as they come. ``training``:
+        what the trained parts learn from, a sample of the gallery (without it the chunks are gathered and
+        used whole, which needs them all in memory at once: fine for small galleries)."""
+        if training is None:
+            chunks = list(chunks)
+            training = np.concatenate([v for _, v in chunks]) if chunks else np.zeros((0, self.dim), np.float32)
+        self.index = self._make(np.ascontiguousarray(training, np.float32))
         self.tombstones = set()
         self.holds_erased = False
-        self.trained_on = len(ids)
-        if len(ids):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids.astype(np.int64))
+        for ids, vectors in chunks:
+            self.add(ids, vectors)
+        self.trained_on = self.index.ntotal
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
+        self.index.add_with_ids(self._project(vectors), np.asarray(ids, np.int64))
+
+    def _project(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.ascontiguousarray(vectors, np.float32).reshape(-1, self.dim)
+        return vectors if self.projection is None else np.ascontiguousarray(vectors @ self.projection)
 
     def remove(self, item_id: int) -> None:
         self.tombstones.add(int(item_id))
@@ -102,30 +132,52 @@ class VectorIndex:
     @property
     def needs_rebuild(self) -> bool:
         stale = self.index.ntotal > 0 and len(self.tombstones) > COMPACT_FRACTION * self.index.ntotal
-        untrained = self.kind == "ivf" and self.built_kind == "flat" and self.size >= max(1000, MIN_IVF_TRAINING)
-        grown = self.kind == "ivf" and self.built_kind == "ivf" and self.size > 4 * max(1, self.trained_on)
+        is_trained = self.built_kind == "ivf" or self.rescores
+        untrained = self.trains and not is_trained and self.size >= MIN_TRAINED_SIZE
+        grown = self.trains and is_trained and self.size > 4 * max(1, self.trained_on)
         return stale or untrained or grown or self.holds_erased
 
     def search(self, query: np.ndarray, k: int, accept: Optional[Callable[[int, float], bool]] = None,
-               group: Optional[Callable[[int], Hashable]] = None) -> List[Tuple[int, float]]:
+               group: Optional[Callable[[int], Hashable]] = None, exact: Optional[ExactScorer] = None) -> List[Tuple[int, float]]:
         """The ``k`` best live ids (inner product, descending) that ``accept(id, score)`` lets through; with
-        ``group``, only the best id of each ``group(id)``."""
+        ``group``, only the best id of each ``group(id)``. A reduced index needs ``exact``: the shortlist's
+        scores come from it (ids it returns NaN for are gone from the gallery and skipped)."""
         total = self.index.ntotal
         if total == 0 or k <= 0:
             return []
-        query = np.ascontiguousarray(query.reshape(1, -1), np.float32)
-        want = min(total, max(2 * k, k + len(self.tombstones) + 16))
+        if self.rescores and exact is None:
+            raise ValueError("a reduced index needs the exact scorer to re-score its shortlist")
+        projected = self._project(query)
+        want = min(total, max(2 * k, k + len(self.tombstones) + 16, self.rescore_candidates if self.rescores else 0))
+        exact_scores: Dict[int, float] = {}
         while True:
-            scores, ids = self.index.search(query, want)
-            hits = [
-                (int(i), float(s)) for s, i in zip(scores[0], ids[0])
-                if i >= 0 and int(i) not in self.tombstones and (accept is None or accept(int(i), float(s)))
-            ]
+            scores, ids = self.index.search(projected, want)
+            found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in self.tombstones]
+            if self.rescores:
+                found = rescored(found, exact, exact_scores)
+            hits = [(i, s) for i, s in found if accept is None or accept(i, s)]
             if group is not None:
                 hits = first_per_group(hits, group)
             if len(hits) >= k or want >= total:
                 return hits[:k]
             want = min(total, want * 4)
+
+
+def rescored(hits: List[Tuple[int, float]], exact: ExactScorer, known: Dict[int, float]) -> List[Tuple[int, float]]:
+    """The hits with their exact scores, best first; ``known`` caches the scores already read, so a search
+    that widens re-scores only the new candidates."""
+    missing = np.array([i for i, _ in hits if i not in known], np.int64)
+    if len(missing):
+        known.update(zip(missing.tolist(), exact(missing).tolist()))
+    return sorted(((i, known[i]) for i, _ in hits if not np.isnan(known[i])), key=lambda hit: -hit[1])
+
+
+def uncentred_pca(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """[D, dim]: the top ``dim`` eigenvectors of the vectors' second-moment matrix, so that projected inner
+    products approximate the original ones (a centred PCA would subtract the mean and shift them)."""
+    moment = (vectors.T @ vectors).astype(np.float64) / max(1, len(vectors))
+    _, axes = np.linalg.eigh(moment)  # ascending eigenvalues
+    return np.ascontiguousarray(axes[:, ::-1][:, :dim], np.float32)
 
 
 def first_per_group(hits: List[Tuple], group: Callable[[int], Hashable]) -> List[Tuple]:

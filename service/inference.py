@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import onnxruntime as ort
 
-from model_zoo.contract import INPUT_IMAGES, OUTPUT_ATTENTION_MAPS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session
+from model_zoo.contract import (INPUT_IMAGES, OUTPUT_ATTENTION_MAPS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, ContractError,
+                                ModelContract, check_session, int8_path, precision_of)
 from model_zoo.files import sha256_of
 
 log = logging.getLogger(__name__)
@@ -92,15 +93,24 @@ class ImageMaps:
 class InferenceModel:
     """load() once, then predict(uint8 [B, H, W, 3]) -> (embedding [B, N*D], ImageMaps or None).
 
+    ``precision`` (REID_MODEL_PRECISION) picks the file: fp32 loads ``path`` itself, int8 the int8 file beside
+    it, ``<stem>.int8.onnx`` (``python -m training quantize`` writes it), which must say reid.precision = int8.
+    ``self.path`` is the file really loaded, whose sha256 is the fingerprint (a gallery re-embeds on a switch),
+    and after load() ``self.precision`` is what that file says it is.
+
     predict may be called from ``instances`` threads at once (ONNX Runtime sessions are safe for that)."""
 
-    def __init__(self, path: Path, provider: str = "auto", intra_op_threads: int = 0, instances: int = 0):
-        self.path = Path(path)
+    def __init__(self, path: Path, provider: str = "auto", intra_op_threads: int = 0, instances: int = 0, precision: str = "fp32"):
+        self.precision, self.model_path = precision, Path(path)
+        self.path = int8_path(path) if precision == "int8" else self.model_path
         self.requested_provider = provider
         self.intra_op_threads, self.instances = intra_op_threads, instances
 
     def load(self) -> "InferenceModel":
         if not self.path.is_file():
+            if self.path != self.model_path:
+                raise FileNotFoundError(f"REID_MODEL_PRECISION=int8 serves {self.path}, which does not exist: write it beside REID_MODEL_PATH with "
+                                        f"python -m training quantize {self.model_path} --data-root TRAINING_DATA (repeat --data-root for several folders)")
             raise FileNotFoundError(f"model file {self.path} does not exist (REID_MODEL_PATH)")
         asked = choose_providers(self.requested_provider)
         self.instances, self.intra_op_threads = plan_threads(asked[0], self.instances, self.intra_op_threads)
@@ -108,6 +118,10 @@ class InferenceModel:
         options.intra_op_num_threads = self.intra_op_threads
         self.session = ort.InferenceSession(str(self.path), options, providers=asked)
         self.contract: ModelContract = check_session(self.session)
+        precision = precision_of(self.session.get_modelmeta().custom_metadata_map)
+        if self.precision == "int8" and precision != "int8":
+            raise ContractError(f"{self.path} says {PRECISION_KEY}={precision}: REID_MODEL_PRECISION=int8 serves int8 files only")
+        self.precision = precision
         self.providers = ProviderReport(self.requested_provider, asked, self.session.get_providers()[0], self.instances, self.intra_op_threads)
         if self.providers.fell_back:
             message = f"asked ONNX Runtime for {asked[0]} but it runs on {self.providers.active} (CUDA/cuDNN libraries missing?)"

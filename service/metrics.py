@@ -18,6 +18,8 @@ class ServiceMetrics:
         self.queue_wait = Histogram("reid_queue_wait_seconds", "Time a request's images waited for a model call", registry=self.registry, buckets=LATENCY_BUCKETS)
         self.gallery_size = Gauge("reid_gallery_items", "Items in the gallery", registry=self.registry)
         self.errors = Counter("reid_errors_total", "Error responses by code", ["code"], registry=self.registry)
+        self.erased = Counter("reid_erased_items_total", "Gallery items removed: by DELETE /gallery/{id} (item), DELETE /persons/{id} (person), "
+                              "or REID_RETENTION_DAYS (retention)", ["reason"], registry=self.registry)
         self.build_info = Gauge("reid_build_info", "Always 1; what is running: package version, model, ONNX Runtime provider",
                                 ["version", "model_fingerprint", "architecture", "provider"], registry=self.registry)
         self.queued_images = Gauge("reid_queued_images", "Images waiting for a model call now (REID_MAX_QUEUED_IMAGES bounds it)", registry=self.registry)

@@ -84,11 +84,25 @@ class Match(OmitsUnusedExtras):
     pair_attention: Optional[PairAttention] = Field(None, description="with pair_attention=true: the pair's attention maps behind pair_distance; absent otherwise")
     track_image: Optional[int] = Field(None, description="a track queried with aggregate=best: which of its images (0-based, in upload "
                                        "order) gave this score; branch_scores and heatmap are that image's. Absent otherwise")
+    same_person: Optional[bool] = Field(None, description="score above the same-person threshold (see POST /verify); null when "
+                                        "there is none (the model is not calibrated and REID_VERIFY_THRESHOLD is unset)")
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
     captured_at: Optional[float] = Field(None, description="when the image was taken, epoch seconds; null: unknown")
     metadata: Dict = Field(default_factory=dict)
     heatmap: Optional[Heatmap] = None
+
+
+class VerifyResponse(BaseModel):
+    score: float = Field(description="mean over branches of the cosine similarity of the two images, in [-1, 1]")
+    branch_scores: List[float]
+    same_person: Optional[bool] = Field(description="score > threshold; null when there is no threshold")
+    threshold: Optional[float] = Field(description="the decision threshold; null: the model is not calibrated and REID_VERIFY_THRESHOLD is unset")
+    threshold_source: Optional[str] = Field(description="setting (REID_VERIFY_THRESHOLD) or model (its calibration); null without a threshold")
+    calibration: Dict = Field(description="the model's calibration record (reid.verification, without its ROC, which GET /model has): "
+                              "target_fmr, the fmr and tmr reached on calibrated_on, and held_out sets' fmr and tmr at that threshold; "
+                              "{} when the model is not calibrated")
+    timing_ms: Dict[str, float]
 
 
 class QueryResponse(OmitsUnusedExtras):

@@ -13,6 +13,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REID_", env_file=None, protected_namespaces=())
 
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model following model_zoo/CONTRACT.md")
+    model_precision: Literal["fp32", "int8"] = Field("fp32", description="fp32: serve REID_MODEL_PATH; int8: serve <model stem>.int8.onnx beside it (python -m training quantize writes it; missing, the start is refused)")
     store_path: Path = Field(Path("var/gallery.sqlite3"), description="SQLite gallery file (created if missing)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
@@ -30,6 +31,8 @@ class Settings(BaseSettings):
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists searched per query")
     hnsw_m: int = Field(32, ge=4, description="HNSW neighbours per node")
     hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth")
+    index_reduce_dim: int = Field(0, ge=0, description="0: the index holds full embeddings; N: it holds them reduced to N dimensions (an uncentred PCA learnt from the gallery once it has 1000 items), and each query's shortlist is re-scored exactly from the store, so scores stay exact: for galleries too large for memory in full (1M x 3840-d is 15 GB, at 256-d 1 GB)")
+    index_rescore_candidates: int = Field(100, ge=1, le=10000, description="with REID_INDEX_REDUCE_DIM: the shortlist a query re-scores exactly (at least twice its top_k)")
     on_model_change: Literal["reembed", "refuse"] = Field("reembed", description="a gallery embedded by another model is re-embedded from its stored images, or the start is refused")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
@@ -37,6 +40,7 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
     max_request_pixels: int = Field(200_000_000, ge=1, description="most pixels one request may decode, summed over its images (a large JPEG counts at the reduced scale it is decoded at)")
     max_heatmap_matches: int = Field(10, ge=0, description="a query draws heatmaps for its first this many matches only")
+    verify_threshold: Optional[float] = Field(None, ge=-1, le=1, allow_inf_nan=False, description="same person when the score is above this (POST /verify, same_person per match); unset: the model's calibrated threshold (reid.verification) when it has one, else same_person is null")
     rerank_shortlist: int = Field(100, ge=1, le=2000, description="index hits a query with rerank=true or pair_attention=true re-ranks (at least its top_k)")
     rerank_k1: int = Field(DEFAULT_K1, ge=1, description="re-ranking: k-reciprocal neighbourhood size (clamped to the shortlist's size)")
     rerank_k2: int = Field(DEFAULT_K2, ge=1, description="re-ranking: local query expansion size (clamped to the shortlist's size + 1)")
@@ -57,7 +61,7 @@ class Settings(BaseSettings):
         # docker-compose passes unset variables through as "", which must mean "the shipped model"
         return DEFAULT_MODEL_PATH if value in ("", None) else value
 
-    @field_validator("pair_head_path", mode="before")
+    @field_validator("pair_head_path", "verify_threshold", mode="before")
     @classmethod
     def empty_means_unset(cls, value):
         return None if value == "" else value

@@ -53,6 +53,7 @@ MIGRATIONS = [
 SCHEMA_VERSION = len(MIGRATIONS)
 ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at, captured_at"
 RESERVE_BYTES = 16 * 1024 * 1024
+SQL_VARIABLES = 900  # ids per "IN (...)" read, under SQLite's oldest default limit of 999 host parameters
 FINGERPRINT_KEY = "model_fingerprint"  # meta: the sha256 of the model that made the stored embeddings
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,20 @@ class GalleryStore:
         """Items and their embeddings by id, in one read; ids no longer stored are absent."""
         return {row[0]: (Item.from_row(row[:-1]), np.frombuffer(row[-1], np.float32, count=dim))
                 for row in self._rows_by_id(f"{ITEM_COLUMNS}, embedding", ids)}
+
+    def embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, np.ndarray]:
+        """Embeddings by id, in as few reads as SQLite's parameter limit allows; ids no longer stored are absent."""
+        ids = list(ids)
+        return {i: np.frombuffer(blob, np.float32, count=dim)
+                for start in range(0, len(ids), SQL_VARIABLES) for i, blob in self._rows_by_id("id, embedding", ids[start:start + SQL_VARIABLES])}
+
+    def sample_embeddings(self, count: int, dim: int, seed: int = 0) -> np.ndarray:
+        """[min(count, stored), dim] embeddings drawn uniformly without replacement (all of them when fewer)."""
+        ids = np.array([row[0] for row in self.db.execute("SELECT id FROM items")], np.int64)
+        if len(ids) > count:
+            ids = np.random.default_rng(seed).choice(ids, count, replace=False)
+        vectors = list(self.embeddings(np.sort(ids).tolist(), dim).values())
+        return np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
 
     def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
         return dict(self._rows_by_id("id, image", ids))

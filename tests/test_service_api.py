@@ -230,7 +230,7 @@ def test_a_model_without_attention_maps_or_pair_head_answers_as_before(client):
     assert set(body["timing_ms"]) == {"embed", "search", "heatmaps", "total"}
     for match in body["matches"]:
         assert set(match) == {"id", "rank", "score", "branch_scores", "rerank_distance", "person_id", "camera_id", "captured_at", "metadata",
-                              "heatmap"}
+                              "same_person", "heatmap"}
     for heatmap in (body["query_heatmap"], *(m["heatmap"] for m in body["matches"])):
         assert set(heatmap) == {"grid", "branch_grids", "overlay_png", "branch_overlays_png"}
     assert_error(client.post("/query", **query, data={"pair_attention": "true"}), 409, "no_pair_head")

@@ -268,6 +268,7 @@ def test_retention_erases_old_items_at_start_and_on_schedule_and_keeps_new_ones(
         wait_until(lambda: client.get("/readyz").json()["index"]["size"] == len(fresh))
         assert listed(client) == fresh and not set(match_ids(client, soon_blobs[0])) & {soon, *old}
         assert client.get("/readyz").json()["gallery_size"] == len(fresh)
+        assert 'reid_erased_items_total{reason="retention"} 3.0' in client.get("/metrics").text  # 2 at start, 1 on schedule
         assert traces(store, soon_needles) == {}
     vacuum(store)
     assert traces(store, {**needles, **soon_needles}) == {}

@@ -204,10 +204,11 @@ def test_concurrent_writes_share_one_commit_and_a_failing_one_fails_alone(tmp_pa
 def test_a_failed_index_update_rebuilds_the_index_and_the_write_stands(tmp_path, monkeypatch):
     gallery = open_gallery(tmp_path)
 
-    def broken_add(ids, vectors):
-        raise RuntimeError("faiss failure")
+    class BrokenFaissIndex:  # the rebuild replaces it with a working one
+        def add_with_ids(self, vectors, ids):
+            raise RuntimeError("faiss failure")
 
-    monkeypatch.setattr(gallery.index, "add", broken_add)
+    monkeypatch.setattr(gallery.index, "index", BrokenFaissIndex())
 
     async def scenario():
         await gallery.start()

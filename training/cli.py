@@ -1,4 +1,4 @@
-"""``python -m training train|evaluate|export``: a thin layer over the Python API in ``training``."""
+"""``python -m training train|evaluate|export|quantize|calibrate``: a thin layer over the Python API in ``training``."""
 import argparse
 import json
 import logging
@@ -35,6 +35,26 @@ def _export(args) -> None:
 
     report = export_onnx(args.checkpoint, args.output, args.real_images, args.metrics, args.opset)
     print(json.dumps({k: report[k] for k in ("output", "bytes", "parity", "pair_head") if k in report}, indent=2))
+
+
+def _quantize(args) -> None:
+    from training.quantize import quantize_model
+
+    summary = quantize_model(args.model, args.data_root, args.output, args.calibration_images, args.agreement_images, args.method,
+                             not args.per_tensor, args.reduce_range, args.activations, args.exclude_first_conv, seed=args.seed)
+    if args.summary:
+        args.summary.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+def _calibrate(args) -> None:
+    from training.calibration import calibrate, onnx_set_embedder, write_verification
+
+    record = calibrate(onnx_set_embedder(args.model, progress=not args.quiet), args.data_root, args.target_fmr)
+    if not args.dry_run:
+        write_verification(args.model, record)
+    print(json.dumps({k: v for k, v in record.items() if k != "roc"}, indent=2))
+    print(json.dumps(record["roc"]))
 
 
 def _at_least_one(text: str) -> int:
@@ -91,6 +111,37 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--metrics", type=Path, default=None, help="metrics.json whose evaluation goes into the metadata (default: RUN/metrics.json)")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     export.set_defaults(run=_export)
+
+    from training.quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, DEFAULT_AGREEMENT_IMAGES, DEFAULT_CALIBRATION_IMAGES
+
+    quantize = commands.add_parser("quantize", help="write MODEL.int8.onnx beside an exported model: static int8 (QDQ), calibrated on training images, "
+                                   "checked against the contract; REID_MODEL_PRECISION=int8 serves it")
+    quantize.add_argument("model", type=Path, help="an exported fp32 .onnx file")
+    quantize.add_argument("--data-root", type=Path, action="append", required=True,
+                          help="Market-layout folder whose bounding_box_train images calibrate (training data, never an evaluation set); repeat for several")
+    quantize.add_argument("--output", type=Path, default=None, help="the int8 file to write (default: MODEL.int8.onnx beside MODEL.onnx, where the service looks)")
+    quantize.add_argument("--calibration-images", type=_at_least_one, default=DEFAULT_CALIBRATION_IMAGES, help=f"training images drawn for calibration (default {DEFAULT_CALIBRATION_IMAGES})")
+    quantize.add_argument("--agreement-images", type=_at_least_one, default=DEFAULT_AGREEMENT_IMAGES,
+                          help=f"further training images on which int8 and fp32 embeddings are compared (default {DEFAULT_AGREEMENT_IMAGES})")
+    quantize.add_argument("--method", choices=CALIBRATION_METHODS, default="percentile", help="activation range calibration (default percentile: 99.999%% of |x|)")
+    quantize.add_argument("--activations", choices=ACTIVATION_TYPES, default="uint8", help="activation type (default uint8: ONNX Runtime's fast x86 path, u8 x s8)")
+    quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
+    quantize.add_argument("--reduce-range", action="store_true", help="7-bit weights (for x86 CPUs without VNNI, where u8 x s8 products can saturate)")
+    quantize.add_argument("--exclude-first-conv", action="store_true", help="keep the first convolution in float too")
+    quantize.add_argument("--seed", type=int, default=0, help="draw of the calibration and agreement images (default 0)")
+    quantize.add_argument("--summary", type=Path, default=None, help="also write the summary to this JSON file")
+    quantize.set_defaults(run=_quantize)
+
+    calibrate = commands.add_parser("calibrate", help="calibrate the same-person threshold (POST /verify, same_person per match) on "
+                                    "validation data and store it, with its ROC, in the model file's metadata (reid.verification)")
+    calibrate.add_argument("model", type=Path, help="an exported .onnx file (rewritten in place: its fingerprint changes)")
+    calibrate.add_argument("--data-root", type=Path, action="append", required=True,
+                           help="Market-layout folder with query and bounding_box_test: the first calibrates, each further one is only "
+                           "checked at that threshold (held_out). Never calibrate on a set you report cross-domain figures for")
+    calibrate.add_argument("--target-fmr", type=_unit_interval, default=1e-3, help="false-match rate the threshold keeps on the first set (default 0.001)")
+    calibrate.add_argument("--dry-run", action="store_true", help="print the record, leave the file as it is")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bars")
+    calibrate.set_defaults(run=_calibrate)
     return parser
 
 

@@ -12,8 +12,7 @@ import onnx
 import torch
 from torch import nn
 
-from model_zoo.architectures.common import branch_features
-from model_zoo.contract import INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session, split_branches
+from model_zoo.contract import INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session, identity_error
 from model_zoo.files import sha256_of
 from model_zoo.pair_attention import pair_head_path
 from model_zoo.preprocess import load_for_model
@@ -99,7 +98,7 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
             map_scale = max(1.0, float(np.abs(maps).max()))
             map_diff = float(np.abs(maps - out.feature_maps.float().numpy())[kept].max(initial=0.0)) / map_scale
             # The identity on the ONNX outputs alone: 0 up to rounding where the graph computes the embedding from the maps.
-            identity_diff = float(np.abs(branch_features(torch.from_numpy(maps)).numpy() - split_branches(emb, maps.shape[1])).max())
+            identity_diff = identity_error(emb, maps)
             report[f"{name}_batch{size}_embedding"] = emb_diff
             report[f"{name}_batch{size}_feature_maps_relative"] = map_diff
             report[f"{name}_batch{size}_identity"] = identity_diff

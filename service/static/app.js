@@ -130,6 +130,7 @@ function matchCard(match, imageUrl, queryPerson) {
     element("figcaption", {}, [
       element("div", { text: `#${match.rank} · ${match.score.toFixed(3)}${distanceText(match)}` }),
       element("div", { class: "muted", text: `person ${fmt(match.person_id)} · cam ${fmt(match.camera_id)}` }),
+      match.same_person == null ? "" : element("div", { class: "muted verdict", text: `model: ${match.same_person ? "same person" : "not the same person"}` }),
       element("span", { class: "badge", text: "same person" }),
       match.heatmap ? toggle : "",
     ]),
