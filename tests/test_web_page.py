@@ -64,6 +64,7 @@ def pictures(tmp_path: Path, pid: int, count: int) -> list:
 
 def test_enrol_query_toggle_and_delete(browser, tiny_model, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     with ServiceProcess(tiny_model[1], tmp_path / "g.sqlite3") as server:
         browser.get(server.url + "/")
@@ -99,6 +100,18 @@ def test_enrol_query_toggle_and_delete(browser, tiny_model, tmp_path):
         wait_for(browser, lambda d: float(overlay.value_of_css_property("opacity")) > 0)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "web_page.png"))
+
+        # a track of two images of person 7, best-of, then one match per person
+        browser.execute_script("document.getElementById('query-file').value = ''")  # a multiple input adds to what it holds
+        browser.find_element(By.ID, "query-file").send_keys("\n".join(pictures(tmp_path, 7, 2)))
+        Select(browser.find_element(By.ID, "aggregate")).select_by_value("best")
+        browser.find_element(By.CSS_SELECTOR, "#query-form button").click()
+        wait_for(browser, lambda d: "for a track of 2" in d.find_element(By.ID, "query-status").text)
+        assert "(best)" in browser.find_element(By.CSS_SELECTOR, "#query-card figcaption").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#matches .same-person")) == 3
+        browser.find_element(By.ID, "group-by-person").click()
+        browser.find_element(By.CSS_SELECTOR, "#query-form button").click()
+        wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#matches .card")) == 2)
 
         first = browser.find_element(By.CSS_SELECTOR, "#gallery .gallery-item")
         doomed = first.get_attribute("data-id")

@@ -142,10 +142,12 @@ function matchCard(match, imageUrl, queryPerson) {
 
 async function runQuery(event) {
   event.preventDefault();
-  const file = $("query-file").files[0];
-  if (!file) { $("query-status").textContent = "pick a query image first"; return; }
+  const files = [...$("query-file").files];
+  if (!files.length) { $("query-status").textContent = "pick a query image first"; return; }
   const form = new FormData();
-  form.append("image", file);
+  files.forEach((file) => form.append("image", file));
+  if (files.length > 1) form.append("aggregate", $("aggregate").value);
+  if ($("group-by-person").checked) form.append("group_by", "person");
   form.append("top_k", $("top-k").value || "10");
   if ($("exclude-camera").value) form.append("exclude_camera_id", $("exclude-camera").value);
   if ($("rerank").checked) form.append("rerank", "true");
@@ -158,12 +160,16 @@ async function runQuery(event) {
     const cards = body.matches.map((m, i) => matchCard(m, urls[i], queryPerson));
     $("matches").replaceChildren(...cards);
     const queryCard = $("query-card");
-    queryCard.replaceChildren(stack(URL.createObjectURL(file), body.query_heatmap, "query"), attentionStrip(body.query_heatmap),
-      element("figcaption", { text: "query · own RAM (R_q^q)" }));
-    queryCard.heatmap = body.query_heatmap;
+    // a track shows its first image, with that image's map for the features its matches were scored with
+    const heatmap = body.track_heatmaps ? body.track_heatmaps[0] : body.query_heatmap;
+    const caption = body.track_size ? `track of ${body.track_size} images (${body.aggregate}) · first image's RAM` : "query · own RAM (R_q^q)";
+    queryCard.replaceChildren(stack(URL.createObjectURL(files[0]), heatmap, "query"), attentionStrip(heatmap),
+      element("figcaption", { text: caption }));
+    queryCard.heatmap = heatmap;
     queryCard.hidden = false;
     applyOverlays();
-    $("query-status").textContent = `${body.matches.length} matches from ${body.gallery_size} in ${body.timing_ms.total.toFixed(0)} ms`;
+    const track = body.track_size ? ` for a track of ${body.track_size}` : "";
+    $("query-status").textContent = `${body.matches.length} matches${track} from ${body.gallery_size} in ${body.timing_ms.total.toFixed(0)} ms`;
   } catch (error) {
     $("query-status").textContent = `query failed: ${error.message}`;
   }
