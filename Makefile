@@ -51,6 +51,7 @@ bench: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python -m training evaluate $(DEFAULT_MODEL).onnx $(EVAL_SETS) --quiet --output bench/results/accuracy_fp32.json
 	$(BIN)/python -m training evaluate $(DEFAULT_MODEL).int8.onnx $(EVAL_SETS) --quiet --output bench/results/accuracy_int8.json
 	$(BIN)/python bench/embed_speed.py $(DEFAULT_MODEL).onnx $(DEFAULT_MODEL).int8.onnx --threads 1 2 --rounds 5 --seconds 5 --output bench/results/embed_speed_int8.json
+	$(BIN)/python bench/heatmap_cost.py --data $(DATA) --output bench/results/heatmap_cost.json
 	$(BIN)/python bench/gallery_scale.py --data $(DATA) --work $(BENCH_WORK)/scale --output bench/results/gallery_1m.json
 
 # Debian's Chromium and ChromeDriver for the web page's browser test (which skips, saying so, without them).

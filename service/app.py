@@ -132,6 +132,7 @@ class QueryOptions:
     group_by_person: bool
     heatmaps: bool = False
     pair_attention: bool = False
+    branch_overlays: bool = True
 
     @property
     def reorders(self) -> bool:
@@ -187,13 +188,15 @@ def rerank_hits(embedding: np.ndarray, hits: List[Tuple[int, float]], found: dic
     return [hits[j] for j in order], [{"rerank_distance": float(distances[j])} for j in order]
 
 
-def make_heatmap(query_features: np.ndarray, maps: ImageMaps, image) -> Heatmap:
-    """RAM of one image (``maps`` indexed to it), and the model's own attention maps when it exports them."""
+def make_heatmap(query_features: np.ndarray, maps: ImageMaps, image, branch_overlays: bool = True) -> Heatmap:
+    """RAM of one image (``maps`` indexed to it), and the model's own attention maps when it exports them.
+    Without ``branch_overlays`` the per-branch PNGs are not drawn (the grids still are): they are most of a
+    heatmap query's CPU (bench/results/heatmap_cost.json)."""
     ram = ranking_activation_maps(query_features, maps.features)
     heatmap = Heatmap(
         grid=ram.aggregate.tolist(), branch_grids=ram.per_branch.tolist(),
         overlay_png=png_base64(overlay(image, ram.aggregate)),
-        branch_overlays_png=[png_base64(overlay(image, grid)) for grid in ram.per_branch],
+        branch_overlays_png=[png_base64(overlay(image, grid)) for grid in ram.per_branch] if branch_overlays else [],
     )
     if maps.attention is not None:
         heatmap.attention_grids = maps.attention.tolist()
@@ -206,11 +209,11 @@ def draw_pair_attention(pair: PairAttention, query_image, match_image) -> None:
     pair.gallery_overlay_png = png_base64(overlay(match_image, np.array(pair.gallery_grid)))
 
 
-def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image) -> Heatmap:
+def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image, branch_overlays: bool) -> Heatmap:
     """One match's drawings, in one worker thread: its RAM and, after a pair_attention query, its pair's maps."""
     if match.pair_attention is not None:
         draw_pair_attention(match.pair_attention, query_image, image)
-    return make_heatmap(query_features, maps, image)
+    return make_heatmap(query_features, maps, image, branch_overlays)
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
@@ -409,6 +412,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         group_by: Optional[Literal["person"]] = Form(None, description="person: at most one match per person_id, its best-scoring item (items "
                                                      "without person_id each count alone); the index search widens until top_k persons "
                                                      "are found. Not with rerank or pair_attention (422)"),
+        branch_overlays: bool = Form(True, description="with heatmaps: also draw each branch's overlay PNG (branch_overlays_png); false "
+                                     "leaves that list empty (the branch grids are still there), about half a heatmap query's CPU"),
     ) -> QueryOptions:
         """The options every query route shares, checked before any image is read."""
         if not 1 <= top_k <= settings.max_top_k:
@@ -420,7 +425,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             raise APIError(422, "invalid_request", GROUP_BY_REORDERED)
         filters = dict(camera_id=camera_id, exclude_camera_id=exclude_camera_id, person_id=person_id, min_score=min_score,
                        captured_after=after, captured_before=before)
-        return QueryOptions(top_k, filters, rerank, group_by == "person")
+        return QueryOptions(top_k, filters, rerank, group_by == "person", branch_overlays=branch_overlays)
 
     @app.post("/query", tags=["query"], response_model=QueryResponse, dependencies=protected, responses=ERRORS)
     async def query(
@@ -533,19 +538,20 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         query_heatmaps = None
         if options.heatmaps:
             query_heatmaps, _ = await asyncio.gather(
-                draw_query_heatmaps(features, maps, previews),
-                add_heatmaps(s, matches, features_by_id, previews[0], known_maps))
+                draw_query_heatmaps(features, maps, previews, options.branch_overlays),
+                add_heatmaps(s, matches, features_by_id, previews[0], known_maps, options.branch_overlays))
             watch.lap("heatmaps")
         track = len(previews) > 1
         return QueryResponse(matches=matches, query_heatmap=None if track or not query_heatmaps else query_heatmaps[0],
                              track_heatmaps=query_heatmaps if track else None, gallery_size=s.gallery.size, timing_ms=watch.total(),
                              reranked=options.reorders, heatmap_matches=sum(m.heatmap is not None for m in matches))
 
-    async def draw_query_heatmaps(features: np.ndarray, maps: ImageMaps, previews: list) -> List[Heatmap]:
+    async def draw_query_heatmaps(features: np.ndarray, maps: ImageMaps, previews: list, branch_overlays: bool) -> List[Heatmap]:
         """Each query image's map for the features its matches were scored with: the one vector's (an image, a
         track's mean), or with one vector per image (a best-of track) the image's own."""
         per_image = features if len(features) > 1 else [features[0]] * len(previews)
-        return list(await asyncio.gather(*(asyncio.to_thread(make_heatmap, per_image[j], maps[j], preview) for j, preview in enumerate(previews))))
+        return list(await asyncio.gather(*(asyncio.to_thread(make_heatmap, per_image[j], maps[j], preview, branch_overlays)
+                                           for j, preview in enumerate(previews))))
 
     def check_pair_attention(s, rerank: bool) -> None:
         if rerank:
@@ -580,7 +586,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             fresh = {i: maps[row] for row, i in enumerate(missing)}
         return {i: fresh[i] if i in fresh else known[i] for i in ids}
 
-    async def add_heatmaps(s, matches: List[Match], features_by_id: Dict[int, np.ndarray], query_image, known_maps: Dict[int, ImageMaps]) -> None:
+    async def add_heatmaps(s, matches: List[Match], features_by_id: Dict[int, np.ndarray], query_image, known_maps: Dict[int, ImageMaps],
+                           branch_overlays: bool) -> None:
         """Re-embed the first REID_MAX_HEATMAP_MATCHES matches' stored images in one batch for their feature
         maps (unless ``known_maps`` has them), then draw their RAMs on previews (a top_k=100 query drew 100
         took 3.7 s and answered 17.7 MB), each for the query features it was scored with (``features_by_id``)."""
@@ -593,8 +600,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             return
         maps = await maps_of(s, [m.id for m in chosen], decoded, known_maps)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
-        heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image)
-                                          for m in chosen))
+        heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image,
+                                                            branch_overlays) for m in chosen))
         for match, heatmap in zip(chosen, heatmaps):
             match.heatmap = heatmap
 

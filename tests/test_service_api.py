@@ -151,6 +151,11 @@ def test_query_ranks_the_same_image_first_with_consistent_scores_and_heatmaps(cl
         png = Image.open(io.BytesIO(__import__("base64").b64decode(m["heatmap"]["overlay_png"])))
         assert png.format == "PNG" and max(png.size) <= 256
     assert np.mean(body["query_heatmap"]["grid"]) == pytest.approx(1.0, abs=1e-4)
+    assert all(len(m["heatmap"]["branch_overlays_png"]) == 2 for m in matches)
+    lean = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "branch_overlays": "false"}).json()
+    for heatmap in (lean["query_heatmap"], *(m["heatmap"] for m in lean["matches"])):  # grids as before, no per-branch PNGs
+        assert heatmap["branch_overlays_png"] == [] and heatmap["overlay_png"] and len(heatmap["branch_grids"]) == 2
+    assert [m["heatmap"]["grid"] for m in lean["matches"]] == [m["heatmap"]["grid"] for m in matches]
 
 
 def test_query_filters(client):
