@@ -267,3 +267,12 @@ def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_pa
         assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.pair img")) for card in cards] == [2, 2, 2, 0, 0, 0]
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "web_page_pair_attention.png"))
+
+
+def test_the_pool_schedule_warms_the_classifiers_up_without_the_attention_terms(market_root, tmp_path):
+    # In the warm-up only the classifiers train: the trunk's maps carry no gradient, so the Grad-CAM terms
+    # (identification attention, consistency) and the pair term are off there; the main phase has them all.
+    cfg = load_config("casn_pool.yaml", casn_overrides(market_root, tmp_path, **{"run.evaluate_at_end": "false", "model.ibn": "false", "data.source_weights": "{}"}))
+    assert cfg.solver.phases[0]["loss_weights"] == {"loss_ia": 0, "loss_pair": 0, "loss_consistency": 0}
+    train(cfg)
+    assert (tmp_path / "model.pt").exists()
