@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model_zoo.architectures import build_model
-from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes, person_image, tiny_overrides
+from tests.conftest import image_bytes, person_image, tiny_overrides
 from tests.server import ServiceProcess, assert_error, assert_heatmaps_sum_to_scores, enrol, onnx_outputs, query
 from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
