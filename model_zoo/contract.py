@@ -7,7 +7,7 @@ run against a loaded ONNX Runtime session. Torch-free.
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Tuple, Union
 
 import numpy as np
 
@@ -100,6 +100,15 @@ def check_session(session) -> ModelContract:
     if OUTPUT_ATTENTION_MAPS in outputs:
         _check_io(outputs[OUTPUT_ATTENTION_MAPS], OUTPUT_ATTENTION_MAPS, "tensor(float)", [None, None, None, None])
     return contract
+
+
+def open_cpu_session(model: Union[str, Path, bytes]) -> Tuple[Any, ModelContract]:
+    """An ONNX Runtime CPU session on a model (a file, or its bytes) and its checked contract: how evaluation,
+    export and the training tools read an exported model (the service picks its provider: service.inference)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
+    return session, check_session(session)
 
 
 def split_branches(embedding: np.ndarray, num_branches: int) -> np.ndarray:

@@ -73,13 +73,10 @@ def calibrate(embed_set, roots: Sequence[Path], target_fmr: float = 1e-3) -> Dic
 
 def onnx_set_embedder(model_path: Path, progress: bool = True):
     """``embed_set`` for ``calibrate`` from an ONNX model file, through ONNX Runtime as the service runs it."""
-    import onnxruntime as ort
-
-    from model_zoo.contract import check_session
+    from model_zoo.contract import open_cpu_session
     from training.evaluation import load_test_split, onnx_branch_features
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    contract = check_session(session)
+    session, contract = open_cpu_session(model_path)
 
     def embed_set(root: Path):
         query_images, query, gallery_images, gallery = load_test_split(root, contract.input_height, contract.input_width, progress)

@@ -171,12 +171,9 @@ def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_s
 
 def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True, rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Evaluate an exported ONNX file through ONNX Runtime, as the service runs it, on each folder."""
-    import onnxruntime as ort
+    from model_zoo.contract import open_cpu_session
 
-    from model_zoo.contract import check_session
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    contract = check_session(session)
+    session, contract = open_cpu_session(path)
     return evaluate_features(lambda images: onnx_branch_features(session, images, contract.num_branches, progress=progress),
                              data_roots, contract.input_height, contract.input_width, progress, rerank)
 
@@ -203,13 +200,10 @@ def pair_attention_metrics(head, query, gallery, query_records: List[ImageRecord
 def evaluate_pair_attention(path: Path, pair_head: Path, data_roots: Sequence[Path], progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
     """CASN's features + pairwise attention rule, through ONNX Runtime and the pair-head artifact as a service
     runs them: {set name: {PAIR_KEY: ...}}."""
-    import onnxruntime as ort
-
-    from model_zoo.contract import check_session
+    from model_zoo.contract import open_cpu_session
     from model_zoo.pair_attention import PairHead
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    contract = check_session(session)
+    session, contract = open_cpu_session(path)
     head = PairHead.load(pair_head, path)
     results = {}
     for name, root in zip(set_names(data_roots), data_roots):

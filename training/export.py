@@ -12,7 +12,7 @@ import onnx
 import torch
 from torch import nn
 
-from model_zoo.contract import INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, check_session, identity_error
+from model_zoo.contract import INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, identity_error, open_cpu_session
 from model_zoo.files import sha256_of
 from model_zoo.pair_attention import pair_head_path
 from model_zoo.preprocess import load_for_model
@@ -79,10 +79,8 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
     runtimes, so the rule is model_zoo/CONTRACT.md's: the embedding, the identity on the ONNX outputs, and the
     maps without the channels whose ``model.selection_margins(images)`` [B, N, D] is below NEAR_TIE_TOLERANCE.
     Optional outputs (``attention_maps``) are held to the embedding's bound."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    attribution = check_session(session).feature_maps_kind == "attribution"
+    session, contract = open_cpu_session(onnx_path)
+    attribution = contract.feature_maps_kind == "attribution"
     margins = getattr(model, "selection_margins", None) if attribution else None
     extras = [node.name for node in session.get_outputs() if node.name in OPTIONAL_OUTPUTS]
     model.eval()

@@ -17,8 +17,8 @@ and fp32 embeddings on held-out training images):
   normalisation, concatenation into ``embedding``) and the nodes that assemble ``feature_maps`` (the
   stacking, and the node that makes each branch's map). Every tensor has one shared Q/DQ pair, so both
   outputs are float functions of the same values: ``embedding`` stays exactly the concatenation of the
-  per-branch L2-normalised means of ``feature_maps`` (RAM's identity), checked on the written file as the
-  exporter checks it (``model_zoo.contract.identity_error``); a failure deletes the file.
+  per-branch L2-normalised means of ``feature_maps`` (RAM's identity), checked on the quantized model before it
+  is written, as the exporter checks it (``model_zoo.contract.identity_error``); a failure writes nothing.
 - Operators: only convolutions, their clipped activations and matrix products (``DEFAULT_OP_TYPES``). Adds
   and Muls would also put Q/DQ pairs on the instance norms' arithmetic (IBN-a is exported as ReduceMean,
   Sub, Mul, Add ...): with the Adds quantized, small variances round to zero and the agreement fell to 0.06.
@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 
 from model_zoo.contract import (INPUT_IMAGES, METADATA_PREFIX, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, QUANTIZATION_KEY,
-                                check_session, identity_error, int8_path, precision_of, split_branches)
+                                identity_error, int8_path, open_cpu_session, precision_of, split_branches)
 from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from training.data.market import read_split
@@ -65,7 +65,7 @@ BATCH_SIZE = 16
 
 
 class QuantizationError(RuntimeError):
-    """The int8 file breaks the contract (its check or the embedding identity); it has been deleted."""
+    """The int8 model breaks the contract (its check or the embedding identity); no file has been written."""
 
 
 def calibration_files(data_roots: Sequence[Path], count: int, seed: int = 0) -> List[Path]:
@@ -78,20 +78,25 @@ def calibration_files(data_roots: Sequence[Path], count: int, seed: int = 0) -> 
     return [files[i] for i in order[:count]]
 
 
+def producers(graph: onnx.GraphProto) -> Dict[str, onnx.NodeProto]:
+    return {output: node for node in graph.node for output in node.output}
+
+
+def upstream(producer: Dict[str, onnx.NodeProto], tensors: Sequence[str]) -> Set[str]:
+    """The names of the nodes that compute ``tensors``, and of every node those read from."""
+    seen, stack = set(), list(tensors)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in seen:
+            seen.add(node.name)
+            stack.extend(node.input)
+    return seen
+
+
 def float_nodes(graph: onnx.GraphProto) -> Set[str]:
     """The nodes that must stay in float for the contract (module docstring): those only one of ``embedding``
     and ``feature_maps`` depends on, and those that assemble ``feature_maps`` from the branches' maps."""
-    producer = {output: node for node in graph.node for output in node.output}
-
-    def ancestors(tensor: str) -> Set[str]:
-        seen, stack = set(), [tensor]
-        while stack:
-            node = producer.get(stack.pop())
-            if node is not None and node.name not in seen:
-                seen.add(node.name)
-                stack.extend(node.input)
-        return seen
-
+    producer = producers(graph)
     assembly, stack = set(), [OUTPUT_FEATURE_MAPS]
     while stack:
         node = producer.get(stack.pop())
@@ -100,7 +105,7 @@ def float_nodes(graph: onnx.GraphProto) -> Set[str]:
         assembly.add(node.name)
         if node.op_type in DATA_MOVEMENT_OPS:  # the walk stops at the node that makes a branch's map
             stack.extend(node.input)
-    return (ancestors(OUTPUT_EMBEDDING) ^ ancestors(OUTPUT_FEATURE_MAPS)) | assembly
+    return (upstream(producer, [OUTPUT_EMBEDDING]) ^ upstream(producer, [OUTPUT_FEATURE_MAPS])) | assembly
 
 
 def normalised_upstream(graph: onnx.GraphProto, contract_nodes: Set[str] = frozenset()) -> Set[str]:
@@ -125,14 +130,8 @@ def normalised_upstream(graph: onnx.GraphProto, contract_nodes: Set[str] = froze
         read_by = kinds(tensor)
         return bool(read_by & NORMALISATION_OPS) or {"ReduceMean", "Sub"} <= read_by
 
-    producer = {output: node for node in graph.node for output in node.output}
-    keep, stack = set(), [node for node in graph.node if node.op_type == "Conv" and normalised(node.output[0])]
-    while stack:
-        node = stack.pop()
-        if node.name not in keep:
-            keep.add(node.name)
-            stack.extend(producer[tensor] for tensor in node.input if tensor in producer)
-    return keep
+    readers_of_normalised = [node for node in graph.node if node.op_type == "Conv" and normalised(node.output[0])]
+    return upstream(producers(graph), [node.output[0] for node in readers_of_normalised])
 
 
 def first_conv(graph: onnx.GraphProto) -> Set[str]:
@@ -162,12 +161,6 @@ class _Batches:
         self._iterator = iter(self.batches)
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def agreement(fp32_session, int8_session, images: np.ndarray, num_branches: int, batch_size: int = 32) -> Dict[str, float]:
     """How close the int8 file's embeddings are to the fp32 file's on ``images``: the retrieval score of each
     image's two embeddings (mean over branches of the cosine, 1 = identical), and the identity on the int8
@@ -183,13 +176,11 @@ def agreement(fp32_session, int8_session, images: np.ndarray, num_branches: int,
     return {"images": len(scores), "mean_cosine": float(scores.mean()), "min_cosine": float(scores.min()), "identity_max": identity}
 
 
-def check_int8(path: Path, height: int, width: int) -> Dict[str, float]:
-    """The contract check and the identity on random images at the exporter's batch sizes; raises
-    QuantizationError past the exporter's bound."""
-    session = _session(path)
-    check_session(session)
+def check_int8(session, height: int, width: int) -> Dict[str, float]:
+    """The identity on random images at the exporter's batch sizes, on a session whose contract has been
+    checked; raises QuantizationError past the exporter's bound."""
     if precision_of(session.get_modelmeta().custom_metadata_map) != "int8":
-        raise QuantizationError(f"{path}: {PRECISION_KEY} is not int8")
+        raise QuantizationError(f"{PRECISION_KEY} is not int8")
     report = {}
     for name, batch in parity_images(height, width, None).items():
         for size in PARITY_BATCHES:
@@ -197,7 +188,7 @@ def check_int8(path: Path, height: int, width: int) -> Dict[str, float]:
             report[f"{name}_batch{size}_identity"] = identity_error(embedding, maps)
     worst = max(report.values())
     if worst > EMBEDDING_TOLERANCE:
-        raise QuantizationError(f"{path}: identity diff {worst:.2e} (bound {EMBEDDING_TOLERANCE})")
+        raise QuantizationError(f"identity diff {worst:.2e} (bound {EMBEDDING_TOLERANCE})")
     return report
 
 
@@ -244,8 +235,7 @@ def quantize_model(model: Path, data_roots: Sequence[Path], output: Optional[Pat
     if output.resolve() == model.resolve():
         raise ValueError(f"the int8 file would overwrite {model}")
     started = time.perf_counter()
-    fp32 = _session(model)
-    contract = check_session(fp32)
+    fp32, contract = open_cpu_session(model)
     fp32_metadata = fp32.get_modelmeta().custom_metadata_map
     if precision_of(fp32_metadata) != "fp32":
         raise ValueError(f"{model} is already {precision_of(fp32_metadata)}: quantize the fp32 file")
@@ -267,20 +257,15 @@ def quantize_model(model: Path, data_roots: Sequence[Path], output: Optional[Pat
         if key.startswith(METADATA_PREFIX):
             proto.metadata_props.add(key=key, value=value)
     proto.metadata_props.add(key=PRECISION_KEY, value="int8")
-    quantization_entry = proto.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(quantization))
+    quantization_entry = proto.metadata_props.add(key=QUANTIZATION_KEY)
+    int8, _ = open_cpu_session(proto.SerializeToString())  # checked before anything is written
+    identity = check_int8(int8, *size)
+    agreed = agreement(fp32, int8, held_out, contract.num_branches)
+    if agreed["identity_max"] > EMBEDDING_TOLERANCE:
+        raise QuantizationError(f"identity diff {agreed['identity_max']:.2e} on training images (bound {EMBEDDING_TOLERANCE})")
+    quantization["agreement"] = {k: v for k, v in agreed.items() if k != "identity_max"}
+    quantization_entry.value = json.dumps(quantization)  # metadata only: the graph checked above is the graph written
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(output))
-    try:
-        identity = check_int8(output, *size)
-        agreed = agreement(fp32, _session(output), held_out, contract.num_branches)
-        if agreed["identity_max"] > EMBEDDING_TOLERANCE:
-            raise QuantizationError(f"{output}: identity diff {agreed['identity_max']:.2e} on training images (bound {EMBEDDING_TOLERANCE})")
-        quantization["agreement"] = {k: v for k, v in agreed.items() if k != "identity_max"}
-        quantization_entry.value = json.dumps(quantization)  # the figure joins the metadata: only that changes
-        onnx.save(proto, str(output))
-        check_session(_session(output))
-    except Exception:
-        output.unlink(missing_ok=True)
-        raise
     return {"output": str(output), "bytes": output.stat().st_size, "fp32_bytes": model.stat().st_size, "quantization": quantization,
             "identity": {**identity, "training_images": agreed["identity_max"]}, "seconds": round(time.perf_counter() - started, 1)}
