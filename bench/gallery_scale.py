@@ -20,7 +20,6 @@ well an approximate index and a reduction work, which uniform random vectors (no
         --output bench/results/gallery_1m.json
 """
 import argparse
-import io
 import json
 import os
 import platform
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client import ReIDClient  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from model_zoo.preprocess import load_for_model  # noqa: E402
-from service.gallery import EMBEDDING_DIM_KEY, TRAINING_SAMPLE, exact_scores  # noqa: E402
+from service.gallery import TRAINING_SAMPLE, exact_scores  # noqa: E402
 from service.index import VectorIndex  # noqa: E402
 from service.inference import InferenceModel  # noqa: E402
-from service.store import FINGERPRINT_KEY, GalleryStore, NewItem  # noqa: E402
+from service.store import GalleryStore, NewItem  # noqa: E402
 from tests.server import ServiceProcess  # noqa: E402
-from bench.results_io import emit, latency_quantiles  # noqa: E402
+from bench.common import emit, jpeg, latency_quantiles, memory_kb, synthetic_store  # noqa: E402
 
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 PERSON = re.compile(r"^(-?\d+)_")
@@ -104,11 +102,8 @@ def sample(model, count: int, rng) -> np.ndarray:
 
 
 def fill(store_path: Path, generator: EmbeddingGenerator, centres: np.ndarray, size: int, fingerprint: str) -> None:
-    store = GalleryStore(store_path)
-    store.set_meta({FINGERPRINT_KEY: fingerprint, EMBEDDING_DIM_KEY: str(generator.dim)})
-    placeholder = io.BytesIO()
-    Image.new("RGB", (8, 16), "gray").save(placeholder, format="JPEG")
-    placeholder = placeholder.getvalue()
+    store = synthetic_store(store_path, fingerprint, generator.dim)
+    placeholder = jpeg(0, (8, 16))
     rng = np.random.default_rng(2)
     have = store.count()
     for start in tqdm(range(have, size, 5000), desc=f"filling the store to {size}", initial=have // 5000, total=-(-size // 5000)):
@@ -166,9 +161,7 @@ def index_setting(store_path: Path, setting: dict, queries: np.ndarray, truth: n
 
 
 def peak_memory_gb(pid: int) -> Dict[str, float]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    read = lambda key: int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1e6  # noqa: E731
-    return {"VmHWM_gb": round(read("VmHWM"), 2), "VmRSS_gb": round(read("VmRSS"), 2)}
+    return {f"{field}_gb": round(memory_kb(pid, field) / 1e6, 2) for field in ("VmHWM", "VmRSS")}
 
 
 def server_figures(args, store_path: Path, setting: dict, images: List[bytes], truth: np.ndarray) -> dict:

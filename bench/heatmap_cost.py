@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results_io import emit  # noqa: E402
+from bench.common import emit  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from model_zoo.contract import split_branches  # noqa: E402
 from model_zoo.preprocess import decode_for_model  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
     files = sorted((args.data / "cuhk03-detected" / "query").glob("*.jpg"))[: MATCHES + 1]
     decoded = [decode_for_model(f.read_bytes(), *model.input_size, preview=True) for f in files]
     pixels = np.stack([d.pixels for d in decoded])
-    query_embedding, query_maps = model.predict(pixels[:1], with_maps=True)
+    query_embedding, _ = model.predict(pixels[:1], with_maps=False)
     query_features = split_branches(query_embedding, model.contract.num_branches)[0]
     _, maps = model.predict(pixels[1:], with_maps=True)
     rams = [ranking_activation_maps(query_features, maps.features[i]) for i in range(MATCHES)]

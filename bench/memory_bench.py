@@ -25,6 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
+from bench.common import memory_kb  # noqa: E402
 from tests.server import ServiceProcess  # noqa: E402
 
 SIDE = 6300  # 39.7 MP: under the default REID_MAX_IMAGE_PIXELS (40 MP)
@@ -43,13 +44,6 @@ def crop_jpeg(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).resize((128, 256), Image.BILINEAR).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def memory_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def peak_memory(server: ServiceProcess, client: httpx.Client) -> dict:

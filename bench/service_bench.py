@@ -18,7 +18,6 @@
 """
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
@@ -35,30 +34,20 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client import AsyncReIDClient, ReIDClient  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from service.gallery import EMBEDDING_DIM_KEY, FINGERPRINT_KEY  # noqa: E402
 from model_zoo.files import sha256_of  # noqa: E402
 from service.inference import InferenceModel  # noqa: E402
-from service.store import GalleryStore, NewItem  # noqa: E402
+from service.store import NewItem  # noqa: E402
 from tests.server import ServiceProcess  # noqa: E402
-from bench.results_io import emit, latency_quantiles  # noqa: E402
+from bench.common import emit, jpeg, latency_quantiles, synthetic_store  # noqa: E402
 
 
 SETTLE_S = 2  # between raw and service phases: the server finishes its last batches, idle threads stop spinning
-
-
-def jpeg(seed: int, size=(64, 160)) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.repeat(np.repeat(rng.integers(0, 256, (8, 4, 3), dtype=np.uint8), size[1] // 8, 0), size[0] // 4, 1)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 class RawModel:
@@ -177,8 +166,7 @@ def batching_figures(url: str) -> dict:
 
 
 def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> None:
-    store = GalleryStore(store_path)
-    store.set_meta({FINGERPRINT_KEY: sha256_of(model_path), EMBEDDING_DIM_KEY: str(dim)})
+    store = synthetic_store(store_path, sha256_of(model_path), dim)
     placeholder = jpeg(0, (8, 16))
     rng = np.random.default_rng(1)
     for start in tqdm(range(0, count, 2000), desc=f"synthetic gallery {count}", leave=False):

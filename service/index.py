@@ -64,7 +64,7 @@ class VectorIndex:
         return self.projection is not None
 
     def _make(self, training: np.ndarray):
-        trained = self.trains and len(training) >= max(MIN_TRAINED_SIZE, MIN_IVF_TRAINING)
+        trained = self.trains and len(training) >= MIN_TRAINED_SIZE  # IVF's own minimum (MIN_IVF_TRAINING) is far lower
         self.projection = uncentred_pca(training, self.reduce_dim) if trained and self.reduce_dim else None
         training = self._project(training)
         dim = training.shape[1]

@@ -1,0 +1,51 @@
+"""What the benchmarks share: synthetic images and galleries, a process's memory, latency percentiles, and
+writing a result file."""
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+from PIL import Image
+
+from service.gallery import EMBEDDING_DIM_KEY
+from service.store import FINGERPRINT_KEY, GalleryStore
+
+
+def jpeg(seed: int, size=(64, 160)) -> bytes:
+    """A JPEG of random colour blocks, ``size`` = (width, height)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.repeat(np.repeat(rng.integers(0, 256, (8, 4, 3), dtype=np.uint8), size[1] // 8, 0), size[0] // 4, 1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def synthetic_store(path: Path, fingerprint: str, dim: int) -> GalleryStore:
+    """The service's own store for a gallery filled through it, marked as embedded by the model with this
+    fingerprint, so a server on that model takes it as it is."""
+    store = GalleryStore(path)
+    store.set_meta({FINGERPRINT_KEY: fingerprint, EMBEDDING_DIM_KEY: str(dim)})
+    return store
+
+
+def memory_kb(pid: int, field: str) -> int:
+    """A field of /proc/PID/status in kB: VmHWM (peak resident set), VmRSS, ..."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def latency_quantiles(times_ms: List[float], digits: int = 1) -> Dict[str, float]:
+    q = statistics.quantiles(times_ms, n=100, method="inclusive")
+    return {"p50_ms": round(q[49], digits), "p95_ms": round(q[94], digits), "p99_ms": round(q[98], digits), "queries": len(times_ms)}
+
+
+def emit(results: dict, output: Optional[Path]) -> None:
+    """Print the results as JSON, and write them to ``output`` when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if output:
+        output.write_text(text + "\n")
