@@ -172,10 +172,14 @@ def item_body(item) -> GalleryItem:
     return GalleryItem(**asdict(item))
 
 
+def branch_scores(vector: np.ndarray, query_features: np.ndarray) -> List[float]:
+    """Each branch's cosine between an embedding [N*D] and query features [N, D]."""
+    return (split_branches(vector, len(query_features)) * query_features).sum(axis=1).tolist()
+
+
 def match_body(rank: int, score: float, item, vector: np.ndarray, query_features: np.ndarray, **ranking) -> Match:
     """``ranking``: the fields a re-ranking step adds (rerank_distance, or pair_distance and pair_attention)."""
-    branch_scores = (split_branches(vector, len(query_features)) * query_features).sum(axis=1)
-    return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores.tolist(), **ranking,
+    return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores(vector, query_features), **ranking,
                  person_id=item.person_id, camera_id=item.camera_id, captured_at=item.captured_at, metadata=item.metadata)
 
 
@@ -495,11 +499,10 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         watch = Stopwatch()
         embedding, _ = await s.batcher.embed(pixels_of(uploads), with_maps=False)
         watch.lap("embed")
-        a, b = split_branches(embedding, s.model.contract.num_branches)
-        branch_scores = (a * b).sum(axis=1)
-        score = min(1.0, max(-1.0, float(branch_scores.mean())))
+        score = s.gallery.score(float(embedding[0] @ embedding[1]))  # as a query's: the mean cosine, clipped to [-1, 1]
         rule = s.same_person
-        return VerifyResponse(score=score, branch_scores=branch_scores.tolist(), same_person=rule.decide(score), threshold=rule.threshold,
+        return VerifyResponse(score=score, branch_scores=branch_scores(embedding[1], split_branches(embedding[0], s.model.contract.num_branches)),
+                              same_person=rule.decide(score), threshold=rule.threshold,
                               threshold_source=rule.source, calibration=rule.calibration, timing_ms=watch.total())
 
     def check_steps(s, options: QueryOptions, images: int, aggregate: str) -> None:

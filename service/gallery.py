@@ -226,13 +226,13 @@ class Gallery:
         def accept(item_id: int, raw: float) -> bool:
             person, camera, captured = self.labels.get(item_id, UNLABELLED)
             return ((camera_id is None or camera == camera_id) and (exclude_camera_id is None or camera != exclude_camera_id)
-                    and (person_id is None or person == person_id) and (min_score is None or self._score(raw) >= min_score)
+                    and (person_id is None or person == person_id) and (min_score is None or self.score(raw) >= min_score)
                     and in_time_range(captured, captured_after, captured_before))
 
         filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score, captured_after, captured_before))
         hits = self.index.search(embedding, k, accept if filtered else None, self.person_group if group_by_person else None,
                                  partial(exact_scores, self.store, embedding))
-        return [(item_id, self._score(raw)) for item_id, raw in hits]
+        return [(item_id, self.score(raw)) for item_id, raw in hits]
 
     def person_group(self, item_id: int) -> Tuple[str, object]:
         """What group_by=person groups by: the person, or, for an item without person_id, the item alone
@@ -240,7 +240,7 @@ class Gallery:
         person = self.labels.get(item_id, UNLABELLED).person_id
         return ("person", person) if person is not None else ("item", item_id)
 
-    def _score(self, raw: float) -> float:
+    def score(self, raw: float) -> float:
         """The index's inner product as the documented score, the mean of the branches' cosines in [-1, 1]
         (float32 sums put an identical image a hair above 1, 1.0000001)."""
         return min(1.0, max(-1.0, raw / self.num_branches))
