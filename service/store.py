@@ -277,10 +277,13 @@ class GalleryStore:
         return Item.from_row(row) if row else None
 
     def _rows_by_id(self, columns: str, ids: Sequence[int]) -> List[tuple]:
-        if not ids:
-            return []
-        marks = ",".join("?" * len(ids))
-        return self.db.execute(f"SELECT {columns} FROM items WHERE id IN ({marks})", list(ids)).fetchall()
+        """The rows of ``ids``, in reads of at most SQL_VARIABLES ids (SQLite's limit on host parameters)."""
+        ids = list(ids)
+        rows = []
+        for start in range(0, len(ids), SQL_VARIABLES):
+            chunk = ids[start:start + SQL_VARIABLES]
+            rows += self.db.execute(f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        return rows
 
     def get_many_with_embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, Tuple[Item, np.ndarray]]:
         """Items and their embeddings by id, in one read; ids no longer stored are absent."""
@@ -288,10 +291,8 @@ class GalleryStore:
                 for row in self._rows_by_id(f"{ITEM_COLUMNS}, embedding", ids)}
 
     def embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, np.ndarray]:
-        """Embeddings by id, in as few reads as SQLite's parameter limit allows; ids no longer stored are absent."""
-        ids = list(ids)
-        return {i: np.frombuffer(blob, np.float32, count=dim)
-                for start in range(0, len(ids), SQL_VARIABLES) for i, blob in self._rows_by_id("id, embedding", ids[start:start + SQL_VARIABLES])}
+        """Embeddings by id; ids no longer stored are absent."""
+        return {i: np.frombuffer(blob, np.float32, count=dim) for i, blob in self._rows_by_id("id, embedding", ids)}
 
     def sample_embeddings(self, count: int, dim: int, seed: int = 0) -> np.ndarray:
         """[min(count, stored), dim] embeddings drawn uniformly without replacement (all of them when fewer)."""

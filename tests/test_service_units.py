@@ -271,3 +271,14 @@ def test_a_silent_cuda_fall_back_is_detected_and_reported(tiny_model, monkeypatc
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
     with pytest.raises(ProviderUnavailable, match="install the GPU set"):
         InferenceModel(tiny_model[1], "cuda").load()
+
+
+def test_reads_by_id_of_more_ids_than_sqlite_takes_at_once_return_every_row(tmp_path):
+    from service.store import SQL_VARIABLES
+
+    store = GalleryStore(tmp_path / "g.sqlite3")
+    stored = store.add([item(seed) for seed in range(SQL_VARIABLES + 50)])
+    ids = [i.id for i in stored]
+    assert len(store.get_many_with_embeddings(ids + [10 ** 9], 4)) == len(ids) == len(store.embeddings(ids, 4))
+    assert set(store.images(ids)) == set(ids)
+    store.close()
