@@ -1,13 +1,16 @@
 """The README's multi-source results table: every row's training run, resumable, then the table.
 
-Each row is a config with the multi-source recipe (``pool.yaml``, or a family config such as ``fmn_pool.yaml``
-which layers on it) plus the overrides below, trained on the whole pool and evaluated on CUHK03-val, PRID and
-GRID (never trained on). The first nine rows are the paper family's models with the recipe (PMM with and
-without A-Hard-Mix); the rest take one piece away from CAMA ordered (ablation). A row whose run folder has a
-``metrics.json`` is done and skipped; one with a ``last.pt`` resumes from it, so a schedule longer than one
-session runs across sessions (or hand the runs folder to a GPU host).
+Each row is a config with the multi-source recipe and the README's short schedule in its phases
+(``pool_short.yaml``, or a family config such as ``fmn_pool.yaml``) plus the overrides below, trained on the
+whole pool and evaluated on CUHK03-val, PRID and GRID (never trained on). The first nine rows are the paper
+family's models with the recipe (PMM with and without A-Hard-Mix); the rest take one piece away from CAMA
+ordered (ablation). A row whose run folder has a ``metrics.json`` is done and skipped; one with a ``last.pt``
+resumes from it, so a schedule longer than one session runs across sessions (or hand the runs folder to a GPU
+host, with a longer schedule given as phases for every row).
 
-    python bench/pool_runs.py --data ../shared/data --runs /work/runs --only cama_ordered solver.epochs=5
+    python bench/pool_runs.py --data ../shared/data --runs /work/runs --only cama_ordered_no_triplet
+    python bench/pool_runs.py --data ../shared/data --runs /work/runs --only cama_ordered \
+        'solver.phases=[{name: warmup, epochs: 10, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6}, {name: main, epochs: 120, scheduler: cosine}]'
     python bench/pool_runs.py --data ../shared/data --runs /work/runs --table-only
 """
 import argparse
@@ -19,23 +22,23 @@ from pathlib import Path
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 EVAL_SETS = ("cuhk03-detected", "prid", "grid")
 
-# row: (config, overrides). FMN, PMM and CLPD carry the short schedule in their configs' phases.
+# row: (config, overrides). Every config carries the short schedule in its phases (pool_short.yaml, *_pool.yaml).
 ROWS = {
-    "ide_bn": ("pool.yaml", ["model.num_branches=1", "loss.alpha=0"]),
-    "mltb_lid": ("pool.yaml", ["loss.alpha=0"]),
-    "cama_symmetric": ("pool.yaml", ["loss.oap_mode=symmetric"]),
-    "cama_ordered": ("pool.yaml", []),
+    "ide_bn": ("pool_short.yaml", ["model.num_branches=1", "loss.alpha=0"]),
+    "mltb_lid": ("pool_short.yaml", ["loss.alpha=0"]),
+    "cama_symmetric": ("pool_short.yaml", ["loss.oap_mode=symmetric"]),
+    "cama_ordered": ("pool_short.yaml", []),
     "fmn": ("fmn_pool.yaml", []),
     "pmm": ("pmm_pool.yaml", []),
     "pmm_no_mix": ("pmm_pool.yaml", ["loss.mix=none"]),
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
-    "cama_ordered_no_triplet": ("pool.yaml", ["loss.triplet_weight=0"]),
-    "cama_ordered_no_ibn": ("pool.yaml", ["model.ibn=false"]),
-    "cama_ordered_no_colour": ("pool.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
-    "cama_ordered_no_erasing": ("pool.yaml", ["data.erasing_prob=0"]),
-    "cama_ordered_no_label_smoothing": ("pool.yaml", ["loss.label_smoothing=0"]),
-    "cama_ordered_cuhk03_only": ("pool.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}"]),
+    "cama_ordered_no_triplet": ("pool_short.yaml", ["loss.triplet_weight=0"]),
+    "cama_ordered_no_ibn": ("pool_short.yaml", ["model.ibn=false"]),
+    "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
+    "cama_ordered_no_erasing": ("pool_short.yaml", ["data.erasing_prob=0"]),
+    "cama_ordered_no_label_smoothing": ("pool_short.yaml", ["loss.label_smoothing=0"]),
+    "cama_ordered_cuhk03_only": ("pool_short.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}"]),
 }
 
 

@@ -52,3 +52,14 @@ def test_every_shipped_config_builds_its_model_and_its_phases_name_real_parts(na
     for phase in phases_from_config(cfg.solver):
         assert set(phase.trainable + phase.eval_mode + list(phase.lr_multipliers) + list(phase.fixed_lr)) <= groups, phase.name
         assert set(phase.loss_weights) <= terms, phase.name
+
+
+def test_the_short_pool_schedule_is_the_two_commands_the_first_rows_ran():
+    from dataclasses import replace
+
+    from training.solver import phases_from_config
+
+    short = phases_from_config(load_config("pool_short.yaml").solver)
+    warmup_run = phases_from_config(load_config("pool.yaml", ["solver.epochs=0"]).solver)[0]
+    main_run = phases_from_config(load_config("pool.yaml", ["solver.epochs=3"]).solver)[1]
+    assert short == [warmup_run, replace(main_run, max_iters_per_epoch=200)]
