@@ -311,7 +311,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return ReadyResponse(
             ready=True, provider={**asdict(s.model.providers), "fell_back": s.model.providers.fell_back},
             index={"type": index.built_kind, "requested_type": index.kind, "device": index.device, "size": index.size, "tombstones": len(index.tombstones),
-                   "reduced_dim": index.index.d if index.rescores else None},
+                   "reduced_dim": index.index.d if index.rescores else None, "rebuilding": s.gallery.rebuilding},
             gallery_size=s.gallery.size, model_fingerprint=s.model.fingerprint,
         )
 

@@ -8,12 +8,22 @@ commit is under way, so a query may find an id in the index whose delete the sto
 readers skip ids the store no longer has. At start the index is rebuilt from the store; a store embedded by
 another model is re-embedded from its stored images or refused.
 
+Later rebuilds (the gallery outgrew what a trained index learnt from, or many deletes left tombstones) run in
+a worker thread on a read connection of their own, while the old index keeps answering and writes go on:
+each write applied meanwhile is replayed onto the new index when it is swapped in. Applying a write to the
+index is idempotent (an id the index already holds is not added again, one it lacks is not removed), so a
+write the rebuild's read already saw replays harmlessly. The exception is an erasure on an index that cannot
+drop vectors (HNSW, GPU): it is rebuilt at once, on the loop, so the erased vectors leave memory before the
+next write is answered.
+
 Erasure (a person's items, or those retention expires) is one such write: one transaction, then the WAL
 wiped (service.store), then the vectors removed from memory, then the answer.
 """
 import asyncio
 import logging
 import sqlite3
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +36,7 @@ from model_zoo.preprocess import load_for_model
 from service.index import VectorIndex
 from service.inference import InferenceModel
 from service.settings import Settings
-from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, is_disk_full
+from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, StoreReads, is_disk_full
 
 log = logging.getLogger(__name__)
 EMBEDDING_DIM_KEY = "embedding_dim"
@@ -62,8 +72,15 @@ class Gallery:
         self.dim = model.contract.embedding_dim
         self.num_branches = model.contract.num_branches
         self.labels: Dict[int, Label] = {}
-        self.index = VectorIndex(self.dim, settings.index_type, settings.index_device, settings.ivf_nlist, settings.ivf_nprobe,
-                                 settings.hnsw_m, settings.hnsw_ef_search, settings.index_reduce_dim, settings.index_rescore_candidates)
+        self.index = self._new_index()
+        self._rebuilding: Optional[asyncio.Task] = None
+        self._replay: List[Tuple[_Write, Any]] = []  # writes applied to the old index while the new one is built
+        self._cancel_rebuild = threading.Event()
+
+    def _new_index(self) -> VectorIndex:
+        s = self.settings
+        return VectorIndex(self.dim, s.index_type, s.index_device, s.ivf_nlist, s.ivf_nprobe, s.hnsw_m, s.hnsw_ef_search,
+                           s.index_reduce_dim, s.index_rescore_candidates)
 
     def open(self, progress: bool = True) -> None:
         stored = self.store.get_meta(FINGERPRINT_KEY)
@@ -95,21 +112,19 @@ class Gallery:
         log.warning("re-embedded %d gallery items with model %s", len(updates), self.model.fingerprint[:12])
 
     def rebuild_index(self) -> None:
-        self.labels = {}
-
-        def chunks():
-            for ids, vectors, labels in self.store.iter_embeddings(self.dim):
-                self.labels.update(zip(ids.tolist(), (Label(*row) for row in labels)))
-                yield ids, vectors
-
-        training = self.store.sample_embeddings(TRAINING_SAMPLE, self.dim) if self.index.trains else np.zeros((0, self.dim), np.float32)
-        self.index.rebuild(chunks(), training)
+        """Rebuild the index from the store here and now (at start, or to recover from a failed update)."""
+        self.index, self.labels = built_index(self._new_index(), self.store, self.dim)
         if self.index.size != self.store.count():
             raise RuntimeError(f"index holds {self.index.size} items, store {self.store.count()}")
 
     @property
     def size(self) -> int:
         return len(self.labels)
+
+    @property
+    def rebuilding(self) -> bool:
+        """A new index is being built in the background; the current one answers meanwhile."""
+        return self._rebuilding is not None
 
     async def start(self) -> None:
         self._writes: asyncio.Queue = asyncio.Queue()
@@ -118,23 +133,26 @@ class Gallery:
 
     async def stop(self) -> None:
         self._writer.cancel()
-        await asyncio.gather(self._writer, return_exceptions=True)
+        self._cancel_rebuild.set()
+        await asyncio.gather(self._writer, *([self._rebuilding] if self._rebuilding else []), return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     async def add(self, items: Sequence[NewItem]) -> List[Item]:
         """Store and index the items, all or nothing; returns them as stored once they are durable and searchable."""
         def in_index(stored: List[Item]) -> None:
-            self.index.add(np.array([i.id for i in stored], np.int64), np.stack([item.embedding for item in items]))
-            self.labels.update({i.id: Label(i.person_id, i.camera_id, i.captured_at) for i in stored})
+            fresh = [(i, new.embedding) for i, new in zip(stored, items) if i.id not in self.labels]
+            if fresh:
+                self.index.add(np.array([i.id for i, _ in fresh], np.int64), np.stack([vector for _, vector in fresh]))
+                self.labels.update({i.id: Label(i.person_id, i.camera_id, i.captured_at) for i, _ in fresh})
 
         return await self._write(partial(self.store.insert, items), in_index)
 
     async def delete(self, item_id: int) -> bool:
         """Remove the item from store and index; False when there is no such item."""
         def in_index(removed: bool) -> None:
-            if removed:
+            if removed and item_id in self.labels:
                 self.index.remove(item_id)
-                self.labels.pop(item_id, None)
+                del self.labels[item_id]
 
         return await self._write(partial(self.store.remove, item_id), in_index, frees_space=True)
 
@@ -148,10 +166,11 @@ class Gallery:
 
     async def _erase(self, in_store: Callable[[], List[int]]) -> List[int]:
         def in_index(erased: List[int]) -> None:
-            if erased:
-                self.index.erase(erased)
-                for item_id in erased:
-                    self.labels.pop(item_id, None)
+            held = [item_id for item_id in erased if item_id in self.labels]
+            if held:
+                self.index.erase(held)
+                for item_id in held:
+                    del self.labels[item_id]
 
         return await self._write(in_store, in_index, frees_space=True, erases=True)
 
@@ -212,10 +231,37 @@ class Gallery:
         except Exception:  # the write is durable: make the index match the store again rather than fail it
             log.exception("index update failed; rebuilding the index from the store")
             self.rebuild_index()
+        if self._rebuilding is not None:
+            self._replay.append((write, result))
 
     def _maybe_rebuild(self) -> None:
-        if self.index.needs_rebuild:
+        if self.index.holds_erased:  # erased vectors must leave memory now, not when a background build ends
             self.rebuild_index()
+        elif self.index.needs_rebuild and self._rebuilding is None:
+            self._replay = []
+            self._rebuilding = asyncio.create_task(self._rebuild_in_background())
+
+    async def _rebuild_in_background(self) -> None:
+        """Build a new index from the store in a worker thread, then swap it in and replay onto it the writes
+        applied since the build began (all on the loop, between two writes, so no query sees a half state)."""
+        started = time.perf_counter()
+        reader = self.store.reader()
+        try:
+            index, labels = await asyncio.to_thread(built_index, self._new_index(), reader, self.dim, self._cancel_rebuild)
+        except Exception as exc:  # the old index stays; the next write that finds it stale tries again
+            if not self._cancel_rebuild.is_set():
+                log.error("rebuilding the index in the background failed: %s", exc)
+            return
+        finally:
+            reader.close()
+            self._rebuilding = None
+        self.index, self.labels = index, labels
+        replay, self._replay = self._replay, []
+        for write, result in replay:
+            self._apply_to_index(write, result)
+        log.info("index rebuilt in the background: %d items, %d writes replayed, %.1f s",
+                 index.size, len(replay), time.perf_counter() - started)
+        self._maybe_rebuild()  # a replayed erasure on HNSW, or growth during the build, asks for another
 
     def search(self, embedding: np.ndarray, k: int, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
                person_id: Optional[str] = None, min_score: Optional[float] = None, captured_after: Optional[float] = None,
@@ -244,6 +290,28 @@ class Gallery:
         """The index's inner product as the documented score, the mean of the branches' cosines in [-1, 1]
         (float32 sums put an identical image a hair above 1, 1.0000001)."""
         return min(1.0, max(-1.0, raw / self.num_branches))
+
+
+class RebuildCancelled(Exception):
+    """The server is stopping: a background rebuild gives up."""
+
+
+def built_index(index: VectorIndex, store: StoreReads, dim: int, cancelled: Optional[threading.Event] = None
+                ) -> Tuple[VectorIndex, Dict[int, Label]]:
+    """``index`` (new and empty) filled from the store, streamed in chunks (trained parts learn from a sample
+    of TRAINING_SAMPLE vectors), with the labels of what it holds."""
+    labels: Dict[int, Label] = {}
+
+    def chunks():
+        for ids, vectors, rows in store.iter_embeddings(dim):
+            if cancelled is not None and cancelled.is_set():
+                raise RebuildCancelled()
+            labels.update(zip(ids.tolist(), (Label(*row) for row in rows)))
+            yield ids, vectors
+
+    training = store.sample_embeddings(TRAINING_SAMPLE, dim) if index.trains else np.zeros((0, dim), np.float32)
+    index.rebuild(chunks(), training)
+    return index, labels
 
 
 def exact_scores(store: GalleryStore, embedding: np.ndarray, ids: np.ndarray) -> np.ndarray:

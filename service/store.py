@@ -129,7 +129,107 @@ class StoreLock:
         self.release()
 
 
-class GalleryStore:
+def tolerant_text(db: sqlite3.Connection) -> sqlite3.Connection:
+    """A TEXT value that is not UTF-8 (written by another tool) is read with U+FFFD in place of the bad bytes
+    rather than failing every read that touches its row."""
+    db.text_factory = lambda data: data.decode("utf-8", "replace")
+    return db
+
+
+class StoreReads:
+    """The store's reads, on ``self.db``: the store's own read connection, or a ``StoreReader``'s."""
+
+    db: sqlite3.Connection
+
+    def get(self, item_id: int) -> Optional[Item]:
+        row = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+        return Item.from_row(row) if row else None
+
+    def _rows_by_id(self, columns: str, ids: Sequence[int]) -> List[tuple]:
+        """The rows of ``ids``, in reads of at most SQL_VARIABLES ids (SQLite's limit on host parameters)."""
+        ids = list(ids)
+        rows = []
+        for start in range(0, len(ids), SQL_VARIABLES):
+            chunk = ids[start:start + SQL_VARIABLES]
+            rows += self.db.execute(f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        return rows
+
+    def get_many_with_embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, Tuple[Item, np.ndarray]]:
+        """Items and their embeddings by id, in one read; ids no longer stored are absent."""
+        return {row[0]: (Item.from_row(row[:-1]), np.frombuffer(row[-1], np.float32, count=dim))
+                for row in self._rows_by_id(f"{ITEM_COLUMNS}, embedding", ids)}
+
+    def embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, np.ndarray]:
+        """Embeddings by id; ids no longer stored are absent."""
+        return {i: np.frombuffer(blob, np.float32, count=dim) for i, blob in self._rows_by_id("id, embedding", ids)}
+
+    def sample_embeddings(self, count: int, dim: int, seed: int = 0) -> np.ndarray:
+        """[min(count, stored), dim] embeddings drawn uniformly without replacement (all of them when fewer)."""
+        ids = np.array([row[0] for row in self.db.execute("SELECT id FROM items")], np.int64)
+        if len(ids) > count:
+            ids = np.random.default_rng(seed).choice(ids, count, replace=False)
+        vectors = list(self.embeddings(np.sort(ids).tolist(), dim).values())
+        return np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
+
+    def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
+        return dict(self._rows_by_id("id, image", ids))
+
+    def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None,
+             captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> Tuple[int, List[Item]]:
+        """A page of items in id order; the capture time range is captured_after <= captured_at < captured_before
+        (an item of unknown time is in no range)."""
+        where, args = [], []
+        for condition, value in (("person_id = ?", person_id), ("camera_id = ?", camera_id),
+                                 ("captured_at >= ?", captured_after), ("captured_at < ?", captured_before)):
+            if value is not None:
+                where.append(condition)
+                args.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        total = self.db.execute(f"SELECT COUNT(*) FROM items{clause}", args).fetchone()[0]
+        rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items{clause} ORDER BY id LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        return total, [Item.from_row(r) for r in rows]
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def iter_embeddings(self, dim: int, chunk: int = 4096) -> Iterator[Tuple[np.ndarray, np.ndarray, List[Tuple]]]:
+        """All (ids, embeddings [n, dim], (person_id, camera_id, captured_at) rows) in chunks, in id order."""
+        last = 0
+        while True:
+            rows = self.db.execute(
+                "SELECT id, person_id, camera_id, captured_at, embedding FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            ids = np.array([r[0] for r in rows], np.int64)
+            vectors = np.stack([np.frombuffer(r[4], np.float32) for r in rows])
+            if vectors.shape[1] != dim:
+                raise ValueError(f"stored embeddings have {vectors.shape[1]} dimensions, the model {dim}")
+            yield ids, vectors, [r[1:4] for r in rows]
+
+    def iter_images(self, chunk: int = 64) -> Iterator[List[Tuple[int, bytes]]]:
+        last = 0
+        while True:
+            rows = self.db.execute("SELECT id, image FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield rows
+
+
+class StoreReader(StoreReads):
+    """A read-only connection of its own, for a long read in another thread (the index rebuilt in the
+    background) while the store's connections serve the event loop and the writer."""
+
+    def __init__(self, path: Path):
+        self.db = tolerant_text(sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class GalleryStore(StoreReads):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.lock = StoreLock(self.path).acquire()  # one owner at a time: two servers would each index half the writes
@@ -146,10 +246,7 @@ class GalleryStore:
         self._migrate()
         self.reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"), RESERVE_BYTES)
         self.reserve.lay()
-        self.db = self._connect()  # reads
-        # A TEXT value that is not UTF-8 (written by another tool) is read with U+FFFD in place of the bad
-        # bytes rather than failing every read that touches its row.
-        self.db.text_factory = lambda data: data.decode("utf-8", "replace")
+        self.db = tolerant_text(self._connect())  # reads
 
     def _connect(self) -> sqlite3.Connection:
         # check_same_thread=False: the service writes from one worker thread and reads on the event loop,
@@ -174,6 +271,9 @@ class GalleryStore:
         self.db.close()
         self.writer.close()
         self.lock.release()
+
+    def reader(self) -> StoreReader:
+        return StoreReader(self.path)
 
     def _transaction(self):
         return _Transaction(self.writer)
@@ -271,82 +371,6 @@ class GalleryStore:
         if busy:
             log.warning("the WAL could not be truncated after an erasure: a reader held it; the next erasure retries")
         return not busy
-
-    def get(self, item_id: int) -> Optional[Item]:
-        row = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
-        return Item.from_row(row) if row else None
-
-    def _rows_by_id(self, columns: str, ids: Sequence[int]) -> List[tuple]:
-        """The rows of ``ids``, in reads of at most SQL_VARIABLES ids (SQLite's limit on host parameters)."""
-        ids = list(ids)
-        rows = []
-        for start in range(0, len(ids), SQL_VARIABLES):
-            chunk = ids[start:start + SQL_VARIABLES]
-            rows += self.db.execute(f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-        return rows
-
-    def get_many_with_embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, Tuple[Item, np.ndarray]]:
-        """Items and their embeddings by id, in one read; ids no longer stored are absent."""
-        return {row[0]: (Item.from_row(row[:-1]), np.frombuffer(row[-1], np.float32, count=dim))
-                for row in self._rows_by_id(f"{ITEM_COLUMNS}, embedding", ids)}
-
-    def embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, np.ndarray]:
-        """Embeddings by id; ids no longer stored are absent."""
-        return {i: np.frombuffer(blob, np.float32, count=dim) for i, blob in self._rows_by_id("id, embedding", ids)}
-
-    def sample_embeddings(self, count: int, dim: int, seed: int = 0) -> np.ndarray:
-        """[min(count, stored), dim] embeddings drawn uniformly without replacement (all of them when fewer)."""
-        ids = np.array([row[0] for row in self.db.execute("SELECT id FROM items")], np.int64)
-        if len(ids) > count:
-            ids = np.random.default_rng(seed).choice(ids, count, replace=False)
-        vectors = list(self.embeddings(np.sort(ids).tolist(), dim).values())
-        return np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
-
-    def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
-        return dict(self._rows_by_id("id, image", ids))
-
-    def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None,
-             captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> Tuple[int, List[Item]]:
-        """A page of items in id order; the capture time range is captured_after <= captured_at < captured_before
-        (an item of unknown time is in no range)."""
-        where, args = [], []
-        for condition, value in (("person_id = ?", person_id), ("camera_id = ?", camera_id),
-                                 ("captured_at >= ?", captured_after), ("captured_at < ?", captured_before)):
-            if value is not None:
-                where.append(condition)
-                args.append(value)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        total = self.db.execute(f"SELECT COUNT(*) FROM items{clause}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items{clause} ORDER BY id LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
-        return total, [Item.from_row(r) for r in rows]
-
-    def count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-
-    def iter_embeddings(self, dim: int, chunk: int = 4096) -> Iterator[Tuple[np.ndarray, np.ndarray, List[Tuple]]]:
-        """All (ids, embeddings [n, dim], (person_id, camera_id, captured_at) rows) in chunks, in id order."""
-        last = 0
-        while True:
-            rows = self.db.execute(
-                "SELECT id, person_id, camera_id, captured_at, embedding FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
-            ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            ids = np.array([r[0] for r in rows], np.int64)
-            vectors = np.stack([np.frombuffer(r[4], np.float32) for r in rows])
-            if vectors.shape[1] != dim:
-                raise ValueError(f"stored embeddings have {vectors.shape[1]} dimensions, the model {dim}")
-            yield ids, vectors, [r[1:4] for r in rows]
-
-    def iter_images(self, chunk: int = 64) -> Iterator[List[Tuple[int, bytes]]]:
-        last = 0
-        while True:
-            rows = self.db.execute("SELECT id, image FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield rows
 
     def replace_embeddings(self, updates: Sequence[Tuple[int, np.ndarray]], meta: Dict[str, str]) -> None:
         """Write new embeddings and the new model's metadata in one transaction."""

@@ -3,6 +3,7 @@ heatmaps, provider choice."""
 import asyncio
 import io
 import sqlite3
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -173,6 +174,58 @@ def open_gallery(tmp_path, dim=4):
 
 def item(seed: int, image=b"jpeg bytes") -> NewItem:
     return NewItem(image, "JPEG", 1, 1, unit_rows(1, 4, seed)[0])
+
+
+@pytest.mark.parametrize("build_reads", ["before", "after"])
+def test_a_background_rebuild_serves_queries_meanwhile_and_keeps_every_write_made_during_it(tmp_path, monkeypatch, build_reads):
+    """Writes while the new index is built: the build's read of the store comes before them (so they must be
+    replayed onto it) or after them (so replaying them must change nothing)."""
+    import service.gallery
+
+    gallery = open_gallery(tmp_path)
+    reached, release = threading.Event(), threading.Event()
+    build = service.gallery.built_index
+
+    def gated_build(*args):
+        if build_reads == "before":
+            result = build(*args)
+            reached.set()
+            release.wait(10)
+            return result
+        reached.set()
+        release.wait(10)
+        return build(*args)
+
+    monkeypatch.setattr(service.gallery, "built_index", gated_build)
+    vectors = unit_rows(12, 4, seed=7)
+
+    async def scenario():
+        await gallery.start()
+        ids = [(await gallery.add([NewItem(b"jpeg", "JPEG", 1, 1, vectors[i], person_id="gone" if i == 8 else None)]))[0].id
+               for i in range(10)]
+        for item_id in ids[:3]:  # 3 tombstones in 10 vectors: past COMPACT_FRACTION, a rebuild starts
+            await gallery.delete(item_id)
+        await asyncio.to_thread(reached.wait, 10)
+        during = {"rebuilding": gallery.rebuilding, "found": gallery.search(vectors[5], 1)[0][0] == ids[5]}
+        added = (await gallery.add([NewItem(b"jpeg", "JPEG", 1, 1, vectors[11])]))[0].id
+        await gallery.delete(ids[3])
+        erased = await gallery.erase_person("gone")
+        release.set()
+        while gallery.rebuilding:
+            await asyncio.sleep(0.01)
+        after = {item_id for item_id, _ in gallery.search(vectors[0], 20)}
+        top = gallery.search(vectors[11], 1)[0]
+        await gallery.stop()
+        return ids, during, added, erased, after, top
+
+    ids, during, added, erased, after, top = asyncio.run(scenario())
+    assert during == {"rebuilding": True, "found": True}  # the loop was free and the old index answered
+    assert erased == [ids[8]]
+    expected = {*ids[4:8], ids[9], added}
+    assert after == expected == set(gallery.labels) == {i.id for i in gallery.store.list(100, 0)[1]}
+    assert top[0] == added and top[1] == pytest.approx(1.0, abs=1e-6)
+    # the new index holds none of the first three deletes; ids[3] is a tombstone only if the build had read it
+    assert gallery.index.size == 6 and len(gallery.index.tombstones) == (1 if build_reads == "before" else 0)
 
 
 def test_concurrent_writes_share_one_commit_and_a_failing_one_fails_alone(tmp_path, monkeypatch):
