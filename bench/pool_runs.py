@@ -38,7 +38,10 @@ ROWS = {
     "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
     "cama_ordered_no_erasing": ("pool_short.yaml", ["data.erasing_prob=0"]),
     "cama_ordered_no_label_smoothing": ("pool_short.yaml", ["loss.label_smoothing=0"]),
-    "cama_ordered_cuhk03_only": ("pool_short.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}"]),
+    # CUHK03 alone has 113 batches an epoch: 6 capped at 100 give the pool rows' 600 main-phase batches
+    "cama_ordered_cuhk03_only": ("pool_short.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}",
+                                                     "solver.phases=[{{name: warmup, epochs: 1, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6}}, "
+                                                     "{{name: main, epochs: 6, max_iters_per_epoch: 100, scheduler: cosine}}]"]),
 }
 
 
