@@ -7,6 +7,12 @@ for one query of 10 real matches with the service's own functions, in rounds, on
 service spreads them (so the sum is CPU time, not latency), and what a cut would save: maps from a cache
 (no re-embedding), aggregate overlays only (no per-branch PNGs).
 
+Then end to end: two real servers on the shipped model, one with the feature-map cache (REID_HEATMAP_CACHE_MB,
+default) and one without (0), each holding the same real gallery crops, answer top-10 queries of real query
+crops in rounds, the variants alternating: no heatmaps; heatmaps with per-branch overlays; aggregate overlays
+only (branch_overlays=false); and that with the matches' maps already cached (the same query asked before,
+as a user looking again or a track's next crop would).
+
     python bench/heatmap_cost.py --data ../shared/data --output bench/results/heatmap_cost.json
 """
 import argparse
@@ -14,6 +20,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,13 +28,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit  # noqa: E402
+from bench.common import emit, latency_quantiles  # noqa: E402
+from client import ReIDClient  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from model_zoo.contract import split_branches  # noqa: E402
 from model_zoo.preprocess import decode_for_model  # noqa: E402
 from model_zoo.ram import ranking_activation_maps  # noqa: E402
 from service.heatmaps import overlay, png_base64  # noqa: E402
 from service.inference import InferenceModel  # noqa: E402
+from tests.server import ServiceProcess  # noqa: E402
 
 MATCHES = 10
 
@@ -43,6 +52,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder with cuhk03-detected/query (real crops)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--gallery", type=int, default=200, help="end to end: real gallery crops enrolled")
+    parser.add_argument("--queries", type=int, default=10, help="end to end: real query crops per round")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     model = InferenceModel(args.model, "cpu", intra_op_threads=1, instances=1).load()
@@ -77,8 +88,39 @@ def main() -> None:
     results = {"model": args.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "command": " ".join(sys.argv), "one_thread_ms_median": medians,
                "range_ms": {name: [round(min(t), 1), round(max(t), 1)] for name, t in rounds.items()},
-               "feature_map_bytes_per_item": {"float32": int(maps.features[0].nbytes), "float16": int(maps.features[0].nbytes // 2)}}
+               "feature_map_bytes_per_item": {"float32": int(maps.features[0].nbytes), "float16": int(maps.features[0].nbytes // 2)},
+               "end_to_end": end_to_end(args)}
     emit(results, args.output)
+
+
+def end_to_end(args) -> dict:
+    """Median and p95 query latency per variant, the variants alternating query by query."""
+    gallery = [f.read_bytes() for f in sorted((args.data / "cuhk03-detected" / "bounding_box_test").glob("*.jpg"))[:args.gallery]]
+    queries = [f.read_bytes() for f in sorted((args.data / "cuhk03-detected" / "query").glob("*.jpg"))[:args.queries]]
+    plan = {"intra_op_threads": 0, "model_instances": 0}  # the service's own thread plan
+    with tempfile.TemporaryDirectory() as tmp, \
+            ServiceProcess(args.model, Path(tmp) / "cached.sqlite3", **plan) as cached, \
+            ServiceProcess(args.model, Path(tmp) / "uncached.sqlite3", heatmap_cache_mb=0, **plan) as uncached, \
+            ReIDClient(cached.url, timeout=120) as with_cache, ReIDClient(uncached.url, timeout=120) as without_cache:
+        for reid in (with_cache, without_cache):
+            for start in range(0, len(gallery), 16):
+                reid.enroll([(f"{i}.jpg", b) for i, b in enumerate(gallery[start:start + 16])])
+        for query in queries:  # the cached server has seen every query once: its matches' maps are cached
+            with_cache.query(("q.jpg", query), heatmaps=True, branch_overlays=False)
+        variants = {
+            "no heatmaps": lambda q: without_cache.query(q, heatmaps=False),
+            "heatmaps, per-branch overlays, no cache": lambda q: without_cache.query(q, heatmaps=True),
+            "heatmaps, aggregate overlays only, no cache": lambda q: without_cache.query(q, heatmaps=True, branch_overlays=False),
+            "heatmaps, aggregate overlays only, maps cached": lambda q: with_cache.query(q, heatmaps=True, branch_overlays=False),
+        }
+        times = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for query in queries:
+                for name, ask in variants.items():
+                    times[name].append(timed(lambda: ask(("q.jpg", query))))
+    return {"gallery_items": len(gallery), "queries_per_round": len(queries), "rounds": args.rounds, "top_k": 10,
+            "server": "the service's own thread plan on every core, one request at a time",
+            "latency_ms": {name: latency_quantiles(t) for name, t in times.items()}}
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         metrics.gallery_size.set(gallery.size)
         metrics.describe_build(model)
         metrics.queued_images.set_function(batcher.queued_images)
+        metrics.map_cache_bytes.set_function(lambda: gallery.map_cache.bytes)
         app.state.ready = True
         try:
             yield
@@ -581,12 +582,18 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                                                 for i in present})
 
     async def maps_of(s, ids: List[int], decoded: Dict[int, DecodedImage], known: Dict[int, ImageMaps]) -> Dict[int, ImageMaps]:
-        """Each id's maps: from ``known``, the others from one batch of their decoded images."""
+        """Each id's maps: from ``known``, else from the gallery's map cache, the others from one batch of their
+        decoded images (then cached)."""
+        cached = s.gallery.map_cache.get([i for i in ids if i not in known])
+        metrics.map_cache.labels("hit").inc(len(cached))
+        known = {**cached, **known}
         missing = [i for i in ids if i not in known]
         fresh = {}
         if missing:
+            metrics.map_cache.labels("miss").inc(len(missing))
             _, maps = await s.batcher.embed(np.stack([decoded[i].pixels for i in missing]), with_maps=True)
             fresh = {i: maps[row] for row, i in enumerate(missing)}
+            s.gallery.remember_maps(fresh)
         return {i: fresh[i] if i in fresh else known[i] for i in ids}
 
     async def add_heatmaps(s, matches: List[Match], features_by_id: Dict[int, np.ndarray], query_image, known_maps: Dict[int, ImageMaps],

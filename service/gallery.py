@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from model_zoo.preprocess import load_for_model
 from service.index import VectorIndex
-from service.inference import InferenceModel
+from service.inference import ImageMaps, InferenceModel
+from service.map_cache import FeatureMapCache
 from service.settings import Settings
 from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, StoreReads, is_disk_full
 
@@ -73,6 +74,7 @@ class Gallery:
         self.num_branches = model.contract.num_branches
         self.labels: Dict[int, Label] = {}
         self.index = self._new_index()
+        self.map_cache = FeatureMapCache(settings.heatmap_cache_mb * 2**20)
         self._rebuilding: Optional[asyncio.Task] = None
         self._replay: List[Tuple[_Write, Any]] = []  # writes applied to the old index while the new one is built
         self._cancel_rebuild = threading.Event()
@@ -121,6 +123,11 @@ class Gallery:
     def size(self) -> int:
         return len(self.labels)
 
+    def remember_maps(self, maps: Dict[int, ImageMaps]) -> None:
+        """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being
+        computed is left out: its delete has already cleared the cache)."""
+        self.map_cache.put({item_id: item_maps for item_id, item_maps in maps.items() if item_id in self.labels})
+
     @property
     def rebuilding(self) -> bool:
         """A new index is being built in the background; the current one answers meanwhile."""
@@ -150,6 +157,7 @@ class Gallery:
     async def delete(self, item_id: int) -> bool:
         """Remove the item from store and index; False when there is no such item."""
         def in_index(removed: bool) -> None:
+            self.map_cache.discard([item_id])
             if removed and item_id in self.labels:
                 self.index.remove(item_id)
                 del self.labels[item_id]
@@ -166,6 +174,7 @@ class Gallery:
 
     async def _erase(self, in_store: Callable[[], List[int]]) -> List[int]:
         def in_index(erased: List[int]) -> None:
+            self.map_cache.discard(erased)
             held = [item_id for item_id in erased if item_id in self.labels]
             if held:
                 self.index.erase(held)

@@ -22,6 +22,9 @@ class ServiceMetrics:
                               "or REID_RETENTION_DAYS (retention)", ["reason"], registry=self.registry)
         self.build_info = Gauge("reid_build_info", "Always 1; what is running: package version, model, ONNX Runtime provider",
                                 ["version", "model_fingerprint", "architecture", "provider"], registry=self.registry)
+        self.map_cache = Counter("reid_heatmap_map_cache_total", "Matches whose feature maps a heatmap took from the cache (hit) or from a model call (miss)",
+                                 ["result"], registry=self.registry)
+        self.map_cache_bytes = Gauge("reid_heatmap_map_cache_bytes", "Memory the cached feature maps take (REID_HEATMAP_CACHE_MB bounds it)", registry=self.registry)
         self.queued_images = Gauge("reid_queued_images", "Images waiting for a model call now (REID_MAX_QUEUED_IMAGES bounds it)", registry=self.registry)
 
     def describe_build(self, model) -> None:

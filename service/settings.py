@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
     max_request_pixels: int = Field(200_000_000, ge=1, description="most pixels one request may decode, summed over its images (a large JPEG counts at the reduced scale it is decoded at)")
     max_heatmap_matches: int = Field(10, ge=0, description="a query draws heatmaps for its first this many matches only")
+    heatmap_cache_mb: int = Field(256, ge=0, description="memory for gallery items' feature maps kept (float16, least recently used first out) so a match drawn again needs no model call; 0: none")
     verify_threshold: Optional[float] = Field(None, ge=-1, le=1, allow_inf_nan=False, description="same person when the score is above this (POST /verify, same_person per match); unset: the model's calibrated threshold (reid.verification) when it has one, else same_person is null")
     rerank_shortlist: int = Field(100, ge=1, le=2000, description="index hits a query with rerank=true or pair_attention=true re-ranks (at least its top_k)")
     rerank_k1: int = Field(DEFAULT_K1, ge=1, description="re-ranking: k-reciprocal neighbourhood size (clamped to the shortlist's size)")

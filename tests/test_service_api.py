@@ -155,7 +155,10 @@ def test_query_ranks_the_same_image_first_with_consistent_scores_and_heatmaps(cl
     lean = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "branch_overlays": "false"}).json()
     for heatmap in (lean["query_heatmap"], *(m["heatmap"] for m in lean["matches"])):  # grids as before, no per-branch PNGs
         assert heatmap["branch_overlays_png"] == [] and heatmap["overlay_png"] and len(heatmap["branch_grids"]) == 2
-    assert [m["heatmap"]["grid"] for m in lean["matches"]] == [m["heatmap"]["grid"] for m in matches]
+    # the second query's matches come from the map cache, in float16: cell by cell their grids agree to 1e-3
+    # (float16 rounding over 16 channels), their means, the scores, to 1e-5
+    lean_grids, grids = (np.array([m["heatmap"]["grid"] for m in ms]) for ms in (lean["matches"], matches))
+    assert lean_grids == pytest.approx(grids, abs=1e-3) and lean_grids.mean(axis=(1, 2)) == pytest.approx(grids.mean(axis=(1, 2)), abs=1e-5)
 
 
 def test_query_filters(client):
@@ -279,6 +282,33 @@ def test_metrics_expose_latency_batches_queue_gallery_and_errors(client):
     for name in ("reid_request_seconds_bucket", "reid_batch_size_bucket", "reid_queue_wait_seconds_bucket", "reid_model_seconds_bucket", "reid_gallery_items", "reid_errors_total"):
         assert name in text
     assert 'route="/query"' in text
+
+
+def metric(client, sample: str) -> float:
+    """One sample's value from /metrics (``name`` or ``name{labels}``), 0 when absent."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_match_drawn_again_takes_its_maps_from_the_cache_and_its_delete_clears_them(client):
+    ids = enroll(client, [image_bytes(2600, v) for v in range(3)], person_id="2600")
+    ask = {"top_k": "3", "person_id": "2600", "branch_overlays": "false"}
+    hits, misses = 'reid_heatmap_map_cache_total{result="hit"}', 'reid_heatmap_map_cache_total{result="miss"}'
+    before = metric(client, hits), metric(client, misses)
+    first = client.post("/query", files=files(image_bytes(2600, 0), name="image"), data=ask).json()["matches"]
+    after_first = metric(client, hits), metric(client, misses), metric(client, "reid_heatmap_map_cache_bytes")
+    second = client.post("/query", files=files(image_bytes(2600, 1), name="image"), data=ask).json()["matches"]
+    assert after_first[:2] == (before[0], before[1] + 3) and metric(client, hits) == before[0] + 3
+    assert {m["id"] for m in first} == {m["id"] for m in second} == set(ids)
+    for match in second:  # from float16 maps, the identity still holds
+        assert np.mean(match["heatmap"]["grid"]) == pytest.approx(match["score"], abs=1e-5)
+    assert client.delete(f"/gallery/{ids[0]}").status_code == 204
+    # the tiny model's maps: 2 branches x 16 channels x 4x2 cells in float16, 512 bytes an item
+    assert metric(client, "reid_heatmap_map_cache_bytes") == after_first[2] - 512
+    assert client.delete("/persons/2600").json()["removed"] == 2  # an erasure takes the person's maps out of memory too
+    assert metric(client, "reid_heatmap_map_cache_bytes") == after_first[2] - 3 * 512
 
 
 def test_build_info_names_the_model_and_the_queue_depth_is_a_gauge(client):
