@@ -53,6 +53,8 @@ bench: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python bench/embed_speed.py $(DEFAULT_MODEL).onnx $(DEFAULT_MODEL).int8.onnx --threads 1 2 --rounds 5 --seconds 5 --output bench/results/embed_speed_int8.json
 	$(BIN)/python bench/heatmap_cost.py --data $(DATA) --output bench/results/heatmap_cost.json
 	$(BIN)/python bench/gallery_scale.py --data $(DATA) --work $(BENCH_WORK)/scale --output bench/results/gallery_1m.json
+	$(BIN)/python bench/gallery_scale.py --data $(DATA) --work $(BENCH_WORK)/scale --server-only --precision int8 \
+		--settings '[{"kind": "ivf", "reduce_dim": 128, "nlist": 1024, "nprobe": [64], "candidates": [50]}]' --output bench/results/gallery_1m_served_int8_pca128_nprobe64.json
 
 # Debian's Chromium and ChromeDriver for the web page's browser test (which skips, saying so, without them).
 browser:

@@ -167,7 +167,7 @@ def peak_memory_gb(pid: int) -> Dict[str, float]:
 def server_figures(args, store_path: Path, setting: dict, images: List[bytes], truth: np.ndarray) -> dict:
     env = {"index_type": setting["kind"], "index_reduce_dim": setting["reduce_dim"], "index_rescore_candidates": setting["candidates"][0],
            "ivf_nlist": setting.get("nlist", 1024), "ivf_nprobe": setting.get("nprobe", [32])[0], "intra_op_threads": 0, "model_instances": 0,
-           "max_top_k": 100, "max_heatmap_matches": 10}
+           "max_top_k": 100, "max_heatmap_matches": 10, "model_precision": args.precision}
     server = ServiceProcess(args.model, store_path, **env)
     started = time.perf_counter()
     server.start(timeout=3600)
@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="where the store (about 15 GB per million 3840-d items) and caches go")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--size", type=int, default=1_000_000)
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="the model file served (REID_MODEL_PRECISION) and embedding the queries; an existing store is marked as its")
     parser.add_argument("--real-images", type=int, default=3000, help="training images the generator is fitted on")
     parser.add_argument("--queries", type=int, default=200, help="synthetic queries for the in-process settings")
     parser.add_argument("--http-queries", type=int, default=100, help="queries per server latency figure")
@@ -208,10 +210,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    model = InferenceModel(args.model, "cpu").load()
+    model = InferenceModel(args.model, "cpu", precision=args.precision).load()
     dim, branches = model.contract.embedding_dim, model.contract.num_branches
 
-    cache = args.work / f"real_{args.model.stem}.npz"
+    cache = args.work / f"real_{model.path.stem}.npz"  # the served file's own embeddings: int8 queries are judged against int8 truth
     if not cache.exists():
         paths = [p for name in TRAIN_SETS for p in market_images(args.data / name, "bounding_box_train", args.real_images // len(TRAIN_SETS), 0)]
         query_paths = market_images(args.data / "cuhk03-detected", "query", 100, 1)
@@ -228,7 +230,7 @@ def main() -> None:
 
     synthetic_queries = generator.sightings(centres[rng.integers(0, len(centres), args.queries)], rng)
     truth = exact_top10(store_path, np.concatenate([synthetic_queries, real["query"]]), dim)
-    results = {"model": args.model.name, "embedding_dim": dim, "size": args.size, "command": " ".join(sys.argv),
+    results = {"model": model.path.name, "precision": args.precision, "embedding_dim": dim, "size": args.size, "command": " ".join(sys.argv),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "store_file_gb": round(store_path.stat().st_size / 1e9, 2),
                "generator_fitted_on": {"training_images": len(real["train"]), "query_images": len(real["query"])}, "settings": []}
