@@ -21,11 +21,10 @@ OPTIONAL_OUTPUTS = (OUTPUT_ATTENTION_MAPS,)
 METADATA_PREFIX = "reid."
 VERIFICATION_KEY = METADATA_PREFIX + "verification"  # written by ``python -m training calibrate`` (training/calibration.py)
 FEATURE_MAPS_KINDS = ("activations", "attribution")
-# Optional keys outside ModelContract, written by ``python -m training quantize`` only (an fp32 file lacks them):
-PRECISION_KEY = METADATA_PREFIX + "precision"  # "int8"; absent: "fp32"
-QUANTIZATION_KEY = METADATA_PREFIX + "quantization"  # JSON: how the int8 file was made (calibration images, source, ...)
-PRECISIONS = ("fp32", "int8")
-INT8_SUFFIX = ".int8.onnx"
+# Optional keys outside ModelContract, written by ``python -m training quantize`` and ``fp16`` only (an fp32 file lacks them):
+PRECISION_KEY = METADATA_PREFIX + "precision"  # "int8" or "fp16"; absent: "fp32"
+QUANTIZATION_KEY = METADATA_PREFIX + "quantization"  # JSON: how the int8 or fp16 file was made (calibration images, source, ...)
+PRECISIONS = ("fp32", "int8", "fp16")
 
 
 class ContractError(ValueError):
@@ -125,14 +124,15 @@ def identity_error(embedding: np.ndarray, feature_maps: np.ndarray) -> float:
 
 
 def precision_of(metadata: Dict[str, str]) -> str:
-    """The file's ``reid.precision``: "int8" for a quantized file, "fp32" where the key is absent."""
+    """The file's ``reid.precision``: "int8" or "fp16" for a converted file, "fp32" where the key is absent."""
     precision = metadata.get(PRECISION_KEY, "fp32")
     if precision not in PRECISIONS:
         raise ContractError(f"{PRECISION_KEY} {precision!r}, the contract knows {', '.join(PRECISIONS)}")
     return precision
 
 
-def int8_path(model_path: Union[str, Path]) -> Path:
-    """Where a model's int8 file lives: beside it, ``model.onnx`` -> ``model.int8.onnx``."""
+def precision_path(model_path: Union[str, Path], precision: str) -> Path:
+    """Where a model's file of this precision lives: the fp32 file itself, or beside it, ``model.onnx`` ->
+    ``model.int8.onnx`` / ``model.fp16.onnx``."""
     model_path = Path(model_path)
-    return model_path.with_name(model_path.stem + INT8_SUFFIX)
+    return model_path if precision == "fp32" else model_path.with_name(f"{model_path.stem}.{precision}.onnx")

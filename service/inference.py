@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_zoo.contract import (INPUT_IMAGES, OUTPUT_ATTENTION_MAPS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, ContractError,
-                                ModelContract, check_session, int8_path, precision_of)
+                                ModelContract, check_session, precision_of, precision_path)
 from model_zoo.files import sha256_of
 
 log = logging.getLogger(__name__)
@@ -102,15 +102,16 @@ class InferenceModel:
 
     def __init__(self, path: Path, provider: str = "auto", intra_op_threads: int = 0, instances: int = 0, precision: str = "fp32"):
         self.precision, self.model_path = precision, Path(path)
-        self.path = int8_path(path) if precision == "int8" else self.model_path
+        self.path = precision_path(path, precision)
         self.requested_provider = provider
         self.intra_op_threads, self.instances = intra_op_threads, instances
 
     def load(self) -> "InferenceModel":
         if not self.path.is_file():
             if self.path != self.model_path:
-                raise FileNotFoundError(f"REID_MODEL_PRECISION=int8 serves {self.path}, which does not exist: write it beside REID_MODEL_PATH with "
-                                        f"python -m training quantize {self.model_path} --data-root TRAINING_DATA (repeat --data-root for several folders)")
+                command = "quantize" if self.precision == "int8" else "fp16"
+                raise FileNotFoundError(f"REID_MODEL_PRECISION={self.precision} serves {self.path}, which does not exist: write it beside REID_MODEL_PATH with "
+                                        f"python -m training {command} {self.model_path} --data-root TRAINING_DATA (repeat --data-root for several folders)")
             raise FileNotFoundError(f"model file {self.path} does not exist (REID_MODEL_PATH)")
         asked = choose_providers(self.requested_provider)
         self.instances, self.intra_op_threads = plan_threads(asked[0], self.instances, self.intra_op_threads)
@@ -119,8 +120,8 @@ class InferenceModel:
         self.session = ort.InferenceSession(str(self.path), options, providers=asked)
         self.contract: ModelContract = check_session(self.session)
         precision = precision_of(self.session.get_modelmeta().custom_metadata_map)
-        if self.precision == "int8" and precision != "int8":
-            raise ContractError(f"{self.path} says {PRECISION_KEY}={precision}: REID_MODEL_PRECISION=int8 serves int8 files only")
+        if self.precision != "fp32" and precision != self.precision:
+            raise ContractError(f"{self.path} says {PRECISION_KEY}={precision}: REID_MODEL_PRECISION={self.precision} serves {self.precision} files only")
         self.precision = precision
         self.providers = ProviderReport(self.requested_provider, asked, self.session.get_providers()[0], self.instances, self.intra_op_threads)
         if self.providers.fell_back:

@@ -13,7 +13,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REID_", env_file=None, protected_namespaces=())
 
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model following model_zoo/CONTRACT.md")
-    model_precision: Literal["fp32", "int8"] = Field("fp32", description="fp32: serve REID_MODEL_PATH; int8: serve <model stem>.int8.onnx beside it (python -m training quantize writes it; missing, the start is refused)")
+    model_precision: Literal["fp32", "int8", "fp16"] = Field("fp32", description="fp32: serve REID_MODEL_PATH; int8: serve <model stem>.int8.onnx beside it (python -m training quantize writes it: for CPUs); fp16: <model stem>.fp16.onnx (python -m training fp16: for GPUs); a missing file refuses the start")
     store_path: Path = Field(Path("var/gallery.sqlite3"), description="SQLite gallery file (created if missing)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")

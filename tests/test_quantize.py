@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from model_zoo.contract import (INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, QUANTIZATION_KEY, check_session,
-                                identity_error, int8_path, precision_of, split_branches)
+                                identity_error, precision_of, precision_path, split_branches)
 from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes
@@ -29,7 +29,7 @@ def quantized(tiny_model, market_root, tmp_path_factory):
     fp32 = tmp_path_factory.mktemp("int8") / "model.onnx"
     shutil.copy(tiny_model[1], fp32)
     summary = quantize_model(fp32, [market_root], calibration_images=24, agreement_images=12)
-    return fp32, int8_path(fp32), summary
+    return fp32, precision_path(fp32, "int8"), summary
 
 
 def test_quantize_writes_an_int8_file_beside_the_model_with_its_metadata(quantized):
@@ -117,11 +117,13 @@ def test_the_service_serves_the_int8_file_and_re_embeds_a_gallery_on_the_switch(
 
 
 @pytest.mark.slow
-def test_a_missing_int8_file_refuses_the_start_naming_it_and_the_command(tiny_model, tmp_path):
+@pytest.mark.parametrize("precision, command", [("int8", "quantize"), ("fp16", "fp16")])
+def test_a_missing_int8_or_fp16_file_refuses_the_start_naming_it_and_the_command(tiny_model, tmp_path, precision, command):
     alone = tmp_path / "alone.onnx"
     shutil.copy(tiny_model[1], alone)
-    with pytest.raises(RuntimeError, match=r"REID_MODEL_PRECISION=int8 serves .*alone\.int8\.onnx, which does not exist.*python -m training quantize .*alone\.onnx --data-root"):
-        ServiceProcess(alone, tmp_path / "g.sqlite3", model_precision="int8").start()
+    message = rf"REID_MODEL_PRECISION={precision} serves .*alone\.{precision}\.onnx, which does not exist.*python -m training {command} .*alone\.onnx --data-root"
+    with pytest.raises(RuntimeError, match=message):
+        ServiceProcess(alone, tmp_path / "g.sqlite3", model_precision=precision).start()
 
 
 def test_ibn_blocks_and_everything_upstream_of_them_stay_float(market_root, tmp_path):

@@ -1,4 +1,4 @@
-"""``python -m training train|evaluate|export|quantize|calibrate``: a thin layer over the Python API in ``training``."""
+"""``python -m training train|evaluate|export|quantize|fp16|calibrate``: a thin layer over the Python API in ``training``."""
 import argparse
 import json
 import logging
@@ -47,6 +47,12 @@ def _quantize(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _fp16(args) -> None:
+    from training.half_precision import convert_to_fp16
+
+    print(json.dumps(convert_to_fp16(args.model, args.data_root, args.output, args.agreement_images, args.seed), indent=2))
+
+
 def _calibrate(args) -> None:
     from training.calibration import calibrate, onnx_set_embedder, write_verification
 
@@ -55,6 +61,22 @@ def _calibrate(args) -> None:
         write_verification(args.model, record)
     print(json.dumps({k: v for k, v in record.items() if k != "roc"}, indent=2))
     print(json.dumps(record["roc"]))
+
+
+def converted_file_parser(commands, name: str, precision: str, description: str, data_use: str) -> argparse.ArgumentParser:
+    """A command that writes MODEL.<precision>.onnx from an fp32 file, with the arguments every such command takes."""
+    from training.quantize import DEFAULT_AGREEMENT_IMAGES
+
+    parser = commands.add_parser(name, help=description)
+    parser.add_argument("model", type=Path, help="an exported fp32 .onnx file")
+    parser.add_argument("--data-root", type=Path, action="append", required=True,
+                        help=f"Market-layout folder whose bounding_box_train images {data_use} (training data, never an evaluation set); repeat for several")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"the {precision} file to write (default: MODEL.{precision}.onnx beside MODEL.onnx, where the service looks)")
+    parser.add_argument("--agreement-images", type=_at_least_one, default=DEFAULT_AGREEMENT_IMAGES,
+                        help=f"training images on which {precision} and fp32 embeddings are compared (default {DEFAULT_AGREEMENT_IMAGES})")
+    parser.add_argument("--seed", type=int, default=0, help="draw of the training images used (default 0)")
+    return parser
 
 
 def _at_least_one(text: str) -> int:
@@ -112,25 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     export.set_defaults(run=_export)
 
-    from training.quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, DEFAULT_AGREEMENT_IMAGES, DEFAULT_CALIBRATION_IMAGES
+    from training.quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES
 
-    quantize = commands.add_parser("quantize", help="write MODEL.int8.onnx beside an exported model: static int8 (QDQ), calibrated on training images, "
-                                   "checked against the contract; REID_MODEL_PRECISION=int8 serves it")
-    quantize.add_argument("model", type=Path, help="an exported fp32 .onnx file")
-    quantize.add_argument("--data-root", type=Path, action="append", required=True,
-                          help="Market-layout folder whose bounding_box_train images calibrate (training data, never an evaluation set); repeat for several")
-    quantize.add_argument("--output", type=Path, default=None, help="the int8 file to write (default: MODEL.int8.onnx beside MODEL.onnx, where the service looks)")
+    quantize = converted_file_parser(commands, "quantize", "int8", "write MODEL.int8.onnx beside an exported model: static int8 (QDQ), "
+                                     "calibrated on training images, checked against the contract; REID_MODEL_PRECISION=int8 serves it",
+                                     "calibrate and, on further images, measure the agreement with the fp32 file")
     quantize.add_argument("--calibration-images", type=_at_least_one, default=DEFAULT_CALIBRATION_IMAGES, help=f"training images drawn for calibration (default {DEFAULT_CALIBRATION_IMAGES})")
-    quantize.add_argument("--agreement-images", type=_at_least_one, default=DEFAULT_AGREEMENT_IMAGES,
-                          help=f"further training images on which int8 and fp32 embeddings are compared (default {DEFAULT_AGREEMENT_IMAGES})")
     quantize.add_argument("--method", choices=CALIBRATION_METHODS, default="percentile", help="activation range calibration (default percentile: 99.999%% of |x|)")
     quantize.add_argument("--activations", choices=ACTIVATION_TYPES, default="uint8", help="activation type (default uint8: ONNX Runtime's fast x86 path, u8 x s8)")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     quantize.add_argument("--reduce-range", action="store_true", help="7-bit weights (for x86 CPUs without VNNI, where u8 x s8 products can saturate)")
     quantize.add_argument("--exclude-first-conv", action="store_true", help="keep the first convolution in float too")
-    quantize.add_argument("--seed", type=int, default=0, help="draw of the calibration and agreement images (default 0)")
     quantize.add_argument("--summary", type=Path, default=None, help="also write the summary to this JSON file")
     quantize.set_defaults(run=_quantize)
+
+    fp16 = converted_file_parser(commands, "fp16", "fp16", "write MODEL.fp16.onnx beside an exported model: float16 for GPUs, the contract's "
+                                 "nodes kept float32, checked against the contract and the fp32 file; REID_MODEL_PRECISION=fp16 serves it",
+                                 "measure the agreement with the fp32 file")
+    fp16.set_defaults(run=_fp16)
 
     calibrate = commands.add_parser("calibrate", help="calibrate the same-person threshold (POST /verify, same_person per match) on "
                                     "validation data and store it, with its ROC, in the model file's metadata (reid.verification)")

@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 
 from model_zoo.contract import (INPUT_IMAGES, METADATA_PREFIX, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, QUANTIZATION_KEY,
-                                identity_error, int8_path, open_cpu_session, precision_of, split_branches)
+                                identity_error, open_cpu_session, precision_of, precision_path, split_branches)
 from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from training.data.market import read_split
@@ -65,7 +65,8 @@ BATCH_SIZE = 16
 
 
 class QuantizationError(RuntimeError):
-    """The int8 model breaks the contract (its check or the embedding identity); no file has been written."""
+    """The int8 (or fp16, training.half_precision) model breaks the contract (its check or the embedding
+    identity); no file has been written."""
 
 
 def calibration_files(data_roots: Sequence[Path], count: int, seed: int = 0) -> List[Path]:
@@ -161,26 +162,26 @@ class _Batches:
         self._iterator = iter(self.batches)
 
 
-def agreement(fp32_session, int8_session, images: np.ndarray, num_branches: int, batch_size: int = 32) -> Dict[str, float]:
-    """How close the int8 file's embeddings are to the fp32 file's on ``images``: the retrieval score of each
-    image's two embeddings (mean over branches of the cosine, 1 = identical), and the identity on the int8
-    outputs (``identity_max``)."""
+def agreement(fp32_session, reduced_session, images: np.ndarray, num_branches: int, batch_size: int = 32) -> Dict[str, float]:
+    """How close the reduced-precision file's embeddings are to the fp32 file's on ``images``: the retrieval
+    score of each image's two embeddings (mean over branches of the cosine, 1 = identical), and the identity
+    on the reduced file's outputs (``identity_max``)."""
     scores, identity = [], 0.0
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         (reference,) = fp32_session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: batch})
-        embedding, maps = int8_session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: batch})
+        embedding, maps = reduced_session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: batch})
         identity = max(identity, identity_error(embedding, maps))
         scores.append((split_branches(embedding, num_branches) * split_branches(reference, num_branches)).sum(axis=2).mean(axis=1))
     scores = np.concatenate(scores)
     return {"images": len(scores), "mean_cosine": float(scores.mean()), "min_cosine": float(scores.min()), "identity_max": identity}
 
 
-def check_int8(session, height: int, width: int) -> Dict[str, float]:
+def check_reduced_file(session, height: int, width: int, precision: str) -> Dict[str, float]:
     """The identity on random images at the exporter's batch sizes, on a session whose contract has been
-    checked; raises QuantizationError past the exporter's bound."""
-    if precision_of(session.get_modelmeta().custom_metadata_map) != "int8":
-        raise QuantizationError(f"{PRECISION_KEY} is not int8")
+    checked; raises QuantizationError past the exporter's bound, or if the file does not say ``precision``."""
+    if precision_of(session.get_modelmeta().custom_metadata_map) != precision:
+        raise QuantizationError(f"{PRECISION_KEY} is not {precision}")
     report = {}
     for name, batch in parity_images(height, width, None).items():
         for size in PARITY_BATCHES:
@@ -190,6 +191,40 @@ def check_int8(session, height: int, width: int) -> Dict[str, float]:
     if worst > EMBEDDING_TOLERANCE:
         raise QuantizationError(f"identity diff {worst:.2e} (bound {EMBEDDING_TOLERANCE})")
     return report
+
+
+def open_fp32(model: Path, output: Path, precision: str):
+    """(session, contract, metadata) of the fp32 file a reduced-precision ``output`` is made from."""
+    if output.resolve() == model.resolve():
+        raise ValueError(f"the {precision} file would overwrite {model}")
+    fp32, contract = open_cpu_session(model)
+    metadata = fp32.get_modelmeta().custom_metadata_map
+    if precision_of(metadata) != "fp32":
+        raise ValueError(f"{model} is already {precision_of(metadata)}: convert the fp32 file")
+    return fp32, contract, metadata
+
+
+def check_and_write(proto: onnx.ModelProto, fp32, fp32_metadata: Dict[str, str], precision: str, details: Dict, held_out: np.ndarray,
+                    output: Path) -> Dict:
+    """Give ``proto`` every ``reid.*`` key of the fp32 file, ``reid.precision`` and ``reid.quantization`` (``details``
+    and the agreement with the fp32 file on ``held_out`` training images); check the identity on random and on
+    those images; only then write ``output``. Returns the identity report, the agreement in it."""
+    del proto.metadata_props[:]
+    for key, value in fp32_metadata.items():
+        if key.startswith(METADATA_PREFIX):
+            proto.metadata_props.add(key=key, value=value)
+    proto.metadata_props.add(key=PRECISION_KEY, value=precision)
+    details_entry = proto.metadata_props.add(key=QUANTIZATION_KEY)
+    reduced, contract = open_cpu_session(proto.SerializeToString())  # checked before anything is written
+    identity = check_reduced_file(reduced, contract.input_height, contract.input_width, precision)
+    agreed = agreement(fp32, reduced, held_out, contract.num_branches)
+    if agreed["identity_max"] > EMBEDDING_TOLERANCE:
+        raise QuantizationError(f"identity diff {agreed['identity_max']:.2e} on training images (bound {EMBEDDING_TOLERANCE})")
+    details["agreement"] = {k: v for k, v in agreed.items() if k != "identity_max"}
+    details_entry.value = json.dumps(details)  # metadata only: the graph checked above is the graph written
+    output.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(output))
+    return {**identity, "training_images": agreed["identity_max"]}
 
 
 def quantize_graph(model: Path, calibration_pixels: np.ndarray, method: str, per_channel: bool, reduce_range: bool, activations: str,
@@ -229,16 +264,11 @@ def quantize_model(model: Path, data_roots: Sequence[Path], output: Optional[Pat
     from onnxruntime import __version__ as ort_version
 
     model = Path(model)
-    output = Path(output) if output else int8_path(model)
+    output = Path(output) if output else precision_path(model, "int8")
     if method not in CALIBRATION_METHODS or activations not in ACTIVATION_TYPES:
         raise ValueError(f"calibration method {method!r} (one of {', '.join(CALIBRATION_METHODS)}), activations {activations!r} (one of {', '.join(ACTIVATION_TYPES)})")
-    if output.resolve() == model.resolve():
-        raise ValueError(f"the int8 file would overwrite {model}")
     started = time.perf_counter()
-    fp32, contract = open_cpu_session(model)
-    fp32_metadata = fp32.get_modelmeta().custom_metadata_map
-    if precision_of(fp32_metadata) != "fp32":
-        raise ValueError(f"{model} is already {precision_of(fp32_metadata)}: quantize the fp32 file")
+    fp32, contract, fp32_metadata = open_fp32(model, output, "int8")
     files = calibration_files(data_roots, calibration_images + agreement_images, seed)
     if len(files) <= calibration_images:
         raise ValueError(f"{len(files)} training images: more than the {calibration_images} calibration images are needed, to measure the agreement on others")
@@ -252,20 +282,6 @@ def quantize_model(model: Path, data_roots: Sequence[Path], output: Optional[Pat
         "op_types": sorted(op_types) if op_types else "onnxruntime default", "float_convolutions": f"{float_convolutions} of {convolutions}",
         "exclude_first_conv": exclude_first_conv, "onnxruntime": ort_version, "fp32_file": model.name, "fp32_sha256": sha256_of(model),
     }
-    del proto.metadata_props[:]
-    for key, value in fp32_metadata.items():
-        if key.startswith(METADATA_PREFIX):
-            proto.metadata_props.add(key=key, value=value)
-    proto.metadata_props.add(key=PRECISION_KEY, value="int8")
-    quantization_entry = proto.metadata_props.add(key=QUANTIZATION_KEY)
-    int8, _ = open_cpu_session(proto.SerializeToString())  # checked before anything is written
-    identity = check_int8(int8, *size)
-    agreed = agreement(fp32, int8, held_out, contract.num_branches)
-    if agreed["identity_max"] > EMBEDDING_TOLERANCE:
-        raise QuantizationError(f"identity diff {agreed['identity_max']:.2e} on training images (bound {EMBEDDING_TOLERANCE})")
-    quantization["agreement"] = {k: v for k, v in agreed.items() if k != "identity_max"}
-    quantization_entry.value = json.dumps(quantization)  # metadata only: the graph checked above is the graph written
-    output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(output))
+    identity = check_and_write(proto, fp32, fp32_metadata, "int8", quantization, held_out, output)
     return {"output": str(output), "bytes": output.stat().st_size, "fp32_bytes": model.stat().st_size, "quantization": quantization,
-            "identity": {**identity, "training_images": agreed["identity_max"]}, "seconds": round(time.perf_counter() - started, 1)}
+            "identity": identity, "seconds": round(time.perf_counter() - started, 1)}
