@@ -66,6 +66,29 @@ def test_augmentation_flips_pads_and_crops_to_the_input_size():
         assert any(torch.equal(out[b], padded[b, t : t + 8, l : l + 4]) for t in range(5) for l in range(5))
 
 
+def test_random_sized_crop_boxes_keep_to_their_area_and_aspect_inside_the_image():
+    augment = TrainAugmentation(crop_area=(0.64, 1.0), crop_aspect=(1 / 3, 1 / 2))
+    top, left, box_h, box_w = augment.crop_boxes(4000, 384, 128, torch.Generator().manual_seed(0)).unbind(1)
+    area, aspect = box_h * box_w / (384 * 128), box_w / box_h
+    assert area.min() >= 0.64 - 1e-4 and area.max() <= 1.0 + 1e-4 and area.max() > 0.95
+    assert aspect.min() >= 1 / 3 - 1e-4 and aspect.max() <= 1 / 2 + 1e-4
+    assert top.min() >= 0 and (top + box_h).max() <= 384 + 1e-4 and left.min() >= 0 and (left + box_w).max() <= 128 + 1e-4
+
+
+def test_random_sized_crop_resizes_the_box_back_to_the_input_size():
+    from training.data.transforms import resized_crop
+
+    rows = torch.arange(64, dtype=torch.float32).view(1, 64, 1, 1).expand(1, 64, 32, 3)  # pixel value = its row
+    whole = resized_crop(rows.to(torch.uint8), torch.tensor([[0.0, 0.0, 64.0, 32.0]]))
+    assert torch.equal(whole, rows.to(torch.uint8))  # the whole image as the box: unchanged
+    half = resized_crop((rows * 2).to(torch.uint8), torch.tensor([[16.0, 8.0, 32.0, 16.0]]))
+    # rows 16..47 stretched over 64 output rows: row r of the output shows input row 16 + (r + 0.5) / 2 - 0.5
+    expected = (2 * (16 + (torch.arange(64) + 0.5) / 2 - 0.5)).clamp(min=32).round()
+    assert half.shape == (1, 64, 32, 3) and torch.allclose(half[0, :, 10, 0].float(), expected, atol=1)
+    out = TrainAugmentation(flip_prob=0, crop_area=(0.64, 1.0))(rows.to(torch.uint8).repeat(8, 1, 1, 1), torch.Generator().manual_seed(0))
+    assert out.shape == (8, 64, 32, 3) and out.dtype == torch.uint8 and not torch.equal(out[0], out[1])
+
+
 def write_source_mapping(root, subset_of_pid):
     rows = ["split,file,pid,cam,source_subset"]
     for path in sorted((root / "bounding_box_train").iterdir()):

@@ -65,6 +65,8 @@ class DataConfig:
     width: int = option(128, "input width")
     flip_prob: float = option(0.5, "probability of a horizontal flip")
     padding: int = option(10, "zero padding before the random crop, in pixels")
+    crop_area: List[float] = option([], "[low, high]: a random-sized crop of this share of the image's area, resized back, instead of padding and cropping ([]: off)")
+    crop_aspect: List[float] = option([1 / 3, 1 / 2], "[low, high]: the random-sized crop's width / height, drawn log-uniformly")
     color_jitter: float = option(0.0, "colour jitter strength s: brightness, contrast, saturation factors in [1-s, 1+s] (0: off)")
     color_jitter_prob: float = option(0.8, "probability that an image is colour-jittered")
     grayscale_prob: float = option(0.0, "probability of turning an image to grayscale")

@@ -117,7 +117,8 @@ class Trainer:
         self.optimizer_phase: Optional[int] = None  # the phase whose settings built the optimizer
         self.autocast_dtype = autocast_dtype(self.device, cfg.run.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
-        self.augment = TrainAugmentation(d.flip_prob, d.padding, d.color_jitter, d.color_jitter_prob, d.grayscale_prob, d.erasing_prob)
+        self.augment = TrainAugmentation(d.flip_prob, d.padding, d.color_jitter, d.color_jitter_prob, d.grayscale_prob, d.erasing_prob,
+                                         crop_area=tuple(d.crop_area), crop_aspect=tuple(d.crop_aspect))
         self.sampler = self._sampler()
         self.eval_roots = list(cfg.run.eval_roots) or test_roots(d.roots)
         self.start_epoch = 0
