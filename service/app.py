@@ -226,7 +226,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads, settings.model_instances, settings.model_precision).load()
+        model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads, settings.model_instances, settings.model_precision,
+                               settings.tensorrt_cache_dir or settings.store_path.parent / "tensorrt-cache").load()
         app.state.pair_head = load_pair_head(settings, model)
         app.state.same_person = SamePersonRule.choose(model.contract, settings.verify_threshold)
         store = GalleryStore(settings.store_path)

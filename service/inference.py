@@ -16,22 +16,38 @@ from model_zoo.contract import (INPUT_IMAGES, OUTPUT_ATTENTION_MAPS, OUTPUT_EMBE
 from model_zoo.files import sha256_of
 
 log = logging.getLogger(__name__)
+TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+REQUIRED = {"cuda": CUDA, "tensorrt": TENSORRT}  # REID_EXECUTION_PROVIDER values that refuse to start without theirs
 
 
 class ProviderUnavailable(RuntimeError):
-    """CUDA was required but ONNX Runtime cannot use it."""
+    """CUDA or TensorRT was required but ONNX Runtime cannot use it."""
 
 
 def choose_providers(requested: str) -> List[str]:
-    """The provider list to ask ONNX Runtime for: 'auto' prefers CUDA when this build offers it."""
+    """The provider list to ask ONNX Runtime for: 'auto' prefers CUDA when this build offers it; 'tensorrt'
+    puts TensorRT first, CUDA then the CPU behind it for the nodes TensorRT does not take."""
     available = ort.get_available_providers()
     if requested == "cpu":
         return [CPU]
-    if requested == "cuda" and CUDA not in available:
-        raise ProviderUnavailable(f"REID_EXECUTION_PROVIDER=cuda, but this onnxruntime offers only {available}; install the GPU set")
+    if requested in REQUIRED and REQUIRED[requested] not in available:
+        raise ProviderUnavailable(f"REID_EXECUTION_PROVIDER={requested}, but this onnxruntime offers only {available}; install the GPU set")
+    if requested == "tensorrt":
+        return [TENSORRT, CUDA, CPU]
     return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def provider_options(providers: Sequence[str], tensorrt_cache: Optional[Path]) -> List[dict]:
+    """ONNX Runtime's options per provider: TensorRT keeps the engines it builds (minutes for a model) and its
+    timing cache in ``tensorrt_cache``, so a restart loads them instead of building again. No fp16 flag: an
+    fp32 file stays fp32 (TensorRT's fp16 mode would also round the nodes the contract keeps float32); the
+    fp16 file is float16 already."""
+    tensorrt = {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
+    if tensorrt_cache is not None:
+        tensorrt.update(trt_engine_cache_path=str(tensorrt_cache), trt_timing_cache_path=str(tensorrt_cache))
+    return [tensorrt if provider == TENSORRT else {} for provider in providers]
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -100,8 +116,9 @@ class InferenceModel:
 
     predict may be called from ``instances`` threads at once (ONNX Runtime sessions are safe for that)."""
 
-    def __init__(self, path: Path, provider: str = "auto", intra_op_threads: int = 0, instances: int = 0, precision: str = "fp32"):
-        self.precision, self.model_path = precision, Path(path)
+    def __init__(self, path: Path, provider: str = "auto", intra_op_threads: int = 0, instances: int = 0, precision: str = "fp32",
+                 tensorrt_cache: Optional[Path] = None):
+        self.precision, self.model_path, self.tensorrt_cache = precision, Path(path), tensorrt_cache
         self.path = precision_path(path, precision)
         self.requested_provider = provider
         self.intra_op_threads, self.instances = intra_op_threads, instances
@@ -117,7 +134,9 @@ class InferenceModel:
         self.instances, self.intra_op_threads = plan_threads(asked[0], self.instances, self.intra_op_threads)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=asked)
+        if TENSORRT in asked and self.tensorrt_cache is not None:
+            Path(self.tensorrt_cache).mkdir(parents=True, exist_ok=True)
+        self.session = ort.InferenceSession(str(self.path), options, providers=asked, provider_options=provider_options(asked, self.tensorrt_cache))
         self.contract: ModelContract = check_session(self.session)
         precision = precision_of(self.session.get_modelmeta().custom_metadata_map)
         if self.precision != "fp32" and precision != self.precision:
@@ -125,8 +144,8 @@ class InferenceModel:
         self.precision = precision
         self.providers = ProviderReport(self.requested_provider, asked, self.session.get_providers()[0], self.instances, self.intra_op_threads)
         if self.providers.fell_back:
-            message = f"asked ONNX Runtime for {asked[0]} but it runs on {self.providers.active} (CUDA/cuDNN libraries missing?)"
-            if self.requested_provider == "cuda":
+            message = f"asked ONNX Runtime for {asked[0]} but it runs on {self.providers.active} (CUDA/cuDNN/TensorRT libraries missing?)"
+            if self.requested_provider in REQUIRED:
                 raise ProviderUnavailable(message)
             log.warning(message)
         self.fingerprint = sha256_of(self.path)

@@ -326,6 +326,27 @@ def test_a_silent_cuda_fall_back_is_detected_and_reported(tiny_model, monkeypatc
         InferenceModel(tiny_model[1], "cuda").load()
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
+def test_tensorrt_comes_first_with_its_engine_cache_and_is_refused_where_it_cannot_run(tiny_model, monkeypatch, tmp_path):
+    # No GPU or TensorRT here: the build's provider list is faked (as above); the real session then runs on the
+    # CPU, so asking for TensorRT explicitly refuses the start instead of silently running elsewhere.
+    import onnxruntime as ort
+
+    from service.inference import TENSORRT, ProviderUnavailable, provider_options
+
+    assert provider_options([TENSORRT, CUDA, CPU], tmp_path / "trt") == [
+        {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True",
+         "trt_engine_cache_path": str(tmp_path / "trt"), "trt_timing_cache_path": str(tmp_path / "trt")}, {}, {}]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
+    assert choose_providers("tensorrt") == [TENSORRT, CUDA, CPU] and choose_providers("auto") == [CUDA, CPU]
+    with pytest.raises(ProviderUnavailable, match="asked ONNX Runtime for TensorrtExecutionProvider but it runs on CPUExecutionProvider"):
+        InferenceModel(tiny_model[1], "tensorrt", tensorrt_cache=tmp_path / "trt").load()
+    assert (tmp_path / "trt").is_dir()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    with pytest.raises(ProviderUnavailable, match="REID_EXECUTION_PROVIDER=tensorrt, but this onnxruntime offers only"):
+        choose_providers("tensorrt")
+
+
 def test_reads_by_id_of_more_ids_than_sqlite_takes_at_once_return_every_row(tmp_path):
     from service.store import SQL_VARIABLES
 
