@@ -145,7 +145,7 @@ def index_setting(store_path: Path, setting: dict, queries: np.ndarray, truth: n
     for nprobe in setting.get("nprobe", [None]):
         for candidates in setting.get("candidates", [100]):
             if nprobe is not None:
-                index._inner.nprobe = nprobe
+                index.set_nprobe(nprobe)
             index.rescore_candidates = candidates
             found, times = [], []
             for query in queries:

@@ -104,6 +104,12 @@ class VectorIndex:
             self.add(ids, vectors)
         self.trained_on = self.index.ntotal
 
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF lists each search visits, now and in later builds (capped by the lists the index has)."""
+        self.ivf_nprobe = nprobe
+        if self.built_kind == "ivf":
+            self._inner.nprobe = min(nprobe, self._inner.nlist)
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         self.index.add_with_ids(self._project(vectors), np.asarray(ids, np.int64))
 
