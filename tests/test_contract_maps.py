@@ -17,7 +17,7 @@ from model_zoo.registry import ARCHITECTURE_REGISTRY
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from training import load_config
 from training.engine import model_settings
-from training.export import ExportParityError, check_parity, describe, parity_images, write_onnx
+from training.export import ExportParityError, FlipAveraged, check_parity, describe, parity_images, write_onnx
 
 B, D, H, W = 3, 5, 7, 4
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -235,10 +235,12 @@ def test_every_architecture_maps_average_to_its_reference_descriptors(name):
     torch.testing.assert_close(F.normalize(maps.float().mean((3, 4)), dim=2), F.normalize(reference.float(), dim=2), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip_averaged"])
 @pytest.mark.parametrize("name", ARCHITECTURE_REGISTRY.names())
-def test_every_architecture_exports_with_parity(name, market_root, tmp_path):
+def test_every_architecture_exports_with_parity(name, flip, market_root, tmp_path):
     cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.architecture": name}))
     model = build_model(model_settings(cfg), num_classes=5).eval()
+    model = FlipAveraged(model).eval() if flip else model
     contract = describe(model, cfg, None)
     assert contract.feature_maps_kind == getattr(model, "feature_maps_kind", "activations")
     write_onnx(model, contract, tmp_path / "model.onnx")

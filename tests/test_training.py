@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model_zoo.contract import INPUT_IMAGES, ModelContract, check_session, split_branches
+from model_zoo.contract import INPUT_IMAGES, OUTPUT_FEATURE_MAPS, ModelContract, check_session, split_branches
 from model_zoo.ram import ranking_activation_maps
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from training import evaluate, export, load_config, train
@@ -95,6 +95,23 @@ def test_export_follows_the_contract_and_agrees_with_pytorch(trained_run, market
     score = float(embedding[0] @ embedding[1]) / contract.num_branches
     ram = ranking_activation_maps(split_branches(embedding[0], contract.num_branches), maps[1])
     assert ram.score == pytest.approx(score, abs=1e-5)
+
+
+def test_a_flip_averaged_export_embeds_an_image_and_its_mirror_alike_and_keeps_the_identity(trained_run, market_root, tmp_path):
+    from model_zoo.contract import FLIP_KEY, identity_error
+
+    out, _ = trained_run
+    export(out / "model.pt", tmp_path / "plain.onnx")
+    report = export(out / "model.pt", tmp_path / "flip.onnx", flip=True)
+    assert max(v for k, v in report["parity"].items() if k.endswith("embedding")) <= 1e-4
+    plain, flip = (ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"]) for name in ("plain", "flip"))
+    assert flip.get_modelmeta().custom_metadata_map[FLIP_KEY] == "true" and check_session(flip).evaluation == {}
+    images = parity_images(TINY_HEIGHT, TINY_WIDTH, market_root / "query", count=3)["real"]
+    embedding, maps = flip.run(None, {INPUT_IMAGES: images})
+    mirrored, _ = flip.run(None, {INPUT_IMAGES: np.ascontiguousarray(images[:, :, ::-1])})
+    assert np.abs(embedding - mirrored).max() < 1e-5 and identity_error(embedding, maps) < 1e-5
+    (plain_maps,), (mirror_maps,) = (plain.run([OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: x}) for x in (images, np.ascontiguousarray(images[:, :, ::-1])))
+    assert np.abs(maps - (plain_maps + mirror_maps[..., ::-1]) / 2).max() < 1e-4  # the two passes' maps, averaged
 
 
 def test_the_exported_file_evaluates_like_its_checkpoint(trained_run, market_root, tmp_path):

@@ -1,6 +1,6 @@
 """Export a trained checkpoint to the ONNX file the service loads (contract: model_zoo/CONTRACT.md), then
 check ONNX Runtime against PyTorch on random and real images at batch 1 and 7; a failed check deletes the
-file and raises."""
+file and raises. With ``flip``, the graph averages each image with its mirror image (``FlipAveraged``)."""
 import json
 import logging
 import warnings
@@ -12,7 +12,9 @@ import onnx
 import torch
 from torch import nn
 
-from model_zoo.contract import INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, identity_error, open_cpu_session
+from model_zoo.architectures.common import ReIDOutput
+from model_zoo.contract import (FLIP_KEY, INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, identity_error,
+                                open_cpu_session)
 from model_zoo.files import sha256_of
 from model_zoo.pair_attention import pair_head_path
 from model_zoo.preprocess import load_for_model
@@ -40,6 +42,25 @@ class ContractOutputs(nn.Module):
     def forward(self, images: torch.Tensor):
         out = self.model(images)
         return (out.embedding, out.feature_maps.float(), *(out.aux[name].float() for name in self.extras))
+
+
+class FlipAveraged(nn.Module):
+    """Test-time flip inside the graph: each image's maps averaged with its mirror image's maps mirrored back
+    (the optional attention maps too). The embedding, built from the averaged maps, is then the flip-averaged
+    descriptor, the same for an image and its mirror, and RAM's identity still holds; the model runs twice.
+    On the shipped default's checkpoint: mAP +1.2 on CUHK03-val, +1.1 on PRID, +0.7 on GRID (README)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.feature_maps_kind = getattr(model, "feature_maps_kind", "activations")
+        if hasattr(model, "selection_margins"):  # attribution maps: a channel is near a tie if it is in either pass
+            self.selection_margins = lambda images: torch.minimum(model.selection_margins(images), model.selection_margins(images.flip(2)))
+
+    def forward(self, images: torch.Tensor) -> ReIDOutput:
+        out, mirrored = self.model(images), self.model(images.flip(2))
+        aux = {name: (out.aux[name] + mirrored.aux[name].flip(-1)) / 2 for name in OPTIONAL_OUTPUTS if name in out.aux}
+        return ReIDOutput(feature_maps=(out.feature_maps + mirrored.feature_maps.flip(-1)) / 2, aux=aux)
 
 
 def optional_outputs(model: nn.Module, images: torch.Tensor) -> list:
@@ -112,9 +133,9 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
     return report
 
 
-def write_onnx(model: nn.Module, contract: ModelContract, output: Path, opset: int = 17) -> None:
+def write_onnx(model: nn.Module, contract: ModelContract, output: Path, opset: int = 17, metadata: Optional[Dict[str, str]] = None) -> None:
     """The model's contract outputs (and the optional ones it gives) as an ONNX graph at ``output``, with the
-    contract's metadata (no parity check)."""
+    contract's metadata and ``metadata`` (no parity check)."""
     output = Path(output)
     dummy = torch.zeros(2, contract.input_height, contract.input_width, 3, dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -138,25 +159,30 @@ def write_onnx(model: nn.Module, contract: ModelContract, output: Path, opset: i
     images_only = [node for node in proto.graph.input if node.name not in parameters]
     del proto.graph.input[:]
     proto.graph.input.extend(images_only)
-    for key, value in contract.to_metadata().items():
+    for key, value in {**contract.to_metadata(), **(metadata or {})}.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, str(output))
 
 
-def export_onnx(checkpoint: Path, output: Path, real_images: Optional[Path] = None, evaluation: Optional[Path] = None, opset: int = 17) -> Dict:
+def export_onnx(checkpoint: Path, output: Path, real_images: Optional[Path] = None, evaluation: Optional[Path] = None, opset: int = 17,
+                flip: bool = False) -> Dict:
     """Export ``checkpoint`` to ``output`` with the contract's metadata; returns the parity report.
 
     ``real_images``: a folder of images for the parity check (default: the training data's query folder).
-    ``evaluation``: a metrics.json whose ``evaluation`` figures go into the metadata (default: the run's).
+    ``evaluation``: a metrics.json whose ``evaluation`` figures go into the metadata (default: the run's; with
+    ``flip`` they are the plain model's, so none are written unless given).
+    ``flip``: the graph averages each image with its mirror image (``FlipAveraged``, ``reid.test_time_flip``).
     """
     checkpoint, output = Path(checkpoint), Path(output)
     model, cfg = load_trained_model(checkpoint)
-    metrics_file = Path(evaluation) if evaluation else checkpoint.parent / "metrics.json"
-    figures = json.loads(metrics_file.read_text()).get("evaluation") if metrics_file.exists() else None
+    if flip:
+        model = FlipAveraged(model).eval()
+    metrics_file = Path(evaluation) if evaluation else None if flip else checkpoint.parent / "metrics.json"
+    figures = json.loads(metrics_file.read_text()).get("evaluation") if metrics_file and metrics_file.exists() else None
     contract = describe(model, cfg, figures)
     if real_images is None:
         real_images = next((Path(root) / "query" for root in cfg.data.roots if (Path(root) / "query").is_dir()), None)
-    write_onnx(model, contract, output, opset)
+    write_onnx(model, contract, output, opset, {FLIP_KEY: "true"} if flip else None)
     try:
         report = check_parity(model, output, parity_images(cfg.data.height, cfg.data.width, real_images))
     except Exception:
