@@ -3,8 +3,9 @@
 What this package owns: the FastAPI app (``app``), settings from environment variables (``settings``), ONNX
 Runtime inference with the provider chosen in one place (``inference``), dynamic micro-batching
 (``batching``), the FAISS index (``index``), the durable SQLite store (``store``), the gallery that keeps
-index and store consistent (``gallery``), heatmap rendering (``heatmaps``), CASN's optional pairwise
-re-ranking stage (``pair_ranking``) and the error shape (``errors``).
+index and store consistent (``gallery``), heatmap rendering (``heatmaps``) and the gallery's feature-map cache
+behind it (``map_cache``), CASN's optional pairwise re-ranking stage (``pair_ranking``) and the error shape
+(``errors``).
 
 Import rules: never imports torch or ``training``. From ``model_zoo`` it uses only the torch-free modules:
 ``contract``, ``ram``, ``preprocess``, ``rerank``, ``pair_attention``, ``files`` and the default model path.

@@ -4,7 +4,7 @@ the single-query Market protocol, and exports the ONNX file the service loads.
 One idea per module, as in reid-strong-baseline: ``data/`` (reader, augmentation, samplers, loader),
 ``losses``, ``objectives/`` (each architecture's loss terms, by name), ``solver`` (phases, optimisers,
 schedules), ``gradcam``, ``engine`` (the loop), ``evaluation``, ``export``, ``quantize`` (the int8 file),
-``config`` and ``cli``.
+``half_precision`` (the fp16 file), ``calibration`` (the same-person threshold), ``config`` and ``cli``.
 
 Python API first (``training.train``, ``training.evaluate``, ``training.export``, ``training.quantize``);
 ``python -m training`` is a thin CLI over it. May import torch and ``model_zoo``; never imports ``service``.
