@@ -227,7 +227,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads, settings.model_instances, settings.model_precision,
-                               settings.tensorrt_cache_dir or settings.store_path.parent / "tensorrt-cache").load()
+                               settings.tensorrt_cache_dir or settings.store_path.parent / "tensorrt-cache", settings.max_batch_size).load()
         app.state.pair_head = load_pair_head(settings, model)
         app.state.same_person = SamePersonRule.choose(model.contract, settings.verify_threshold)
         store = GalleryStore(settings.store_path)

@@ -39,14 +39,19 @@ def choose_providers(requested: str) -> List[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def provider_options(providers: Sequence[str], tensorrt_cache: Optional[Path]) -> List[dict]:
-    """ONNX Runtime's options per provider: TensorRT keeps the engines it builds (minutes for a model) and its
-    timing cache in ``tensorrt_cache``, so a restart loads them instead of building again. No fp16 flag: an
-    fp32 file stays fp32 (TensorRT's fp16 mode would also round the nodes the contract keeps float32); the
-    fp16 file is float16 already."""
+def provider_options(providers: Sequence[str], tensorrt_cache: Optional[Path], input_size: Tuple[int, int] = (0, 0), max_batch: int = 1) -> List[dict]:
+    """ONNX Runtime's options per provider. TensorRT: one optimisation profile for batches of 1 to ``max_batch``
+    images of ``input_size`` (without it TensorRT builds an engine again for each new batch size it meets), the
+    engines (minutes for a model) and the timing cache kept in ``tensorrt_cache`` so a restart loads them, and
+    no fp16 flag: an fp32 file stays fp32 (TensorRT's fp16 mode would also round the nodes the contract keeps
+    float32); the fp16 file is float16 already."""
     tensorrt = {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
     if tensorrt_cache is not None:
         tensorrt.update(trt_engine_cache_path=str(tensorrt_cache), trt_timing_cache_path=str(tensorrt_cache))
+    if all(input_size):
+        shape = "x".join(map(str, input_size))
+        tensorrt.update(trt_profile_min_shapes=f"{INPUT_IMAGES}:1x{shape}x3", trt_profile_opt_shapes=f"{INPUT_IMAGES}:{max_batch}x{shape}x3",
+                        trt_profile_max_shapes=f"{INPUT_IMAGES}:{max_batch}x{shape}x3")
     return [tensorrt if provider == TENSORRT else {} for provider in providers]
 
 
@@ -117,8 +122,8 @@ class InferenceModel:
     predict may be called from ``instances`` threads at once (ONNX Runtime sessions are safe for that)."""
 
     def __init__(self, path: Path, provider: str = "auto", intra_op_threads: int = 0, instances: int = 0, precision: str = "fp32",
-                 tensorrt_cache: Optional[Path] = None):
-        self.precision, self.model_path, self.tensorrt_cache = precision, Path(path), tensorrt_cache
+                 tensorrt_cache: Optional[Path] = None, max_batch: int = 32):
+        self.precision, self.model_path, self.tensorrt_cache, self.max_batch = precision, Path(path), tensorrt_cache, max_batch
         self.path = precision_path(path, precision)
         self.requested_provider = provider
         self.intra_op_threads, self.instances = intra_op_threads, instances
@@ -134,9 +139,14 @@ class InferenceModel:
         self.instances, self.intra_op_threads = plan_threads(asked[0], self.instances, self.intra_op_threads)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
-        if TENSORRT in asked and self.tensorrt_cache is not None:
-            Path(self.tensorrt_cache).mkdir(parents=True, exist_ok=True)
-        self.session = ort.InferenceSession(str(self.path), options, providers=asked, provider_options=provider_options(asked, self.tensorrt_cache))
+        input_size = (0, 0)
+        if TENSORRT in asked:  # its optimisation profile needs the input size, which the file's metadata holds
+            contract = check_session(ort.InferenceSession(str(self.path), providers=[CPU]))
+            input_size = (contract.input_height, contract.input_width)
+            if self.tensorrt_cache is not None:
+                Path(self.tensorrt_cache).mkdir(parents=True, exist_ok=True)
+        self.session = ort.InferenceSession(str(self.path), options, providers=asked,
+                                            provider_options=provider_options(asked, self.tensorrt_cache, input_size, self.max_batch))
         self.contract: ModelContract = check_session(self.session)
         precision = precision_of(self.session.get_modelmeta().custom_metadata_map)
         if self.precision != "fp32" and precision != self.precision:

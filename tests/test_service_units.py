@@ -337,9 +337,12 @@ def test_tensorrt_comes_first_with_its_engine_cache_and_is_refused_where_it_cann
 
     from service.inference import TENSORRT, ProviderUnavailable, provider_options
 
-    assert provider_options([TENSORRT, CUDA, CPU], tmp_path / "trt") == [
+    assert provider_options([TENSORRT, CUDA, CPU], tmp_path / "trt", (16, 8), 32) == [
         {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True",
-         "trt_engine_cache_path": str(tmp_path / "trt"), "trt_timing_cache_path": str(tmp_path / "trt")}, {}, {}]
+         "trt_engine_cache_path": str(tmp_path / "trt"), "trt_timing_cache_path": str(tmp_path / "trt"),
+         # one engine for every batch the service makes (1 .. REID_MAX_BATCH_SIZE), not one per batch size met
+         "trt_profile_min_shapes": "images:1x16x8x3", "trt_profile_opt_shapes": "images:32x16x8x3", "trt_profile_max_shapes": "images:32x16x8x3"},
+        {}, {}]
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
     assert choose_providers("tensorrt") == [TENSORRT, CUDA, CPU] and choose_providers("auto") == [CUDA, CPU]
     with pytest.raises(ProviderUnavailable, match="asked ONNX Runtime for TensorrtExecutionProvider but it runs on CPUExecutionProvider"):

@@ -1,0 +1,94 @@
+"""Raw embedding throughput on a GPU host: by model file (fp32, fp16), provider (TensorRT, CUDA), batch size and
+IO binding, in one run (not a test; prepared for a lent GPU, where it has not run yet).
+
+Each (file, provider) gets the service's own provider options (service.inference: TensorRT's profile for
+batches up to the largest measured, its engine cache in ``--work``); the provider really running is read back
+from the session, and a fall-back (to CUDA or the CPU) is reported as such, never measured as the one asked
+for. Per batch size, images/s of one call at a time with plain ``run`` (pixels copied from host memory, both
+outputs back to it, as the service runs) and with IO binding (the pixels copied to the device once, the
+outputs left there: what a pipeline keeping tensors on the GPU would see); random uint8 images at the file's
+input size. Where ONNX Runtime offers neither GPU provider it measures the CPU, which is how it is tested.
+
+    python bench/gpu_embed.py model_zoo/models/cama_mobilenetv2_pool.onnx model_zoo/models/cama_mobilenetv2_pool.fp16.onnx \
+        --work /tmp/gpu-bench --output bench/results/gpu_embed.json
+"""
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import emit  # noqa: E402
+from model_zoo.contract import INPUT_IMAGES, check_session  # noqa: E402
+from service.inference import CPU, CUDA, TENSORRT, provider_options  # noqa: E402
+
+BATCHES = (1, 8, 32, 64, 128, 256)
+PROVIDER_CHAINS = {"tensorrt": [TENSORRT, CUDA, CPU], "cuda": [CUDA, CPU], "cpu": [CPU]}
+
+
+def session_for(path: Path, chain: list, work: Path, max_batch: int) -> ort.InferenceSession:
+    size = check_session(ort.InferenceSession(str(path), providers=[CPU]))
+    work.mkdir(parents=True, exist_ok=True)
+    options = provider_options(chain, work / f"trt-{path.stem}", (size.input_height, size.input_width), max_batch)
+    return ort.InferenceSession(str(path), providers=chain, provider_options=options)
+
+
+def rate(call, images: int, seconds: float) -> float:
+    call()  # warm-up (and, for TensorRT, the engine for this shape)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        call()
+        done += images
+    return done / (time.perf_counter() - start)
+
+
+def bound_call(session: ort.InferenceSession, batch: np.ndarray, device: str):
+    """A run with IO binding: the input copied to ``device`` once, the outputs allocated there."""
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(INPUT_IMAGES, ort.OrtValue.ortvalue_from_numpy(batch, device, 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device)
+    return lambda: session.run_with_iobinding(binding)
+
+
+def measure(path: Path, chain: list, batches, seconds: float, work: Path) -> dict:
+    session = session_for(path, chain, work, max(batches))
+    contract = check_session(session)
+    active = session.get_providers()[0]
+    device = "cpu" if active == CPU else "cuda"
+    rng = np.random.default_rng(0)
+    rows = {}
+    for size in batches:
+        batch = rng.integers(0, 256, (size, contract.input_height, contract.input_width, 3), dtype=np.uint8)
+        rows[str(size)] = {"run_images_per_s": round(rate(lambda: session.run(None, {INPUT_IMAGES: batch}), size, seconds), 1),
+                           "io_binding_images_per_s": round(rate(bound_call(session, batch, device), size, seconds), 1)}
+        print(path.name, active, size, rows[str(size)], flush=True)
+    return {"asked": chain[0], "active": active, "fell_back": active != chain[0], "by_batch": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path, help="exported files: the fp32 file and its fp16 (or int8) file")
+    parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDER_CHAINS), default=["tensorrt", "cuda"],
+                        help="those ONNX Runtime offers are measured; none offered: the CPU")
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/reid-gpu-bench"), help="TensorRT's engine caches go here")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    offered = ort.get_available_providers()
+    chains = [name for name in args.providers if PROVIDER_CHAINS[name][0] in offered] or ["cpu"]
+    results = {"machine": platform.processor() or platform.machine(), "onnxruntime": ort.__version__, "offered": offered,
+               "command": " ".join(sys.argv), "models": {}}
+    for path in args.models:
+        results["models"][path.name] = {name: measure(path, PROVIDER_CHAINS[name], args.batches, args.seconds, args.work) for name in chains}
+    emit(results, args.output)
+
+
+if __name__ == "__main__":
+    main()
