@@ -1,10 +1,10 @@
 """Raw embedding throughput on a GPU host: by model file (fp32, fp16), provider (TensorRT, CUDA), batch size and
 IO binding, in one run (not a test; prepared for a lent GPU, where it has not run yet).
 
-Each (file, provider) gets the service's own provider options (service.inference: TensorRT's profile for
-batches up to the largest measured, its engine cache in ``--work``); the provider really running is read back
-from the session, and a fall-back (to CUDA or the CPU) is reported as such, never measured as the one asked
-for. Per batch size, images/s of one call at a time with plain ``run`` (pixels copied from host memory, both
+Each (file, provider) is loaded as the service loads it (service.inference.InferenceModel with
+REID_EXECUTION_PROVIDER set to it: TensorRT's profile for batches up to the largest measured, its engine cache
+in ``--work``; one call at a time); a provider that falls back (to CUDA or the CPU) is reported with the
+service's own message, never measured as the one asked for. Per batch size, images/s of one call at a time with plain ``run`` (pixels copied from host memory, both
 outputs back to it, as the service runs) and with IO binding (the pixels copied to the device once, the
 outputs left there: what a pipeline keeping tensors on the GPU would see); random uint8 images at the file's
 input size. Where ONNX Runtime offers neither GPU provider it measures the CPU, which is how it is tested.
@@ -24,18 +24,11 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit  # noqa: E402
-from model_zoo.contract import INPUT_IMAGES, check_session  # noqa: E402
-from service.inference import CPU, CUDA, TENSORRT, provider_options  # noqa: E402
+from model_zoo.contract import INPUT_IMAGES  # noqa: E402
+from service.inference import CPU, CUDA, TENSORRT, InferenceModel, ProviderUnavailable  # noqa: E402
 
 BATCHES = (1, 8, 32, 64, 128, 256)
-PROVIDER_CHAINS = {"tensorrt": [TENSORRT, CUDA, CPU], "cuda": [CUDA, CPU], "cpu": [CPU]}
-
-
-def session_for(path: Path, chain: list, work: Path, max_batch: int) -> ort.InferenceSession:
-    size = check_session(ort.InferenceSession(str(path), providers=[CPU]))
-    work.mkdir(parents=True, exist_ok=True)
-    options = provider_options(chain, work / f"trt-{path.stem}", (size.input_height, size.input_width), max_batch)
-    return ort.InferenceSession(str(path), providers=chain, provider_options=options)
+PROVIDERS = {"tensorrt": TENSORRT, "cuda": CUDA, "cpu": CPU}  # REID_EXECUTION_PROVIDER value: the provider it asks for
 
 
 def rate(call, images: int, seconds: float) -> float:
@@ -56,10 +49,12 @@ def bound_call(session: ort.InferenceSession, batch: np.ndarray, device: str):
     return lambda: session.run_with_iobinding(binding)
 
 
-def measure(path: Path, chain: list, batches, seconds: float, work: Path) -> dict:
-    session = session_for(path, chain, work, max(batches))
-    contract = check_session(session)
-    active = session.get_providers()[0]
+def measure(path: Path, provider: str, batches, seconds: float, work: Path) -> dict:
+    try:
+        model = InferenceModel(path, provider, instances=1, tensorrt_cache=work / f"trt-{path.stem}", max_batch=max(batches)).load()
+    except ProviderUnavailable as fell_back:
+        return {"asked": PROVIDERS[provider], "fell_back": True, "error": str(fell_back)}
+    session, contract, active = model.session, model.contract, model.providers.active
     device = "cpu" if active == CPU else "cuda"
     rng = np.random.default_rng(0)
     rows = {}
@@ -68,13 +63,13 @@ def measure(path: Path, chain: list, batches, seconds: float, work: Path) -> dic
         rows[str(size)] = {"run_images_per_s": round(rate(lambda: session.run(None, {INPUT_IMAGES: batch}), size, seconds), 1),
                            "io_binding_images_per_s": round(rate(bound_call(session, batch, device), size, seconds), 1)}
         print(path.name, active, size, rows[str(size)], flush=True)
-    return {"asked": chain[0], "active": active, "fell_back": active != chain[0], "by_batch": rows}
+    return {"asked": PROVIDERS[provider], "active": active, "fell_back": False, "by_batch": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", type=Path, help="exported files: the fp32 file and its fp16 (or int8) file")
-    parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDER_CHAINS), default=["tensorrt", "cuda"],
+    parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=["tensorrt", "cuda"],
                         help="those ONNX Runtime offers are measured; none offered: the CPU")
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
@@ -82,11 +77,11 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     offered = ort.get_available_providers()
-    chains = [name for name in args.providers if PROVIDER_CHAINS[name][0] in offered] or ["cpu"]
+    providers = [name for name in args.providers if PROVIDERS[name] in offered] or ["cpu"]
     results = {"machine": platform.processor() or platform.machine(), "onnxruntime": ort.__version__, "offered": offered,
                "command": " ".join(sys.argv), "models": {}}
     for path in args.models:
-        results["models"][path.name] = {name: measure(path, PROVIDER_CHAINS[name], args.batches, args.seconds, args.work) for name in chains}
+        results["models"][path.name] = {name: measure(path, name, args.batches, args.seconds, args.work) for name in providers}
     emit(results, args.output)
 
 

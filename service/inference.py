@@ -114,8 +114,9 @@ class ImageMaps:
 class InferenceModel:
     """load() once, then predict(uint8 [B, H, W, 3]) -> (embedding [B, N*D], ImageMaps or None).
 
-    ``precision`` (REID_MODEL_PRECISION) picks the file: fp32 loads ``path`` itself, int8 the int8 file beside
-    it, ``<stem>.int8.onnx`` (``python -m training quantize`` writes it), which must say reid.precision = int8.
+    ``precision`` (REID_MODEL_PRECISION) picks the file: fp32 loads ``path`` itself, int8 or fp16 the file beside
+    it, ``<stem>.int8.onnx`` or ``<stem>.fp16.onnx`` (``python -m training quantize`` / ``fp16`` write them),
+    which must say that precision in reid.precision. With TensorRT, ``max_batch`` bounds its optimisation profile.
     ``self.path`` is the file really loaded, whose sha256 is the fingerprint (a gallery re-embeds on a switch),
     and after load() ``self.precision`` is what that file says it is.
 

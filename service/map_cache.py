@@ -42,7 +42,7 @@ class FeatureMapCache:
         for item_id, item_maps in maps.items():
             compact = ImageMaps(item_maps.features.astype(np.float16), item_maps.attention)
             if size_of(compact) > self.budget:
-                return
+                continue
             self.discard([item_id])
             self._maps[item_id] = compact
             self.bytes += size_of(compact)
