@@ -47,7 +47,7 @@ class ContractOutputs(nn.Module):
 class FlipAveraged(nn.Module):
     """Test-time flip inside the graph: each image's maps averaged with its mirror image's maps mirrored back
     (the optional attention maps too). The embedding, built from the averaged maps, is then the flip-averaged
-    descriptor, the same for an image and its mirror, and RAM's identity still holds; the model runs twice.
+    descriptor, the same for an image and its mirror, and RAM's identity still holds; the model's work doubles.
     On the shipped default's checkpoint: mAP +1.2 on CUHK03-val, +1.1 on PRID, +0.7 on GRID (README)."""
 
     def __init__(self, model: nn.Module):
@@ -58,9 +58,14 @@ class FlipAveraged(nn.Module):
             self.selection_margins = lambda images: torch.minimum(model.selection_margins(images), model.selection_margins(images.flip(2)))
 
     def forward(self, images: torch.Tensor) -> ReIDOutput:
-        out, mirrored = self.model(images), self.model(images.flip(2))
-        aux = {name: (out.aux[name] + mirrored.aux[name].flip(-1)) / 2 for name in OPTIONAL_OUTPUTS if name in out.aux}
-        return ReIDOutput(feature_maps=(out.feature_maps + mirrored.feature_maps.flip(-1)) / 2, aux=aux)
+        both = self.model(torch.cat([images, images.flip(2)]))  # one pass over the images and their mirrors
+
+        def averaged(maps: torch.Tensor) -> torch.Tensor:
+            plain, mirrored = maps.chunk(2)
+            return (plain + mirrored.flip(-1)) / 2
+
+        aux = {name: averaged(both.aux[name]) for name in OPTIONAL_OUTPUTS if name in both.aux}
+        return ReIDOutput(feature_maps=averaged(both.feature_maps), aux=aux)
 
 
 def optional_outputs(model: nn.Module, images: torch.Tensor) -> list:
