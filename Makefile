@@ -10,7 +10,7 @@ RUNTIME := $(if $(HAS_GPU),gpu,cpu)
 OTHER_RUNTIME_PACKAGES := $(if $(HAS_GPU),onnxruntime faiss-cpu,onnxruntime-gpu faiss-gpu-cu12)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: serve test install weights browser bench clean
+.PHONY: serve test install weights browser postgres compose bench clean
 
 serve: $(VENV)/.serve-$(RUNTIME)
 	$(BIN)/python -m service
@@ -34,7 +34,7 @@ $(VENV)/.serve-$(RUNTIME): pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-$(RUNTIME): pyproject.toml $(VENV)/.serve-$(RUNTIME)
-	$(PIP) install --quiet -e ".[$(RUNTIME),train,dev]"
+	$(PIP) install --quiet -e ".[$(RUNTIME),train,dev,cluster]"
 	touch $@
 
 # Every performance figure the README shows, written into bench/results/ with the machine described: the
@@ -60,6 +60,16 @@ bench: $(VENV)/.test-$(RUNTIME)
 browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
+# Debian's PostgreSQL server for the cluster backend's tests (which skip, saying so, without it); the tests
+# start their own server in a temporary folder, so the package's own cluster is never used.
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends postgresql; }
+
+# Debian's docker-compose, for the test that validates every profile of docker-compose.yml (skipped without it).
+compose:
+	command -v docker-compose >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends docker-compose; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -24,7 +24,7 @@ from model_zoo.rerank import rerank_shortlist
 from service.access import AccessGate, BodyLimit
 from service.batching import MicroBatcher
 from service.errors import ERROR_SCHEMA, APIError, install_error_handlers
-from service.gallery import Gallery
+from service.gallery import Gallery, GalleryBase
 from service.heatmaps import overlay, png_base64
 from service.http_contract import HeadAsGet, image_headers
 from service.inference import ImageMaps, InferenceModel
@@ -104,7 +104,7 @@ def pixels_of(uploads: List[Upload]) -> np.ndarray:
     return np.stack([u.decoded.pixels for u in uploads])
 
 
-def require_gallery(gallery: Gallery) -> None:
+def require_gallery(gallery: GalleryBase) -> None:
     if gallery.size == 0:
         raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
 
@@ -140,16 +140,16 @@ class QueryOptions:
         return self.rerank or self.pair_attention
 
 
-def search_index(gallery: Gallery, vectors: np.ndarray, k: int, options: QueryOptions) -> Tuple[List[Hit], Dict[int, int]]:
+async def search_index(gallery: GalleryBase, vectors: np.ndarray, k: int, options: QueryOptions) -> Tuple[List[Hit], Dict[int, int]]:
     """A query's index hits: its one vector's, or a best-of track's, each image searched and the hits merged at
     their best score; and, for the latter, which track image gave each hit its score ({} otherwise)."""
-    searches = [gallery.search(vector, k, group_by_person=options.group_by_person, **options.filters) for vector in vectors]
+    searches = [await gallery.search_from_loop(vector, k, group_by_person=options.group_by_person, **options.filters) for vector in vectors]
     if len(searches) == 1:
         return searches[0], {}
     return merge_best(searches, k, gallery.person_group if options.group_by_person else None)
 
 
-async def purge_expired(gallery: Gallery, days: float, metrics: ServiceMetrics) -> int:
+async def purge_expired(gallery: GalleryBase, days: float, metrics: ServiceMetrics) -> int:
     """Erase what REID_RETENTION_DAYS has expired, the way a person is erased (one transaction, WAL wiped)."""
     erased = await gallery.erase_older_than(time.time() - days * SECONDS_PER_DAY)
     metrics.erased.labels("retention").inc(len(erased))
@@ -158,7 +158,7 @@ async def purge_expired(gallery: Gallery, days: float, metrics: ServiceMetrics) 
     return len(erased)
 
 
-async def retention_loop(gallery: Gallery, settings: Settings, metrics: ServiceMetrics) -> None:
+async def retention_loop(gallery: GalleryBase, settings: Settings, metrics: ServiceMetrics) -> None:
     while True:
         await asyncio.sleep(settings.retention_interval_s)
         try:
@@ -213,6 +213,24 @@ def draw_pair_attention(pair: PairAttention, query_image, match_image) -> None:
     pair.gallery_overlay_png = png_base64(overlay(match_image, np.array(pair.gallery_grid)))
 
 
+def new_gallery(settings: Settings, model: InferenceModel) -> GalleryBase:
+    """The gallery of REID_GALLERY_BACKEND, not yet opened."""
+    if settings.gallery_backend == "cluster":
+        from service.cluster_gallery import ClusterGallery  # its clients are the [cluster] extra's: imported only when asked for
+        return ClusterGallery(model, settings)
+    return Gallery(GalleryStore(settings.store_path), model, settings)
+
+
+def backend_errors(settings: Settings) -> Dict[type, Tuple[int, str]]:
+    """The cluster backend's exceptions as answers: its database or index out of reach (503), or a replica
+    left behind by a model change (409)."""
+    if settings.gallery_backend != "cluster":
+        return {}
+    from service.cluster_gallery import UNAVAILABLE_ERRORS
+    from service.pg_store import ModelChanged
+    return {**{error: (503, "storage_unavailable") for error in UNAVAILABLE_ERRORS}, ModelChanged: (409, "model_changed")}
+
+
 def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image, branch_overlays: bool) -> Heatmap:
     """One match's drawings, in one worker thread: its RAM and, after a pair_attention query, its pair's maps."""
     if match.pair_attention is not None:
@@ -230,8 +248,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                                settings.tensorrt_cache_dir or settings.store_path.parent / "tensorrt-cache", settings.max_batch_size).load()
         app.state.pair_head = load_pair_head(settings, model)
         app.state.same_person = SamePersonRule.choose(model.contract, settings.verify_threshold)
-        store = GalleryStore(settings.store_path)
-        gallery = Gallery(store, model, settings)
+        gallery = await asyncio.to_thread(new_gallery, settings, model)
         await asyncio.to_thread(gallery.open)
         await gallery.start()
         retention = None
@@ -256,7 +273,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                 await asyncio.gather(retention, return_exceptions=True)
             await batcher.stop()
             await gallery.stop()
-            store.close()
+            gallery.close()
 
     app = FastAPI(
         title="Person re-ID retrieval", version="0.1.0", lifespan=lifespan,
@@ -269,7 +286,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     def count_error(code: str) -> None:
         metrics.errors.labels(code).inc()
 
-    install_error_handlers(app, on_error=count_error)
+    install_error_handlers(app, on_error=count_error, backend_errors=backend_errors(settings))
     body_limit = settings.max_images_per_request * settings.max_image_bytes + 1024 * 1024
     app.add_middleware(BodyLimit, limit=body_limit, on_error=count_error)
     # outside BodyLimit: a request refused by its headers is refused before its size is even looked at
@@ -309,12 +326,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.get("/readyz", tags=["health"], response_model=ReadyResponse, responses={503: ERROR_SCHEMA})
     async def readyz(request: Request):
         s = state(request)
-        index = s.gallery.index
+        problem = s.gallery.readiness_problem()
+        if problem:
+            raise APIError(503, "model_changed", f"{problem}: restart this replica with that model")
         return ReadyResponse(
             ready=True, provider={**asdict(s.model.providers), "fell_back": s.model.providers.fell_back},
-            index={"type": index.built_kind, "requested_type": index.kind, "device": index.device, "size": index.size, "tombstones": len(index.tombstones),
-                   "reduced_dim": index.index.d if index.rescores else None, "rebuilding": s.gallery.rebuilding},
-            gallery_size=s.gallery.size, model_fingerprint=s.model.fingerprint,
+            index=s.gallery.describe_index(), gallery_size=s.gallery.size, model_fingerprint=s.model.fingerprint,
         )
 
     @app.get("/model", tags=["health"], dependencies=protected, responses=ERRORS)
@@ -523,7 +540,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         embedding or a track's mean (V = 1), or each image of a best-of track; ``maps`` and ``previews`` are each
         query image's."""
         shortlist = max(options.top_k, settings.rerank_shortlist) if options.reorders else options.top_k
-        hits, sources = search_index(s.gallery, vectors, shortlist, options)
+        hits, sources = await search_index(s.gallery, vectors, shortlist, options)
         found = s.gallery.store.get_many_with_embeddings([i for i, _ in hits], s.gallery.dim)
         features = split_branches(vectors, s.model.contract.num_branches)  # [V, N, D]
         watch.lap("search")

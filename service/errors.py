@@ -2,7 +2,7 @@
 import json
 import logging
 import sqlite3
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, Tuple, Type
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,7 +59,8 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def install_error_handlers(app: FastAPI, on_error=lambda code: None) -> None:
+def install_error_handlers(app: FastAPI, on_error=lambda code: None, backend_errors: Dict[Type[Exception], Tuple[int, str]] = {}) -> None:
+    """``backend_errors``: the gallery backend's own exceptions, each answered with (status, code) and its message."""
     def respond(status: int, code: str, message: str, headers=None) -> JSONResponse:
         on_error(code)
         return JSONResponse(error_body(code, message), status_code=status, headers=headers)
@@ -93,6 +94,13 @@ def install_error_handlers(app: FastAPI, on_error=lambda code: None) -> None:
         # disk full, I/O error, read-only file: the server's trouble, not the request's; nothing was written
         log.error("gallery store: %s", exc)
         return respond(503, "storage_unavailable", f"the gallery store refused the write: {exc}")
+
+    for error_type, (status, code) in backend_errors.items():
+        async def backend_error(_: Request, exc: Exception, status=status, code=code):
+            log.error("gallery backend: %s", exc)
+            return respond(status, code, f"the gallery backend: {exc}")
+
+        app.add_exception_handler(error_type, backend_error)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):

@@ -1,4 +1,5 @@
-"""The gallery: the SQLite store (source of truth) and the FAISS index kept consistent.
+"""The embedded gallery: the SQLite store (source of truth) and the FAISS index kept consistent, in this process
+(the default; several replicas share ``service.cluster_gallery`` instead).
 
 Every write (enrol, delete) goes through one writer task, in arrival order: it commits the store in a worker
 thread (writes that arrive together share one transaction and one fsync: group commit), then updates the
@@ -67,14 +68,56 @@ class _Write:
     erases: bool = False  # an erasure: the WAL is wiped after its commit
 
 
-class Gallery:
-    def __init__(self, store: GalleryStore, model: InferenceModel, settings: Settings):
-        self.store, self.model, self.settings = store, model, settings
+class GalleryBase:
+    """What the routes use of a gallery, whichever the backend: this embedded one (SQLite + FAISS in this
+    process) or ``service.cluster_gallery`` (PostgreSQL + Milvus, shared by replicas). Both have ``open``,
+    ``start``/``stop``/``close``, ``add``, ``delete``, ``erase_person``, ``erase_older_than``, ``search``,
+    ``size``, ``describe_index`` and ``store`` with the reads of ``service.store.StoreReads``."""
+
+    def __init__(self, model: InferenceModel, settings: Settings):
+        self.model, self.settings = model, settings
         self.dim = model.contract.embedding_dim
         self.num_branches = model.contract.num_branches
+        self.map_cache = FeatureMapCache(settings.heatmap_cache_mb * 2**20)
+
+    def holds(self, item_id: int) -> bool:
+        raise NotImplementedError
+
+    def person_of(self, item_id: int) -> Optional[str]:
+        raise NotImplementedError
+
+    def readiness_problem(self) -> Optional[str]:
+        """Why this replica must not serve (None: it may)."""
+        return None
+
+    async def search_from_loop(self, *args, **kwargs) -> List[Tuple[int, float]]:
+        """``search``, called from the event loop: on the loop itself here, where the embedded index lives and
+        changes; the cluster's moves its network round trip off the loop."""
+        return self.search(*args, **kwargs)
+
+    def remember_maps(self, maps: Dict[int, ImageMaps]) -> None:
+        """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being
+        computed is left out: its delete has already cleared the cache)."""
+        self.map_cache.put({item_id: item_maps for item_id, item_maps in maps.items() if self.holds(item_id)})
+
+    def person_group(self, item_id: int) -> Tuple[str, object]:
+        """What group_by=person groups by: the person, or, for an item without person_id, the item alone
+        (unknown people are not merged into one)."""
+        person = self.person_of(item_id)
+        return ("person", person) if person is not None else ("item", item_id)
+
+    def score(self, raw: float) -> float:
+        """The index's inner product as the documented score, the mean of the branches' cosines in [-1, 1]
+        (float32 sums put an identical image a hair above 1, 1.0000001)."""
+        return min(1.0, max(-1.0, raw / self.num_branches))
+
+
+class Gallery(GalleryBase):
+    def __init__(self, store: GalleryStore, model: InferenceModel, settings: Settings):
+        super().__init__(model, settings)
+        self.store = store
         self.labels: Dict[int, Label] = {}
         self.index = self._new_index()
-        self.map_cache = FeatureMapCache(settings.heatmap_cache_mb * 2**20)
         self._rebuilding: Optional[asyncio.Task] = None
         self._replay: List[Tuple[_Write, Any]] = []  # writes applied to the old index while the new one is built
         self._cancel_rebuild = threading.Event()
@@ -123,10 +166,16 @@ class Gallery:
     def size(self) -> int:
         return len(self.labels)
 
-    def remember_maps(self, maps: Dict[int, ImageMaps]) -> None:
-        """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being
-        computed is left out: its delete has already cleared the cache)."""
-        self.map_cache.put({item_id: item_maps for item_id, item_maps in maps.items() if item_id in self.labels})
+    def holds(self, item_id: int) -> bool:
+        return item_id in self.labels
+
+    def person_of(self, item_id: int) -> Optional[str]:
+        return self.labels.get(item_id, UNLABELLED).person_id
+
+    def describe_index(self) -> Dict[str, object]:
+        index = self.index
+        return {"type": index.built_kind, "requested_type": index.kind, "device": index.device, "size": index.size,
+                "tombstones": len(index.tombstones), "reduced_dim": index.index.d if index.rescores else None, "rebuilding": self.rebuilding}
 
     @property
     def rebuilding(self) -> bool:
@@ -137,6 +186,9 @@ class Gallery:
         self._writes: asyncio.Queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._writer = asyncio.create_task(self._write_loop())
+
+    def close(self) -> None:
+        self.store.close()
 
     async def stop(self) -> None:
         self._writer.cancel()
@@ -289,16 +341,6 @@ class Gallery:
                                  partial(exact_scores, self.store, embedding))
         return [(item_id, self.score(raw)) for item_id, raw in hits]
 
-    def person_group(self, item_id: int) -> Tuple[str, object]:
-        """What group_by=person groups by: the person, or, for an item without person_id, the item alone
-        (unknown people are not merged into one)."""
-        person = self.labels.get(item_id, UNLABELLED).person_id
-        return ("person", person) if person is not None else ("item", item_id)
-
-    def score(self, raw: float) -> float:
-        """The index's inner product as the documented score, the mean of the branches' cosines in [-1, 1]
-        (float32 sums put an identical image a hair above 1, 1.0000001)."""
-        return min(1.0, max(-1.0, raw / self.num_branches))
 
 
 class RebuildCancelled(Exception):

@@ -14,7 +14,13 @@ class Settings(BaseSettings):
 
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model following model_zoo/CONTRACT.md")
     model_precision: Literal["fp32", "int8", "fp16"] = Field("fp32", description="fp32: serve REID_MODEL_PATH; int8: serve <model stem>.int8.onnx beside it (python -m training quantize writes it: for CPUs); fp16: <model stem>.fp16.onnx (python -m training fp16: for GPUs); a missing file refuses the start")
-    store_path: Path = Field(Path("var/gallery.sqlite3"), description="SQLite gallery file (created if missing)")
+    store_path: Path = Field(Path("var/gallery.sqlite3"), description="SQLite gallery file (created if missing; REID_GALLERY_BACKEND=embedded)")
+    gallery_backend: Literal["embedded", "cluster"] = Field("embedded", description="embedded: SQLite (REID_STORE_PATH) and FAISS in this process, one server; cluster: PostgreSQL (REID_POSTGRES_DSN) and Milvus (REID_MILVUS_URI) shared by every replica (pip extra [cluster])")
+    postgres_dsn: Optional[SecretStr] = Field(None, description="cluster: the PostgreSQL gallery, postgresql://user:password@host:5432/dbname")
+    milvus_uri: str = Field("http://127.0.0.1:19530", description="cluster: the Milvus server")
+    milvus_token: Optional[SecretStr] = Field(None, description="cluster: Milvus credentials, user:password or an API key (unset: none)")
+    milvus_collection: str = Field("reid_gallery", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="cluster: the Milvus collection every replica shares")
+    milvus_index_type: Literal["AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW", "GPU_CAGRA", "GPU_IVF_FLAT"] = Field("AUTOINDEX", description="cluster: the Milvus index over the embeddings (inner product), used when the collection is created; GPU_* need Milvus' GPU build")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     api_key: Optional[SecretStr] = Field(None, description="if set, every route but /healthz, /readyz, / and the API docs needs header X-API-Key, checked before any body is read")
@@ -63,7 +69,7 @@ class Settings(BaseSettings):
         # docker-compose passes unset variables through as "", which must mean "the shipped model"
         return DEFAULT_MODEL_PATH if value in ("", None) else value
 
-    @field_validator("pair_head_path", "verify_threshold", mode="before")
+    @field_validator("pair_head_path", "verify_threshold", "postgres_dsn", "milvus_token", mode="before")
     @classmethod
     def empty_means_unset(cls, value):
         return None if value == "" else value
@@ -72,6 +78,12 @@ class Settings(BaseSettings):
     def origins(self) -> List[str]:
         """REID_ALLOWED_ORIGINS as a list (a plain string in the environment, not JSON)."""
         return [origin.strip().rstrip("/") for origin in self.allowed_origins.split(",") if origin.strip()]
+
+    @model_validator(mode="after")
+    def cluster_names_its_database(self):
+        if self.gallery_backend == "cluster" and self.postgres_dsn is None:
+            raise ValueError("REID_GALLERY_BACKEND=cluster needs REID_POSTGRES_DSN (postgresql://user:password@host:5432/dbname)")
+        return self
 
     @model_validator(mode="after")
     def one_request_fits_the_queue(self):

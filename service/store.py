@@ -136,6 +136,19 @@ def tolerant_text(db: sqlite3.Connection) -> sqlite3.Connection:
     return db
 
 
+def listing_filter(placeholder: str, person_id: Optional[str], camera_id: Optional[str], captured_after: Optional[float],
+                   captured_before: Optional[float]) -> Tuple[str, list]:
+    """A listing's WHERE clause (empty when nothing filters) and its arguments, with the driver's parameter
+    placeholder (SQLite's ``?``, PostgreSQL's ``%s``)."""
+    where, args = [], []
+    for condition, value in (("person_id = {}", person_id), ("camera_id = {}", camera_id),
+                             ("captured_at >= {}", captured_after), ("captured_at < {}", captured_before)):
+        if value is not None:
+            where.append(condition.format(placeholder))
+            args.append(value)
+    return (f" WHERE {' AND '.join(where)}" if where else ""), args
+
+
 class StoreReads:
     """The store's reads, on ``self.db``: the store's own read connection, or a ``StoreReader``'s."""
 
@@ -178,13 +191,7 @@ class StoreReads:
              captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> Tuple[int, List[Item]]:
         """A page of items in id order; the capture time range is captured_after <= captured_at < captured_before
         (an item of unknown time is in no range)."""
-        where, args = [], []
-        for condition, value in (("person_id = ?", person_id), ("camera_id = ?", camera_id),
-                                 ("captured_at >= ?", captured_after), ("captured_at < ?", captured_before)):
-            if value is not None:
-                where.append(condition)
-                args.append(value)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        clause, args = listing_filter("?", person_id, camera_id, captured_after, captured_before)
         total = self.db.execute(f"SELECT COUNT(*) FROM items{clause}", args).fetchone()[0]
         rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items{clause} ORDER BY id LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
         return total, [Item.from_row(r) for r in rows]

@@ -76,3 +76,17 @@ def image_bytes(pid: int, variant: int, fmt: str = "JPEG") -> bytes:
     buffer = io.BytesIO()
     person_image(pid, variant).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def cluster_servers():
+    """PostgreSQL and milvus-lite for the cluster backend's tests, started once (skips, saying why, where
+    they cannot run)."""
+    from tests.cluster import ClusterServers, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    servers = ClusterServers().start()
+    yield servers
+    servers.stop()

@@ -77,8 +77,9 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
 
 
-def enrol(client: httpx.Client, blobs: List[bytes]) -> List[int]:
-    response = client.post("/gallery", files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)])
+def enrol(client: httpx.Client, blobs: List[bytes], **fields) -> List[int]:
+    """The ids of ``blobs`` enrolled in one request; ``fields``: its form fields (person_id="7", ...)."""
+    response = client.post("/gallery", files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)], data=fields)
     assert response.status_code == 201, response.text
     return response.json()["ids"]
 

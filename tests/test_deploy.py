@@ -44,6 +44,24 @@ def test_compose_service_has_store_volume_healthcheck_and_valid_settings(name):
     assert set(service["environment"]) <= known
 
 
+def test_compose_cluster_profile_puts_replicas_with_a_gpu_each_behind_a_load_balancer():
+    services = compose()["services"]
+    cluster = {name for name, service in services.items() if service.get("profiles") == ["cluster"]}
+    assert cluster == {"etcd", "minio", "milvus", "postgres", "reid-replica", "reid-lb"}
+    replica = services["reid-replica"]
+    assert replica["deploy"]["replicas"] == "${REID_REPLICAS:-2}" and "ports" not in replica  # reached through the balancer only
+    [device] = replica["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == 1 and "gpu" in device["capabilities"]
+    assert "/readyz" in " ".join(replica["healthcheck"]["test"])
+    env = replica["environment"]
+    assert env["REID_GALLERY_BACKEND"] == "cluster" and env["REID_MILVUS_URI"] == "http://milvus:19530" and "@postgres:5432/" in env["REID_POSTGRES_DSN"]
+    assert set(env) <= {f"REID_{field.upper()}" for field in Settings.model_fields}
+    assert all(services[name]["healthcheck"] for name in cluster)
+    assert replica["depends_on"] == {"milvus": {"condition": "service_healthy"}, "postgres": {"condition": "service_healthy"}}
+    nginx = (REPO / "docker" / "nginx-cluster.conf").read_text()
+    assert "reid-replica:8000" in nginx and "./docker/nginx-cluster.conf:/etc/nginx/conf.d/default.conf:ro" in services["reid-lb"]["volumes"]
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_runs_the_tested_command_as_a_non_root_user_with_a_healthcheck(dockerfile):
     lines = dockerfile.read_text().splitlines()
@@ -64,7 +82,7 @@ def test_hadolint_passes(dockerfile):
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed here")
 def test_docker_compose_config_passes():
-    for args in ([], ["--profile", "cpu"]):
+    for args in ([], ["--profile", "cpu"], ["--profile", "cluster"]):
         subprocess.run(["docker-compose", *args, "config", "-q"], cwd=REPO, check=True)
 
 

@@ -1,7 +1,7 @@
-"""The service over HTTP: a real uvicorn process on loopback, the tiny exported model, a real SQLite file."""
+"""The service over HTTP: a real uvicorn process on loopback, the tiny exported model, a real SQLite file, and the
+same suite again on the cluster backend (a real PostgreSQL server and milvus-lite)."""
 import contextlib
 import io
-import sqlite3
 import subprocess
 import sys
 import warnings
@@ -13,15 +13,19 @@ from PIL import Image
 from service.inference import cpu_cores
 from service.settings import Settings
 from tests.conftest import image_bytes
+from tests.cluster import BACKENDS, backend_settings, stored_embeddings
 from tests.server import REPO, ServiceProcess, assert_error
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tiny_model, tmp_path_factory):
+    """The suite runs once per gallery backend: SQLite + FAISS, then PostgreSQL + Milvus (milvus-lite)."""
+    backend = backend_settings(request)
     store = tmp_path_factory.mktemp("store") / "gallery.sqlite3"
-    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=8, max_top_k=20, rerank_shortlist=8) as process:
+    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=8, max_top_k=20, rerank_shortlist=8,
+                        **backend) as process:
         yield process
 
 
@@ -173,14 +177,6 @@ def test_query_filters(client):
     assert_error(client.post("/query", files=query, data={"min_score": "2"}), 422, "invalid_request")
 
 
-def stored_embeddings(server, ids) -> np.ndarray:
-    db = sqlite3.connect(server.env["REID_STORE_PATH"])
-    try:
-        return np.stack([np.frombuffer(db.execute("SELECT embedding FROM items WHERE id = ?", (i,)).fetchone()[0], np.float32) for i in ids])
-    finally:
-        db.close()
-
-
 def test_rerank_reorders_the_shortlist_and_keeps_scores_and_heatmaps_plain(server, client):
     from model_zoo.rerank import rerank_shortlist
 
@@ -266,8 +262,8 @@ def test_list_paginates_and_filters(client):
 
 
 def test_delete_removes_from_index_and_store_together(client):
-    [item_id] = enroll(client, [image_bytes(4000, 1)], person_id="4000")
-    query = files(image_bytes(4000, 1), name="image")
+    [item_id] = enroll(client, [image_bytes(4100, 1)], person_id="4100")
+    query = files(image_bytes(4100, 1), name="image")
     assert client.post("/query", files=query, data={"heatmaps": "false"}).json()["matches"][0]["id"] == item_id
     assert client.delete(f"/gallery/{item_id}").status_code == 204
     assert_error(client.get(f"/gallery/{item_id}"), 404, "not_found")
@@ -340,9 +336,7 @@ def test_service_embeddings_equal_the_exporters_on_the_same_files(server, client
     model, cfg = load_trained_model(tiny_model[0])
     with torch.no_grad():
         expected = model(torch.from_numpy(np.stack([load_for_model(p, cfg.data.height, cfg.data.width) for p in paths]))).embedding.numpy()
-    db = sqlite3.connect(server.env["REID_STORE_PATH"])
-    stored = [np.frombuffer(db.execute("SELECT embedding FROM items WHERE id = ?", (i,)).fetchone()[0], np.float32) for i in ids]
-    np.testing.assert_allclose(np.stack(stored), expected, atol=1e-4)
+    np.testing.assert_allclose(stored_embeddings(server, ids), expected, atol=1e-4)
 
 
 def test_api_key_protects_every_route_but_health(tiny_model, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from client import AsyncReIDClient, ReIDClient, ReIDError
 from service.store import SCHEMA, SCHEMA_VERSION
 from tests.conftest import image_bytes
+from tests.cluster import BACKENDS, backend_settings
 from tests.server import ServiceProcess, assert_error, onnx_outputs
 from tests.test_service_api import enroll, files
 
@@ -24,9 +25,9 @@ NOON = 1717243200.0  # 2024-06-01T12:00:00Z
 HOUR = 3600.0
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    with ServiceProcess(tiny_model[1], tmp_path_factory.mktemp("time") / "gallery.sqlite3", max_top_k=50) as process:
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tiny_model, tmp_path_factory):
+    with ServiceProcess(tiny_model[1], tmp_path_factory.mktemp("time") / "gallery.sqlite3", max_top_k=50, **backend_settings(request)) as process:
         yield process
 
 

@@ -17,6 +17,7 @@ from service.settings import Settings
 from service.store import GalleryStore, NewItem
 from service.validation import MAX_METADATA_DEPTH, UNREADABLE_KEY
 from tests.conftest import image_bytes
+from tests.cluster import BACKENDS, backend_settings
 from tests.server import ServiceProcess
 from tests.test_service_api import enroll, files
 
@@ -24,10 +25,10 @@ pytestmark = pytest.mark.slow
 INT64_MAX = 2**63 - 1
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("hardening") / "gallery.sqlite3"
-    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=16, max_top_k=20) as process:
+    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=16, max_top_k=20, **backend_settings(request)) as process:
         yield process
 
 

@@ -10,6 +10,7 @@ from client import AsyncReIDClient, ReIDClient
 from service.index import VectorIndex
 from service.tracks import merge_best
 from tests.conftest import image_bytes, person_image
+from tests.cluster import BACKENDS, backend_settings
 from tests.server import ServiceProcess, assert_error, onnx_outputs, query
 
 pytestmark = pytest.mark.slow
@@ -29,10 +30,11 @@ def png(image) -> bytes:
 TRACK = [image_bytes(2, 10), image_bytes(2, 11), png(person_image(2, 12, size=(30, 70)))]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("tracks") / "gallery.sqlite3"
-    with ServiceProcess(tiny_model[1], store, max_images_per_request=MAX_IMAGES, max_top_k=40, max_heatmap_matches=HEATMAP_MATCHES) as process:
+    with ServiceProcess(tiny_model[1], store, max_images_per_request=MAX_IMAGES, max_top_k=40, max_heatmap_matches=HEATMAP_MATCHES,
+                        **backend_settings(request)) as process:
         yield process
 
 

@@ -1,0 +1,136 @@
+"""Enrolment and query throughput and latency of the embedded gallery (SQLite + FAISS, one server) against the
+cluster backend (PostgreSQL + Milvus through milvus-lite's server) with 1 and 2 replicas, all on this machine
+and in one run, on real pedestrian crops and the shipped model.
+
+Each setting gets a fresh gallery. Enrolment: CLIENTS concurrent clients each post requests of BATCH images
+until ENROL images are in. Queries: CLIENTS concurrent clients, QUERIES queries of one image, top_k 10, no
+heatmaps. With replicas, the clients take turns over them as a round-robin load balancer would.
+
+    python bench/cluster_bench.py --data ../shared/data --output bench/results/cluster.json
+"""
+import argparse
+import asyncio
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import emit, latency_quantiles  # noqa: E402
+from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
+from tests.cluster import ClusterServers, unavailable  # noqa: E402
+from tests.server import ServiceProcess  # noqa: E402
+
+
+def crops(data: Path, count: int, seed: int = 0) -> List[bytes]:
+    paths = sorted((data / "cuhk03-detected").glob("*/*.jpg"))
+    return [p.read_bytes() for p in random.Random(seed).sample(paths, count)]
+
+
+async def enrol_all(urls: List[str], images: List[bytes], clients: int, batch: int) -> dict:
+    batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+    times: List[float] = []
+
+    async def client(worker: int):
+        async with httpx.AsyncClient(timeout=120) as http:
+            for n in range(worker, len(batches), clients):
+                files = [("images", (f"{i}.jpg", blob, "image/jpeg")) for i, blob in enumerate(batches[n])]
+                started = time.perf_counter()
+                response = await http.post(urls[n % len(urls)] + "/gallery", files=files, data={"person_id": str(n)})
+                response.raise_for_status()
+                times.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(w) for w in range(clients)))
+    seconds = time.perf_counter() - started
+    return {"images_per_s": round(len(images) / seconds, 1), "requests": len(batches), "request_ms": latency_quantiles(times)}
+
+
+async def query_all(urls: List[str], images: List[bytes], clients: int) -> dict:
+    """Throughput and latency, and the median of the steps each answer times (timing_ms: embed, search)."""
+    times: List[float] = []
+    steps: Dict[str, List[float]] = {"embed": [], "search": []}
+
+    async def client(worker: int):
+        async with httpx.AsyncClient(timeout=120) as http:
+            for n in range(worker, len(images), clients):
+                started = time.perf_counter()
+                response = await http.post(urls[n % len(urls)] + "/query", files={"image": ("q.jpg", images[n], "image/jpeg")},
+                                           data={"top_k": "10", "heatmaps": "false"})
+                response.raise_for_status()
+                times.append((time.perf_counter() - started) * 1000)
+                for step, values in steps.items():
+                    values.append(response.json()["timing_ms"][step])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(w) for w in range(clients)))
+    seconds = time.perf_counter() - started
+    return {"queries_per_s": round(len(images) / seconds, 1), **latency_quantiles(times),
+            **{f"{step}_p50_ms": round(statistics.median(values), 1) for step, values in steps.items()}}
+
+
+def run_setting(name: str, servers: List[ServiceProcess], gallery: List[bytes], queries: List[bytes], args) -> dict:
+    for server in servers:
+        server.start(timeout=180)
+    try:
+        urls = [server.url for server in servers]
+        enrol = asyncio.run(enrol_all(urls, gallery, args.clients, args.batch))
+        query = asyncio.run(query_all(urls, queries, args.clients))
+        size = httpx.get(urls[-1] + "/readyz", timeout=30).json()["gallery_size"]
+    finally:
+        for server in servers:
+            server.stop()
+    print(f"{name}: enrol {enrol['images_per_s']} images/s, query {query['queries_per_s']}/s p99 {query['p99_ms']} ms", file=sys.stderr)
+    return {"setting": name, "replicas": len(servers), "gallery_size": size, "enrol": enrol, "query": query}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the data folder (cuhk03-detected's crops are the images)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--enrol", type=int, default=1200, help="images enrolled per setting")
+    parser.add_argument("--queries", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=8, help="images per enrolment request")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/reid-cluster-bench"))
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    reason = unavailable()
+    if reason:
+        sys.exit(f"the cluster backend cannot run here: {reason}")
+    images = crops(args.data, args.enrol + args.queries)
+    gallery, queries = images[:args.enrol], images[args.enrol:]
+    args.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=args.work))  # a fresh embedded gallery, as the cluster's
+    settings = {"intra_op_threads": 0, "log_level": "warning"}
+    cluster = ClusterServers().start()
+    try:
+        runs = [run_setting("embedded (SQLite + FAISS)", [ServiceProcess(args.model, work / "embedded.sqlite3", **settings)], gallery, queries, args)]
+        for replicas in (1, 2):
+            backend = cluster.new_gallery()
+            servers = [ServiceProcess(args.model, work / f"unused{i}.sqlite3", **settings, **backend) for i in range(replicas)]
+            runs.append(run_setting(f"cluster, {replicas} replica(s) (PostgreSQL + milvus-lite)", servers, gallery, queries, args))
+    finally:
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    base = runs[0]
+    for run in runs:
+        run["enrol_vs_embedded"] = round(run["enrol"]["images_per_s"] / base["enrol"]["images_per_s"], 2)
+        run["query_vs_embedded"] = round(run["query"]["queries_per_s"] / base["query"]["queries_per_s"], 2)
+    emit({"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": None},
+          "model": args.model.name, "enrolled": args.enrol, "queries": args.queries, "batch": args.batch, "clients": args.clients,
+          "command": "python " + " ".join(sys.argv), "runs": runs}, args.output)
+
+
+if __name__ == "__main__":
+    main()
