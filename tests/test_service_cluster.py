@@ -162,3 +162,16 @@ def test_with_postgres_restarted_the_replica_recovers(tiny_model, tmp_path):
     finally:
         milvus.stop()
         postgres.stop()
+
+
+def test_retention_on_any_replica_erases_from_postgres_and_milvus(cluster_servers, tiny_model, tmp_path):
+    settings = cluster_servers.new_gallery()
+    with ServiceProcess(tiny_model[1], tmp_path / "a.sqlite3", **settings) as server, server.client() as client:
+        old = enrol(client, [image_bytes(13, 0), image_bytes(13, 1)], person_id="13", captured_at="2024-06-01T12:00:00Z")
+        [kept] = enrol(client, [image_bytes(14, 0)], person_id="14")
+    with ServiceProcess(tiny_model[1], tmp_path / "b.sqlite3", retention_days=30, **settings) as server, server.client() as client:
+        assert [m["id"] for m in matches(client, image_bytes(13, 0))] == [kept]
+        assert client.get("/gallery").json()["total"] == 1
+    milvus = MilvusClient(uri=settings["milvus_uri"])
+    assert milvus.query(settings["milvus_collection"], ids=old) == []
+    milvus.close()
