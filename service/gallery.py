@@ -72,7 +72,7 @@ class GalleryBase:
     """What the routes use of a gallery, whichever the backend: this embedded one (SQLite + FAISS in this
     process) or ``service.cluster_gallery`` (PostgreSQL + Milvus, shared by replicas). Both have ``open``,
     ``start``/``stop``/``close``, ``add``, ``delete``, ``erase_person``, ``erase_older_than``, ``search``,
-    ``size``, ``describe_index`` and ``store`` with the reads of ``service.store.StoreReads``."""
+    ``size``, ``describe_index``, ``readiness_problem`` and ``store`` with the reads of ``service.store.StoreReads``."""
 
     def __init__(self, model: InferenceModel, settings: Settings):
         self.model, self.settings = model, settings
@@ -340,7 +340,6 @@ class Gallery(GalleryBase):
         hits = self.index.search(embedding, k, accept if filtered else None, self.person_group if group_by_person else None,
                                  partial(exact_scores, self.store, embedding))
         return [(item_id, self.score(raw)) for item_id, raw in hits]
-
 
 
 class RebuildCancelled(Exception):
