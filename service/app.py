@@ -213,11 +213,21 @@ def draw_pair_attention(pair: PairAttention, query_image, match_image) -> None:
     pair.gallery_overlay_png = png_base64(overlay(match_image, np.array(pair.gallery_grid)))
 
 
+def cluster_backend():
+    """``service.cluster_gallery``, imported only when REID_GALLERY_BACKEND=cluster asks for it: its clients
+    (psycopg, pymilvus) are the [cluster] extra's."""
+    try:
+        from service import cluster_gallery
+    except ImportError as exc:
+        raise RuntimeError(f"REID_GALLERY_BACKEND=cluster needs the [cluster] extra ({exc.name} is missing): "
+                           "pip install -e '.[cpu,cluster]' (or [gpu,cluster])") from exc
+    return cluster_gallery
+
+
 def new_gallery(settings: Settings, model: InferenceModel) -> GalleryBase:
     """The gallery of REID_GALLERY_BACKEND, not yet opened."""
     if settings.gallery_backend == "cluster":
-        from service.cluster_gallery import ClusterGallery  # its clients are the [cluster] extra's: imported only when asked for
-        return ClusterGallery(model, settings)
+        return cluster_backend().ClusterGallery(model, settings)
     return Gallery(GalleryStore(settings.store_path), model, settings)
 
 
@@ -226,9 +236,8 @@ def backend_errors(settings: Settings) -> Dict[type, Tuple[int, str]]:
     left behind by a model change (409)."""
     if settings.gallery_backend != "cluster":
         return {}
-    from service.cluster_gallery import UNAVAILABLE_ERRORS
-    from service.pg_store import ModelChanged
-    return {**{error: (503, "storage_unavailable") for error in UNAVAILABLE_ERRORS}, ModelChanged: (409, "model_changed")}
+    backend = cluster_backend()
+    return {**{error: (503, "storage_unavailable") for error in backend.UNAVAILABLE_ERRORS}, backend.ModelChanged: (409, "model_changed")}
 
 
 def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image, branch_overlays: bool) -> Heatmap:

@@ -34,12 +34,13 @@ from service.gallery import EMBEDDING_DIM_KEY, GalleryBase, ModelMismatch
 from service.inference import InferenceModel
 from service.index import first_per_group
 from service.milvus_index import MAX_LIMIT, MilvusIndex, search_filter
-from service.pg_store import PostgresStore, Transaction, iter_rows, listen_for_removals, write_meta
+from service.pg_store import ModelChanged, PostgresStore, Transaction, iter_rows, listen_for_removals, write_meta
 from service.settings import Settings
 from service.store import FINGERPRINT_KEY, ITEM_COLUMNS, Item, NewItem
 
 log = logging.getLogger(__name__)
 UNAVAILABLE_ERRORS = (psycopg.OperationalError, MilvusException)  # the database or the index is out of reach: 503
+__all__ = ["ClusterGallery", "ModelChanged", "UNAVAILABLE_ERRORS"]
 SIZE_TTL_S = 1.0
 REMEMBERED_PEOPLE = 100_000  # search hits whose person a later grouping (a best-of track) may ask for
 REMEMBERED_REMOVALS = 10_000

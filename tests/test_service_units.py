@@ -3,6 +3,7 @@ heatmaps, provider choice."""
 import asyncio
 import io
 import sqlite3
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -362,3 +363,14 @@ def test_reads_by_id_of_more_ids_than_sqlite_takes_at_once_return_every_row(tmp_
     assert len(store.get_many_with_embeddings(ids + [10 ** 9], 4)) == len(ids) == len(store.embeddings(ids, 4))
     assert set(store.images(ids)) == set(ids)
     store.close()
+
+
+def test_the_cluster_backend_needs_its_database_and_its_packages(monkeypatch):
+    from service.app import create_app
+
+    with pytest.raises(ValueError, match="REID_POSTGRES_DSN"):
+        Settings(gallery_backend="cluster")
+    monkeypatch.delitem(sys.modules, "service.cluster_gallery", raising=False)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the [cluster] extra were not installed
+    with pytest.raises(RuntimeError, match=r"needs the \[cluster\] extra \(psycopg is missing\)"):
+        create_app(Settings(gallery_backend="cluster", postgres_dsn="postgresql://reid@db/reid"))
