@@ -592,12 +592,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                            "and REID_PAIR_HEAD_PATH is unset (a CASN IDE model's export writes <model>.pair_head.npz)")
 
     async def pair_rerank(s, embedding: np.ndarray, query_maps: ImageMaps, hits: List[Tuple[int, float]], found: dict, top_k: int):
-        """CASN's pairwise stage (service.pair_ranking) over the shortlist ``hits``, whose stored images are
-        re-embedded in one batch for their maps: (first ``top_k`` hits, their Match fields, {id: maps}, kept
-        so that the heatmaps of those matches need no second model call)."""
-        decoded = await decode_stored(s, [i for i, _ in hits], preview=False)
-        hits = [(i, score) for i, score in hits if i in decoded]
-        maps = await maps_of(s, list(decoded), decoded, {})
+        """CASN's pairwise stage (service.pair_ranking) over the shortlist ``hits``, with their maps (cached, or
+        their stored images decoded and re-embedded in one batch): (first ``top_k`` hits, their Match fields,
+        {id: maps}, kept so that the heatmaps of those matches need no second model call)."""
+        maps = await maps_of(s, [i for i, _ in hits], {})
+        hits = [(i, score) for i, score in hits if i in maps]
         ranked, fields = await asyncio.to_thread(rank_shortlist, s.pair_head, embedding, query_maps, hits, found, maps, top_k)
         return ranked, fields, maps
 
@@ -608,20 +607,24 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return await asyncio.to_thread(lambda: {i: decode_for_model(stored[i], *s.model.input_size, settings.max_image_pixels, preview=preview)
                                                 for i in present})
 
-    async def maps_of(s, ids: List[int], decoded: Dict[int, DecodedImage], known: Dict[int, ImageMaps]) -> Dict[int, ImageMaps]:
+    async def maps_of(s, ids: List[int], known: Dict[int, ImageMaps], decoded: Optional[Dict[int, DecodedImage]] = None) -> Dict[int, ImageMaps]:
         """Each id's maps: from ``known``, else from the gallery's map cache, the others from one batch of their
-        decoded images (then cached)."""
+        images (``decoded``, or decoded here only for those; then cached). An id deleted since the search is
+        left out."""
         cached = s.gallery.map_cache.get([i for i in ids if i not in known])
         metrics.map_cache.labels("hit").inc(len(cached))
         known = {**cached, **known}
         missing = [i for i in ids if i not in known]
         fresh = {}
         if missing:
+            decoded = decoded if decoded is not None else await decode_stored(s, missing, preview=False)
+            missing = [i for i in missing if i in decoded]
+        if missing:
             metrics.map_cache.labels("miss").inc(len(missing))
             _, maps = await s.batcher.embed(np.stack([decoded[i].pixels for i in missing]), with_maps=True)
             fresh = {i: maps[row] for row, i in enumerate(missing)}
             s.gallery.remember_maps(fresh)
-        return {i: fresh[i] if i in fresh else known[i] for i in ids}
+        return {i: fresh[i] if i in fresh else known[i] for i in ids if i in fresh or i in known}
 
     async def add_heatmaps(s, matches: List[Match], features_by_id: Dict[int, np.ndarray], query_image, known_maps: Dict[int, ImageMaps],
                            branch_overlays: bool) -> None:
@@ -635,7 +638,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         chosen = [m for m in chosen if m.id in decoded]
         if not chosen:
             return
-        maps = await maps_of(s, [m.id for m in chosen], decoded, known_maps)
+        maps = await maps_of(s, [m.id for m in chosen], known_maps, decoded)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
         heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image,
                                                             branch_overlays) for m in chosen))

@@ -84,6 +84,14 @@ def enrol(client: httpx.Client, blobs: List[bytes], **fields) -> List[int]:
     return response.json()["ids"]
 
 
+def metric(client: httpx.Client, sample: str) -> float:
+    """One sample's value from /metrics (``name`` or ``name{labels}``), 0 when absent."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def query(client: httpx.Client, blob: bytes, **fields) -> httpx.Response:
     return client.post("/query", files={"image": ("q.jpg", blob, "image/jpeg")}, data={k: str(v).lower() if isinstance(v, bool) else str(v)
                                                                                        for k, v in fields.items()})

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model_zoo.architectures import build_model
 from tests.conftest import image_bytes, person_image, tiny_overrides
-from tests.server import ServiceProcess, assert_error, assert_heatmaps_sum_to_scores, enrol, onnx_outputs, query
+from tests.server import ServiceProcess, assert_error, assert_heatmaps_sum_to_scores, enrol, metric, onnx_outputs, query
 from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
 from training.data import PairSampler
@@ -207,6 +207,14 @@ def test_pair_attention_orders_the_shortlist_by_the_fused_distance_and_keeps_sco
         plain = query(client, query_blob, top_k=6, heatmaps=False).json()["matches"]
         body = query(client, query_blob, top_k=4, pair_attention=True).json()
         assert_error(query(client, query_blob, pair_attention=True, rerank=True), 422, "invalid_request")
+        # asked again, the shortlist's maps all come from the cache (float16): no model call, no stored image decoded
+        misses = 'reid_heatmap_map_cache_total{result="miss"}'
+        before = metric(client, misses)
+        again = query(client, query_blob, top_k=4, pair_attention=True).json()["matches"]
+        assert metric(client, misses) == before
+        assert [m["id"] for m in again] == [m["id"] for m in body["matches"]]
+        # the pair term from float16 maps: 2.6e-3 off here, where RAM's grid mean stays within 1e-5 of the score
+        assert [m["pair_distance"] for m in again] == pytest.approx([m["pair_distance"] for m in body["matches"]], abs=5e-3)
     expected = local_pair_ranking(casn_onnx, query_blob, blobs)
     position = {item: row for row, item in enumerate(ids)}  # the shortlist is the whole gallery of 6
     matches = body["matches"]

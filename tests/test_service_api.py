@@ -14,7 +14,7 @@ from service.inference import cpu_cores
 from service.settings import Settings
 from tests.conftest import image_bytes
 from tests.cluster import BACKENDS, backend_settings, stored_embeddings
-from tests.server import REPO, ServiceProcess, assert_error
+from tests.server import REPO, ServiceProcess, assert_error, metric
 
 pytestmark = pytest.mark.slow
 
@@ -278,14 +278,6 @@ def test_metrics_expose_latency_batches_queue_gallery_and_errors(client):
     for name in ("reid_request_seconds_bucket", "reid_batch_size_bucket", "reid_queue_wait_seconds_bucket", "reid_model_seconds_bucket", "reid_gallery_items", "reid_errors_total"):
         assert name in text
     assert 'route="/query"' in text
-
-
-def metric(client, sample: str) -> float:
-    """One sample's value from /metrics (``name`` or ``name{labels}``), 0 when absent."""
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_a_match_drawn_again_takes_its_maps_from_the_cache_and_its_delete_clears_them(client):

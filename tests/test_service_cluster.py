@@ -11,7 +11,7 @@ from pymilvus import MilvusClient
 
 from tests.cluster import MilvusServer, PostgresServer, unavailable, wait_until
 from tests.conftest import image_bytes
-from tests.server import ServiceProcess, assert_error, enrol, query
+from tests.server import ServiceProcess, assert_error, enrol, metric, query
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
 
@@ -24,10 +24,6 @@ def matches(client, blob, **fields):
     response = query(client, blob, **{"top_k": 20, "heatmaps": False, **fields})
     assert response.status_code == 200, response.text
     return response.json()["matches"]
-
-
-def metric(client, name: str) -> float:
-    return next(float(line.split()[-1]) for line in client.get("/metrics").text.splitlines() if line.startswith(name + " "))
 
 
 def replicas(tiny_model, tmp_path, settings, count=2, model=None):
