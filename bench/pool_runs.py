@@ -3,8 +3,8 @@
 Each row is a config with the multi-source recipe and the README's short schedule in its phases
 (``pool_short.yaml``, or a family config such as ``fmn_pool.yaml``) plus the overrides below, trained on the
 whole pool and evaluated on CUHK03-val, PRID and GRID (never trained on). The first nine rows are the paper
-family's models with the recipe (PMM with and without A-Hard-Mix); the rest take one piece away from CAMA
-ordered (ablation). A row whose run folder has a ``metrics.json`` is done and skipped; one with a ``last.pt``
+family's models with the recipe (PMM with and without A-Hard-Mix); then CLPD's and CASN's own ablations; the
+rest take one piece away from CAMA ordered (ablation). A row whose run folder has a ``metrics.json`` is done and skipped; one with a ``last.pt``
 resumes from it, so a schedule longer than one session runs across sessions (or hand the runs folder to a GPU
 host, with a longer schedule given as phases for every row).
 
@@ -33,6 +33,15 @@ ROWS = {
     "pmm_no_mix": ("pmm_pool.yaml", ["loss.mix=none"]),
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
+    # the papers' own ablations (issue 11): CLPD without its concentration losses, with one of them, with GAP in
+    # place of the part descriptor; CASN as IDE alone, + identification attention, + the pair term without consistency
+    "clpd_base": ("clpd_pool.yaml", ["loss.clpd_ratio_weight=0", "loss.clpd_distribution_weight=0"]),
+    "clpd_ratio_only": ("clpd_pool.yaml", ["loss.clpd_distribution_weight=0"]),
+    "clpd_distribution_only": ("clpd_pool.yaml", ["loss.clpd_ratio_weight=0"]),
+    "clpd_gap_descriptor": ("clpd_pool.yaml", ["model.clpd_descriptor=G"]),
+    "casn_ide": ("casn_pool.yaml", ["loss.casn_ia_weight=0", "loss.casn_sa_weight=0"]),
+    "casn_ia": ("casn_pool.yaml", ["loss.casn_sa_weight=0"]),
+    "casn_ia_pair": ("casn_pool.yaml", ["loss.casn_consistency_weight=0"]),
     "cama_ordered_no_triplet": ("pool_short.yaml", ["loss.triplet_weight=0"]),
     "cama_ordered_no_ibn": ("pool_short.yaml", ["model.ibn=false"]),
     "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
