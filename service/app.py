@@ -388,23 +388,26 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         captured_after: Optional[str] = Query(None, description=f"only items taken at or after this time, {TIME_FORMAT}"),
         captured_before: Optional[str] = Query(None, description=f"only items taken before this time, {TIME_FORMAT}"),
     ):
-        total, items = state(request).gallery.store.list(limit, offset, person_id, camera_id, *time_range(captured_after, captured_before))
+        gallery = state(request).gallery
+        total, items = await gallery.read(gallery.store.list, limit, offset, person_id, camera_id, *time_range(captured_after, captured_before))
         return GalleryPage(total=total, limit=limit, offset=offset, items=[item_body(i) for i in items])
 
-    def find(request: Request, item_id: int):
-        item = state(request).gallery.store.get(item_id)
+    async def find(request: Request, item_id: int):
+        gallery = state(request).gallery
+        item = await gallery.read(gallery.store.get, item_id)
         if item is None:
             raise APIError(404, "not_found", f"no gallery item {item_id}")
         return item
 
     @app.get("/gallery/{item_id}", tags=["gallery"], response_model=GalleryItem, dependencies=protected, responses=ERRORS)
     async def get_item(request: Request, item_id: ItemId):
-        return item_body(find(request, item_id))
+        return item_body(await find(request, item_id))
 
     @app.get("/gallery/{item_id}/image", tags=["gallery"], dependencies=protected, response_class=Response, responses={**ERRORS, **IMAGE_RESPONSE})
     async def get_image(request: Request, item_id: ItemId):
-        item = find(request, item_id)
-        data = state(request).gallery.store.images([item_id]).get(item_id)
+        item = await find(request, item_id)
+        gallery = state(request).gallery
+        data = (await gallery.read(gallery.store.images, [item_id])).get(item_id)
         if data is None:
             raise APIError(404, "not_found", f"no gallery item {item_id}")
         return Response(data, headers=image_headers(item.image_format))
@@ -550,7 +553,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         query image's."""
         shortlist = max(options.top_k, settings.rerank_shortlist) if options.reorders else options.top_k
         hits, sources = await search_index(s.gallery, vectors, shortlist, options)
-        found = s.gallery.store.get_many_with_embeddings([i for i, _ in hits], s.gallery.dim)
+        found = await s.gallery.read(s.gallery.store.get_many_with_embeddings, [i for i, _ in hits], s.gallery.dim)
         features = split_branches(vectors, s.model.contract.num_branches)  # [V, N, D]
         watch.lap("search")
         live = [(i, score) for i, score in hits if i in found]  # absent: a delete committed, not yet indexed
@@ -602,7 +605,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     async def decode_stored(s, ids: List[int], preview: bool) -> Dict[int, DecodedImage]:
         """The stored images of ``ids``, decoded for the model; an id deleted since the search is left out."""
-        stored = s.gallery.store.images(ids)
+        stored = await s.gallery.read(s.gallery.store.images, ids)
         present = [i for i in ids if i in stored]
         return await asyncio.to_thread(lambda: {i: decode_for_model(stored[i], *s.model.input_size, settings.max_image_pixels, preview=preview)
                                                 for i in present})

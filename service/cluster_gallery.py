@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import psycopg
@@ -197,6 +197,9 @@ class ClusterGallery(GalleryBase):
         ids = await asyncio.to_thread(in_transaction)
         self._forget(ids)
         return ids
+
+    async def read(self, read: Callable[..., Any], *args) -> Any:
+        return await asyncio.to_thread(read, *args)
 
     async def search_from_loop(self, *args, **kwargs) -> List[Tuple[int, float]]:
         """In a worker thread: a Milvus search is a round trip that would otherwise stop every request of this

@@ -95,6 +95,11 @@ class GalleryBase:
         changes; the cluster's moves its network round trip off the loop."""
         return self.search(*args, **kwargs)
 
+    async def read(self, read: Callable[..., Any], *args) -> Any:
+        """``read(*args)``, one of ``store``'s reads, from the event loop: here on the loop itself (SQLite's
+        read connection is the loop's); the cluster's runs it in a worker thread (a PostgreSQL round trip)."""
+        return read(*args)
+
     def remember_maps(self, maps: Dict[int, ImageMaps]) -> None:
         """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being
         computed is left out: its delete has already cleared the cache)."""
