@@ -104,8 +104,8 @@ def pixels_of(uploads: List[Upload]) -> np.ndarray:
     return np.stack([u.decoded.pixels for u in uploads])
 
 
-def require_gallery(gallery: GalleryBase) -> None:
-    if gallery.size == 0:
+async def require_gallery(gallery: GalleryBase) -> None:
+    if await gallery.current_size() == 0:
         raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
 
 
@@ -335,12 +335,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.get("/readyz", tags=["health"], response_model=ReadyResponse, responses={503: ERROR_SCHEMA})
     async def readyz(request: Request):
         s = state(request)
-        problem = s.gallery.readiness_problem()
+        problem = await s.gallery.readiness_problem()
         if problem:
             raise APIError(503, "model_changed", f"{problem}: restart this replica with that model")
+        size = await s.gallery.current_size()
         return ReadyResponse(
             ready=True, provider={**asdict(s.model.providers), "fell_back": s.model.providers.fell_back},
-            index=s.gallery.describe_index(), gallery_size=s.gallery.size, model_fingerprint=s.model.fingerprint,
+            index=s.gallery.describe_index(), gallery_size=size, model_fingerprint=s.model.fingerprint,
         )
 
     @app.get("/model", tags=["health"], dependencies=protected, responses=ERRORS)
@@ -482,7 +483,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         check_image_count(image, settings)
         check_steps(s, options, len(image), aggregate)
         uploads = await read_uploads(image, settings, s.model.input_size, preview=heatmaps)
-        require_gallery(s.gallery)
+        await require_gallery(s.gallery)
         watch = Stopwatch()
         embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=heatmaps or pair_attention)
         watch.lap("embed")
@@ -506,7 +507,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         options = replace(options, heatmaps=heatmaps)
         check_image_count(images, settings)
         uploads = await read_uploads(images, settings, s.model.input_size, preview=heatmaps)
-        require_gallery(s.gallery)
+        await require_gallery(s.gallery)
         watch = Stopwatch()
         embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=heatmaps)
         watch.lap("embed")

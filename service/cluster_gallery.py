@@ -137,18 +137,27 @@ class ClusterGallery(GalleryBase):
 
     @property
     def size(self) -> int:
-        """The stored items, read at most once a second (and at once while it reads 0, so the first enrolment
-        on any replica is seen at once by the others' empty-gallery check)."""
+        """The stored items as last counted, give or take this replica's writes since (no I/O: it is read on
+        the event loop, in every answer and metric)."""
+        return self._size
+
+    async def current_size(self) -> int:
+        """The count read from PostgreSQL, in a worker thread, at most once a second (and at once while it
+        reads 0, so the first enrolment on any replica is seen at once by the others' empty-gallery check)."""
         if self._size == 0 or time.monotonic() - self._size_read > SIZE_TTL_S:
-            self._size, self._size_read = self.store.count(), time.monotonic()
+            self._size, self._size_read = await asyncio.to_thread(self.store.count), time.monotonic()
         return self._size
 
     def describe_index(self) -> Dict[str, object]:
         return {"type": "milvus", "requested_type": self.settings.milvus_index_type, "device": "remote", "size": self.size,
                 "tombstones": 0, "reduced_dim": None, "rebuilding": False, **self.index.describe()}
 
-    def readiness_problem(self) -> Optional[str]:
-        """Also raises when PostgreSQL or Milvus is out of reach (answered 503 storage_unavailable)."""
+    async def readiness_problem(self) -> Optional[str]:
+        """In a worker thread; also raises when PostgreSQL or Milvus is out of reach (answered 503
+        storage_unavailable), after waiting at most the pool's POOL_WAIT_S, which must not hold up the loop."""
+        return await asyncio.to_thread(self._model_left_behind)
+
+    def _model_left_behind(self) -> Optional[str]:
         self.index.check()
         stored = self.store.get_meta(FINGERPRINT_KEY)
         if stored is not None and stored != self.model.fingerprint:
@@ -157,7 +166,7 @@ class ClusterGallery(GalleryBase):
 
     async def add(self, items: List[NewItem]) -> List[Item]:
         stored = await asyncio.to_thread(self._add, items)
-        self._size_read = 0.0
+        self._size += len(stored)
         return stored
 
     def _add(self, items: List[NewItem]) -> List[Item]:
@@ -195,6 +204,7 @@ class ClusterGallery(GalleryBase):
             return ids
 
         ids = await asyncio.to_thread(in_transaction)
+        self._size -= len(ids)
         self._forget(ids)
         return ids
 

@@ -86,9 +86,13 @@ class GalleryBase:
     def person_of(self, item_id: int) -> Optional[str]:
         raise NotImplementedError
 
-    def readiness_problem(self) -> Optional[str]:
+    async def readiness_problem(self) -> Optional[str]:
         """Why this replica must not serve (None: it may)."""
         return None
+
+    async def current_size(self) -> int:
+        """``size``, read afresh where it may lag (the empty-gallery check, /readyz); here it never does."""
+        return self.size
 
     async def search_from_loop(self, *args, **kwargs) -> List[Tuple[int, float]]:
         """``search``, called from the event loop: on the loop itself here, where the embedded index lives and
