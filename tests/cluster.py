@@ -54,15 +54,38 @@ def wait_until(ready, what: str, timeout: float = 30) -> None:
     raise TimeoutError(f"{what} not ready in {timeout} s")
 
 
-class PostgresServer:
+class LoopbackServer:
+    """A server process on loopback, its output in ``folder/<name>.log``: launched, then waited for until it
+    accepts a client (``accepts``), failing with its log if it exits first."""
+
+    name: str
+    folder: Path
+    process: Optional[subprocess.Popen] = None
+
+    def launch(self, command: List[str]) -> None:
+        self.log = open(self.folder / f"{self.name}.log", "ab")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(self._ready, self.name)
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {(self.folder / f'{self.name}.log').read_text()}")
+        return self.accepts()
+
+    def accepts(self) -> bool:
+        raise NotImplementedError
+
+
+class PostgresServer(LoopbackServer):
     """One PostgreSQL server on loopback, trust authentication, data in a temporary folder of its own (pytest's
     are private to root, and the server runs as another user)."""
+
+    name = "postgres"
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="reid-postgres-"))
         self.data = self.folder / "pgdata"
         self.port = free_port()
-        self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> "PostgresServer":
         if os.geteuid() == 0:
@@ -72,17 +95,12 @@ class PostgresServer:
         if not (self.data / "PG_VERSION").exists():
             subprocess.run(as_server_user([str(binaries / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                                            "--no-sync"]), check=True, capture_output=True)
-        self.log = open(self.folder / "postgres.log", "ab")
-        self.process = subprocess.Popen(as_server_user([str(binaries / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                                                        "-h", "127.0.0.1", "-k", str(self.folder), "-c", "fsync=off"]),
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self._accepts, "PostgreSQL")
+        self.launch(as_server_user([str(binaries / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
+                                    "-k", str(self.folder), "-c", "fsync=off"]))
         return self
 
-    def _accepts(self) -> bool:
+    def accepts(self) -> bool:
         import psycopg
-        if self.process.poll() is not None:
-            raise RuntimeError(f"PostgreSQL exited with {self.process.returncode}: {(self.folder / 'postgres.log').read_text()}")
         try:
             psycopg.connect(self.dsn("postgres"), connect_timeout=1).close()
             return True
@@ -113,26 +131,23 @@ class PostgresServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class MilvusServer:
+class MilvusServer(LoopbackServer):
     """milvus-lite's gRPC server (the real engine, embedded in a Python process) on loopback."""
+
+    name = "milvus"
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> "MilvusServer":
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.folder / "milvus.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.folder / "data"),
-                                         "--host", "127.0.0.1", "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self._accepts, "milvus-lite")
+        self.launch([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.folder / "data"),
+                     "--host", "127.0.0.1", "--port", str(self.port)])
         return self
 
-    def _accepts(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"milvus-lite exited with {self.process.returncode}: {(self.folder / 'milvus.log').read_text()}")
+    def accepts(self) -> bool:
         from pymilvus import MilvusClient
         try:
             MilvusClient(uri=self.uri, timeout=1).close()
