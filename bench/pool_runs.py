@@ -1,7 +1,8 @@
 """The README's multi-source results table: every row's training run, resumable, then the table.
 
 Each row is a config with the multi-source recipe and the README's short schedule in its phases
-(``pool_short.yaml``, or a family config such as ``fmn_pool.yaml``) plus the overrides below, trained on the
+(``pool_short.yaml``, or a family config such as ``fmn_pool.yaml``; the ``*_full`` rows take the recipe's own
+schedule from ``pool.yaml``) plus the overrides below, trained on the
 whole pool and evaluated on CUHK03-val, PRID and GRID (never trained on). The first nine rows are the paper
 family's models with the recipe (PMM with and without A-Hard-Mix); then CLPD's and CASN's own ablations; the
 rest take one piece away from CAMA ordered (ablation). A row whose run folder has a ``metrics.json`` is done and skipped; one with a ``last.pt``
@@ -22,7 +23,7 @@ from pathlib import Path
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 EVAL_SETS = ("cuhk03-detected", "prid", "grid")
 
-# row: (config, overrides). Every config carries the short schedule in its phases (pool_short.yaml, *_pool.yaml).
+# row: (config, overrides). Every config but pool.yaml carries the short schedule in its phases (pool_short.yaml, *_pool.yaml).
 ROWS = {
     "ide_bn": ("pool_short.yaml", ["model.num_branches=1", "loss.alpha=0"]),
     "mltb_lid": ("pool_short.yaml", ["loss.alpha=0"]),
@@ -47,6 +48,10 @@ ROWS = {
     "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
     "cama_ordered_no_erasing": ("pool_short.yaml", ["data.erasing_prob=0"]),
     "cama_ordered_no_label_smoothing": ("pool_short.yaml", ["loss.label_smoothing=0"]),
+    # the recipe's own schedule (pool.yaml: 1 warm-up + 14 full epochs of the pool, about 7x the short one):
+    # hours on a CPU, so it runs across sessions, resuming from its run folder
+    "cama_ordered_full": ("pool.yaml", []),
+    "ide_bn_full": ("pool.yaml", ["model.num_branches=1", "loss.alpha=0"]),
     # CUHK03 alone has 113 batches an epoch: 6 capped at 100 give the pool rows' 600 main-phase batches
     "cama_ordered_cuhk03_only": ("pool_short.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}",
                                                      "solver.phases=[{{name: warmup, epochs: 1, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6}}, "
