@@ -1,11 +1,16 @@
 """Markdown results table from training run folders (their metrics.json), for the README: one row per run, a
 column group per evaluation set (rank-1 / mAP / mINP of the whole embedding), each branch's mAP alone per set.
+Runs whose configs differ only in ``run.seed`` (and their folders) make one row: each figure is the mean over
+the seeds, with the sample standard deviation after a +-, and the seeds column says how many.
 
     python bench/training_table.py /work/runs/cama_ordered /work/runs/ide_bn ...
 """
 import argparse
+import copy
 import json
+import statistics
 from pathlib import Path
+from typing import Dict, List
 
 from training.evaluation import single_branch_keys
 
@@ -31,16 +36,35 @@ def row_name(cfg: dict) -> str:
     return f"CAMA {loss.get('oap_mode', 'symmetric')} (N={model['num_branches']}, alpha={loss['alpha']:g}, k={loss['k']})"
 
 
-def percent(value: float) -> str:
-    return f"{100 * value:.1f}"
+def percent(values: List[float]) -> str:
+    """The mean in %; with more than one seed, +- the sample standard deviation."""
+    mean = f"{100 * statistics.fmean(values):.1f}"
+    return mean if len(values) == 1 else f"{mean} ± {100 * statistics.stdev(values):.1f}"
 
 
-def set_cells(figures: dict) -> str:
-    return " / ".join(percent(figures["all"][f]) for f in FIGURES)
+def set_cells(runs: List[dict], name: str) -> str:
+    return " / ".join(percent([r["evaluation"][name]["all"][f] for r in runs]) for f in FIGURES)
 
 
-def branch_cells(figures: dict) -> str:
-    return ", ".join(percent(figures[b]["mAP"]) for b in single_branch_keys(figures)) or "-"
+def branch_cells(runs: List[dict], name: str) -> str:
+    branches = single_branch_keys(runs[0]["evaluation"][name])
+    return ", ".join(percent([r["evaluation"][name][b]["mAP"] for r in runs]) for b in branches) or "-"
+
+
+def recipe_key(cfg: dict) -> str:
+    """The config without what differs between seeds of one recipe: the seed and the run folder."""
+    recipe = copy.deepcopy(cfg)
+    recipe.get("run", {}).pop("seed", None)
+    recipe.get("run", {}).pop("output_dir", None)
+    return json.dumps(recipe, sort_keys=True)
+
+
+def seed_groups(metrics: List[dict]) -> List[List[dict]]:
+    """Runs grouped by recipe, in the order each recipe first appears."""
+    groups: Dict[str, List[dict]] = {}
+    for run in metrics:
+        groups.setdefault(recipe_key(run["config"]), []).append(run)
+    return list(groups.values())
 
 
 def read_metrics(run: Path) -> dict:
@@ -62,17 +86,20 @@ def schedule_cell(solver: dict) -> str:
 def table(runs) -> str:
     metrics = [read_metrics(run) for run in runs]
     sets = list(metrics[0]["evaluation"])
-    header = ["model", *(f"{s} R1 / mAP / mINP" for s in sets), f"per-branch mAP ({'; '.join(sets)})", "epochs", "train time", "hardware"]
+    header = ["model", *(f"{s} R1 / mAP / mINP" for s in sets), f"per-branch mAP ({'; '.join(sets)})", "seeds", "epochs",
+              "train time", "hardware"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in metrics:
-        evaluation, solver = run["evaluation"], run["config"]["solver"]
+    for group in seed_groups(metrics):
+        first = group[0]
+        evaluated = [s for s in sets if all(s in r["evaluation"] for r in group)]
         cells = [
-            row_name(run["config"]),
-            *(set_cells(evaluation[s]) if s in evaluation else "-" for s in sets),
-            "; ".join(branch_cells(evaluation[s]) for s in sets if s in evaluation),
-            schedule_cell(solver),
-            f"{run['train_seconds_total'] / 60:.0f} min",
-            f"{run['hardware']}, {run.get('precision', 'float32')}",
+            row_name(first["config"]),
+            *(set_cells(group, s) if s in evaluated else "-" for s in sets),
+            "; ".join(branch_cells(group, s) for s in evaluated),
+            str(len(group)),
+            schedule_cell(first["config"]["solver"]),
+            f"{statistics.fmean(r['train_seconds_total'] for r in group) / 60:.0f} min" + (" each" if len(group) > 1 else ""),
+            f"{first['hardware']}, {first.get('precision', 'float32')}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""bench/pool_runs.py (the queue of the README's training rows) and bench/training_table.py (their table)."""
+import importlib.util
+import json
+from pathlib import Path
+
+from training.config import load_config
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_results_row_is_a_valid_training_command(tmp_path):
+    """Each row loads as a config: a typo in an override would otherwise surface hours into a queue of runs."""
+    pool_runs = bench_module("pool_runs")
+    for name in pool_runs.ROWS:
+        command = pool_runs.command(name, tmp_path / "data", tmp_path / "runs", [])
+        at = command.index("--config")
+        cfg = load_config(command[at + 1], command[at + 2:])
+        assert cfg.run.output_dir == str(tmp_path / "runs" / name), name
+
+
+def test_a_row_on_another_seed_trains_in_its_own_folder_with_that_seed(tmp_path):
+    pool_runs = bench_module("pool_runs")
+    command = pool_runs.command("casn_ia", tmp_path / "data", tmp_path / "runs", [], seed=2)
+    at = command.index("--config")
+    cfg = load_config(command[at + 1], command[at + 2:])
+    assert (cfg.run.seed, cfg.run.output_dir) == (2, str(tmp_path / "runs" / "casn_ia_seed2"))
+    assert cfg.loss.casn_sa_weight == 0
+
+
+def write_run(folder: Path, seed: int, rank1: float, alpha: float = 1.0) -> Path:
+    folder.mkdir(parents=True)
+    figures = {"rank1": rank1, "mAP": rank1 - 0.1, "mINP": 0.2}
+    metrics = {
+        "config": {"model": {"num_branches": 2}, "loss": {"alpha": alpha, "k": 5, "oap_mode": "ordered"},
+                   "solver": {"phases": [{"epochs": 1}, {"epochs": 3}]}, "run": {"seed": seed, "output_dir": str(folder)}},
+        "evaluation": {"prid": {"all": figures, "branch1": figures, "branch2": figures}},
+        "train_seconds_total": 600.0 * (seed + 1), "hardware": "a CPU",
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_seeds_of_one_recipe_make_one_row_with_mean_and_standard_deviation(tmp_path):
+    table = bench_module("training_table")
+    runs = [write_run(tmp_path / "cama", 0, 0.40), write_run(tmp_path / "mltb", 0, 0.30, alpha=0.0),
+            write_run(tmp_path / "cama_seed1", 1, 0.44), write_run(tmp_path / "cama_seed2", 2, 0.42)]
+    lines = table.table(runs).splitlines()
+    assert len(lines) == 4  # header, rule, the CAMA recipe's three seeds, MltB's one
+    cama, mltb = (line.split(" | ") for line in lines[2:])
+    assert cama[0] == "| CAMA ordered (N=2, alpha=1, k=5)" and mltb[0].startswith("| MltB+L_id")
+    assert cama[1] == "42.0 ± 2.0 / 32.0 ± 2.0 / 20.0 ± 0.0"
+    assert cama[2] == "32.0 ± 2.0, 32.0 ± 2.0" and cama[3] == "3"
+    assert cama[5] == "20 min each"
+    assert mltb[1] == "30.0 / 20.0 / 20.0" and mltb[3] == "1" and mltb[5] == "10 min"
+
+
+def test_a_run_is_finished_by_its_final_evaluation_not_by_a_warm_up_summary(tmp_path):
+    pool_runs = bench_module("pool_runs")
+    (tmp_path / "metrics.json").write_text(json.dumps({"history": []}))
+    assert not pool_runs.finished(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"history": [], "evaluation": {}}))
+    assert pool_runs.finished(tmp_path)
