@@ -65,6 +65,17 @@ def test_grad_cam_leaves_no_gradient_and_stage_two_sends_none_through_its_mask()
     assert model.stage2.linear.weight.grad.abs().sum() > 0
 
 
+def test_classifiers_start_as_the_authors_kaiming_unless_a_small_std_is_asked_for():
+    torch.manual_seed(0)
+    authors = build_model(TINY_PMM, num_classes=400)
+    small = build_model({**TINY_PMM, "classifier_init_std": 0.001}, num_classes=400)
+    for stage in ("stage1", "stage2", "stage3"):
+        kaiming, near_zero = getattr(authors, stage).classifier, getattr(small, stage).classifier
+        assert abs(kaiming.weight.std().item() - (2 / 400) ** 0.5) < 0.005  # fan_out of a 16 -> 400 layer
+        assert abs(near_zero.weight.std().item() - 0.001) < 2e-4 and not near_zero.bias.any()
+    torch.testing.assert_close(small.stage2.linear.weight.std(), authors.stage2.linear.weight.std(), rtol=0.1, atol=0)
+
+
 def test_eval_mode_does_not_mix_and_ignores_the_rest_of_the_batch():
     model, images, _ = tiny_batch()
     model.eval()

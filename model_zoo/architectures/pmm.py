@@ -83,7 +83,7 @@ class PMM(nn.Module):
     feature_maps_kind = "attribution"
 
     def __init__(self, backbone: str, num_classes: int, dim: int = 512, pretrained: Optional[str] = None,
-                 ibn: bool = False, last_stride: int = 1):
+                 ibn: bool = False, last_stride: int = 1, classifier_init_std: Optional[float] = None):
         super().__init__()
         parts = BACKBONE_REGISTRY.get(backbone)(pretrained, ibn=ibn, last_stride=last_stride)
         channels = parts.out_channels
@@ -93,6 +93,11 @@ class PMM(nn.Module):
         self.part = Bottleneck(channels, channels // Bottleneck.expansion)
         self.stage2 = MaxStage(channels, dim, num_classes)
         self.stage3 = MaxStage(channels, dim, num_classes)
+        if classifier_init_std:
+            # The authors' Kaiming classifiers start with logits spread ~0.6 over 1,462 people, which a short
+            # schedule never outgrows (bench/classifier_uptake.py); N(0, std) with a small std starts them near 0.
+            for stage in (self.stage1, self.stage2, self.stage3):
+                nn.init.normal_(stage.classifier.weight, std=classifier_init_std)
         self.stride = parts.stride
 
     def parameter_groups(self):
@@ -148,4 +153,5 @@ def build_pmm(model_cfg: dict, num_classes: int) -> PMM:
     return PMM(
         backbone=model_cfg["backbone"], num_classes=num_classes, dim=model_cfg.get("reduction_dim") or 512,
         pretrained=model_cfg.get("pretrained"), ibn=model_cfg.get("ibn", False), last_stride=model_cfg.get("last_stride", 1),
+        classifier_init_std=model_cfg.get("classifier_init_std"),
     )
