@@ -60,6 +60,9 @@ ROWS = {
     # hours on a CPU, so it runs across sessions, resuming from its run folder
     "cama_ordered_full": ("pool.yaml", []),
     "ide_bn_full": ("pool.yaml", ["model.num_branches=1", "loss.alpha=0"]),
+    # a candidate for the unseen cameras: IBN-b (instance norms on the stem and after the stride-4 and -8
+    # stages' residual sums) in place of IBN-a
+    "cama_ordered_ibn_b": ("pool_short.yaml", ["model.ibn=b"]),
     # CUHK03 alone has 113 batches an epoch: 6 capped at 100 give the pool rows' 600 main-phase batches
     "cama_ordered_cuhk03_only": ("pool_short.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}",
                                                      "solver.phases=[{{name: warmup, epochs: 1, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6}}, "

@@ -104,6 +104,46 @@ def test_mobilenetv2_ibn_loads_a_torchvision_checkpoint(tmp_path):
     assert isinstance(model.features[3].conv[0][1], InstanceBatchNorm2d)
 
 
+def test_mobilenetv2_ibn_b_keeps_every_key_and_its_stem_ignores_an_images_contrast(tmp_path):
+    reference = MobileNetV2()
+    torch.save(reference.state_dict(), tmp_path / "mnv2.pt")
+    model = MobileNetV2()
+    model.use_ibn("b")
+    assert load_checkpoint(model, tmp_path / "mnv2.pt") == {"missing": [], "unexpected": []}
+    stem = model.features[0][1]
+    assert isinstance(stem, InstanceBatchNorm2d) and stem.instance_channels == stem.num_features == 32
+    assert [i for i, block in enumerate(model.features[1:-1], 1) if block.IN is not None] == [3, 6]  # stride-4 and -8 stages' ends
+    model.eval()
+    image = torch.rand(1, 3, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features[0](3 * image), model.features[0](image), atol=2e-3, rtol=1e-3)  # eps aside
+        stage_end = model.features[:7](image)
+    torch.testing.assert_close(stage_end.mean(dim=(2, 3)), torch.zeros(1, 32), atol=1e-5, rtol=0)  # instance-normalised
+    plain = MobileNetV2().eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain.features[0](3 * image), plain.features[0](image), atol=1e-2)
+
+
+def test_resnet50_ibn_b_adds_ibn_nets_own_keys_and_nothing_else():
+    plain, ibn = ResNet50(), ResNet50()
+    ibn.use_ibn("b")
+    added = set(ibn.state_dict()) - set(plain.state_dict())
+    assert added == {"layer1.2.IN.weight", "layer1.2.IN.bias", "layer2.3.IN.weight", "layer2.3.IN.bias"}
+    assert set(plain.state_dict()) <= set(ibn.state_dict()) and isinstance(ibn.bn1, InstanceBatchNorm2d)
+    parts = ibn.split()
+    with torch.no_grad():
+        assert parts.last_stage(parts.trunk(torch.rand(2, 3, 64, 32))).shape == (2, 2048, 4, 2)
+
+
+@pytest.mark.parametrize("value, variant", [(False, None), (None, None), (True, "a"), ("a", "a"), ("b", "b")])
+def test_the_ibn_setting_names_a_variant_and_refuses_others(value, variant):
+    from model_zoo.backbones.ibn import ibn_variant
+
+    assert ibn_variant(value) == variant
+    with pytest.raises(ValueError, match="IBN-b"):
+        ibn_variant("ab")
+
+
 def test_instance_batch_norm_equals_instance_norm_beside_batch_norm():
     torch.manual_seed(0)
     layer = InstanceBatchNorm2d(8)
@@ -151,3 +191,20 @@ def test_last_stride_two_halves_the_last_map(name):
     with torch.no_grad():
         out = parts.last_stage(parts.trunk(torch.zeros(1, 3, 64, 32)))
     assert parts.stride == parts.stage_strides["layer4"] == 32 and out.shape[2:] == (2, 1)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50"])
+@pytest.mark.parametrize("ibn", ["a", "b"])
+def test_ibn_networks_export_with_parity(backbone, ibn, market_root, tmp_path):
+    """Instance statistics per image in ONNX Runtime as in PyTorch: the contract's identity holds."""
+    from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
+    from training import load_config
+    from training.engine import model_settings
+    from training.export import check_parity, describe, parity_images, write_onnx
+
+    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.backbone": backbone, "model.ibn": ibn}))
+    model = build_model(model_settings(cfg), num_classes=5).eval()
+    write_onnx(model, describe(model, cfg, None), tmp_path / "model.onnx")
+    report = check_parity(model, tmp_path / "model.onnx", parity_images(TINY_HEIGHT, TINY_WIDTH, None))
+    assert max(v for k, v in report.items() if k.endswith("_identity")) <= 1e-4
+    assert max(v for k, v in report.items() if k.endswith("_embedding")) <= 1e-4, report

@@ -45,8 +45,11 @@ def test_cama_losses_are_unchanged_on_a_fixed_batch(mode, ibn):
     cfg, model, images, targets = cama_case(mode, ibn)
     _, total, terms = build_objective(cfg, model)(images, targets)
     expected = CAMA_REFERENCE[(mode, ibn)]
-    assert {k: v.item() for k, v in terms.items()} == pytest.approx({k: v for k, v in expected.items() if k != "total"}, rel=1e-5)
-    assert total.item() == pytest.approx(expected["total"], rel=1e-5)
+    # oneDNN picks its float32 convolution kernels by CPU, so the maps differ in the last digits from one CPU to
+    # another, and the penalty's sigmoid around the k-th largest cell amplifies that (7e-5 relative measured
+    # between two Xeons); a changed loss moves these figures by far more
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx({k: v for k, v in expected.items() if k != "total"}, rel=3e-4)
+    assert total.item() == pytest.approx(expected["total"], rel=3e-4)
 
 
 def test_weights_come_from_the_config_and_a_phase_may_override_them():

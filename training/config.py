@@ -2,7 +2,7 @@
 ``section.key=value`` overrides from the command line (values parsed as YAML)."""
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
@@ -22,7 +22,7 @@ class ModelConfig:
     num_branches: int = option(3, "number of ordered branches N (1 = IDE+BN baseline)")
     reduction_dim: Optional[int] = option(None, "optional 1x1 reduction to D channels per branch (null: backbone width)")
     pretrained: Optional[str] = option("imagenet", "'imagenet' (MobileNetV2: fetched offline), a checkpoint path, or null")
-    ibn: bool = option(False, "IBN-a: half instance / half batch norm in the early blocks (MobileNetV2 1-10, ResNet-50 layer1-3)")
+    ibn: Union[bool, str] = option(False, "IBN-Net: false; true or 'a' (IBN-a: half instance / half batch norm in the early blocks, MobileNetV2 1-10, ResNet-50 layer1-3); 'b' (IBN-b: the stem's norm an instance norm, and one after the residual sum ending the stride-4 and stride-8 stages)")
     layout: str = option("ide", "CASN: 'ide' (GAP of the last stage) or 'pcb' (six horizontal stripes, each reduced to reduction_dim, 256 by default)")
     mask_layer: str = option("stem", "FMN: the stage whose output the feature mask multiplies (stem = ResNet's pool1); the LAN copies the stages after it")
     last_stride: int = option(1, "stride of the backbone's last stage (layer4): 1 (re-ID's usual, a 16x8 map at 256x128) or 2 (the ImageNet network)")

@@ -10,13 +10,13 @@ ResNet's stem ends at stride 4), ``layer1`` = 2-3 (stride 4, 24), ``layer2`` = 4
 ``layer3`` = 7-13 (stride 16, 96), ``layer4`` = 14-18 (stride 16 x last_stride, 1280).
 """
 import re
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
 
 from model_zoo.backbones.base import BackboneParts, load_checkpoint
-from model_zoo.backbones.ibn import to_instance_batch_norm
+from model_zoo.backbones.ibn import ibn_variant, instance_norm, to_instance_batch_norm
 from model_zoo.registry import BACKBONE_REGISTRY
 
 # (expansion t, channels c, repeats n, stride s) as in the paper and torchvision; None is the last stride.
@@ -27,6 +27,9 @@ STAGES = (("stem", 0, 16, 2), ("layer1", 2, 24, 4), ("layer2", 4, 32, 8), ("laye
 # IBN-a goes into the blocks before the stride-16 stages (features 1..10: the 16- to 64-channel stages), as
 # IBN-Net puts it in ResNet's layer1-3 and keeps the last, most identity-specific stages pure BatchNorm.
 IBN_BLOCKS = range(1, 11)
+# IBN-b's instance norms after the residual sum: the last blocks of the stride-4 and stride-8 stages, as
+# IBN-Net puts them at the end of ResNet's layer1 and layer2.
+IBN_B_BLOCKS = (STAGES[2][1] - 1, STAGES[3][1] - 1)
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -49,9 +52,11 @@ class InvertedResidual(nn.Module):
             nn.BatchNorm2d(out_ch),
         ]
         self.conv = nn.Sequential(*layers)
+        self.IN: Optional[nn.Module] = None  # IBN-b: an instance norm after the residual sum
 
     def forward(self, x):
-        return x + self.conv(x) if self.use_residual else self.conv(x)
+        out = x + self.conv(x) if self.use_residual else self.conv(x)
+        return out if self.IN is None else self.IN(out)
 
 
 class MobileNetV2(nn.Module):
@@ -69,12 +74,19 @@ class MobileNetV2(nn.Module):
         layers.append(conv_bn_relu(in_ch, 1280, 1))
         self.features = nn.Sequential(*layers)
 
-    def use_ibn(self) -> None:
+    def use_ibn(self, variant: str = "a") -> None:
         """IBN-a: the first norm of each early block (after the expansion, or the depthwise conv where there is
-        none) becomes half instance, half batch normalisation; state-dict keys do not change."""
-        for index in IBN_BLOCKS:
-            first = self.features[index].conv[0]
-            first[1] = to_instance_batch_norm(first[1])
+        none) becomes half instance, half batch normalisation. IBN-b: the stem's norm becomes an instance norm,
+        and the last blocks of the stride-4 and stride-8 stages end in one without an affine (the next block
+        starts a new stage with a 1x1 conv and a batch norm, which absorb any). State-dict keys do not change."""
+        if variant == "a":
+            for index in IBN_BLOCKS:
+                first = self.features[index].conv[0]
+                first[1] = to_instance_batch_norm(first[1])
+            return
+        self.features[0][1] = to_instance_batch_norm(self.features[0][1], instance_ratio=1.0)
+        for index in IBN_B_BLOCKS:
+            self.features[index].IN = instance_norm(self.features[index].conv[-1].num_features, affine=False)
 
     def split(self) -> BackboneParts:
         ends = [first for _, first, _, _ in STAGES[1:]] + [len(self.features)]
@@ -110,10 +122,10 @@ def convert_flat_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 
 
 @BACKBONE_REGISTRY.register("mobilenetv2")
-def build_mobilenetv2(pretrained: Optional[str] = None, ibn: bool = False, last_stride: int = 1) -> BackboneParts:
+def build_mobilenetv2(pretrained: Optional[str] = None, ibn: Union[bool, str] = False, last_stride: int = 1) -> BackboneParts:
     net = MobileNetV2(last_stride)
-    if ibn:
-        net.use_ibn()
+    if ibn_variant(ibn):
+        net.use_ibn(ibn_variant(ibn))
     if pretrained:
         load_checkpoint(net, pretrained, convert=convert_flat_layout)
     return net.split()

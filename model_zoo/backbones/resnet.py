@@ -4,12 +4,12 @@ default (``last_stride=2`` gives the standard network).
 A 256x128 input gives a 16x8 map. The trunk is conv1..conv4 (``layer3``), the last stage is ``layer4``.
 Named stages: ``stem`` (conv1, bn1, relu, maxpool: "pool1", stride 4), ``layer1``..``layer4``.
 """
-from typing import Optional
+from typing import Optional, Union
 
 from torch import nn
 
 from model_zoo.backbones.base import BackboneParts, load_checkpoint
-from model_zoo.backbones.ibn import to_instance_batch_norm
+from model_zoo.backbones.ibn import ibn_variant, instance_norm, to_instance_batch_norm
 from model_zoo.registry import BACKBONE_REGISTRY
 
 
@@ -27,13 +27,14 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.IN: Optional[nn.Module] = None  # IBN-b: an instance norm between the residual sum and the ReLU
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.bn3(self.conv3(out)) + identity
+        return self.relu(out if self.IN is None else self.IN(out))
 
 
 class ResNet50(nn.Module):
@@ -65,11 +66,19 @@ class ResNet50(nn.Module):
         layers += [Bottleneck(out_channels, width) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-    def use_ibn(self) -> None:
-        """IBN-a as in IBN-Net: bn1 of every bottleneck in layer1-3 becomes half instance, half batch norm."""
-        for layer in (self.layer1, self.layer2, self.layer3):
-            for block in layer:
-                block.bn1 = to_instance_batch_norm(block.bn1)
+    def use_ibn(self, variant: str = "a") -> None:
+        """As in IBN-Net. IBN-a: bn1 of every bottleneck in layer1-3 becomes half instance, half batch norm.
+        IBN-b: the stem's bn1 becomes an instance norm (same keys), and the last blocks of layer1 and layer2
+        get an affine instance norm before their final ReLU (new keys ``IN.weight``, ``IN.bias``: IBN-Net's own,
+        so its released ResNet-50-IBN-b checkpoints load; a torchvision checkpoint leaves them at 1 and 0)."""
+        if variant == "a":
+            for layer in (self.layer1, self.layer2, self.layer3):
+                for block in layer:
+                    block.bn1 = to_instance_batch_norm(block.bn1)
+            return
+        self.bn1 = to_instance_batch_norm(self.bn1, instance_ratio=1.0)
+        for layer in (self.layer1, self.layer2):
+            layer[-1].IN = instance_norm(layer[-1].bn3.num_features, affine=True)
 
     def split(self) -> BackboneParts:
         trunk = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3)
@@ -82,10 +91,10 @@ class ResNet50(nn.Module):
 
 
 @BACKBONE_REGISTRY.register("resnet50")
-def build_resnet50(pretrained: Optional[str] = None, ibn: bool = False, last_stride: int = 1) -> BackboneParts:
+def build_resnet50(pretrained: Optional[str] = None, ibn: Union[bool, str] = False, last_stride: int = 1) -> BackboneParts:
     net = ResNet50(last_stride)
-    if ibn:
-        net.use_ibn()
+    if ibn_variant(ibn):
+        net.use_ibn(ibn_variant(ibn))
     if pretrained:
         load_checkpoint(net, pretrained)
     return net.split()
