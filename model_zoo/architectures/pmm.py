@@ -94,8 +94,9 @@ class PMM(nn.Module):
         self.stage2 = MaxStage(channels, dim, num_classes)
         self.stage3 = MaxStage(channels, dim, num_classes)
         if classifier_init_std:
-            # The authors' Kaiming classifiers start with logits spread ~0.6 over 1,462 people, which a short
-            # schedule never outgrows (bench/classifier_uptake.py); N(0, std) with a small std starts them near 0.
+            # The authors' Kaiming classifiers start with logits spread ~0.6 over 1,462 people and cannot fit one
+            # batch in a few steps; N(0, std) with a small std starts them near 0 and can (bench/classifier_uptake.py;
+            # on the pool that alone did not make the warm-up learn: README, PMM).
             for stage in (self.stage1, self.stage2, self.stage3):
                 nn.init.normal_(stage.classifier.weight, std=classifier_init_std)
         self.stride = parts.stride
