@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit  # noqa: E402
-from bench.pool_runs import ROWS, command  # noqa: E402
+from bench.pool_runs import ROWS, row_config  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data.loader import batch_loader  # noqa: E402
 from training.engine import Trainer  # noqa: E402
@@ -29,9 +29,7 @@ from training.solver import set_learning_rate  # noqa: E402
 
 def row_trainer(name: str, data: Path, scratch: Path) -> Trainer:
     """The row's own config (its overrides, the pool, seed 0), quiet, its run folder in ``scratch``."""
-    argv = command(name, data, scratch, ["run.progress=false"])
-    at = argv.index("--config")
-    return Trainer(load_config(argv[at + 1], [a for a in argv[at + 2:] if not a.startswith("--resume")]))
+    return Trainer(load_config(*row_config(name, data, scratch, ["run.progress=false"])))
 
 
 def branch_figures(logits: torch.Tensor, targets: torch.Tensor) -> dict:

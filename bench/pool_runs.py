@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 EVAL_SETS = ("cuhk03-detected", "prid", "grid")
@@ -80,14 +81,20 @@ def run_folder(runs: Path, name: str, seed: int = 0) -> Path:
     return runs / (name if seed == 0 else f"{name}_seed{seed}")
 
 
-def command(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -> list:
-    run = run_folder(runs, name, seed)
+def row_config(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -> Tuple[str, List[str]]:
+    """The row's config file and its overrides (the pool, the three evaluation sets, its run folder and seed)."""
     roots = ",".join(str(data / s) for s in TRAIN_SETS)
     evals = ",".join(str(data / s) for s in EVAL_SETS)
     config, extra = ROWS[name]
-    overrides = [f"data.roots=[{roots}]", f"run.eval_roots=[{evals}]", f"run.output_dir={run}", f"run.seed={seed}",
-                 *(o.format(data=data) for o in extra), *schedule]
-    resume = ["--resume", str(run / "last.pt")] if (run / "last.pt").exists() else []
+    return config, [f"data.roots=[{roots}]", f"run.eval_roots=[{evals}]", f"run.output_dir={run_folder(runs, name, seed)}",
+                    f"run.seed={seed}", *(o.format(data=data) for o in extra), *schedule]
+
+
+def command(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -> List[str]:
+    """The training command of the row, resuming from its run folder's last checkpoint when there is one."""
+    config, overrides = row_config(name, data, runs, schedule, seed)
+    last = run_folder(runs, name, seed) / "last.pt"
+    resume = ["--resume", str(last)] if last.exists() else []
     return [sys.executable, "-m", "training", "train", "--config", config, *resume, *overrides]
 
 
@@ -105,8 +112,9 @@ def main() -> None:
         if finished(run):
             print(f"{run.name}: done, skipped")
             continue
-        print(" ".join(command(name, args.data.resolve(), args.runs, args.schedule, seed)), flush=True)
-        subprocess.run(command(name, args.data.resolve(), args.runs, args.schedule, seed), check=True)
+        train = command(name, args.data.resolve(), args.runs, args.schedule, seed)
+        print(" ".join(train), flush=True)
+        subprocess.run(train, check=True)
     done = [run for name in ROWS for run in [args.runs / name, *sorted(args.runs.glob(f"{name}_seed*"))] if finished(run)]
     if done:
         subprocess.run([sys.executable, str(Path(__file__).with_name("training_table.py")), *map(str, done)], check=True)

@@ -23,13 +23,12 @@ def test_every_results_row_is_a_valid_training_command(tmp_path):
         at = command.index("--config")
         cfg = load_config(command[at + 1], command[at + 2:])
         assert cfg.run.output_dir == str(tmp_path / "runs" / name), name
+        assert pool_runs.row_config(name, tmp_path / "data", tmp_path / "runs", []) == (command[at + 1], command[at + 2:])
 
 
 def test_a_row_on_another_seed_trains_in_its_own_folder_with_that_seed(tmp_path):
     pool_runs = bench_module("pool_runs")
-    command = pool_runs.command("casn_ia", tmp_path / "data", tmp_path / "runs", [], seed=2)
-    at = command.index("--config")
-    cfg = load_config(command[at + 1], command[at + 2:])
+    cfg = load_config(*pool_runs.row_config("casn_ia", tmp_path / "data", tmp_path / "runs", [], seed=2))
     assert (cfg.run.seed, cfg.run.output_dir) == (2, str(tmp_path / "runs" / "casn_ia_seed2"))
     assert cfg.loss.casn_sa_weight == 0
 

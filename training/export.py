@@ -154,9 +154,6 @@ def write_onnx(model: nn.Module, contract: ModelContract, output: Path, opset: i
     # then taken back out of the graph's inputs, which the contract says are the images alone.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        # An instance norm always normalises by the image's own statistics (IBN-b), which the exporter reports
-        # as training mode; the parity check compares the result.
-        warnings.filterwarnings("ignore", message=".*'instance_norm' is set to train=True")
         torch.onnx.export(
             ContractOutputs(model, extras).eval(), (dummy,), str(output), input_names=[INPUT_IMAGES],
             output_names=names, opset_version=opset, dynamo=False, keep_initializers_as_inputs=True,

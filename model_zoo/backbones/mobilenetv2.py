@@ -124,8 +124,9 @@ def convert_flat_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 @BACKBONE_REGISTRY.register("mobilenetv2")
 def build_mobilenetv2(pretrained: Optional[str] = None, ibn: Union[bool, str] = False, last_stride: int = 1) -> BackboneParts:
     net = MobileNetV2(last_stride)
-    if ibn_variant(ibn):
-        net.use_ibn(ibn_variant(ibn))
+    variant = ibn_variant(ibn)
+    if variant:
+        net.use_ibn(variant)
     if pretrained:
         load_checkpoint(net, pretrained, convert=convert_flat_layout)
     return net.split()

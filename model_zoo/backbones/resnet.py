@@ -93,8 +93,9 @@ class ResNet50(nn.Module):
 @BACKBONE_REGISTRY.register("resnet50")
 def build_resnet50(pretrained: Optional[str] = None, ibn: Union[bool, str] = False, last_stride: int = 1) -> BackboneParts:
     net = ResNet50(last_stride)
-    if ibn_variant(ibn):
-        net.use_ibn(ibn_variant(ibn))
+    variant = ibn_variant(ibn)
+    if variant:
+        net.use_ibn(variant)
     if pretrained:
         load_checkpoint(net, pretrained)
     return net.split()
