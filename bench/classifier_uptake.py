@@ -27,6 +27,16 @@ from training.engine import Trainer  # noqa: E402
 from training.solver import set_learning_rate  # noqa: E402
 
 
+def pool_bench_parser(description: str, scratch: Path) -> argparse.ArgumentParser:
+    """The options every bench on the real pool takes: the data, a throwaway run folder, threads, the result file."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the folder holding the training sets")
+    parser.add_argument("--scratch", type=Path, default=scratch, help="throwaway run folders")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path)
+    return parser
+
+
 def row_trainer(name: str, data: Path, scratch: Path) -> Trainer:
     """The row's own config (its overrides, the pool, seed 0), quiet, its run folder in ``scratch``."""
     return Trainer(load_config(*row_config(name, data, scratch, ["run.progress=false"])))
@@ -61,14 +71,10 @@ def uptake(trainer: Trainer, steps: int, report_every: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="the folder holding the training sets")
+    parser = pool_bench_parser(__doc__, Path("/tmp/classifier_uptake"))
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=["ide_bn", "cama_ordered", "pmm", "pmm_small_init", "fmn", "casn", "clpd"])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--report-every", type=int, default=4)
-    parser.add_argument("--scratch", type=Path, default=Path("/tmp/classifier_uptake"), help="the rows' throwaway run folders")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"batch": "one PxK batch of the pool (seed 0), the same for every row", "steps": args.steps, "rows": {}}

@@ -41,6 +41,9 @@ ROWS = {
     # PMM's classifiers started near zero as CAMA's: they fit one batch where the authors' Kaiming start does
     # not (bench/classifier_uptake.py), yet its warm-up on the pool still ends at chance (README)
     "pmm_small_init": ("pmm_pool.yaml", ["model.classifier_init_std=0.001"]),
+    # PMM without its soft-margin triplet on the raw u: its classifiers learn on fixed features as the others do
+    # (bench/frozen_feature_heads.py), so what stalls its main phase is the mixing (pmm_no_mix) or this term
+    "pmm_no_triplet": ("pmm_pool.yaml", ["loss.triplet_weight=0"]),
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
     # the papers' own ablations (issue 11): CLPD without its concentration losses, with one of them, with GAP in

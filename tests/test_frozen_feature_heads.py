@@ -1,0 +1,24 @@
+"""bench/frozen_feature_heads.py: its heads are the architectures' own modules, and only their classifiers learn,
+as in a classifier warm-up."""
+import torch
+
+from tests.test_results_tables import bench_module
+
+
+def test_every_head_learns_through_its_classifier_alone():
+    heads = bench_module("frozen_feature_heads")
+    generator = torch.Generator().manual_seed(0)
+    people = torch.randn(6, 16, 2, 2, generator=generator)
+    labels = torch.arange(6).repeat_interleave(4)
+    maps = (people[labels] + 0.1 * torch.randn(24, 16, 2, 2, generator=generator)).relu().half()
+    batches = [torch.randperm(24, generator=generator)[:12].tolist() for _ in range(40)]
+    for name, build in heads.HEADS.items():
+        module, classifier, logits_of = head = build(16, 6)
+        assert logits_of(maps[:12].float()).shape == (12, 6), name
+        classifier_ids = {id(p) for p in classifier.parameters()}
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        curve = heads.learn(head, maps, labels, batches, warmup=10, lr=1e-2, warmup_lr=1e-4, weight_decay=5e-4, report_every=20)
+        changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+        assert changed == {n for n, p in module.named_parameters() if id(p) in classifier_ids}, name
+        assert [point["batches"] for point in curve] == [20, 40]
+        assert curve[-1]["cross_entropy"] < curve[0]["cross_entropy"], name
