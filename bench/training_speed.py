@@ -24,7 +24,7 @@ from training.engine import Trainer, cpu_has_native_bf16, hardware_description
 
 VARIANTS = {
     "baseline: fp32, IBN-a, loader inline": {},
-    "bf16 autocast": {"bf16": True},
+    "bf16 autocast": {"run.amp": "true", "run.force_cpu_bf16": "true"},
     "no IBN-a": {"model.ibn": "false"},
     "channels_last": {"run.channels_last": "true"},
     "loader in 1 worker process": {"data.workers": 1},
@@ -45,11 +45,8 @@ def write_folder(root: Path, identities: int, per_identity: int, height: int, wi
 def trainer_for(root: Path, out: Path, overrides: dict, threads: int) -> Trainer:
     values = {"data.roots": f"[{root}]", "data.source_weights": "{}", "model.pretrained": "null",
               "run.output_dir": str(out), "run.progress": "false", "run.threads": threads, "run.amp": "false"}
-    values.update({k: v for k, v in overrides.items() if k != "bf16"})
-    trainer = Trainer(load_config("pool.yaml", [f"{k}={v}" for k, v in values.items()]))
-    if overrides.get("bf16"):
-        trainer.autocast_dtype = torch.bfloat16  # forced, to measure it even where it is emulated
-    return trainer
+    values.update(overrides)
+    return Trainer(load_config("pool.yaml", [f"{k}={v}" for k, v in values.items()]))
 
 
 def images_per_second(trainer: Trainer, iters: int) -> float:

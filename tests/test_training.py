@@ -156,6 +156,20 @@ def test_bf16_is_used_only_where_the_cpu_has_it_natively(tmp_path):
     assert [cpu_has_native_bf16(tmp_path / name) for name in ("avx512", "bf16", "amx", "missing")] == [False, True, True, False]
     assert autocast_dtype(torch.device("cpu"), amp=False) is None
     assert autocast_dtype(torch.device("cuda"), amp=True) == torch.float16
+    assert autocast_dtype(torch.device("cpu"), amp=True, force_cpu_bf16=True) == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), amp=False, force_cpu_bf16=True) is None
+
+
+def test_forced_cpu_bf16_trains_under_bf16_autocast_and_records_it(market_root, tmp_path):
+    """What row cama_ordered_bf16 relies on to measure bf16's accuracy on a CPU without native bf16."""
+    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"run.amp": "true", "run.force_cpu_bf16": "true",
+                                                                              "run.evaluate_at_end": "false"}))
+    trainer = Trainer(cfg)
+    images = torch.from_numpy(np.stack([trainer.dataset.image(i) for i in range(8)]))
+    with trainer._autocast():
+        assert trainer.model.train()(images).feature_maps.dtype == torch.bfloat16
+    summary = trainer.fit()
+    assert summary["precision"] == "bfloat16" and all(np.isfinite(h["loss"]) for h in summary["history"])
 
 
 def test_the_whole_recipe_trains_on_two_folders_and_evaluates_each(market_root, tmp_path, capsys):

@@ -105,6 +105,7 @@ class RunConfig:
     seed: int = option(0, "random seed")
     device: str = option("auto", "'auto' (CUDA when present), 'cuda' or 'cpu'")
     amp: bool = option(True, "mixed precision: fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); else off")
+    force_cpu_bf16: bool = option(False, "with amp: bf16 autocast on any CPU, emulated where it lacks native bf16 (slower, the same autocast and bf16 rounding): to measure bf16's accuracy on such a CPU")
     channels_last: bool = option(False, "channels-last memory format for the convolutions")
     threads: Optional[int] = option(None, "torch CPU threads (null: torch's default)")
     checkpoint_every: int = option(1, "save a checkpoint every this many epochs")

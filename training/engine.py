@@ -50,13 +50,13 @@ def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", read_cpuinfo(cpuinfo)) is not None
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
-    """fp16 on CUDA, bf16 on a CPU with native bf16, else None (fp32)."""
+def autocast_dtype(device: torch.device, amp: bool, force_cpu_bf16: bool = False) -> Optional[torch.dtype]:
+    """fp16 on CUDA, bf16 on a CPU with native bf16 (or on any CPU when forced), else None (fp32)."""
     if not amp:
         return None
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return torch.bfloat16 if device.type == "cpu" and (force_cpu_bf16 or cpu_has_native_bf16()) else None
 
 
 def cpu_name(cpuinfo: Path = CPUINFO) -> str:
@@ -115,7 +115,7 @@ class Trainer:
         self.schedule = PhaseSchedule(phases_from_config(cfg.solver))
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.optimizer_phase: Optional[int] = None  # the phase whose settings built the optimizer
-        self.autocast_dtype = autocast_dtype(self.device, cfg.run.amp)
+        self.autocast_dtype = autocast_dtype(self.device, cfg.run.amp, cfg.run.force_cpu_bf16)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.augment = TrainAugmentation(d.flip_prob, d.padding, d.color_jitter, d.color_jitter_prob, d.grayscale_prob, d.erasing_prob,
                                          crop_area=tuple(d.crop_area), crop_aspect=tuple(d.crop_aspect))
