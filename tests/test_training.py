@@ -160,18 +160,6 @@ def test_bf16_is_used_only_where_the_cpu_has_it_natively(tmp_path):
     assert autocast_dtype(torch.device("cpu"), amp=False, force_cpu_bf16=True) is None
 
 
-def test_forced_cpu_bf16_trains_under_bf16_autocast_and_records_it(market_root, tmp_path):
-    """What row cama_ordered_bf16 relies on to measure bf16's accuracy on a CPU without native bf16."""
-    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"run.amp": "true", "run.force_cpu_bf16": "true",
-                                                                              "run.evaluate_at_end": "false"}))
-    trainer = Trainer(cfg)
-    images = torch.from_numpy(np.stack([trainer.dataset.image(i) for i in range(8)]))
-    with trainer._autocast():
-        assert trainer.model.train()(images).feature_maps.dtype == torch.bfloat16
-    summary = trainer.fit()
-    assert summary["precision"] == "bfloat16" and all(np.isfinite(h["loss"]) for h in summary["history"])
-
-
 def test_the_whole_recipe_trains_on_two_folders_and_evaluates_each(market_root, tmp_path, capsys):
     from tests.conftest import write_market
     from training.cli import main
@@ -182,9 +170,12 @@ def test_the_whole_recipe_trains_on_two_folders_and_evaluates_each(market_root, 
         "data.sampler": "pk", "data.num_instances": 2, "data.color_jitter": 0.3, "data.grayscale_prob": 0.1,
         "data.erasing_prob": 0.5, "data.source_weights": "{other: 0.5}", "model.ibn": "true",
         "loss.oap_mode": "ordered", "loss.label_smoothing": 0.1, "loss.triplet_weight": 1.0,
-        "solver.scheduler": "cosine", "solver.epochs": 2,
+        "solver.scheduler": "cosine", "solver.epochs": 2, "run.progress": "true",
     }
     summary = train(load_config("pool.yaml", tiny_overrides(market_root, tmp_path / "run", **recipe)))
+    watched = capsys.readouterr().out
+    assert watched.count("(run.eval_every: for watching") == 2 and watched.count("| other |") == 2
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == json.loads(json.dumps(summary["history"]))
     assert summary["sources"] == {"market": {"images": 36, "identities": 6}, "other": {"images": 36, "identities": 6}}
     assert set(summary["evaluation"]) == {"market", "other"}
     assert [set(h.get("evaluation", ())) for h in summary["history"]] == [{"market", "other"}] * 2 + [set()]
@@ -196,11 +187,13 @@ def test_the_whole_recipe_trains_on_two_folders_and_evaluates_each(market_root, 
     assert set(json.loads((tmp_path / "figures.json").read_text())) == {"market", "other"}
 
 
-def test_a_bf16_step_trains(market_root, tmp_path):
-    # bf16 autocast runs on any CPU (emulated where it is not native), so the route is checked here too.
-    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"loss.triplet_weight": 1.0,
-                                                                                          "data.sampler": "pk"})))
-    trainer.autocast_dtype = torch.bfloat16
+def test_forced_bf16_trains_under_bf16_autocast_on_any_cpu(market_root, tmp_path):
+    # run.force_cpu_bf16 takes bf16 where it is only emulated: how row cama_ordered_bf16 measures its accuracy here
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{
+        "loss.triplet_weight": 1.0, "data.sampler": "pk", "run.amp": "true", "run.force_cpu_bf16": "true"})))
+    images = torch.from_numpy(np.stack([trainer.dataset.image(i) for i in range(8)]))
+    with trainer._autocast():
+        assert trainer.model.train()(images).feature_maps.dtype == torch.bfloat16
     stats = trainer.train_epoch(1)
     assert all(np.isfinite(v) for v in stats.values() if isinstance(v, float))
     assert trainer.model.branches[0].stage[0].conv[0][0].weight.dtype == torch.float32

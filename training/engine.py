@@ -20,13 +20,14 @@ from tqdm import tqdm
 from model_zoo.architectures import build_model
 from training.config import TrainConfig, from_dict
 from training.data import MarketDataset, PairSampler, PKSampler, RandomBatchSampler, TrainAugmentation, batch_loader
-from training.evaluation import evaluate_sets, test_roots
+from training.evaluation import evaluate_sets, results_table, test_roots
 from training.objectives import build_objective
 from training.solver import PhaseSchedule, build_optimizer, enter_phase, load_optimizer_state, phases_from_config, set_learning_rate
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "model.pt"
+HISTORY_FILE = "history.json"  # every epoch so far, rewritten after each: a long run's figures without its checkpoint
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -243,7 +244,11 @@ class Trainer:
             record = self.train_epoch(epoch)
             if every and (epoch + 1) % every == 0 and epoch + 1 < self.total_epochs:
                 record["evaluation"] = self.evaluate()
+                if self.cfg.run.progress:
+                    tqdm.write(f"epoch {epoch + 1} of {self.total_epochs} (run.eval_every: for watching, never for choosing)\n"
+                               + results_table(record["evaluation"]))
             self.history.append(record)
+            write_json(self.out / HISTORY_FILE, self.history)
             last_of_phase = epoch + 1 in self.schedule.starts or epoch + 1 == self.total_epochs
             if (epoch + 1) % self.cfg.run.checkpoint_every == 0 or last_of_phase:
                 self.save(epoch)
@@ -259,8 +264,14 @@ class Trainer:
         }
         if self.cfg.run.evaluate_at_end:
             summary["evaluation"] = self.evaluate()
-        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        write_json(self.out / "metrics.json", summary)
         return summary
+
+
+def write_json(path: Path, value) -> None:
+    """Whole or not at all: a reader never sees a half-written file."""
+    path.with_suffix(".tmp").write_text(json.dumps(value, indent=2))
+    path.with_suffix(".tmp").replace(path)
 
 
 def train(cfg: TrainConfig, resume: Optional[Path] = None) -> Dict:
