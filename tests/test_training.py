@@ -72,6 +72,38 @@ def test_resume_continues_where_the_checkpoint_stopped(market_root, trained_run,
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("failing_step, resumed_epoch", [(3, 0), (7, 1)])
+def test_a_run_interrupted_part_way_through_an_epoch_resumes_to_the_same_model(market_root, tmp_path, monkeypatch, failing_step, resumed_epoch):
+    """run.checkpoint_every_iters=3 with 4 batches per epoch: a checkpoint after batch 3 of the warm-up and of the
+    main epoch. Interrupted in the 4th batch of either, the run resumes with the batches, augmentations, learning
+    rates and optimizer state of the uninterrupted run: the same weights, the same epoch figures."""
+    def config(out, **extra):
+        return load_config("base.yaml", tiny_overrides(market_root, out, **{"solver.max_iters_per_epoch": 4, "data.erasing_prob": 0.5,
+                                                                            "run.evaluate_at_end": "false", **extra}))
+
+    whole = Trainer(config(tmp_path / "whole"))
+    whole.fit()
+    interrupted = Trainer(config(tmp_path / "part", **{"run.checkpoint_every_iters": 3}))
+    step, calls = interrupted._step, []
+
+    def step_until_the_power_fails(images, targets):
+        if len(calls) == failing_step:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return step(images, targets)
+
+    monkeypatch.setattr(interrupted, "_step", step_until_the_power_fails)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    resumed = Trainer(config(tmp_path / "part", **{"run.checkpoint_every_iters": 3}))
+    resumed.resume(tmp_path / "part" / "last.pt")
+    assert (resumed.start_epoch, resumed.partial_epoch["iteration"]) == (resumed_epoch, 3)
+    resumed.fit()
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history])
+
+
 def test_evaluate_a_checkpoint(trained_run, market_root):
     out, summary = trained_run
     results = evaluate(out / "model.pt", progress=False)

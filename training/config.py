@@ -109,6 +109,7 @@ class RunConfig:
     channels_last: bool = option(False, "channels-last memory format for the convolutions")
     threads: Optional[int] = option(None, "torch CPU threads (null: torch's default)")
     checkpoint_every: int = option(1, "save a checkpoint every this many epochs")
+    checkpoint_every_iters: int = option(0, "also save last.pt every this many batches inside an epoch (0: never), so that an interrupted run resumes part way through its epoch")
     eval_roots: List[str] = option([], "Market-layout folders evaluated (query vs bounding_box_test); empty: the training roots that have a query split")
     eval_every: int = option(0, "also evaluate every this many epochs (0: only at the end); for watching, never for choosing")
     evaluate_at_end: bool = option(True, "evaluate on eval_roots after training")

@@ -123,6 +123,7 @@ class Trainer:
         self.sampler = self._sampler()
         self.eval_roots = list(cfg.run.eval_roots) or test_roots(d.roots)
         self.start_epoch = 0
+        self.partial_epoch: Optional[Dict] = None  # how far a checkpoint got into start_epoch (run.checkpoint_every_iters)
         self.history: List[Dict] = []
 
     def _sampler(self):
@@ -176,15 +177,27 @@ class Trainer:
         caps = [cap for cap in (self.cfg.solver.max_iters_per_epoch, phase and phase.max_iters_per_epoch) if cap]
         return min([len(self.sampler), *caps])
 
+    def _epoch_progress(self, epoch: int) -> Dict:
+        """Where the epoch starts: part way, from a checkpoint's record, or at batch 0. ``generator`` is the
+        generator's state at the epoch's start, from which its batches are drawn again on a resume."""
+        partial, self.partial_epoch = self.partial_epoch, None
+        if partial and partial["epoch"] == epoch:
+            self.generator.set_state(partial["generator"])
+            return partial
+        return {"epoch": epoch, "iteration": 0, "sums": {}, "seen": 0, "seconds": 0.0, "generator": self.generator.get_state()}
+
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         index, phase, phase_epoch = self.schedule.phase_at(epoch)
         self.enter_phase(index)
         iters = self.iterations_per_epoch(phase)
-        loader = batch_loader(self.dataset, self.augment, self.sampler, self.generator, iters, self.cfg.data.workers, self.device.type == "cuda")
-        sums: Dict[str, float] = {}
-        seen, start = 0, time.perf_counter()
-        bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{self.total_epochs} ({phase.name})", disable=not self.cfg.run.progress)
-        for iteration, (images, targets) in enumerate(loader):
+        progress = self._epoch_progress(epoch)
+        first, sums, seen = progress["iteration"], dict(progress["sums"]), progress["seen"]
+        loader = batch_loader(self.dataset, self.augment, self.sampler, self.generator, iters, self.cfg.data.workers,
+                              self.device.type == "cuda", skip=first)
+        start = time.perf_counter() - progress["seconds"]
+        every = self.cfg.run.checkpoint_every_iters
+        bar = tqdm(total=iters, initial=first, desc=f"epoch {epoch + 1}/{self.total_epochs} ({phase.name})", disable=not self.cfg.run.progress)
+        for iteration, (images, targets) in enumerate(loader, start=first):
             lr = phase.learning_rate(phase_epoch, iteration, iters)
             set_learning_rate(self.optimizer, lr)
             stats = self._step(images, targets)
@@ -194,6 +207,9 @@ class Trainer:
             bar.set_postfix({key.removeprefix("loss_"): f"{value:.3f}" for key, value in stats.items()},
                             lr=f"{lr:.1e}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
             bar.update()
+            if every and (iteration + 1) % every == 0 and iteration + 1 < iters:
+                self.save(epoch - 1, partial={**progress, "iteration": iteration + 1, "sums": sums, "seen": seen,
+                                              "seconds": time.perf_counter() - start})
         bar.close()
         seconds = time.perf_counter() - start
         return {"epoch": epoch + 1, "phase": phase.name, **{k: v / max(1, iters) for k, v in sums.items()}, "lr": lr,
@@ -203,12 +219,13 @@ class Trainer:
         d = self.cfg.data
         return evaluate_sets(self.model, self.eval_roots, d.height, d.width, self.device, self.cfg.run.progress)
 
-    def save(self, epoch: int, name: str = LAST_CHECKPOINT) -> Path:
+    def save(self, epoch: int, name: str = LAST_CHECKPOINT, partial: Optional[Dict] = None) -> Path:
+        """``epoch``: the last whole epoch (-1: none yet); ``partial``: how far the next one got."""
         path = self.out / name
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None, "scaler": self.scaler.state_dict(),
             "epoch": epoch, "phase": self.optimizer_phase, "config": self.cfg.to_dict(), "num_classes": self.dataset.num_classes,
-            "generator": self.generator.get_state(), "history": self.history,
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "history": self.history, "partial": partial,
         }
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
@@ -219,11 +236,14 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
+        if "torch_rng" in state:  # checkpoints from before it was kept have none
+            torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
         self.start_epoch = state["epoch"] + 1
+        self.partial_epoch = state.get("partial")
         if self.start_epoch < self.total_epochs:
             self._resume_optimizer(state)
-        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+        log.info("resumed from %s at epoch %d, batch %d", path, self.start_epoch, (self.partial_epoch or {}).get("iteration", 0))
 
     def _resume_optimizer(self, state: Dict) -> None:
         """Carry the optimizer's state over if the checkpoint's phase and the next one share an optimizer;

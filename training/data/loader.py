@@ -30,24 +30,27 @@ class AugmentedBatches(Dataset):
 
 
 class SeededBatches:
-    """The sampler's batches, at most ``limit`` of them, each with a seed from ``generator``."""
+    """The sampler's batches, at most ``limit`` of them, each with a seed from ``generator``; the first ``skip``
+    are drawn (so the generator moves exactly as in an uninterrupted epoch) but not handed out."""
 
-    def __init__(self, sampler: Iterable[List[int]], generator: torch.Generator, limit: int):
-        self.sampler, self.generator, self.limit = sampler, generator, limit
+    def __init__(self, sampler: Iterable[List[int]], generator: torch.Generator, limit: int, skip: int = 0):
+        self.sampler, self.generator, self.limit, self.skip = sampler, generator, limit, skip
 
     def __len__(self) -> int:
-        return self.limit
+        return self.limit - self.skip
 
     def __iter__(self) -> Iterator[BatchKey]:
-        for _, indices in zip(range(self.limit), self.sampler):
-            yield indices, int(torch.randint(2**62, (), generator=self.generator))
+        for number, indices in zip(range(self.limit), self.sampler):
+            seed = int(torch.randint(2**62, (), generator=self.generator))
+            if number >= self.skip:
+                yield indices, seed
 
 
 def batch_loader(dataset: MarketDataset, augment: TrainAugmentation, sampler, generator: torch.Generator, limit: int,
-                 workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """One epoch of augmented batches; with ``workers`` > 0 they are made in that many processes, up to four
-    batches per worker ahead of the model."""
+                 workers: int = 0, pin_memory: bool = False, skip: int = 0) -> DataLoader:
+    """One epoch of augmented batches, from batch ``skip`` on (an epoch resumed part way); with ``workers`` > 0
+    they are made in that many processes, up to four batches per worker ahead of the model."""
     return DataLoader(
-        AugmentedBatches(dataset, augment), sampler=SeededBatches(sampler, generator, limit), batch_size=None,
+        AugmentedBatches(dataset, augment), sampler=SeededBatches(sampler, generator, limit, skip), batch_size=None,
         num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
     )
