@@ -14,6 +14,7 @@ host, with a longer schedule given as phases for every row).
         'solver.phases=[{name: warmup, epochs: 10, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6}, {name: main, epochs: 120, scheduler: cosine}]'
     python bench/pool_runs.py --data ../shared/data --runs /work/runs --only casn_ia --seeds 0 1 2
     python bench/pool_runs.py --data ../shared/data --runs /work/runs --table-only
+    python bench/pool_runs.py --data ../shared/data --runs /work/runs --status --only cama_ordered_full ide_bn_full
 
 ``--seeds`` trains each row once per seed (``run.seed``; seed 0 in the row's own folder, seed s in
 ``ROW_seedS``), for effects too small for one seed (with 451 CUHK03 queries, under about 4 rank-1 points);
@@ -25,6 +26,13 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import List, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.config import load_config  # noqa: E402
+from training.solver import PhaseSchedule, phases_from_config  # noqa: E402
 
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 EVAL_SETS = ("cuhk03-detected", "prid", "grid")
@@ -104,6 +112,19 @@ def command(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) ->
     return [sys.executable, "-m", "training", "train", "--config", config, *resume, *overrides]
 
 
+def progress(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -> str:
+    """How far the row's run has got: done, epochs (and batches) of its schedule from its last.pt, or not started."""
+    run = run_folder(runs, name, seed)
+    if finished(run):
+        return "done"
+    total = PhaseSchedule(phases_from_config(load_config(*row_config(name, data, runs, schedule, seed)).solver)).total_epochs
+    if not (run / "last.pt").exists():
+        return f"not started ({total} epochs)"
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    batches = (state.get("partial") or {}).get("iteration", 0)
+    return f"{state['epoch'] + 1} of {total} epochs" + (f" and {batches} batches" if batches else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="the folder holding the training and validation sets")
@@ -111,8 +132,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="rows to train, in this order")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="train each row once per seed (default: 0 alone)")
     parser.add_argument("--table-only", action="store_true", help="train nothing; print the table of the finished rows")
+    parser.add_argument("--status", action="store_true", help="train nothing; say how far each row has got")
     parser.add_argument("schedule", nargs="*", metavar="section.key=value", help="overrides for every row (the same schedule)")
     args = parser.parse_args()
+    if args.status:
+        for name, seed in [(n, s) for n in args.only for s in args.seeds]:
+            print(f"{run_folder(args.runs, name, seed).name}: {progress(name, args.data.resolve(), args.runs, args.schedule, seed)}")
+        return
     for name, seed in [] if args.table_only else [(n, s) for n in args.only for s in args.seeds]:
         run = run_folder(args.runs, name, seed)
         if finished(run):

@@ -66,3 +66,19 @@ def test_a_run_is_finished_by_its_final_evaluation_not_by_a_warm_up_summary(tmp_
     assert not pool_runs.finished(tmp_path)
     (tmp_path / "metrics.json").write_text(json.dumps({"history": [], "evaluation": {}}))
     assert pool_runs.finished(tmp_path)
+
+
+def test_status_says_how_far_each_row_has_got(tmp_path):
+    import torch
+
+    pool_runs = bench_module("pool_runs")
+    runs = tmp_path / "runs"
+    assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "not started (4 epochs)"
+    (runs / "ide_bn").mkdir(parents=True)
+    torch.save({"epoch": 1, "partial": {"iteration": 50}}, runs / "ide_bn" / "last.pt")
+    assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "2 of 4 epochs and 50 batches"
+    torch.save({"epoch": 2, "partial": None}, runs / "ide_bn" / "last.pt")
+    assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "3 of 4 epochs"
+    assert pool_runs.progress("ide_bn_full", tmp_path / "data", runs, []) == "not started (15 epochs)"
+    (runs / "ide_bn" / "metrics.json").write_text(json.dumps({"evaluation": {}}))
+    assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "done"
