@@ -1,13 +1,15 @@
 """Markdown results table from training run folders (their metrics.json), for the README: one row per run, a
 column group per evaluation set (rank-1 / mAP / mINP of the whole embedding), each branch's mAP alone per set.
 Runs whose configs differ only in ``run.seed`` (and their folders) make one row: each figure is the mean over
-the seeds, with the sample standard deviation after a +-, and the seeds column says how many.
+the seeds, with the sample standard deviation after a +-, and the seeds column says how many. A row is named by
+its architecture and its run folder (an ablation's row name in bench/pool_runs.py).
 
     python bench/training_table.py /work/runs/cama_ordered /work/runs/ide_bn ...
 """
 import argparse
 import copy
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Dict, List
@@ -34,6 +36,11 @@ def row_name(cfg: dict) -> str:
     if loss["alpha"] == 0:
         return f"MltB+L_id (N={model['num_branches']}, alpha=0)"
     return f"CAMA {loss.get('oap_mode', 'symmetric')} (N={model['num_branches']}, alpha={loss['alpha']:g}, k={loss['k']})"
+
+
+def run_label(cfg: dict) -> str:
+    """The run folder's name without a seed suffix: what tells apart rows of one architecture (ablations)."""
+    return re.sub(r"_seed\d+$", "", Path(cfg["run"]["output_dir"]).name)
 
 
 def percent(values: List[float]) -> str:
@@ -93,7 +100,7 @@ def table(runs) -> str:
         first = group[0]
         evaluated = [s for s in sets if all(s in r["evaluation"] for r in group)]
         cells = [
-            row_name(first["config"]),
+            f"{row_name(first['config'])}: {run_label(first['config'])}",
             *(set_cells(group, s) if s in evaluated else "-" for s in sets),
             "; ".join(branch_cells(group, s) for s in evaluated),
             str(len(group)),

@@ -53,7 +53,7 @@ def test_seeds_of_one_recipe_make_one_row_with_mean_and_standard_deviation(tmp_p
     lines = table.table(runs).splitlines()
     assert len(lines) == 4  # header, rule, the CAMA recipe's three seeds, MltB's one
     cama, mltb = (line.split(" | ") for line in lines[2:])
-    assert cama[0] == "| CAMA ordered (N=2, alpha=1, k=5)" and mltb[0].startswith("| MltB+L_id")
+    assert cama[0] == "| CAMA ordered (N=2, alpha=1, k=5): cama" and mltb[0] == "| MltB+L_id (N=2, alpha=0): mltb"
     assert cama[1] == "42.0 ± 2.0 / 32.0 ± 2.0 / 20.0 ± 0.0"
     assert cama[2] == "32.0 ± 2.0, 32.0 ± 2.0" and cama[3] == "3"
     assert cama[5] == "20 min each"
