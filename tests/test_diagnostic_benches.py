@@ -1,5 +1,5 @@
-"""bench/frozen_feature_heads.py: its heads are the architectures' own modules, and only their classifiers learn,
-as in a classifier warm-up."""
+"""The diagnostic benches on real modules: bench/frozen_feature_heads.py (its heads are the architectures' own
+modules, and only their classifiers learn, as in a warm-up) and bench/loss_gradients.py (each term on each part)."""
 import torch
 
 from tests.test_results_tables import bench_module
@@ -22,3 +22,16 @@ def test_every_head_learns_through_its_classifier_alone():
         assert changed == {n for n, p in module.named_parameters() if id(p) in classifier_ids}, name
         assert [point["batches"] for point in curve] == [20, 40]
         assert curve[-1]["cross_entropy"] < curve[0]["cross_entropy"], name
+
+
+def test_loss_gradients_reports_each_term_on_each_part(market_root, tmp_path):
+    from tests.conftest import tiny_overrides
+    from training import load_config
+    from training.engine import Trainer
+
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"loss.triplet_weight": 1.0, "data.sampler": "pk"})))
+    gradients = bench_module("loss_gradients").term_gradients(trainer, batches=2)
+    assert set(gradients) == {"loss_id", "loss_oap", "loss_tri"}
+    assert all(set(by_part) == {"classifiers", "trunk", "rest", "all"} for by_part in gradients.values())
+    assert gradients["loss_tri"]["classifiers"] == 0 < gradients["loss_tri"]["trunk"]  # the triplet never reaches a classifier
+    assert gradients["loss_id"]["classifiers"] > 0 and gradients["loss_oap"]["trunk"] > 0
