@@ -77,6 +77,22 @@ def test_eval_maps_are_the_two_networks_last_stages():
     assert model.lan[0] is not model.grn_global[0]  # the LAN is its own copy
 
 
+def test_a_bn_neck_feeds_the_classifiers_batch_normalised_descriptors_and_leaves_the_maps_unchanged():
+    torch.manual_seed(0)
+    plain, necked = build_model(TINY_FMN, num_classes=5), build_model({**TINY_FMN, "bn_neck": True}, num_classes=5)
+    missing, unexpected = necked.load_state_dict(plain.state_dict(), strict=False)
+    assert {key.split(".")[0] for key in missing} == {"grn_neck", "lan_neck"} and not unexpected
+    assert {necked.grn_neck, necked.lan_neck} <= set(necked.parameter_groups()["classifiers"])
+    images = torch.randint(0, 256, (4, TINY_HEIGHT, TINY_WIDTH, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(necked.eval()(images).feature_maps, plain.eval()(images).feature_maps)
+        out = necked.train()(images)
+    gap = out.feature_maps.float().mean(dim=(3, 4))
+    standardised = (gap - gap.mean(dim=0)) / torch.sqrt(gap.var(dim=0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(out.logits[:, 0], necked.grn_classifier(standardised[:, 0]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logits[:, 1], necked.lan_classifier(standardised[:, 1]), rtol=1e-4, atol=1e-4)
+
+
 def test_phase_one_trains_the_grn_alone_and_phase_two_keeps_it_bit_identical(market_root, tmp_path):
     trainer = Trainer(load_config("base.yaml", fmn_overrides(market_root, tmp_path)))
     model = trainer.model

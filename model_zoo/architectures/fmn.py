@@ -52,7 +52,7 @@ class FMN(nn.Module):
     feature_maps_kind = "activations"
 
     def __init__(self, backbone: str, num_classes: int, input_size: Tuple[int, int], mask_layer: str = "stem",
-                 pretrained=None, ibn: bool = False, last_stride: int = 1):
+                 pretrained=None, ibn: bool = False, last_stride: int = 1, bn_neck: bool = False):
         super().__init__()
         if mask_layer not in STAGE_NAMES[:-1]:
             raise ValueError(f"mask_layer {mask_layer!r}: one of {', '.join(STAGE_NAMES[:-1])} (the LAN is the stages after it)")
@@ -62,6 +62,10 @@ class FMN(nn.Module):
         self.normalize = InputNormalization()
         self.grn_local = grn.stage_range("stem", mask_layer)
         self.grn_global = grn.stage_range(after, "layer4")
+        # bn_neck (a deviation, for diagnosis): the classifiers see batch-normalised descriptors, the triplet term
+        # the raw ones (Luo et al.'s BNNeck, IDE+BN's head); training only, so the exported maps are unchanged
+        self.grn_neck = nn.BatchNorm1d(grn.out_channels) if bn_neck else nn.Identity()
+        self.lan_neck = nn.BatchNorm1d(fresh.out_channels) if bn_neck else nn.Identity()
         self.grn_classifier = nn.Linear(grn.out_channels, num_classes)
         stride = grn.stage_strides[mask_layer]
         self.mask = FeatureMask(grn.out_channels, (math.ceil(input_size[0] / stride), math.ceil(input_size[1] / stride)))
@@ -73,9 +77,9 @@ class FMN(nn.Module):
         """``grn`` (shared stem included: frozen in phase 2), ``mask`` (MN), ``lan``, ``classifiers`` (for a
         classifier warm-up); ``new`` = the layers not from ImageNet (classifiers and MN), for the paper's
         higher learning rate on new layers."""
-        classifiers = [self.grn_classifier, self.lan_classifier]
-        return {"grn": [self.grn_local, self.grn_global, self.grn_classifier], "mask": [self.mask],
-                "lan": [self.lan, self.lan_classifier], "classifiers": classifiers, "new": [*classifiers, self.mask]}
+        classifiers = [self.grn_neck, self.grn_classifier, self.lan_neck, self.lan_classifier]
+        return {"grn": [self.grn_local, self.grn_global, self.grn_neck, self.grn_classifier], "mask": [self.mask],
+                "lan": [self.lan, self.lan_neck, self.lan_classifier], "classifiers": classifiers, "new": [*classifiers, self.mask]}
 
     def global_branch(self, images: torch.Tensor):
         """(pool1-level features f, the GRN's last-stage map)."""
@@ -90,13 +94,13 @@ class FMN(nn.Module):
         if not self.training:
             return ReIDOutput(feature_maps=maps)
         gap = maps.float().mean(dim=(3, 4))
-        logits = torch.stack([self.grn_classifier(gap[:, 0]), self.lan_classifier(gap[:, 1])], dim=1)
+        logits = torch.stack([self.grn_classifier(self.grn_neck(gap[:, 0])), self.lan_classifier(self.lan_neck(gap[:, 1]))], dim=1)
         return ReIDOutput(feature_maps=maps, logits=logits, aux={"mask": mask, "mask_clamped": clamped})
 
     def global_output(self, images: torch.Tensor) -> ReIDOutput:
         """The GRN alone (phase 1 trains nothing else): its map [B, 1, D, h, w] and logits [B, 1, C]."""
         _, global_map = self.global_branch(images)
-        logits = self.grn_classifier(global_map.float().mean(dim=(2, 3))).unsqueeze(1)
+        logits = self.grn_classifier(self.grn_neck(global_map.float().mean(dim=(2, 3)))).unsqueeze(1)
         return ReIDOutput(feature_maps=global_map.unsqueeze(1), logits=logits)
 
     def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:
@@ -115,5 +119,5 @@ def build_fmn(model_cfg: dict, num_classes: int) -> FMN:
     return FMN(
         backbone=model_cfg["backbone"], num_classes=num_classes, input_size=tuple(model_cfg["input_size"]),
         mask_layer=model_cfg.get("mask_layer", "stem"), pretrained=model_cfg.get("pretrained"),
-        ibn=model_cfg.get("ibn", False), last_stride=model_cfg.get("last_stride", 1),
+        ibn=model_cfg.get("ibn", False), last_stride=model_cfg.get("last_stride", 1), bn_neck=model_cfg.get("bn_neck", False),
     )
