@@ -10,7 +10,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -227,8 +227,7 @@ class Trainer:
             "epoch": epoch, "phase": self.optimizer_phase, "config": self.cfg.to_dict(), "num_classes": self.dataset.num_classes,
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "history": self.history, "partial": partial,
         }
-        torch.save(state, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        write_whole(path, lambda temporary: torch.save(state, temporary))
         return path
 
     def resume(self, path: Path) -> None:
@@ -288,10 +287,16 @@ class Trainer:
         return summary
 
 
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temporary file beside ``path``, which then replaces it: a reader (or a resume after a
+    crash) never sees a half-written file."""
+    temporary = path.with_suffix(".tmp")
+    write(temporary)
+    temporary.replace(path)
+
+
 def write_json(path: Path, value) -> None:
-    """Whole or not at all: a reader never sees a half-written file."""
-    path.with_suffix(".tmp").write_text(json.dumps(value, indent=2))
-    path.with_suffix(".tmp").replace(path)
+    write_whole(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2)))
 
 
 def train(cfg: TrainConfig, resume: Optional[Path] = None) -> Dict:
