@@ -59,8 +59,8 @@ bench: $(VENV)/.test-$(RUNTIME)
 # Make a finished training run the shipped default, every file and figure the model card cites: the ONNX
 # file (the exporter's parity check), its same-person threshold calibrated on CUHK03-val, its int8 (CPU) and
 # fp16 (GPU) files, each file's accuracy on the three validation sets, and its CPU speed against the previous
-# default (`make bench` adds int8's). RUN: the run folder (its model.pt); FIGURES: where the figures go. About 30 minutes on 2 cores; then
-# update the model card and the README with the figures.
+# default (`make bench` adds int8's). RUN: the run folder (its model.pt); FIGURES: where the figures go.
+# About 30 minutes on 2 cores; then update the model card and the README with the figures.
 TRAIN_SETS := --data-root $(DATA)/cuhk03-detected --data-root $(DATA)/peta-train --data-root $(DATA)/conreid-train
 ship: $(VENV)/.test-$(RUNTIME)
 	test -f "$(RUN)/model.pt" || { echo "RUN=<run folder with model.pt>"; exit 2; }
