@@ -24,6 +24,14 @@ LABEL_BYTES = 4 * MAX_ID_LENGTH  # VARCHAR lengths count UTF-8 bytes
 STRONG = "Strong"
 COLLECTION_NOT_LOADED = 101  # Milvus' error code for a search on a released collection
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+# pymilvus pings an idle connection every 10 s; a gRPC server with gRPC's default keepalive enforcement (milvus-lite's)
+# answers the third such ping with GOAWAY "too_many_pings", and a call that races the GOAWAY fails. So ping only
+# while a call is in flight: pymilvus checks a connection idle for 30 s itself before it uses it.
+GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False}
+
+
+def milvus_client(uri: str, token: Optional[str] = None, **kwargs) -> MilvusClient:
+    return MilvusClient(uri=uri, token=token or "", grpc_options=GRPC_OPTIONS, **kwargs)
 
 
 def literal(value: str) -> str:
@@ -65,7 +73,7 @@ def search_filter(camera_id: Optional[str] = None, exclude_camera_id: Optional[s
 
 class MilvusIndex:
     def __init__(self, uri: str, token: Optional[str], collection: str, dim: int, index_type: str):
-        self.client = MilvusClient(uri=uri, token=token or "")
+        self.client = milvus_client(uri, token)
         self.collection, self.dim, self.index_type = collection, dim, index_type
 
     def close(self) -> None:

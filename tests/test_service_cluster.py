@@ -7,9 +7,8 @@ from contextlib import ExitStack
 
 import psycopg
 import pytest
-from pymilvus import MilvusClient
 
-from tests.cluster import MilvusServer, PostgresServer, unavailable, wait_until
+from tests.cluster import MilvusServer, PostgresServer, milvus_connection, unavailable, wait_until
 from tests.conftest import image_bytes
 from tests.server import ServiceProcess, assert_error, enrol, metric, query
 
@@ -90,19 +89,18 @@ def test_a_starting_replica_brings_milvus_in_step_with_postgres(cluster_servers,
     settings = cluster_servers.new_gallery()
     with ServiceProcess(tiny_model[1], tmp_path / "a.sqlite3", **settings) as server, server.client() as client:
         ids = enrol(client, [image_bytes(8, v) for v in range(3)], person_id="8")
-    milvus = MilvusClient(uri=settings["milvus_uri"])
     collection = settings["milvus_collection"]
-    milvus.delete(collection, ids=[ids[0]])  # a vector lost
-    orphan = milvus.query(collection, ids=[ids[1]], output_fields=["*"])[0]
-    milvus.upsert(collection, [{**orphan, "id": 10**12}])  # a vector without a row: a write whose commit never came
+    with milvus_connection(settings["milvus_uri"]) as milvus:
+        milvus.delete(collection, ids=[ids[0]])  # a vector lost
+        orphan = milvus.query(collection, ids=[ids[1]], output_fields=["*"])[0]
+        milvus.upsert(collection, [{**orphan, "id": 10**12}])  # a vector without a row: a write whose commit never came
     with ServiceProcess(tiny_model[1], tmp_path / "b.sqlite3", **settings) as server, server.client() as client:
         assert sorted(m["id"] for m in matches(client, image_bytes(8, 0))) == ids
-    assert milvus.query(collection, ids=[10**12]) == []
-
-    milvus.drop_collection(collection)  # the whole index lost: rebuilt from PostgreSQL
+    with milvus_connection(settings["milvus_uri"]) as milvus:
+        assert milvus.query(collection, ids=[10**12]) == []
+        milvus.drop_collection(collection)  # the whole index lost: rebuilt from PostgreSQL
     with ServiceProcess(tiny_model[1], tmp_path / "c.sqlite3", **settings) as server, server.client() as client:
         assert sorted(m["id"] for m in matches(client, image_bytes(8, 0))) == ids
-    milvus.close()
 
 
 def test_a_model_change_reembeds_once_and_the_old_replica_stops_writing(cluster_servers, tiny_model, tmp_path):
@@ -168,6 +166,5 @@ def test_retention_on_any_replica_erases_from_postgres_and_milvus(cluster_server
     with ServiceProcess(tiny_model[1], tmp_path / "b.sqlite3", retention_days=30, **settings) as server, server.client() as client:
         assert [m["id"] for m in matches(client, image_bytes(13, 0))] == [kept]
         assert client.get("/gallery").json()["total"] == 1
-    milvus = MilvusClient(uri=settings["milvus_uri"])
-    assert milvus.query(settings["milvus_collection"], ids=old) == []
-    milvus.close()
+    with milvus_connection(settings["milvus_uri"]) as milvus:
+        assert milvus.query(settings["milvus_collection"], ids=old) == []
