@@ -10,7 +10,6 @@ batch and initial weights to every row.
     python bench/classifier_uptake.py --data ../shared/data --rows ide_bn cama_ordered pmm pmm_small_init fmn casn clpd \
         --output bench/results/pool/classifier_uptake.json
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,26 +19,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit  # noqa: E402
-from bench.pool_runs import ROWS, row_config  # noqa: E402
-from training.config import load_config  # noqa: E402
+from bench.pool_runs import ROWS, pool_bench_parser, row_trainer  # noqa: E402
 from training.data.loader import batch_loader  # noqa: E402
 from training.engine import Trainer  # noqa: E402
 from training.solver import set_learning_rate  # noqa: E402
-
-
-def pool_bench_parser(description: str, scratch: Path) -> argparse.ArgumentParser:
-    """The options every bench on the real pool takes: the data, a throwaway run folder, threads, the result file."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="the folder holding the training sets")
-    parser.add_argument("--scratch", type=Path, default=scratch, help="throwaway run folders")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", type=Path)
-    return parser
-
-
-def row_trainer(name: str, data: Path, scratch: Path) -> Trainer:
-    """The row's own config (its overrides, the pool, seed 0), quiet, its run folder in ``scratch``."""
-    return Trainer(load_config(*row_config(name, data, scratch, ["run.progress=false"])))
 
 
 def branch_figures(logits: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.classifier_uptake import pool_bench_parser, row_trainer  # noqa: E402
 from bench.common import emit  # noqa: E402
+from bench.pool_runs import pool_bench_parser, row_trainer  # noqa: E402
 from model_zoo.architectures.cama import CAMABranch  # noqa: E402
 from model_zoo.architectures.pmm import GlobalStage  # noqa: E402
 

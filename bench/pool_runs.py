@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import load_config  # noqa: E402
+from training.engine import Trainer  # noqa: E402
 from training.solver import PhaseSchedule, phases_from_config  # noqa: E402
 
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
@@ -122,9 +123,24 @@ def progress(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -
     total = PhaseSchedule(phases_from_config(load_config(*row_config(name, data, runs, schedule, seed)).solver)).total_epochs
     if not (run / "last.pt").exists():
         return f"not started ({total} epochs)"
-    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False, mmap=True)  # reads the tensors only if touched
     batches = (state.get("partial") or {}).get("iteration", 0)
     return f"{state['epoch'] + 1} of {total} epochs" + (f" and {batches} batches" if batches else "")
+
+
+def pool_bench_parser(description: str, scratch: Path) -> argparse.ArgumentParser:
+    """The options every bench on the real pool takes: the data, a throwaway run folder, threads, the result file."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the folder holding the training sets")
+    parser.add_argument("--scratch", type=Path, default=scratch, help="throwaway run folders")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path)
+    return parser
+
+
+def row_trainer(name: str, data: Path, scratch: Path) -> Trainer:
+    """The row's own config (its overrides, the pool, seed 0), quiet, its run folder in ``scratch``."""
+    return Trainer(load_config(*row_config(name, data, scratch, ["run.progress=false"])))
 
 
 def main() -> None:
