@@ -1,11 +1,13 @@
 """The retrieval service: enrol pedestrian crops into a gallery, query it, explain each match with RAM heatmaps.
 
-What this package owns: the FastAPI app (``app``), settings from environment variables (``settings``), ONNX
-Runtime inference with the provider chosen in one place (``inference``), dynamic micro-batching
-(``batching``), the FAISS index (``index``), the durable SQLite store (``store``), the gallery that keeps
-index and store consistent (``gallery``), its cluster twin for several replicas, PostgreSQL (``pg_store``) and
-Milvus (``milvus_index``) kept consistent by ``cluster_gallery``, heatmap rendering (``heatmaps``) and the gallery's feature-map cache
-behind it (``map_cache``), CASN's optional pairwise re-ranking stage (``pair_ranking``) and the error shape
+What this package owns: the FastAPI app (``app``) and its routes (``routes``), uploads into model input
+(``uploads``), a query's answer from index search to heatmaps (``answering``), retention (``retention``),
+settings from environment variables (``settings``), ONNX Runtime inference with the provider chosen in one
+place (``inference``), dynamic micro-batching (``batching``), the FAISS index (``index``), the durable SQLite
+store (``store``), the gallery that keeps index and store consistent (``gallery``), its cluster twin for
+several replicas, PostgreSQL (``pg_store``) and Milvus (``milvus_index``) kept consistent by
+``cluster_gallery``, heatmap rendering (``heatmaps``) and the gallery's feature-map cache behind it
+(``map_cache``), CASN's optional pairwise re-ranking stage (``pair_ranking``) and the error shape
 (``errors``).
 
 Import rules: never imports torch or ``training``; psycopg and pymilvus (the ``[cluster]`` extra) only in the
