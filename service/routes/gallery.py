@@ -20,7 +20,6 @@ ItemId = Annotated[int, PathParam(ge=1, le=MAX_ITEM_ID, description="a gallery i
 IMAGE_RESPONSE = {200: {"description": "the original image bytes", "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-
 def item_body(item) -> GalleryItem:
     return GalleryItem(**asdict(item))
 

@@ -12,7 +12,6 @@ from service.schemas import ReadyResponse
 METRICS_RESPONSE = {200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
-
 async def healthz():
     return {"status": "ok"}
 

@@ -16,7 +16,6 @@ from service.tracks import Aggregate, mean_embedding
 from service.uploads import check_image_count, pixels_of, read_uploads
 
 
-
 async def query_options(
     request: Request,
     top_k: int = Form(10, description="number of matches, 1 to REID_MAX_TOP_K"),
