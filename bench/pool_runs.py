@@ -125,7 +125,17 @@ def progress(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -
         return f"not started ({total} epochs)"
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False, mmap=True)  # reads the tensors only if touched
     batches = (state.get("partial") or {}).get("iteration", 0)
-    return f"{state['epoch'] + 1} of {total} epochs" + (f" and {batches} batches" if batches else "")
+    return f"{state['epoch'] + 1} of {total} epochs" + (f" and {batches} batches" if batches else "") + last_watch(run)
+
+
+def last_watch(run: Path) -> str:
+    """The run's latest run.eval_every evaluation, mAP per set (from its history.json), or '' before one."""
+    history = run / "history.json"
+    evaluated = [e for e in json.loads(history.read_text()) if e.get("evaluation")] if history.exists() else []
+    if not evaluated:
+        return ""
+    sets = ", ".join(f"{name} {100 * figures['all']['mAP']:.1f}" for name, figures in evaluated[-1]["evaluation"].items())
+    return f"; mAP after epoch {evaluated[-1]['epoch']}: {sets}"
 
 
 def pool_bench_parser(description: str, scratch: Path) -> argparse.ArgumentParser:
@@ -150,7 +160,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="rows to train, in this order")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="train each row once per seed (default: 0 alone)")
     parser.add_argument("--table-only", action="store_true", help="train nothing; print the table of the finished rows")
-    parser.add_argument("--status", action="store_true", help="train nothing; say how far each row has got")
+    parser.add_argument("--status", action="store_true", help="train nothing; say how far each row has got, and its latest watching mAP")
     parser.add_argument("schedule", nargs="*", metavar="section.key=value", help="overrides for every row (the same schedule)")
     args = parser.parse_args()
     if args.status:

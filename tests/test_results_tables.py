@@ -79,6 +79,9 @@ def test_status_says_how_far_each_row_has_got(tmp_path):
     assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "2 of 4 epochs and 50 batches"
     torch.save({"epoch": 2, "partial": None}, runs / "ide_bn" / "last.pt")
     assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "3 of 4 epochs"
+    watched = {"evaluation": {"cuhk03-detected": {"all": {"mAP": 0.5}}, "prid": {"all": {"mAP": 0.25}}}}
+    (runs / "ide_bn" / "history.json").write_text(json.dumps([{"epoch": 1, **watched}, {"epoch": 2}]))
+    assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "3 of 4 epochs; mAP after epoch 1: cuhk03-detected 50.0, prid 25.0"
     assert pool_runs.progress("ide_bn_full", tmp_path / "data", runs, []) == "not started (15 epochs)"
     (runs / "ide_bn" / "metrics.json").write_text(json.dumps({"evaluation": {}}))
     assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "done"
