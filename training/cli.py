@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description="Train, evaluate and export re-ID models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_train, _add_evaluate, _add_export, _add_quantize, _add_fp16, _add_calibrate):
+        add_command(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     train = commands.add_parser(
         "train", help="train a model", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a model. Settings come from --config (YAML, may layer a _base_ file) and then from\n"
@@ -108,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, values parsed as YAML (lists too: data.roots=[a,b])")
     train.set_defaults(run=_train)
 
+
+def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint or an exported .onnx with the single-query Market protocol, one table row per set")
     evaluate.add_argument("checkpoint", type=Path, help="a training checkpoint (RUN/model.pt) or an exported .onnx file (needs --data-root)")
     evaluate.add_argument("--data-root", type=Path, action="append", default=None, help="Market-layout folder with query and bounding_box_test; repeat for several sets (default for a checkpoint: the sets its training evaluated)")
@@ -126,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"re-ranking: weight of the original distance, in [0, 1] (default {DEFAULT_LAMBDA})")
     evaluate.set_defaults(run=_evaluate)
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser("export", help="export a checkpoint to ONNX (the service's contract) with a parity check")
     export.add_argument("checkpoint", type=Path, help="a training checkpoint (RUN/model.pt)")
     export.add_argument("output", type=Path, help="the .onnx file to write")
@@ -136,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "about 1 mAP point more, twice the model's cost (reid.test_time_flip)")
     export.set_defaults(run=_export)
 
+
+def _add_quantize(commands) -> None:
     from training.quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, DEFAULT_CALIBRATION_IMAGES
 
     quantize = converted_file_parser(commands, "quantize", "int8", "write MODEL.int8.onnx beside an exported model: static int8 (QDQ), "
@@ -150,11 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--summary", type=Path, default=None, help="also write the summary to this JSON file")
     quantize.set_defaults(run=_quantize)
 
+
+def _add_fp16(commands) -> None:
     fp16 = converted_file_parser(commands, "fp16", "fp16", "write MODEL.fp16.onnx beside an exported model: float16 for GPUs, the contract's "
                                  "nodes kept float32, checked against the contract and the fp32 file; REID_MODEL_PRECISION=fp16 serves it",
                                  "measure the agreement with the fp32 file")
     fp16.set_defaults(run=_fp16)
 
+
+def _add_calibrate(commands) -> None:
     calibrate = commands.add_parser("calibrate", help="calibrate the same-person threshold (POST /verify, same_person per match) on "
                                     "validation data and store it, with its ROC, in the model file's metadata (reid.verification)")
     calibrate.add_argument("model", type=Path, help="an exported .onnx file (rewritten in place: its fingerprint changes)")
@@ -165,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--dry-run", action="store_true", help="print the record, leave the file as it is")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bars")
     calibrate.set_defaults(run=_calibrate)
-    return parser
 
 
 def main(argv=None) -> None:
