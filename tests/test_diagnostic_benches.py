@@ -35,3 +35,22 @@ def test_loss_gradients_reports_each_term_on_each_part(market_root, tmp_path):
     assert all(set(by_part) == {"classifiers", "trunk", "rest", "all"} for by_part in gradients.values())
     assert gradients["loss_tri"]["classifiers"] == 0 < gradients["loss_tri"]["trunk"]  # the triplet never reaches a classifier
     assert gradients["loss_id"]["classifiers"] > 0 and gradients["loss_oap"]["trunk"] > 0
+
+
+def test_subnormal_weights_bench_counts_zeroes_and_times_both_files(tiny_model, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(tiny_model[1]))
+    convolution = next(t for t in proto.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    weights = numpy_helper.to_array(convolution).copy()
+    weights.flat[:5] = np.float32(1e-40)
+    convolution.CopyFrom(numpy_helper.from_array(weights, convolution.name))
+    with_subnormals = tmp_path / "old_export.onnx"
+    onnx.save(proto, str(with_subnormals))
+    figures = bench_module("subnormal_weights").compare(with_subnormals, [1], rounds=1, seconds=0.05, batch_size=2, work=tmp_path)
+    assert figures["subnormal_weights"] == 5
+    assert figures["max_embedding_difference"] < 1e-6
+    speed = figures["images_per_second"][1]
+    assert speed["as_is"] > 0 and speed["zeroed"] > 0 and speed["ratio_median"] > 0

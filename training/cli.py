@@ -34,7 +34,7 @@ def _export(args) -> None:
     from training.export import export_onnx
 
     report = export_onnx(args.checkpoint, args.output, args.real_images, args.metrics, args.opset, args.flip)
-    print(json.dumps({k: report[k] for k in ("output", "bytes", "parity", "pair_head") if k in report}, indent=2))
+    print(json.dumps({k: report[k] for k in ("output", "bytes", "subnormal_weights_zeroed", "parity", "pair_head") if k in report}, indent=2))
 
 
 def _quantize(args) -> None:
