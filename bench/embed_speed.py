@@ -60,14 +60,19 @@ def measure(paths, threads: int, rounds: int, seconds: float, batch_size: int) -
     }
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser, rounds: int, seconds: float) -> None:
+    """The arguments of a side-by-side speed measurement (``measure``) and its JSON output."""
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime intra-op threads, one measurement each")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seconds", type=float, default=seconds, help="per model per round")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", type=Path, default=None, help="write the figures as JSON")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", type=Path, help="exported .onnx files; ratios are to the first")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime intra-op threads, one measurement each")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per model per round")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output", type=Path, default=None, help="write the figures as JSON")
+    add_speed_arguments(parser, rounds=5, seconds=5.0)
     args = parser.parse_args()
     results = {"machine": f"{platform.machine()} {platform.processor()}", "onnxruntime": ort.__version__,
                "batch_size": args.batch_size, "threads": {}}

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.embed_speed import measure, session_for  # noqa: E402
+from bench.embed_speed import add_speed_arguments, measure, session_for  # noqa: E402
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session  # noqa: E402
 from training.export import zero_subnormal_weights  # noqa: E402
 
@@ -58,11 +58,7 @@ def compare(model: Path, threads: list, rounds: int, seconds: float, batch_size:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", type=Path, help="exported .onnx files")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime intra-op threads, one measurement each")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=4.0, help="per file per round")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output", type=Path, default=None, help="write the figures as JSON")
+    add_speed_arguments(parser, rounds=4, seconds=4.0)
     parser.add_argument("--zeroed-dir", type=Path, default=None, help="keep the zeroed copies here (default: a temporary folder, removed)")
     args = parser.parse_args()
     results = {"machine": f"{platform.machine()} {platform.processor()}", "onnxruntime": ort.__version__, "batch_size": args.batch_size, "models": {}}
