@@ -45,7 +45,7 @@ def screenshot(url: str, query: Path, person: str, top_k: int, output: Path) -> 
     try:
         driver.get(url + "/")
         WebDriverWait(driver, 30).until(lambda d: "branches" in d.find_element(By.ID, "model-info").text)
-        driver.find_element(By.ID, "query-file").send_keys(str(query))
+        driver.find_element(By.ID, "query-file").send_keys(str(query.resolve()))  # the browser needs an absolute path
         driver.find_element(By.ID, "query-person").send_keys(person)
         top = driver.find_element(By.ID, "top-k")
         top.clear()
