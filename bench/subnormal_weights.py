@@ -9,27 +9,39 @@ Runtime (``embed_speed.measure``: the two alternate in rounds, the ratio is the 
 
     python bench/subnormal_weights.py model_zoo/models/cama_mobilenetv2_cuhk03.onnx --zeroed-dir /tmp/zeroed \
         --output bench/results/subnormal_weights.json
+    python bench/subnormal_weights.py --checkpoint /work/runs/cama_ordered_full/model.pt --output bench/results/subnormal_training.json
+
+``--checkpoint``: the same for training instead, on a training checkpoint (RUN/model.pt): its subnormal
+parameters and buffers, and the images/s of a training step (forward and backward, a batch of random images at
+its input size) as it is and with them zeroed (``training.solver.zero_subnormals``, which the trainer now
+applies after every step on a CPU), alternating in rounds.
 
 ``--zeroed-dir`` keeps the zeroed copies (MODEL.subnormals_zeroed.onnx) for other benchmarks, such as
 ``embed_speed.py`` against further models.
 """
 import argparse
+import copy
 import json
 import platform
+import statistics
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.embed_speed import add_speed_arguments, measure, session_for  # noqa: E402
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session  # noqa: E402
+from training.engine import load_trained_model  # noqa: E402
 from training.export import zero_subnormal_weights  # noqa: E402
+from training.solver import SMALLEST_NORMAL, zero_subnormals  # noqa: E402
 
 
 def largest_embedding_difference(a: Path, b: Path, batch_size: int) -> float:
@@ -55,23 +67,73 @@ def compare(model: Path, threads: list, rounds: int, seconds: float, batch_size:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", type=Path, help="exported .onnx files")
-    add_speed_arguments(parser, rounds=4, seconds=4.0)
-    parser.add_argument("--zeroed-dir", type=Path, default=None, help="keep the zeroed copies here (default: a temporary folder, removed)")
-    args = parser.parse_args()
-    results = {"machine": f"{platform.machine()} {platform.processor()}", "onnxruntime": ort.__version__, "batch_size": args.batch_size, "models": {}}
+def training_steps_per_second(model: torch.nn.Module, images: torch.Tensor, seconds: float) -> float:
+    """Images/s of forward + backward (the summed logsumexp of the logits as the loss), the model in train mode."""
+    def step():
+        loss = sum(logits.logsumexp(1).mean() for logits in model(images).logits)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.train()
+    step()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        done += len(images)
+    return done / (time.perf_counter() - start)
+
+
+def compare_training(checkpoint: Path, threads: int, rounds: int, seconds: float, batch_size: int) -> dict:
+    model, cfg = load_trained_model(checkpoint)
+    zeroed = copy.deepcopy(model)
+    before = sum(int(((t != 0) & (t.abs() < SMALLEST_NORMAL)).sum()) for t in [*model.parameters(), *model.buffers()] if t.dtype == torch.float32)
+    zero_subnormals(zeroed, None)
+    images = torch.randint(0, 256, (batch_size, cfg.data.height, cfg.data.width, 3), dtype=torch.uint8)
+    speeds = {"as_is": [], "zeroed": []}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(rounds):
+            speeds["as_is"].append(training_steps_per_second(model, images, seconds))
+            speeds["zeroed"].append(training_steps_per_second(zeroed, images, seconds))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"subnormal_values": before, "threads": threads, "rounds": speeds,
+            "ratio_median": statistics.median(z / a for z, a in zip(speeds["zeroed"], speeds["as_is"]))}
+
+
+def report_training(args) -> dict:
+    figures = {t: compare_training(args.checkpoint, t, args.rounds, args.seconds, args.batch_size) for t in args.threads}
+    for t, f in figures.items():
+        print(f"{args.checkpoint}: {f['subnormal_values']} subnormal values; a training step on {t} thread(s) x{f['ratio_median']:.2f} with them zeroed")
+    return figures
+
+
+def report_exports(args) -> dict:
     if args.zeroed_dir:
         args.zeroed_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
     with nullcontext(args.zeroed_dir) if args.zeroed_dir else tempfile.TemporaryDirectory() as work:
         for model in args.models:
-            figures = compare(model, args.threads, args.rounds, args.seconds, args.batch_size, Path(work))
-            results["models"][str(model)] = figures
+            figures = results[str(model)] = compare(model, args.threads, args.rounds, args.seconds, args.batch_size, Path(work))
             for threads, speed in figures["images_per_second"].items():
                 print(f"{model.name}: {figures['subnormal_weights']} subnormal weights, embeddings differ by at most "
                       f"{figures['max_embedding_difference']:.1e}; {threads} thread(s): {speed['as_is']:.1f} -> {speed['zeroed']:.1f} img/s "
                       f"(x{speed['ratio_median']:.2f})")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", type=Path, help="exported .onnx files")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a training checkpoint: measure a training step instead")
+    add_speed_arguments(parser, rounds=4, seconds=4.0)
+    parser.add_argument("--zeroed-dir", type=Path, default=None, help="keep the zeroed copies here (default: a temporary folder, removed)")
+    args = parser.parse_args()
+    results = {"machine": f"{platform.machine()} {platform.processor()}", "onnxruntime": ort.__version__, "batch_size": args.batch_size,
+               "models": report_exports(args)}
+    if args.checkpoint:
+        results["training"] = report_training(args)
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))
 

@@ -54,3 +54,9 @@ def test_subnormal_weights_bench_counts_zeroes_and_times_both_files(tiny_model, 
     assert figures["max_embedding_difference"] < 1e-6
     speed = figures["images_per_second"][1]
     assert speed["as_is"] > 0 and speed["zeroed"] > 0 and speed["ratio_median"] > 0
+
+
+def test_subnormal_weights_bench_times_a_training_step_as_is_and_zeroed(tiny_model):
+    figures = bench_module("subnormal_weights").compare_training(tiny_model[0], threads=1, rounds=1, seconds=0.05, batch_size=4)
+    assert figures["subnormal_values"] >= 0 and figures["ratio_median"] > 0
+    assert len(figures["rounds"]["as_is"]) == len(figures["rounds"]["zeroed"]) == 1

@@ -6,7 +6,7 @@ from torch import nn
 from tests.conftest import tiny_overrides
 from training import load_config, train
 from training.engine import Trainer
-from training.solver import Phase, PhaseSchedule, build_optimizer, enter_phase, phases_from_config, set_learning_rate
+from training.solver import Phase, PhaseSchedule, build_optimizer, enter_phase, phases_from_config, set_learning_rate, zero_subnormals
 
 
 def rates(phases, iters=10):
@@ -155,3 +155,28 @@ def test_a_phase_caps_its_own_epochs_and_the_solver_caps_every_phase(market_root
     phases = "[{epochs: 1, max_iters_per_epoch: 1}, {epochs: 1, max_iters_per_epoch: 5}, {epochs: 1}]"
     trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"solver.phases": phases})))
     assert [trainer.iterations_per_epoch(p) for p in trainer.schedule.phases] == [1, 2, 2]  # the solver's cap is 2
+
+
+def test_zero_subnormals_zeroes_weights_statistics_and_optimizer_state_below_the_smallest_normal_only():
+    torch.manual_seed(0)
+    model = TwoParts()
+    optimizer = one_step(model, Phase("main", 1, lr=0.1))
+    tensors = [model.head.weight, model.body[1].running_var, optimizer.state[model.head.weight]["exp_avg_sq"]]
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.view(-1)[:2] = torch.tensor([1e-40, -1e-39])
+            tensor.view(-1)[2] = 2e-38  # normal: kept
+    zero_subnormals(model, optimizer)
+    for tensor in tensors:
+        assert tensor.view(-1)[:2].tolist() == [0.0, 0.0]
+        assert tensor.view(-1)[2].item() == pytest.approx(2e-38)
+
+
+def test_training_on_a_cpu_zeroes_subnormal_weights_after_each_step(market_root, tmp_path):
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"solver.max_iters_per_epoch": 1})))
+    weights = [p for p in trainer.model.parameters() if p.dim() > 1]
+    with torch.no_grad():
+        for weight in weights:
+            weight.view(-1)[:3] = 1e-40
+    trainer.train_epoch(0)
+    assert all(((w != 0) & (w.abs() < torch.finfo(torch.float32).tiny)).sum() == 0 for w in weights)

@@ -22,7 +22,8 @@ from training.config import TrainConfig, from_dict
 from training.data import MarketDataset, PairSampler, PKSampler, RandomBatchSampler, TrainAugmentation, batch_loader
 from training.evaluation import evaluate_sets, results_table, test_roots
 from training.objectives import build_objective
-from training.solver import PhaseSchedule, build_optimizer, enter_phase, load_optimizer_state, phases_from_config, set_learning_rate
+from training.solver import (PhaseSchedule, build_optimizer, enter_phase, load_optimizer_state, phases_from_config, set_learning_rate,
+                             zero_subnormals)
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
@@ -118,6 +119,7 @@ class Trainer:
         self.optimizer_phase: Optional[int] = None  # the phase whose settings built the optimizer
         self.autocast_dtype = autocast_dtype(self.device, cfg.run.amp, cfg.run.force_cpu_bf16)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.zero_subnormals = cfg.run.zero_subnormals and self.device.type == "cpu"  # a GPU computes with them at full speed
         self.augment = TrainAugmentation(d.flip_prob, d.padding, d.color_jitter, d.color_jitter_prob, d.grayscale_prob, d.erasing_prob,
                                          crop_area=tuple(d.crop_area), crop_aspect=tuple(d.crop_aspect))
         self.sampler = self._sampler()
@@ -167,6 +169,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.zero_subnormals:
+            zero_subnormals(self.model, self.optimizer)
         stats = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
         if out.logits is not None:
             stats["acc"] = (out.logits.argmax(-1) == targets.unsqueeze(1)).float().mean().item()

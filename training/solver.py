@@ -192,3 +192,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
     for group, (multiplier, fixed, name) in zip(optimizer.param_groups, rules):
         group["multiplier"], group["fixed_lr"], group["group"] = multiplier, fixed, name
+
+
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+
+
+@torch.no_grad()
+def zero_subnormals(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Set the model's float32 parameters and buffers, and the optimiser's state, to zero where their magnitude
+    is below float32's smallest normal number.
+
+    Weight decay drives unused weights there over a long schedule, and x86 CPUs compute with subnormal operands
+    in microcode: a checkpoint at the end of the full CAMA schedule ran a training step 1.4-1.8x faster with its
+    14,966 subnormal values zeroed (``bench/subnormal_weights.py --checkpoint``). Values that small change no
+    output and no update measurably."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if optimizer is not None:
+        tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    for tensor in tensors:
+        if tensor.dtype == torch.float32:
+            tensor.masked_fill_(tensor.abs() < SMALLEST_NORMAL, 0.0)
