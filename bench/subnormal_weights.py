@@ -14,7 +14,7 @@ Runtime (``embed_speed.measure``: the two alternate in rounds, the ratio is the 
 ``--checkpoint``: the same for training instead, on a training checkpoint (RUN/model.pt): its subnormal
 parameters and buffers, and the images/s of a training step (forward and backward, a batch of random images at
 its input size) as it is and with them zeroed (``training.solver.zero_subnormals``, which the trainer now
-applies after every step on a CPU), alternating in rounds.
+applies every 50 steps on a CPU), alternating in rounds.
 
 ``--zeroed-dir`` keeps the zeroed copies (MODEL.subnormals_zeroed.onnx) for other benchmarks, such as
 ``embed_speed.py`` against further models.

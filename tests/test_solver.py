@@ -172,8 +172,9 @@ def test_zero_subnormals_zeroes_weights_statistics_and_optimizer_state_below_the
         assert tensor.view(-1)[2].item() == pytest.approx(2e-38)
 
 
-def test_training_on_a_cpu_zeroes_subnormal_weights_after_each_step(market_root, tmp_path):
-    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"solver.max_iters_per_epoch": 1})))
+def test_training_on_a_cpu_zeroes_subnormal_weights_every_few_steps(market_root, tmp_path):
+    overrides = {"solver.max_iters_per_epoch": 2, "run.zero_subnormals_every": 2}
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **overrides)))
     weights = [p for p in trainer.model.parameters() if p.dim() > 1]
     with torch.no_grad():
         for weight in weights:
