@@ -1,10 +1,11 @@
-"""What the benchmarks share: synthetic images and galleries, a process's memory, latency percentiles, and
-writing a result file."""
+"""What the benchmarks share: synthetic images and galleries, a process's memory, throughput and latency
+percentiles, and writing a result file."""
 import io
 import json
 import statistics
+import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,16 @@ def memory_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def rate(call: Callable[[], object], images: int, seconds: float) -> float:
+    """Images/s of ``call`` (``images`` per call), repeated for ``seconds`` after one warm-up call."""
+    call()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        call()
+        done += images
+    return done / (time.perf_counter() - start)
 
 
 def latency_quantiles(times_ms: List[float], digits: int = 1) -> Dict[str, float]:

@@ -12,13 +12,16 @@ import argparse
 import json
 import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from model_zoo.contract import INPUT_IMAGES, check_session
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import rate  # noqa: E402
+from model_zoo.contract import INPUT_IMAGES, check_session  # noqa: E402
 
 
 def session_for(path: Path, threads: int) -> ort.InferenceSession:
@@ -26,15 +29,6 @@ def session_for(path: Path, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def images_per_second(session: ort.InferenceSession, batch: np.ndarray, seconds: float) -> float:
-    session.run(None, {INPUT_IMAGES: batch})
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run(None, {INPUT_IMAGES: batch})
-        done += len(batch)
-    return done / (time.perf_counter() - start)
 
 
 def measure(paths, threads: int, rounds: int, seconds: float, batch_size: int) -> dict:
@@ -48,7 +42,7 @@ def measure(paths, threads: int, rounds: int, seconds: float, batch_size: int) -
     speeds = [[] for _ in paths]
     for _ in range(rounds):
         for i, (session, batch) in enumerate(zip(sessions, batches)):
-            speeds[i].append(images_per_second(session, batch, seconds))
+            speeds[i].append(rate(lambda: session.run(None, {INPUT_IMAGES: batch}), len(batch), seconds))
     return {
         str(path): {
             "input": list(batch.shape[1:3]),

@@ -15,7 +15,6 @@ input size. Where ONNX Runtime offers neither GPU provider it measures the CPU, 
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +22,12 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit  # noqa: E402
+from bench.common import emit, rate  # noqa: E402
 from model_zoo.contract import INPUT_IMAGES  # noqa: E402
 from service.inference import CPU, CUDA, TENSORRT, InferenceModel, ProviderUnavailable  # noqa: E402
 
 BATCHES = (1, 8, 32, 64, 128, 256)
 PROVIDERS = {"tensorrt": TENSORRT, "cuda": CUDA, "cpu": CPU}  # REID_EXECUTION_PROVIDER value: the provider it asks for
-
-
-def rate(call, images: int, seconds: float) -> float:
-    call()  # warm-up (and, for TensorRT, the engine for this shape)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        call()
-        done += images
-    return done / (time.perf_counter() - start)
 
 
 def bound_call(session: ort.InferenceSession, batch: np.ndarray, device: str):

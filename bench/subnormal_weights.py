@@ -26,7 +26,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import rate  # noqa: E402
 from bench.embed_speed import add_speed_arguments, measure, session_for  # noqa: E402
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session  # noqa: E402
 from training.engine import load_trained_model  # noqa: E402
@@ -55,15 +55,16 @@ def largest_embedding_difference(a: Path, b: Path, batch_size: int) -> float:
 def compare(model: Path, threads: list, rounds: int, seconds: float, batch_size: int, work: Path) -> dict:
     proto = onnx.load(str(model))
     zeroed = zero_subnormal_weights(proto)
-    copy = work / f"{model.stem}.subnormals_zeroed.onnx"
-    onnx.save(proto, str(copy))
-    speeds = {threads_: measure([model, copy], threads_, rounds, seconds, batch_size) for threads_ in threads}
+    zeroed_file = work / f"{model.stem}.subnormals_zeroed.onnx"
+    onnx.save(proto, str(zeroed_file))
+    speeds = {threads_: measure([model, zeroed_file], threads_, rounds, seconds, batch_size) for threads_ in threads}
+    as_is, repaired = str(model), str(zeroed_file)
     return {
         "subnormal_weights": zeroed,
-        "max_embedding_difference": largest_embedding_difference(model, copy, batch_size),
-        "images_per_second": {t: {"as_is": s[str(model)]["images_per_second_median"], "zeroed": s[str(copy)]["images_per_second_median"],
-                                  "ratio_median": s[str(copy)]["ratio_to_first_median"],
-                                  "rounds_as_is": s[str(model)]["rounds"], "rounds_zeroed": s[str(copy)]["rounds"]} for t, s in speeds.items()},
+        "max_embedding_difference": largest_embedding_difference(model, zeroed_file, batch_size),
+        "images_per_second": {t: {"as_is": s[as_is]["images_per_second_median"], "zeroed": s[repaired]["images_per_second_median"],
+                                  "ratio_median": s[repaired]["ratio_to_first_median"],
+                                  "rounds_as_is": s[as_is]["rounds"], "rounds_zeroed": s[repaired]["rounds"]} for t, s in speeds.items()},
     }
 
 
@@ -75,17 +76,13 @@ def training_steps_per_second(model: torch.nn.Module, images: torch.Tensor, seco
         model.zero_grad(set_to_none=True)
 
     model.train()
-    step()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        done += len(images)
-    return done / (time.perf_counter() - start)
+    return rate(step, len(images), seconds)
 
 
 def compare_training(checkpoint: Path, threads: int, rounds: int, seconds: float, batch_size: int) -> dict:
     model, cfg = load_trained_model(checkpoint)
     zeroed = copy.deepcopy(model)
+    # counted here, not by zero_subnormals: counting would double the cost of the trainer's pass
     before = sum(int(((t != 0) & (t.abs() < SMALLEST_NORMAL)).sum()) for t in [*model.parameters(), *model.buffers()] if t.dtype == torch.float32)
     zero_subnormals(zeroed, None)
     images = torch.randint(0, 256, (batch_size, cfg.data.height, cfg.data.width, 3), dtype=torch.uint8)
