@@ -103,8 +103,10 @@ def row_config(name: str, data: Path, runs: Path, schedule: list, seed: int = 0)
     roots = ",".join(str(data / s) for s in TRAIN_SETS)
     evals = ",".join(str(data / s) for s in EVAL_SETS)
     config, extra = ROWS[name]
+    # fp32 unless the row (or the command line) asks for autocast: run.amp's default follows the machine (bf16 on
+    # a CPU with AMX), and the table compares recipes, not precisions
     return config, [f"data.roots=[{roots}]", f"run.eval_roots=[{evals}]", f"run.output_dir={run_folder(runs, name, seed)}",
-                    f"run.seed={seed}", *(o.format(data=data) for o in extra), *schedule]
+                    f"run.seed={seed}", "run.amp=false", *(o.format(data=data) for o in extra), *schedule]
 
 
 def command(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -> List[str]:

@@ -33,6 +33,13 @@ def test_a_row_on_another_seed_trains_in_its_own_folder_with_that_seed(tmp_path)
     assert cfg.loss.casn_sa_weight == 0
 
 
+def test_rows_train_in_fp32_on_any_machine_but_the_bf16_row(tmp_path):
+    """run.amp's default turns bf16 on where the CPU has AMX: a row must not change precision with the machine."""
+    pool_runs = bench_module("pool_runs")
+    amp = {name: load_config(*pool_runs.row_config(name, tmp_path / "data", tmp_path / "runs", [])).run.amp for name in pool_runs.ROWS}
+    assert [name for name, on in amp.items() if on] == ["cama_ordered_bf16"]
+
+
 def write_run(folder: Path, seed: int, rank1: float, alpha: float = 1.0) -> Path:
     folder.mkdir(parents=True)
     figures = {"rank1": rank1, "mAP": rank1 - 0.1, "mINP": 0.2}
