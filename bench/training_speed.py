@@ -7,6 +7,7 @@ measured), timing full-model epochs of ``--iters`` batches. Variants take turns 
 speed is divided by the baseline's in the same round, because this machine's speed drifts; medians reported.
 
     python bench/training_speed.py --output bench/results/training_speed.json
+    python bench/training_speed.py --size 256 128 --variants baseline bf16 --output ...   # the papers' input size
 """
 import argparse
 import json
@@ -22,12 +23,14 @@ from PIL import Image
 from training import load_config
 from training.engine import Trainer, cpu_has_native_bf16, hardware_description
 
-VARIANTS = {
-    "baseline: fp32, IBN-a, loader inline": {},
-    "bf16 autocast": {"run.amp": "true", "run.force_cpu_bf16": "true"},
-    "no IBN-a": {"model.ibn": "false"},
-    "channels_last": {"run.channels_last": "true"},
-    "loader in 1 worker process": {"data.workers": 1},
+BF16 = {"run.amp": "true", "run.force_cpu_bf16": "true"}
+VARIANTS = {  # name: (what it is, its overrides of the baseline); the baseline comes first
+    "baseline": ("fp32, IBN-a, loader inline", {}),
+    "bf16": ("bf16 autocast", BF16),
+    "bf16_channels_last": ("bf16 autocast, channels_last", {**BF16, "run.channels_last": "true"}),
+    "no_ibn": ("no IBN-a", {"model.ibn": "false"}),
+    "channels_last": ("channels_last", {"run.channels_last": "true"}),
+    "loader_worker": ("loader in 1 worker process", {"data.workers": 1}),
 }
 
 
@@ -42,8 +45,9 @@ def write_folder(root: Path, identities: int, per_identity: int, height: int, wi
     return folder.parent
 
 
-def trainer_for(root: Path, out: Path, overrides: dict, threads: int) -> Trainer:
+def trainer_for(root: Path, out: Path, overrides: dict, threads: int, size: tuple) -> Trainer:
     values = {"data.roots": f"[{root}]", "data.source_weights": "{}", "model.pretrained": "null",
+              "data.height": size[0], "data.width": size[1],
               "run.output_dir": str(out), "run.progress": "false", "run.threads": threads, "run.amp": "false"}
     values.update(overrides)
     return Trainer(load_config("pool.yaml", [f"{k}={v}" for k, v in values.items()]))
@@ -61,27 +65,29 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="batches of 64 per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--size", type=int, nargs=2, default=[128, 64], metavar=("HEIGHT", "WIDTH"), help="input size (pool.yaml's by default)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="the first is the baseline of the ratios")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_folder(Path(tmp), identities=64, per_identity=8, height=128, width=64)
-        trainers = {name: trainer_for(root, Path(tmp) / f"run{i}", o, args.threads) for i, (name, o) in enumerate(VARIANTS.items())}
+        root = write_folder(Path(tmp), identities=64, per_identity=8, height=args.size[0], width=args.size[1])
+        trainers = {name: trainer_for(root, Path(tmp) / name, VARIANTS[name][1], args.threads, args.size) for name in args.variants}
         for trainer in trainers.values():
             images_per_second(trainer, 2)  # warm-up: allocator, oneDNN kernels, worker start
         speeds = {name: [] for name in trainers}
         for _ in range(args.rounds):
             for name, trainer in trainers.items():
                 speeds[name].append(images_per_second(trainer, args.iters))
-    baseline = speeds[next(iter(VARIANTS))]
+    baseline = speeds[args.variants[0]]
     results = {
         "hardware": hardware_description(torch.device("cpu")), "native_bf16": cpu_has_native_bf16(),
-        "batch": "64 (16 ids x 4), 128x64, CAMA N=3 MobileNetV2, pool.yaml losses",
-        "variants": {name: {"images_per_second_median": statistics.median(s),
+        "batch": f"64 (16 ids x 4), {args.size[0]}x{args.size[1]}, CAMA N=3 MobileNetV2, pool.yaml losses",
+        "variants": {name: {"what": VARIANTS[name][0], "images_per_second_median": statistics.median(s),
                             "ratio_to_baseline_median": statistics.median(a / b for a, b in zip(s, baseline)),
                             "rounds": s} for name, s in speeds.items()},
     }
-    for name, figures in results["variants"].items():
-        print(f"{name:40s} {figures['images_per_second_median']:6.1f} img/s  x{figures['ratio_to_baseline_median']:.2f}")
+    for figures in results["variants"].values():
+        print(f"{figures['what']:40s} {figures['images_per_second_median']:6.1f} img/s  x{figures['ratio_to_baseline_median']:.2f}")
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))
 
