@@ -10,7 +10,7 @@ from model_zoo.contract import INPUT_IMAGES, OUTPUT_FEATURE_MAPS, ModelContract,
 from model_zoo.ram import ranking_activation_maps
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from training import evaluate, export, load_config, train
-from training.engine import Trainer, load_trained_model
+from training.engine import Trainer, cpu_has_native_bf16, load_trained_model
 from training.export import ExportParityError, check_parity, parity_images
 
 SET = "market"  # the evaluation set's name: the tiny market folder's own name
@@ -32,7 +32,9 @@ def test_training_writes_a_run_folder_with_config_checkpoints_and_metrics(traine
     assert set(metrics["evaluation"]) == {SET}
     assert set(metrics["evaluation"][SET]) == {"all", "branch1", "branch2"}
     assert set(metrics["evaluation"][SET]["all"]) >= {"rank1", "rank5", "rank10", "mAP", "mINP"}
-    assert metrics["precision"] == "float32" and metrics["sources"] == {SET: {"images": 36, "identities": 6}}
+    # run.amp is on by default: bf16 autocast where the CPU has native bf16 (AVX512-BF16, AMX), else fp32
+    assert metrics["precision"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert metrics["sources"] == {SET: {"images": 36, "identities": 6}}
 
 
 def test_warm_up_trains_only_the_classifiers_then_everything(market_root, tmp_path):
