@@ -231,3 +231,37 @@ def test_forced_bf16_trains_under_bf16_autocast_on_any_cpu(market_root, tmp_path
     stats = trainer.train_epoch(1)
     assert all(np.isfinite(v) for v in stats.values() if isinstance(v, float))
     assert trainer.model.branches[0].stage[0].conv[0][0].weight.dtype == torch.float32
+
+
+class ConvWrongUnderAutocast(torch.nn.Conv2d):
+    """What oneDNN's AMX kernel did for some shapes: right in fp32, garbage in bf16."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 1000 if torch.is_autocast_enabled(x.device.type) else out
+
+
+def test_the_bf16_layer_check_passes_every_layer_of_a_real_model_and_flags_a_wrong_one(market_root, tmp_path):
+    from training.engine import BF16_LAYER_TOLERANCE, bf16_layer_errors
+
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"run.amp": "false"})))
+    model, d = trainer.model, trainer.cfg.data
+    errors = bf16_layer_errors(model, d.batch_size, d.height, d.width)
+    assert len(errors) > 20 and max(errors.values()) < BF16_LAYER_TOLERANCE / 5  # bf16 rounding: about 0.003
+    conv = model.trunk[1].conv[1]
+    wrong = ConvWrongUnderAutocast(conv.in_channels, conv.out_channels, 1, bias=False)
+    wrong.load_state_dict(conv.state_dict())
+    model.trunk[1].conv[1] = wrong
+    errors = bf16_layer_errors(model, d.batch_size, d.height, d.width)
+    assert [name for name, error in errors.items() if error > BF16_LAYER_TOLERANCE] == ["trunk.1.conv.1"]
+    assert model.training  # the check runs in eval mode and gives the model back as it found it
+
+
+def test_training_falls_back_to_fp32_where_bf16_computes_a_layer_wrongly(market_root, tmp_path, monkeypatch, caplog):
+    import training.engine as engine
+
+    bf16 = {"run.amp": "true", "run.force_cpu_bf16": "true"}
+    assert Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "right", **bf16))).autocast_dtype == torch.bfloat16
+    monkeypatch.setattr(engine, "bf16_layer_errors", lambda *args: {"trunk.0.0": 0.001, "trunk.1.conv.1": 1.4})
+    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "wrong", **bf16)))
+    assert trainer.autocast_dtype is None and "trunk.1.conv.1 1.4" in caplog.text

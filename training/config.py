@@ -105,7 +105,7 @@ class RunConfig:
     output_dir: str = option("runs/default", "run folder: config, checkpoints, metrics")
     seed: int = option(0, "random seed")
     device: str = option("auto", "'auto' (CUDA when present), 'cuda' or 'cpu'")
-    amp: bool = option(True, "mixed precision: fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX); else off")
+    amp: bool = option(True, "mixed precision: fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX), unless a layer checked at the start computes wrongly in bf16 there (then fp32, with a warning); else off")
     force_cpu_bf16: bool = option(False, "with amp: bf16 autocast on any CPU, emulated where it lacks native bf16 (slower, the same autocast and bf16 rounding): to measure bf16's accuracy on such a CPU")
     channels_last: bool = option(False, "channels-last memory format for the convolutions")
     zero_subnormals_every: int = option(50, "on a CPU, zero the weights, batch-norm statistics and optimiser state below float32's smallest normal number every this many steps (0: never): x86 CPUs compute with such values in microcode, and a late checkpoint trained 1.4-1.8x faster with them zeroed")

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import yaml
+from torch import nn
 from tqdm import tqdm
 
 from model_zoo.architectures import build_model
@@ -59,6 +60,57 @@ def autocast_dtype(device: torch.device, amp: bool, force_cpu_bf16: bool = False
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if device.type == "cpu" and (force_cpu_bf16 or cpu_has_native_bf16()) else None
+
+
+# the largest error of a convolution or linear layer in bf16, relative to its largest fp32 output, that passes for
+# bf16 rounding (measured: 0.002-0.005 where the kernel is right; 1 and above where it is wrong)
+BF16_LAYER_TOLERANCE = 0.05
+
+
+def bf16_layer_errors(model: nn.Module, batch_size: int, height: int, width: int) -> Dict[str, float]:
+    """Each convolution and linear layer of the model, at the input shape (and memory format) it meets in
+    training, run in bf16 autocast and in fp32 with bf16-rounded inputs and weights: the largest difference over
+    the largest fp32 output, by layer name (inf where bf16 gave non-finite values).
+
+    oneDNN's AMX bf16 convolution returns garbage for some shapes (a 3x3 stride-2 convolution on a map 2 wide,
+    which ResNet-50's layer4 meets at 64x32 input; README, "On a CPU with AMX"), while a whole network's bf16
+    rounding is too large to tell such a layer from the rest. Forward kernels only."""
+    seen: Dict[str, Tuple[torch.Size, bool]] = {}
+
+    def remember(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, (inputs[0].shape, inputs[0].dim() == 4 and inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        return hook
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    handles = [m.register_forward_hook(remember(name)) for name, m in layers.items()]
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    images = torch.randint(0, 256, (batch_size, height, width, 3), dtype=torch.uint8, generator=generator).to(device)
+    was_training = model.training
+    model.eval()  # batch-norm statistics stay as they are
+    try:
+        with torch.no_grad():
+            model(images)
+            return {name: _bf16_error(layers[name], shape, channels_last, generator) for name, (shape, channels_last) in seen.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+def _bf16_error(layer: nn.Module, shape: torch.Size, channels_last: bool, generator: torch.Generator) -> float:
+    weight = layer.weight
+    x = torch.randn(shape, generator=generator).to(weight.device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rounded = {name: value.bfloat16().float() for name, value in layer.named_parameters()}
+    reference = torch.func.functional_call(layer, rounded, (x.bfloat16().float(),))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        low = layer(x).float()
+    if not torch.isfinite(low).all():
+        return float("inf")
+    return float((low - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
 
 
 def cpu_name(cpuinfo: Path = CPUINFO) -> str:
@@ -118,6 +170,8 @@ class Trainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.optimizer_phase: Optional[int] = None  # the phase whose settings built the optimizer
         self.autocast_dtype = autocast_dtype(self.device, cfg.run.amp, cfg.run.force_cpu_bf16)
+        if self.autocast_dtype == torch.bfloat16:
+            self._fall_back_to_fp32_unless_bf16_agrees()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         # a GPU computes with subnormals at full speed; on a CPU a pass costs about 5% of a CAMA step, and they build up over epochs
         self.zero_subnormals_every = cfg.run.zero_subnormals_every if self.device.type == "cpu" else 0
@@ -128,6 +182,15 @@ class Trainer:
         self.start_epoch = 0
         self.partial_epoch: Optional[Dict] = None  # how far a checkpoint got into start_epoch (run.checkpoint_every_iters)
         self.history: List[Dict] = []
+
+    def _fall_back_to_fp32_unless_bf16_agrees(self) -> None:
+        d = self.cfg.data
+        wrong = {name: error for name, error in bf16_layer_errors(self.model, d.batch_size, d.height, d.width).items()
+                 if error > BF16_LAYER_TOLERANCE}
+        if wrong:
+            log.warning("bf16 autocast computes %d layer(s) wrongly on this CPU at this input size (%s): training in fp32",
+                        len(wrong), ", ".join(f"{name} {error:.3g}" for name, error in list(wrong.items())[:3]))
+            self.autocast_dtype = None
 
     def _sampler(self):
         d = self.cfg.data
