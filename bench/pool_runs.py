@@ -71,8 +71,8 @@ ROWS = {
     "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
     "cama_ordered_no_erasing": ("pool_short.yaml", ["data.erasing_prob=0"]),
     "cama_ordered_no_label_smoothing": ("pool_short.yaml", ["loss.label_smoothing=0"]),
-    # bf16 autocast forced on a CPU without native bf16 (emulated by oneDNN: the same autocast and bf16 rounding,
-    # at 0.65x fp32's speed here), to check that bf16 does not hurt accuracy where it speeds training up
+    # bf16 autocast, to check that bf16 does not hurt accuracy where it speeds training up: natively on a CPU with
+    # AVX512-BF16 or AMX, and forced elsewhere (emulated by oneDNN: the same rounding, at 0.65x fp32's speed)
     "cama_ordered_bf16": ("pool_short.yaml", ["run.amp=true", "run.force_cpu_bf16=true"]),
     # the recipe's own schedule (pool.yaml: 1 warm-up + 14 full epochs of the pool, about 7x the short one):
     # hours on a CPU, so it runs across sessions, resuming from its run folder
