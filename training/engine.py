@@ -72,7 +72,7 @@ def bf16_layer_errors(model: nn.Module, batch_size: int, height: int, width: int
     training, run in bf16 autocast and in fp32 with bf16-rounded inputs and weights: the largest difference over
     the largest fp32 output, by layer name (inf where bf16 gave non-finite values).
 
-    oneDNN's AMX bf16 convolution returns garbage for some shapes (a 3x3 stride-2 convolution on a map 2 wide,
+    oneDNN's AMX bf16 convolution returns garbage for some shapes (a 3x3 stride-2 convolution on a 4x2 map,
     which ResNet-50's layer4 meets at 64x32 input; README, "On a CPU with AMX"), while a whole network's bf16
     rounding is too large to tell such a layer from the rest. Forward kernels only."""
     seen: Dict[str, Tuple[torch.Size, bool]] = {}
