@@ -52,8 +52,8 @@ ROWS = {
     # PMM's classifiers started near zero as CAMA's: they fit one batch where the authors' Kaiming start does
     # not (bench/classifier_uptake.py), yet its warm-up on the pool still ends at chance (README)
     "pmm_small_init": ("pmm_pool.yaml", ["model.classifier_init_std=0.001"]),
-    # PMM without its soft-margin triplet on the raw u: its classifiers learn on fixed features as the others do
-    # (bench/frozen_feature_heads.py), so what stalls its main phase is the mixing (pmm_no_mix) or this term
+    # PMM without its soft-margin triplet on the raw u, whose gradient on the trunk is 4.3x the identity loss's:
+    # trained, it does not unstall PMM's classifiers, and nor does pmm_no_mix (README, PMM)
     "pmm_no_triplet": ("pmm_pool.yaml", ["loss.triplet_weight=0"]),
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
@@ -63,6 +63,9 @@ ROWS = {
     "clpd_ratio_only": ("clpd_pool.yaml", ["loss.clpd_distribution_weight=0"]),
     "clpd_distribution_only": ("clpd_pool.yaml", ["loss.clpd_ratio_weight=0"]),
     "clpd_gap_descriptor": ("clpd_pool.yaml", ["model.clpd_descriptor=G"]),
+    # the paper's own base for the concentration losses: single-scale attention modules, neither loss
+    "clpd_single_scale_base": ("clpd_pool.yaml", ["model.clpd_attention=single", "loss.clpd_ratio_weight=0",
+                                                  "loss.clpd_distribution_weight=0"]),
     "casn_ide": ("casn_pool.yaml", ["loss.casn_ia_weight=0", "loss.casn_sa_weight=0"]),
     "casn_ia": ("casn_pool.yaml", ["loss.casn_sa_weight=0"]),
     "casn_ia_pair": ("casn_pool.yaml", ["loss.casn_consistency_weight=0"]),
