@@ -50,7 +50,7 @@ ROWS = {
     "pmm": ("pmm_pool.yaml", []),
     "pmm_no_mix": ("pmm_pool.yaml", ["loss.mix=none"]),
     # PMM's classifiers started near zero as CAMA's: they fit one batch where the authors' Kaiming start does
-    # not (bench/classifier_uptake.py), yet its warm-up on the pool still ends at chance (README)
+    # not (bench/classifier_uptake.py), yet trained on the pool PMM learns no better (README)
     "pmm_small_init": ("pmm_pool.yaml", ["model.classifier_init_std=0.001"]),
     # PMM without its soft-margin triplet on the raw u, whose gradient on the trunk is 4.3x the identity loss's:
     # trained, it does not unstall PMM's classifiers, and nor does pmm_no_mix (README, PMM)
