@@ -68,9 +68,11 @@ BF16_LAYER_TOLERANCE = 0.05
 
 
 def bf16_layer_errors(model: nn.Module, batch_size: int, height: int, width: int) -> Dict[str, float]:
-    """Each convolution and linear layer of the model, at the input shape (and memory format) it meets in
-    training, run in bf16 autocast and in fp32 with bf16-rounded inputs and weights: the largest difference over
-    the largest fp32 output, by layer name (inf where bf16 gave non-finite values).
+    """Each convolution and linear layer that the model's eval forward runs, at the input shape (and memory
+    format) it meets there, run in bf16 autocast and in fp32 with bf16-rounded inputs and weights: the largest
+    difference over the largest fp32 output, by layer name (inf where bf16 gave non-finite values). The backbone
+    meets its training shapes there; layers only the training forward uses (the identity classifiers, PMM's
+    max-pooled heads) are not checked.
 
     oneDNN's AMX bf16 convolution returns garbage for some shapes (a 3x3 stride-2 convolution on a 4x2 map,
     which ResNet-50's layer4 meets at 64x32 input; README, "On a CPU with AMX"), while a whole network's bf16
