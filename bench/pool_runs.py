@@ -58,7 +58,8 @@ ROWS = {
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
     # the papers' own ablations (issue 11): CLPD without its concentration losses, with one of them, with GAP in
-    # place of the part descriptor; CASN as IDE alone, + identification attention, + the pair term without consistency
+    # place of the part descriptor; CASN as IDE alone, + identification attention, + the pair term without consistency,
+    # and the pair term with the consistency without identification attention (the paper's IDE + SA)
     "clpd_base": ("clpd_pool.yaml", ["loss.clpd_ratio_weight=0", "loss.clpd_distribution_weight=0"]),
     "clpd_ratio_only": ("clpd_pool.yaml", ["loss.clpd_distribution_weight=0"]),
     "clpd_distribution_only": ("clpd_pool.yaml", ["loss.clpd_ratio_weight=0"]),
@@ -69,6 +70,7 @@ ROWS = {
     "casn_ide": ("casn_pool.yaml", ["loss.casn_ia_weight=0", "loss.casn_sa_weight=0"]),
     "casn_ia": ("casn_pool.yaml", ["loss.casn_sa_weight=0"]),
     "casn_ia_pair": ("casn_pool.yaml", ["loss.casn_consistency_weight=0"]),
+    "casn_sa": ("casn_pool.yaml", ["loss.casn_ia_weight=0"]),
     "cama_ordered_no_triplet": ("pool_short.yaml", ["loss.triplet_weight=0"]),
     "cama_ordered_no_ibn": ("pool_short.yaml", ["model.ibn=false"]),
     "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
