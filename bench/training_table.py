@@ -1,19 +1,19 @@
 """Markdown results table from training run folders (their metrics.json), for the README: one row per run, a
 column group per evaluation set (rank-1 / mAP / mINP of the whole embedding), each branch's mAP alone per set.
-Runs whose configs differ only in ``run.seed`` (and their folders) make one row: each figure is the mean over
+Runs of one row (their folders named ROW, ROW_seed1, ...) and one recipe (``recipe_key``) make one row: each figure is the mean over
 the seeds, with the sample standard deviation after a +-, and the seeds column says how many. A row is named by
 its architecture and its run folder (an ablation's row name in bench/pool_runs.py).
 
     python bench/training_table.py /work/runs/cama_ordered /work/runs/ide_bn ...
 """
 import argparse
-import copy
 import json
 import re
 import statistics
 from pathlib import Path
 from typing import Dict, List
 
+from training.config import TrainConfig, from_dict
 from training.evaluation import single_branch_keys
 
 FIGURES = ("rank1", "mAP", "mINP")
@@ -58,19 +58,22 @@ def branch_cells(runs: List[dict], name: str) -> str:
     return ", ".join(percent([r["evaluation"][name][b]["mAP"] for r in runs]) for b in branches) or "-"
 
 
-def recipe_key(cfg: dict) -> str:
-    """The config without what differs between seeds of one recipe: the seed and the run folder."""
-    recipe = copy.deepcopy(cfg)
-    recipe.get("run", {}).pop("seed", None)
-    recipe.get("run", {}).pop("output_dir", None)
-    return json.dumps(recipe, sort_keys=True)
+def recipe_key(metrics: dict) -> str:
+    """What a run trained, without what differs between seeds of one recipe or between machines: the model, loss
+    and data settings (keys added since the run filled with their defaults, which keep the earlier behaviour), the
+    precision it ran in, and its schedule as run: the learning rate after each epoch (the config of a run trained
+    in two commands, warm-up then the rest, records only the second)."""
+    cfg = from_dict(TrainConfig, metrics["config"]).to_dict()
+    schedule = [f"{epoch['lr']:.4g}" for epoch in metrics.get("history", [])]
+    recipe = {section: cfg[section] for section in ("model", "loss", "data")}
+    return json.dumps({**recipe, "precision": metrics.get("precision", "float32"), "schedule": schedule}, sort_keys=True)
 
 
 def seed_groups(metrics: List[dict]) -> List[List[dict]]:
-    """Runs grouped by recipe, in the order each recipe first appears."""
-    groups: Dict[str, List[dict]] = {}
+    """Runs of one row (its run folder's name, less a seed suffix) and one recipe, in the order each first appears."""
+    groups: Dict[tuple, List[dict]] = {}
     for run in metrics:
-        groups.setdefault(recipe_key(run["config"]), []).append(run)
+        groups.setdefault((run_label(run["config"]), recipe_key(run)), []).append(run)
     return list(groups.values())
 
 
@@ -84,10 +87,12 @@ def read_metrics(run: Path) -> dict:
 
 
 def schedule_cell(solver: dict) -> str:
-    """Epochs per phase ("1 + 3"), with the per-epoch batch cap when there is one."""
-    epochs = [p["epochs"] for p in solver["phases"]] if solver.get("phases") else [solver["warmup_epochs"], solver["epochs"]]
+    """Epochs per phase ("1 + 3"), with the batch caps: a phase's own after its epochs, the solver's for all."""
+    phases = solver.get("phases") or [{"epochs": solver["warmup_epochs"]}, {"epochs": solver["epochs"]}]
+    epochs = [f"{p['epochs']}" + (f" (at most {p['max_iters_per_epoch']} batches)" if p.get("max_iters_per_epoch") else "")
+              for p in phases]
     cap = solver.get("max_iters_per_epoch")
-    return " + ".join(map(str, epochs)) + (f" (at most {cap} batches each)" if cap else "")
+    return " + ".join(epochs) + (f" (at most {cap} batches each)" if cap else "")
 
 
 def table(runs) -> str:
@@ -106,7 +111,7 @@ def table(runs) -> str:
             str(len(group)),
             schedule_cell(first["config"]["solver"]),
             f"{statistics.fmean(r['train_seconds_total'] for r in group) / 60:.0f} min" + (" each" if len(group) > 1 else ""),
-            f"{first['hardware']}, {first.get('precision', 'float32')}",
+            f"{' / '.join(dict.fromkeys(r['hardware'] for r in group))}, {first.get('precision', 'float32')}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

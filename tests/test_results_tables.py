@@ -40,14 +40,14 @@ def test_rows_train_in_fp32_on_any_machine_but_the_bf16_row(tmp_path):
     assert [name for name, on in amp.items() if on] == ["cama_ordered_bf16"]
 
 
-def write_run(folder: Path, seed: int, rank1: float, alpha: float = 1.0) -> Path:
+def write_run(folder: Path, seed: int, rank1: float, alpha: float = 1.0, **extra) -> Path:
     folder.mkdir(parents=True)
     figures = {"rank1": rank1, "mAP": rank1 - 0.1, "mINP": 0.2}
     metrics = {
         "config": {"model": {"num_branches": 2}, "loss": {"alpha": alpha, "k": 5, "oap_mode": "ordered"},
                    "solver": {"phases": [{"epochs": 1}, {"epochs": 3}]}, "run": {"seed": seed, "output_dir": str(folder)}},
         "evaluation": {"prid": {"all": figures, "branch1": figures, "branch2": figures}},
-        "train_seconds_total": 600.0 * (seed + 1), "hardware": "a CPU",
+        "train_seconds_total": 600.0 * (seed + 1), "hardware": "a CPU", **extra,
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
@@ -65,6 +65,42 @@ def test_seeds_of_one_recipe_make_one_row_with_mean_and_standard_deviation(tmp_p
     assert cama[2] == "32.0 ± 2.0, 32.0 ± 2.0" and cama[3] == "3"
     assert cama[5] == "20 min each"
     assert mltb[1] == "30.0 / 20.0 / 20.0" and mltb[3] == "1" and mltb[5] == "10 min"
+
+
+def test_seeds_trained_on_other_machines_or_before_new_config_keys_still_make_one_row(tmp_path):
+    """Seed 0 of a row may come from an earlier session: another CPU, other run settings, a config written before
+    keys with behaviour-keeping defaults were added, a schedule given as two commands instead of phases."""
+    table = bench_module("training_table")
+    history = [{"lr": 3.5e-4}, {"lr": 9.0911e-5}]
+    old = write_run(tmp_path / "cama", 0, 0.40, history=history, hardware="an old CPU")
+    metrics = json.loads((old / "metrics.json").read_text())
+    metrics["config"]["run"].update(amp=True, threads=None)
+    metrics["config"]["solver"] = {"warmup_epochs": 1, "epochs": 1, "max_iters_per_epoch": 200}
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    new = write_run(tmp_path / "cama_seed1", 1, 0.44, history=history)
+    metrics = json.loads((new / "metrics.json").read_text())
+    metrics["config"]["model"]["bn_neck"] = False
+    metrics["config"]["run"].update(amp=False, threads=2)
+    (new / "metrics.json").write_text(json.dumps(metrics))
+    lines = table.table([old, new]).splitlines()
+    assert len(lines) == 3 and lines[2].split(" | ")[3] == "2"
+    assert lines[2].endswith("| an old CPU / a CPU, float32 |")
+
+
+def test_runs_of_one_row_that_trained_differently_are_not_averaged(tmp_path):
+    table = bench_module("training_table")
+    base = write_run(tmp_path / "cama", 0, 0.40, history=[{"lr": 3.5e-4}, {"lr": 9e-5}])
+    other_schedule = write_run(tmp_path / "cama_seed1", 1, 0.44, history=[{"lr": 3.5e-4}, {"lr": 3e-4}])
+    bf16 = write_run(tmp_path / "cama_seed2", 2, 0.42, history=[{"lr": 3.5e-4}, {"lr": 9e-5}], precision="bfloat16")
+    other_loss = write_run(tmp_path / "cama_seed3", 3, 0.42, alpha=0.5, history=[{"lr": 3.5e-4}, {"lr": 9e-5}])
+    assert len(table.table([base, other_schedule, bf16, other_loss]).splitlines()) == 2 + 4
+
+
+def test_the_epochs_cell_says_which_phase_is_capped():
+    table = bench_module("training_table")
+    phases = {"phases": [{"epochs": 1}, {"epochs": 3, "max_iters_per_epoch": 200}]}
+    assert table.schedule_cell(phases) == "1 + 3 (at most 200 batches)"
+    assert table.schedule_cell({"warmup_epochs": 1, "epochs": 3, "max_iters_per_epoch": 200}) == "1 + 3 (at most 200 batches each)"
 
 
 def test_a_run_is_finished_by_its_final_evaluation_not_by_a_warm_up_summary(tmp_path):
