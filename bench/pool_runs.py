@@ -71,6 +71,9 @@ ROWS = {
     "casn_ia": ("casn_pool.yaml", ["loss.casn_sa_weight=0"]),
     "casn_ia_pair": ("casn_pool.yaml", ["loss.casn_consistency_weight=0"]),
     "casn_sa": ("casn_pool.yaml", ["loss.casn_ia_weight=0"]),
+    # CASN on the stripe layout (six 256-d stripes), the paper's best model, and that layout's own IDE (the paper's PCB row)
+    "casn_pcb_ide": ("casn_pool.yaml", ["model.layout=pcb", "loss.casn_ia_weight=0", "loss.casn_sa_weight=0"]),
+    "casn_pcb": ("casn_pool.yaml", ["model.layout=pcb"]),
     "cama_ordered_no_triplet": ("pool_short.yaml", ["loss.triplet_weight=0"]),
     "cama_ordered_no_ibn": ("pool_short.yaml", ["model.ibn=false"]),
     "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
