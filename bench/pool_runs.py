@@ -55,6 +55,9 @@ ROWS = {
     # PMM without its soft-margin triplet on the raw u, whose gradient on the trunk is 4.3x the identity loss's:
     # trained, it does not unstall PMM's classifiers, and nor does pmm_no_mix (README, PMM)
     "pmm_no_triplet": ("pmm_pool.yaml", ["loss.triplet_weight=0"]),
+    # the shared backbone trained by stage I's terms alone, unmixed: does PMM stall without stages II and III (its
+    # head in training) or because of them (their gradients on the backbone)?
+    "pmm_stage1_only": ("pmm_pool.yaml", ["loss.mix=none", "loss.pmm_trained_stages=[1]"]),
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
     # the papers' own ablations (issue 11): CLPD without its concentration losses, with one of them, with GAP in

@@ -65,6 +65,25 @@ def test_grad_cam_leaves_no_gradient_and_stage_two_sends_none_through_its_mask()
     assert model.stage2.linear.weight.grad.abs().sum() > 0
 
 
+def test_stages_left_out_of_training_get_no_gradient_and_the_terms_are_stage_ones_alone():
+    from training.objectives import build_objective
+
+    model, images, targets = tiny_batch()
+    overrides = ["model.architecture=pmm", "loss.mix=none", "loss.triplet_weight=1", "loss.triplet_margin=null",
+                 "loss.pmm_trained_stages=[1]"]
+    objective = build_objective(load_config(None, overrides), model)
+    out, total, terms = objective(images, targets)
+    stage_one = IdentificationLoss()(out.logits[:, :1], targets) + BatchHardTripletLoss(None)(out.aux["vectors"][:, :1], targets)
+    torch.testing.assert_close(total, stage_one)
+    total.backward()
+    assert model.stage1.classifier.weight.grad.abs().sum() > 0 and model.trunk[0][0].weight.grad.abs().sum() > 0
+    for untrained in (model.stage2, model.stage3, model.part):
+        assert all(p.grad is None or not p.grad.any() for p in untrained.parameters())
+    for stages in ([], [1, 1], [4]):
+        with pytest.raises(ValueError, match="pmm_trained_stages"):
+            build_objective(load_config(None, [*overrides[:-1], f"loss.pmm_trained_stages={stages}"]), model)
+
+
 def test_classifiers_start_as_the_authors_kaiming_unless_a_small_std_is_asked_for():
     torch.manual_seed(0)
     authors = build_model(TINY_PMM, num_classes=400)
@@ -117,6 +136,8 @@ def pmm_onnx(market_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("pmm")
     summary = train(load_config("base.yaml", pmm_overrides(market_root, out, **{"solver.max_iters_per_epoch": 4})))
     assert all(torch.isfinite(torch.tensor(h["loss_tri"])) for h in summary["history"])
+    last = summary["history"][-1]  # each stage's training accuracy, beside their mean
+    assert last["acc"] == pytest.approx(sum(last[f"acc_branch{s}"] for s in (1, 2, 3)) / 3)
     export(out / "model.pt", out / "model.onnx")
     return out / "model.onnx"
 

@@ -237,7 +237,10 @@ class Trainer:
         self.scaler.update()
         stats = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
         if out.logits is not None:
-            stats["acc"] = (out.logits.argmax(-1) == targets.unsqueeze(1)).float().mean().item()
+            correct = (out.logits.argmax(-1) == targets.unsqueeze(1)).float()
+            stats["acc"] = correct.mean().item()
+            if correct.shape[1] > 1:  # for the epoch's record, not the progress bar
+                stats.update({f"acc_branch{i + 1}": value.item() for i, value in enumerate(correct.mean(dim=0))})
         return stats
 
     def iterations_per_epoch(self, phase=None) -> int:
@@ -274,7 +277,7 @@ class Trainer:
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             seen += len(targets)
-            bar.set_postfix({key.removeprefix("loss_"): f"{value:.3f}" for key, value in stats.items()},
+            bar.set_postfix({key.removeprefix("loss_"): f"{value:.3f}" for key, value in stats.items() if not key.startswith("acc_branch")},
                             lr=f"{lr:.1e}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
             bar.update()
             if every and (iteration + 1) % every == 0 and iteration + 1 < iters:

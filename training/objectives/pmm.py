@@ -1,6 +1,6 @@
 """PMM's objective and its attentive feature mixing (design: shared/design/paper-family.md, 1.2).
 
-Terms, summed over the three stages: ``loss_id``, cross-entropy with label smoothing (``loss.label_smoothing``,
+Terms, summed over the three stages (or those of ``loss.pmm_trained_stages``): ``loss_id``, cross-entropy with label smoothing (``loss.label_smoothing``,
 0.1 in the paper) on y_s; ``loss_tri`` x ``loss.triplet_weight``, batch-hard triplet (soft margin in the paper:
 ``loss.triplet_margin: null``) on the raw vectors u_s.
 
@@ -72,6 +72,10 @@ class PMMObjective(Objective):
         super().__init__(cfg, model)
         if cfg.loss.mix not in MIXES:
             raise ValueError(f"unknown loss.mix {cfg.loss.mix!r}; one of {', '.join(MIXES)}")
+        stages = cfg.loss.pmm_trained_stages
+        if not stages or len(set(stages)) != len(stages) or not set(stages) <= {1, 2, 3}:
+            raise ValueError(f"loss.pmm_trained_stages {stages!r}: distinct stages among 1, 2, 3, at least one")
+        self.trained = [stage - 1 for stage in sorted(stages)]
         self.id_loss = IdentificationLoss(cfg.loss.label_smoothing)
         self.triplet = BatchHardTripletLoss(cfg.loss.triplet_margin)
 
@@ -85,7 +89,7 @@ class PMMObjective(Objective):
 
     def terms(self, out, targets: torch.Tensor, active: set) -> Dict[str, torch.Tensor]:
         compute = {
-            "loss_id": lambda: self.id_loss(out.logits, targets),
-            "loss_tri": lambda: self.triplet(out.aux["vectors"], targets),
+            "loss_id": lambda: self.id_loss(out.logits[:, self.trained], targets),
+            "loss_tri": lambda: self.triplet(out.aux["vectors"][:, self.trained], targets),
         }
         return {name: compute[name]() for name in active}
