@@ -46,7 +46,7 @@ class LossConfig:
     mix: str = option("hardmix", "PMM: what stages II and III see in training: 'hardmix' (A-Hard-Mix: Grad-CAM's top blocks from another person), 'cutout' (those blocks zeroed) or 'none'")
     mix_block: List[int] = option([1, 1], "PMM: the Grad-CAM block, [rows, columns] of feature-map cells (the paper: 3x2 on a 24x8 map)")
     mix_top_blocks: int = option(8, "PMM: K, how many of the highest-ranked blocks are mixed (the paper: 3 Market, 6 Duke, 8 CUHK03)")
-    pmm_trained_stages: List[int] = option([1, 2, 3], "PMM: the stages (1-3) whose identity and triplet terms train; the others still run and are evaluated, untrained. [1]: the shared backbone learns from stage I alone (a diagnostic, not the paper)")
+    pmm_trained_stages: List[int] = option([1, 2, 3], "PMM: the stages (1-3) whose identity and triplet terms train; the others still run and are evaluated, get no gradient, and only weight decay moves them. [1]: the shared backbone learns from stage I alone (a diagnostic, not the paper)")
     casn_ia_weight: float = option(0.5, "CASN: lambda_1, weight of the identification-attention term (the true class's probability on the attention-masked image)")
     casn_sa_weight: float = option(0.05, "CASN: lambda_2, weight of the Siamese terms (pair cross-entropy, and with casn_consistency_weight the consistency)")
     casn_consistency_weight: float = option(0.2, "CASN: alpha_sa, weight of the attention consistency inside the Siamese term")
