@@ -1,8 +1,8 @@
 """Markdown results table from training run folders (their metrics.json), for the README: one row per run, a
 column group per evaluation set (rank-1 / mAP / mINP of the whole embedding), each branch's mAP alone per set.
-Runs of one row (their folders named ROW, ROW_seed1, ...) and one recipe (``recipe_key``) make one row: each figure is the mean over
-the seeds, with the sample standard deviation after a +-, and the seeds column says how many. A row is named by
-its architecture and its run folder (an ablation's row name in bench/pool_runs.py).
+Runs of one row (their folders named ROW, ROW_seed1, ...) and one recipe (``recipe_key``) make one row: each
+figure is the mean over the seeds, with the sample standard deviation after a +-, and the seeds column says how
+many. A row is named by its architecture and its run folder (an ablation's row name in bench/pool_runs.py).
 
     python bench/training_table.py /work/runs/cama_ordered /work/runs/ide_bn ...
 """

@@ -1,8 +1,8 @@
 """PMM's objective and its attentive feature mixing (design: shared/design/paper-family.md, 1.2).
 
-Terms, summed over the three stages (or those of ``loss.pmm_trained_stages``): ``loss_id``, cross-entropy with label smoothing (``loss.label_smoothing``,
-0.1 in the paper) on y_s; ``loss_tri`` x ``loss.triplet_weight``, batch-hard triplet (soft margin in the paper:
-``loss.triplet_margin: null``) on the raw vectors u_s.
+Terms, summed over the three stages (or those of ``loss.pmm_trained_stages``): ``loss_id``, cross-entropy with
+label smoothing (``loss.label_smoothing``, 0.1 in the paper) on y_s; ``loss_tri`` x ``loss.triplet_weight``,
+batch-hard triplet (soft margin in the paper: ``loss.triplet_margin: null``) on the raw vectors u_s.
 
 The training forward hands the model an ``AttentiveMix``: for stage s+1 it takes stage s's detached Grad-CAM
 (the batch sum of each image's target-class logit, with respect to that stage's input; parameter gradients
