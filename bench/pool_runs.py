@@ -58,6 +58,9 @@ ROWS = {
     # the shared backbone trained by stage I's terms alone, unmixed: does PMM stall without stages II and III (its
     # head in training) or because of them (their gradients on the backbone)?
     "pmm_stage1_only": ("pmm_pool.yaml", ["loss.mix=none", "loss.pmm_trained_stages=[1]"]),
+    # PMM's stages with IDE+BN's kind of head: classifiers started near zero behind a BN neck (on fixed features
+    # that pair learned as fast as IDE+BN's head; the small start alone did not unstall PMM on the pool)
+    "pmm_small_init_bn_neck": ("pmm_pool.yaml", ["model.classifier_init_std=0.001", "model.bn_neck=true"]),
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
     # the papers' own ablations (issue 11): CLPD without its concentration losses, with one of them, with GAP in

@@ -95,6 +95,24 @@ def test_classifiers_start_as_the_authors_kaiming_unless_a_small_std_is_asked_fo
     torch.testing.assert_close(small.stage2.linear.weight.std(), authors.stage2.linear.weight.std(), rtol=0.1, atol=0)
 
 
+def test_bn_neck_feeds_the_classifiers_batch_normalised_u_and_leaves_u_and_the_maps_alone():
+    torch.manual_seed(0)
+    plain = build_model(TINY_PMM, num_classes=5)
+    necked = build_model({**TINY_PMM, "bn_neck": True}, num_classes=5)
+    assert set(necked.load_state_dict(plain.state_dict(), strict=False).missing_keys) == {
+        f"stage{s}.neck.{key}" for s in (1, 2, 3) for key in ("weight", "bias", "running_mean", "running_var")}
+    images = torch.randint(0, 256, (4, TINY_HEIGHT, TINY_WIDTH, 3), dtype=torch.uint8)
+    out_plain, out_necked = plain.train()(images), necked.train()(images)
+    torch.testing.assert_close(out_necked.aux["vectors"], out_plain.aux["vectors"])
+    u = out_necked.aux["vectors"][:, 1]
+    expected = (u - u.mean(0)) / torch.sqrt(u.var(0, unbiased=False) + 1e-5) * necked.stage2.neck.weight + necked.stage2.neck.bias
+    torch.testing.assert_close(out_necked.logits[:, 1], necked.stage2.classifier(expected), atol=1e-4, rtol=1e-4)
+    groups = necked.parameter_groups()["classifiers"]
+    assert necked.stage1.neck in groups and necked.stage3.classifier in groups
+    with torch.no_grad():
+        torch.testing.assert_close(necked.eval()(images).feature_maps, plain.eval()(images).feature_maps)
+
+
 def test_eval_mode_does_not_mix_and_ignores_the_rest_of_the_batch():
     model, images, _ = tiny_batch()
     model.eval()

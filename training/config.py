@@ -26,7 +26,7 @@ class ModelConfig:
     layout: str = option("ide", "CASN: 'ide' (GAP of the last stage) or 'pcb' (six horizontal stripes, each reduced to reduction_dim, 256 by default)")
     mask_layer: str = option("stem", "FMN: the stage whose output the feature mask multiplies (stem = ResNet's pool1); the LAN copies the stages after it")
     last_stride: int = option(1, "stride of the backbone's last stage (layer4): 1 (re-ID's usual, a 16x8 map at 256x128) or 2 (the ImageNet network)")
-    bn_neck: bool = option(False, "FMN: a batch norm between each branch's descriptor and its classifier in training (the identity loss on BN features, the triplet on the raw ones, as IDE+BN's head); exported maps unchanged; a deviation from the paper")
+    bn_neck: bool = option(False, "FMN, PMM: a batch norm between each branch's (stage's) descriptor and its classifier in training (the identity loss on BN features, the triplet on the raw ones, as IDE+BN's head); exported maps unchanged; a deviation from the paper")
     classifier_init_std: Optional[float] = option(None, "PMM: the stages' classifiers drawn from N(0, std) with zero bias (null: the authors' Kaiming fan_out; 0.001 as CAMA's)")
     clpd_parts: int = option(8, "CLPD: N, the number of part attention modules; the local feature is N part descriptors of reduction_dim / N each")
     clpd_attention: str = option("multiscale", "CLPD: 'multiscale' (the constrained attention module, eq. 1-2) or 'single' (Table VI's AM: sigmoid(BN(conv1x1(X))))")

@@ -40,19 +40,27 @@ def init_new_layer(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class GlobalStage(nn.Module):
-    """Stage I: GAP -> 1x1 conv (bias) -> BN -> ReLU = u -> linear (bias) = y."""
+def classifier_neck(dim: int, bn_neck: bool) -> nn.Module:
+    """Between u and the classifier: nothing (the paper) or, with ``bn_neck`` (a deviation), a batch norm, so the
+    identity loss sees BN(u) and the triplet term the raw u, as IDE+BN's head (Luo et al.'s BNNeck). u, the
+    descriptor and the exported maps, is the same either way."""
+    return nn.BatchNorm1d(dim) if bn_neck else nn.Identity()
 
-    def __init__(self, channels: int, dim: int, num_classes: int):
+
+class GlobalStage(nn.Module):
+    """Stage I: GAP -> 1x1 conv (bias) -> BN -> ReLU = u -> [neck] -> linear (bias) = y."""
+
+    def __init__(self, channels: int, dim: int, num_classes: int, bn_neck: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(channels, dim, 1)
         self.bn = nn.BatchNorm2d(dim)
+        self.neck = classifier_neck(dim, bn_neck)
         self.classifier = nn.Linear(dim, num_classes)
         init_new_layer(self)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         u = torch.relu(self.bn(self.conv(x.mean(dim=(2, 3), keepdim=True)))).flatten(1)
-        return u, self.classifier(u)
+        return u, self.classifier(self.neck(u))
 
     def contract_map(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode: the 1x1 conv and BN are affine per cell, so their per-cell map averages to their value
@@ -61,18 +69,19 @@ class GlobalStage(nn.Module):
 
 
 class MaxStage(nn.Module):
-    """Stages II and III: GMP -> linear (bias) -> BN -> ReLU = u -> linear (bias) = y."""
+    """Stages II and III: GMP -> linear (bias) -> BN -> ReLU = u -> [neck] -> linear (bias) = y."""
 
-    def __init__(self, channels: int, dim: int, num_classes: int):
+    def __init__(self, channels: int, dim: int, num_classes: int, bn_neck: bool = False):
         super().__init__()
         self.linear = nn.Linear(channels, dim)
         self.bn = nn.BatchNorm1d(dim)
+        self.neck = classifier_neck(dim, bn_neck)
         self.classifier = nn.Linear(dim, num_classes)
         init_new_layer(self)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         u = torch.relu(self.bn(self.linear(x.amax(dim=(2, 3)))))
-        return u, self.classifier(u)
+        return u, self.classifier(self.neck(u))
 
     def contract_map(self, x: torch.Tensor) -> torch.Tensor:
         selected = affine_map(selection_map(x, "max"), *as_affine(self.linear))
@@ -83,16 +92,17 @@ class PMM(nn.Module):
     feature_maps_kind = "attribution"
 
     def __init__(self, backbone: str, num_classes: int, dim: int = 512, pretrained: Optional[str] = None,
-                 ibn: bool = False, last_stride: int = 1, classifier_init_std: Optional[float] = None):
+                 ibn: bool = False, last_stride: int = 1, classifier_init_std: Optional[float] = None,
+                 bn_neck: bool = False):
         super().__init__()
         parts = BACKBONE_REGISTRY.get(backbone)(pretrained, ibn=ibn, last_stride=last_stride)
         channels = parts.out_channels
         self.normalize = InputNormalization()
         self.trunk, self.last_stage = parts.trunk, parts.last_stage
-        self.stage1 = GlobalStage(channels, dim, num_classes)
+        self.stage1 = GlobalStage(channels, dim, num_classes, bn_neck)
         self.part = Bottleneck(channels, channels // Bottleneck.expansion)
-        self.stage2 = MaxStage(channels, dim, num_classes)
-        self.stage3 = MaxStage(channels, dim, num_classes)
+        self.stage2 = MaxStage(channels, dim, num_classes, bn_neck)
+        self.stage3 = MaxStage(channels, dim, num_classes, bn_neck)
         if classifier_init_std:
             # The authors' Kaiming classifiers start with logits spread ~0.6 over 1,462 people and cannot fit one
             # batch in a few steps; N(0, std) with a small std starts them near 0 and can (bench/classifier_uptake.py;
@@ -103,7 +113,7 @@ class PMM(nn.Module):
 
     def parameter_groups(self):
         stages = (self.stage1, self.stage2, self.stage3)
-        return {"classifiers": [s.classifier for s in stages], "backbone": [self.trunk, self.last_stage],
+        return {"classifiers": [m for s in stages for m in (s.neck, s.classifier)], "backbone": [self.trunk, self.last_stage],
                 "new": [*stages, self.part]}
 
     def _backbone(self, images: torch.Tensor) -> torch.Tensor:
@@ -154,5 +164,5 @@ def build_pmm(model_cfg: dict, num_classes: int) -> PMM:
     return PMM(
         backbone=model_cfg["backbone"], num_classes=num_classes, dim=model_cfg.get("reduction_dim") or 512,
         pretrained=model_cfg.get("pretrained"), ibn=model_cfg.get("ibn", False), last_stride=model_cfg.get("last_stride", 1),
-        classifier_init_std=model_cfg.get("classifier_init_std"),
+        classifier_init_std=model_cfg.get("classifier_init_std"), bn_neck=model_cfg.get("bn_neck", False),
     )
