@@ -84,6 +84,8 @@ ROWS = {
     "cama_ordered_no_ibn": ("pool_short.yaml", ["model.ibn=false"]),
     "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
     "cama_ordered_no_erasing": ("pool_short.yaml", ["data.erasing_prob=0"]),
+    # both augmentations whose removal three seeds favoured (colour: in domain; erasing: on GRID), taken away together
+    "cama_ordered_no_colour_no_erasing": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0", "data.erasing_prob=0"]),
     "cama_ordered_no_label_smoothing": ("pool_short.yaml", ["loss.label_smoothing=0"]),
     # bf16 autocast, to check that bf16 does not hurt accuracy where it speeds training up: natively on a CPU with
     # AVX512-BF16 or AMX, and forced elsewhere (emulated by oneDNN: the same rounding, at 0.65x fp32's speed)
