@@ -61,6 +61,12 @@ ROWS = {
     # PMM's stages with IDE+BN's kind of head: classifiers started near zero behind a BN neck (on fixed features
     # that pair learned as fast as IDE+BN's head; the small start alone did not unstall PMM on the pool)
     "pmm_small_init_bn_neck": ("pmm_pool.yaml", ["model.classifier_init_std=0.001", "model.bn_neck=true"]),
+    # that head still stalled (6.3%): stage I alone, unmixed, with IDE+BN's kind of classifier, with and without its
+    # soft-margin triplet on the reduced u; if neither learns as IDE+BN does, the reduction (conv, BN, ReLU) is left
+    "pmm_stage1_ide_head": ("pmm_pool.yaml", ["loss.mix=none", "loss.pmm_trained_stages=[1]", "model.classifier_init_std=0.001",
+                                              "model.bn_neck=true"]),
+    "pmm_stage1_ide_head_no_triplet": ("pmm_pool.yaml", ["loss.mix=none", "loss.pmm_trained_stages=[1]", "model.classifier_init_std=0.001",
+                                                         "model.bn_neck=true", "loss.triplet_weight=0"]),
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
     # the papers' own ablations (issue 11): CLPD without its concentration losses, with one of them, with GAP in
