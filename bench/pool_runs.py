@@ -38,9 +38,14 @@ from training.solver import PhaseSchedule, phases_from_config  # noqa: E402
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 EVAL_SETS = ("cuhk03-detected", "prid", "grid")
 
+# override lists more than one row starts from
+IDE_BN = ["model.num_branches=1", "loss.alpha=0"]
+NO_COLOUR = ["data.color_jitter=0", "data.grayscale_prob=0"]
+PMM_STAGE1_IDE_HEAD = ["loss.mix=none", "loss.pmm_trained_stages=[1]", "model.classifier_init_std=0.001", "model.bn_neck=true"]
+
 # row: (config, overrides). Every config but pool.yaml carries the short schedule in its phases (pool_short.yaml, *_pool.yaml).
 ROWS = {
-    "ide_bn": ("pool_short.yaml", ["model.num_branches=1", "loss.alpha=0"]),
+    "ide_bn": ("pool_short.yaml", IDE_BN),
     "mltb_lid": ("pool_short.yaml", ["loss.alpha=0"]),
     "cama_symmetric": ("pool_short.yaml", ["loss.oap_mode=symmetric"]),
     "cama_ordered": ("pool_short.yaml", []),
@@ -63,10 +68,8 @@ ROWS = {
     "pmm_small_init_bn_neck": ("pmm_pool.yaml", ["model.classifier_init_std=0.001", "model.bn_neck=true"]),
     # that head still stalled (6.3%): stage I alone, unmixed, with IDE+BN's kind of classifier, with and without its
     # soft-margin triplet on the reduced u; if neither learns as IDE+BN does, the reduction (conv, BN, ReLU) is left
-    "pmm_stage1_ide_head": ("pmm_pool.yaml", ["loss.mix=none", "loss.pmm_trained_stages=[1]", "model.classifier_init_std=0.001",
-                                              "model.bn_neck=true"]),
-    "pmm_stage1_ide_head_no_triplet": ("pmm_pool.yaml", ["loss.mix=none", "loss.pmm_trained_stages=[1]", "model.classifier_init_std=0.001",
-                                                         "model.bn_neck=true", "loss.triplet_weight=0"]),
+    "pmm_stage1_ide_head": ("pmm_pool.yaml", PMM_STAGE1_IDE_HEAD),
+    "pmm_stage1_ide_head_no_triplet": ("pmm_pool.yaml", [*PMM_STAGE1_IDE_HEAD, "loss.triplet_weight=0"]),
     "casn": ("casn_pool.yaml", []),
     "clpd": ("clpd_pool.yaml", []),
     # the papers' own ablations (issue 11): CLPD without its concentration losses, with one of them, with GAP in
@@ -88,10 +91,10 @@ ROWS = {
     "casn_pcb": ("casn_pool.yaml", ["model.layout=pcb"]),
     "cama_ordered_no_triplet": ("pool_short.yaml", ["loss.triplet_weight=0"]),
     "cama_ordered_no_ibn": ("pool_short.yaml", ["model.ibn=false"]),
-    "cama_ordered_no_colour": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0"]),
+    "cama_ordered_no_colour": ("pool_short.yaml", NO_COLOUR),
     "cama_ordered_no_erasing": ("pool_short.yaml", ["data.erasing_prob=0"]),
     # both augmentations whose removal three seeds favoured (colour: in domain; erasing: on GRID), taken away together
-    "cama_ordered_no_colour_no_erasing": ("pool_short.yaml", ["data.color_jitter=0", "data.grayscale_prob=0", "data.erasing_prob=0"]),
+    "cama_ordered_no_colour_no_erasing": ("pool_short.yaml", [*NO_COLOUR, "data.erasing_prob=0"]),
     "cama_ordered_no_label_smoothing": ("pool_short.yaml", ["loss.label_smoothing=0"]),
     # bf16 autocast, to check that bf16 does not hurt accuracy where it speeds training up: natively on a CPU with
     # AVX512-BF16 or AMX, and forced elsewhere (emulated by oneDNN: the same rounding, at 0.65x fp32's speed)
@@ -99,17 +102,15 @@ ROWS = {
     # the recipe's own schedule (pool.yaml: 1 warm-up + 14 full epochs of the pool, about 7x the short one):
     # hours on a CPU, so it runs across sessions, resuming from its run folder
     "cama_ordered_full": ("pool.yaml", []),
-    "ide_bn_full": ("pool.yaml", ["model.num_branches=1", "loss.alpha=0"]),
+    "ide_bn_full": ("pool.yaml", IDE_BN),
     # a candidate for the unseen cameras: IBN-b (instance norms on the stem and after the stride-4 and -8
     # stages' residual sums) in place of IBN-a
     "cama_ordered_ibn_b": ("pool_short.yaml", ["model.ibn=b"]),
     # the input size, the recipe's 128x64 (chosen for embedding speed) against the papers' 256x128 (padding
     # scaled with it): what the small input costs in accuracy, on the baseline (no k to rescale)
-    "ide_bn_256x128": ("pool_short.yaml", ["model.num_branches=1", "loss.alpha=0", "data.height=256", "data.width=128",
-                                           "data.padding=10"]),
+    "ide_bn_256x128": ("pool_short.yaml", [*IDE_BN, "data.height=256", "data.width=128", "data.padding=10"]),
     # 256x128 gained 8.3 mAP in domain and lost 5.0 on PRID (stored at 128x64): a size between the two
-    "ide_bn_192x96": ("pool_short.yaml", ["model.num_branches=1", "loss.alpha=0", "data.height=192", "data.width=96",
-                                          "data.padding=8"]),
+    "ide_bn_192x96": ("pool_short.yaml", [*IDE_BN, "data.height=192", "data.width=96", "data.padding=8"]),
     # CUHK03 alone has 113 batches an epoch: 6 capped at 100 give the pool rows' 600 main-phase batches
     "cama_ordered_cuhk03_only": ("pool_short.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}",
                                                      "solver.phases=[{{name: warmup, epochs: 1, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6}}, "

@@ -51,6 +51,13 @@ def embedding_from_maps(feature_maps: torch.Tensor) -> torch.Tensor:
     return branch_features(feature_maps).flatten(1)
 
 
+def classifier_neck(dim: int, bn_neck: bool) -> nn.Module:
+    """Between a descriptor and its identity classifier: nothing (the papers) or, with ``bn_neck`` (a deviation),
+    a batch norm, so the identity loss sees the batch-normalised descriptor and the triplet term the raw one, as
+    IDE+BN's head (Luo et al.'s BNNeck). Training only: the descriptor and the exported maps are the same either way."""
+    return nn.BatchNorm1d(dim) if bn_neck else nn.Identity()
+
+
 def parameter_groups(model: nn.Module) -> Dict[str, List[nn.Module]]:
     """Named parts of a model that training phases make trainable, freeze or give their own learning rate:
     ``all`` plus whatever the architecture's ``parameter_groups()`` names (CAMA: ``classifiers``)."""

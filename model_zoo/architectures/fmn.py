@@ -22,7 +22,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from model_zoo.architectures.common import InputNormalization, ReIDOutput
+from model_zoo.architectures.common import InputNormalization, ReIDOutput, classifier_neck
 from model_zoo.backbones.base import STAGE_NAMES
 from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
 
@@ -62,10 +62,9 @@ class FMN(nn.Module):
         self.normalize = InputNormalization()
         self.grn_local = grn.stage_range("stem", mask_layer)
         self.grn_global = grn.stage_range(after, "layer4")
-        # bn_neck (a deviation, for diagnosis): the classifiers see batch-normalised descriptors, the triplet term
-        # the raw ones (Luo et al.'s BNNeck, IDE+BN's head); training only, so the exported maps are unchanged
-        self.grn_neck = nn.BatchNorm1d(grn.out_channels) if bn_neck else nn.Identity()
-        self.lan_neck = nn.BatchNorm1d(fresh.out_channels) if bn_neck else nn.Identity()
+        # bn_neck: a deviation, for diagnosis (FMN's GRN trailed IDE+BN, whose head has one)
+        self.grn_neck = classifier_neck(grn.out_channels, bn_neck)
+        self.lan_neck = classifier_neck(fresh.out_channels, bn_neck)
         self.grn_classifier = nn.Linear(grn.out_channels, num_classes)
         stride = grn.stage_strides[mask_layer]
         self.mask = FeatureMask(grn.out_channels, (math.ceil(input_size[0] / stride), math.ceil(input_size[1] / stride)))

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from model_zoo.architectures.common import InputNormalization, ReIDOutput
+from model_zoo.architectures.common import InputNormalization, ReIDOutput, classifier_neck
 from model_zoo.architectures.contract_maps import affine_map, as_affine, relu_gate, selected_values, selection_map, selection_margin
 from model_zoo.backbones.resnet import Bottleneck
 from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
@@ -38,13 +38,6 @@ def init_new_layer(module: nn.Module) -> None:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
-
-
-def classifier_neck(dim: int, bn_neck: bool) -> nn.Module:
-    """Between u and the classifier: nothing (the paper) or, with ``bn_neck`` (a deviation), a batch norm, so the
-    identity loss sees BN(u) and the triplet term the raw u, as IDE+BN's head (Luo et al.'s BNNeck). u, the
-    descriptor and the exported maps, is the same either way."""
-    return nn.BatchNorm1d(dim) if bn_neck else nn.Identity()
 
 
 class GlobalStage(nn.Module):
