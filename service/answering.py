@@ -149,7 +149,7 @@ class QueryAnswerer:
             raise APIError(422, "invalid_request", "rerank and pair_attention are two re-rankings of the shortlist: choose one")
         if self.pair_head is None:
             raise APIError(409, "no_pair_head", f"pair_attention needs a pair head: this model ({self.model.path.name}) has none beside it "
-                           "and REID_PAIR_HEAD_PATH is unset (a CASN IDE model's export writes <model>.pair_head.npz)")
+                           "and REID_PAIR_HEAD_PATH is unset (a CASN model's export writes <model>.pair_head.npz)")
 
     async def answer(self, options: QueryOptions, vectors: np.ndarray, maps: Optional[ImageMaps], previews: list, watch: Stopwatch) -> QueryResponse:
         """One query's answer from its embedded images. ``vectors`` [V, N*D] are what is searched: one image's

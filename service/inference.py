@@ -4,14 +4,14 @@ uses is reported, never silently assumed."""
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnxruntime as ort
 
-from model_zoo.contract import (INPUT_IMAGES, OUTPUT_ATTENTION_MAPS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, ContractError,
+from model_zoo.contract import (INPUT_IMAGES, OUTPUT_ATTENTION_MAPS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, OUTPUT_PAIR_MAPS, PRECISION_KEY, ContractError,
                                 ModelContract, check_session, precision_of, precision_path)
 from model_zoo.files import sha256_of
 
@@ -101,14 +101,30 @@ class ImageMaps:
 
     features: np.ndarray  # the contract's feature_maps [B, N, D, h, w]
     attention: Optional[np.ndarray] = None  # the optional attention_maps [B, K, h', w'], when the model exports them
+    pair: Optional[np.ndarray] = None  # the optional pair_maps [B, C, h, w], when the model exports them
 
     def __getitem__(self, rows) -> "ImageMaps":
-        return ImageMaps(self.features[rows], None if self.attention is None else self.attention[rows])
+        return ImageMaps(*(None if maps is None else maps[rows] for maps in astuple_shallow(self)))
 
     @staticmethod
     def concatenate(parts: Sequence["ImageMaps"]) -> "ImageMaps":
-        attention = None if parts[0].attention is None else np.concatenate([p.attention for p in parts])
-        return ImageMaps(np.concatenate([p.features for p in parts]), attention)
+        columns = zip(*(astuple_shallow(p) for p in parts))
+        return ImageMaps(*(None if column[0] is None else np.concatenate(column) for column in columns))
+
+    @property
+    def pair_input(self) -> np.ndarray:
+        """A [B, C, h, w] ([C, h, w] for one image), what CASN's pair head reads: ``pair_maps`` when the model
+        exports them, else the first branch's feature map (CASN's IDE layout, whose one contract map is A)."""
+        return self.features[..., 0, :, :, :] if self.pair is None else self.pair
+
+    @property
+    def nbytes(self) -> int:
+        return sum(maps.nbytes for maps in astuple_shallow(self) if maps is not None)
+
+
+def astuple_shallow(maps: ImageMaps) -> tuple:
+    """The fields in order, the arrays themselves (dataclasses.astuple would deep-copy them)."""
+    return tuple(getattr(maps, f.name) for f in fields(maps))
 
 
 class InferenceModel:
@@ -160,17 +176,24 @@ class InferenceModel:
                 raise ProviderUnavailable(message)
             log.warning(message)
         self.fingerprint = sha256_of(self.path)
-        self.has_attention_maps = OUTPUT_ATTENTION_MAPS in {node.name for node in self.session.get_outputs()}
+        outputs = {node.name for node in self.session.get_outputs()}
+        # ImageMaps field -> the optional output that fills it, for the outputs this file has
+        self.optional_maps = {field: name for field, name in (("attention", OUTPUT_ATTENTION_MAPS), ("pair", OUTPUT_PAIR_MAPS)) if name in outputs}
+        self.has_attention_maps, self.has_pair_maps = "attention" in self.optional_maps, "pair" in self.optional_maps
         return self
+
+    def output_channels(self, name: str) -> int:
+        """Dimension 1 of output ``name`` as the file declares it (the exporter leaves only the batch dynamic)."""
+        return next(node.shape[1] for node in self.session.get_outputs() if node.name == name)
 
     @property
     def input_size(self) -> Tuple[int, int]:
         return self.contract.input_height, self.contract.input_width
 
     def predict(self, images: np.ndarray, with_maps: bool = True) -> Tuple[np.ndarray, Optional[ImageMaps]]:
-        """The maps only when asked for (they cost memory and time), the optional attention maps with them."""
+        """The maps only when asked for (they cost memory and time), the optional attention and pair maps with them."""
         if not with_maps:
             return self.session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: images})[0], None
-        outputs = [OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS] + ([OUTPUT_ATTENTION_MAPS] if self.has_attention_maps else [])
-        embedding, *maps = self.session.run(outputs, {INPUT_IMAGES: images})
-        return embedding, ImageMaps(*maps)
+        names = [OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, *self.optional_maps.values()]
+        embedding, features, *extra = self.session.run(names, {INPUT_IMAGES: images})
+        return embedding, ImageMaps(features, **dict(zip(self.optional_maps, extra)))

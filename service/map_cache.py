@@ -10,6 +10,7 @@ thousandths (2.6e-3 in tests/test_casn.py). Items that leave the gallery leave t
 same write (service.gallery), an erasure included. Used on the event loop only.
 """
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Dict, Iterable
 
 import numpy as np
@@ -35,28 +36,29 @@ class FeatureMapCache:
             if maps is None:
                 continue
             self._maps.move_to_end(item_id)
-            found[item_id] = ImageMaps(maps.features.astype(np.float32), maps.attention)
+            found[item_id] = with_map_dtype(maps, np.float32)
         return found
 
     def put(self, maps: Dict[int, ImageMaps]) -> None:
         """Keep these items' maps, dropping the least recently used past the budget."""
         for item_id, item_maps in maps.items():
-            compact = ImageMaps(item_maps.features.astype(np.float16), item_maps.attention)
-            if size_of(compact) > self.budget:
+            compact = with_map_dtype(item_maps, np.float16)
+            if compact.nbytes > self.budget:
                 continue
             self.discard([item_id])
             self._maps[item_id] = compact
-            self.bytes += size_of(compact)
+            self.bytes += compact.nbytes
         while self.bytes > self.budget:
             _, dropped = self._maps.popitem(last=False)
-            self.bytes -= size_of(dropped)
+            self.bytes -= dropped.nbytes
 
     def discard(self, ids: Iterable[int]) -> None:
         for item_id in ids:
             dropped = self._maps.pop(item_id, None)
             if dropped is not None:
-                self.bytes -= size_of(dropped)
+                self.bytes -= dropped.nbytes
 
 
-def size_of(maps: ImageMaps) -> int:
-    return maps.features.nbytes + (0 if maps.attention is None else maps.attention.nbytes)
+def with_map_dtype(maps: ImageMaps, dtype) -> ImageMaps:
+    """The feature maps and the pair maps in ``dtype`` (the attention maps, small and shown as they are, kept)."""
+    return replace(maps, features=maps.features.astype(dtype), pair=None if maps.pair is None else maps.pair.astype(dtype))

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from model_zoo.contract import OUTPUT_PAIR_MAPS
 from model_zoo.pair_attention import PairHead, PairHeadMismatch, pair_head_path
 from service.inference import ImageMaps, InferenceModel
 from service.schemas import PairAttention
@@ -41,15 +42,24 @@ def load_pair_head(settings: Settings, model: InferenceModel) -> Optional[PairHe
 
 
 def check_fits(head: PairHead, path: Path, settings: Settings, model: InferenceModel) -> None:
-    contract = model.contract
-    if contract.num_branches != 1 or head.weight.shape[1] != contract.branch_dim:
-        raise PairHeadUnusable(f"{path}: a pair head over {head.weight.shape[1]}-d features needs one branch of that size, the model has "
-                               f"{contract.num_branches} x {contract.branch_dim}")
+    channels = pair_input_channels(model)
+    if head.channels != channels or head.weight.shape[1] % head.stripes:
+        raise PairHeadUnusable(f"{path}: a pair head over {head.stripes} stripe(s) of a {head.channels}-channel map needs a model whose pair input "
+                               f"has that many channels; this one's has {channels or 'none'} (pair_maps, or one branch's feature_maps)")
     # a pair_attention query re-embeds its whole shortlist at once: past the queue's bound it could never run
     shortlist = max(settings.max_top_k, settings.rerank_shortlist)
     if shortlist > settings.max_queued_images:
         raise PairHeadUnusable(f"with a pair head a query re-embeds up to {shortlist} images (REID_MAX_TOP_K, REID_RERANK_SHORTLIST), "
                                f"more than REID_MAX_QUEUED_IMAGES={settings.max_queued_images}")
+
+
+def pair_input_channels(model: InferenceModel) -> int:
+    """C of the map A the pair head would read from ``model``: its ``pair_maps`` output's, else its one
+    branch's; 0 when it has neither (several branches without pair_maps)."""
+    if model.has_pair_maps:
+        return model.output_channels(OUTPUT_PAIR_MAPS)
+    contract = model.contract
+    return contract.branch_dim if contract.num_branches == 1 else 0
 
 
 def rank_shortlist(head: PairHead, query_embedding: np.ndarray, query_maps: ImageMaps, hits: List[Hit], found: dict,
@@ -59,7 +69,7 @@ def rank_shortlist(head: PairHead, query_embedding: np.ndarray, query_maps: Imag
     if not hits:
         return [], []
     embeddings = np.stack([found[i][1] for i, _ in hits])
-    ranking = head.rank(query_embedding, query_maps.features, embeddings, np.stack([maps[i].features for i, _ in hits]))
+    ranking = head.rank(query_embedding, query_maps.pair_input, embeddings, np.stack([maps[i].pair_input for i, _ in hits]))
     order = np.argsort(ranking.distances, kind="stable")[:top_k]  # ties keep the index's (score) order
     fields = [{"pair_distance": float(ranking.distances[j]),
                "pair_attention": PairAttention(query_grid=ranking.query_attention[j].tolist(), gallery_grid=ranking.gallery_attention[j].tolist())}

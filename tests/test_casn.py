@@ -121,15 +121,23 @@ def test_pcb_maps_average_to_each_stripe_descriptor_and_vanish_outside_the_strip
         assert not maps[:, p][:, :, outside].any()
 
 
-@pytest.fixture(scope="module")
-def casn_onnx(market_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("casn")
+def trained_casn_onnx(market_root, out, layout: str):
     # enough steps for the batch norm statistics to settle (see tiny_model): a barely trained net gives every image one
     # embedding, and the pairwise stage's min-max would then scale noise
-    steps = {"solver.epochs": 8, "solver.max_iters_per_epoch": "null", "run.evaluate_at_end": "false"}
+    steps = {"solver.epochs": 8, "solver.max_iters_per_epoch": "null", "run.evaluate_at_end": "false", "model.layout": layout}
     train(load_config("base.yaml", casn_overrides(market_root, out, **steps)))
     export(out / "model.pt", out / "model.onnx")
     return out / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def casn_onnx(market_root, tmp_path_factory):
+    return trained_casn_onnx(market_root, tmp_path_factory.mktemp("casn"), "ide")
+
+
+@pytest.fixture(scope="module")
+def casn_pcb_onnx(market_root, tmp_path_factory):
+    return trained_casn_onnx(market_root, tmp_path_factory.mktemp("casn_pcb"), "pcb")
 
 
 def test_casn_is_served_unchanged_with_heatmaps_that_average_to_the_score(casn_onnx, tmp_path):
@@ -148,7 +156,28 @@ def test_the_artifact_indicator_equals_autograd_on_the_eval_mode_head():
     difference = torch.randn(7, 1280, requires_grad=True)
     expected = pair_indicator(model.pair_head(difference), difference)
     assert isinstance(head, PairHead) and np.array_equal(head.indicator(difference.detach().numpy()), expected.numpy() > 0)
-    assert build_model({**TINY_CASN, "layout": "pcb"}, num_classes=5).pair_head_artifact("sha", 0.3) is None
+
+
+@pytest.mark.parametrize("layout", ["ide", "pcb"])
+def test_the_artifact_attention_maps_equal_the_training_objectives(layout):
+    """The numpy closed form that re-ranks (features, indicator, stripe-pooled channel weights, M_q and M_g)
+    against the torch objective's consistency maps on the same pair, on both layouts."""
+    from training.gradcam import linear_head_cam
+
+    torch.manual_seed(0)
+    model = build_model({**TINY_CASN, "layout": layout}, num_classes=5).eval()
+    head = model.pair_head_artifact("sha", 0.3)
+    assert head.stripes == (1 if layout == "ide" else 6) and head.channels == 1280
+    maps = torch.relu(torch.randn(2, 1280, 8, 4))  # a query and a gallery image's A, 8 rows: uneven stripe bins
+    features = model.siamese_features(maps)
+    np.testing.assert_allclose(head.features(maps.numpy()), features.numpy(), rtol=1e-5, atol=1e-6)
+    difference = (features[:1] - features[1:]).requires_grad_(True)
+    channel_weights = pair_indicator(model.pair_head(difference), difference).view(1, -1, 1280).sum(dim=1)
+    expected = linear_head_cam(maps, channel_weights.expand(2, -1))
+    query_attention, gallery_attention = head.attention_maps(features[0].numpy(), maps[0].numpy(), features[1:].numpy(), maps[1:].numpy())
+    assert expected.amax() > 0
+    np.testing.assert_allclose(query_attention[0], expected[0].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gallery_attention[0], expected[1].numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_the_service_side_alignment_equals_the_training_side():
@@ -195,11 +224,15 @@ def local_pair_ranking(model, query_blob, blobs):
     """The fused distances and pair maps computed here, from the ONNX model and its artifact, over ``blobs``."""
     from model_zoo.pair_attention import PairHead, pair_head_path
 
-    embeddings, maps = onnx_outputs(model, [query_blob, *blobs], ["embedding", "feature_maps"])
-    return PairHead.load(pair_head_path(model), model).rank(embeddings[0], maps[0], embeddings[1:], maps[1:])
+    head = PairHead.load(pair_head_path(model), model)
+    embeddings, maps = onnx_outputs(model, [query_blob, *blobs], ["embedding", "feature_maps" if head.stripes == 1 else "pair_maps"])
+    maps = maps[:, 0] if head.stripes == 1 else maps  # A: IDE's one contract map, else the pair_maps output
+    return head.rank(embeddings[0], maps[0], embeddings[1:], maps[1:])
 
 
-def test_pair_attention_orders_the_shortlist_by_the_fused_distance_and_keeps_scores_plain(casn_onnx, tmp_path):
+@pytest.mark.parametrize("model", ["casn_onnx", "casn_pcb_onnx"])
+def test_pair_attention_orders_the_shortlist_by_the_fused_distance_and_keeps_scores_plain(model, request, tmp_path):
+    casn_onnx = request.getfixturevalue(model)
     blobs, query_blob = [image_bytes(*key) for key in GALLERY], image_bytes(1, 3)
     with ServiceProcess(casn_onnx, tmp_path / "g.sqlite3", max_heatmap_matches=3) as server, server.client() as client:
         assert client.get("/model").json()["pair_head"] is True
@@ -238,7 +271,7 @@ def test_pair_attention_orders_the_shortlist_by_the_fused_distance_and_keeps_sco
     assert all("pair_distance" not in m and "pair_attention" not in m for m in plain)
 
 
-def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_refuses_the_start(casn_onnx, tmp_path):
+def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_refuses_the_start(casn_onnx, casn_pcb_onnx, tiny_model, tmp_path):
     import dataclasses
     import shutil
 
@@ -259,6 +292,13 @@ def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_re
         ServiceProcess(casn_onnx, tmp_path / "i.sqlite3", pair_head_path=tmp_path / "missing.npz").start()
     with pytest.raises(RuntimeError, match="more than REID_MAX_QUEUED_IMAGES=50"):  # a shortlist of 100 could never be queued
         ServiceProcess(casn_onnx, tmp_path / "j.sqlite3", max_queued_images=50, max_images_per_request=8).start()
+    from model_zoo.files import sha256_of
+
+    branches = tmp_path / "cama.onnx"  # two branches and no pair_maps: nothing of A to read
+    shutil.copy(tiny_model[1], branches)
+    dataclasses.replace(PairHead.load(pair_head_path(casn_pcb_onnx)), model_sha256=sha256_of(branches)).save(pair_head_path(branches))
+    with pytest.raises(RuntimeError, match="a pair head over 6 stripe.* this one's has none"):
+        ServiceProcess(branches, tmp_path / "k.sqlite3").start()
 
 
 @NEEDS_BROWSER

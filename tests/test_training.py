@@ -165,12 +165,13 @@ def test_the_exported_file_evaluates_like_its_checkpoint(trained_run, market_roo
     assert set(evaluate(tmp_path / "model.onnx", [market_root], progress=False)[SET]) == {"all", "branch1", "branch2"}
 
 
-def test_a_parity_failure_is_reported(trained_run, tmp_path):
+@pytest.mark.parametrize("shift", [1.0, float("nan")])  # NaN: every difference is NaN, which compares below any bound
+def test_a_parity_failure_is_reported(trained_run, tmp_path, shift):
     out, _ = trained_run
     export(out / "model.pt", tmp_path / "model.onnx", real_images=None)
     model, _ = load_trained_model(out / "model.pt")
     with torch.no_grad():
-        model.branches[0].bn.bias.add_(1.0)
+        model.branches[0].bn.bias.add_(shift)
     with pytest.raises(ExportParityError):
         check_parity(model, tmp_path / "model.onnx", parity_images(TINY_HEIGHT, TINY_WIDTH, None))
 

@@ -178,20 +178,24 @@ def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True,
                              data_roots, contract.input_height, contract.input_width, progress, rerank)
 
 
-def onnx_features_and_maps(session, images: np.ndarray, batch_size: int = 64, progress: bool = True):
-    """(embeddings [n, N*D], feature maps [n, N, D, h, w]) from an exported model."""
-    from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS
+def onnx_embeddings_and_pair_maps(session, images: np.ndarray, batch_size: int = 64, progress: bool = True):
+    """(embeddings [n, N*D], the maps A [n, C, h, w] CASN's pair head reads) from an exported model: its
+    ``pair_maps`` output when it has one (stripe layout), else its one branch's ``feature_maps`` (IDE)."""
+    from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, OUTPUT_PAIR_MAPS
 
-    outputs = [session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: images[start : start + batch_size]})
+    has_pair_maps = OUTPUT_PAIR_MAPS in {node.name for node in session.get_outputs()}
+    names = [OUTPUT_EMBEDDING, OUTPUT_PAIR_MAPS if has_pair_maps else OUTPUT_FEATURE_MAPS]
+    outputs = [session.run(names, {INPUT_IMAGES: images[start : start + batch_size]})
                for start in tqdm(range(0, len(images), batch_size), desc="embed (onnx, maps)", disable=not progress, leave=False)]
-    return np.concatenate([e for e, _ in outputs]), np.concatenate([m for _, m in outputs])
+    maps = np.concatenate([m for _, m in outputs])
+    return np.concatenate([e for e, _ in outputs]), maps if has_pair_maps else maps[:, 0]
 
 
 def pair_attention_metrics(head, query, gallery, query_records: List[ImageRecord], gallery_records: List[ImageRecord]) -> Dict[str, float]:
     """Market metrics of CASN's test-time rule (model_zoo.pair_attention): per query, min-max normalised feature
-    distance plus min-max normalised Siamese attention distance. ``query``/``gallery``: (embeddings, maps)."""
+    distance plus min-max normalised Siamese attention distance. ``query``/``gallery``: (embeddings, maps A)."""
     (query_embeddings, query_maps), (gallery_embeddings, gallery_maps) = query, gallery
-    gallery_features = gallery_maps[:, 0].mean(axis=(2, 3))  # f = GAP(A), once for every query
+    gallery_features = head.features(gallery_maps)  # once for every query
     distances = np.stack([head.rank(embedding, maps, gallery_embeddings, gallery_maps, gallery_features).distances
                           for embedding, maps in zip(query_embeddings, query_maps)])
     return market_metrics(-distances, **market_ids(query_records, gallery_records))
@@ -208,7 +212,7 @@ def evaluate_pair_attention(path: Path, pair_head: Path, data_roots: Sequence[Pa
     results = {}
     for name, root in zip(set_names(data_roots), data_roots):
         query_images, query, gallery_images, gallery = load_test_split(root, contract.input_height, contract.input_width, progress)
-        outputs = [onnx_features_and_maps(session, images, progress=progress) for images in (query_images, gallery_images)]
+        outputs = [onnx_embeddings_and_pair_maps(session, images, progress=progress) for images in (query_images, gallery_images)]
         results[name] = {PAIR_KEY: pair_attention_metrics(head, *outputs, query, gallery)}
     return results
 

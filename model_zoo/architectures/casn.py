@@ -12,9 +12,11 @@ One feature extractor E (the backbone) with an identification head, on one of tw
   These maps are exact attributions (the gate), hence ``feature_maps_kind = "attribution"``.
 
 The Siamese module is a pair head on f^- = f_a - f_b (f = GAP(A), or the six g_p concatenated for ``pcb``):
-Linear -> BN -> ReLU -> Dropout(0.5) -> Linear(-> 2), class 1 = same person. It only trains the network
-here (``training/objectives/casn.py``: identification attention, pair cross-entropy, attention consistency);
-it is not part of the exported retrieval graph, because a pairwise term cannot live in a FAISS index.
+Linear -> BN -> ReLU -> Dropout(0.5) -> Linear(-> 2), class 1 = same person. It trains the network
+(``training/objectives/casn.py``: identification attention, pair cross-entropy, attention consistency) and is
+not part of the exported retrieval graph, because a pairwise term cannot live in a FAISS index: the exporter
+writes it beside the file as the test-time re-ranking artifact (``model_zoo/pair_attention.py``). Its input is
+A, which ``ide`` exports as its contract map and ``pcb`` as the optional ``pair_maps`` output.
 """
 from typing import Optional, Tuple
 
@@ -24,6 +26,7 @@ from torch import nn
 
 from model_zoo.architectures.common import InputNormalization, ReIDOutput
 from model_zoo.architectures.contract_maps import as_affine, region_map, relu_gate, stripe_masks
+from model_zoo.contract import OUTPUT_PAIR_MAPS
 from model_zoo.pair_attention import PairHead
 from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
 
@@ -111,21 +114,20 @@ class CASN(nn.Module):
         normalized = self.normalize(images)
         maps = self.backbone_map(normalized)
         if not self.training:
-            return ReIDOutput(feature_maps=self.contract_maps(maps))
+            return ReIDOutput(feature_maps=self.contract_maps(maps), aux={} if self.layout == "ide" else {OUTPUT_PAIR_MAPS: maps.float()})
         descriptors, logits = self.heads(maps)
         return ReIDOutput(feature_maps=descriptors[..., None, None], logits=logits,
                           aux={"images": normalized, "maps": maps, "siamese": self.siamese_features(maps)})
 
     @torch.no_grad()
-    def pair_head_artifact(self, model_sha256: str, row_threshold: float) -> Optional[PairHead]:
+    def pair_head_artifact(self, model_sha256: str, row_threshold: float) -> PairHead:
         """The pair head in eval mode, its batch norm folded into the first layer, for the test-time attention
-        term (model_zoo.pair_attention); None for PCB, whose exported maps are not A."""
-        if self.layout != "ide":
-            return None
+        term (model_zoo.pair_attention)."""
         first, norm, _, _, second = self.pair_head.eval()
         scale, shift = as_affine(norm)
         weight, bias = scale[:, None] * first.weight, scale * first.bias + shift
-        return PairHead(weight.numpy(), bias.numpy(), second.weight[1].numpy(), row_threshold, model_sha256)
+        return PairHead(weight.numpy(), bias.numpy(), second.weight[1].numpy(), row_threshold, model_sha256,
+                        stripes=1 if self.layout == "ide" else STRIPES)
 
     def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:
         return self.heads(self.backbone_map(self.normalize(images)))[0]
