@@ -29,6 +29,7 @@ ROWS = {  # name: (config, overrides)
     "fmn": ("fmn_pool.yaml", []),
     "pmm": ("pmm_pool.yaml", []),
     "casn": ("casn_pool.yaml", []),
+    "casn_pcb": ("casn_pool.yaml", ["model.layout=pcb"]),
     "clpd": ("clpd_pool.yaml", []),
 }
 
