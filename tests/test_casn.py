@@ -275,6 +275,7 @@ def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_re
     import dataclasses
     import shutil
 
+    from model_zoo.files import sha256_of
     from model_zoo.pair_attention import PairHead, pair_head_path
 
     bare = tmp_path / "bare.onnx"  # the same model file, without its artifact beside it
@@ -292,8 +293,6 @@ def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_re
         ServiceProcess(casn_onnx, tmp_path / "i.sqlite3", pair_head_path=tmp_path / "missing.npz").start()
     with pytest.raises(RuntimeError, match="more than REID_MAX_QUEUED_IMAGES=50"):  # a shortlist of 100 could never be queued
         ServiceProcess(casn_onnx, tmp_path / "j.sqlite3", max_queued_images=50, max_images_per_request=8).start()
-    from model_zoo.files import sha256_of
-
     branches = tmp_path / "cama.onnx"  # two branches and no pair_maps: nothing of A to read
     shutil.copy(tiny_model[1], branches)
     dataclasses.replace(PairHead.load(pair_head_path(casn_pcb_onnx)), model_sha256=sha256_of(branches)).save(pair_head_path(branches))
