@@ -182,6 +182,11 @@ class InferenceModel:
         self.has_attention_maps, self.has_pair_maps = "attention" in self.optional_maps, "pair" in self.optional_maps
         return self
 
+    def stop_asking_for(self, field: str) -> None:
+        """Leave an optional map (an ImageMaps field) out of predict's outputs from now on, where the file has it
+        but nothing reads it: it would cost a copy per image and room in the map cache."""
+        self.optional_maps.pop(field, None)
+
     def output_channels(self, name: str) -> int:
         """Dimension 1 of output ``name`` as the file declares it (the exporter leaves only the batch dynamic)."""
         return next(node.shape[1] for node in self.session.get_outputs() if node.name == name)

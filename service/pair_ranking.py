@@ -24,12 +24,13 @@ class PairHeadUnusable(RuntimeError):
 
 
 def load_pair_head(settings: Settings, model: InferenceModel) -> Optional[PairHead]:
-    """The configured artifact, else the one beside the model if there is one, else None. An artifact that
-    is there but does not fit refuses the start: a stale one beside a re-exported model is a deployment
-    mistake to fix, not to serve around."""
+    """The configured artifact, else the one beside the model if there is one, else None (and then the model's
+    optional pair maps are no longer asked for). An artifact that is there but does not fit refuses the start:
+    a stale one beside a re-exported model is a deployment mistake to fix, not to serve around."""
     path = settings.pair_head_path or pair_head_path(model.path)
     if not path.is_file():
         if settings.pair_head_path is None:
+            model.stop_asking_for("pair")  # a stripe-layout CASN's pair_maps serve its pair head alone
             return None
         raise PairHeadUnusable(f"REID_PAIR_HEAD_PATH={path}: no such file")
     try:

@@ -300,6 +300,24 @@ def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_re
         ServiceProcess(branches, tmp_path / "k.sqlite3").start()
 
 
+def test_a_stripe_model_without_its_pair_head_is_not_asked_for_its_pair_maps(casn_pcb_onnx, tmp_path):
+    import shutil
+
+    from service.inference import InferenceModel
+    from service.pair_ranking import load_pair_head
+    from service.settings import Settings
+
+    with_head = InferenceModel(casn_pcb_onnx, "cpu").load()
+    images = np.zeros((2, *with_head.input_size, 3), np.uint8)
+    assert load_pair_head(Settings(model_path=casn_pcb_onnx), with_head) is not None
+    assert with_head.predict(images)[1].pair.shape[:2] == (2, 1280)
+    bare = tmp_path / "bare.onnx"  # the same file, without its artifact beside it
+    shutil.copy(casn_pcb_onnx, bare)
+    without = InferenceModel(bare, "cpu").load()
+    assert load_pair_head(Settings(model_path=bare), without) is None
+    assert without.predict(images)[1].pair is None
+
+
 @NEEDS_BROWSER
 def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_path):
     from selenium.webdriver.common.by import By
