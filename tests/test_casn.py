@@ -1,6 +1,6 @@
 """CASN (model_zoo/architectures/casn.py, training/objectives/casn.py): the pair sampler, the soft mask, the
 identification attention, the Siamese indicator and closed-form attention, row alignment and the consistency
-term, PCB's contract maps, training to RAM heatmaps over HTTP, and the service's pairwise re-ranking stage."""
+term, PCB's contract maps, training to RAM heatmaps over HTTP, the service's pairwise re-ranking stage, and its cost bench (bench/pair_attention_cost.py)."""
 import math
 
 import numpy as np
@@ -317,6 +317,19 @@ def test_a_stripe_model_without_its_pair_head_is_not_asked_for_its_pair_maps(cas
     assert load_pair_head(Settings(model_path=bare), without) is None
     assert without.predict(images)[1].pair is None
 
+
+
+def test_the_pair_attention_cost_bench_times_every_variant_with_and_without_cached_maps(casn_pcb_onnx, market_root):
+    from tests.test_results_tables import bench_module
+
+    gallery = [f.read_bytes() for f in sorted((market_root / "bounding_box_test").glob("*.jpg"))]
+    queries = [f.read_bytes() for f in sorted((market_root / "query").glob("*.jpg"))[:2]]
+    figures = bench_module("pair_attention_cost").one_model(casn_pcb_onnx, gallery, queries, rounds=1)
+    assert set(figures) == {"no map cache", "maps cached"}
+    for server in figures.values():
+        assert len(server["latency_ms"]) == 6 and all(q["queries"] == 2 for q in server["latency_ms"].values())
+        sizes = server["answer_kb_median"]  # the pair stage's answers carry each pair's maps M_q and M_g
+        assert sizes["pair_attention, no heatmaps"] > sizes["k-reciprocal re-ranking, no heatmaps"]
 
 @NEEDS_BROWSER
 def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_path):
