@@ -1,6 +1,7 @@
 """CASN (model_zoo/architectures/casn.py, training/objectives/casn.py): the pair sampler, the soft mask, the
 identification attention, the Siamese indicator and closed-form attention, row alignment and the consistency
-term, PCB's contract maps, training to RAM heatmaps over HTTP, the service's pairwise re-ranking stage, and its cost bench (bench/pair_attention_cost.py)."""
+term, PCB's contract maps, training to RAM heatmaps over HTTP, the service's pairwise re-ranking stage, and
+its cost bench (bench/pair_attention_cost.py)."""
 import math
 
 import numpy as np
