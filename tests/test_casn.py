@@ -319,7 +319,6 @@ def test_a_stripe_model_without_its_pair_head_is_not_asked_for_its_pair_maps(cas
     assert without.predict(images)[1].pair is None
 
 
-
 def test_the_pair_attention_cost_bench_times_every_variant_with_and_without_cached_maps(casn_pcb_onnx, market_root):
     from tests.test_results_tables import bench_module
 
@@ -331,6 +330,7 @@ def test_the_pair_attention_cost_bench_times_every_variant_with_and_without_cach
         assert len(server["latency_ms"]) == 6 and all(q["queries"] == 2 for q in server["latency_ms"].values())
         sizes = server["answer_kb_median"]  # the pair stage's answers carry each pair's maps M_q and M_g
         assert sizes["pair_attention, no heatmaps"] > sizes["k-reciprocal re-ranking, no heatmaps"]
+
 
 @NEEDS_BROWSER
 def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_path):
