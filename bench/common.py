@@ -49,6 +49,24 @@ def rate(call: Callable[[], object], images: int, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
+def timed(step: Callable[[], object]) -> float:
+    """Milliseconds one call of ``step`` takes."""
+    started = time.perf_counter()
+    step()
+    return (time.perf_counter() - started) * 1000
+
+
+def alternating_latency(variants: Dict[str, Callable[[bytes], object]], queries: List[bytes], rounds: int) -> Dict[str, Dict[str, float]]:
+    """Latency percentiles per variant, the variants alternating query by query in each round, so that a noisy
+    machine slows them alike."""
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for query in queries:
+            for name, ask in variants.items():
+                times[name].append(timed(lambda: ask(query)))
+    return {name: latency_quantiles(t) for name, t in times.items()}
+
+
 def latency_quantiles(times_ms: List[float], digits: int = 1) -> Dict[str, float]:
     q = statistics.quantiles(times_ms, n=100, method="inclusive")
     return {"p50_ms": round(q[49], digits), "p95_ms": round(q[94], digits), "p99_ms": round(q[98], digits), "queries": len(times_ms)}

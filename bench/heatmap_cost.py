@@ -21,14 +21,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, latency_quantiles  # noqa: E402
+from bench.common import alternating_latency, emit, timed  # noqa: E402
 from client import ReIDClient  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from model_zoo.contract import split_branches  # noqa: E402
@@ -39,12 +38,6 @@ from service.inference import InferenceModel  # noqa: E402
 from tests.server import ServiceProcess  # noqa: E402
 
 MATCHES = 10
-
-
-def timed(step) -> float:
-    started = time.perf_counter()
-    step()
-    return (time.perf_counter() - started) * 1000
 
 
 def main() -> None:
@@ -113,14 +106,9 @@ def end_to_end(args) -> dict:
             "heatmaps, aggregate overlays only, no cache": lambda q: without_cache.query(q, heatmaps=True, branch_overlays=False),
             "heatmaps, aggregate overlays only, maps cached": lambda q: with_cache.query(q, heatmaps=True, branch_overlays=False),
         }
-        times = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for query in queries:
-                for name, ask in variants.items():
-                    times[name].append(timed(lambda: ask(("q.jpg", query))))
+        latency = alternating_latency({name: lambda q, ask=ask: ask(("q.jpg", q)) for name, ask in variants.items()}, queries, args.rounds)
     return {"gallery_items": len(gallery), "queries_per_round": len(queries), "rounds": args.rounds, "top_k": 10,
-            "server": "the service's own thread plan on every core, one request at a time",
-            "latency_ms": {name: latency_quantiles(t) for name, t in times.items()}}
+            "server": "the service's own thread plan on every core, one request at a time", "latency_ms": latency}
 
 
 if __name__ == "__main__":

@@ -19,18 +19,17 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, latency_quantiles  # noqa: E402
-from tests.server import ServiceProcess, enrol  # noqa: E402
+from bench.common import alternating_latency, emit  # noqa: E402
+from tests.server import ServiceProcess, enrol, query  # noqa: E402
 
 VARIANTS = {
     "plain": {},
-    "k-reciprocal re-ranking": {"rerank": "true"},
-    "pair_attention": {"pair_attention": "true"},
+    "k-reciprocal re-ranking": {"rerank": True},
+    "pair_attention": {"pair_attention": True},
 }
 SHORTLIST = 100  # the service's default REID_RERANK_SHORTLIST, set explicitly so the figures say what they measured
 
@@ -71,22 +70,22 @@ def one_server(model: Path, gallery, queries, rounds: int, cache_mb) -> dict:
         for start in range(0, len(gallery), 16):
             enrol(http, gallery[start:start + 16])
         asks = {f"{name}, {'heatmaps' if heatmaps else 'no heatmaps'}":
-                {**fields, "top_k": "10", "heatmaps": str(heatmaps).lower(), "branch_overlays": "false"}
+                {**fields, "top_k": 10, "heatmaps": heatmaps, "branch_overlays": False}
                 for name, fields in VARIANTS.items() for heatmaps in (False, True)}
-        times, sizes = {name: [] for name in asks}, {name: [] for name in asks}
-        for query in queries:  # warm-up: every path once (and, on the cached server, every hit's maps)
-            for fields in asks.values():
-                http.post("/query", data=fields, files={"image": ("q.jpg", query, "image/jpeg")}).raise_for_status()
-        for _ in range(rounds):
-            for query in queries:
-                for name, fields in asks.items():
-                    started = time.perf_counter()
-                    answer = http.post("/query", data=fields, files={"image": ("q.jpg", query, "image/jpeg")})
-                    times[name].append((time.perf_counter() - started) * 1000)
-                    answer.raise_for_status()
-                    sizes[name].append(len(answer.content))
-    return {"latency_ms": {name: latency_quantiles(t) for name, t in times.items()},
-            "answer_kb_median": {name: round(statistics.median(s) / 1024, 1) for name, s in sizes.items()}}
+        sizes = {name: [] for name in asks}
+
+        def ask(name: str, blob: bytes) -> None:
+            answer = query(http, blob, **asks[name])
+            answer.raise_for_status()
+            sizes[name].append(len(answer.content))
+
+        for blob in queries:  # warm-up: every path once (and, on the cached server, every hit's maps)
+            for name in asks:
+                ask(name, blob)
+        for name in asks:
+            sizes[name].clear()
+        latency = alternating_latency({name: lambda blob, name=name: ask(name, blob) for name in asks}, queries, rounds)
+    return {"latency_ms": latency, "answer_kb_median": {name: round(statistics.median(s) / 1024, 1) for name, s in sizes.items()}}
 
 
 if __name__ == "__main__":
