@@ -1,4 +1,5 @@
-"""bench/pool_runs.py (the queue of the README's training rows) and bench/training_table.py (their table)."""
+"""bench/pool_runs.py (the queue of the README's training rows), bench/training_table.py (their table) and
+bench/ablation_tables.py (the ablations' seed tables)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -128,3 +129,48 @@ def test_status_says_how_far_each_row_has_got(tmp_path):
     assert pool_runs.progress("ide_bn_full", tmp_path / "data", runs, []) == "not started (15 epochs)"
     (runs / "ide_bn" / "metrics.json").write_text(json.dumps({"evaluation": {}}))
     assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "done"
+
+
+def write_result(folder: Path, name: str, figures: dict) -> None:
+    """A result file whose every set has these figures (key -> (rank1, mAP) in %)."""
+    sets = {s: {key: {"rank1": r1 / 100, "mAP": ap / 100} for key, (r1, ap) in figures.items()} for s in ("cuhk03-detected", "prid", "grid")}
+    body = sets if name.endswith("_evaluation.json") else {"evaluation": sets}
+    (folder / name).write_text(json.dumps(body))
+
+
+def test_ablation_rows_average_their_seeds_and_steps_pair_only_the_seeds_both_sides_have(tmp_path):
+    ablation = bench_module("ablation_tables")
+    write_result(tmp_path, "clpd_base.json", {"all": (40.0, 30.0), "branch2": (20.0, 10.0)})
+    write_result(tmp_path, "clpd_base_seed1.json", {"all": (42.0, 34.0), "branch2": (22.0, 12.0)})
+    write_result(tmp_path, "clpd_base_seed2.json", {"all": (44.0, 32.0), "branch2": (24.0, 14.0)})
+    write_result(tmp_path, "clpd_ratio_only.json", {"all": (40.0, 31.0), "branch2": (20.0, 10.0)})
+    write_result(tmp_path, "clpd_ratio_only_seed2.json", {"all": (45.0, 30.0), "branch2": (24.0, 14.0)})
+    rows, steps = ablation.tables("clpd", tmp_path).split("\n\n")
+    assert rows.splitlines()[2] == ("| without the concentration losses (`clpd_base`) | global + local | 0, 1, 2 | "
+                                    "42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 |")
+    assert rows.splitlines()[5].endswith("| part branch alone | 0, 2 | 22.0 ± 2.8 / 12.0 ± 2.8 | "
+                                         "22.0 ± 2.8 / 12.0 ± 2.8 | 22.0 ± 2.8 / 12.0 ± 2.8 |")
+    assert len(rows.splitlines()) == 2 + 4  # rows without result files are left out
+    step = steps.splitlines()[2].split(" | ")
+    assert step[0] == "| + L_r (`clpd_ratio_only` - `clpd_base`)" and step[2] == "0, 2"
+    assert step[3] == "+0.5 ± 0.7 / -0.5 ± 2.1"  # R1: seed 0 +0, seed 2 +1; mAP: +1, -2
+    assert steps.splitlines()[3].split(" | ")[3] == "0.0 ± 0.0 / 0.0 ± 0.0"  # no sign on a zero
+    assert steps.splitlines()[3].endswith("| not ablated alone |")
+
+
+def test_the_pair_terms_step_compares_one_evaluation_with_and_without_re_ranking(tmp_path):
+    ablation = bench_module("ablation_tables")
+    write_result(tmp_path, "casn.json", {"all": (30.0, 20.0)})
+    write_result(tmp_path, "casn_pair_attention_onnx_evaluation.json", {"all": (30.0, 20.0), "all_pair": (27.0, 14.0)})
+    rows, steps = ablation.tables("casn", tmp_path).split("\n\n")
+    assert rows.splitlines()[0] == "| row | seeds | CUHK03-val R1 / mAP | PRID R1 / mAP | GRID R1 / mAP |"
+    assert steps.splitlines()[2] == ("| `casn`'s pair term as the re-ranking stage (features + pair term - features) | 0 | "
+                                     "-3.0 / -6.0 | -3.0 / -6.0 | -3.0 / -6.0 | ranks with it |")
+
+
+def test_the_readmes_ablation_seed_tables_are_what_the_committed_results_print():
+    ablation = bench_module("ablation_tables")
+    readme = (BENCH.parent / "README.md").read_text()
+    for name in ablation.ABLATIONS:
+        for table in ablation.tables(name).split("\n\n"):
+            assert table in readme, f"README's {name} table: regenerate with python bench/ablation_tables.py {name}"
