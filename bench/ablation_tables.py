@@ -64,6 +64,8 @@ ABLATIONS = {
         steps=(Step("+ L_r (`clpd_ratio_only` - `clpd_base`)", "clpd_ratio_only", "clpd_base", NOT_ALONE),
                Step("+ L_d (`clpd_distribution_only` - `clpd_base`)", "clpd_distribution_only", "clpd_base", NOT_ALONE),
                Step("+ both (`clpd` - `clpd_base`)", "clpd", "clpd_base", NOT_WITHOUT_MODULES),
+               Step("the multiscale modules alone (`clpd_base` - `clpd_single_scale_base`)", "clpd_base", "clpd_single_scale_base",
+                    ("not ablated without the losses",) * 2),
                Step("the paper's CAM over AM, with SPR (`clpd` - `clpd_single_scale_base`)", "clpd", "clpd_single_scale_base",
                     ("+0.7 / +1.6", "+1.4 / +3.3")),
                Step("SPR over average pooling (`clpd` - `clpd_gap_descriptor`)", "clpd", "clpd_gap_descriptor",
