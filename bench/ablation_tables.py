@@ -4,7 +4,7 @@ Each row's seeds are its result files in ``bench/results/pool/`` (``ROW.json`` i
 S, copies of the run folders' metrics.json; a pair re-ranking evaluation adds ``_pair_attention_onnx_evaluation``).
 The first table is each row's mean ± sample standard deviation over the seeds it has; the second, each step of
 the ablation paired within a seed (both sides trained from the same seed) over the seeds both sides have, beside
-the paper's own figure for that step. R1 / mAP on CUHK03-val, PRID and GRID, in %.
+the paper's own figure for that step. R1 / mAP on CUHK03-val, PRID and GRID, in % (as training_table.py writes them).
 
     python bench/ablation_tables.py clpd
     python bench/ablation_tables.py casn --results bench/results/pool
@@ -12,10 +12,14 @@ the paper's own figure for that step. R1 / mAP on CUHK03-val, PRID and GRID, in 
 import argparse
 import json
 import re
-import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.training_table import percent  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pool"
 SETS = (("cuhk03-detected", "CUHK03-val"), ("prid", "PRID"), ("grid", "GRID"))
@@ -92,31 +96,24 @@ ABLATIONS = {
 def seed_files(results: Path, figures: Figures) -> Dict[int, Path]:
     """The row's result file per seed."""
     pattern = re.compile(rf"{re.escape(figures.row)}(?:_seed(\d+))?{re.escape(figures.suffix)}\.json")
-    matches = (pattern.fullmatch(path.name) for path in results.iterdir())
-    return {int(m.group(1) or 0): results / m.group(0) for m in sorted(filter(None, matches), key=lambda m: m.group(0))}
+    matches = filter(None, (pattern.fullmatch(path.name) for path in results.iterdir()))
+    return dict(sorted((int(m.group(1) or 0), results / m.group(0)) for m in matches))
 
 
 def read_figures(path: Path, key: str) -> List[float]:
-    """R1 and mAP per evaluation set, in %."""
+    """R1 and mAP per evaluation set."""
     data = json.loads(path.read_text())
     evaluation = data.get("evaluation", data)  # a metrics.json, or an evaluate --output file
-    return [100 * evaluation[name][key][figure] for name, _ in SETS for figure in ("rank1", "mAP")]
+    return [evaluation[name][key][figure] for name, _ in SETS for figure in ("rank1", "mAP")]
 
 
 def per_seed(results: Path, figures: Figures) -> Dict[int, List[float]]:
     return {seed: read_figures(path, figures.key) for seed, path in seed_files(results, figures).items()}
 
 
-def mean_sd(values: Sequence[float], signed: bool = False) -> str:
-    """The mean to 0.1; with more than one value, ± the sample standard deviation."""
-    mean = round(statistics.fmean(values), 1) + 0.0  # + 0.0: no "-0.0"
-    text = f"{mean:+.1f}" if signed and mean else f"{mean:.1f}"
-    return text if len(values) == 1 else f"{text} ± {statistics.stdev(values):.1f}"
-
-
-def set_cells(by_seed: Dict[int, List[float]], signed: bool = False) -> List[str]:
+def set_cells(by_seed: Dict[int, List[float]], signed: bool) -> List[str]:
     columns = list(zip(*by_seed.values()))
-    return [" / ".join(mean_sd(columns[at + i], signed) for i in (0, 1)) for at in range(0, len(columns), 2)]
+    return [" / ".join(percent(columns[at + i], signed) for i in (0, 1)) for at in range(0, len(columns), 2)]
 
 
 def table_row(label: str, feature: str, seeds: Dict[int, List[float]], signed: bool, extra: Sequence[str] = ()) -> str:
@@ -162,8 +159,8 @@ def steps_table(ablation: Ablation, results: Path) -> str:
     return "\n".join(lines)
 
 
-def tables(name: str, results: Optional[Path] = None) -> str:
-    ablation, results = ABLATIONS[name], results or RESULTS
+def tables(name: str, results: Path = RESULTS) -> str:
+    ablation = ABLATIONS[name]
     return rows_table(ablation, results) + "\n\n" + steps_table(ablation, results)
 
 

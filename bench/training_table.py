@@ -43,10 +43,12 @@ def run_label(cfg: dict) -> str:
     return re.sub(r"_seed\d+$", "", Path(cfg["run"]["output_dir"]).name)
 
 
-def percent(values: List[float]) -> str:
-    """The mean in %; with more than one seed, +- the sample standard deviation."""
-    mean = f"{100 * statistics.fmean(values):.1f}"
-    return mean if len(values) == 1 else f"{mean} ± {100 * statistics.stdev(values):.1f}"
+def percent(values: List[float], signed: bool = False) -> str:
+    """The mean in %; with more than one seed, +- the sample standard deviation. ``signed``: the values are
+    differences, and the mean carries its sign (a zero none)."""
+    mean = round(100 * statistics.fmean(values), 1) + 0.0  # + 0.0: no "-0.0"
+    text = f"{mean:+.1f}" if signed and mean else f"{mean:.1f}"
+    return text if len(values) == 1 else f"{text} ± {100 * statistics.stdev(values):.1f}"
 
 
 def set_cells(runs: List[dict], name: str) -> str:
