@@ -2,7 +2,7 @@
 
 x86 CPUs multiply subnormal floats (magnitude below float32's smallest normal number, 1.2e-38) in microcode,
 far slower than normal ones, and weight decay over a long schedule leaves thousands of weights there. The
-exporter now zeroes them (``training.export.zero_subnormal_weights``); files exported before it did still
+exporter now zeroes them (``model_zoo.onnx_export.zero_subnormal_weights``); files exported before it did still
 hold them. For each model: its count of subnormal float32 weights, a copy with them zeroed, the largest
 difference between the two files' embeddings on a random batch, and their images/s side by side through ONNX
 Runtime (``embed_speed.measure``: the two alternate in rounds, the ratio is the median of the rounds' ratios).
@@ -40,7 +40,7 @@ from bench.common import rate  # noqa: E402
 from bench.embed_speed import add_speed_arguments, measure, session_for  # noqa: E402
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session  # noqa: E402
 from training.engine import load_trained_model  # noqa: E402
-from training.export import zero_subnormal_weights  # noqa: E402
+from model_zoo.onnx_export import zero_subnormal_weights  # noqa: E402
 from training.solver import SMALLEST_NORMAL, zero_subnormals  # noqa: E402
 
 

@@ -26,6 +26,7 @@ FEATURE_MAPS_KINDS = ("activations", "attribution")
 PRECISION_KEY = METADATA_PREFIX + "precision"  # "int8" or "fp16"; absent: "fp32"
 QUANTIZATION_KEY = METADATA_PREFIX + "quantization"  # JSON: how the int8 or fp16 file was made (calibration images, source, ...)
 PRECISIONS = ("fp32", "int8", "fp16")
+SOURCE_KEY = METADATA_PREFIX + "source"  # JSON, files written by ``python -m model_zoo import``: format, file sha256s, licence, address
 FLIP_KEY = METADATA_PREFIX + "test_time_flip"  # "true": the graph averages each image with its mirror (python -m training export --flip)
 
 

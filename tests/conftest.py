@@ -56,6 +56,14 @@ def tiny_overrides(root: Path, out: Path, **extra) -> list:
 
 
 @pytest.fixture(scope="session")
+def tiny_ir(tmp_path_factory) -> Path:
+    """A tiny OpenVINO IR shaped as Open Model Zoo's re-ID models (tests/tiny_ir.py), TINY_HEIGHT x TINY_WIDTH."""
+    from tests.tiny_ir import omz_like_ir
+
+    return omz_like_ir(tmp_path_factory.mktemp("ir") / "tiny.xml", compress_to_fp16=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(market_root, tmp_path_factory):
     """A tiny CAMA (2 branches, D=16, 64x32 input) trained for 36 steps and exported: (checkpoint, onnx).
 

@@ -13,7 +13,7 @@ NESTED_TO_FLAT_T1 = {"0.0": "0", "0.1": "1", "1": "3", "2": "4"}
 NESTED_TO_FLAT = {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"}
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50"])
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50", "osnet_x0_25", "osnet_x1_0"])
 def test_a_256x128_input_gives_a_16x8_map(name):
     parts = BACKBONE_REGISTRY.get(name)(None)
     with torch.no_grad():
@@ -25,6 +25,22 @@ def test_resnet50_keys_are_torchvision_keys():
     keys = set(ResNet50().state_dict())
     assert {"conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer4.2.conv3.weight"} <= keys
     assert ResNet50().layer4[0].conv2.stride == (1, 1)
+
+
+def test_osnet_keys_are_torchreids_keys_for_every_width_and_ibn():
+    """Key names and shapes as torchreid's osnet.py writes them (read from a torchreid MSMT17 checkpoint)."""
+    from model_zoo.backbones.osnet import build_osnet
+
+    x0_25 = build_osnet("osnet_x0_25").state_dict()
+    expected = {"conv1.conv.weight": (16, 3, 7, 7), "conv2.0.conv2d.3.conv2.weight": (16, 1, 3, 3), "conv2.0.gate.fc1.weight": (1, 16, 1, 1),
+                "conv2.0.downsample.bn.running_var": (64,), "conv2.2.0.conv.weight": (64, 64, 1, 1), "conv4.1.gate.fc2.bias": (32,),
+                "conv5.bn.weight": (128,), "fc.0.weight": (512, 128), "fc.1.running_mean": (512,)}
+    assert {key: tuple(x0_25[key].shape) for key in expected} == expected
+    assert len(x0_25) == 567 - 2  # torchreid's file has 567 entries, the classifier's two among them
+    ibn = build_osnet("osnet_x1_0", ibn=True).state_dict()
+    assert "conv1.bn.running_mean" not in ibn and "conv2.0.IN.weight" in ibn and "conv3.0.IN.weight" not in ibn
+    with pytest.raises(ValueError, match="IBN-b"):
+        build_osnet("osnet_x1_0", ibn="b")
 
 
 def test_checkpoint_loading_reports_missing_and_unexpected_keys(tmp_path):
@@ -167,7 +183,7 @@ def test_instance_batch_norm_equals_instance_norm_beside_batch_norm():
     torch.testing.assert_close(layer(x), reference(x, layer.running_mean, layer.running_var, False), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50"])
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50", "osnet_x0_25"])
 def test_named_stages_compose_to_the_trunk_and_last_stage_and_state_their_shapes(name):
     from model_zoo.backbones.base import STAGE_NAMES, run_stages
 
@@ -200,7 +216,8 @@ def test_ibn_networks_export_with_parity(backbone, ibn, market_root, tmp_path):
     from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
     from training import load_config
     from training.engine import model_settings
-    from training.export import check_parity, describe, parity_images, write_onnx
+    from model_zoo.onnx_export import check_parity, parity_images, write_onnx
+    from training.export import describe
 
     cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.backbone": backbone, "model.ibn": ibn}))
     model = build_model(model_settings(cfg), num_classes=5).eval()
@@ -220,7 +237,8 @@ def test_export_zeroes_subnormal_weights_and_keeps_parity(market_root, tmp_path)
     from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
     from training import load_config
     from training.engine import model_settings
-    from training.export import check_parity, describe, parity_images, write_onnx
+    from model_zoo.onnx_export import check_parity, parity_images, write_onnx
+    from training.export import describe
 
     cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path))
     model = build_model(model_settings(cfg), num_classes=5).eval()

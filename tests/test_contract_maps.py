@@ -13,11 +13,12 @@ import model_zoo.architectures  # noqa: F401  (registers every architecture)
 from model_zoo.architectures import contract_maps as cm
 from model_zoo.architectures.common import ReIDOutput, build_model
 from model_zoo.contract import FEATURE_MAPS_KINDS, ContractError, ModelContract
+from model_zoo.onnx_export import ExportParityError, check_parity, parity_images, write_onnx
 from model_zoo.registry import ARCHITECTURE_REGISTRY
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from training import load_config
 from training.engine import model_settings
-from training.export import ExportParityError, FlipAveraged, check_parity, describe, parity_images, write_onnx
+from training.export import FlipAveraged, describe
 
 B, D, H, W = 3, 5, 7, 4
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -223,10 +224,15 @@ TINY_MODEL = {"backbone": "mobilenetv2", "num_branches": 2, "reduction_dim": 16,
 IMAGES = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, TINY_HEIGHT, TINY_WIDTH, 3), dtype=np.uint8))
 
 
+def source_of(name: str, request) -> dict:
+    """An imported architecture's source file: a tiny IR built with OpenVINO's API (tests/tiny_ir.py)."""
+    return {"source": str(request.getfixturevalue("tiny_ir"))} if name == "openvino_ir" else {}
+
+
 @pytest.mark.parametrize("name", ARCHITECTURE_REGISTRY.names())
-def test_every_architecture_maps_average_to_its_reference_descriptors(name):
+def test_every_architecture_maps_average_to_its_reference_descriptors(name, request):
     torch.manual_seed(0)
-    model = build_model({**TINY_MODEL, "architecture": name}, num_classes=5).eval()
+    model = build_model({**TINY_MODEL, **source_of(name, request), "architecture": name}, num_classes=5).eval()
     assert getattr(model, "feature_maps_kind", "activations") in FEATURE_MAPS_KINDS
     with torch.no_grad():
         maps = model(IMAGES).feature_maps
@@ -237,8 +243,9 @@ def test_every_architecture_maps_average_to_its_reference_descriptors(name):
 
 @pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip_averaged"])
 @pytest.mark.parametrize("name", ARCHITECTURE_REGISTRY.names())
-def test_every_architecture_exports_with_parity(name, flip, market_root, tmp_path):
-    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.architecture": name}))
+def test_every_architecture_exports_with_parity(name, flip, market_root, tmp_path, request):
+    sources = {f"model.{key}": value for key, value in source_of(name, request).items()}
+    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.architecture": name}, **sources))
     model = build_model(model_settings(cfg), num_classes=5).eval()
     model = FlipAveraged(model).eval() if flip else model
     contract = describe(model, cfg, None)

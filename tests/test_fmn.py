@@ -128,7 +128,8 @@ def test_an_untrained_lan_identical_to_its_grn_exports_to_a_file_onnx_runtime_lo
     """The LAN starts as an ImageNet copy of the GRN: identical tensors once broke the exporter's constant folding."""
     import onnxruntime as ort
 
-    from training.export import describe, write_onnx
+    from model_zoo.onnx_export import write_onnx
+    from training.export import describe
 
     cfg = load_config("base.yaml", ["model.architecture=fmn", "model.pretrained=null", "model.ibn=true",
                                     f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"])

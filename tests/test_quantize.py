@@ -132,7 +132,8 @@ def test_ibn_blocks_and_everything_upstream_of_them_stay_float(market_root, tmp_
     from model_zoo.architectures.common import build_model
     from training import load_config
     from training.engine import model_settings
-    from training.export import describe, write_onnx
+    from model_zoo.onnx_export import write_onnx
+    from training.export import describe
     from training.quantize import normalised_upstream
 
     cfg = load_config("base.yaml", ["model.pretrained=null", "model.ibn=true", "model.num_branches=2", f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"])

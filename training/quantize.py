@@ -50,7 +50,7 @@ from model_zoo.contract import (INPUT_IMAGES, METADATA_PREFIX, OUTPUT_EMBEDDING,
 from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from training.data.market import read_split
-from training.export import EMBEDDING_TOLERANCE, PARITY_BATCHES, parity_images
+from model_zoo.onnx_export import EMBEDDING_TOLERANCE, PARITY_BATCHES, parity_images
 
 CALIBRATION_SPLIT = "bounding_box_train"
 DEFAULT_CALIBRATION_IMAGES = 384

@@ -1,0 +1,121 @@
+"""Import public re-ID models as contract ONNX files the service serves unchanged, heatmaps included.
+
+``import_model(source, output)`` reads a model in another format into a trainable torch module whose
+``feature_maps`` decompose its own embedding exactly (``exact_head``), writes it through the exporter's
+writer and parity check (``model_zoo.onnx_export``) and records where it came from (``reid.source``: format,
+file names and sha256, licence, address). Formats: OpenVINO IR (``openvino_ir``: an ``.xml`` beside its
+``.bin``) and torchreid OSNet checkpoints (``torchreid_osnet``: a ``.pth``/``.pt`` state dict). An IR is also
+checked against OpenVINO's own runtime on the parity images where the ``openvino`` package is installed.
+
+Imports torch and onnx (the ``train`` extra); never imported by the service.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, SOURCE_KEY, ModelContract, open_cpu_session
+from model_zoo.files import sha256_of
+from model_zoo.importers import openvino_ir, torchreid_osnet
+from model_zoo.onnx_export import EMBEDDING_TOLERANCE, ExportParityError, check_parity, parity_images, write_onnx
+
+FORMATS = ("openvino_ir", "torchreid_osnet")
+TORCHREID_INPUT = (256, 128)  # torchreid's default height x width
+
+
+@dataclass
+class Provenance:
+    """What ``reid.source`` says about an imported file; ``licence`` and ``url`` are the user's to give."""
+
+    licence: str = "unknown"
+    url: str = ""
+    training_data: str = "not stated by the source"
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+def source_format(source: Path) -> str:
+    if source.suffix.lower() == ".xml":
+        return "openvino_ir"
+    if source.suffix.lower() in (".pth", ".pt", ".tar"):
+        return "torchreid_osnet"
+    raise ValueError(f"{source.name}: cannot tell the format (known: OpenVINO IR .xml beside its .bin, torchreid OSNet .pth)")
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    name: str  # the architecture the source is (reid.backbone)
+    height: int
+    width: int
+    channel_order: str
+    files: List[Path]
+
+
+def load_source(source: Path, channel_order: Optional[str] = None, input_size: Optional[Tuple[int, int]] = None) -> Loaded:
+    """The source as a contract model in eval mode, with what the file records about it."""
+    kind = source_format(source)
+    if kind == "openvino_ir":
+        graph = openvino_ir.read_ir(source)
+        order = channel_order or openvino_ir.default_channel_order(graph)
+        return Loaded(openvino_ir.contract_model(graph, order).eval(), source.stem, *openvino_ir.input_size(graph), order,
+                      [source, source.with_suffix(".bin")])
+    if channel_order not in (None, "rgb"):
+        raise ValueError("torchreid models read RGB")
+    model, name = torchreid_osnet.contract_model(source)
+    return Loaded(model, name, *(input_size or TORCHREID_INPUT), "rgb", [source])
+
+
+def import_model(source: Path, output: Path, provenance: Provenance = Provenance(), channel_order: Optional[str] = None,
+                 real_images: Optional[Path] = None, input_size: Optional[Tuple[int, int]] = None) -> Dict:
+    """Write ``source`` as a contract ONNX file at ``output``; returns a summary with the parity report. A
+    failed check deletes the file and raises ``ExportParityError``. ``input_size``: (height, width) for formats
+    whose input size is free (torchreid's default 256x128); an IR's is its own."""
+    source, output = Path(source), Path(output)
+    loaded = load_source(source, channel_order, input_size)
+    record = {"format": source_format(source), "files": {f.name: sha256_of(f) for f in loaded.files if f.exists()},
+              "channel_order": loaded.channel_order, "licence": provenance.licence, "url": provenance.url, **provenance.notes}
+    contract = _describe(loaded.model, record["format"], loaded.name, loaded.height, loaded.width, provenance.training_data)
+    write_onnx(loaded.model, contract, output, metadata={SOURCE_KEY: json.dumps(record)})
+    images = parity_images(loaded.height, loaded.width, real_images)
+    try:
+        report = check_parity(loaded.model, output, images)
+        reference = openvino_agreement(source, output, images, loaded.channel_order) if record["format"] == "openvino_ir" else None
+    except Exception:
+        output.unlink(missing_ok=True)
+        raise
+    return {"output": str(output), "bytes": output.stat().st_size, "contract": contract.to_metadata(), "source": record,
+            "parity": report, "openvino_agreement": reference}
+
+
+def _describe(model: torch.nn.Module, kind: str, name: str, height: int, width: int, training_data: str) -> ModelContract:
+    with torch.no_grad():
+        maps = model(torch.zeros(1, height, width, 3, dtype=torch.uint8)).feature_maps
+    _, branches, dim, map_h, map_w = maps.shape
+    return ModelContract(architecture=kind, backbone=name, num_branches=branches, branch_dim=dim, map_height=map_h, map_width=map_w,
+                         input_height=height, input_width=width, training_data=training_data, feature_maps_kind=model.feature_maps_kind)
+
+
+def openvino_agreement(source: Path, output: Path, images: Dict[str, np.ndarray], channel_order: str) -> Optional[Dict[str, float]]:
+    """Max |difference| between the file's embedding and OpenVINO's own (L2-normalised) on each image set,
+    fp32 inference; None where the ``openvino`` package is not installed. Past the embedding bound it raises."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(str(source)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    session, _ = open_cpu_session(output)
+    report = {}
+    for name, batch in images.items():
+        ours = session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: batch})[0]
+        planar = batch.transpose(0, 3, 1, 2).astype(np.float32)
+        planar = planar[:, ::-1] if channel_order == "bgr" else planar
+        theirs = np.concatenate([compiled(np.ascontiguousarray(planar[i : i + 1]))[0].reshape(1, -1) for i in range(len(batch))])
+        theirs /= np.maximum(np.linalg.norm(theirs, axis=1, keepdims=True), 1e-12)
+        report[name] = float(np.abs(ours - theirs).max())
+        if not report[name] <= EMBEDDING_TOLERANCE:
+            raise ExportParityError(f"{name}: the imported file's embedding differs from OpenVINO's by {report[name]:.2e} (bound {EMBEDDING_TOLERANCE})")
+    return report
