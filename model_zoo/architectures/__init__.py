@@ -5,6 +5,6 @@ To add one: write a new file here whose builder is decorated with
 [B, H, W, 3] and return a ``ReIDOutput``; the trainer, the exporter and the service need no edit.
 """
 from model_zoo.architectures.common import InputNormalization, ReIDOutput, build_model
-from model_zoo.architectures import cama, casn, clpd, fmn, pmm  # noqa: F401  (registration)
+from model_zoo.architectures import cama, casn, clpd, fmn, imported, pmm  # noqa: F401  (registration)
 
 __all__ = ["InputNormalization", "ReIDOutput", "build_model"]

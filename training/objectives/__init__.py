@@ -7,6 +7,6 @@ steps and logs every term by name. A new architecture's loss is a new file here,
 architecture's name (or chosen with ``loss.objective``), not an edit of the trainer.
 """
 from training.objectives.base import OBJECTIVE_REGISTRY, Objective, build_objective
-from training.objectives import cama, casn, clpd, fmn, pmm  # noqa: F401  (registration)
+from training.objectives import cama, casn, clpd, fmn, imported, pmm  # noqa: F401  (registration)
 
 __all__ = ["OBJECTIVE_REGISTRY", "Objective", "build_objective"]

@@ -1,0 +1,47 @@
+"""An imported public model as a trainable architecture: ``openvino_ir`` is an OpenVINO IR rebuilt as torch
+modules (``model_zoo.importers``), one branch whose maps are the exact per-cell decomposition of its own
+embedding, plus an identity classifier for fine-tuning on re-ID data. Exported, it is the file
+``python -m model_zoo import`` writes, with the fine-tuned weights."""
+import torch
+from torch import nn
+
+from model_zoo.architectures.common import ReIDOutput, classifier_neck
+from model_zoo.importers.openvino_ir import contract_model, default_channel_order, read_ir
+from model_zoo.registry import ARCHITECTURE_REGISTRY
+
+
+class ImportedEmbedding(nn.Module):
+    feature_maps_kind = "attribution"
+
+    def __init__(self, network: nn.Module, dim: int, num_classes: int, bn_neck: bool):
+        super().__init__()
+        self.network = network
+        self.neck = classifier_neck(dim, bn_neck)
+        self.classifier = nn.Linear(dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def parameter_groups(self):
+        """``classifiers``: the new identity classifier (and its neck), which a warm-up trains alone."""
+        return {"classifiers": [self.classifier, self.neck]}
+
+    def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network.reference_descriptors(images)
+
+    def forward(self, images: torch.Tensor) -> ReIDOutput:
+        out = self.network(images)
+        if not self.training:
+            return out
+        descriptor = out.feature_maps.float().mean(dim=(3, 4))  # the source's own embedding, [B, 1, D]
+        return ReIDOutput(feature_maps=out.feature_maps, logits=self.classifier(self.neck(descriptor[:, 0])).unsqueeze(1))
+
+
+@ARCHITECTURE_REGISTRY.register("openvino_ir")
+def build_openvino_ir(model_cfg: dict, num_classes: int) -> ImportedEmbedding:
+    if not model_cfg.get("source"):
+        raise ValueError("openvino_ir needs model.source: the OpenVINO IR .xml to start from")
+    graph = read_ir(model_cfg["source"])
+    network = contract_model(graph, model_cfg.get("channel_order") or default_channel_order(graph))
+    height, width = model_cfg["input_size"]
+    with torch.no_grad():
+        dim = network(torch.zeros(1, height, width, 3, dtype=torch.uint8)).feature_maps.shape[2]
+    return ImportedEmbedding(network, dim, num_classes, model_cfg.get("bn_neck", False))
