@@ -51,7 +51,12 @@ def test_every_shipped_config_builds_its_model_and_its_phases_name_real_parts(na
         from tests.conftest import TINY_HEIGHT, TINY_WIDTH
         from tests.tiny_ir import omz_like_ir
 
-        overrides += [f"model.source={omz_like_ir(tmp_path / 'tiny.xml')}", f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"]
+        source = omz_like_ir(tmp_path / "tiny.xml")
+        overrides += [f"model.source={source}", f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"]
+        if "kd_feature_weight" in (CONFIG_DIR / name).read_text():  # a distillation config: the tiny IR imported is its teacher
+            from model_zoo.importers import import_model
+
+            overrides.append(f"loss.teacher={import_model(source, tmp_path / 'teacher.onnx')['output']}")
     cfg = load_config(name, overrides)
     model = build_model(model_settings(cfg), num_classes=4)
     groups, terms = set(parameter_groups(model)), set(build_objective(cfg, model).weights())

@@ -40,6 +40,9 @@ class ModelConfig:
 class LossConfig:
     objective: Optional[str] = option(None, "the registered objective (training/objectives); null: the architecture's own")
     alpha: float = option(1.0, "weight of the overlapped activation penalty (eq. 8); 0 gives MltB+L_id")
+    teacher: Optional[str] = option(None, "distillation: a contract ONNX file (trained here or imported) that embeds every training batch as well; its terms join the objective's (training/objectives/distillation.py)")
+    kd_feature_weight: float = option(1.0, "distillation: weight of 1 - cos(student, teacher) per image (the embeddings must have one size)")
+    kd_relation_weight: float = option(1.0, "distillation: weight of the squared difference of the in-batch similarity matrices")
     k: int = option(20, "sigma^i is the k-th largest value of M^i_t (eq. 5); the 16x8 grid has 128 cells, 8x4 has 32")
     oap_mode: str = option("symmetric", "'symmetric' (eq. 6: the product of all masks) or 'ordered' (branch i against the fixed union of branches 1..i-1)")
     label_smoothing: float = option(0.0, "label smoothing eps of the identification loss (0: plain cross-entropy)")

@@ -61,5 +61,12 @@ class GlobalFirstObjective(Objective):
 
 
 def build_objective(cfg, model: nn.Module) -> Objective:
-    """The objective ``loss.objective`` names, by default the architecture's own."""
-    return OBJECTIVE_REGISTRY.get(cfg.loss.objective or cfg.model.architecture)(cfg, model)
+    """The objective ``loss.objective`` names, by default the architecture's own; with ``loss.teacher``, wrapped
+    in distillation from that model (``training.objectives.distillation``)."""
+    objective = OBJECTIVE_REGISTRY.get(cfg.loss.objective or cfg.model.architecture)(cfg, model)
+    if not cfg.loss.teacher:
+        return objective
+    from training.objectives.distillation import Distilled, OnnxTeacher
+
+    teacher = OnnxTeacher(cfg.loss.teacher, (cfg.data.height, cfg.data.width), cfg.run.threads or 0)
+    return Distilled(objective, teacher, cfg.loss.kd_feature_weight, cfg.loss.kd_relation_weight)
