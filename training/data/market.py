@@ -161,12 +161,14 @@ class MarketDataset:
 
     def source_weights(self, weights: Dict[str, float]) -> np.ndarray:
         """Per-source multipliers [S] from {name: weight}; a name is a source or its subset part
-        (``TownCentre`` for ``peta-train/TownCentre``); unnamed sources weigh 1."""
+        (``TownCentre`` for ``peta-train/TownCentre``); unnamed sources weigh 1. A name that is no source here
+        is skipped with a warning: a recipe's weights (pool.yaml's TownCentre) must not stop a run on other data."""
         result = np.ones(len(self.source_names))
         for key, weight in weights.items():
             hits = [i for i, name in enumerate(self.source_names) if key in (name, name.split("/")[-1])]
             if not hits:
-                raise ValueError(f"source weight for {key!r}: no such source; sources: {', '.join(self.source_names)}")
+                log.warning("source weight for %r skipped: no such source in this data (sources: %s)", key, ", ".join(self.source_names))
+                continue
             if weight < 0:
                 raise ValueError(f"source weight for {key!r} is negative")
             result[hits] = weight
