@@ -4,6 +4,7 @@ gallery re-embeds on the switch, and a missing int8 file refuses the start, sayi
 import json
 import shutil
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -146,3 +147,12 @@ def test_ibn_blocks_and_everything_upstream_of_them_stay_float(market_root, tmp_
     summary = quantize_model(tmp_path / "ibn.onnx", [market_root], calibration_images=16, agreement_images=8)
     assert summary["quantization"]["float_convolutions"] == f"{len(expected)} of {len(convs)}"  # the same after ONNX Runtime's pre-processing
     assert max(summary["identity"].values()) < 1e-5
+
+
+def test_an_imported_model_quantizes_with_its_identity_exact(tiny_ir, market_root, tmp_path):
+    """An imported IR's graph (reshapes by computed sizes, an FC head with a bias) through the same quantizer."""
+    from model_zoo.importers import import_model
+
+    fp32 = Path(import_model(tiny_ir, tmp_path / "imported.onnx")["output"])
+    summary = quantize_model(fp32, [market_root], calibration_images=16, agreement_images=8)
+    assert summary["identity"]["training_images"] <= 1e-4 and Path(summary["output"]).exists()
