@@ -1,6 +1,7 @@
 """``python -m client``: enrol a folder, query an image (print the matches, or save them with their heatmap
-overlays), delete an item, erase a person. A thin layer over ``ReIDClient``. The URL and key come from ``--url`` /
-``--api-key`` or the environment (``REID_URL``, ``REID_API_KEY``)."""
+overlays), compare two images, delete an item, erase a person. A thin layer over ``ReIDClient``. The URL and key
+come from ``--url`` / ``--api-key`` or the environment (``REID_URL``, ``REID_API_KEY``). Every failure, the
+server's refusals and an unreachable server alike, is one line on stderr and exit status 1."""
 import argparse
 import base64
 import json
@@ -8,6 +9,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+import httpx
 from typing import List, Optional, Tuple
 
 from tqdm import tqdm
@@ -20,9 +23,10 @@ MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 def market_ids(path: Path) -> Tuple[Optional[str], Optional[str]]:
-    """(person id, camera id) from a Market-1501 file name, ``0042_c3s1_...`` -> ("42", "c3"); else (None, None)."""
+    """(person id, camera id) from a Market-1501 file name, ``0042_c3s1_...`` -> ("0042", "c3"); else (None, None).
+    The person id is kept as written, as curl and the web page send it: ``0042`` and ``42`` are two ids."""
     found = MARKET_NAME.match(path.name)
-    return (str(int(found.group(1))), f"c{found.group(2)}") if found else (None, None)
+    return (found.group(1), f"c{found.group(2)}") if found else (None, None)
 
 
 def folder_images(folder: Path) -> List[Path]:
@@ -69,6 +73,18 @@ def print_result(result: QueryResult) -> None:
     print(f"gallery {result.gallery_size} items, {result.timing_ms.get('total', 0):.0f} ms")
 
 
+def print_verification(reid: ReIDClient, image_a: Path, image_b: Path) -> None:
+    """The two images' score, and the model's answer where it has a same-person threshold, with where it came from."""
+    result = reid.verify(image_a, image_b)
+    print(f"score {result.score:.4f}")
+    if result.same_person is None:
+        print("same person: no threshold (the model is not calibrated and REID_VERIFY_THRESHOLD is unset)")
+        return
+    where = result.calibration.get("calibrated_on") if result.threshold_source == "model" else "REID_VERIFY_THRESHOLD"
+    print(f"same person: {'yes' if result.same_person else 'no'} at threshold {result.threshold:.4f} (from {where}; "
+          "a threshold set on other cameras is a guide on yours, not a verdict)")
+
+
 def run_query(reid: ReIDClient, args) -> QueryResult:
     """One image's query, or a track's when several images are given."""
     options = dict(exclude_camera_id=args.exclude_camera_id, camera_id=args.camera_id, heatmaps=not args.no_heatmaps,
@@ -100,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--no-heatmaps", action="store_true")
     query.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of a shortlist")
     query.add_argument("--save", type=Path, help="write result.json and the overlays (PNG) into this folder")
+    verify = commands.add_parser("verify", help="the score of two images, and same person or not where the model has a threshold")
+    verify.add_argument("image_a", type=Path)
+    verify.add_argument("image_b", type=Path)
     delete = commands.add_parser("delete", help="delete an item")
     delete.add_argument("item_id", type=int)
     erase = commands.add_parser("erase-person", help="erase every item of a person")
@@ -119,9 +138,15 @@ def main(argv=None) -> None:
                 print_result(result)
                 if args.save:
                     save_result(result, args.save)
+            elif args.command == "verify":
+                print_verification(reid, args.image_a, args.image_b)
             elif args.command == "erase-person":
                 print(f"erased {reid.erase_person(args.person_id)} items of person {args.person_id}")
             else:
                 reid.delete(args.item_id)
     except ReIDError as error:
+        sys.exit(f"error: {error}")
+    except httpx.HTTPError as error:  # no server there, a refused or broken connection, a malformed URL
+        sys.exit(f"error: cannot reach {args.url}: {error}")
+    except OSError as error:  # an image or folder that cannot be read
         sys.exit(f"error: {error}")

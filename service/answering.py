@@ -183,7 +183,8 @@ class QueryAnswerer:
         track = len(previews) > 1
         return QueryResponse(matches=matches, query_heatmap=None if track or not query_heatmaps else query_heatmaps[0],
                              track_heatmaps=query_heatmaps if track else None, gallery_size=gallery.size, timing_ms=watch.total(),
-                             reranked=options.reorders, heatmap_matches=sum(m.heatmap is not None for m in matches))
+                             reranked=options.reorders, heatmap_matches=sum(m.heatmap is not None for m in matches),
+                             same_person_threshold=self.same_person.describe())
 
     async def draw_query_heatmaps(self, features: np.ndarray, maps: ImageMaps, previews: list, branch_overlays: bool) -> List[Heatmap]:
         """Each query image's map for the features its matches were scored with: the one vector's (an image, a

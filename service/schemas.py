@@ -84,13 +84,21 @@ class Match(OmitsUnusedExtras):
     pair_attention: Optional[PairAttention] = Field(None, description="with pair_attention=true: the pair's attention maps behind pair_distance; absent otherwise")
     track_image: Optional[int] = Field(None, description="a track queried with aggregate=best: which of its images (0-based, in upload "
                                        "order) gave this score; branch_scores and heatmap are that image's. Absent otherwise")
-    same_person: Optional[bool] = Field(None, description="score above the same-person threshold (see POST /verify); null when "
-                                        "there is none (the model is not calibrated and REID_VERIFY_THRESHOLD is unset)")
+    same_person: Optional[bool] = Field(None, description="score above the same-person threshold (the answer's same_person_threshold "
+                                        "says where it was set; on cameras it was not calibrated on it is a guide, not a verdict); null "
+                                        "when there is none (the model is not calibrated and REID_VERIFY_THRESHOLD is unset)")
     person_id: Optional[str] = None
     camera_id: Optional[str] = None
     captured_at: Optional[float] = Field(None, description="when the image was taken, epoch seconds; null: unknown")
     metadata: Dict = Field(default_factory=dict)
     heatmap: Optional[Heatmap] = None
+
+
+class SamePersonThreshold(BaseModel):
+    threshold: float
+    source: str = Field(description="setting (REID_VERIFY_THRESHOLD, set for these cameras) or model (calibrated on calibrated_on)")
+    calibrated_on: Optional[str] = Field(None, description="the validation set the model's threshold was chosen on; null for a setting")
+    target_fmr: Optional[float] = Field(None, description="the false-match rate it was chosen for there; its rate on other cameras differs")
 
 
 class VerifyResponse(BaseModel):
@@ -120,6 +128,8 @@ class QueryResponse(OmitsUnusedExtras):
                            "and score (still the mean cosine, the heatmap grid's mean) need not decrease down the list")
     heatmap_matches: int = Field(0, description="how many matches carry a heatmap: the first ones, at most REID_MAX_HEATMAP_MATCHES "
                                  "(0 with heatmaps=false)")
+    same_person_threshold: Optional[SamePersonThreshold] = Field(
+        None, description="where each match's same_person comes from; null when there is no threshold (same_person is null)")
     gallery_size: int
     timing_ms: Dict[str, float]
 

@@ -26,5 +26,13 @@ class SamePersonRule:
             return cls(float(contract.verification["threshold"]), "model", calibration)
         return cls(calibration=calibration)
 
+    def describe(self) -> Optional[Dict[str, Any]]:
+        """Where the threshold came from, for an answer that carries its decisions; None without one."""
+        if self.threshold is None:
+            return None
+        calibrated = self.source == "model"
+        return {"threshold": self.threshold, "source": self.source, "calibrated_on": self.calibration.get("calibrated_on") if calibrated else None,
+                "target_fmr": self.calibration.get("target_fmr") if calibrated else None}
+
     def decide(self, score: float) -> Optional[bool]:
         return None if self.threshold is None else score > self.threshold

@@ -70,11 +70,11 @@ def test_the_cli_enrols_a_market_folder_and_saves_a_query_with_overlays(reid, se
     folder.mkdir()
     for pid, cam, variant in ((5, 1, 1), (5, 2, 2), (6, 1, 3)):
         person_image(pid, variant).save(folder / f"{pid:04d}_c{cam}s1_{variant:06d}_00.jpg")
-    assert market_ids(folder / "0005_c2s1_000002_00.jpg") == ("5", "c2")
+    assert market_ids(folder / "0005_c2s1_000002_00.jpg") == ("0005", "c2")  # the id as written, as curl and the page send it
     common = ["--url", server.url, "--api-key", "secret"]
     cli([*common, "enrol", str(folder), "--market-names", "--batch", "2"])
     assert "enrolled 3 images" in capsys.readouterr().out
-    assert sorted((i.person_id, i.camera_id) for i in reid.iter_gallery()) == [("5", "c1"), ("5", "c2"), ("6", "c1")]
+    assert sorted((i.person_id, i.camera_id) for i in reid.iter_gallery()) == [("0005", "c1"), ("0005", "c2"), ("0006", "c1")]
     query = folder / "0005_c2s1_000002_00.jpg"
     cli([*common, "query", str(query), "--top-k", "2", "--save", str(tmp_path / "out")])
     assert "score" in capsys.readouterr().out
@@ -86,4 +86,15 @@ def test_the_cli_enrols_a_market_folder_and_saves_a_query_with_overlays(reid, se
     cli([*common, "query", *map(str, track), "--aggregate", "best", "--group-by-person", "--no-heatmaps"])
     printed = capsys.readouterr().out.splitlines()
     persons = [line.split()[3] for line in printed[1:-1]]
-    assert persons[0] == "5" and len(persons) == len(set(persons)) == 2  # one match per person, person 5 first
+    assert persons[0] == "0005" and len(persons) == len(set(persons)) == 2  # one match per person, person 5 first
+    cli([*common, "verify", str(query), str(folder / "0005_c1s1_000001_00.jpg")])
+    assert capsys.readouterr().out.startswith("score ")
+
+
+def test_the_cli_says_in_one_line_what_went_wrong(tmp_path, capsys):
+    for args in (["--url", "http://127.0.0.1:9", "erase-person", "7"], ["--url", "not a url", "delete", "1"],
+                 ["--url", "http://127.0.0.1:9", "enrol", str(tmp_path / "absent")]):
+        with pytest.raises(SystemExit) as stopped:
+            cli(args)
+        message = str(stopped.value.code)
+        assert message.startswith("error: ") and "\n" not in message, message

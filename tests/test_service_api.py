@@ -230,7 +230,7 @@ def test_a_model_without_attention_maps_or_pair_head_answers_as_before(client):
     enroll(client, [image_bytes(5000, 1), image_bytes(5000, 2)], camera_id="plain")
     query = {"files": files(image_bytes(5000, 1), name="image")}
     body = client.post("/query", **query, data={"camera_id": "plain", "top_k": "2"}).json()
-    assert set(body) == {"matches", "query_heatmap", "reranked", "heatmap_matches", "gallery_size", "timing_ms"}
+    assert set(body) == {"matches", "query_heatmap", "reranked", "heatmap_matches", "same_person_threshold", "gallery_size", "timing_ms"}
     assert set(body["timing_ms"]) == {"embed", "search", "heatmaps", "total"}
     for match in body["matches"]:
         assert set(match) == {"id", "rank", "score", "branch_scores", "rerank_distance", "person_id", "camera_id", "captured_at", "metadata",

@@ -117,7 +117,7 @@ def test_one_image_answers_exactly_as_before(server):
     with server.client() as client:
         for fields in ({}, {"aggregate": "best"}, {"heatmaps": False, "top_k": 2}):
             body = query(client, TRACK[0], **{"top_k": 3, **fields}).json()
-            assert set(body) == {"matches", "query_heatmap", "reranked", "heatmap_matches", "gallery_size", "timing_ms"}
+            assert set(body) == {"matches", "query_heatmap", "reranked", "heatmap_matches", "same_person_threshold", "gallery_size", "timing_ms"}
             assert all("track_image" not in m for m in body["matches"]) and (body["query_heatmap"] is None) == (fields.get("heatmaps") is False)
 
 

@@ -63,14 +63,19 @@ def test_verify_answers_the_score_and_the_decision_at_the_models_threshold(calib
         assert np.mean(other["branch_scores"]) == pytest.approx(other["score"], abs=1e-6)
         assert other["same_person"] is (other["score"] > record["threshold"])
         enrol(client, [image_bytes(5000, 1), image_bytes(5002, 3)])
-        matches = query(client, image_bytes(5000, 1), heatmaps=False).json()["matches"]
+        answer = query(client, image_bytes(5000, 1), heatmaps=False).json()
+        matches = answer["matches"]
         assert [m["same_person"] for m in matches] == [m["score"] > record["threshold"] for m in matches] and matches[0]["same_person"]
+        assert answer["same_person_threshold"] == {"threshold": record["threshold"], "source": "model", "calibrated_on": record["calibrated_on"],
+                                                   "target_fmr": 0.1}  # where the decisions come from, with every answer
         assert_error(client.post("/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1))}), 422, "invalid_request")
         assert_error(client.post("/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", b"not an image")}),
                      400, "invalid_image")
     with ServiceProcess(tiny_model[1], tmp_path / "h.sqlite3") as server, server.client() as client:  # not calibrated
         body = client.post("/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", image_bytes(5000, 1))}).json()
         assert body["same_person"] is None and body["threshold"] is None and body["calibration"] == {}
+        enrol(client, [image_bytes(5000, 1)])
+        assert query(client, image_bytes(5000, 1), heatmaps=False).json()["same_person_threshold"] is None
     with pytest.raises(RuntimeError, match="verify_threshold"):  # outside [-1, 1]: the start is refused
         ServiceProcess(tiny_model[1], tmp_path / "i.sqlite3", verify_threshold=1.5).start()
 

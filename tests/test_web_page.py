@@ -90,6 +90,12 @@ def test_enrol_query_toggle_and_delete(browser, tiny_model, tmp_path):
         assert cards[0].get_attribute("class").count("same-person") == 1  # the identical image, person 7
         assert len(browser.find_elements(By.CSS_SELECTOR, "#matches .same-person")) == 3
         assert not browser.find_element(By.ID, "query-card").get_attribute("hidden")
+        assert "its own heatmap" in browser.find_element(By.CSS_SELECTOR, "#query-card figcaption").text
+        assert "adds most to the score" in browser.find_element(By.ID, "heatmap-legend").text
+        assert cards[0].find_element(By.CSS_SELECTOR, ".badge").text == "same id"
+        icon = browser.execute_script("return document.querySelector('link[rel=icon]').href")
+        with server.client() as client:
+            assert client.get(icon.removeprefix(server.url)).status_code == 200
 
         overlay = cards[0].find_element(By.CSS_SELECTOR, "img.overlay")
         wait_for(browser, lambda d: overlay.get_attribute("src").startswith("data:image/png;base64,"))
@@ -115,8 +121,13 @@ def test_enrol_query_toggle_and_delete(browser, tiny_model, tmp_path):
 
         first = browser.find_element(By.CSS_SELECTOR, "#gallery .gallery-item")
         doomed = first.get_attribute("data-id")
-        first.find_element(By.CSS_SELECTOR, ".delete").click()
         listed = "return [...document.querySelectorAll('#gallery .gallery-item')].map(e => e.dataset.id)"
+        first.find_element(By.CSS_SELECTOR, ".delete").click()
+        assert doomed in browser.switch_to.alert.text
+        browser.switch_to.alert.dismiss()  # a delete asks first: dismissed, nothing is deleted
+        assert doomed in browser.execute_script(listed)
+        first.find_element(By.CSS_SELECTOR, ".delete").click()
+        browser.switch_to.alert.accept()
         wait_for(browser, lambda d: len(d.execute_script(listed)) == 5 and doomed not in d.execute_script(listed))
         with server.client() as client:
             assert client.get(f"/gallery/{doomed}").status_code == 404

@@ -130,8 +130,11 @@ function matchCard(match, imageUrl, queryPerson) {
     element("figcaption", {}, [
       element("div", { text: `#${match.rank} · ${match.score.toFixed(3)}${distanceText(match)}` }),
       element("div", { class: "muted", text: `person ${fmt(match.person_id)} · cam ${fmt(match.camera_id)}` }),
-      match.same_person == null ? "" : element("div", { class: "muted verdict", text: `model: ${match.same_person ? "same person" : "not the same person"}` }),
-      element("span", { class: "badge", text: "same person" }),
+      match.same_person == null ? "" : element("div", {
+        class: "muted verdict", title: "the score against the model's same-person threshold, which was set on other cameras: a guide on yours, not a verdict",
+        text: `score ${match.same_person ? "above" : "below"} the threshold`,
+      }),
+      element("span", { class: "badge", text: "same id", title: "enrolled with the query person id you gave" }),
       match.heatmap ? toggle : "",
     ]),
   ]);
@@ -162,7 +165,7 @@ async function runQuery(event) {
     const queryCard = $("query-card");
     // a track shows its first image, with that image's map for the features its matches were scored with
     const heatmap = body.track_heatmaps ? body.track_heatmaps[0] : body.query_heatmap;
-    const caption = body.track_size ? `track of ${body.track_size} images (${body.aggregate}) · first image's RAM` : "query · own RAM (R_q^q)";
+    const caption = body.track_size ? `track of ${body.track_size} images (${body.aggregate}) · first image's RAM` : "query · its own heatmap";
     queryCard.replaceChildren(stack(URL.createObjectURL(files[0]), heatmap, "query"), attentionStrip(heatmap),
       element("figcaption", { text: caption }));
     queryCard.heatmap = heatmap;
@@ -182,6 +185,7 @@ async function loadGallery() {
     const cards = await Promise.all(page.items.map(async (item) => {
       const remove = element("button", { type: "button", class: "secondary delete", text: "delete" });
       remove.addEventListener("click", async () => {
+        if (!window.confirm(`Delete item #${item.id} (person ${fmt(item.person_id)}) from the gallery? This cannot be undone.`)) return;
         try { await api(`gallery/${item.id}`, { method: "DELETE" }); await loadGallery(); } catch (error) { $("enroll-status").textContent = error.message; }
       });
       return element("figure", { class: "card gallery-item", "data-id": item.id }, [
