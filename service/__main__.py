@@ -20,8 +20,19 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}')
     # http: uvicorn's httptools protocol with deadlines and limits for slow clients (service.server);
     # ws: the API has no WebSocket routes, so an upgrade request is answered as plain HTTP
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                http=protocol_class(settings), ws="none")
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                            http=protocol_class(settings), ws="none")
+
+    class AnnouncedServer(uvicorn.Server):
+        """Says once, whatever the log level, when the socket is listening and the model and gallery are loaded."""
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                print(f"ready: http://{settings.host}:{settings.port}/ (model {settings.model_path.name}, gallery {settings.store_path})",
+                      file=sys.stderr, flush=True)
+
+    AnnouncedServer(config).run()
 
 
 def run_backup(settings: Settings, args: argparse.Namespace) -> str:

@@ -19,7 +19,7 @@ from service.errors import send_error
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Routes anyone may read: health checks, the web page (it asks for the key itself) and the API's docs.
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/docs"})
 PUBLIC_PREFIXES = ("/static/",)
 Refusal = Tuple[int, str, str]
 

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
+from swagger_ui_bundle import swagger_ui_path
 
 from service.access import AccessGate, BodyLimit
 from service.answering import QueryAnswerer
@@ -116,7 +118,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             gallery.close()
 
     app = FastAPI(
-        title="Person re-ID retrieval", version="0.1.0", lifespan=lifespan,
+        title="Person re-ID retrieval", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
         redirect_slashes=False,  # a redirect would be built from the request's Host header: /gallery/ is a 404
         description="Enrol pedestrian crops, query with one, get ranked matches with Ranking Activation Map heatmaps. "
         'Every error is {"error": {"code", "message"}}.',
@@ -124,7 +126,15 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.state.ready, app.state.settings, app.state.metrics = False, settings, metrics
 
     install_middleware(app, settings, metrics)
+    # The API reference (Swagger UI) served from the installed swagger-ui-bundle, not a CDN: it works offline.
+    # Mounted before /static, which would otherwise take its paths.
+    app.mount("/static/swagger-ui", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_reference():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title}: API reference", swagger_favicon_url="static/favicon.svg",
+                                   swagger_js_url="static/swagger-ui/swagger-ui-bundle.js", swagger_css_url="static/swagger-ui/swagger-ui.css")
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -317,6 +317,17 @@ def test_openapi_documents_the_routes(client):
     assert {"/gallery", "/gallery/{item_id}", "/gallery/{item_id}/image", "/query", "/healthz", "/readyz", "/model", "/metrics"} <= set(paths)
 
 
+def test_the_api_reference_is_served_from_the_server_itself_and_the_ready_line_names_the_url(server, client):
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
+    assert not re.findall(r"(?:src|href)=['\"](?:https?:)?//", page.text)  # nothing from a CDN: it works offline
+    for asset in re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", page.text):
+        assert client.get("/" + asset.lstrip("/")).status_code == 200, asset
+    assert f"ready: {server.url}/" in server.output()
+
+
 def test_service_embeddings_equal_the_exporters_on_the_same_files(server, client, tiny_model, market_root):
     import torch
 
