@@ -7,6 +7,8 @@ What this package owns:
 - ``pair_attention``: CASN's pairwise attention term at test time and its pair-head artifact, numpy, torch-free.
 - ``preprocess``: image decoding and resizing shared by training and the service, torch-free.
 - ``registry``: architectures by name; ``backbones`` and ``architectures`` (with ``contract_maps``): the torch modules.
+- ``onnx_export``: the writer of contract files and its ONNX Runtime-against-torch parity check (torch, onnx).
+- ``importers``: public models (OpenVINO IR, torchreid OSNet) as contract files, ``python -m model_zoo import`` (torch).
 - ``models/``: the trained ONNX models that ship with the product, each with a model card.
 
 Import rules: this package never imports ``service`` or ``training``. Importing ``model_zoo`` itself must not
@@ -16,4 +18,6 @@ imports torch and registers every architecture) where torch is wanted.
 from pathlib import Path
 
 SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
-DEFAULT_MODEL_PATH = SHIPPED_MODELS_DIR / "cama_mobilenetv2_pool.onnx"
+# Intel's Open Model Zoo person-reidentification-retail-0277 (Apache-2.0), imported: the most accurate model
+# on cameras never seen that training here has not beaten yet (its card; bench/results/model_candidates.json).
+DEFAULT_MODEL_PATH = SHIPPED_MODELS_DIR / "person_reidentification_retail_0277.onnx"

@@ -9,7 +9,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model_zoo", description="Bring public re-ID models into the service's ONNX contract.")
     commands = parser.add_subparsers(dest="command", required=True)
     imports = commands.add_parser("import", help="write a public embedding model as a contract ONNX file (RAM heatmaps exact), checked against its source",
-                                  description="Formats: OpenVINO IR (SRC.xml beside SRC.bin), torchreid OSNet checkpoints (SRC.pth: every width, IBN). The file records the source's sha256, licence and address "
+                                  description="Formats: OpenVINO IR (SRC.xml beside SRC.bin), torchreid OSNet checkpoints (SRC.pth: every width, IBN, AIN). The file records the source's sha256, licence and address "
                                   "(reid.source); see model_zoo/CONTRACT.md.")
     imports.add_argument("source", type=Path, help="the model to import: an OpenVINO IR .xml (beside its .bin) or a torchreid OSNet .pth")
     imports.add_argument("output", type=Path, help="the .onnx file to write")

@@ -43,6 +43,21 @@ def test_osnet_keys_are_torchreids_keys_for_every_width_and_ibn():
         build_osnet("osnet_x1_0", ibn="b")
 
 
+def test_osnet_ain_keys_are_torchreids():
+    """torchreid's osnet_ain.py: streams as conv2.T.layers.i, transitions as pool2 / pool3, the instance-norm
+    blocks' conv3 without a batch norm and an IN after it, the pattern IN-IN, BN-IN, IN-BN."""
+    from model_zoo.backbones.osnet import build_osnet
+
+    keys = set(build_osnet("osnet_ain_x1_0").state_dict())
+    assert {"conv2.0.conv2.3.layers.3.conv2.weight", "pool2.0.conv.weight", "pool3.0.bn.running_var", "conv1.bn.weight", "fc.1.running_mean"} <= keys
+    assert "conv1.bn.running_mean" not in keys  # the stem's norm is an instance norm
+    with_in = {block for block in ("conv2.0", "conv2.1", "conv3.0", "conv3.1", "conv4.0", "conv4.1") if f"{block}.IN.weight" in keys}
+    assert with_in == {"conv2.0", "conv2.1", "conv3.1", "conv4.0"}
+    assert all((f"{block}.conv3.bn.weight" in keys) != (block in with_in) for block in ("conv2.0", "conv3.0", "conv4.1"))
+    with pytest.raises(ValueError, match="no IBN"):
+        build_osnet("osnet_ain_x1_0", ibn=True)
+
+
 def test_checkpoint_loading_reports_missing_and_unexpected_keys(tmp_path):
     state = ResNet50().state_dict()
     state.pop("layer4.2.bn3.bias")
@@ -183,7 +198,7 @@ def test_instance_batch_norm_equals_instance_norm_beside_batch_norm():
     torch.testing.assert_close(layer(x), reference(x, layer.running_mean, layer.running_var, False), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50", "osnet_x0_25"])
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50", "osnet_x0_25", "osnet_ain_x0_25"])
 def test_named_stages_compose_to_the_trunk_and_last_stage_and_state_their_shapes(name):
     from model_zoo.backbones.base import STAGE_NAMES, run_stages
 

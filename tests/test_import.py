@@ -91,13 +91,12 @@ def test_the_service_serves_an_imported_model_with_exact_heatmaps(tmp_path):
     assert_heatmaps_sum_to_scores(tmp_path / "tiny.onnx", tmp_path / "gallery.sqlite", "openvino_ir", 1)
 
 
-def torchreid_checkpoint(path, ibn=False):
-    """A torchreid-layout OSNet x0.25 (or x1.0 IBN) state dict with random weights and statistics, and a classifier
-    as torchreid saves it."""
+def torchreid_checkpoint(path, name="osnet_x0_25", ibn=False):
+    """A torchreid-layout OSNet state dict with random weights and statistics, and a classifier as torchreid saves it."""
     from model_zoo.backbones.osnet import build_osnet
 
     torch.manual_seed(0)
-    net = build_osnet("osnet_x1_0" if ibn else "osnet_x0_25", ibn=ibn)
+    net = build_osnet(name, ibn=ibn)
     for module in net.modules():
         if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             module.running_mean.normal_(0, 0.1)
@@ -109,13 +108,14 @@ def torchreid_checkpoint(path, ibn=False):
     return path
 
 
-@pytest.mark.parametrize("ibn", [False, True], ids=["x0_25", "ibn_x1_0"])
-def test_a_torchreid_osnet_checkpoint_imports_with_its_own_embedding(tmp_path, ibn):
+@pytest.mark.parametrize("name, ibn, expected", [("osnet_x0_25", False, "osnet_x0_25"), ("osnet_x1_0", True, "osnet_ibn_x1_0"),
+                                                  ("osnet_ain_x0_5", False, "osnet_ain_x0_5")])
+def test_a_torchreid_osnet_checkpoint_imports_with_its_own_embedding(tmp_path, name, ibn, expected):
     from model_zoo.importers.torchreid_osnet import contract_model
 
-    path = torchreid_checkpoint(tmp_path / "osnet.pth", ibn)
-    model, name = contract_model(path)
-    assert name == ("osnet_ibn_x1_0" if ibn else "osnet_x0_25")
+    path = torchreid_checkpoint(tmp_path / "osnet.pth", name, ibn)
+    model, detected = contract_model(path)
+    assert detected == expected
     images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 256, 128, 3), dtype=np.uint8))
     with torch.no_grad():
         out, reference = model(images), model.reference_descriptors(images)

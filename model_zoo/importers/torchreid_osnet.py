@@ -1,5 +1,6 @@
-"""torchreid OSNet checkpoints as contract models: the network rebuilt from ``model_zoo.backbones.osnet`` (whose
-keys are torchreid's), its 512-d ``fc`` head (Linear, BatchNorm1d, ReLU) decomposed per cell (``exact_head``).
+"""torchreid OSNet checkpoints (every width; IBN; AIN) as contract models: the network rebuilt from
+``model_zoo.backbones.osnet`` (whose keys are torchreid's), its 512-d ``fc`` head (Linear, BatchNorm1d, ReLU)
+decomposed per cell (``exact_head``).
 torchreid feeds RGB normalised with ImageNet's mean and std, at 256x128 by default."""
 from pathlib import Path
 from typing import Dict, Tuple
@@ -15,14 +16,16 @@ from model_zoo.importers.exact_head import ExactHeadModel, HeadStep
 
 
 def detect(state: Dict[str, torch.Tensor]) -> Tuple[str, bool]:
-    """(width name, IBN) of a torchreid OSNet state dict, from its stem's width and whether the stem's norm is an
-    instance norm (no running statistics)."""
+    """(backbone name, IBN) of a torchreid OSNet state dict: the width from its stem's channels, AIN from its
+    separate transitions (``pool2``), IBN from a stem norm without running statistics (an instance norm)."""
     if "conv1.conv.weight" not in state or "fc.0.weight" not in state:
         raise ValueError("not a torchreid OSNet state dict (no conv1.conv.weight / fc.0.weight)")
     stem = state["conv1.conv.weight"].shape[0]
     names = [name for name, widths in WIDTHS.items() if widths[0] == stem]
     if not names:
         raise ValueError(f"an OSNet stem of {stem} channels matches no width ({', '.join(WIDTHS)})")
+    if "pool2.0.conv.weight" in state:
+        return names[0].replace("osnet_", "osnet_ain_"), False
     return names[0], "conv1.bn.running_mean" not in state
 
 
