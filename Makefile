@@ -10,7 +10,7 @@ RUNTIME := $(if $(HAS_GPU),gpu,cpu)
 OTHER_RUNTIME_PACKAGES := $(if $(HAS_GPU),onnxruntime faiss-cpu,onnxruntime-gpu faiss-gpu-cu12)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: serve test install weights browser postgres compose bench ship model-figures clean
+.PHONY: serve test docs install weights browser postgres compose bench ship import-default candidates model-figures clean
 
 serve: $(VENV)/.serve-$(RUNTIME)
 	$(BIN)/python -m service
@@ -19,6 +19,10 @@ test: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.test-$(RUNTIME)
+
+# The documentation site (mkdocs.yml) in build/site; --strict fails on any warning, a broken link among them.
+docs: $(VENV)/.test-$(RUNTIME)
+	$(BIN)/mkdocs build --strict --quiet
 
 weights: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python -m model_zoo.pretrained
@@ -29,7 +33,7 @@ $(BIN)/python:
 
 $(VENV)/.serve-$(RUNTIME): pyproject.toml | $(BIN)/python
 	-$(PIP) uninstall --quiet --yes $(OTHER_RUNTIME_PACKAGES) 2>/dev/null
-	$(PIP) install --quiet -e ".[$(RUNTIME)]"
+	$(PIP) install --quiet -e ".[$(RUNTIME),client]"
 	rm -f $(VENV)/.serve-* $(VENV)/.test-*
 	touch $@
 
@@ -37,46 +41,65 @@ $(VENV)/.test-$(RUNTIME): pyproject.toml $(VENV)/.serve-$(RUNTIME)
 	$(PIP) install --quiet -e ".[$(RUNTIME),train,dev,cluster]"
 	touch $@
 
-# Every performance figure the README shows, written into bench/results/ with the machine described: the
-# service (enrol throughput against the raw model, query latency), int8 against fp32 (accuracy on the three
-# validation sets, speed side by side), a million-item gallery. Hours on 2 cores, not a test. DATA: the data
+# Every performance figure the docs show, written into bench/results/ with the machine described: the
+# service (enrol throughput against the raw model, query latency), every model candidate (accuracy on the
+# three validation sets, CPU speed side by side), a million-item gallery. Hours on 2 cores, not a test. DATA: the data
 # folder (training sets, cuhk03-detected, prid, grid); BENCH_WORK: room for a 16 GB gallery store.
 DATA ?= ../shared/data
 BENCH_WORK ?= /tmp/reid-bench
-DEFAULT_MODEL := model_zoo/models/cama_mobilenetv2_pool
+DEFAULT_MODEL := model_zoo/models/person_reidentification_retail_0277
 FIGURES ?= bench/results
 EVAL_SETS := --data-root $(DATA)/cuhk03-detected --data-root $(DATA)/prid --data-root $(DATA)/grid
 bench: $(VENV)/.test-$(RUNTIME)
 	mkdir -p $(BENCH_WORK)
 	$(BIN)/python bench/service_bench.py --output bench/results/service.json
 	$(MAKE) model-figures
-	$(BIN)/python bench/embed_speed.py $(DEFAULT_MODEL).onnx $(DEFAULT_MODEL).int8.onnx --threads 1 2 --rounds 5 --seconds 5 --output bench/results/embed_speed_int8.json
+	$(MAKE) candidates
 	$(BIN)/python bench/heatmap_cost.py --data $(DATA) --output bench/results/heatmap_cost.json
 	$(BIN)/python bench/gallery_scale.py --data $(DATA) --work $(BENCH_WORK)/scale --output bench/results/gallery_1m.json
 	$(BIN)/python bench/gallery_scale.py --data $(DATA) --work $(BENCH_WORK)/scale --server-only --precision int8 \
 		--settings '[{"kind": "ivf", "reduce_dim": 128, "nlist": 1024, "nprobe": [64], "candidates": [50]}]' --output bench/results/gallery_1m_served_int8_pca128_nprobe64.json
 
-# Make a finished training run the shipped default, every file and figure the model card cites: the ONNX
-# file (the exporter's parity check), its same-person threshold calibrated on CUHK03-val, its int8 (CPU) and
-# fp16 (GPU) files, each file's accuracy on the three validation sets, and its CPU speed against the previous
-# default (`make bench` adds int8's). RUN: the run folder (its model.pt); FIGURES: where the figures go.
-# About 30 minutes on 2 cores; then update the model card and the README with the figures.
+# Make a finished training run a shipped model, every file and figure its card cites: the ONNX file (the
+# exporter's parity check), its same-person threshold calibrated on CUHK03-val, its int8 (CPU) and fp16 (GPU)
+# files, each file's accuracy on the three validation sets. RUN: the run folder (its model.pt); NAME: the file's
+# name in model_zoo/models; FIGURES: where the figures go. About 30 minutes on 2 cores; then compare it with
+# the default in bench/model_candidates.py and, if it wins, point model_zoo.DEFAULT_MODEL_PATH at it.
 TRAIN_SETS := --data-root $(DATA)/cuhk03-detected --data-root $(DATA)/peta-train --data-root $(DATA)/conreid-train
 ship: $(VENV)/.test-$(RUNTIME)
-	test -f "$(RUN)/model.pt" || { echo "RUN=<run folder with model.pt>"; exit 2; }
-	$(BIN)/python -m training export $(RUN)/model.pt $(DEFAULT_MODEL).onnx
-	$(BIN)/python -m training calibrate $(DEFAULT_MODEL).onnx $(EVAL_SETS)
-	$(BIN)/python -m training quantize $(DEFAULT_MODEL).onnx $(TRAIN_SETS)
-	$(BIN)/python -m training fp16 $(DEFAULT_MODEL).onnx $(TRAIN_SETS)
-	$(MAKE) model-figures
-	$(BIN)/python bench/embed_speed.py model_zoo/models/cama_mobilenetv2_cuhk03.onnx $(DEFAULT_MODEL).onnx \
-		--threads 1 2 --rounds 4 --seconds 4 --output $(FIGURES)/embed_speed.json
+	test -f "$(RUN)/model.pt" && test -n "$(NAME)" || { echo "RUN=<run folder with model.pt> NAME=<file name>"; exit 2; }
+	$(BIN)/python -m training export $(RUN)/model.pt model_zoo/models/$(NAME).onnx
+	$(BIN)/python -m training calibrate model_zoo/models/$(NAME).onnx $(EVAL_SETS)
+	$(BIN)/python -m training quantize model_zoo/models/$(NAME).onnx $(TRAIN_SETS)
+	$(BIN)/python -m training fp16 model_zoo/models/$(NAME).onnx $(TRAIN_SETS)
+	$(MAKE) model-figures MODEL=model_zoo/models/$(NAME)
 
-# The shipped default's files on the three validation sets: fp32, int8, fp16.
+# The shipped default and the fast tier, remade from Intel's Open Model Zoo IRs (Apache-2.0): imported with the
+# parity checks (against OpenVINO too), then their thresholds calibrated on CUHK03-val. WEIGHTS: the folder
+# with person-reidentification-retail-0277-FP16.{xml,bin} and -0288-FP32.{xml,bin} (their addresses: the cards).
+WEIGHTS ?= ../shared/weights/openvino
+OMZ_URL := https://github.com/openvinotoolkit/open_model_zoo/tree/master/models/intel
+import-default: $(VENV)/.test-$(RUNTIME)
+	for ir in 0277-FP16 0288-FP32; do n=$${ir%-*}; \
+		$(BIN)/python -m model_zoo import $(WEIGHTS)/person-reidentification-retail-$$ir.xml model_zoo/models/person_reidentification_retail_$$n.onnx \
+			--licence Apache-2.0 --url $(OMZ_URL)/person-reidentification-retail-$$n --training-data "not published by Intel" \
+			--real-images $(DATA)/cuhk03-detected/query && \
+		$(BIN)/python -m training calibrate model_zoo/models/person_reidentification_retail_$$n.onnx $(EVAL_SETS) --quiet || exit 1; done
+
+# Every shipped model, and the imported public models it is judged against, in one table: accuracy and CPU
+# images/s side by side in one run (bench/model_candidates.py). IMPORTED: a folder of further candidates'
+# .onnx files (python -m model_zoo import writes them; they are not shipped).
+IMPORTED ?= /tmp/reid-candidates
+candidates: $(VENV)/.test-$(RUNTIME)
+	$(BIN)/python bench/model_candidates.py --data $(DATA) --output bench/results/model_candidates.json \
+		$(DEFAULT_MODEL).onnx $(filter-out %.int8.onnx %.fp16.onnx $(DEFAULT_MODEL).onnx,$(wildcard model_zoo/models/*.onnx)) $(wildcard $(IMPORTED)/*.onnx)
+
+# A shipped model's files on the three validation sets: fp32, and int8 and fp16 where it has them. MODEL: the
+# file without .onnx (default: the shipped default).
+MODEL ?= $(DEFAULT_MODEL)
 model-figures: $(VENV)/.test-$(RUNTIME)
-	$(BIN)/python -m training evaluate $(DEFAULT_MODEL).onnx $(EVAL_SETS) --quiet --output $(FIGURES)/accuracy_fp32.json
-	$(BIN)/python -m training evaluate $(DEFAULT_MODEL).int8.onnx $(EVAL_SETS) --quiet --output $(FIGURES)/accuracy_int8.json
-	$(BIN)/python -m training evaluate $(DEFAULT_MODEL).fp16.onnx $(EVAL_SETS) --quiet --output $(FIGURES)/accuracy_fp16.json
+	for p in "" .int8 .fp16; do test -f $(MODEL)$$p.onnx || continue; \
+		$(BIN)/python -m training evaluate $(MODEL)$$p.onnx $(EVAL_SETS) --quiet --output $(FIGURES)/accuracy_$$(basename $(MODEL))$$p.json || exit 1; done
 
 # Debian's Chromium and ChromeDriver for the web page's browser test (which skips, saying so, without them).
 browser:

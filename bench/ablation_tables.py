@@ -1,4 +1,4 @@
-"""The README's seed tables of the papers' own ablations (CLPD, CASN), printed from the committed result files.
+"""docs/results.md's seed tables of the papers' own ablations (CLPD, CASN), printed from the committed result files.
 
 Each row's seeds are its result files in ``bench/results/pool/`` (``ROW.json`` is seed 0, ``ROW_seedS.json`` seed
 S, copies of the run folders' metrics.json; a pair re-ranking evaluation adds ``_pair_attention_onnx_evaluation``).

@@ -4,7 +4,7 @@ branch's cross-entropy (no label smoothing) and accuracy on that batch, and the 
 
 Written for PMM, whose warm-up epoch ended at chance accuracy where IDE+BN's reached 4%: a classifier that
 cannot fit one batch in a few steps cannot learn 1,462 people in 290 batches (the converse does not hold:
-README, PMM). Step counts, not time, so a busy CPU does not change the figures; the same seed gives the same
+docs/results.md, PMM). Step counts, not time, so a busy CPU does not change the figures; the same seed gives the same
 batch and initial weights to every row.
 
     python bench/classifier_uptake.py --data ../shared/data --rows ide_bn cama_ordered pmm pmm_small_init fmn casn clpd \

@@ -1,8 +1,13 @@
 """What the benchmarks share: synthetic images and galleries, a process's memory, throughput and latency
-percentiles, and writing a result file."""
+percentiles, where a result came from, and writing a result file."""
+import datetime
 import io
 import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -78,3 +83,16 @@ def emit(results: dict, output: Optional[Path]) -> None:
     print(text)
     if output:
         output.write_text(text + "\n")
+
+
+def provenance() -> dict:
+    """What a result file records about its making: the commit (``-dirty`` with uncommitted changes), the command
+    line, the date, and the machine (CPU model, cores, load averages; the load again at the end is the caller's)."""
+    repo = Path(__file__).resolve().parents[1]
+    described = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=repo).stdout.strip()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    return {"commit": described or "unknown", "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "date": datetime.date.today().isoformat(),
+            "machine": {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
+                        "python": platform.python_version()}}

@@ -1,7 +1,7 @@
 """Which classifier heads learn the pool's people from fixed features? The classifier warm-up without its cost.
 
 Written for PMM, whose classifiers stay at chance through the warm-up epoch where IDE+BN's reach 4%
-(README, PMM). One pass of the ImageNet MobileNetV2 (IBN-a, last stride 1, eval mode, no augmentation) over
+(docs/results.md, PMM). One pass of the ImageNet MobileNetV2 (IBN-a, last stride 1, eval mode, no augmentation) over
 the whole pool caches its last-stage maps x; then each head, built from the architectures' own modules,
 learns on those fixed maps as a warm-up does (only the classifier learns; the head's batch norms use batch
 statistics): the same PxK batches for every head, Adam with the recipe's weight decay, label smoothing 0.1,

@@ -4,7 +4,7 @@ From a training checkpoint of any architecture: the norm of each weighted term's
 the triplet term, ...) on each of the architecture's parameter groups, its shared trunk, the rest and all
 parameters, one training forward per batch (the architecture's own: PMM's mixing included), averaged over the
 batches. Used
-for CAMA's slow L_id on the CUHK03 schedule and for PMM's stalled main phase (README, Results).
+for CAMA's slow L_id on the CUHK03 schedule and for PMM's stalled main phase (docs/results.md, Results).
 
     python bench/loss_gradients.py /work/runs/pmm/last.pt --batches 4 --output bench/results/pool/pmm_loss_gradients.json
 """

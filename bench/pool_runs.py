@@ -1,6 +1,6 @@
-"""The README's multi-source results table: every row's training run, resumable, then the table.
+"""docs/results.md's multi-source results table: every row's training run, resumable, then the table.
 
-Each row is a config with the multi-source recipe and the README's short schedule in its phases
+Each row is a config with the multi-source recipe and the results' short schedule in its phases
 (``pool_short.yaml``, or a family config such as ``fmn_pool.yaml``; the ``*_full`` rows take the recipe's own
 schedule from ``pool.yaml``) plus the overrides below, trained on the whole pool and evaluated on CUHK03-val,
 PRID and GRID (never trained on). The first rows are the paper family's models with the recipe (PMM with and
@@ -52,15 +52,15 @@ ROWS = {
     "cama_symmetric": ("pool_short.yaml", ["loss.oap_mode=symmetric"]),
     "cama_ordered": ("pool_short.yaml", []),
     "fmn": ("fmn_pool.yaml", []),
-    # FMN's GRN trails IDE+BN by 7.7 mAP on the same phases; the heads differ in IDE+BN's BN neck (README, FMN)
+    # FMN's GRN trails IDE+BN by 7.7 mAP on the same phases; the heads differ in IDE+BN's BN neck (docs/results.md, FMN)
     "fmn_bn_neck": ("fmn_pool.yaml", ["model.bn_neck=true"]),
     "pmm": ("pmm_pool.yaml", []),
     "pmm_no_mix": ("pmm_pool.yaml", ["loss.mix=none"]),
     # PMM's classifiers started near zero as CAMA's: they fit one batch where the authors' Kaiming start does
-    # not (bench/classifier_uptake.py), yet trained on the pool PMM learns no better (README)
+    # not (bench/classifier_uptake.py), yet trained on the pool PMM learns no better (docs/results.md)
     "pmm_small_init": ("pmm_pool.yaml", ["model.classifier_init_std=0.001"]),
     # PMM without its soft-margin triplet on the raw u, whose gradient on the trunk is 4.3x the identity loss's:
-    # trained, it does not unstall PMM's classifiers, and nor does pmm_no_mix (README, PMM)
+    # trained, it does not unstall PMM's classifiers, and nor does pmm_no_mix (docs/results.md, PMM)
     "pmm_no_triplet": ("pmm_pool.yaml", ["loss.triplet_weight=0"]),
     # the shared backbone trained by stage I's terms alone, unmixed: does PMM stall without stages II and III (its
     # head in training) or because of them (their gradients on the backbone)?

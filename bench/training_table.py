@@ -1,4 +1,4 @@
-"""Markdown results table from training run folders (their metrics.json), for the README: one row per run, a
+"""Markdown results table from training run folders (their metrics.json), for docs/results.md: one row per run, a
 column group per evaluation set (rank-1 / mAP / mINP of the whole embedding), each branch's mAP alone per set.
 Runs of one row (their folders named ROW, ROW_seed1, ...) and one recipe (``recipe_key``) make one row: each
 figure is the mean over the seeds, with the sample standard deviation after a +-, and the seeds column says how

@@ -108,7 +108,7 @@ def zero_subnormal_weights(proto: onnx.ModelProto) -> int:
     A long schedule with weight decay leaves thousands of weights (after the exporter folds batch norms into
     the convolutions) subnormal. They change no output, but x86 CPUs multiply subnormal operands in microcode:
     the full-schedule default, 7,313 of them in its 1x1 convolutions, embedded at 0.6x the images/s of the same
-    graph with them zeroed, its embeddings equal to the last bit (README, "Subnormal weights")."""
+    graph with them zeroed, its embeddings equal to the last bit (docs/results.md, "Subnormal weights")."""
     smallest_normal = np.finfo(np.float32).tiny
     zeroed = 0
     for tensor in proto.graph.initializer:

@@ -15,7 +15,7 @@ What differs from the embedded gallery (``service.gallery``), by design: writes 
 second; a delete on one replica reaches the other replicas' feature-map caches through a PostgreSQL
 notification, so for a moment after it they may still hold those maps (never answered: the item is gone).
 Erasure removes the rows and the vectors at once, but PostgreSQL keeps a deleted row's bytes until VACUUM
-reuses the space and Milvus keeps deleted vectors until compaction (README, "Cluster").
+reuses the space and Milvus keeps deleted vectors until compaction (docs/deployment.md, "Cluster").
 """
 import asyncio
 import logging

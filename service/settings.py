@@ -1,4 +1,4 @@
-"""Every setting, from environment variables prefixed ``REID_`` (see the README's settings table)."""
+"""Every setting, from environment variables prefixed ``REID_`` (see docs/settings.md)."""
 from pathlib import Path
 from typing import List, Literal, Optional
 

@@ -1,4 +1,4 @@
-"""bench/pool_runs.py (the queue of the README's training rows), bench/training_table.py (their table) and
+"""bench/pool_runs.py (the queue of docs/results.md's training rows), bench/training_table.py (their table) and
 bench/ablation_tables.py (the ablations' seed tables)."""
 import importlib.util
 import json
@@ -168,9 +168,9 @@ def test_the_pair_terms_step_compares_one_evaluation_with_and_without_re_ranking
                                      "-3.0 / -6.0 | -3.0 / -6.0 | -3.0 / -6.0 | ranks with it |")
 
 
-def test_the_readmes_ablation_seed_tables_are_what_the_committed_results_print():
+def test_the_results_pages_ablation_seed_tables_are_what_the_committed_results_print():
     ablation = bench_module("ablation_tables")
-    readme = (BENCH.parent / "README.md").read_text()
+    results = (BENCH.parent / "docs" / "results.md").read_text()
     for name in ablation.ABLATIONS:
         for table in ablation.tables(name).split("\n\n"):
-            assert table in readme, f"README's {name} table: regenerate with python bench/ablation_tables.py {name}"
+            assert table in results, f"docs/results.md's {name} table: regenerate with python bench/ablation_tables.py {name}"

@@ -123,6 +123,7 @@ def test_export_follows_the_contract_and_agrees_with_pytorch(trained_run, market
     assert (contract.input_height, contract.input_width) == (TINY_HEIGHT, TINY_WIDTH)
     assert contract.evaluation[SET]["all"]["mAP"] == pytest.approx(summary["evaluation"][SET]["all"]["mAP"])
     assert contract.config["model"]["num_branches"] == 2
+    assert contract.config["data"]["roots"] == [market_root.name] and "/" not in json.dumps(contract.config)  # no path of this machine
     images = parity_images(TINY_HEIGHT, TINY_WIDTH, market_root / "query", count=3)["real"]
     embedding, maps = session.run(None, {INPUT_IMAGES: images})
     # RAM of a real exported model: grid mean == retrieval score (mean over branches of cosines)

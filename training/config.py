@@ -135,6 +135,19 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
+    def portable_dict(self) -> Dict[str, Any]:
+        """``to_dict`` with every absolute path cut to its last part (``/data/x/cuhk03-detected`` ->
+        ``cuhk03-detected``): what a file that leaves this machine (an exported model) records of the config."""
+        return _without_paths(self.to_dict())
+
+
+def _without_paths(value):
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return Path(value).name if isinstance(value, str) and value.startswith("/") else value
+
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     """Sections merge key by key; a key's value is replaced whole, even a list or a mapping such as

@@ -49,7 +49,7 @@ def read_cpuinfo(path: Path = CPUINFO) -> str:
 
 def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
     """AVX512-BF16 or AMX: where bf16 autocast speeds training up. The CPU's flags, not oneDNN, decide: oneDNN
-    reports bf16 on any AVX512 CPU and there emulates it, slower than fp32 (README, Results)."""
+    reports bf16 on any AVX512 CPU and there emulates it, slower than fp32 (docs/results.md, Results)."""
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", read_cpuinfo(cpuinfo)) is not None
 
 
@@ -75,7 +75,7 @@ def bf16_layer_errors(model: nn.Module, batch_size: int, height: int, width: int
     max-pooled heads) are not checked.
 
     oneDNN's AMX bf16 convolution returns garbage for some shapes (a 3x3 stride-2 convolution on a 4x2 map,
-    which ResNet-50's layer4 meets at 64x32 input; README, "On a CPU with AMX"), while a whole network's bf16
+    which ResNet-50's layer4 meets at 64x32 input; docs/results.md, "On a CPU with AMX"), while a whole network's bf16
     rounding is too large to tell such a layer from the rest. Forward kernels only."""
     seen: Dict[str, Tuple[torch.Size, bool]] = {}
 

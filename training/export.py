@@ -20,7 +20,7 @@ class FlipAveraged(nn.Module):
     """Test-time flip inside the graph: each image's maps averaged with its mirror image's maps mirrored back
     (the optional attention maps too). The embedding, built from the averaged maps, is then the flip-averaged
     descriptor, the same for an image and its mirror, and RAM's identity still holds; the model's work doubles.
-    On the shipped default's checkpoint: mAP +1.2 on CUHK03-val, +1.1 on PRID, +0.7 on GRID (README)."""
+    On the shipped default's checkpoint: mAP +1.2 on CUHK03-val, +1.1 on PRID, +0.7 on GRID (docs/results.md)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -49,7 +49,7 @@ def describe(model: nn.Module, cfg, evaluation: Optional[Dict]) -> ModelContract
         architecture=cfg.model.architecture, backbone=cfg.model.backbone, num_branches=branches, branch_dim=dim,
         map_height=map_h, map_width=map_w, input_height=height, input_width=width,
         training_data=" + ".join(Path(root).name for root in cfg.data.roots), evaluation=evaluation or {},
-        config=cfg.to_dict(), feature_maps_kind=getattr(model, "feature_maps_kind", "activations"),
+        config=cfg.portable_dict(), feature_maps_kind=getattr(model, "feature_maps_kind", "activations"),
     )
 
 

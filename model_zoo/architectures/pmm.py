@@ -99,7 +99,7 @@ class PMM(nn.Module):
         if classifier_init_std:
             # The authors' Kaiming classifiers start with logits spread ~0.6 over 1,462 people and cannot fit one
             # batch in a few steps; N(0, std) with a small std starts them near 0 and can (bench/classifier_uptake.py;
-            # on the pool that alone did not make the warm-up learn: README, PMM).
+            # on the pool that alone did not make the warm-up learn: docs/results.md, PMM).
             for stage in (self.stage1, self.stage2, self.stage3):
                 nn.init.normal_(stage.classifier.weight, std=classifier_init_std)
         self.stride = parts.stride
