@@ -38,6 +38,7 @@ width (``com.microsoft.nchwc``), which ONNX Runtime warns is for the machine tha
 Runtime's documentation asks for the same execution provider, options and hardware for an offline-optimised
 file, while the service picks its provider at start. Done at session creation those levels cost about 0.1 s.
 """
+import contextlib
 import json
 import logging
 import tempfile
@@ -240,13 +241,17 @@ def quantize_graph(model: Path, calibration_pixels: np.ndarray, method: str, per
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
     with tempfile.TemporaryDirectory(prefix="quantize.") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "quantized.onnx"
+        source = str(Path(model).resolve())
         try:
-            quant_pre_process(str(model), str(prepared))  # symbolic + ONNX shape inference, ORT's basic optimisation level
-        except Exception as exc:  # noqa: BLE001  ORT raises a bare Exception when its symbolic inference stops short
+            # symbolic + ONNX shape inference, ORT's basic optimisation level; in the temporary folder, where ORT
+            # leaves sym_shape_infer_temp.onnx and its data when its symbolic inference stops short
+            with contextlib.chdir(tmp):
+                quant_pre_process(source, str(prepared))
+        except Exception as exc:  # noqa: BLE001  ORT raises a bare Exception there
             # An imported model's graph (model_zoo.importers) reshapes by computed sizes, which ORT's symbolic
             # inference does not follow; ONNX's own shape inference is enough for the quantizer.
             log.info("symbolic shape inference stopped (%s): ONNX shape inference only", exc)
-            quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+            quant_pre_process(source, str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared)).graph
         contract_nodes = float_nodes(graph)
         excluded = contract_nodes | normalised_upstream(graph, contract_nodes) | (first_conv(graph) if exclude_first_conv else set())
