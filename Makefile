@@ -89,7 +89,7 @@ import-default: $(VENV)/.test-$(RUNTIME)
 # Every shipped model, and the imported public models it is judged against, in one table: accuracy and CPU
 # images/s side by side in one run (bench/model_candidates.py). IMPORTED: a folder of further candidates'
 # .onnx files (python -m model_zoo import writes them; they are not shipped).
-IMPORTED ?= /tmp/reid-candidates
+IMPORTED ?= build/candidates
 candidates: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python bench/model_candidates.py --data $(DATA) --output bench/results/model_candidates.json \
 		$(DEFAULT_MODEL).onnx $(filter-out %.int8.onnx %.fp16.onnx $(DEFAULT_MODEL).onnx,$(wildcard model_zoo/models/*.onnx)) $(wildcard $(IMPORTED)/*.onnx)
