@@ -53,7 +53,7 @@ def test_every_shipped_config_builds_its_model_and_its_phases_name_real_parts(na
 
         source = omz_like_ir(tmp_path / "tiny.xml")
         overrides += [f"model.source={source}", f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"]
-        if "kd_feature_weight" in (CONFIG_DIR / name).read_text():  # a distillation config: the tiny IR imported is its teacher
+        if "kd_relation_weight" in (CONFIG_DIR / name).read_text():  # a distillation config: the tiny IR imported is its teacher
             from model_zoo.importers import import_model
 
             overrides.append(f"loss.teacher={import_model(source, tmp_path / 'teacher.onnx')['output']}")

@@ -31,7 +31,8 @@ def test_the_relation_term_is_zero_for_the_same_ranking_and_grows_with_disagreem
 def test_a_student_that_is_its_teacher_has_nothing_to_learn(market_root, tmp_path, tiny_ir, teacher):
     """The imported IR fine-tuned with its own import as teacher: both terms are 0 on the first batch, so the
     teacher sees the student's own augmented pixels in the student's channel order."""
-    overrides = tiny_overrides(market_root, tmp_path, **{"model.architecture": "openvino_ir", "model.source": tiny_ir, "loss.teacher": teacher})
+    overrides = tiny_overrides(market_root, tmp_path, **{"model.architecture": "openvino_ir", "model.source": tiny_ir, "loss.teacher": teacher,
+                                                         "loss.kd_feature_weight": 1.0})
     trainer = Trainer(load_config("omz_distill.yaml", overrides))
     images = torch.from_numpy(np.stack([trainer.dataset.image(i) for i in range(8)]))
     targets = torch.from_numpy(trainer.dataset.labels[:8])
