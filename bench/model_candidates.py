@@ -84,7 +84,7 @@ def main() -> None:
     for path in args.models:
         results["models"][path.name] = {**describe_model(path), "evaluation": evaluate_onnx(path, roots, progress=False)}
         figures = results["models"][path.name]["evaluation"]
-        print(path.name, "  ".join(f"{name} mAP {figures[name]['all']['mAP']:.1f}" for name in SETS), flush=True)
+        print(path.name, "  ".join(f"{name} mAP {100 * figures[name]['all']['mAP']:.1f}" for name in SETS), flush=True)
     results["speed"] = {"batch_size": args.batch_size, "rounds": args.rounds, "seconds": args.seconds, "threads": {}}
     for threads in args.threads:
         speeds = measure(args.models, threads, args.rounds, args.seconds, args.batch_size)
@@ -111,9 +111,6 @@ def candidates_table(results: dict, only=None) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def doc_files():
     return [path for pattern in DOCS for path in sorted(REPO.glob(pattern))]
@@ -125,3 +122,7 @@ def render_docs(text: str, results: dict) -> str:
         kind, names = match.group(2), match.group(3).split()
         return match.group(1) + "\n" + candidates_table(results, names if kind == "rows" else None) + "\n"
     return GENERATED.sub(table, text)
+
+
+if __name__ == "__main__":
+    main()

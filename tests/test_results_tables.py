@@ -174,3 +174,22 @@ def test_the_results_pages_ablation_seed_tables_are_what_the_committed_results_p
     for name in ablation.ABLATIONS:
         for table in ablation.tables(name).split("\n\n"):
             assert table in results, f"docs/results.md's {name} table: regenerate with python bench/ablation_tables.py {name}"
+
+
+def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_prints():
+    """README, docs/models.md and the model cards hold no hand-copied figure: each table under a candidates
+    marker is bench/model_candidates.py's print of bench/results/model_candidates.json."""
+    candidates = bench_module("model_candidates")
+    results = json.loads((BENCH / "results" / "model_candidates.json").read_text())
+    assert {"commit", "command", "date", "machine", "data", "models", "speed"} <= set(results)
+    assert {"cpu", "cores", "load_average_1_5_15"} <= set(results["machine"])
+    assert all(model["sha256"] and model["evaluation"] for model in results["models"].values())
+    markers = 0
+    for path in candidates.doc_files():
+        text = path.read_text()
+        assert candidates.render_docs(text, results) == text, f"{path}: python bench/model_candidates.py --write-docs bench/results/model_candidates.json"
+        for match in candidates.GENERATED.finditer(text):
+            markers += 1
+            names = match.group(3).split() if match.group(2) == "rows" else list(results["models"])
+            assert candidates.candidates_table(results, names).count("\n") == len(names) + 1, f"{path}: a marker names a model the file lacks"
+    assert markers >= 4  # README, docs/models.md and the two imported models' cards
