@@ -9,10 +9,9 @@ import os
 import re
 import sys
 from pathlib import Path
-
-import httpx
 from typing import List, Optional, Tuple
 
+import httpx
 from tqdm import tqdm
 
 from client.api import DEFAULT_URL, ReIDClient

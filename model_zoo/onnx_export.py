@@ -11,7 +11,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from model_zoo.contract import INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, identity_error, open_cpu_session
+from model_zoo.contract import (INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, identity_error,
+                                open_cpu_session)
 from model_zoo.preprocess import load_for_model
 
 EMBEDDING_TOLERANCE = 1e-4

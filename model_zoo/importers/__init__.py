@@ -22,7 +22,6 @@ from model_zoo.files import sha256_of
 from model_zoo.importers import openvino_ir, torchreid_osnet
 from model_zoo.onnx_export import EMBEDDING_TOLERANCE, ExportParityError, check_parity, parity_images, write_onnx
 
-FORMATS = ("openvino_ir", "torchreid_osnet")
 TORCHREID_INPUT = (256, 128)  # torchreid's default height x width
 
 
@@ -68,12 +67,12 @@ def load_source(source: Path, channel_order: Optional[str] = None, input_size: O
     return Loaded(model, name, *(input_size or TORCHREID_INPUT), "rgb", [source])
 
 
-def import_model(source: Path, output: Path, provenance: Provenance = Provenance(), channel_order: Optional[str] = None,
+def import_model(source: Path, output: Path, provenance: Optional[Provenance] = None, channel_order: Optional[str] = None,
                  real_images: Optional[Path] = None, input_size: Optional[Tuple[int, int]] = None) -> Dict:
     """Write ``source`` as a contract ONNX file at ``output``; returns a summary with the parity report. A
     failed check deletes the file and raises ``ExportParityError``. ``input_size``: (height, width) for formats
     whose input size is free (torchreid's default 256x128); an IR's is its own."""
-    source, output = Path(source), Path(output)
+    source, output, provenance = Path(source), Path(output), provenance or Provenance()
     loaded = load_source(source, channel_order, input_size)
     record = {"format": source_format(source), "files": {f.name: sha256_of(f) for f in loaded.files if f.exists()},
               "channel_order": loaded.channel_order, "licence": provenance.licence, "url": provenance.url, **provenance.notes}

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, open_cpu_session
 from model_zoo.architectures.common import ReIDOutput
+from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, open_cpu_session
 from training.objectives.base import Objective
 
 KD_TERMS = ("loss_kd_feature", "loss_kd_relation")
