@@ -75,6 +75,27 @@ class AccessGate:
         return 401, "unauthorized", "missing or wrong X-API-Key header"
 
 
+class NoFraming:
+    """Every answer forbids other sites to frame it (X-Frame-Options, and CSP frame-ancestors for browsers that
+    follow only that): a page inside another site's invisible frame could have its delete buttons clicked."""
+
+    HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def guarded(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, guarded)
+
+
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes with 413 before they are spooled to disk: by Content-Length
     when the client sends one, else by counting the chunks as they arrive."""

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 from swagger_ui_bundle import swagger_ui_path
 
-from service.access import AccessGate, BodyLimit
+from service.access import AccessGate, BodyLimit, NoFraming
 from service.answering import QueryAnswerer
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
@@ -76,6 +76,7 @@ def install_middleware(app: FastAPI, settings: Settings, metrics: ServiceMetrics
 
     app.add_middleware(RequestTimer, latency=metrics.latency)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(NoFraming)  # outermost: refusals by the gate or the body limit carry the headers too
     install_tracing(app, settings.tracing)
 
 

@@ -343,3 +343,11 @@ def test_a_full_disk_still_lets_deletes_free_space(tiny_model, small_disk):
         assert c.post("/gallery", files=[("images", ("again.png", noise_png(0), "image/png"))]).status_code == 201
         ready = c.get("/readyz").json()
         assert ready["gallery_size"] == ready["index"]["size"] == len(ids) - 12 + 1
+
+
+def test_no_answer_may_be_framed_by_another_site(client):
+    """Clickjacking: the page's delete buttons inside another site's invisible frame. Every answer, the page,
+    the API reference, data and errors alike, forbids framing in both the old and the CSP way."""
+    for response in (client.get("/"), client.get("/docs"), client.get("/healthz"), client.get("/gallery/999999"), client.head("/")):
+        assert response.headers["x-frame-options"] == "DENY", response.url
+        assert response.headers["content-security-policy"] == "frame-ancestors 'none'", response.url
