@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 
 from service.errors import APIError
 from service.settings import Settings
-from service.validation import InvalidValue, check_label, parse_time
+from service.validation import InvalidValue, check_canonical_label, check_label, parse_time
 from service.validation import parse_metadata as parse_metadata_text
 
 SECONDS_PER_DAY = 86400
@@ -23,8 +23,18 @@ def per_image(values: Optional[List[str]], count: int, name: str) -> List[Option
 
 
 def check_id(value: Optional[str], name: str) -> Optional[str]:
+    """An id to write or search by, in its canonical spelling (service.validation.check_canonical_label)."""
+    return _as_request_error(check_canonical_label, value, name)
+
+
+def check_stored_id(value: Optional[str], name: str) -> Optional[str]:
+    """An id to erase: any spelling an earlier version may have stored (service.validation.check_label)."""
+    return _as_request_error(check_label, value, name)
+
+
+def _as_request_error(check, value: Optional[str], name: str) -> Optional[str]:
     try:
-        return check_label(value, name)
+        return check(value, name)
     except InvalidValue as exc:
         raise APIError(422, "invalid_request", str(exc)) from None
 

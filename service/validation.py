@@ -4,7 +4,8 @@ serialises: a stored row must never make a read fail.
 Metadata is strict JSON that round-trips: an object, at most ``MAX_METADATA_DEPTH`` levels deep, no lone
 surrogate in any key or string (UTF-8 cannot carry one, so the answer could not be written), no NaN, Infinity
 or number too large for a double (JSON has none; they would come back as null). Ids are 1 to ``MAX_ID_LENGTH``
-characters of printable text: no control characters, no surrogates. Times are ISO 8601 with a time zone or
+characters of printable text: no control characters, no surrogates; written and searched in their canonical
+spelling only (``check_canonical_label``). Times are ISO 8601 with a time zone or
 epoch seconds, from 1970 to 9999; a naive time would be read in some unknown zone, so it is refused.
 """
 import json
@@ -43,13 +44,30 @@ def has_surrogate(text: str) -> bool:
 
 
 def check_label(value: Optional[str], name: str) -> Optional[str]:
-    """person_id / camera_id: printable text of 1 to MAX_ID_LENGTH characters, or absent."""
+    """person_id / camera_id as any version of the service may have stored it: printable text of 1 to
+    MAX_ID_LENGTH characters, or absent. What erasure accepts, so that every stored spelling can be erased."""
     if value is None:
         return None
     if not value.strip() or len(value) > MAX_ID_LENGTH:
         raise InvalidValue(f"{name}: must be 1 to {MAX_ID_LENGTH} characters")
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
         raise InvalidValue(f"{name}: control characters and lone surrogates are not allowed")
+    return value
+
+
+def check_canonical_label(value: Optional[str], name: str) -> Optional[str]:
+    """An id to write or search by: ``check_label``, in its one canonical spelling. Canonical: Unicode NFKC
+    (fullwidth letters are their ASCII letters, ligatures their letters), no space at either end, no invisible
+    format character (zero-width space, joiners, direction marks). Another spelling is refused, naming the
+    canonical one, so an id that looks like another is never a second person that an erasure would miss. Ids
+    are case-sensitive: ``Bob`` and ``bob`` are two ids."""
+    if check_label(value, name) is None:
+        return None
+    if any(unicodedata.category(ch) == "Cf" for ch in value):
+        raise InvalidValue(f"{name}: invisible format characters (zero-width spaces, joiners, direction marks) are not allowed")
+    canonical = unicodedata.normalize("NFKC", value).strip()
+    if canonical != value:
+        raise InvalidValue(f"{name}: {value!r} is not in its canonical spelling {canonical!r} (Unicode NFKC, no space at either end)")
     return value
 
 

@@ -302,3 +302,23 @@ def test_a_gallery_file_from_before_capture_times_is_migrated_and_keeps_working(
     db.close()
     with ServiceProcess(tiny_model[1], store) as server, server.client() as client:  # and opens again as it is
         assert len(listed(client)) == 3
+
+
+@pytest.mark.parametrize("spelling, canonical", [("4711 ", "4711"), (" 4711", "4711"), ("４７１１", "4711"), ("ﬁve", "five")])
+def test_an_id_that_looks_like_another_is_refused_so_erasure_reaches_every_enrolled_spelling(client, spelling, canonical):
+    """A trailing space, fullwidth digits or a ligature made a second person that DELETE /persons/{canonical}
+    missed: such spellings are refused at enrolment, naming the canonical one, and nothing is written."""
+    before = client.get("/gallery").json()["total"]
+    refused = client.post("/gallery", files=files(image_bytes(4711, 1)), data={"person_id": spelling})
+    assert_error(refused, 422, "invalid_request")
+    assert repr(canonical) in refused.json()["error"]["message"]
+    assert client.get("/gallery").json()["total"] == before
+
+
+def test_invisible_characters_in_an_id_are_refused_and_searches_take_canonical_ids_only(client):
+    for spelling in ("47\u200b11", "\u200d4711", "4711\u2066"):
+        assert_error(client.post("/gallery", files=files(image_bytes(4711, 1)), data={"camera_id": spelling}), 422, "invalid_request")
+    assert_error(client.post("/query", files={"image": ("q.jpg", image_bytes(4711, 1))}, data={"camera_id": "cam 1 "}), 422, "invalid_request")
+    enroll(client, [image_bytes(4712, 1)], person_id="Bob")  # case is part of the id: Bob and bob are two people
+    assert_error(client.delete("/persons/bob"), 404, "not_found")
+    assert client.delete("/persons/Bob").json()["removed"] == 1

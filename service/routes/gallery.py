@@ -7,7 +7,7 @@ from fastapi import FastAPI, File, Form, Path as PathParam, Query, Request, Resp
 from pydantic import BeforeValidator
 
 from service.errors import APIError
-from service.form_fields import check_captured_at, check_id, parse_metadata, per_image, time_range
+from service.form_fields import check_captured_at, check_id, check_stored_id, parse_metadata, per_image, time_range
 from service.http_contract import image_headers
 from service.routes.common import ERRORS, PROTECTED, TIME_FORMAT, state
 from service.schemas import EnrollResponse, ErasureResponse, GalleryItem, GalleryPage
@@ -96,7 +96,7 @@ async def erase_person(request: Request, person_id: str):
     """Erase every item of the person, image, embedding, ids, metadata and index entry, in one transaction;
     the store's freed bytes are zeroed and its WAL truncated before the answer."""
     s = state(request)
-    erased = await s.gallery.erase_person(check_id(person_id, "person_id"))
+    erased = await s.gallery.erase_person(check_stored_id(person_id, "person_id"))
     if not erased:
         raise APIError(404, "not_found", "no gallery item of this person")
     s.metrics.erased.labels("person").inc(len(erased))
