@@ -12,6 +12,7 @@ import json
 import math
 import re
 import unicodedata
+from collections import Counter
 from datetime import datetime
 from typing import Any, Optional
 
@@ -130,7 +131,7 @@ def parse_metadata(text: Optional[str]) -> dict:
 
 def strict_json_object(text: str) -> dict:
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
     except RecursionError:  # far deeper than the limit: the parser gave up before check_writable could say so
         raise InvalidValue(f"nested deeper than {MAX_METADATA_DEPTH} levels") from None
     except InvalidValue:
@@ -140,6 +141,16 @@ def strict_json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise InvalidValue("must be a JSON object")
     check_writable(value)
+    return value
+
+
+def _unique_keys(pairs: list) -> dict:
+    """An object whose keys are all different: JSON allows a repeated key and a parser keeps the last value,
+    so ``{"a": 1, "a": 2}`` would be stored as something other than what was sent, silently."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise InvalidValue(f"a key appears more than once in one object: {', '.join(map(repr, repeated[:5]))}")
     return value
 
 

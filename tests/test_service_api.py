@@ -108,6 +108,8 @@ def test_bad_images_are_refused_and_a_batch_is_all_or_nothing(client, blob, stat
 @pytest.mark.parametrize("data, code", [
     ({"metadata": "{not json"}, "invalid_metadata"),
     ({"metadata": "[1, 2]"}, "invalid_metadata"),
+    ({"metadata": '{"site": "a", "site": "b"}'}, "invalid_metadata"),  # a repeated key would be stored as one, silently
+    ({"metadata": '{"camera": {"x": 1, "x": 1}}'}, "invalid_metadata"),
     ({"person_id": ["a", "b", "c"]}, "invalid_request"),
     ({"camera_id": "x" * 200}, "invalid_request"),
 ])
