@@ -6,7 +6,7 @@ Written for FMN's GRN, which trails IDE+BN on the same schedule: its descriptor 
 activations (every feature >= 0, gallery cosines all high), IDE+BN's the GAP of a BN map. If that geometry
 were the cause, centring would close the gap after training.
 
-    python bench/feature_geometry.py /work/runs/fmn/model.pt /work/runs/ide_bn/model.pt \
+    python bench/feature_geometry.py $RUNS/fmn/model.pt $RUNS/ide_bn/model.pt \
         --data-root ../shared/data/cuhk03-detected --data-root ../shared/data/prid --output bench/results/pool/feature_geometry.json
 """
 import argparse

@@ -16,7 +16,7 @@ well an approximate index and a reduction work, which uniform random vectors (no
    (VmHWM), and client-side p50/p95/p99 of ``POST /query`` (top_k=10) with real images, without and with
    heatmaps, and the recall@10 of its answers for those images.
 
-    python bench/gallery_scale.py --data ../shared/data --work /work/runs/scale --size 1000000 \
+    python bench/gallery_scale.py --data ../shared/data --work $RUNS/scale --size 1000000 \
         --output bench/results/gallery_1m.json
 """
 import argparse

@@ -6,7 +6,7 @@ parameters, one training forward per batch (the architecture's own: PMM's mixing
 batches. Used
 for CAMA's slow L_id on the CUHK03 schedule and for PMM's stalled main phase (docs/results.md, Results).
 
-    python bench/loss_gradients.py /work/runs/pmm/last.pt --batches 4 --output bench/results/pool/pmm_loss_gradients.json
+    python bench/loss_gradients.py $RUNS/pmm/last.pt --batches 4 --output bench/results/pool/pmm_loss_gradients.json
 """
 import argparse
 import sys

@@ -8,7 +8,7 @@ while a rebuild runs in its worker thread. The rebuild is set off the way the se
 it was trained on is set to 1, as if the gallery had grown 4x since. During the rebuild one more enrolment is
 timed, and the two enrolled items are deleted at the end, leaving the store as it was.
 
-    python bench/rebuild_under_load.py --work /work/runs/scale --size 1000000 --output bench/results/rebuild_under_load.json
+    python bench/rebuild_under_load.py --work $RUNS/scale --size 1000000 --output bench/results/rebuild_under_load.json
 """
 import argparse
 import asyncio

@@ -9,7 +9,7 @@ Runtime (``embed_speed.measure``: the two alternate in rounds, the ratio is the 
 
     python bench/subnormal_weights.py model_zoo/models/cama_mobilenetv2_cuhk03.onnx --zeroed-dir /tmp/zeroed \
         --output bench/results/subnormal_weights.json
-    python bench/subnormal_weights.py --checkpoint /work/runs/cama_ordered_full/model.pt --output bench/results/subnormal_training.json
+    python bench/subnormal_weights.py --checkpoint $RUNS/cama_ordered_full/model.pt --output bench/results/subnormal_training.json
 
 ``--checkpoint``: the same for training instead, on a training checkpoint (RUN/model.pt): its subnormal
 parameters and buffers, and the images/s of a training step (forward and backward, a batch of random images at
