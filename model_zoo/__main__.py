@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--url", default="", help="where the source was published, recorded in the file")
     imports.add_argument("--training-data", default="not stated by the source", help="what the source was trained on, as its publisher says (reid.training_data)")
     imports.add_argument("--channel-order", choices=("bgr", "rgb"), default=None,
-                         help="the channel order the source reads (default: BGR for OpenVINO IR, OpenVINO's convention, unless its conversion parameters say RGB)")
+                         help="the channel order the source reads (default: BGR for OpenVINO IR, OpenVINO's convention; torchreid reads RGB)")
     imports.add_argument("--input-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
                          help="input size where the format leaves it free (torchreid: default 256 128); an IR's is its own")
     imports.add_argument("--real-images", type=Path, default=None, help="a folder of images for the parity check, beside random ones")

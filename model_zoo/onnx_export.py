@@ -45,6 +45,15 @@ def optional_outputs(model: nn.Module, images: torch.Tensor) -> list:
     return [name for name in OPTIONAL_OUTPUTS if name in aux]
 
 
+def contract_shape(model: nn.Module, height: int, width: int) -> Dict:
+    """The contract's shape fields of ``model`` at this input size (N, D, the map's grid, its kind), read off one
+    eval-mode pass over a blank image: what every writer of a contract file records."""
+    with torch.no_grad():
+        _, branches, dim, map_h, map_w = model(torch.zeros(1, height, width, 3, dtype=torch.uint8)).feature_maps.shape
+    return {"num_branches": branches, "branch_dim": dim, "map_height": map_h, "map_width": map_w, "input_height": height,
+            "input_width": width, "feature_maps_kind": getattr(model, "feature_maps_kind", "activations")}
+
+
 def parity_images(height: int, width: int, real_images: Optional[Path], count: int = 7) -> Dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     sets = {"random": rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8)}

@@ -32,7 +32,7 @@ class ModelConfig:
     clpd_attention: str = option("multiscale", "CLPD: 'multiscale' (the constrained attention module, eq. 1-2) or 'single' (Table VI's AM: sigmoid(BN(conv1x1(X))))")
     clpd_descriptor: str = option("SPR", "CLPD: the part descriptor's blocks (Table VI): G (average pooling) or S (max, min, mean, median, variance), then optionally P (barycentre) and R (cosine distances to the other parts): G, S, GP, GR, SP, SR or SPR")
     source: Optional[str] = option(None, "openvino_ir: the OpenVINO IR (.xml beside its .bin) whose graph and weights the model is; fine-tuned as one branch, its exact per-cell maps exported (python -m model_zoo import)")
-    channel_order: Optional[str] = option(None, "openvino_ir: 'bgr' or 'rgb', the order the IR reads (null: the IR's conversion parameters, else BGR)")
+    channel_order: Optional[str] = option(None, "openvino_ir: 'bgr' or 'rgb', the order the IR reads (null: BGR, OpenVINO's convention)")
     clpd_middle_channels: int = option(256, "CLPD: channels of X, the single 1x1 conv -> BN -> ReLU on layer3 that the attention modules and the part descriptor read")
 
 

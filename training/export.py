@@ -11,7 +11,7 @@ from torch import nn
 from model_zoo.architectures.common import ReIDOutput
 from model_zoo.contract import FLIP_KEY, OPTIONAL_OUTPUTS, ModelContract
 from model_zoo.files import sha256_of
-from model_zoo.onnx_export import check_parity, parity_images, write_onnx
+from model_zoo.onnx_export import check_parity, contract_shape, parity_images, write_onnx
 from model_zoo.pair_attention import pair_head_path
 from training.engine import load_trained_model
 
@@ -41,15 +41,9 @@ class FlipAveraged(nn.Module):
 
 
 def describe(model: nn.Module, cfg, evaluation: Optional[Dict]) -> ModelContract:
-    height, width = cfg.data.height, cfg.data.width
-    with torch.no_grad():
-        maps = model(torch.zeros(1, height, width, 3, dtype=torch.uint8)).feature_maps
-    _, branches, dim, map_h, map_w = maps.shape
     return ModelContract(
-        architecture=cfg.model.architecture, backbone=cfg.model.backbone, num_branches=branches, branch_dim=dim,
-        map_height=map_h, map_width=map_w, input_height=height, input_width=width,
-        training_data=" + ".join(Path(root).name for root in cfg.data.roots), evaluation=evaluation or {},
-        config=cfg.portable_dict(), feature_maps_kind=getattr(model, "feature_maps_kind", "activations"),
+        architecture=cfg.model.architecture, backbone=cfg.model.backbone, **contract_shape(model, cfg.data.height, cfg.data.width),
+        training_data=" + ".join(Path(root).name for root in cfg.data.roots), evaluation=evaluation or {}, config=cfg.portable_dict(),
     )
 
 

@@ -2,11 +2,13 @@
 modules (``model_zoo.importers``), one branch whose maps are the exact per-cell decomposition of its own
 embedding, plus an identity classifier for fine-tuning on re-ID data. Exported, it is the file
 ``python -m model_zoo import`` writes, with the fine-tuned weights."""
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from model_zoo.architectures.common import ReIDOutput, classifier_neck
-from model_zoo.importers.openvino_ir import contract_model, default_channel_order, read_ir
+from model_zoo.importers.openvino_ir import DEFAULT_CHANNEL_ORDER, contract_model, embedding_size, input_size, read_ir
 from model_zoo.registry import ARCHITECTURE_REGISTRY
 
 
@@ -40,8 +42,7 @@ def build_openvino_ir(model_cfg: dict, num_classes: int) -> ImportedEmbedding:
     if not model_cfg.get("source"):
         raise ValueError("openvino_ir needs model.source: the OpenVINO IR .xml to start from")
     graph = read_ir(model_cfg["source"])
-    network = contract_model(graph, model_cfg.get("channel_order") or default_channel_order(graph))
-    height, width = model_cfg["input_size"]
-    with torch.no_grad():
-        dim = network(torch.zeros(1, height, width, 3, dtype=torch.uint8)).feature_maps.shape[2]
-    return ImportedEmbedding(network, dim, num_classes, model_cfg.get("bn_neck", False))
+    if tuple(model_cfg["input_size"]) != input_size(graph):
+        raise ValueError(f"{Path(model_cfg['source']).name} reads {input_size(graph)} (H, W) images: set data.height and data.width to them")
+    network = contract_model(graph, model_cfg.get("channel_order") or DEFAULT_CHANNEL_ORDER)
+    return ImportedEmbedding(network, embedding_size(graph), num_classes, model_cfg.get("bn_neck", False))

@@ -20,7 +20,7 @@ import torch
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, SOURCE_KEY, ModelContract, open_cpu_session
 from model_zoo.files import sha256_of
 from model_zoo.importers import openvino_ir, torchreid_osnet
-from model_zoo.onnx_export import EMBEDDING_TOLERANCE, ExportParityError, check_parity, parity_images, write_onnx
+from model_zoo.onnx_export import EMBEDDING_TOLERANCE, ExportParityError, check_parity, contract_shape, parity_images, write_onnx
 
 TORCHREID_INPUT = (256, 128)  # torchreid's default height x width
 
@@ -58,7 +58,7 @@ def load_source(source: Path, channel_order: Optional[str] = None, input_size: O
     kind = source_format(source)
     if kind == "openvino_ir":
         graph = openvino_ir.read_ir(source)
-        order = channel_order or openvino_ir.default_channel_order(graph)
+        order = channel_order or openvino_ir.DEFAULT_CHANNEL_ORDER
         return Loaded(openvino_ir.contract_model(graph, order).eval(), source.stem, *openvino_ir.input_size(graph), order,
                       [source, source.with_suffix(".bin")])
     if channel_order not in (None, "rgb"):
@@ -76,7 +76,8 @@ def import_model(source: Path, output: Path, provenance: Optional[Provenance] = 
     loaded = load_source(source, channel_order, input_size)
     record = {"format": source_format(source), "files": {f.name: sha256_of(f) for f in loaded.files if f.exists()},
               "channel_order": loaded.channel_order, "licence": provenance.licence, "url": provenance.url, **provenance.notes}
-    contract = _describe(loaded.model, record["format"], loaded.name, loaded.height, loaded.width, provenance.training_data)
+    contract = ModelContract(architecture=record["format"], backbone=loaded.name, training_data=provenance.training_data,
+                             **contract_shape(loaded.model, loaded.height, loaded.width))
     write_onnx(loaded.model, contract, output, metadata={SOURCE_KEY: json.dumps(record)})
     images = parity_images(loaded.height, loaded.width, real_images)
     try:
@@ -87,14 +88,6 @@ def import_model(source: Path, output: Path, provenance: Optional[Provenance] = 
         raise
     return {"output": str(output), "bytes": output.stat().st_size, "contract": contract.to_metadata(), "source": record,
             "parity": report, "openvino_agreement": reference}
-
-
-def _describe(model: torch.nn.Module, kind: str, name: str, height: int, width: int, training_data: str) -> ModelContract:
-    with torch.no_grad():
-        maps = model(torch.zeros(1, height, width, 3, dtype=torch.uint8)).feature_maps
-    _, branches, dim, map_h, map_w = maps.shape
-    return ModelContract(architecture=kind, backbone=name, num_branches=branches, branch_dim=dim, map_height=map_h, map_width=map_w,
-                         input_height=height, input_width=width, training_data=training_data, feature_maps_kind=model.feature_maps_kind)
 
 
 def openvino_agreement(source: Path, output: Path, images: Dict[str, np.ndarray], channel_order: str) -> Optional[Dict[str, float]]:

@@ -45,12 +45,16 @@ class Layer:
         return [int(v) for v in self.attrs[key].split(",")] if self.attrs.get(key, "").strip() else []
 
 
+# The channel order an IR reads unless told otherwise: OpenVINO's convention, and Open Model Zoo's IRs'. An IR
+# does not say reliably (its conversion parameters are optional and name no channel order for a BGR source).
+DEFAULT_CHANNEL_ORDER = "bgr"
+
+
 @dataclass
 class IRGraph:
     layers: Dict[str, Layer]
     parameter: str  # the one input layer
     result: str  # the one output layer
-    conversion: Dict[str, str]  # rt_info conversion_parameters (reverse_input_channels, mean_values, ...), where present
 
 
 def _dims(port) -> List[int]:
@@ -86,8 +90,7 @@ def read_ir(xml_path: Path) -> IRGraph:
     results = [layer.id for layer in layers.values() if layer.type == "Result"]
     if len(parameters) != 1 or len(results) != 1:
         raise UnsupportedGraph(f"{xml_path.name}: {len(parameters)} inputs and {len(results)} outputs; an embedding model has one of each")
-    conversion = root.find(".//conversion_parameters")
-    return IRGraph(layers, parameters[0], results[0], {} if conversion is None else {item.tag: item.get("value", "") for item in conversion})
+    return IRGraph(layers, parameters[0], results[0])
 
 
 def _constant(layer: Layer, weights: bytes) -> np.ndarray:
@@ -410,7 +413,6 @@ def input_size(graph: IRGraph) -> Tuple[int, int]:
     return shape[2], shape[3]
 
 
-def default_channel_order(graph: IRGraph) -> str:
-    """OpenVINO's convention is BGR; an IR converted without ``reverse_input_channels`` from an RGB source says so
-    only in its conversion parameters, which are not always kept: "bgr" unless they say the input layout is RGB."""
-    return "rgb" if graph.conversion.get("reverse_input_channels", "").lower() == "false" and "rgb" in graph.conversion.get("layout", "").lower() else "bgr"
+def embedding_size(graph: IRGraph) -> int:
+    """The size of the IR's output vector, as its XML declares it."""
+    return int(np.prod(graph.layers[graph.result].input_shapes[0][1:]))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model_zoo.architectures.common import ReIDOutput
-from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, open_cpu_session
+from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session
 from training.objectives.base import Objective
 
 KD_TERMS = ("loss_kd_feature", "loss_kd_relation")
@@ -33,7 +33,7 @@ class OnnxTeacher:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        _, self.contract = open_cpu_session(path)
+        self.contract = check_session(self.session)
         if (self.contract.input_height, self.contract.input_width) != tuple(input_size):
             raise ValueError(f"the teacher {Path(path).name} reads {self.contract.input_height}x{self.contract.input_width} images, "
                              f"the student {input_size[0]}x{input_size[1]}: train the student at the teacher's size")
