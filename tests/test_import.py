@@ -66,6 +66,12 @@ def test_a_head_that_is_not_piecewise_linear_is_refused_by_name(tmp_path):
     assert not (tmp_path / "tiny.onnx").exists()
 
 
+def test_a_head_that_divides_by_its_data_is_refused(tmp_path):
+    path = omz_like_ir(tmp_path / "tiny.xml", head_tail=lambda x: ops.divide(ops.constant(np.ones((1, DIM), np.float32)), x))
+    with pytest.raises(UnsupportedGraph, match="divides by the data"):
+        import_model(path, tmp_path / "tiny.onnx")
+
+
 def test_an_unknown_op_is_refused_by_name(tmp_path):
     path = omz_like_ir(tmp_path / "tiny.xml", before_pooling=lambda x: ops.add(x, ops.sin(x)))
     with pytest.raises(UnsupportedGraph, match="OpenVINO op Sin"):

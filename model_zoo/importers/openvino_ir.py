@@ -321,19 +321,6 @@ ACTIVATION_SLOPES = {
 }
 
 
-def _is_global_pooling(layer: Layer) -> bool:
-    """A weighted sum over every cell of a 4-D map into [B, C, 1, 1] (or [B, C] for a mean without keep_dims)."""
-    if len(layer.input_shapes[0]) != 4:
-        return False
-    spatial = layer.input_shapes[0][2:]
-    if layer.type == "GroupConvolution":
-        kernel = layer.input_shapes[1]
-        return kernel[1:3] == [1, 1] and kernel[3:] == spatial and layer.shapes[0][2:] == [1, 1]
-    if layer.type == "AvgPool":
-        return layer.ints("kernel") == spatial and layer.shapes[0][2:] == [1, 1]
-    return layer.type == "ReduceMean" and layer.shapes[0][2:] in ([1, 1], [])
-
-
 class IRHead:
     """Where the IR's last map ends and its head begins: the global pooling layer, and the head's layers after
     it in order; ``steps`` and ``cell_shares`` read the weights of ``network``."""
@@ -341,11 +328,27 @@ class IRHead:
     def __init__(self, graph: IRGraph):
         self.graph, self.layers = graph, []
         layer = graph.layers[graph.layers[graph.result].inputs[0][0]]
-        while not _is_global_pooling(layer):
+        while not self._is_global_pooling(layer):
             self.layers.insert(0, layer)
             layer = graph.layers[self._data_input(layer)]
         self.pooling = layer
         self.map_layer = layer.inputs[0][0]
+
+    def _is_global_pooling(self, layer: Layer) -> bool:
+        """A weighted sum over every cell of a 4-D map, channel by channel, into [B, C, 1, 1] (or [B, C] for a
+        mean without keep_dims)."""
+        if len(layer.input_shapes[0]) != 4:
+            return False
+        spatial = layer.input_shapes[0][2:]
+        if layer.type == "GroupConvolution":
+            kernel = layer.input_shapes[1]
+            return kernel[1:3] == [1, 1] and kernel[3:] == spatial and layer.shapes[0][2:] == [1, 1]
+        if layer.type == "AvgPool":
+            return layer.ints("kernel") == spatial and layer.shapes[0][2:] == [1, 1]
+        if layer.type != "ReduceMean":
+            return False
+        axes = {int(axis) % 4 for axis in np.atleast_1d(self.graph.layers[layer.inputs[1][0]].value)}
+        return axes == {2, 3}  # over the cells only: a mean over the channels too is no per-channel pooling
 
     def _data_input(self, layer: Layer) -> str:
         data = [layer.inputs[i][0] for i in DATA_INPUTS.get(layer.type, range(len(layer.inputs)))]
@@ -353,6 +356,8 @@ class IRHead:
         if layer.type not in OFFSET_OPS + LINEAR_OPS + tuple(ACTIVATION_SLOPES) or len(computed) != 1:
             raise UnsupportedGraph(f"{layer.type} {layer.name!r} after the last feature map is not an affine or piecewise-linear layer "
                                    "of one input: RAM would not be exact for this head")
+        if layer.type == "Divide" and computed[0] != data[0]:
+            raise UnsupportedGraph(f"Divide {layer.name!r} after the last feature map divides by the data: not linear, RAM would not be exact")
         if layer.type in ("Convolution", "GroupConvolution") and layer.input_shapes[0][2:] != [1, 1]:
             raise UnsupportedGraph(f"{layer.type} {layer.name!r} after the pooling runs on a {layer.input_shapes[0][2:]} map")
         return computed[0]
