@@ -38,7 +38,7 @@ from service.index import VectorIndex
 from service.inference import ImageMaps, InferenceModel
 from service.map_cache import FeatureMapCache
 from service.settings import Settings
-from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, StoreReads, is_disk_full
+from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, ReserveMissing, StoreReads, is_disk_full
 
 log = logging.getLogger(__name__)
 EMBEDDING_DIM_KEY = "embedding_dim"
@@ -272,20 +272,28 @@ class Gallery(GalleryBase):
             self._maybe_rebuild()
 
     async def _commit(self, group: List[_Write]) -> List[Any]:
-        """The group's results, each a value or its own error. On a full disk the group's deletes are
-        committed again on their own, with the store's disk reserve, so that space can still be freed."""
+        """The group's results, each a value or its own error. The disk reserve comes before enrolments: where
+        it is not laid (the disk was full), only the group's deletes run, giving their space back. On a full
+        disk the group's deletes are committed again on their own, with the reserve, so space can be freed."""
         loop = asyncio.get_running_loop()
+        deletes = [i for i, w in enumerate(group) if w.frees_space]
+        if not await loop.run_in_executor(self._executor, self.store.reserve.lay):
+            return await self._commit_deletes_only(group, deletes, ReserveMissing(self.store.reserve))
         try:
             return await loop.run_in_executor(self._executor, self.store.commit_group, [w.in_store for w in group])
         except sqlite3.OperationalError as exc:
-            deletes = [i for i, w in enumerate(group) if w.frees_space]
             if not (is_disk_full(exc) and deletes):
                 raise
-            results: List[Any] = [exc] * len(group)
-            freed = await loop.run_in_executor(self._executor, self.store.commit_with_reserve, [group[i].in_store for i in deletes])
+            return await self._commit_deletes_only(group, deletes, exc)
+
+    async def _commit_deletes_only(self, group: List[_Write], deletes: List[int], refusal: Exception) -> List[Any]:
+        results: List[Any] = [refusal] * len(group)
+        if deletes:
+            freed = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.store.commit_freeing_space, [group[i].in_store for i in deletes])
             for i, result in zip(deletes, freed):
                 results[i] = result
-            return results
+        return results
 
     async def _wipe_after_erasure(self, group: List[_Write], results: List[Any]) -> None:
         """Before an erasure is answered, the WAL frames that still hold what it erased are gone."""

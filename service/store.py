@@ -53,6 +53,7 @@ MIGRATIONS = [
 SCHEMA_VERSION = len(MIGRATIONS)
 ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at, captured_at"
 RESERVE_BYTES = 16 * 1024 * 1024
+RESERVE_HEADROOM = RESERVE_BYTES // 2  # free space the reserve never takes: the disk's last bytes are not ours
 SQL_VARIABLES = 900  # ids per "IN (...)" read, under SQLite's oldest default limit of 999 host parameters
 FINGERPRINT_KEY = "model_fingerprint"  # meta: the sha256 of the model that made the stored embeddings
 log = logging.getLogger(__name__)
@@ -60,6 +61,14 @@ log = logging.getLogger(__name__)
 
 def is_disk_full(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+class ReserveMissing(sqlite3.OperationalError):
+    """An enrolment refused because the disk reserve is not laid: it would take the space deletes need."""
+
+    def __init__(self, reserve: "DiskReserve"):
+        super().__init__(f"the disk is full: enrolments resume once {reserve.lay_threshold // 2**20} MiB are free "
+                         f"again (delete items, or free disk space); deletes still work")
 
 
 @dataclass
@@ -248,10 +257,11 @@ class GalleryStore(StoreReads):
 
     def _open(self) -> None:
         self.writer = self._connect()
+        self.reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"), RESERVE_BYTES)
+        self._use_incremental_vacuum()
         self.writer.execute("PRAGMA journal_mode=WAL")
         self.writer.executescript(SCHEMA)
         self._migrate()
-        self.reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"), RESERVE_BYTES)
         self.reserve.lay()
         self.db = tolerant_text(self._connect())  # reads
 
@@ -273,6 +283,22 @@ class GalleryStore(StoreReads):
                     self.writer.execute(step)
                 self.writer.execute(f"PRAGMA user_version = {number + 1}")
             log.info("migrated the gallery schema of %s to version %d", self.path, number + 1)
+
+    def _use_incremental_vacuum(self) -> None:
+        """``auto_vacuum=INCREMENTAL``, so that deletes on a full disk can give their pages back to the
+        filesystem (``free_space``). A new file gets it before its first table; a file made without it is
+        rewritten once (``VACUUM``) where the disk has room for the copy, else keeps its pages."""
+        if self.writer.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            return
+        new_file = not self.writer.execute("PRAGMA page_count").fetchone()[0]
+        self.writer.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if new_file:
+            return
+        if _free_bytes(self.path.parent) < 2 * self.path.stat().st_size + self.reserve.lay_threshold:
+            log.warning("%s keeps the pages deletes free (no room to rewrite it with auto_vacuum)", self.path)
+            return
+        log.info("rewriting %s once, so that deletes can give space back to a full disk", self.path)
+        self.writer.execute("VACUUM")
 
     def close(self) -> None:
         self.db.close()
@@ -303,20 +329,21 @@ class GalleryStore(StoreReads):
                     self.writer.execute("ROLLBACK TO write")
                     results.append(exc)
                 self.writer.execute("RELEASE write")
-        self.reserve.lay()  # again, once a full disk has room
         return results
 
-    def commit_with_reserve(self, writes: Sequence[Callable[[], object]]) -> List[Union[object, Exception]]:
-        """``commit_group`` on a full disk, with the disk reserve given back first: for deletes, so that space
-        can always be freed (even a delete needs room in the WAL). Then the WAL is folded into the database,
-        so that later writes reuse its space and the pages the deletes freed."""
-        log.warning("the disk is full: giving back the %d byte disk reserve for %d delete(s)", self.reserve.size, len(writes))
-        self.reserve.release()
+    def commit_freeing_space(self, writes: Sequence[Callable[[], object]]) -> List[Union[object, Exception]]:
+        """``commit_group`` for deletes on a full disk (or one whose reserve is not laid again yet): the disk
+        reserve is given back first, so that space can always be freed (even a delete needs room in the WAL),
+        then the pages the deletes freed go back to the filesystem, where the reserve can be laid again."""
+        if self.reserve.laid():
+            log.warning("the disk is full: giving back the %d byte disk reserve for %d delete(s)", self.reserve.size, len(writes))
+            self.reserve.release()
         results = self.commit_group(writes)
         try:
-            self.writer.execute("PRAGMA wal_checkpoint(RESTART)")
+            self.writer.executescript("PRAGMA incremental_vacuum")  # execute() would free one page per call
+            self.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file shrinks, and the WAL to nothing
         except sqlite3.Error as exc:  # best effort: the deletes have committed all the same
-            log.warning("checkpoint after deletes on a full disk: %s", exc)
+            log.warning("giving space back after deletes on a full disk: %s", exc)
         return results
 
     def get_meta(self, key: str) -> Optional[str]:
@@ -392,20 +419,27 @@ class GalleryStore(StoreReads):
 
 class DiskReserve:
     """Disk space held back for deletes: a file beside the database, given back to the filesystem when the
-    disk is full, and laid again only where twice its size is free (never the disk's last bytes)."""
+    disk is full, and laid again only where its size and ``RESERVE_HEADROOM`` are free (never the disk's last
+    bytes). While it is not laid, enrolments are refused: they would take the space the next deletes need."""
 
     def __init__(self, path: Path, size: int):
         self.path, self.size = path, size
+        self.lay_threshold = size + RESERVE_HEADROOM
 
-    def lay(self) -> None:
-        if self.path.exists() or _free_bytes(self.path.parent) < 2 * self.size:
-            return
+    def laid(self) -> bool:
+        return self.path.exists()
+
+    def lay(self) -> bool:
+        """Lay the reserve where there is room; whether it is laid."""
+        if self.laid() or _free_bytes(self.path.parent) < self.lay_threshold:
+            return self.laid()
         try:
             with open(self.path, "wb") as reserve:
                 os.posix_fallocate(reserve.fileno(), 0, self.size)
         except OSError as exc:
             log.warning("could not lay the disk reserve %s: %s", self.path, exc)
             self.path.unlink(missing_ok=True)
+        return self.laid()
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -191,6 +191,18 @@ def test_a_write_that_fails_in_a_group_commit_is_rolled_back_alone(tmp_path):
     store.close()
 
 
+def test_a_store_made_without_auto_vacuum_is_rewritten_with_it_and_keeps_its_items(tmp_path):
+    """Deletes can only give space back to a full disk with auto_vacuum, which an older version did not set."""
+    store = GalleryStore(tmp_path / "g.sqlite3")
+    store.commit_group([partial(store.insert, [NewItem(b"img", "JPEG", 1, 1, np.zeros(4, np.float32), "a")])])
+    store.writer.executescript("PRAGMA auto_vacuum=NONE; VACUUM")
+    store.close()
+    store = GalleryStore(tmp_path / "g.sqlite3")
+    assert store.writer.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+    assert [i.person_id for i in store.list(10, 0)[1]] == ["a"]
+    store.close()
+
+
 # -- 3. after a 500 the connection is closed cleanly
 
 def raw_exchange(port: int, data: bytes) -> bytes:
@@ -324,25 +336,50 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_a_full_disk_still_lets_deletes_free_space(tiny_model, small_disk):
+def fill_disk(c, seed: int = 0) -> list:
+    """Enrol 8 PNGs at a time (seeds from ``seed`` on) until the disk is full; the ids enrolled."""
+    ids = []
+    while True:  # ~270 kB a PNG, the store keeps a 16 MiB reserve: full after about 24 MiB
+        seed += 8
+        response = c.post("/gallery", files=[("images", (f"{seed + i}.png", noise_png(seed + i), "image/png")) for i in range(8)])
+        if response.status_code != 201:
+            assert_error(response, 503, "storage_unavailable")
+            return ids
+        ids += response.json()["ids"]
+        assert len(ids) < 1000, "the disk never filled"
+
+
+def test_a_full_disk_still_lets_deletes_free_space_every_time(tiny_model, small_disk):
+    """Deletes work on a full disk however often it fills: enrolments never take the space the reserve needs."""
     process = ServiceProcess(tiny_model[1], small_disk / "g.sqlite3", max_images_per_request=8)
     process.log_path = small_disk.parent / "server.log"  # not on the disk that fills
     with process, process.client() as c:
-        ids, seed = [], 0
-        while True:  # ~270 kB a PNG, the store keeps a 16 MiB reserve: full after about 24 MiB
-            seed += 8
-            response = c.post("/gallery", files=[("images", (f"{seed + i}.png", noise_png(seed + i), "image/png")) for i in range(8)])
-            if response.status_code != 201:
-                break
-            ids += response.json()["ids"]
-            assert seed < 1000, "the disk never filled"
-        assert_error(response, 503, "storage_unavailable")
-        for item_id in ids[:12]:
+        kept = []
+        for episode in range(3):
+            ids = fill_disk(c, seed=1000 * episode)
+            assert ids, f"episode {episode}: nothing enrolled after the deletes"
+            for item_id in ids[: len(ids) // 2 + 1]:
+                assert c.delete(f"/gallery/{item_id}").status_code == 204, f"episode {episode}"
+            kept += ids[len(ids) // 2 + 1:]
+        assert process.output().count("giving back the 16777216 byte disk reserve") >= 3
+        for item_id in kept[1:]:  # all but one: the space goes back to the disk, the reserve is laid again
             assert c.delete(f"/gallery/{item_id}").status_code == 204
-        assert "giving back the 16777216 byte disk reserve" in process.output()
         assert c.post("/gallery", files=[("images", ("again.png", noise_png(0), "image/png"))]).status_code == 201
         ready = c.get("/readyz").json()
-        assert ready["gallery_size"] == ready["index"]["size"] == len(ids) - 12 + 1
+        assert ready["gallery_size"] == ready["index"]["size"] == 2
+
+
+def test_enrolments_wait_for_the_reserve_after_a_full_disk(tiny_model, small_disk):
+    """Freeing less than the reserve needs leaves enrolments refused, with a message that says why."""
+    process = ServiceProcess(tiny_model[1], small_disk / "g.sqlite3", max_images_per_request=8)
+    process.log_path = small_disk.parent / "server.log"
+    with process, process.client() as c:
+        ids = fill_disk(c)
+        assert c.delete(f"/gallery/{ids[0]}").status_code == 204
+        response = c.post("/gallery", files=[("images", ("again.png", noise_png(0), "image/png"))])
+        assert_error(response, 503, "storage_unavailable")
+        assert "enrolments resume once 24 MiB are free" in response.json()["error"]["message"]
+        assert c.delete(f"/gallery/{ids[1]}").status_code == 204
 
 
 def test_no_answer_may_be_framed_by_another_site(client):
