@@ -6,14 +6,18 @@ bytes are buffered without limit. Its httptools protocol is extended here with
 
 - a header deadline: a request's headers must be complete within ``REID_HEADER_TIMEOUT_S`` of the
   connection opening or of the previous response;
-- a body idle timeout: a body must keep arriving; no byte for ``REID_BODY_TIMEOUT_S`` (while the server is
-  ready to read) closes the connection;
-- a header size limit (``REID_MAX_HEADER_BYTES``, answered 431);
-- a connection limit (``REID_MAX_CONNECTIONS``): a connection opened past it has its request answered 503;
+- a body idle timeout and rate: a body must keep arriving; no byte for ``REID_BODY_TIMEOUT_S``, or fewer than
+  ``REID_MIN_BODY_BYTES_PER_S`` on average over such a window (while the server is ready to read), closes the
+  connection;
+- a header size limit (``REID_MAX_HEADER_BYTES``, answered 431), counted per request, so that many small
+  pipelined requests in one write are not taken for one large one;
+- connection limits, in all (``REID_MAX_CONNECTIONS``) and per client address
+  (``REID_MAX_CONNECTIONS_PER_CLIENT``): a connection opened past either has its request answered 503;
 - uvicorn's own plain-text 400 for unparsable HTTP answered in the API's error shape.
 
 A late client's connection is closed without an answer (it is not reading one).
 """
+from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Optional, Tuple
@@ -30,10 +34,13 @@ class ConnectionLimits:
     body_timeout_s: float
     max_header_bytes: int
     max_connections: int
+    max_connections_per_client: int = 0
+    min_body_bytes_per_s: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ConnectionLimits":
-        return cls(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes, settings.max_connections)
+        return cls(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes, settings.max_connections,
+                   settings.max_connections_per_client, settings.min_body_bytes_per_s)
 
 
 def refusal(status: int, code: str, message: str, *headers: Tuple[bytes, bytes]):
@@ -53,33 +60,65 @@ def raw_error(status: int, code: str, message: str) -> bytes:
 
 class LimitedHttpProtocol(HttpToolsProtocol):
     limits: ConnectionLimits  # set on the subclass that protocol_class makes
+    open_per_client: Counter  # client address -> open connections, shared by the server's connections
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._watchdog = None
         self._reading_headers, self._header_bytes = False, 0
         self._waiting_since = self._last_data = self.loop.time()
+        self._body_window = (self._last_data, 0)  # (start, bytes since): the body's rate is checked per window
+        peer = transport.get_extra_info("peername")
+        self._client = peer[0] if isinstance(peer, tuple) and self.limits.max_connections_per_client else None
+        if self._client is not None:
+            self.open_per_client[self._client] += 1
         if len(self.connections) > self.limits.max_connections:  # this connection's request gets 503, then it is closed
-            message = f"more than REID_MAX_CONNECTIONS={self.limits.max_connections} connections are open"
-            self.app = refusal(503, "overloaded", message, (b"retry-after", b"1"))
+            self._refuse_requests(f"more than REID_MAX_CONNECTIONS={self.limits.max_connections} connections are open")
+        elif self._client is not None and self.open_per_client[self._client] > self.limits.max_connections_per_client:
+            self._refuse_requests(f"more than REID_MAX_CONNECTIONS_PER_CLIENT={self.limits.max_connections_per_client} "
+                                  f"connections are open from this client")
         self._watch(self.limits.header_timeout_s)
+
+    def _refuse_requests(self, message: str) -> None:
+        self.app = refusal(503, "overloaded", message, (b"retry-after", b"1"))
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._client is not None:
+            self.open_per_client[self._client] -= 1
+            if not self.open_per_client[self._client]:
+                del self.open_per_client[self._client]
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        """The parser keeps incomplete headers in memory: bound them. Headers that began in an earlier chunk
+        and go on count this whole chunk; headers that began in this one count what the parser has handed
+        over of them (URL, header lines) and the partial line it holds, so that requests pipelined before
+        them in the chunk do not count."""
         self._last_data = self.loop.time()
+        self._body_window = (self._body_window[0], self._body_window[1] + len(data))
+        continued, before, self._message_began = self._reading_headers, self._header_bytes, False
         super().data_received(data)
-        if self._reading_headers and not self.transport.is_closing():  # the parser keeps incomplete headers in memory: bound them
-            self._header_bytes += len(data)
+        if self._reading_headers and not self.transport.is_closing():
+            if continued and not self._message_began:
+                self._header_bytes = before + len(data)
+            else:
+                self._header_bytes += len(data) - (data.rfind(b"\n") + 1)
             if self._header_bytes > self.limits.max_header_bytes:
                 self._refuse(431, "headers_too_large", self._headers_too_large)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._reading_headers, self._header_bytes = True, 0
+        self._reading_headers, self._header_bytes, self._message_began = True, 0, True
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._header_bytes += len(name) + len(value)
 
     def on_headers_complete(self) -> None:
         self._reading_headers = False
@@ -90,6 +129,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         finally:
             self.app = app
+        self._body_window = (self.loop.time(), 0)
         self._watch(self.limits.body_timeout_s)
 
     def on_response_complete(self) -> None:
@@ -123,8 +163,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             left = self._waiting_since + self.limits.header_timeout_s - now
         elif cycle.more_body:  # reading a body
             if self.flow.read_paused:  # the app has not taken what came: the server is behind, not the client
-                self._last_data = now
-            left = self._last_data + self.limits.body_timeout_s - now
+                self._last_data, self._body_window = now, (now, 0)
+            if self._body_too_slow(now):
+                self.transport.close()
+                return
+            left = min(self._last_data, self._body_window[0]) + self.limits.body_timeout_s - now
         else:  # the app has the whole request; on_response_complete watches again
             return
         if left <= 0:
@@ -132,7 +175,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         else:
             self._watch(left)
 
+    def _body_too_slow(self, now: float) -> bool:
+        """Whether the body's last full window brought fewer bytes than the minimum rate; a new window then."""
+        start, received = self._body_window
+        if now - start < self.limits.body_timeout_s:
+            return False
+        self._body_window = (now, 0)
+        return received < self.limits.min_body_bytes_per_s * (now - start)
+
 
 def protocol_class(settings: Settings) -> type:
     """uvicorn's ``http`` argument: LimitedHttpProtocol with these settings' limits."""
-    return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": ConnectionLimits.from_settings(settings)})
+    return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": ConnectionLimits.from_settings(settings),
+                                                               "open_per_client": Counter()})

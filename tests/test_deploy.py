@@ -60,6 +60,9 @@ def test_compose_cluster_profile_puts_replicas_with_a_gpu_each_behind_a_load_bal
     assert replica["depends_on"] == {"milvus": {"condition": "service_healthy"}, "postgres": {"condition": "service_healthy"}}
     nginx = (REPO / "docker" / "nginx-cluster.conf").read_text()
     assert "reid-replica:8000" in nginx and "./docker/nginx-cluster.conf:/etc/nginx/conf.d/default.conf:ro" in services["reid-lb"]["volumes"]
+    # the replicas see only nginx's address: the per-client cap is nginx's, with the same figure
+    assert str(env["REID_MAX_CONNECTIONS_PER_CLIENT"]) == "0"
+    assert f"limit_conn per_client {Settings().max_connections_per_client};" in nginx
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

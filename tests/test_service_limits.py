@@ -47,8 +47,9 @@ def peak_rss_mb(server: ServiceProcess) -> float:
 
 # -- raw HTTP, for clients that misbehave on purpose --------------------------------------------------------
 
-def connect(server: ServiceProcess, data: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+def connect(server: ServiceProcess, data: bytes = b"", client: str = "127.0.0.1") -> socket.socket:
+    """A raw connection from ``client``, an address of the loopback network (127.0.0.0/8), each another client."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(client, 0))
     sock.sendall(data)
     return sock
 
@@ -239,7 +240,8 @@ def test_an_exif_rotated_query_matches_its_upright_enrolment(client):
 
 @pytest.fixture(scope="module")
 def strict(tiny_model, tmp_path_factory):
-    settings = dict(header_timeout_s=2, body_timeout_s=2, max_header_bytes=4096, max_connections=4)
+    settings = dict(header_timeout_s=2, body_timeout_s=2, max_header_bytes=4096, max_connections=4,
+                    max_connections_per_client=3, min_body_bytes_per_s=200)
     with ServiceProcess(tiny_model[1], tmp_path_factory.mktemp("strict") / "gallery.sqlite3", **settings) as process:
         yield process
 
@@ -252,6 +254,20 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(strict, sent):
 def test_a_stalled_body_is_disconnected(strict):
     sock = connect(strict, request_head("POST", "/gallery", 10_000, strict.port) + b"--b\r\n")
     assert 1.5 < seconds_until_closed(sock) < 5
+
+
+def test_a_trickling_body_is_disconnected(strict):
+    """A byte every 0.3 s never pauses for the body timeout, but stays far under the minimum rate."""
+    sock = connect(strict, request_head("POST", "/gallery", 10_000, strict.port))
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 10:
+            sock.sendall(b"x")
+            time.sleep(0.3)
+    except OSError:  # closed by the server
+        pass
+    sock.close()
+    assert 1.5 < time.monotonic() - started < 6
 
 
 def test_a_slow_but_steady_body_is_served(strict):
@@ -274,6 +290,20 @@ def test_oversized_headers_are_refused_with_431(strict, end):
     assert status == 431 and b'"headers_too_large"' in body
 
 
+def test_many_small_pipelined_requests_in_one_write_are_each_answered(strict):
+    """4,000 requests, 136 kB in one write: each request's headers are small, so none is refused."""
+    request, count = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 4000
+    sock = socket.create_connection(("127.0.0.1", strict.port), timeout=30)
+    sender = threading.Thread(target=sock.sendall, args=(request * count,))
+    sender.start()
+    answers = b""
+    while answers.count(b"HTTP/1.1 200") < count and (chunk := sock.recv(1 << 20)):
+        answers += chunk
+    sender.join()
+    sock.close()
+    assert answers.count(b"HTTP/1.1 200") == count and b"headers_too_large" not in answers
+
+
 def test_unparsable_http_is_a_400_in_the_error_shape(strict):
     sock = connect(strict, b"NOT HTTP AT ALL\r\n\r\n")
     status, headers, body = read_response(sock)
@@ -282,17 +312,35 @@ def test_unparsable_http_is_a_400_in_the_error_shape(strict):
 
 
 def test_the_connection_limit_is_honoured(strict):
-    idle = [connect(strict) for _ in range(4)]
+    idle = [connect(strict, client=f"127.0.0.{10 + i}") for i in range(4)]
     try:
         time.sleep(0.2)
-        status, headers, body = read_response(connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+        status, headers, body = read_response(connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.20"))
         assert status == 503 and b'"overloaded"' in body and headers["connection"] == "close"
+        assert b"REID_MAX_CONNECTIONS=4" in body
     finally:
         for sock in idle:
             sock.close()
     time.sleep(0.2)
     with strict.client() as c:
         assert c.get("/healthz").status_code == 200
+
+
+def test_one_client_cannot_take_every_connection(strict):
+    """Past its own cap a client's new connections are refused, while another client is still served."""
+    idle = [connect(strict, client="127.0.0.30") for _ in range(3)]
+    try:
+        time.sleep(0.2)
+        status, _, body = read_response(connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.30"))
+        assert status == 503 and b"REID_MAX_CONNECTIONS_PER_CLIENT=3" in body
+        status, _, _ = read_response(connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.31"))
+        assert status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.2)
+    status, _, _ = read_response(connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.30"))
+    assert status == 200
 
 
 def test_a_slow_app_is_never_mistaken_for_a_slow_client(tmp_path):
