@@ -21,6 +21,7 @@ from service.gallery import Gallery, GalleryBase
 from service.http_contract import HeadAsGet
 from service.inference import InferenceModel
 from service.metrics import RequestTimer, ServiceMetrics
+from service.multipart import install_strict_form_parsing
 from service.pair_ranking import load_pair_head
 from service.retention import purge_expired, retention_loop
 from service.routes import gallery as gallery_routes, health, query
@@ -83,6 +84,7 @@ def install_middleware(app: FastAPI, settings: Settings, metrics: ServiceMetrics
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
+    install_strict_form_parsing()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -66,6 +66,8 @@ def check_canonical_label(value: Optional[str], name: str) -> Optional[str]:
         return None
     if any(unicodedata.category(ch) == "Cf" for ch in value):
         raise InvalidValue(f"{name}: invisible format characters (zero-width spaces, joiners, direction marks) are not allowed")
+    if "\ufffd" in value:  # what a URL's or form's bytes that were not UTF-8 decode to
+        raise InvalidValue(f"{name}: U+FFFD (a replacement for bytes that were not UTF-8 text) is not allowed")
     canonical = unicodedata.normalize("NFKC", value).strip()
     if canonical != value:
         raise InvalidValue(f"{name}: {value!r} is not in its canonical spelling {canonical!r} (Unicode NFKC, no space at either end)")

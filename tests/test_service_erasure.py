@@ -322,3 +322,18 @@ def test_invisible_characters_in_an_id_are_refused_and_searches_take_canonical_i
     enroll(client, [image_bytes(4712, 1)], person_id="Bob")  # case is part of the id: Bob and bob are two people
     assert_error(client.delete("/persons/bob"), 404, "not_found")
     assert client.delete("/persons/Bob").json()["removed"] == 1
+
+
+@pytest.mark.parametrize("field", ["person_id", "camera_id", "metadata"])
+def test_form_fields_that_are_not_utf8_text_are_refused_not_stored_as_mojibake(client, field):
+    """Starlette decodes such bytes as Latin-1: "\xc3(" became "Ã(" in the gallery."""
+    before = client.get("/gallery").json()["total"]
+    value = b'{"a": "\xc3("}' if field == "metadata" else b"47\xc3(11"
+    assert_error(client.post("/gallery", files=files(image_bytes(4713, 1)), data={field: value}), 400, "invalid_body")
+    assert client.get("/gallery").json()["total"] == before
+
+
+def test_ids_in_urls_that_are_not_utf8_text_are_refused(client):
+    """A URL's bytes that are not UTF-8 arrive as U+FFFD, which no id may hold."""
+    assert_error(client.get("/gallery?person_id=47%C3%2811"), 422, "invalid_request")
+

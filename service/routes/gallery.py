@@ -58,6 +58,7 @@ async def list_gallery(
     captured_before: Optional[str] = Query(None, description=f"only items taken before this time, {TIME_FORMAT}"),
 ):
     gallery = state(request).gallery
+    person_id, camera_id = check_id(person_id, "person_id"), check_id(camera_id, "camera_id")
     total, items = await gallery.read(gallery.store.list, limit, offset, person_id, camera_id, *time_range(captured_after, captured_before))
     return GalleryPage(total=total, limit=limit, offset=offset, items=[item_body(i) for i in items])
 
