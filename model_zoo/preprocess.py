@@ -6,9 +6,10 @@ smallest DCT scale that still covers the model's input and a preview), turn it u
 orientation, resize with PIL's bilinear filter to width x height, RGB. Torch-free.
 """
 import io
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Callable, ContextManager, Optional, Tuple, Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -47,10 +48,12 @@ class DecodedImage:
 
 
 def decode_for_model(data: Union[bytes, Path, str], height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     max_decoded_pixels: Optional[int] = None, preview: bool = False) -> DecodedImage:
+                     max_decoded_pixels: Optional[int] = None, preview: bool = False,
+                     reserve: Optional[Callable[[int], ContextManager]] = None) -> DecodedImage:
     """Decode image bytes (or a file) and resize to the model's input; the full-size decode is released here.
 
-    ``max_pixels`` bounds the full image (decompression bombs), ``max_decoded_pixels`` what is really decoded."""
+    ``max_pixels`` bounds the full image (decompression bombs), ``max_decoded_pixels`` what is really decoded.
+    ``reserve(pixels)``, when given, is held around the decode itself (a caller's memory budget)."""
     if isinstance(data, (bytes, bytearray)) and not data:
         raise InvalidImage("empty file")
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
@@ -60,7 +63,8 @@ def decode_for_model(data: Union[bytes, Path, str], height: int, width: int, max
             _draft(img, height, width)
             if max_decoded_pixels is not None and img.width * img.height > max_decoded_pixels:
                 raise DecodeBudgetExceeded(f"decoding it takes {img.width}x{img.height} pixels, {max_decoded_pixels} are left")
-            return _decode(img, full_size, height, width, preview)
+            with reserve(img.width * img.height) if reserve else nullcontext():
+                return _decode(img, full_size, height, width, preview)
     except InvalidImage:
         raise
     except UnidentifiedImageError:

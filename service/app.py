@@ -28,6 +28,7 @@ from service.routes import gallery as gallery_routes, health, query
 from service.settings import Settings
 from service.store import GalleryStore
 from service.tracing import install_tracing
+from service.uploads import ImageDecoder, return_large_buffers_to_the_os
 from service.verification import SamePersonRule
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -85,6 +86,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
     install_strict_form_parsing()
+    return_large_buffers_to_the_os()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,6 +105,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                                settings.max_queued_images, metrics.observe_batch)
         await batcher.start()
         app.state.model, app.state.gallery, app.state.batcher = model, gallery, batcher
+        app.state.decoder = ImageDecoder(settings)
         app.state.answerer = QueryAnswerer(settings, metrics, model, gallery, batcher, app.state.pair_head, app.state.same_person)
         metrics.gallery_size.set(gallery.size)
         metrics.describe_build(model)
@@ -119,6 +122,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             await batcher.stop()
             await gallery.stop()
             gallery.close()
+            app.state.decoder.close()
 
     app = FastAPI(
         title="Person re-ID retrieval", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,

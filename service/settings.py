@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="most images in one POST /gallery, one track on POST /query, one POST /query/batch")
     max_top_k: int = Field(100, ge=1, description="largest top_k a query may ask for")
     max_request_pixels: int = Field(200_000_000, ge=1, description="most pixels one request may decode, summed over its images (a large JPEG counts at the reduced scale it is decoded at)")
+    max_decode_mb: int = Field(1024, ge=64, description="memory all concurrent image decodes may take together (estimated at 17 bytes a decoded pixel: a lossless WebP, the costliest format measured, peaks at 16.1); a decode waits for room, one larger than all of it waits to run alone")
+    decode_threads: int = Field(0, ge=0, description="threads that decode uploads; 0: one per CPU core")
     max_heatmap_matches: int = Field(10, ge=0, description="a query draws heatmaps for its first this many matches only")
     heatmap_cache_mb: int = Field(256, ge=0, description="memory for gallery items' feature maps kept (float16, least recently used first out) so a match drawn again needs no model call; 0: none")
     verify_threshold: Optional[float] = Field(None, ge=-1, le=1, allow_inf_nan=False, description="same person when the score is above this (POST /verify, same_person per match); unset: the model's calibrated threshold (reid.verification) when it has one, else same_person is null")

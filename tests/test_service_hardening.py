@@ -6,7 +6,9 @@ import socket
 import sqlite3
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,6 +191,31 @@ def test_a_write_that_fails_in_a_group_commit_is_rolled_back_alone(tmp_path):
     assert [type(r).__name__ for r in results] == ["list", "OverflowError", "UnicodeEncodeError", "InvalidValue", "list"]
     assert store.count() == 2 and [i.person_id for i in store.list(10, 0)[1]] == ["a", "c"]
     store.close()
+
+
+def memory_mb(process: ServiceProcess, field: str) -> float:
+    """VmRSS (resident now) or VmHWM (the peak) of the server's process, in MB."""
+    status = Path(f"/proc/{process.process.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":"))) / 1024
+
+
+def test_concurrent_decompression_bombs_share_one_decode_budget(tiny_model, tmp_path):
+    """Six 1.4 kB lossless 6000x6000 WebPs at once: each decode peaks near 580 MB, so together they took 3.8 GB,
+    and the freed buffers stayed resident. They now queue for REID_MAX_DECODE_MB and give memory back."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (30, 60, 90)).save(buffer, format="WEBP", lossless=True)
+    bomb = buffer.getvalue()
+    with ServiceProcess(tiny_model[1], tmp_path / "g.sqlite3", max_decode_mb=700) as server:
+        before = memory_mb(server, "VmRSS")
+
+        def enrol(_):
+            with server.client() as c:
+                return c.post("/gallery", files=[("images", ("bomb.webp", bomb, "image/webp"))]).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(enrol, range(6))) == [201] * 6
+        assert memory_mb(server, "VmHWM") - before < 700 + 200
+        assert memory_mb(server, "VmRSS") - before < 150
 
 
 def test_a_store_made_without_auto_vacuum_is_rewritten_with_it_and_keeps_its_items(tmp_path):

@@ -12,7 +12,7 @@ from service.http_contract import image_headers
 from service.routes.common import ERRORS, PROTECTED, TIME_FORMAT, state
 from service.schemas import EnrollResponse, ErasureResponse, GalleryItem, GalleryPage
 from service.store import NewItem
-from service.uploads import check_image_count, pixels_of, read_uploads
+from service.uploads import check_image_count, pixels_of
 from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, check_item_id
 
 # Gallery ids in paths: decimal digits only ("+1" and "1_0" are no ids), within SQLite's INTEGER
@@ -41,7 +41,7 @@ async def enroll(
     cameras = [check_id(c, "camera_id") for c in per_image(camera_id, count, "camera_id")]
     metas = [parse_metadata(m) for m in per_image(metadata, count, "metadata")]
     times = [check_captured_at(t, settings) for t in per_image(captured_at, count, "captured_at")]
-    uploads = await read_uploads(images, settings, s.model.input_size)
+    uploads = await s.decoder.read_all(images, s.model.input_size)
     embedding, _ = await s.batcher.embed(pixels_of(uploads))
     new = [NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t)
            for u, e, p, c, m, t in zip(uploads, embedding, persons, cameras, metas, times)]

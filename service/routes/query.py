@@ -13,7 +13,7 @@ from service.form_fields import check_id, time_range
 from service.routes.common import ERRORS, PROTECTED, TIME_FORMAT, state
 from service.schemas import BatchQueryResponse, QueryResponse, VerifyResponse
 from service.tracks import Aggregate, mean_embedding
-from service.uploads import check_image_count, pixels_of, read_uploads
+from service.uploads import check_image_count, pixels_of
 
 
 async def query_options(
@@ -65,7 +65,7 @@ async def query(
     options = replace(options, heatmaps=heatmaps, pair_attention=pair_attention)
     check_image_count(image, s.settings)
     s.answerer.check_steps(options, len(image), aggregate)
-    uploads = await read_uploads(image, s.settings, s.model.input_size, preview=heatmaps)
+    uploads = await s.decoder.read_all(image, s.model.input_size, preview=heatmaps)
     await require_gallery(s.gallery)
     watch = Stopwatch()
     embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=heatmaps or pair_attention)
@@ -89,7 +89,7 @@ async def query_batch(
     s = state(request)
     options = replace(options, heatmaps=heatmaps)
     check_image_count(images, s.settings)
-    uploads = await read_uploads(images, s.settings, s.model.input_size, preview=heatmaps)
+    uploads = await s.decoder.read_all(images, s.model.input_size, preview=heatmaps)
     await require_gallery(s.gallery)
     watch = Stopwatch()
     embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=heatmaps)
@@ -110,7 +110,7 @@ async def verify(
     """Are the two images the same person? Their score, and the decision at the same-person threshold (the
     model's calibrated one, or REID_VERIFY_THRESHOLD). The gallery is not involved."""
     s = state(request)
-    uploads = await read_uploads([image_a, image_b], s.settings, s.model.input_size)
+    uploads = await s.decoder.read_all([image_a, image_b], s.model.input_size)
     watch = Stopwatch()
     embedding, _ = await s.batcher.embed(pixels_of(uploads), with_maps=False)
     watch.lap("embed")
