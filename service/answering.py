@@ -14,6 +14,7 @@ from model_zoo.preprocess import DecodedImage, decode_for_model
 from model_zoo.ram import ranking_activation_maps
 from model_zoo.rerank import rerank_shortlist
 from service.batching import MicroBatcher
+from service.derived import decoded_from_copy
 from service.errors import APIError
 from service.gallery import GalleryBase
 from service.heatmaps import overlay, png_base64
@@ -53,6 +54,7 @@ class QueryOptions:
     heatmaps: bool = False
     pair_attention: bool = False
     branch_overlays: bool = True
+    heatmap_matches: Optional[int] = None  # matches drawn with heatmaps; None: REID_MAX_HEATMAP_MATCHES
 
     @property
     def reorders(self) -> bool:
@@ -178,7 +180,7 @@ class QueryAnswerer:
         if options.heatmaps:
             query_heatmaps, _ = await asyncio.gather(
                 self.draw_query_heatmaps(features, maps, previews, options.branch_overlays),
-                self.add_heatmaps(matches, features_by_id, previews[0], known_maps, options.branch_overlays))
+                self.add_heatmaps(matches, features_by_id, previews[0], known_maps, options))
             watch.lap("heatmaps")
         track = len(previews) > 1
         return QueryResponse(matches=matches, query_heatmap=None if track or not query_heatmaps else query_heatmaps[0],
@@ -203,11 +205,15 @@ class QueryAnswerer:
         return ranked, fields, maps
 
     async def decode_stored(self, ids: List[int], preview: bool) -> Dict[int, DecodedImage]:
-        """The stored images of ``ids``, decoded for the model; an id deleted since the search is left out."""
-        stored = await self.gallery.read(self.gallery.store.images, ids)
-        present = [i for i in ids if i in stored]
+        """The stored images of ``ids``, decoded for the model (from ``service.derived``'s copy where an image has
+        one); an id deleted since the search is left out."""
         size, max_pixels = self.model.input_size, self.settings.max_image_pixels
-        return await asyncio.to_thread(lambda: {i: decode_for_model(stored[i], *size, max_pixels, preview=preview) for i in present})
+        copies = await self.gallery.read(self.gallery.store.derived, ids)
+        decoded = await asyncio.to_thread(lambda: {i: decoded_from_copy(blob, size) for i, blob in copies.items()})
+        decoded = {i: d for i, d in decoded.items() if d is not None}
+        stored = await self.gallery.read(self.gallery.store.images, [i for i in ids if i not in decoded])
+        decoded.update(await asyncio.to_thread(lambda: {i: decode_for_model(blob, *size, max_pixels, preview=preview) for i, blob in stored.items()}))
+        return {i: decoded[i] for i in ids if i in decoded}
 
     async def maps_of(self, ids: List[int], known: Dict[int, ImageMaps], decoded: Optional[Dict[int, DecodedImage]] = None) -> Dict[int, ImageMaps]:
         """Each id's maps: from ``known``, else from the gallery's map cache, the others from one batch of their
@@ -229,11 +235,12 @@ class QueryAnswerer:
         return {i: fresh[i] if i in fresh else known[i] for i in ids if i in fresh or i in known}
 
     async def add_heatmaps(self, matches: List[Match], features_by_id: Dict[int, np.ndarray], query_image, known_maps: Dict[int, ImageMaps],
-                           branch_overlays: bool) -> None:
+                           options: QueryOptions) -> None:
         """Re-embed the first REID_MAX_HEATMAP_MATCHES matches' stored images in one batch for their feature
         maps (unless ``known_maps`` has them), then draw their RAMs on previews (a top_k=100 query drew 100
         took 3.7 s and answered 17.7 MB), each for the query features it was scored with (``features_by_id``)."""
-        chosen = matches[:self.settings.max_heatmap_matches]
+        limit = self.settings.max_heatmap_matches if options.heatmap_matches is None else options.heatmap_matches
+        chosen = matches[:limit]
         decoded = await self.decode_stored([m.id for m in chosen], preview=True)
         gone = {m.id for m in chosen if m.id not in decoded}  # deleted since the search
         matches[:] = [m for m in matches if m.id not in gone]
@@ -243,6 +250,6 @@ class QueryAnswerer:
         maps = await self.maps_of([m.id for m in chosen], known_maps, decoded)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
         heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image,
-                                                            branch_overlays) for m in chosen))
+                                                            options.branch_overlays) for m in chosen))
         for match, heatmap in zip(chosen, heatmaps):
             match.heatmap = heatmap

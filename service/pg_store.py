@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS items (
     captured_at DOUBLE PRECISION
 );
 ALTER TABLE items ALTER COLUMN image SET STORAGE EXTERNAL;
+ALTER TABLE items ADD COLUMN IF NOT EXISTS derived BYTEA;
 CREATE INDEX IF NOT EXISTS items_person ON items(person_id);
 CREATE INDEX IF NOT EXISTS items_camera ON items(camera_id);
 CREATE INDEX IF NOT EXISTS items_age ON items((COALESCE(captured_at, created_at)));
@@ -118,6 +119,10 @@ class PostgresStore:
     def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
         return {i: bytes(image) for i, image in self._read("SELECT id, image FROM items WHERE id = ANY(%s)", (list(ids),))}
 
+    def derived(self, ids: Sequence[int]) -> Dict[int, bytes]:
+        rows = self._read("SELECT id, derived FROM items WHERE id = ANY(%s) AND derived IS NOT NULL", (list(ids),))
+        return {i: bytes(blob) for i, blob in rows}
+
     def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None,
              captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> Tuple[int, List[Item]]:
         """A page of items in id order, filtered as ``service.store``'s list."""
@@ -147,10 +152,10 @@ class Transaction:
             metadata = item.metadata or {}
             check_writable(metadata)
             item_id = self.conn.execute(
-                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at, captured_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at, captured_at,"
+                " derived) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (item.person_id, item.camera_id, dump_metadata(metadata), item.image, item.image_format, item.width, item.height,
-                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now, item.captured_at)).fetchone()[0]
+                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now, item.captured_at, item.derived)).fetchone()[0]
             stored.append(Item(item_id, item.person_id, item.camera_id, metadata, item.image_format, item.width, item.height, now,
                                item.captured_at))
         return stored

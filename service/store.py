@@ -49,6 +49,7 @@ AGE = "COALESCE(captured_at, created_at)"
 MIGRATIONS = [
     ["ALTER TABLE items ADD COLUMN captured_at REAL",  # epoch seconds, NULL: unknown
      f"CREATE INDEX items_age ON items({AGE})"],
+    ["ALTER TABLE items ADD COLUMN derived BLOB"],  # service.derived: decoded copies of costly images, NULL: none
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at, captured_at"
@@ -82,6 +83,7 @@ class NewItem:
     camera_id: Optional[str] = None
     metadata: Optional[dict] = None
     captured_at: Optional[float] = None
+    derived: Optional[bytes] = None  # service.derived's copy, for an image costly to decode
 
 
 @dataclass
@@ -195,6 +197,10 @@ class StoreReads:
 
     def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
         return dict(self._rows_by_id("id, image", ids))
+
+    def derived(self, ids: Sequence[int]) -> Dict[int, bytes]:
+        """``service.derived``'s copies of those of ``ids`` that have one."""
+        return {i: blob for i, blob in self._rows_by_id("id, derived", ids) if blob is not None}
 
     def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None,
              captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> Tuple[int, List[Item]]:
@@ -375,10 +381,10 @@ class GalleryStore(StoreReads):
             metadata = item.metadata or {}
             check_writable(metadata)  # the last guard: what is committed must serialise back (service.validation)
             cursor = self.writer.execute(
-                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at, captured_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at, captured_at,"
+                " derived) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (item.person_id, item.camera_id, dump_metadata(metadata), item.image, item.image_format, item.width, item.height,
-                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now, item.captured_at))
+                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now, item.captured_at, item.derived))
             stored.append(Item(cursor.lastrowid, item.person_id, item.camera_id, metadata, item.image_format, item.width, item.height,
                                now, item.captured_at))
         return stored

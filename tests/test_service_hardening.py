@@ -218,6 +218,31 @@ def test_concurrent_decompression_bombs_share_one_decode_budget(tiny_model, tmp_
         assert memory_mb(server, "VmRSS") - before < 150
 
 
+def test_heatmaps_never_decode_a_costly_stored_image_again(tiny_model, tmp_path):
+    """A 3 MP PNG has no reduced decode: drawing its heatmap decoded it in full on every query (ten 6300x6300
+    ones took 4 s a query). Its model pixels and preview are kept at enrolment; to prove the original is not
+    decoded again, it is overwritten with bytes that cannot be decoded, and the heatmap is still exact."""
+    gradient = np.linspace(0, 255, 2000 * 1500 * 3).reshape(1500, 2000, 3).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="PNG")
+    large, store = buffer.getvalue(), tmp_path / "g.sqlite3"
+    with ServiceProcess(tiny_model[1], store, heatmap_cache_mb=0) as server, server.client() as c:
+        [large_id] = enroll(c, [large])
+        [small_id] = enroll(c, [image_bytes(77, 1)])
+    db = sqlite3.connect(store)
+    assert [row[0] is None for row in db.execute("SELECT derived FROM items ORDER BY id")] == [False, True]
+    db.execute("UPDATE items SET image = ? WHERE id = ?", (b"not an image", large_id))
+    db.commit()
+    db.close()
+    with ServiceProcess(tiny_model[1], store, heatmap_cache_mb=0) as server, server.client() as c:
+        response = c.post("/query", files={"image": ("q.png", large, "image/png")}, data={"top_k": "2"})
+        assert response.status_code == 200, response.text
+        [match] = [m for m in response.json()["matches"] if m["id"] == large_id]
+        assert match["score"] == pytest.approx(1.0, abs=1e-5)
+        assert np.mean(match["heatmap"]["grid"]) == pytest.approx(match["score"], abs=1e-4)
+        assert small_id in [m["id"] for m in response.json()["matches"]]
+
+
 def test_a_store_made_without_auto_vacuum_is_rewritten_with_it_and_keeps_its_items(tmp_path):
     """Deletes can only give space back to a full disk with auto_vacuum, which an older version did not set."""
     store = GalleryStore(tmp_path / "g.sqlite3")

@@ -7,6 +7,7 @@ from fastapi import FastAPI, File, Form, Path as PathParam, Query, Request, Resp
 from pydantic import BeforeValidator
 
 from service.errors import APIError
+from service.derived import derived_copy
 from service.form_fields import check_captured_at, check_id, check_stored_id, parse_metadata, per_image, time_range
 from service.http_contract import image_headers
 from service.routes.common import ERRORS, PROTECTED, TIME_FORMAT, state
@@ -41,9 +42,9 @@ async def enroll(
     cameras = [check_id(c, "camera_id") for c in per_image(camera_id, count, "camera_id")]
     metas = [parse_metadata(m) for m in per_image(metadata, count, "metadata")]
     times = [check_captured_at(t, settings) for t in per_image(captured_at, count, "captured_at")]
-    uploads = await s.decoder.read_all(images, s.model.input_size)
+    uploads = await s.decoder.read_all(images, s.model.input_size, preview=True)  # previews: for service.derived's copies
     embedding, _ = await s.batcher.embed(pixels_of(uploads))
-    new = [NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t)
+    new = [NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t, derived_copy(u.decoded))
            for u, e, p, c, m, t in zip(uploads, embedding, persons, cameras, metas, times)]
     stored = await s.gallery.add(new)
     s.metrics.gallery_size.set(s.gallery.size)
