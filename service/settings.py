@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     max_decode_mb: int = Field(1024, ge=64, description="memory all concurrent image decodes may take together (estimated at 17 bytes a decoded pixel: a lossless WebP, the costliest format measured, peaks at 16.1); a decode waits for room, one larger than all of it waits to run alone")
     decode_threads: int = Field(0, ge=0, description="threads that decode uploads; 0: one per CPU core")
     max_heatmap_matches: int = Field(10, ge=0, description="a query draws heatmaps for its first this many matches only")
+    max_batch_heatmaps: int = Field(22, ge=0, description="heatmaps one POST /query/batch draws in all, its queries' own and their matches', in upload order; later queries answer without")
     heatmap_cache_mb: int = Field(256, ge=0, description="memory for gallery items' feature maps kept (float16, least recently used first out) so a match drawn again needs no model call; 0: none")
     verify_threshold: Optional[float] = Field(None, ge=-1, le=1, allow_inf_nan=False, description="same person when the score is above this (POST /verify, same_person per match); unset: the model's calibrated threshold (reid.verification) when it has one, else same_person is null")
     rerank_shortlist: int = Field(100, ge=1, le=2000, description="index hits a query with rerank=true or pair_attention=true re-ranks (at least its top_k)")

@@ -15,6 +15,7 @@ from tests.server import ServiceProcess, assert_error, onnx_outputs, query
 
 pytestmark = pytest.mark.slow
 MAX_IMAGES, HEATMAP_MATCHES = 32, 5
+BATCH_HEATMAPS = 2 * (1 + HEATMAP_MATCHES) + 3  # two queries in full, the third its own and 2 matches'
 # person 1 has many images, so that group_by must widen the index search past them to find other people
 VARIANTS = {"1": range(1, 21), "2": range(1, 4), "3": range(1, 4), "4": range(1, 4)}
 UNLABELLED = [image_bytes(5, 1), image_bytes(6, 1)]  # no person_id: each is a group of its own
@@ -34,7 +35,7 @@ TRACK = [image_bytes(2, 10), image_bytes(2, 11), png(person_image(2, 12, size=(3
 def server(request, tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("tracks") / "gallery.sqlite3"
     with ServiceProcess(tiny_model[1], store, max_images_per_request=MAX_IMAGES, max_top_k=40, max_heatmap_matches=HEATMAP_MATCHES,
-                        **backend_settings(request)) as process:
+                        max_batch_heatmaps=BATCH_HEATMAPS, **backend_settings(request)) as process:
         yield process
 
 
@@ -161,6 +162,16 @@ def test_a_batch_answers_each_image_as_its_own_query(reid, gallery):
     for result in drawn.results:
         assert_explained(result)
         assert np.mean(result.query_heatmap["grid"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_batch_draws_at_most_its_heatmap_budget(reid, gallery):
+    """64 queries with heatmaps and top_k=100 answered 120 MB in 22 s: a batch draws REID_MAX_BATCH_HEATMAPS
+    in all, in upload order, and each result says how many matches it drew."""
+    results = reid.query_batch(TRACK + TRACK, top_k=7, heatmaps=True).results
+    assert [r.raw["heatmap_matches"] for r in results] == [HEATMAP_MATCHES, HEATMAP_MATCHES, 2, 0, 0, 0]
+    assert [r.query_heatmap is not None for r in results] == [True, True, True, False, False, False]
+    assert sum(1 + r.raw["heatmap_matches"] for r in results if r.query_heatmap) == BATCH_HEATMAPS
+    assert all(m.heatmap for m in results[2].matches[:2]) and not any(m.heatmap for m in results[2].matches[2:])
 
 
 def test_the_async_client_queries_tracks_and_batches(server, reid, gallery):

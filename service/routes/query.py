@@ -81,7 +81,9 @@ async def query_batch(
     request: Request,
     images: List[UploadFile] = File(..., description="the query images, each its own query (at most REID_MAX_IMAGES_PER_REQUEST)"),
     options: QueryOptions = Depends(query_options),
-    heatmaps: bool = Form(False, description="RAM heatmaps for each query and its first REID_MAX_HEATMAP_MATCHES matches; off by default here"),
+    heatmaps: bool = Form(False, description="RAM heatmaps for each query and its first REID_MAX_HEATMAP_MATCHES matches, in upload order "
+                          "until the request has drawn REID_MAX_BATCH_HEATMAPS (later queries answer without; heatmap_matches says how "
+                          "many each drew); off by default here"),
 ):
     """Independent queries with the same options, embedded together in one model batch; the answers in upload
     order, each what POST /query answers for that image alone. No pair_attention (it re-embeds a shortlist
@@ -96,9 +98,12 @@ async def query_batch(
     watch.lap("embed")
     # one query after the other: each one's heatmap matches are re-embedded as one batch, so the model queue
     # holds at most one query's REID_MAX_HEATMAP_MATCHES images from this request at a time
-    results = [await s.answerer.answer(options, embedding[row : row + 1], None if maps is None else maps[row : row + 1],
-                                       [upload.decoded.preview], Stopwatch())
-               for row, upload in enumerate(uploads)]
+    results, heatmaps_left = [], s.settings.max_batch_heatmaps if heatmaps else 0
+    for row, upload in enumerate(uploads):
+        drawn = replace(options, heatmaps=heatmaps_left > 0, heatmap_matches=max(0, min(s.settings.max_heatmap_matches, heatmaps_left - 1)))
+        results.append(await s.answerer.answer(drawn, embedding[row : row + 1], None if maps is None else maps[row : row + 1],
+                                               [upload.decoded.preview], Stopwatch()))
+        heatmaps_left -= drawn.heatmaps + results[-1].heatmap_matches
     return BatchQueryResponse(results=results, gallery_size=s.gallery.size, timing_ms=watch.total())
 
 
