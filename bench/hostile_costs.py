@@ -148,7 +148,7 @@ def pipelined(server: ServiceProcess, count: int = 4000) -> dict:
 
 def trickle(server: ServiceProcess) -> dict:
     head = f"POST /gallery HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; boundary=b\r\n" \
-           "Content-Length: 100000\r\n\r\n".encode()
+           "Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.jpg\"\r\n\r\n".encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(head)
     started, sent = time.monotonic(), 0

@@ -15,6 +15,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.log_throttle import throttle_repeats
     from service.server import protocol_class
 
     logging.basicConfig(level=settings.log_level.upper(), format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}')
@@ -22,6 +23,7 @@ def serve(settings: Settings) -> None:
     # ws: the API has no WebSocket routes, so an upgrade request is answered as plain HTTP
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
                             http=protocol_class(settings), ws="none")
+    throttle_repeats("", "uvicorn")  # after uvicorn.Config, which sets up uvicorn's handlers
 
     class AnnouncedServer(uvicorn.Server):
         """Says once, whatever the log level, when the socket is listening and the model and gallery are loaded."""

@@ -2,6 +2,7 @@
 authentication and cross-site writes decided before the body is read, EXIF orientation, slow clients."""
 import http.client
 import io
+import logging
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from model_zoo.preprocess import DecodeBudgetExceeded, decode_for_model, load_for_model
+from service.log_throttle import RepeatThrottle
 from tests.conftest import person_image
 from tests.server import ServiceProcess
 
@@ -257,17 +259,27 @@ def test_a_stalled_body_is_disconnected(strict):
 
 
 def test_a_trickling_body_is_disconnected(strict):
-    """A byte every 0.3 s never pauses for the body timeout, but stays far under the minimum rate."""
-    sock = connect(strict, request_head("POST", "/gallery", 10_000, strict.port))
-    started = time.monotonic()
+    """A file part's bytes one every 0.3 s never pause for the body timeout, but stay far under the minimum
+    rate: the connection is cut while the body is still coming, with no answer."""
+    part = b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    sock = connect(strict, request_head("POST", "/gallery", 10_000, strict.port) + part)
+    sock.setblocking(False)
+    started, answer = time.monotonic(), b""
     try:
         while time.monotonic() - started < 10:
             sock.sendall(b"x")
             time.sleep(0.3)
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            answer += chunk
+            if not chunk:
+                break
     except OSError:  # closed by the server
         pass
     sock.close()
-    assert 1.5 < time.monotonic() - started < 6
+    assert 1.5 < time.monotonic() - started < 6 and answer == b""
 
 
 def test_a_slow_but_steady_body_is_served(strict):
@@ -309,6 +321,25 @@ def test_unparsable_http_is_a_400_in_the_error_shape(strict):
     status, headers, body = read_response(sock)
     sock.close()
     assert status == 400 and headers["content-type"] == "application/json" and b'"invalid_http"' in body
+
+
+def test_bad_requests_cannot_flood_the_log(strict):
+    """uvicorn logs a WARNING per unparsable request: 50 of them write it once (per 10 s), not 50 times."""
+    for _ in range(50):
+        sock = connect(strict, b"NOT HTTP AT ALL\r\n\r\n")
+        assert read_response(sock)[0] == 400
+        sock.close()
+    assert strict.output().count("Invalid HTTP request received.") <= 2
+
+
+def test_a_throttled_message_says_how_many_were_held_back():
+    now = [0.0]
+    throttle = RepeatThrottle(window_s=10, clock=lambda: now[0])
+    record = lambda: logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "bad request from %s", ("x",), None)  # noqa: E731
+    assert [throttle.filter(record()) for _ in range(4)] == [True, False, False, False]
+    now[0] = 11.0
+    passed = record()
+    assert throttle.filter(passed) and passed.getMessage() == "bad request from x (3 more like this held back)"
 
 
 def test_the_connection_limit_is_honoured(strict):
