@@ -4,9 +4,11 @@
 Every write (enrol, delete) goes through one writer task, in arrival order: it commits the store in a worker
 thread (writes that arrive together share one transaction and one fsync: group commit), then updates the
 in-memory index on the event loop, then answers the requests. A write is acknowledged only once it is durable
-and searchable, and no other write can come between its store commit and its index update. Reads run while a
-commit is under way, so a query may find an id in the index whose delete the store has already committed:
-readers skip ids the store no longer has. At start the index is rebuilt from the store; a store embedded by
+and searchable, and no other write can come between its store commit and its index update. Searches and
+store reads run in worker threads (``ReadThreads``, each thread on its own read connection), never on the
+loop; the index changes only while no search runs (``service.search_gate``). Reads run while a commit is under
+way, so a query may find an id in the index whose delete the store has already committed: readers skip ids
+the store no longer has. At start the index is rebuilt from the store; a store embedded by
 another model is re-embedded from its stored images or refused.
 
 Later rebuilds (the gallery outgrew what a trained index learnt from, or many deletes left tombstones) run in
@@ -14,8 +16,8 @@ a worker thread on a read connection of their own, while the old index keeps ans
 each write applied meanwhile is replayed onto the new index when it is swapped in. Applying a write to the
 index is idempotent (an id the index already holds is not added again, one it lacks is not removed), so a
 write the rebuild's read already saw replays harmlessly. The exception is an erasure on an index that cannot
-drop vectors (HNSW, GPU): it is rebuilt at once, on the loop, so the erased vectors leave memory before the
-next write is answered.
+drop vectors (HNSW, GPU): it is rebuilt at once (in a worker thread, searches waiting), so the erased vectors
+leave memory before the next write is answered.
 
 Erasure (a person's items, or those retention expires) is one such write: one transaction, then the WAL
 wiped (service.store), then the vectors removed from memory, then the answer.
@@ -37,10 +39,12 @@ from model_zoo.preprocess import load_for_model
 from service.index import VectorIndex
 from service.inference import ImageMaps, InferenceModel
 from service.map_cache import FeatureMapCache
+from service.search_gate import SearchGate
 from service.settings import Settings
-from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, ReserveMissing, StoreReads, is_disk_full
+from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, ReserveMissing, StoreReader, StoreReads, is_disk_full
 
 log = logging.getLogger(__name__)
+READ_THREADS = 4  # searches and store reads at once: FAISS and SQLite release the GIL
 EMBEDDING_DIM_KEY = "embedding_dim"
 TRAINING_SAMPLE = 50_000  # gallery vectors a trained index learns from (IVF's lists, the reduction's axes)
 
@@ -95,14 +99,12 @@ class GalleryBase:
         return self.size
 
     async def search_from_loop(self, *args, **kwargs) -> List[Tuple[int, float]]:
-        """``search``, called from the event loop: on the loop itself here, where the embedded index lives and
-        changes; the cluster's moves its network round trip off the loop."""
-        return self.search(*args, **kwargs)
+        """``search``, called from the event loop, run off it (an exact scan, or a network round trip)."""
+        raise NotImplementedError
 
     async def read(self, read: Callable[..., Any], *args) -> Any:
-        """``read(*args)``, one of ``store``'s reads, from the event loop: here on the loop itself (SQLite's
-        read connection is the loop's); the cluster's runs it in a worker thread (a PostgreSQL round trip)."""
-        return read(*args)
+        """``read(*args)``, one of ``store``'s reads, called from the event loop, run off it."""
+        raise NotImplementedError
 
     def remember_maps(self, maps: Dict[int, ImageMaps]) -> None:
         """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being
@@ -194,7 +196,21 @@ class Gallery(GalleryBase):
     async def start(self) -> None:
         self._writes: asyncio.Queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._reads = ReadThreads(self.store, READ_THREADS)
+        self._gate = SearchGate()
         self._writer = asyncio.create_task(self._write_loop())
+
+    async def read(self, read: Callable[..., Any], *args) -> Any:
+        """``read(*args)``, one of ``store``'s reads, in a worker thread on that thread's own connection."""
+        return await self._reads.run(lambda reader: getattr(reader, read.__name__)(*args))
+
+    async def search_from_loop(self, *args, **kwargs) -> List[Tuple[int, float]]:
+        """``search`` in a worker thread, never while the index changes (``service.search_gate``)."""
+        def search(reader: StoreReader) -> List[Tuple[int, float]]:
+            with self._gate.searching():
+                return self.search(*args, store=reader, **kwargs)
+
+        return await self._reads.run(search)
 
     def close(self) -> None:
         self.store.close()
@@ -204,6 +220,7 @@ class Gallery(GalleryBase):
         self._cancel_rebuild.set()
         await asyncio.gather(self._writer, *([self._rebuilding] if self._rebuilding else []), return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self._reads.close()
 
     async def add(self, items: Sequence[NewItem]) -> List[Item]:
         """Store and index the items, all or nothing; returns them as stored once they are durable and searchable."""
@@ -263,13 +280,14 @@ class Gallery(GalleryBase):
                     _settle(write.future, error=exc)
                 continue
             await self._wipe_after_erasure(group, results)
-            for write, result in zip(group, results):
-                if isinstance(result, Exception):
-                    _settle(write.future, error=result)
-                else:
-                    self._apply_to_index(write, result)
-                    _settle(write.future, result=result)
-            self._maybe_rebuild()
+            async with self._gate.changing():
+                for write, result in zip(group, results):
+                    if isinstance(result, Exception):
+                        _settle(write.future, error=result)
+                    else:
+                        await self._apply_to_index(write, result)
+                        _settle(write.future, result=result)
+                await self._maybe_rebuild()
 
     async def _commit(self, group: List[_Write]) -> List[Any]:
         """The group's results, each a value or its own error. The disk reserve comes before enrolments: where
@@ -303,25 +321,34 @@ class Gallery(GalleryBase):
             except sqlite3.Error as exc:  # the erasure has committed all the same; the next one wipes again
                 log.error("wiping the WAL after an erasure failed: %s", exc)
 
-    def _apply_to_index(self, write: _Write, result: Any) -> None:
+    async def _apply_to_index(self, write: _Write, result: Any) -> None:
+        """With the search gate held (as every change of the index or its labels)."""
         try:
             write.in_index(result)
         except Exception:  # the write is durable: make the index match the store again rather than fail it
             log.exception("index update failed; rebuilding the index from the store")
-            self.rebuild_index()
+            await self._rebuild_now()
         if self._rebuilding is not None:
             self._replay.append((write, result))
 
-    def _maybe_rebuild(self) -> None:
+    async def _rebuild_now(self) -> None:
+        """Rebuild the index from the store in a worker thread; the gate held, searches wait for it."""
+        reader = self.store.reader()
+        try:
+            self.index, self.labels = await asyncio.to_thread(built_index, self._new_index(), reader, self.dim)
+        finally:
+            reader.close()
+
+    async def _maybe_rebuild(self) -> None:
         if self.index.holds_erased:  # erased vectors must leave memory now, not when a background build ends
-            self.rebuild_index()
+            await self._rebuild_now()
         elif self.index.needs_rebuild and self._rebuilding is None:
             self._replay = []
             self._rebuilding = asyncio.create_task(self._rebuild_in_background())
 
     async def _rebuild_in_background(self) -> None:
         """Build a new index from the store in a worker thread, then swap it in and replay onto it the writes
-        applied since the build began (all on the loop, between two writes, so no query sees a half state)."""
+        applied since the build began (on the loop, the gate held, between two writes: no search sees a half state)."""
         started = time.perf_counter()
         reader = self.store.reader()
         try:
@@ -333,20 +360,23 @@ class Gallery(GalleryBase):
         finally:
             reader.close()
             self._rebuilding = None
-        self.index, self.labels = index, labels
-        replay, self._replay = self._replay, []
-        for write, result in replay:
-            self._apply_to_index(write, result)
-        log.info("index rebuilt in the background: %d items, %d writes replayed, %.1f s",
-                 index.size, len(replay), time.perf_counter() - started)
-        self._maybe_rebuild()  # a replayed erasure on HNSW, or growth during the build, asks for another
+        async with self._gate.changing():
+            self.index, self.labels = index, labels
+            replay, self._replay = self._replay, []
+            for write, result in replay:
+                await self._apply_to_index(write, result)
+            log.info("index rebuilt in the background: %d items, %d writes replayed, %.1f s",
+                     index.size, len(replay), time.perf_counter() - started)
+            await self._maybe_rebuild()  # a replayed erasure on HNSW, or growth during the build, asks for another
 
     def search(self, embedding: np.ndarray, k: int, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
                person_id: Optional[str] = None, min_score: Optional[float] = None, captured_after: Optional[float] = None,
-               captured_before: Optional[float] = None, group_by_person: bool = False) -> List[Tuple[int, float]]:
+               captured_before: Optional[float] = None, group_by_person: bool = False, store: Optional[StoreReads] = None
+               ) -> List[Tuple[int, float]]:
         """Top-k (id, score) with score = mean over branches of the cosine similarity, in [-1, 1]. The time range
         is captured_after <= captured_at < captured_before; an item of unknown capture time is in no range.
-        ``group_by_person``: the best item of each person only (see ``person_group``)."""
+        ``group_by_person``: the best item of each person only (see ``person_group``). ``store``: what a reduced
+        index's shortlist is re-scored from (the calling thread's connection; default: the store's own)."""
         def accept(item_id: int, raw: float) -> bool:
             person, camera, captured = self.labels.get(item_id, UNLABELLED)
             return ((camera_id is None or camera == camera_id) and (exclude_camera_id is None or camera != exclude_camera_id)
@@ -355,8 +385,32 @@ class Gallery(GalleryBase):
 
         filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score, captured_after, captured_before))
         hits = self.index.search(embedding, k, accept if filtered else None, self.person_group if group_by_person else None,
-                                 partial(exact_scores, self.store, embedding))
+                                 partial(exact_scores, store or self.store, embedding))
         return [(item_id, self.score(raw)) for item_id, raw in hits]
+
+
+class ReadThreads:
+    """Store reads in worker threads, each thread on its own read-only connection (SQLite's WAL lets them read
+    beside the writer): a read that misses the page cache no longer holds up the event loop."""
+
+    def __init__(self, store: GalleryStore, threads: int):
+        self._store, self._local, self._opened = store, threading.local(), []
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="gallery-read")
+
+    def _reader(self) -> StoreReader:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = self._store.reader()
+            self._opened.append(reader)
+        return reader
+
+    async def run(self, read: Callable[[StoreReader], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: read(self._reader()))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        for reader in self._opened:
+            reader.close()
 
 
 class RebuildCancelled(Exception):
@@ -381,7 +435,7 @@ def built_index(index: VectorIndex, store: StoreReads, dim: int, cancelled: Opti
     return index, labels
 
 
-def exact_scores(store: GalleryStore, embedding: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def exact_scores(store: StoreReads, embedding: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Inner products of the stored full embeddings of ``ids`` with ``embedding`` (NaN for ids no longer stored):
     what a reduced index's shortlist is re-scored with."""
     found = store.embeddings(ids.tolist(), len(embedding))
