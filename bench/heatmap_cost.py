@@ -2,35 +2,40 @@
 
 A query with heatmaps=true re-embeds its first REID_MAX_HEATMAP_MATCHES matches' stored images for their
 feature maps (the index holds embeddings only), computes each match's RAM against the query's features, and
-draws the query's and each match's overlays (aggregate and per branch) as base64 PNGs. This times each piece
+draws the query's and each match's overlays (aggregate, per branch when asked) as base64 PNGs, unless the
+query asks for grids only (overlays=false, what the web page does: it draws them). This times each piece
 for one query of 10 real matches with the service's own functions, in rounds, on one thread each where the
 service spreads them (so the sum is CPU time, not latency), and what a cut would save: maps from a cache
 (no re-embedding), aggregate overlays only (no per-branch PNGs).
 
 Then end to end: two real servers on the shipped model, one with the feature-map cache (REID_HEATMAP_CACHE_MB,
 default) and one without (0), each holding the same real gallery crops, answer top-10 queries of real query
-crops in rounds, the variants alternating: no heatmaps; heatmaps with per-branch overlays; aggregate overlays
-only (branch_overlays=false); and that with the matches' maps already cached (the same query asked before,
-as a user looking again or a track's next crop would).
+crops in rounds, the variants alternating: no heatmaps; heatmaps with per-branch overlays; the aggregate
+overlay only (the default); grids only; and the last two with the matches' maps already cached (the same
+query asked before, as a user looking again or a track's next crop would). Then each variant's answer size,
+and the queries a second of ``--clients`` clients at once: without heatmaps, and grids only, uncached and
+cached.
 
-    python bench/heatmap_cost.py --data ../shared/data --output bench/results/heatmap_cost.json
+    python -m bench.heatmap_cost --data $DATA --output bench/results/heatmap_cost.json
 """
 import argparse
-import os
-import platform
+import json
 import statistics
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import alternating_latency, emit, timed  # noqa: E402
+from bench.common import alternating_latency, emit, provenance, timed  # noqa: E402
 from client import ReIDClient  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from model_zoo.contract import split_branches  # noqa: E402
+from model_zoo.files import sha256_of  # noqa: E402
 from model_zoo.preprocess import decode_for_model  # noqa: E402
 from model_zoo.ram import ranking_activation_maps  # noqa: E402
 from service.heatmaps import overlay, png_base64  # noqa: E402
@@ -47,6 +52,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--gallery", type=int, default=200, help="end to end: real gallery crops enrolled")
     parser.add_argument("--queries", type=int, default=10, help="end to end: real query crops per round")
+    parser.add_argument("--clients", type=int, default=8, help="end to end: concurrent clients for the throughput figures")
+    parser.add_argument("--seconds", type=float, default=15, help="end to end: length of each throughput figure")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     model = InferenceModel(args.model, "cpu", intra_op_threads=1, instances=1).load()
@@ -78,8 +85,7 @@ def main() -> None:
         for name, step in pieces.items():
             rounds[name].append(timed(step))
     medians = {name: round(statistics.median(times), 1) for name, times in rounds.items()}
-    results = {"model": args.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "command": " ".join(sys.argv), "one_thread_ms_median": medians,
+    results = {**provenance(), "model": {"file": args.model.name, "sha256": sha256_of(args.model)}, "one_thread_ms_median": medians,
                "range_ms": {name: [round(min(t), 1), round(max(t), 1)] for name, t in rounds.items()},
                "feature_map_bytes_per_item": {"float32": int(maps.features[0].nbytes), "float16": int(maps.features[0].nbytes // 2)},
                "end_to_end": end_to_end(args)}
@@ -99,16 +105,42 @@ def end_to_end(args) -> dict:
             for start in range(0, len(gallery), 16):
                 reid.enroll([(f"{i}.jpg", b) for i, b in enumerate(gallery[start:start + 16])])
         for query in queries:  # the cached server has seen every query once: its matches' maps are cached
-            with_cache.query(("q.jpg", query), heatmaps=True, branch_overlays=False)
+            with_cache.query(("q.jpg", query), heatmaps=True)
         variants = {
             "no heatmaps": lambda q: without_cache.query(q, heatmaps=False),
-            "heatmaps, per-branch overlays, no cache": lambda q: without_cache.query(q, heatmaps=True),
-            "heatmaps, aggregate overlays only, no cache": lambda q: without_cache.query(q, heatmaps=True, branch_overlays=False),
-            "heatmaps, aggregate overlays only, maps cached": lambda q: with_cache.query(q, heatmaps=True, branch_overlays=False),
+            "heatmaps, per-branch overlays, no cache": lambda q: without_cache.query(q, heatmaps=True, branch_overlays=True),
+            "heatmaps, aggregate overlay (the default), no cache": lambda q: without_cache.query(q, heatmaps=True),
+            "heatmaps, grids only, no cache": lambda q: without_cache.query(q, heatmaps=True, overlays=False),
+            "heatmaps, aggregate overlay, maps cached": lambda q: with_cache.query(q, heatmaps=True),
+            "heatmaps, grids only, maps cached": lambda q: with_cache.query(q, heatmaps=True, overlays=False),
         }
-        latency = alternating_latency({name: lambda q, ask=ask: ask(("q.jpg", q)) for name, ask in variants.items()}, queries, args.rounds)
+        asked = {name: lambda q, ask=ask: ask(("q.jpg", q)) for name, ask in variants.items()}
+        latency = alternating_latency(asked, queries, args.rounds)
+        answer_kb = {name: round(len(json.dumps(ask(queries[0]).raw)) / 1000, 1) for name, ask in asked.items()}
+        throughput = {name: concurrent_rate(asked[name], queries, args.clients, args.seconds)
+                      for name in ("no heatmaps", "heatmaps, grids only, no cache", "heatmaps, grids only, maps cached")}
     return {"gallery_items": len(gallery), "queries_per_round": len(queries), "rounds": args.rounds, "top_k": 10,
-            "server": "the service's own thread plan on every core, one request at a time", "latency_ms": latency}
+            "server": "the service's own thread plan on every core, one request at a time", "latency_ms": latency,
+            "answer_kb": answer_kb, "clients": args.clients, "queries_per_s": throughput}
+
+
+def concurrent_rate(ask, queries, clients: int, seconds: float) -> float:
+    """Queries a second with ``clients`` asking at once, each as soon as its last answer came."""
+    stop, done = time.monotonic() + seconds, []
+
+    def client(offset: int) -> None:
+        i = offset
+        while time.monotonic() < stop:
+            ask(queries[i % len(queries)])
+            done.append(1)
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return round(len(done) / seconds, 2)
 
 
 if __name__ == "__main__":

@@ -162,8 +162,8 @@ class ReIDClient:
 
     def query(self, image: ImageInput, top_k: int = 10, **options) -> QueryResult:
         """Matches for one image; ``options``: camera_id, exclude_camera_id, person_id, min_score, captured_after,
-        captured_before, heatmaps, branch_overlays (False: no per-branch PNGs), rerank, pair_attention, group_by ("person":
-        one match per person)."""
+        captured_before, heatmaps, overlays (False: grids only, no PNG), branch_overlays (True: a PNG per branch too), rerank,
+        pair_attention, group_by ("person": one match per person)."""
         return self._send(query_request(image, top_k, **options))
 
     def query_track(self, images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", **options) -> QueryResult:

@@ -53,7 +53,8 @@ class QueryOptions:
     group_by_person: bool
     heatmaps: bool = False
     pair_attention: bool = False
-    branch_overlays: bool = True
+    overlays: bool = True  # False: grids only, no PNG (the client draws them)
+    branch_overlays: bool = False
     heatmap_matches: Optional[int] = None  # matches drawn with heatmaps; None: REID_MAX_HEATMAP_MATCHES
 
     @property
@@ -96,19 +97,20 @@ def rerank_hits(embedding: np.ndarray, hits: List[Tuple[int, float]], found: dic
     return [hits[j] for j in order], [{"rerank_distance": float(distances[j])} for j in order]
 
 
-def make_heatmap(query_features: np.ndarray, maps: ImageMaps, image, branch_overlays: bool = True) -> Heatmap:
+def make_heatmap(query_features: np.ndarray, maps: ImageMaps, image, overlays: bool = True, branch_overlays: bool = False) -> Heatmap:
     """RAM of one image (``maps`` indexed to it), and the model's own attention maps when it exports them.
-    Without ``branch_overlays`` the per-branch PNGs are not drawn (the grids still are): they are most of a
-    heatmap query's CPU (bench/results/heatmap_cost.json)."""
+    PNGs are drawn on ``image`` only with ``overlays`` (the aggregate's; each branch's too with
+    ``branch_overlays``): they were most of a heatmap query's CPU and bytes (bench/results/heatmap_cost.json),
+    and the grids are all a client needs to draw them itself, as the page does."""
     ram = ranking_activation_maps(query_features, maps.features)
-    heatmap = Heatmap(
-        grid=ram.aggregate.tolist(), branch_grids=ram.per_branch.tolist(),
-        overlay_png=png_base64(overlay(image, ram.aggregate)),
-        branch_overlays_png=[png_base64(overlay(image, grid)) for grid in ram.per_branch] if branch_overlays else [],
-    )
+    heatmap = Heatmap(grid=ram.aggregate.tolist(), branch_grids=ram.per_branch.tolist())
+    if overlays:
+        heatmap.overlay_png = png_base64(overlay(image, ram.aggregate))
+        heatmap.branch_overlays_png = [png_base64(overlay(image, grid)) for grid in ram.per_branch] if branch_overlays else []
     if maps.attention is not None:
         heatmap.attention_grids = maps.attention.tolist()
-        heatmap.attention_overlays_png = [png_base64(overlay(image, grid, unit_scale=True)) for grid in maps.attention]
+        if overlays:
+            heatmap.attention_overlays_png = [png_base64(overlay(image, grid, unit_scale=True)) for grid in maps.attention]
     return heatmap
 
 
@@ -117,11 +119,11 @@ def draw_pair_attention(pair: PairAttention, query_image, match_image) -> None:
     pair.gallery_overlay_png = png_base64(overlay(match_image, np.array(pair.gallery_grid)))
 
 
-def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image, branch_overlays: bool) -> Heatmap:
+def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image, options: "QueryOptions") -> Heatmap:
     """One match's drawings, in one worker thread: its RAM and, after a pair_attention query, its pair's maps."""
-    if match.pair_attention is not None:
+    if match.pair_attention is not None and options.overlays:
         draw_pair_attention(match.pair_attention, query_image, image)
-    return make_heatmap(query_features, maps, image, branch_overlays)
+    return make_heatmap(query_features, maps, image, options.overlays, options.branch_overlays)
 
 
 @dataclass
@@ -179,7 +181,7 @@ class QueryAnswerer:
         query_heatmaps = None
         if options.heatmaps:
             query_heatmaps, _ = await asyncio.gather(
-                self.draw_query_heatmaps(features, maps, previews, options.branch_overlays),
+                self.draw_query_heatmaps(features, maps, previews, options),
                 self.add_heatmaps(matches, features_by_id, previews[0], known_maps, options))
             watch.lap("heatmaps")
         track = len(previews) > 1
@@ -188,11 +190,11 @@ class QueryAnswerer:
                              reranked=options.reorders, heatmap_matches=sum(m.heatmap is not None for m in matches),
                              same_person_threshold=self.same_person.describe())
 
-    async def draw_query_heatmaps(self, features: np.ndarray, maps: ImageMaps, previews: list, branch_overlays: bool) -> List[Heatmap]:
+    async def draw_query_heatmaps(self, features: np.ndarray, maps: ImageMaps, previews: list, options: QueryOptions) -> List[Heatmap]:
         """Each query image's map for the features its matches were scored with: the one vector's (an image, a
         track's mean), or with one vector per image (a best-of track) the image's own."""
         per_image = features if len(features) > 1 else [features[0]] * len(previews)
-        return list(await asyncio.gather(*(asyncio.to_thread(make_heatmap, per_image[j], maps[j], preview, branch_overlays)
+        return list(await asyncio.gather(*(asyncio.to_thread(make_heatmap, per_image[j], maps[j], preview, options.overlays, options.branch_overlays)
                                            for j, preview in enumerate(previews))))
 
     async def pair_rerank(self, embedding: np.ndarray, query_maps: ImageMaps, hits: List[Tuple[int, float]], found: dict, top_k: int):
@@ -241,7 +243,7 @@ class QueryAnswerer:
         took 3.7 s and answered 17.7 MB), each for the query features it was scored with (``features_by_id``)."""
         limit = self.settings.max_heatmap_matches if options.heatmap_matches is None else options.heatmap_matches
         chosen = matches[:limit]
-        decoded = await self.decode_stored([m.id for m in chosen], preview=True)
+        decoded = await self.decode_stored([m.id for m in chosen], preview=options.overlays)
         gone = {m.id for m in chosen if m.id not in decoded}  # deleted since the search
         matches[:] = [m for m in matches if m.id not in gone]
         chosen = [m for m in chosen if m.id in decoded]
@@ -250,6 +252,6 @@ class QueryAnswerer:
         maps = await self.maps_of([m.id for m in chosen], known_maps, decoded)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
         heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image,
-                                                            options.branch_overlays) for m in chosen))
+                                                            options) for m in chosen))
         for match, heatmap in zip(chosen, heatmaps):
             match.heatmap = heatmap

@@ -51,8 +51,8 @@ class Heatmap(OmitsUnusedExtras):
 
     grid: List[List[float]] = Field(description="aggregate RAM (mean over branches), h x w; its mean is the score")
     branch_grids: List[List[List[float]]] = Field(description="per-branch RAM R^i, N x h x w")
-    overlay_png: str = Field(description="base64 PNG: the aggregate map over the image (min-max scaled)")
-    branch_overlays_png: List[str] = Field(description="base64 PNGs, one per branch; empty when the query set branch_overlays=false")
+    overlay_png: Optional[str] = Field(None, description="base64 PNG: the aggregate map over the image (min-max scaled); null when the query set overlays=false")
+    branch_overlays_png: List[str] = Field([], description="base64 PNGs, one per branch, when the query set branch_overlays=true; else empty")
     attention_grids: Optional[List[List[List[float]]]] = Field(
         None, description="only for a model with the optional attention_maps output (CLPD): its K maps, K x h' x w', in [0, 1], "
         "which show where each part looks; not part of the score. Absent for other models")

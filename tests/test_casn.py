@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from model_zoo.architectures import build_model
 from tests.conftest import image_bytes, person_image, tiny_overrides
 from tests.server import ServiceProcess, assert_error, assert_heatmaps_sum_to_scores, enrol, metric, onnx_outputs, query
-from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page  # noqa: F401 (browser: a fixture)
+from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page, wait_for  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
 from training.data import PairSampler
 from training.engine import Trainer
@@ -343,7 +343,10 @@ def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_pa
         cards = query_on_page(browser, server, image, "rerank", "pair-attention")  # the second box unticks the first
         assert not browser.find_element(By.ID, "rerank").is_selected()
         assert all("d_pair" in card.find_element(By.CSS_SELECTOR, "figcaption div").text for card in cards)
-        assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.pair img")) for card in cards] == [2, 2, 2, 0, 0, 0]
+        # each map drawn by the page from the answer's grids, over its image
+        assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.pair img.overlay")) for card in cards] == [2] * 6  # grids: every match
+        drawn = lambda d: all(i.get_attribute("src").startswith("data:image/png") for i in d.find_elements(By.CSS_SELECTOR, ".strip img.overlay"))  # noqa: E731
+        wait_for(browser, drawn)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "web_page_pair_attention.png"))
 

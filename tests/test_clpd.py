@@ -18,7 +18,7 @@ from model_zoo.architectures.contract_maps import cosine_distance_map, grid_mean
 from model_zoo.contract import OUTPUT_ATTENTION_MAPS, check_session
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes, person_image, tiny_overrides
 from tests.server import ServiceProcess, assert_heatmaps_sum_to_scores, enrol, onnx_outputs, query
-from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page  # noqa: F401 (browser: a fixture)
+from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page, wait_for  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
 from training.objectives.clpd import activation_distribution_loss, activation_ratio_loss, candidate_counts, concentration_loss
 from training.solver import Phase, build_optimizer, set_learning_rate
@@ -286,7 +286,10 @@ def test_the_page_shows_the_part_attention_maps_beside_ram(browser, clpd_onnx, t
         enrol(client, [image_bytes(pid, v) for pid in (1, 2) for v in (1, 2)])
         cards = query_on_page(browser, server, image)
         assert not browser.find_element(By.ID, "pair-attention-label").is_displayed()  # no pair head for CLPD
-        assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.parts img")) for card in cards] == [8] * 4
-        assert len(browser.find_elements(By.CSS_SELECTOR, "#query-card .strip.parts img")) == 8
+        # each part's map drawn by the page from the answer's grids, over its image
+        assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.parts img.overlay")) for card in cards] == [8] * 4
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#query-card .strip.parts img.overlay")) == 8
+        drawn = lambda d: all(i.get_attribute("src").startswith("data:image/png") for i in d.find_elements(By.CSS_SELECTOR, ".strip img.overlay"))  # noqa: E731
+        wait_for(browser, drawn)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "web_page_part_attention.png"))

@@ -141,7 +141,7 @@ def test_query_ranks_the_same_image_first_with_consistent_scores_and_heatmaps(cl
     # The tiny model barely trained, so only an identical image is sure to rank first (score 1).
     for pid in (2000, 2001, 2002):
         enroll(client, [image_bytes(pid, 10), image_bytes(pid, 11)], person_id=str(pid), camera_id="c2")
-    response = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4"})
+    response = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "branch_overlays": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
     matches = body["matches"]
@@ -158,9 +158,13 @@ def test_query_ranks_the_same_image_first_with_consistent_scores_and_heatmaps(cl
         assert png.format == "PNG" and max(png.size) <= 256
     assert np.mean(body["query_heatmap"]["grid"]) == pytest.approx(1.0, abs=1e-4)
     assert all(len(m["heatmap"]["branch_overlays_png"]) == 2 for m in matches)
-    lean = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "branch_overlays": "false"}).json()
-    for heatmap in (lean["query_heatmap"], *(m["heatmap"] for m in lean["matches"])):  # grids as before, no per-branch PNGs
+    lean = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4"}).json()
+    for heatmap in (lean["query_heatmap"], *(m["heatmap"] for m in lean["matches"])):  # by default no per-branch PNGs
         assert heatmap["branch_overlays_png"] == [] and heatmap["overlay_png"] and len(heatmap["branch_grids"]) == 2
+    grids_only = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "overlays": "false"})
+    for heatmap in (grids_only.json()["query_heatmap"], *(m["heatmap"] for m in grids_only.json()["matches"])):  # what the page draws
+        assert heatmap["overlay_png"] is None and heatmap["branch_overlays_png"] == [] and len(heatmap["branch_grids"]) == 2
+    assert len(grids_only.content) < len(response.content) / 5
     # the second query's matches come from the map cache, in float16: cell by cell their grids agree to 1e-3
     # (float16 rounding over 16 channels), their means, the scores, to 1e-5
     lean_grids, grids = (np.array([m["heatmap"]["grid"] for m in ms]) for ms in (lean["matches"], matches))

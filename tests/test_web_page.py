@@ -100,6 +100,12 @@ def test_enrol_query_toggle_and_delete(browser, tiny_model, tmp_path):
         overlay = cards[0].find_element(By.CSS_SELECTOR, "img.overlay")
         wait_for(browser, lambda d: overlay.get_attribute("src").startswith("data:image/png;base64,"))
         assert float(overlay.value_of_css_property("opacity")) > 0
+        # the page draws the map from the answer's grid (it asks for no PNG), in the image's own proportions,
+        # so that it lies exactly over the image
+        sizes = browser.execute_script(
+            "const [base, heat] = arguments[0].querySelectorAll('.stack img');"
+            "return [base.naturalWidth, base.naturalHeight, heat.naturalWidth, heat.naturalHeight];", cards[0])
+        assert abs(sizes[0] / sizes[1] - sizes[2] / sizes[3]) < 0.02, sizes
         cards[0].find_element(By.CSS_SELECTOR, ".toggle-overlay").click()
         wait_for(browser, lambda d: float(overlay.value_of_css_property("opacity")) == 0)
         cards[0].find_element(By.CSS_SELECTOR, ".toggle-overlay").click()

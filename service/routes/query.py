@@ -30,8 +30,10 @@ async def query_options(
     group_by: Optional[Literal["person"]] = Form(None, description="person: at most one match per person_id, its best-scoring item (items "
                                                  "without person_id each count alone); the index search widens until top_k persons "
                                                  "are found. Not with rerank or pair_attention (422)"),
-    branch_overlays: bool = Form(True, description="with heatmaps: also draw each branch's overlay PNG (branch_overlays_png); false "
-                                 "leaves that list empty (the branch grids are still there), about half a heatmap query's CPU"),
+    overlays: bool = Form(True, description="with heatmaps: draw the aggregate map over each image as a PNG (overlay_png); false: "
+                          "grids only, no PNG at all, for a client that draws them itself (the page does): a few kB a match"),
+    branch_overlays: bool = Form(False, description="with heatmaps and overlays: also draw each branch's map as a PNG "
+                                 "(branch_overlays_png); the branch grids are there either way"),
 ) -> QueryOptions:
     """The options every query route shares, checked before any image is read."""
     max_top_k = request.app.state.settings.max_top_k
@@ -44,7 +46,7 @@ async def query_options(
         raise APIError(422, "invalid_request", GROUP_BY_REORDERED)
     filters = dict(camera_id=camera_id, exclude_camera_id=exclude_camera_id, person_id=person_id, min_score=min_score,
                    captured_after=after, captured_before=before)
-    return QueryOptions(top_k, filters, rerank, group_by == "person", branch_overlays=branch_overlays)
+    return QueryOptions(top_k, filters, rerank, group_by == "person", overlays=overlays, branch_overlays=branch_overlays)
 
 
 async def query(
@@ -65,7 +67,7 @@ async def query(
     options = replace(options, heatmaps=heatmaps, pair_attention=pair_attention)
     check_image_count(image, s.settings)
     s.answerer.check_steps(options, len(image), aggregate)
-    uploads = await s.decoder.read_all(image, s.model.input_size, preview=heatmaps)
+    uploads = await s.decoder.read_all(image, s.model.input_size, preview=heatmaps and options.overlays)
     await require_gallery(s.gallery)
     watch = Stopwatch()
     embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=heatmaps or pair_attention)
@@ -91,7 +93,7 @@ async def query_batch(
     s = state(request)
     options = replace(options, heatmaps=heatmaps)
     check_image_count(images, s.settings)
-    uploads = await s.decoder.read_all(images, s.model.input_size, preview=heatmaps)
+    uploads = await s.decoder.read_all(images, s.model.input_size, preview=heatmaps and options.overlays)
     await require_gallery(s.gallery)
     watch = Stopwatch()
     embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=heatmaps)

@@ -72,21 +72,61 @@ async function loadModelInfo() {
 }
 
 // ---- query ----
-function overlaySource(heatmap) {
-  if (!heatmap) return null;
+// The page asks for grids only (overlays=false) and draws them here, with the server's colour ramp
+// (service/heatmaps.py): a few kB a match instead of a PNG per map, and no server CPU spent drawing.
+const RAMP = [[48, 18, 59], [40, 120, 230], [30, 200, 200], [250, 220, 60], [230, 60, 20], [122, 4, 3]];
+const MAX_OVERLAY_SIDE = 256;
+
+// A map's colours at the grid's own resolution: min-max scaled (a RAM), or as it is on [0, 1] (attention).
+function heatCanvas(grid, unitScale) {
+  const h = grid.length, w = grid[0].length, values = grid.flat();
+  const low = Math.min(...values), high = Math.max(...values);
+  const canvas = element("canvas", { width: w, height: h });
+  const context = canvas.getContext("2d");
+  const pixels = context.createImageData(w, h);
+  values.forEach((value, i) => {
+    const t = unitScale ? Math.min(1, Math.max(0, value)) : high - low < 1e-12 ? 0 : (value - low) / (high - low);
+    const position = t * (RAMP.length - 1), k = Math.min(Math.floor(position), RAMP.length - 2), f = position - k;
+    for (let c = 0; c < 3; c++) pixels.data[4 * i + c] = RAMP[k][c] * (1 - f) + RAMP[k + 1][c] * f;
+    pixels.data[4 * i + 3] = 255;
+  });
+  context.putImageData(pixels, 0, 0);
+  return canvas;
+}
+
+// The map stretched, smoothly, to the image's own proportions, so that it lies exactly over it.
+function heatUrl(grid, image, unitScale = false) {
+  const scale = Math.min(1, MAX_OVERLAY_SIDE / Math.max(image.naturalWidth, image.naturalHeight));
+  const canvas = element("canvas", { width: Math.max(1, Math.round(image.naturalWidth * scale)), height: Math.max(1, Math.round(image.naturalHeight * scale)) });
+  const context = canvas.getContext("2d");
+  context.imageSmoothingEnabled = true;
+  context.imageSmoothingQuality = "high";
+  context.drawImage(heatCanvas(grid, unitScale), 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL("image/png");
+}
+
+function whenLoaded(image) {
+  return image.complete && image.naturalWidth ? Promise.resolve(image) : new Promise((resolve) => image.addEventListener("load", () => resolve(image), { once: true }));
+}
+
+async function drawOverlay(box, grid, unitScale = false) {
+  const image = await whenLoaded(box.querySelector("img:not(.overlay)"));
+  box.querySelector("img.overlay").src = heatUrl(grid, image, unitScale);
+}
+
+function selectedGrid(heatmap) {
   const kind = $("overlay-kind").value;
-  const png = kind === "aggregate" ? heatmap.overlay_png : heatmap.branch_overlays_png[Number(kind)];
-  return `data:image/png;base64,${png}`;
+  return kind === "aggregate" ? heatmap.grid : heatmap.branch_grids[Number(kind)];
 }
 
 function applyOverlays() {
   const opacity = $("opacity").value;
   const on = $("overlay-all").checked;
   document.querySelectorAll("#results .card").forEach((card) => {
-    const overlay = card.querySelector("img.overlay");
-    if (!overlay) return;
-    overlay.src = overlaySource(card.heatmap) || "";
-    overlay.style.opacity = on && !card.classList.contains("overlay-off") ? opacity : 0;
+    const box = card.querySelector(".stack");
+    if (!box || !card.heatmap) return;
+    drawOverlay(box, selectedGrid(card.heatmap));
+    box.querySelector("img.overlay").style.opacity = on && !card.classList.contains("overlay-off") ? opacity : 0;
   });
 }
 
@@ -96,23 +136,29 @@ function stack(baseUrl, heatmap, alt) {
   return box;
 }
 
-// Small maps shown beside the RAM: a model's own attention maps (CLPD's parts), or CASN's pair of maps.
-function strip(kind, title, pngs, labels) {
-  const shown = pngs.map((png, i) => [png, labels[i]]).filter(([png]) => png);
+// Small maps shown beside the RAM, each over its image: a model's own attention maps (CLPD's parts, on
+// [0, 1]), or CASN's pair of maps.
+function strip(kind, title, items) {
+  const shown = items.filter((item) => item.grid);
   if (!shown.length) return "";
-  return element("div", { class: `strip ${kind}`, title }, shown.map(([png, label]) =>
-    element("img", { src: `data:image/png;base64,${png}`, alt: label, title: label })));
+  return element("div", { class: `strip ${kind}`, title }, shown.map((item) => {
+    const box = element("div", { class: "stack", title: item.label }, [
+      element("img", { src: item.url, alt: item.label }), element("img", { class: "overlay", alt: `${item.label} map` })]);
+    drawOverlay(box, item.grid, item.unitScale);
+    return box;
+  }));
 }
 
-function attentionStrip(heatmap) {
-  const pngs = (heatmap && heatmap.attention_overlays_png) || [];
-  return strip("parts", "the model's part attention maps", pngs, pngs.map((_, i) => `part ${i + 1}`));
+function attentionStrip(heatmap, url) {
+  const grids = (heatmap && heatmap.attention_grids) || [];
+  return strip("parts", "the model's part attention maps", grids.map((grid, i) => ({ url, grid, unitScale: true, label: `part ${i + 1}` })));
 }
 
-function pairStrip(pair) {
+function pairStrip(pair, queryUrl, matchUrl) {
   if (!pair) return "";
-  return strip("pair", "CASN pairwise attention: the query and this match, as the pair head sees them",
-    [pair.query_overlay_png, pair.gallery_overlay_png], ["query in this pair (M_q)", "match in this pair (M_g)"]);
+  return strip("pair", "CASN pairwise attention: the query and this match, as the pair head sees them", [
+    { url: queryUrl, grid: pair.query_grid, label: "query in this pair (M_q)" },
+    { url: matchUrl, grid: pair.gallery_grid, label: "match in this pair (M_g)" }]);
 }
 
 function distanceText(match) {
@@ -120,13 +166,13 @@ function distanceText(match) {
   return match.rerank_distance == null ? "" : ` · d* ${match.rerank_distance.toFixed(3)}`;
 }
 
-function matchCard(match, imageUrl, queryPerson) {
+function matchCard(match, imageUrl, queryPerson, queryUrl) {
   const same = queryPerson && match.person_id === queryPerson;
   const toggle = element("button", { type: "button", class: "secondary toggle-overlay", text: "overlay" });
   const card = element("figure", { class: `card match${same ? " same-person" : ""}`, "data-id": match.id, "data-rank": match.rank, "data-score": match.score }, [
     stack(imageUrl, match.heatmap, `match ${match.rank}`),
-    attentionStrip(match.heatmap),
-    pairStrip(match.pair_attention),
+    attentionStrip(match.heatmap, imageUrl),
+    pairStrip(match.pair_attention, queryUrl, imageUrl),
     element("figcaption", {}, [
       element("div", { text: `#${match.rank} · ${match.score.toFixed(3)}${distanceText(match)}` }),
       element("div", { class: "muted", text: `person ${fmt(match.person_id)} · cam ${fmt(match.camera_id)}` }),
@@ -152,6 +198,7 @@ async function runQuery(event) {
   if (files.length > 1) form.append("aggregate", $("aggregate").value);
   if ($("group-by-person").checked) form.append("group_by", "person");
   form.append("top_k", $("top-k").value || "10");
+  form.append("overlays", "false");  // grids only: the page draws them
   if ($("exclude-camera").value) form.append("exclude_camera_id", $("exclude-camera").value);
   if ($("rerank").checked) form.append("rerank", "true");
   if ($("pair-attention").checked) form.append("pair_attention", "true");
@@ -160,13 +207,14 @@ async function runQuery(event) {
     const body = await (await api("query", { method: "POST", body: form })).json();
     const queryPerson = $("query-person").value.trim();
     const urls = await Promise.all(body.matches.map((m) => galleryImageUrl(m.id)));
-    const cards = body.matches.map((m, i) => matchCard(m, urls[i], queryPerson));
+    const queryUrl = URL.createObjectURL(files[0]);
+    const cards = body.matches.map((m, i) => matchCard(m, urls[i], queryPerson, queryUrl));
     $("matches").replaceChildren(...cards);
     const queryCard = $("query-card");
     // a track shows its first image, with that image's map for the features its matches were scored with
     const heatmap = body.track_heatmaps ? body.track_heatmaps[0] : body.query_heatmap;
     const caption = body.track_size ? `track of ${body.track_size} images (${body.aggregate}) · first image's RAM` : "query · its own heatmap";
-    queryCard.replaceChildren(stack(URL.createObjectURL(files[0]), heatmap, "query"), attentionStrip(heatmap),
+    queryCard.replaceChildren(stack(queryUrl, heatmap, "query"), attentionStrip(heatmap, queryUrl),
       element("figcaption", { text: caption }));
     queryCard.heatmap = heatmap;
     queryCard.hidden = false;
