@@ -5,6 +5,7 @@ import io
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -96,3 +97,15 @@ def provenance() -> dict:
             "date": datetime.date.today().isoformat(),
             "machine": {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
                         "python": platform.python_version()}}
+
+
+def generated_marker(name: str) -> "re.Pattern":
+    """A docs marker line ``<!-- NAME: the command that prints it -->`` and the table it owns (the lines that
+    start with "|" after it), replaced as a whole by ``rewrite_generated``."""
+    return re.compile(rf"^(<!-- {name}: ?[^>]*? -->\n)(?:\n?(?:\|.*\n)+)?", re.M)
+
+
+def rewrite_generated(text: str, marker: "re.Pattern", table: str) -> str:
+    """``text`` with the table under every ``marker`` printed again as ``table``."""
+    return marker.sub(lambda match: match.group(1) + "\n" + table + "\n", text)
+

@@ -16,8 +16,10 @@ Embeddings are computed once per model and kept in ``--cache`` (a folder outside
     python -m bench.frozen_heads --data $DATA --cache $RUNS/frozen_heads \\
         --model model_zoo/models/person_reidentification_retail_0277.onnx --model $RUNS/imports/omz0286.onnx \\
         --output bench/results/imported/frozen_heads.json
+    python -m bench.frozen_heads --write-docs bench/results/imported/frozen_heads.json   # docs/models.md's table
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,13 +31,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, provenance  # noqa: E402
+from bench.common import emit, generated_marker, provenance, rewrite_generated  # noqa: E402
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, open_cpu_session  # noqa: E402
 from model_zoo.files import sha256_of  # noqa: E402
 from training.data.market import decode_records, read_split  # noqa: E402
 from training.evaluation import load_test_split, market_metrics  # noqa: E402
 
 POOL = ["cuhk03-detected", "peta-train", "conreid-train"]
+DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+GENERATED = generated_marker("frozen heads table")
 EVAL_SETS = ["cuhk03-detected", "prid", "grid"]
 
 
@@ -115,13 +119,29 @@ def linear_heads(features: np.ndarray, people: np.ndarray, rate: float):
             yield epoch, head
 
 
+def heads_table(results: dict) -> str:
+    """docs/models.md's table of a result file: mAP per set, and each row's difference to the first model."""
+    rows = list(results["mAP"].items())
+    base = rows[0][1]
+    lines = ["| embedding | " + " | ".join(f"{name} mAP (vs first)" for name in EVAL_SETS) + " |", "|" + "---|" * (len(EVAL_SETS) + 1)]
+    for name, row in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{row[s]:.1f} ({row[s] - base[s]:+.1f})" for s in EVAL_SETS) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True, help="folder for the embeddings (outside the repo)")
-    parser.add_argument("--model", type=Path, action="append", required=True, help="the first is improved; others join ensembles")
+    parser.add_argument("--data", type=Path, help="folder holding the pool's sets, cuhk03-detected, prid and grid")
+    parser.add_argument("--cache", type=Path, help="folder for the embeddings (outside the repo)")
+    parser.add_argument("--model", type=Path, action="append", help="the first is improved; others join ensembles")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--write-docs", type=Path, default=None, help="rewrite docs/models.md's table from this result file, measure nothing")
     args = parser.parse_args()
+    if args.write_docs:
+        DOC.write_text(rewrite_generated(DOC.read_text(), GENERATED, heads_table(json.loads(args.write_docs.read_text()))))
+        return
+    if not (args.data and args.cache and args.model):
+        parser.error("--data, --cache and --model are needed to measure")
     cached = [embeddings(m, args.data, args.cache) for m in args.model]
     first = cached[0]
     results = {**provenance(), "models": {m.name: sha256_of(m) for m in args.model}, "data": str(args.data.name), "mAP": {}}

@@ -13,9 +13,14 @@ seconds (user + system, from /proc), the wall time and the answer's bytes.
 - ``trickle``: a body sent a byte every 0.5 s: seconds until the server cuts it.
 
     python -m bench.hostile_costs --output bench/results/hostile_costs.json
+    python -m bench.hostile_costs --write-docs bench/results/hostile_costs.json   # docs/api.md's table, from the file
+
+docs/api.md holds no hand-copied figure from it: its table sits under ``<!-- hostile costs table: ... -->``,
+which ``--write-docs`` rewrites (tests/test_results_tables.py checks it is what the committed file prints).
 """
 import argparse
 import io
+import json
 import os
 import socket
 import statistics
@@ -31,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, jpeg, memory_kb, provenance  # noqa: E402
+from bench.common import emit, generated_marker, jpeg, memory_kb, provenance, rewrite_generated  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from model_zoo.contract import open_cpu_session  # noqa: E402
 from model_zoo.files import sha256_of  # noqa: E402
@@ -39,6 +44,8 @@ from model_zoo.preprocess import decode_for_model  # noqa: E402
 from tests.server import ServiceProcess  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
+DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+GENERATED = generated_marker("hostile costs table")
 
 
 class Meter:
@@ -163,12 +170,41 @@ def trickle(server: ServiceProcess) -> dict:
     return {"bytes_per_s": 2, "seconds_until_cut": round(time.monotonic() - started, 1), "bytes_sent": sent}
 
 
+def costs_table(results: dict) -> str:
+    """docs/api.md's table of a result file: per hostile request, what the server spent and what came of it."""
+    def row(request: str, case: dict, outcome: str) -> str:
+        cells = [case.get(k, "-") for k in ("wall_s", "cpu_s", "peak_rss_growth_mb", "rss_growth_after_mb")]
+        return f"| {request} | " + " | ".join(str(c) for c in cells) + f" | {outcome} |"
+
+    bombs, costly, batch = results["webp_bombs"], results["costly_stored_heatmaps"], results["batch_heatmaps"]
+    clients, pipelined, trickled = results["one_client_connections"], results["pipelined"], results["trickle"]
+    return "\n".join([
+        "| hostile request | wall s | server CPU s | peak memory +MB | memory after +MB | outcome |",
+        "|---|---|---|---|---|---|",
+        row(f"{bombs['requests']} lossless 6000x6000 WebPs ({bombs['file_bytes']} B each) enrolled at once", bombs,
+            f"statuses {sorted(set(bombs['statuses']))}, decoded one after another within REID_MAX_DECODE_MB"),
+        row(f"{costly['queries']} heatmap queries matching 10 enrolled 6300x6300 PNGs ({costly['png_bytes'] / 1000:.0f} kB each)", costly,
+            f"{costly['query_median_s']} s a query (median); decoding the 10 originals takes {costly['decoding_the_10_originals_s']} s"),
+        row(f"POST /query/batch: {batch['queries']} images, top_k={batch['top_k']}, heatmaps", batch,
+            f"{batch['answer_bytes'] / 1e6:.1f} MB answer, {batch['heatmaps_drawn']} heatmaps drawn"),
+        row(f"{pipelined['requests']} GET /healthz pipelined in one write ({pipelined['request_bytes'] // 1000} kB)", pipelined,
+            f"{pipelined['answered_200']} answered 200"),
+        row(f"{clients['connections']} idle connections from one address", {},
+            f"{clients['refused_503']} refused 503; another client served: {clients['another_client_served']}"),
+        row(f"a body trickled at {trickled['bytes_per_s']} B/s", {}, f"cut after {trickled['seconds_until_cut']} s, no answer"),
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--rounds", type=int, default=5, help="heatmap queries timed")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--write-docs", type=Path, default=None, help="rewrite docs/api.md's table from this result file, measure nothing")
     args = parser.parse_args()
+    if args.write_docs:
+        DOC.write_text(rewrite_generated(DOC.read_text(), GENERATED, costs_table(json.loads(args.write_docs.read_text()))))
+        return
     _, contract = open_cpu_session(args.model)
     size = (contract.input_height, contract.input_width)
     results = {**provenance(), "model": {"file": args.model.name, "sha256": sha256_of(args.model)}, "settings": "the defaults"}

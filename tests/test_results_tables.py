@@ -1,9 +1,12 @@
-"""bench/pool_runs.py (the queue of docs/results.md's training rows), bench/training_table.py (their table) and
-bench/ablation_tables.py (the ablations' seed tables)."""
+"""bench/pool_runs.py (the queue of docs/results.md's training rows), bench/training_table.py (their table),
+bench/ablation_tables.py (the ablations' seed tables), and the docs' tables generated from result files."""
 import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+from bench.common import rewrite_generated
 from training.config import load_config
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -193,3 +196,15 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
             names = match.group(3).split() if match.group(2) == "rows" else list(results["models"])
             assert candidates.candidates_table(results, names).count("\n") == len(names) + 1, f"{path}: a marker names a model the file lacks"
     assert markers >= 4  # README, docs/models.md and the two imported models' cards
+
+
+@pytest.mark.parametrize("name, result, table", [("hostile_costs", "hostile_costs.json", "costs_table"),
+                                                 ("frozen_heads", "imported/frozen_heads.json", "heads_table")])
+def test_a_generated_table_in_the_docs_is_what_the_committed_result_file_prints(name, result, table):
+    bench = bench_module(name)
+    results = json.loads((BENCH / "results" / result).read_text())
+    text = bench.DOC.read_text()
+    assert bench.GENERATED.search(text), f"{bench.DOC.name} lost its marker"
+    printed = rewrite_generated(text, bench.GENERATED, getattr(bench, table)(results))
+    assert printed == text, f"python -m bench.{name} --write-docs bench/results/{result}"
+
