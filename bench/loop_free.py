@@ -10,8 +10,10 @@ a request waits behind searches on the event loop.
 
     git worktree add $RUNS/baseline 49c62f2
     python -m bench.loop_free --baseline $RUNS/baseline --output bench/results/loop_free.json
+    python -m bench.loop_free --write-docs bench/results/loop_free.json   # docs/results.md's table, from the file
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -26,13 +28,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, jpeg, latency_quantiles, provenance  # noqa: E402
+from bench.common import emit, generated_marker, jpeg, latency_quantiles, provenance, rewrite_generated  # noqa: E402
 from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
 from model_zoo.contract import open_cpu_session  # noqa: E402
 from model_zoo.files import sha256_of  # noqa: E402
 from tests.server import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "results.md"
+GENERATED = generated_marker("loop free table")
 FILL = ("import sys; from pathlib import Path; from bench.service_bench import fill_synthetic; "
         "fill_synthetic(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))")
 
@@ -87,16 +91,32 @@ def load(url: str, clients: int, seconds: float) -> Dict[str, object]:
     return {"queries_per_s": round(len(query_ms) / seconds, 2), "query": latency_quantiles(query_ms), "healthz": latency_quantiles(health_ms)}
 
 
+def loop_table(results: dict) -> str:
+    """docs/results.md's table of a result file: per round and tree, the query rate and both latencies."""
+    lines = ["| round | code | queries/s | query p50 / p99 ms | GET /healthz p50 / p99 ms |", "|---|---|---|---|---|"]
+    for number, figures in enumerate(results["rounds"], 1):
+        for name, row in figures.items():
+            lines.append(f"| {number} | {name} ({results['trees'][name]}) | {row['queries_per_s']} | {row['query']['p50_ms']} / "
+                         f"{row['query']['p99_ms']} | {row['healthz']['p50_ms']} / {row['healthz']['p99_ms']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", type=Path, required=True, help="a checkout of the commit to compare with")
+    parser.add_argument("--baseline", type=Path, help="a checkout of the commit to compare with")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--write-docs", type=Path, default=None, help="rewrite docs/results.md's table from this result file, measure nothing")
     args = parser.parse_args()
+    if args.write_docs:
+        DOC.write_text(rewrite_generated(DOC.read_text(), GENERATED, loop_table(json.loads(args.write_docs.read_text()))))
+        return
+    if args.baseline is None:
+        parser.error("--baseline is needed to measure")
     model = args.model.resolve()
     _, contract = open_cpu_session(model)
     trees = {"this": REPO, "baseline": args.baseline.resolve()}

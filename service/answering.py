@@ -97,18 +97,25 @@ def rerank_hits(embedding: np.ndarray, hits: List[Tuple[int, float]], found: dic
     return [hits[j] for j in order], [{"rerank_distance": float(distances[j])} for j in order]
 
 
+GRID_DECIMALS = 6  # a grid's mean stays its score to 5e-7; a cell is 8 characters of JSON, not float32's 20
+
+
+def grid_json(grid: np.ndarray) -> list:
+    return np.round(grid.astype(np.float64), GRID_DECIMALS).tolist()
+
+
 def make_heatmap(query_features: np.ndarray, maps: ImageMaps, image, overlays: bool = True, branch_overlays: bool = False) -> Heatmap:
     """RAM of one image (``maps`` indexed to it), and the model's own attention maps when it exports them.
     PNGs are drawn on ``image`` only with ``overlays`` (the aggregate's; each branch's too with
     ``branch_overlays``): they were most of a heatmap query's CPU and bytes (bench/results/heatmap_cost.json),
     and the grids are all a client needs to draw them itself, as the page does."""
     ram = ranking_activation_maps(query_features, maps.features)
-    heatmap = Heatmap(grid=ram.aggregate.tolist(), branch_grids=ram.per_branch.tolist())
+    heatmap = Heatmap(grid=grid_json(ram.aggregate), branch_grids=grid_json(ram.per_branch))
     if overlays:
         heatmap.overlay_png = png_base64(overlay(image, ram.aggregate))
         heatmap.branch_overlays_png = [png_base64(overlay(image, grid)) for grid in ram.per_branch] if branch_overlays else []
     if maps.attention is not None:
-        heatmap.attention_grids = maps.attention.tolist()
+        heatmap.attention_grids = grid_json(maps.attention)
         if overlays:
             heatmap.attention_overlays_png = [png_base64(overlay(image, grid, unit_scale=True)) for grid in maps.attention]
     return heatmap

@@ -430,6 +430,7 @@ def built_index(index: VectorIndex, store: StoreReads, dim: int, cancelled: Opti
             labels.update(zip(ids.tolist(), (Label(*row) for row in rows)))
             yield ids, vectors
 
+    index.planned_size = store.count()
     training = store.sample_embeddings(TRAINING_SAMPLE, dim) if index.trains else np.zeros((0, dim), np.float32)
     index.rebuild(chunks(), training)
     return index, labels

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="most images embedded in one model call")
     max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long the first image of a batch waits for others")
     max_queued_images: int = Field(1024, ge=1, description="images waiting for the model beyond which a request is refused with 503 overloaded")
-    index_type: Literal["flat", "ivf", "hnsw"] = Field("flat", description="flat: exact; ivf or hnsw: approximate, for large galleries")
+    index_type: Literal["auto", "flat", "ivf", "hnsw"] = Field("auto", description="auto: exact (flat) while a scan reads fewer than 100M floats (items x embedding dimensions: 390k items of 256-d), IVF past it; flat: always exact; ivf or hnsw: approximate")
     index_device: Literal["auto", "cpu", "gpu"] = Field("auto", description="where FAISS searches: auto uses a GPU when FAISS sees one")
     ivf_nlist: int = Field(1024, ge=1, description="IVF lists (capped at gallery size / 39)")
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists searched per query")

@@ -199,7 +199,8 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
 
 
 @pytest.mark.parametrize("name, result, table", [("hostile_costs", "hostile_costs.json", "costs_table"),
-                                                 ("frozen_heads", "imported/frozen_heads.json", "heads_table")])
+                                                 ("frozen_heads", "imported/frozen_heads.json", "heads_table"),
+                                                 ("loop_free", "loop_free.json", "loop_table")])
 def test_a_generated_table_in_the_docs_is_what_the_committed_result_file_prints(name, result, table):
     bench = bench_module(name)
     results = json.loads((BENCH / "results" / result).read_text())

@@ -61,6 +61,27 @@ def test_a_reduced_index_starts_exact_trains_once_large_and_needs_the_exact_scor
     assert 3 not in [i for i, _ in index.search(vectors[3], 5, exact=gone)]
 
 
+def test_an_auto_index_is_exact_while_small_and_becomes_ivf_once_a_scan_is_long(monkeypatch, tmp_path):
+    """Kind "auto" (the default): exact while a scan is short, IVF from the rebuild after it grows long (here
+    the threshold is lowered to 1,100 32-d items); the gallery's rebuild tells it the size it is building."""
+    import service.index
+    from service.gallery import built_index
+
+    monkeypatch.setattr(service.index, "AUTO_IVF_FLOATS", 1100 * 32)
+    vectors = low_rank_rows(1200, 32, 6)
+    store = GalleryStore(tmp_path / "g.sqlite3")
+    store.add([NewItem(b"jpeg", "JPEG", 1, 1, v) for v in vectors[:1000]])
+    index, _ = built_index(VectorIndex(32, "auto", "cpu", ivf_nlist=16, ivf_nprobe=16), store, 32)
+    assert index.built_kind == "flat" and not index.needs_rebuild
+    added = store.add([NewItem(b"jpeg", "JPEG", 1, 1, v) for v in vectors[1000:]])
+    index.add(np.array([i.id for i in added], np.int64), vectors[1000:])
+    assert index.needs_rebuild
+    index, _ = built_index(VectorIndex(32, "auto", "cpu", ivf_nlist=16, ivf_nprobe=16), store, 32)
+    assert index.built_kind == "ivf" and index.size == 1200 and not index.needs_rebuild
+    assert index.search(vectors[3], 1)[0][0] == 4  # ids start at 1
+    store.close()
+
+
 def test_a_server_with_a_reduced_index_answers_exact_scores_and_heatmaps(tiny_model, tmp_path):
     from model_zoo.preprocess import load_for_model
     from service.inference import InferenceModel
