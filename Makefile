@@ -52,12 +52,12 @@ FIGURES ?= bench/results
 EVAL_SETS := --data-root $(DATA)/cuhk03-detected --data-root $(DATA)/prid --data-root $(DATA)/grid
 bench: $(VENV)/.test-$(RUNTIME)
 	mkdir -p $(BENCH_WORK)
-	$(BIN)/python bench/service_bench.py --output bench/results/service.json
+	$(BIN)/python -m bench.service_bench --output bench/results/service.json
 	$(MAKE) model-figures
 	$(MAKE) candidates
-	$(BIN)/python bench/heatmap_cost.py --data $(DATA) --output bench/results/heatmap_cost.json
-	$(BIN)/python bench/gallery_scale.py --data $(DATA) --work $(BENCH_WORK)/scale --output bench/results/gallery_1m.json
-	$(BIN)/python bench/gallery_scale.py --data $(DATA) --work $(BENCH_WORK)/scale --server-only --precision int8 \
+	$(BIN)/python -m bench.heatmap_cost --data $(DATA) --output bench/results/heatmap_cost.json
+	$(BIN)/python -m bench.gallery_scale --data $(DATA) --work $(BENCH_WORK)/scale --output bench/results/gallery_1m.json
+	$(BIN)/python -m bench.gallery_scale --data $(DATA) --work $(BENCH_WORK)/scale --server-only --precision int8 \
 		--settings '[{"kind": "ivf", "reduce_dim": 128, "nlist": 1024, "nprobe": [64], "candidates": [50]}]' --output bench/results/gallery_1m_served_int8_pca128_nprobe64.json
 
 # Make a finished training run a shipped model, every file and figure its card cites: the ONNX file (the
@@ -91,7 +91,7 @@ import-default: $(VENV)/.test-$(RUNTIME)
 # .onnx files (python -m model_zoo import writes them; they are not shipped).
 IMPORTED ?= build/candidates
 candidates: $(VENV)/.test-$(RUNTIME)
-	$(BIN)/python bench/model_candidates.py --data $(DATA) --output bench/results/model_candidates.json \
+	$(BIN)/python -m bench.model_candidates --data $(DATA) --output bench/results/model_candidates.json \
 		$(DEFAULT_MODEL).onnx $(filter-out %.int8.onnx %.fp16.onnx $(DEFAULT_MODEL).onnx,$(wildcard model_zoo/models/*.onnx)) $(wildcard $(IMPORTED)/*.onnx)
 
 # A shipped model's files on the three validation sets: fp32, and int8 and fp16 where it has them. MODEL: the

@@ -6,20 +6,17 @@ The first table is each row's mean ± sample standard deviation over the seeds i
 the ablation paired within a seed (both sides trained from the same seed) over the seeds both sides have, beside
 the paper's own figure for that step. R1 / mAP on CUHK03-val, PRID and GRID, in % (as training_table.py writes them).
 
-    python bench/ablation_tables.py clpd
-    python bench/ablation_tables.py casn --results bench/results/pool
+    python -m bench.ablation_tables clpd
+    python -m bench.ablation_tables casn --results bench/results/pool
 """
 import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.training_table import percent  # noqa: E402
+from bench.training_table import percent
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pool"
 SETS = (("cuhk03-detected", "CUHK03-val"), ("prid", "PRID"), ("grid", "GRID"))

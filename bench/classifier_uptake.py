@@ -7,7 +7,7 @@ cannot fit one batch in a few steps cannot learn 1,462 people in 290 batches (th
 docs/results.md, PMM). Step counts, not time, so a busy CPU does not change the figures; the same seed gives the same
 batch and initial weights to every row.
 
-    python bench/classifier_uptake.py --data ../shared/data --rows ide_bn cama_ordered pmm pmm_small_init fmn casn clpd \
+    python -m bench.classifier_uptake --data ../shared/data --rows ide_bn cama_ordered pmm pmm_small_init fmn casn clpd \
         --output bench/results/pool/classifier_uptake.json
 """
 import sys
@@ -16,13 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit  # noqa: E402
-from bench.pool_runs import ROWS, pool_bench_parser, row_trainer  # noqa: E402
-from training.data.loader import batch_loader  # noqa: E402
-from training.engine import Trainer  # noqa: E402
-from training.solver import set_learning_rate  # noqa: E402
+from bench.common import emit
+from bench.pool_runs import ROWS, pool_bench_parser, row_trainer
+from training.data.loader import batch_loader
+from training.engine import Trainer
+from training.solver import set_learning_rate
 
 
 def branch_figures(logits: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -6,7 +6,7 @@ Each setting gets a fresh gallery. Enrolment: CLIENTS concurrent clients each po
 until ENROL images are in. Queries: CLIENTS concurrent clients, QUERIES queries of one image, top_k 10, no
 heatmaps. With replicas, the clients take turns over them as a round-robin load balancer would.
 
-    python bench/cluster_bench.py --data ../shared/data --output bench/results/cluster.json
+    python -m bench.cluster_bench --data ../shared/data --output bench/results/cluster.json
 """
 import argparse
 import asyncio
@@ -23,13 +23,12 @@ from typing import Dict, List
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import emit, latency_quantiles
+from harness.cluster import ClusterServers, unavailable
+from harness.server import ServiceProcess
+from model_zoo import DEFAULT_MODEL_PATH
 
-from bench.common import emit, latency_quantiles  # noqa: E402
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from tests.cluster import ClusterServers, unavailable  # noqa: E402
-from tests.server import ServiceProcess  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def crops(data: Path, count: int, seed: int = 0) -> List[bytes]:

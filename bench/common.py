@@ -86,6 +86,27 @@ def emit(results: dict, output: Optional[Path]) -> None:
         output.write_text(text + "\n")
 
 
+def portable_command(argv: List[str], repo: Path) -> str:
+    """The command line as anyone would type it in a clone: ``python -m bench.NAME``, paths in the clone relative
+    to it, and paths under the folders named by the environment's ``DATA`` and ``RUNS`` as ``$DATA/...`` and
+    ``$RUNS/...`` (a result file names no folder of the machine it was made on)."""
+    roots = [(Path(os.environ[name]).resolve(), f"${name}") for name in ("DATA", "RUNS") if os.environ.get(name)]
+    roots.append((repo.resolve(), "."))
+
+    def portable(arg: str) -> str:
+        if not arg.startswith("/"):
+            return arg
+        for root, name in roots:
+            if Path(arg).resolve().is_relative_to(root):
+                relative = Path(arg).resolve().relative_to(root).as_posix()
+                return relative if name == "." else f"{name}/{relative}".rstrip("/.")
+        return arg
+
+    script = Path(argv[0])
+    head = f"python -m bench.{script.stem}" if script.parent.name == "bench" else portable(argv[0])
+    return " ".join([head, *map(portable, argv[1:])])
+
+
 def provenance() -> dict:
     """What a result file records about its making: the commit (``-dirty`` with uncommitted changes), the command
     line, the date, and the machine (CPU model, cores, load averages; the load again at the end is the caller's)."""
@@ -93,7 +114,7 @@ def provenance() -> dict:
     described = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=repo).stdout.strip()
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"commit": described or "unknown", "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    return {"commit": described or "unknown", "command": portable_command(sys.argv, repo),
             "date": datetime.date.today().isoformat(),
             "machine": {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
                         "python": platform.python_version()}}

@@ -5,23 +5,20 @@ the same round, because this machine's speed drifts over minutes; the median rat
 Batch 32 of random uint8 images at each model's own input size, one ONNX Runtime call at a time with
 ``--threads`` threads.
 
-    python bench/embed_speed.py model_zoo/models/cama_mobilenetv2_cuhk03.onnx model_zoo/models/cama_mobilenetv2_pool.onnx \
+    python -m bench.embed_speed model_zoo/models/cama_mobilenetv2_cuhk03.onnx model_zoo/models/cama_mobilenetv2_pool.onnx \
         --output bench/results/embed_speed.json
 """
 import argparse
 import json
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import rate  # noqa: E402
-from model_zoo.contract import INPUT_IMAGES, check_session  # noqa: E402
+from bench.common import rate
+from model_zoo.contract import INPUT_IMAGES, check_session
 
 
 def session_for(path: Path, threads: int) -> ort.InferenceSession:

@@ -5,7 +5,7 @@ Speed does not depend on the weights, so each architecture is exported from its 
 heads, through the normal exporter (with its parity check), then ``embed_speed.measure`` runs them in
 alternating rounds; ratios are to the first model, the shipped default.
 
-    python bench/family_speed.py --output bench/results/family_speed.json
+    python -m bench.family_speed --output bench/results/family_speed.json
 """
 import argparse
 import json

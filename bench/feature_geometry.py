@@ -6,21 +6,18 @@ Written for FMN's GRN, which trails IDE+BN on the same schedule: its descriptor 
 activations (every feature >= 0, gallery cosines all high), IDE+BN's the GAP of a BN map. If that geometry
 were the cause, centring would close the gap after training.
 
-    python bench/feature_geometry.py $RUNS/fmn/model.pt $RUNS/ide_bn/model.pt \
+    python -m bench.feature_geometry $RUNS/fmn/model.pt $RUNS/ide_bn/model.pt \
         --data-root ../shared/data/cuhk03-detected --data-root ../shared/data/prid --output bench/results/pool/feature_geometry.json
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit  # noqa: E402
-from training.engine import load_trained_model  # noqa: E402
-from training.evaluation import load_test_split, market_ids, market_metrics  # noqa: E402
+from bench.common import emit
+from training.engine import load_trained_model
+from training.evaluation import load_test_split, market_ids, market_metrics
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ Training accuracy and cross-entropy are each batch's before its step, as the tra
 Fixed, unaugmented features are easier than a warm-up's (augmented images, the backbone's batch norms on batch
 statistics), so the figures compare heads with each other, not with the training runs' accuracies.
 
-    python bench/frozen_feature_heads.py --data ../shared/data --output bench/results/pool/frozen_feature_heads.json
+    python -m bench.frozen_feature_heads --data ../shared/data --output bench/results/pool/frozen_feature_heads.json
 """
 import itertools
 import sys
@@ -31,12 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit  # noqa: E402
-from bench.pool_runs import pool_bench_parser, row_trainer  # noqa: E402
-from model_zoo.architectures.cama import CAMABranch  # noqa: E402
-from model_zoo.architectures.pmm import GlobalStage  # noqa: E402
+from bench.common import emit
+from bench.pool_runs import pool_bench_parser, row_trainer
+from model_zoo.architectures.cama import CAMABranch
+from model_zoo.architectures.pmm import GlobalStage
 
 # a head: (the module holding every layer, its classifier, fixed maps [B, C, h, w] -> logits)
 Head = Tuple[nn.Module, nn.Linear, Callable[[torch.Tensor], torch.Tensor]]

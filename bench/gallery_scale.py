@@ -16,7 +16,7 @@ well an approximate index and a reduction work, which uniform random vectors (no
    (VmHWM), and client-side p50/p95/p99 of ``POST /query`` (top_k=10) with real images, without and with
    heatmaps, and the recall@10 of its answers for those images.
 
-    python bench/gallery_scale.py --data ../shared/data --work $RUNS/scale --size 1000000 \
+    python -m bench.gallery_scale --data ../shared/data --work $RUNS/scale --size 1000000 \
         --output bench/results/gallery_1m.json
 """
 import argparse
@@ -33,17 +33,15 @@ from typing import Dict, List
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from client import ReIDClient  # noqa: E402
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from model_zoo.preprocess import load_for_model  # noqa: E402
-from service.gallery import TRAINING_SAMPLE, exact_scores  # noqa: E402
-from service.index import VectorIndex  # noqa: E402
-from service.inference import InferenceModel  # noqa: E402
-from service.store import GalleryStore, NewItem  # noqa: E402
-from tests.server import ServiceProcess  # noqa: E402
-from bench.common import emit, jpeg, latency_quantiles, memory_kb, synthetic_store  # noqa: E402
+from client import ReIDClient
+from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.preprocess import load_for_model
+from service.gallery import TRAINING_SAMPLE, exact_scores
+from service.index import VectorIndex
+from service.inference import InferenceModel
+from service.store import GalleryStore, NewItem
+from harness.server import ServiceProcess
+from bench.common import emit, jpeg, latency_quantiles, memory_kb, synthetic_store
 
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 PERSON = re.compile(r"^(-?\d+)_")

@@ -9,7 +9,7 @@ outputs back to it, as the service runs) and with IO binding (the pixels copied 
 outputs left there: what a pipeline keeping tensors on the GPU would see); random uint8 images at the file's
 input size. Where ONNX Runtime offers neither GPU provider it measures the CPU, which is how it is tested.
 
-    python bench/gpu_embed.py model_zoo/models/cama_mobilenetv2_pool.onnx model_zoo/models/cama_mobilenetv2_pool.fp16.onnx \
+    python -m bench.gpu_embed model_zoo/models/cama_mobilenetv2_pool.onnx model_zoo/models/cama_mobilenetv2_pool.fp16.onnx \
         --work /tmp/gpu-bench --output bench/results/gpu_embed.json
 """
 import argparse
@@ -20,11 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit, rate  # noqa: E402
-from model_zoo.contract import INPUT_IMAGES  # noqa: E402
-from service.inference import CPU, CUDA, TENSORRT, InferenceModel, ProviderUnavailable  # noqa: E402
+from bench.common import emit, rate
+from model_zoo.contract import INPUT_IMAGES
+from service.inference import CPU, CUDA, TENSORRT, InferenceModel, ProviderUnavailable
 
 BATCHES = (1, 8, 32, 64, 128, 256)
 PROVIDERS = {"tensorrt": TENSORRT, "cuda": CUDA, "cpu": CPU}  # REID_EXECUTION_PROVIDER value: the provider it asks for

@@ -17,11 +17,13 @@ and the queries a second of ``--clients`` clients at once: without heatmaps, and
 cached.
 
     python -m bench.heatmap_cost --data $DATA --output bench/results/heatmap_cost.json
+    python -m bench.heatmap_cost --write-docs bench/results/heatmap_cost.json   # docs/results.md's table
+
+(bench/results/heatmap_cost_cama.json is the same measurement for the previous default, before grids-only answers.)
 """
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -29,25 +31,38 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import alternating_latency, emit, provenance, timed  # noqa: E402
-from client import ReIDClient  # noqa: E402
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from model_zoo.contract import split_branches  # noqa: E402
-from model_zoo.files import sha256_of  # noqa: E402
-from model_zoo.preprocess import decode_for_model  # noqa: E402
-from model_zoo.ram import ranking_activation_maps  # noqa: E402
-from service.heatmaps import overlay, png_base64  # noqa: E402
-from service.inference import InferenceModel  # noqa: E402
-from tests.server import ServiceProcess  # noqa: E402
+from bench.common import alternating_latency, emit, generated_marker, provenance, rewrite_generated, timed
+from client import ReIDClient
+from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.contract import split_branches
+from model_zoo.files import sha256_of
+from model_zoo.preprocess import decode_for_model
+from model_zoo.ram import ranking_activation_maps
+from service.heatmaps import overlay, png_base64
+from service.inference import InferenceModel
+from harness.server import ServiceProcess
 
 MATCHES = 10
+DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+GENERATED = generated_marker("heatmap cost table")
+
+
+def cost_table(results: dict) -> str:
+    """docs/results.md's table of a result file: each variant's latency and answer size, beside no heatmaps."""
+    figures = results["end_to_end"]
+    plain = figures["latency_ms"]["no heatmaps"]["p50_ms"]
+    lines = ["| query (top 10) | p50 / p95 / p99 ms | p50 x no heatmaps | answer kB |", "|---|---|---|---|"]
+    for name, latency in figures["latency_ms"].items():
+        lines.append(f"| {name} | {latency['p50_ms']} / {latency['p95_ms']} / {latency['p99_ms']} | {latency['p50_ms'] / plain:.2f} | "
+                     f"{figures['answer_kb'][name]} |")
+    lines.append(f"| {figures['clients']} clients at once, queries/s | " + ", ".join(f"{name}: {rate}" for name, rate in figures["queries_per_s"].items())
+                 + " | | |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder with cuhk03-detected/query (real crops)")
+    parser.add_argument("--data", type=Path, help="folder with cuhk03-detected/query (real crops)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--gallery", type=int, default=200, help="end to end: real gallery crops enrolled")
@@ -55,7 +70,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="end to end: concurrent clients for the throughput figures")
     parser.add_argument("--seconds", type=float, default=15, help="end to end: length of each throughput figure")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--write-docs", type=Path, default=None, help="rewrite docs/results.md's table from this result file, measure nothing")
     args = parser.parse_args()
+    if args.write_docs:
+        DOC.write_text(rewrite_generated(DOC.read_text(), GENERATED, cost_table(json.loads(args.write_docs.read_text()))))
+        return
+    if args.data is None:
+        parser.error("--data is needed to measure")
     model = InferenceModel(args.model, "cpu", intra_op_threads=1, instances=1).load()
     files = sorted((args.data / "cuhk03-detected" / "query").glob("*.jpg"))[: MATCHES + 1]
     decoded = [decode_for_model(f.read_bytes(), *model.input_size, preview=True) for f in files]
@@ -76,7 +97,7 @@ def main() -> None:
         "the same call without maps (the embedding alone)": lambda: model.predict(pixels[1:], with_maps=False),
         "RAM of the 10 matches": lambda: [ranking_activation_maps(query_features, maps.features[i]) for i in range(MATCHES)],
         "overlays, aggregate only (10 PNGs)": lambda: draw([[r.aggregate] for r in rams], previews),
-        "overlays, per branch (30 PNGs)": lambda: draw([list(r.per_branch) for r in rams], previews),
+        "overlays, per branch (a PNG per branch and match)": lambda: draw([list(r.per_branch) for r in rams], previews),
     }
     for step in pieces.values():  # warm-up
         step()

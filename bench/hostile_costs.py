@@ -24,7 +24,6 @@ import json
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -34,14 +33,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit, generated_marker, jpeg, memory_kb, provenance, rewrite_generated  # noqa: E402
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from model_zoo.contract import open_cpu_session  # noqa: E402
-from model_zoo.files import sha256_of  # noqa: E402
-from model_zoo.preprocess import decode_for_model  # noqa: E402
-from tests.server import ServiceProcess  # noqa: E402
+from bench.common import emit, generated_marker, jpeg, memory_kb, provenance, rewrite_generated
+from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.contract import open_cpu_session
+from model_zoo.files import sha256_of
+from model_zoo.preprocess import decode_for_model
+from harness.server import ServiceProcess
 
 TICKS = os.sysconf("SC_CLK_TCK")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"

@@ -26,13 +26,11 @@ from typing import Dict, List
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit, generated_marker, jpeg, latency_quantiles, provenance, rewrite_generated  # noqa: E402
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from model_zoo.contract import open_cpu_session  # noqa: E402
-from model_zoo.files import sha256_of  # noqa: E402
-from tests.server import free_port  # noqa: E402
+from bench.common import emit, generated_marker, jpeg, latency_quantiles, provenance, rewrite_generated
+from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.contract import open_cpu_session
+from model_zoo.files import sha256_of
+from harness.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "results.md"

@@ -6,7 +6,7 @@ parameters, one training forward per batch (the architecture's own: PMM's mixing
 batches. Used
 for CAMA's slow L_id on the CUHK03 schedule and for PMM's stalled main phase (docs/results.md, Results).
 
-    python bench/loss_gradients.py $RUNS/pmm/last.pt --batches 4 --output bench/results/pool/pmm_loss_gradients.json
+    python -m bench.loss_gradients $RUNS/pmm/last.pt --batches 4 --output bench/results/pool/pmm_loss_gradients.json
 """
 import argparse
 import sys
@@ -16,12 +16,10 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit  # noqa: E402
-from training.config import TrainConfig, from_dict  # noqa: E402
-from training.data import batch_loader  # noqa: E402
-from training.engine import Trainer  # noqa: E402
+from bench.common import emit
+from training.config import TrainConfig, from_dict
+from training.data import batch_loader
+from training.engine import Trainer
 
 
 def grad_norm(params) -> float:

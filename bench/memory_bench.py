@@ -4,8 +4,8 @@
    per-image pixel limit), read as the server process's VmHWM (peak resident set) before and after.
 2. Heatmap work: a query with top_k=100 and heatmaps on, against 110 enrolled images: seconds and bytes.
 
-    python bench/memory_bench.py --output bench/results/memory.json
-    python bench/memory_bench.py --max-request-pixels 700000000 --output bench/results/memory_all_decoded.json
+    python -m bench.memory_bench --output bench/results/memory.json
+    python -m bench.memory_bench --max-request-pixels 700000000 --output bench/results/memory_all_decoded.json
 
 The first run keeps the default REID_MAX_REQUEST_PIXELS (the request is refused once over it); the second
 raises it so that all 16 images are decoded, as before the limit existed.
@@ -13,7 +13,6 @@ raises it so that all 16 images are decoded, as before the limit existed.
 import argparse
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +21,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from bench.common import memory_kb  # noqa: E402
-from tests.server import ServiceProcess  # noqa: E402
+from model_zoo import DEFAULT_MODEL_PATH
+from bench.common import memory_kb
+from harness.server import ServiceProcess
 
 SIDE = 6300  # 39.7 MP: under the default REID_MAX_IMAGE_PIXELS (40 MP)
 

@@ -6,10 +6,10 @@ on), then all of them take turns in one speed run (``bench/embed_speed.measure``
 the same round, because this machine's speed drifts). The result file records the commit, the command, the
 machine (CPU model, cores, load), each model's sha256 and size, each data set's fingerprint and the date.
 
-    python bench/model_candidates.py --data ../shared/data --output bench/results/model_candidates.json \
+    python -m bench.model_candidates --data ../shared/data --output bench/results/model_candidates.json \
         model_zoo/models/person_reidentification_retail_0277.onnx model_zoo/models/cama_mobilenetv2_pool.onnx ...
-    python bench/model_candidates.py --table bench/results/model_candidates.json   # the docs' table, from the file
-    python bench/model_candidates.py --write-docs bench/results/model_candidates.json   # every generated table in the docs
+    python -m bench.model_candidates --table bench/results/model_candidates.json   # the docs' table, from the file
+    python -m bench.model_candidates --write-docs bench/results/model_candidates.json   # every generated table in the docs
 
 The docs never hold a hand-copied figure from it: each table sits under a marker, ``<!-- candidates table: ... -->``
 (every model) or ``<!-- candidates rows: NAME ... -->`` (a model card's rows), and ``--write-docs`` rewrites
@@ -20,16 +20,13 @@ import hashlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import provenance  # noqa: E402
-from bench.embed_speed import measure  # noqa: E402
-from model_zoo.contract import open_cpu_session  # noqa: E402
-from model_zoo.files import sha256_of  # noqa: E402
-from training.evaluation import evaluate_onnx  # noqa: E402
+from bench.common import provenance
+from bench.embed_speed import measure
+from model_zoo.contract import open_cpu_session
+from model_zoo.files import sha256_of
+from training.evaluation import evaluate_onnx
 
 SETS = ("cuhk03-detected", "prid", "grid")
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ shortlist (the other re-ranking stage, for scale), the pair stage; each without 
 (REID_HEATMAP_CACHE_MB=0: every shortlist is re-embedded, as for a gallery larger than the cache) and one with
 the default cache after the same queries were asked once (every hit's maps cached: the best case).
 
-    python bench/pair_attention_cost.py --data ../shared/data --model RUN_A/casn_ide.onnx --model RUN_B/casn_pcb.onnx \
+    python -m bench.pair_attention_cost --data ../shared/data --model RUN_A/casn_ide.onnx --model RUN_B/casn_pcb.onnx \
         --output bench/results/pair_attention_cost.json
 """
 import argparse
@@ -21,10 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import alternating_latency, emit  # noqa: E402
-from tests.server import ServiceProcess, enrol, query  # noqa: E402
+from bench.common import alternating_latency, emit
+from harness.server import ServiceProcess, enrol, query
 
 VARIANTS = {
     "plain": {},

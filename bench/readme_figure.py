@@ -4,20 +4,17 @@ Starts the service on a fresh store, enrols a Market-layout gallery (bounding_bo
 person and camera ids from the file names, asks one query in headless Chromium and saves a screenshot of the
 query panel. Research-licensed data may appear in the README only as such a small illustration.
 
-    python bench/readme_figure.py ../shared/data/cuhk03-detected --query 1003_c1s1_007270_00.jpg --output docs/query_result.png
+    python -m bench.readme_figure ../shared/data/cuhk03-detected --query 1003_c1s1_007270_00.jpg --output docs/query_result.png
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from tests.server import ServiceProcess  # noqa: E402
-from training.data.market import read_split  # noqa: E402
+from model_zoo import DEFAULT_MODEL_PATH
+from harness.server import ServiceProcess
+from training.data.market import read_split
 
 
 def enrol_gallery(client, root: Path) -> int:

@@ -8,7 +8,7 @@ while a rebuild runs in its worker thread. The rebuild is set off the way the se
 it was trained on is set to 1, as if the gallery had grown 4x since. During the rebuild one more enrolment is
 timed, and the two enrolled items are deleted at the end, leaving the store as it was.
 
-    python bench/rebuild_under_load.py --work $RUNS/scale --size 1000000 --output bench/results/rebuild_under_load.json
+    python -m bench.rebuild_under_load --work $RUNS/scale --size 1000000 --output bench/results/rebuild_under_load.json
 """
 import argparse
 import asyncio
@@ -20,14 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit, jpeg, latency_quantiles  # noqa: E402
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from service.gallery import Gallery  # noqa: E402
-from service.inference import InferenceModel  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from service.store import GalleryStore, NewItem  # noqa: E402
+from bench.common import emit, jpeg, latency_quantiles
+from model_zoo import DEFAULT_MODEL_PATH
+from service.gallery import Gallery
+from service.inference import InferenceModel
+from service.settings import Settings
+from service.store import GalleryStore, NewItem
 
 
 async def timed_searches(gallery: Gallery, queries: np.ndarray, until) -> list:

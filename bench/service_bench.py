@@ -14,7 +14,7 @@
    the service's own GalleryStore (a tiny placeholder image each, the model's fingerprint), plus 50 real
    enrolled images through the API so the top-k are real items with real images for the heatmaps.
 
-    python bench/service_bench.py --output bench/results/service.json
+    python -m bench.service_bench --output bench/results/service.json
 """
 import argparse
 import asyncio
@@ -36,15 +36,13 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from client import AsyncReIDClient, ReIDClient  # noqa: E402
-from model_zoo import DEFAULT_MODEL_PATH  # noqa: E402
-from model_zoo.files import sha256_of  # noqa: E402
-from service.inference import InferenceModel  # noqa: E402
-from service.store import NewItem  # noqa: E402
-from tests.server import ServiceProcess  # noqa: E402
-from bench.common import emit, jpeg, latency_quantiles, synthetic_store  # noqa: E402
+from client import AsyncReIDClient, ReIDClient
+from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.files import sha256_of
+from service.inference import InferenceModel
+from service.store import NewItem
+from harness.server import ServiceProcess
+from bench.common import emit, jpeg, latency_quantiles, synthetic_store
 
 
 SETTLE_S = 2  # between raw and service phases: the server finishes its last batches, idle threads stop spinning

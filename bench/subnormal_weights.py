@@ -7,9 +7,9 @@ hold them. For each model: its count of subnormal float32 weights, a copy with t
 difference between the two files' embeddings on a random batch, and their images/s side by side through ONNX
 Runtime (``embed_speed.measure``: the two alternate in rounds, the ratio is the median of the rounds' ratios).
 
-    python bench/subnormal_weights.py model_zoo/models/cama_mobilenetv2_cuhk03.onnx --zeroed-dir /tmp/zeroed \
+    python -m bench.subnormal_weights model_zoo/models/cama_mobilenetv2_cuhk03.onnx --zeroed-dir /tmp/zeroed \
         --output bench/results/subnormal_weights.json
-    python bench/subnormal_weights.py --checkpoint $RUNS/cama_ordered_full/model.pt --output bench/results/subnormal_training.json
+    python -m bench.subnormal_weights --checkpoint $RUNS/cama_ordered_full/model.pt --output bench/results/subnormal_training.json
 
 ``--checkpoint``: the same for training instead, on a training checkpoint (RUN/model.pt): its subnormal
 parameters and buffers, and the images/s of a training step (forward and backward, a batch of random images at
@@ -24,7 +24,6 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,14 +33,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import rate  # noqa: E402
-from bench.embed_speed import add_speed_arguments, measure, session_for  # noqa: E402
-from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session  # noqa: E402
-from training.engine import load_trained_model  # noqa: E402
-from model_zoo.onnx_export import zero_subnormal_weights  # noqa: E402
-from training.solver import SMALLEST_NORMAL, zero_subnormals  # noqa: E402
+from bench.common import rate
+from bench.embed_speed import add_speed_arguments, measure, session_for
+from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session
+from training.engine import load_trained_model
+from model_zoo.onnx_export import zero_subnormal_weights
+from training.solver import SMALLEST_NORMAL, zero_subnormals
 
 
 def largest_embedding_difference(a: Path, b: Path, batch_size: int) -> float:

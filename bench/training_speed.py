@@ -6,8 +6,8 @@ Each variant is a real ``Trainer`` on a synthetic Market-layout folder (random i
 measured), timing full-model epochs of ``--iters`` batches. Variants take turns in rounds and each round's
 speed is divided by the baseline's in the same round, because this machine's speed drifts; medians reported.
 
-    python bench/training_speed.py --output bench/results/training_speed.json
-    python bench/training_speed.py --size 256 128 --variants baseline bf16 --output ...   # the papers' input size
+    python -m bench.training_speed --output bench/results/training_speed.json
+    python -m bench.training_speed --size 256 128 --variants baseline bf16 --output ...   # the papers' input size
 """
 import argparse
 import json

@@ -4,7 +4,7 @@ Runs of one row (their folders named ROW, ROW_seed1, ...) and one recipe (``reci
 figure is the mean over the seeds, with the sample standard deviation after a +-, and the seeds column says how
 many. A row is named by its architecture and its run folder (an ablation's row name in bench/pool_runs.py).
 
-    python bench/training_table.py $RUNS/cama_ordered $RUNS/ide_bn ...
+    python -m bench.training_table $RUNS/cama_ordered $RUNS/ide_bn ...
 """
 import argparse
 import json

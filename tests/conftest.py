@@ -90,7 +90,7 @@ def image_bytes(pid: int, variant: int, fmt: str = "JPEG") -> bytes:
 def cluster_servers():
     """PostgreSQL and milvus-lite for the cluster backend's tests, started once (skips, saying why, where
     they cannot run)."""
-    from tests.cluster import ClusterServers, unavailable
+    from harness.cluster import ClusterServers, unavailable
 
     reason = unavailable()
     if reason:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from model_zoo.architectures import build_model
 from tests.conftest import image_bytes, person_image, tiny_overrides
-from tests.server import ServiceProcess, assert_error, assert_heatmaps_sum_to_scores, enrol, metric, onnx_outputs, query
+from harness.server import ServiceProcess, enrol, metric, query
+from tests.server import assert_error, assert_heatmaps_sum_to_scores, onnx_outputs
 from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page, wait_for  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
 from training.data import PairSampler

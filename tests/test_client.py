@@ -7,7 +7,7 @@ import pytest
 from client import AsyncReIDClient, ReIDClient, ReIDError
 from client.cli import main as cli, market_ids
 from tests.conftest import image_bytes, person_image
-from tests.server import ServiceProcess
+from harness.server import ServiceProcess
 
 
 @pytest.fixture(scope="module")

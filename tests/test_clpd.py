@@ -17,7 +17,8 @@ from model_zoo.architectures.clpd import MultiscaleAttention, PartDescriptor, ba
 from model_zoo.architectures.contract_maps import cosine_distance_map, grid_mean, weighted_map
 from model_zoo.contract import OUTPUT_ATTENTION_MAPS, check_session
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes, person_image, tiny_overrides
-from tests.server import ServiceProcess, assert_heatmaps_sum_to_scores, enrol, onnx_outputs, query
+from harness.server import ServiceProcess, enrol, query
+from tests.server import assert_heatmaps_sum_to_scores, onnx_outputs
 from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page, wait_for  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
 from training.objectives.clpd import activation_distribution_loss, activation_ratio_loss, candidate_counts, concentration_loss

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from service.settings import Settings
-from tests.server import REPO, SERVICE_ARGS
+from harness.server import REPO, SERVICE_ARGS
 
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
 SERVICE_COMMAND = ["python", *SERVICE_ARGS]

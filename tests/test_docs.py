@@ -4,7 +4,7 @@ import re
 
 from service.app import create_app
 from service.settings import Settings
-from tests.server import REPO
+from harness.server import REPO
 
 SETTINGS = (REPO / "docs" / "settings.md").read_text()
 API = (REPO / "docs" / "api.md").read_text()

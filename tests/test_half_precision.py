@@ -14,7 +14,7 @@ from model_zoo.contract import (INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_M
 from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes
-from tests.server import ServiceProcess, enrol, query
+from harness.server import ServiceProcess, enrol, query
 from training.half_precision import convert_to_fp16, drop_round_trips
 from training.quantize import float_nodes
 

@@ -15,7 +15,8 @@ from model_zoo.contract import SOURCE_KEY, identity_error
 from model_zoo.importers import Provenance, import_model
 from model_zoo.importers.openvino_ir import IRNetwork, UnsupportedGraph, read_ir
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH
-from tests.server import REPO, assert_heatmaps_sum_to_scores
+from harness.server import REPO
+from tests.server import assert_heatmaps_sum_to_scores
 from tests.tiny_ir import DIM, omz_like_ir
 
 HEIGHT, WIDTH = TINY_HEIGHT, TINY_WIDTH

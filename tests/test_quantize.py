@@ -16,7 +16,8 @@ from model_zoo.contract import (INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_M
 from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes
-from tests.server import ServiceProcess, enrol, onnx_outputs, query
+from harness.server import ServiceProcess, enrol, query
+from tests.server import onnx_outputs
 from training.quantize import float_nodes, quantize_model
 
 

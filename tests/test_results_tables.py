@@ -176,7 +176,7 @@ def test_the_results_pages_ablation_seed_tables_are_what_the_committed_results_p
     results = (BENCH.parent / "docs" / "results.md").read_text()
     for name in ablation.ABLATIONS:
         for table in ablation.tables(name).split("\n\n"):
-            assert table in results, f"docs/results.md's {name} table: regenerate with python bench/ablation_tables.py {name}"
+            assert table in results, f"docs/results.md's {name} table: regenerate with python -m bench.ablation_tables {name}"
 
 
 def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_prints():
@@ -190,7 +190,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
     markers = 0
     for path in candidates.doc_files():
         text = path.read_text()
-        assert candidates.render_docs(text, results) == text, f"{path}: python bench/model_candidates.py --write-docs bench/results/model_candidates.json"
+        assert candidates.render_docs(text, results) == text, f"{path}: python -m bench.model_candidates --write-docs bench/results/model_candidates.json"
         for match in candidates.GENERATED.finditer(text):
             markers += 1
             names = match.group(3).split() if match.group(2) == "rows" else list(results["models"])
@@ -199,8 +199,9 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
 
 
 @pytest.mark.parametrize("name, result, table", [("hostile_costs", "hostile_costs.json", "costs_table"),
-                                                 ("frozen_heads", "imported/frozen_heads.json", "heads_table"),
-                                                 ("loop_free", "loop_free.json", "loop_table")])
+                                                 ("imported_heads", "imported/imported_heads.json", "heads_table"),
+                                                 ("loop_free", "loop_free.json", "loop_table"),
+                                                 ("heatmap_cost", "heatmap_cost.json", "cost_table")])
 def test_a_generated_table_in_the_docs_is_what_the_committed_result_file_prints(name, result, table):
     bench = bench_module(name)
     results = json.loads((BENCH / "results" / result).read_text())

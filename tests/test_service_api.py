@@ -14,7 +14,8 @@ from service.inference import cpu_cores
 from service.settings import Settings
 from tests.conftest import image_bytes
 from tests.cluster import BACKENDS, backend_settings, stored_embeddings
-from tests.server import REPO, ServiceProcess, assert_error, metric
+from harness.server import REPO, ServiceProcess, metric
+from tests.server import assert_error
 
 pytestmark = pytest.mark.slow
 

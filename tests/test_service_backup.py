@@ -14,7 +14,7 @@ from typing import List
 import pytest
 
 from tests.conftest import image_bytes
-from tests.server import REPO, ServiceProcess
+from harness.server import REPO, ServiceProcess
 from tests.test_service_api import enroll, files
 
 pytestmark = pytest.mark.slow

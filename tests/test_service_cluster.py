@@ -8,9 +8,10 @@ from contextlib import ExitStack
 import psycopg
 import pytest
 
-from tests.cluster import MilvusServer, PostgresServer, milvus_connection, unavailable, wait_until
+from harness.cluster import MilvusServer, PostgresServer, milvus_connection, unavailable, wait_until
 from tests.conftest import image_bytes
-from tests.server import ServiceProcess, assert_error, enrol, metric, query
+from harness.server import ServiceProcess, enrol, metric, query
+from tests.server import assert_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
 

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests.conftest import image_bytes
-from tests.server import ServiceProcess
+from harness.server import ServiceProcess
 
 pytestmark = pytest.mark.slow
 

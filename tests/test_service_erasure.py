@@ -17,7 +17,8 @@ from client import AsyncReIDClient, ReIDClient, ReIDError
 from service.store import SCHEMA, SCHEMA_VERSION
 from tests.conftest import image_bytes
 from tests.cluster import BACKENDS, backend_settings
-from tests.server import ServiceProcess, assert_error, onnx_outputs
+from harness.server import ServiceProcess
+from tests.server import assert_error, onnx_outputs
 from tests.test_service_api import enroll, files
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
 
 from tests.conftest import image_bytes
-from tests.server import ServiceProcess
+from harness.server import ServiceProcess
 
 pytestmark = pytest.mark.slow
 BOUNDED = settings(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))

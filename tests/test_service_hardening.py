@@ -20,7 +20,7 @@ from service.store import GalleryStore, NewItem
 from service.validation import MAX_METADATA_DEPTH, UNREADABLE_KEY
 from tests.conftest import image_bytes
 from tests.cluster import BACKENDS, backend_settings
-from tests.server import ServiceProcess
+from harness.server import ServiceProcess
 from tests.test_service_api import enroll, files
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 from model_zoo.preprocess import DecodeBudgetExceeded, decode_for_model, load_for_model
 from service.log_throttle import RepeatThrottle
 from tests.conftest import person_image
-from tests.server import ServiceProcess
+from harness.server import ServiceProcess
 
 pytestmark = pytest.mark.slow
 HEIGHT, WIDTH = 64, 32  # the tiny model's input
@@ -383,7 +383,7 @@ def test_a_slow_app_is_never_mistaken_for_a_slow_client(tmp_path):
 
     from service.server import protocol_class
     from service.settings import Settings
-    from tests.server import free_port
+    from harness.server import free_port
 
     async def slow_app(scope, receive, send):
         if scope["type"] != "http":

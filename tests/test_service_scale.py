@@ -6,7 +6,7 @@ import pytest
 from service.index import VectorIndex, uncentred_pca
 from service.store import FINGERPRINT_KEY, GalleryStore, NewItem
 from tests.conftest import image_bytes
-from tests.server import ServiceProcess
+from harness.server import ServiceProcess
 
 
 def low_rank_rows(n: int, dim: int, rank: int, seed: int = 0) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Opt-in OpenTelemetry tracing over HTTP: a request carrying a W3C traceparent is traced in that trace."""
 import re
 
-from tests.server import ServiceProcess
+from harness.server import ServiceProcess
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"

@@ -11,7 +11,8 @@ from service.index import VectorIndex
 from service.tracks import merge_best
 from tests.conftest import image_bytes, person_image
 from tests.cluster import BACKENDS, backend_settings
-from tests.server import ServiceProcess, assert_error, onnx_outputs, query
+from harness.server import ServiceProcess, query
+from tests.server import assert_error, onnx_outputs
 
 pytestmark = pytest.mark.slow
 MAX_IMAGES, HEATMAP_MATCHES = 32, 5

@@ -304,7 +304,7 @@ def test_a_slow_search_never_holds_the_loop_and_the_index_never_changes_under_it
         await asyncio.sleep(0.1)
         events.append(f"write done: {write.done()}")
         release.set()
-        hits, added = await query, await write
+        hits, _ = await query, await write
         events.append(f"index size {gallery.index.size}")
         await gallery.stop()
         return ticks, hits, stored

@@ -10,7 +10,8 @@ import pytest
 from client import AsyncReIDClient, ReIDClient
 from model_zoo.contract import check_session
 from tests.conftest import image_bytes
-from tests.server import ServiceProcess, assert_error, enrol, query
+from harness.server import ServiceProcess, enrol, query
+from tests.server import assert_error
 from training.calibration import calibrate, onnx_set_embedder, pair_scores, rates, roc, threshold_at, write_verification
 
 

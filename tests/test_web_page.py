@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import person_image
-from tests.server import REPO, ServiceProcess
+from harness.server import REPO, ServiceProcess
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 NEEDS_BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver: make browser")

@@ -13,15 +13,14 @@ single-query Market protocol). The heads' settings are fixed here in advance, no
 
 Embeddings are computed once per model and kept in ``--cache`` (a folder outside the repo).
 
-    python -m bench.frozen_heads --data $DATA --cache $RUNS/frozen_heads \\
+    python -m bench.imported_heads --data $DATA --cache $RUNS/imported_heads \\
         --model model_zoo/models/person_reidentification_retail_0277.onnx --model $RUNS/imports/omz0286.onnx \\
-        --output bench/results/imported/frozen_heads.json
-    python -m bench.frozen_heads --write-docs bench/results/imported/frozen_heads.json   # docs/models.md's table
+        --output bench/results/imported/imported_heads.json
+    python -m bench.imported_heads --write-docs bench/results/imported/imported_heads.json   # docs/models.md's table
 """
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -29,17 +28,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import emit, generated_marker, provenance, rewrite_generated  # noqa: E402
-from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, open_cpu_session  # noqa: E402
-from model_zoo.files import sha256_of  # noqa: E402
-from training.data.market import decode_records, read_split  # noqa: E402
-from training.evaluation import load_test_split, market_metrics  # noqa: E402
+from bench.common import emit, generated_marker, provenance, rewrite_generated
+from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, open_cpu_session
+from model_zoo.files import sha256_of
+from training.data.market import decode_records, read_split
+from training.evaluation import load_test_split, market_metrics
 
 POOL = ["cuhk03-detected", "peta-train", "conreid-train"]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-GENERATED = generated_marker("frozen heads table")
+GENERATED = generated_marker("imported heads table")
 EVAL_SETS = ["cuhk03-detected", "prid", "grid"]
 
 
