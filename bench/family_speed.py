@@ -20,7 +20,8 @@ from embed_speed import measure
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.architectures import build_model
 from training import export, load_config
-from training.engine import model_settings, resolve_pretrained
+from training.checkpoints import model_settings
+from training.engine import resolve_pretrained
 
 POOL_CLASSES = 1462
 ROWS = {  # name: (config, overrides)

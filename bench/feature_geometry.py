@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bench.common import emit
-from training.engine import load_trained_model
+from training.checkpoints import load_trained_model
 from training.evaluation import load_test_split, market_ids, market_metrics
 
 

@@ -36,7 +36,7 @@ import torch
 from bench.common import rate
 from bench.embed_speed import add_speed_arguments, measure, session_for
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session
-from training.engine import load_trained_model
+from training.checkpoints import load_trained_model
 from model_zoo.onnx_export import zero_subnormal_weights
 from training.solver import SMALLEST_NORMAL, zero_subnormals
 

@@ -230,7 +230,7 @@ def test_ibn_networks_export_with_parity(backbone, ibn, market_root, tmp_path):
     """Instance statistics per image in ONNX Runtime as in PyTorch: the contract's identity holds."""
     from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
     from training import load_config
-    from training.engine import model_settings
+    from training.checkpoints import model_settings
     from model_zoo.onnx_export import check_parity, parity_images, write_onnx
     from training.export import describe
 
@@ -251,7 +251,7 @@ def test_export_zeroes_subnormal_weights_and_keeps_parity(market_root, tmp_path)
 
     from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
     from training import load_config
-    from training.engine import model_settings
+    from training.checkpoints import model_settings
     from model_zoo.onnx_export import check_parity, parity_images, write_onnx
     from training.export import describe
 

@@ -42,7 +42,7 @@ def test_the_pool_recipe_layers_on_the_paper_schedule_and_overrides_replace_whol
 def test_every_shipped_config_builds_its_model_and_its_phases_name_real_parts(name, tmp_path):
     from model_zoo.architectures import build_model
     from model_zoo.architectures.common import parameter_groups
-    from training.engine import model_settings
+    from training.checkpoints import model_settings
     from training.objectives import build_objective
     from training.solver import phases_from_config
 

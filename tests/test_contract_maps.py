@@ -17,7 +17,7 @@ from model_zoo.onnx_export import ExportParityError, check_parity, parity_images
 from model_zoo.registry import ARCHITECTURE_REGISTRY
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from training import load_config
-from training.engine import model_settings
+from training.checkpoints import model_settings
 from training.export import FlipAveraged, describe
 
 B, D, H, W = 3, 5, 7, 4

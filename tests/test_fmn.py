@@ -9,7 +9,8 @@ from model_zoo.architectures.fmn import MASK_LOGIT_CLAMP, FeatureMask
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from tests.server import assert_heatmaps_sum_to_scores
 from training import export, load_config, train
-from training.engine import Trainer, model_settings
+from training.checkpoints import model_settings
+from training.engine import Trainer
 from training.losses import ProbabilityMarginRankLoss
 
 TINY_FMN = {"architecture": "fmn", "backbone": "mobilenetv2", "pretrained": None, "input_size": (TINY_HEIGHT, TINY_WIDTH)}

@@ -133,7 +133,7 @@ def test_ibn_blocks_and_everything_upstream_of_them_stay_float(market_root, tmp_
     and every node upstream of them, stay float; the later blocks and the branches are quantized."""
     from model_zoo.architectures.common import build_model
     from training import load_config
-    from training.engine import model_settings
+    from training.checkpoints import model_settings
     from model_zoo.onnx_export import write_onnx
     from training.export import describe
     from training.quantize import normalised_upstream

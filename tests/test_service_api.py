@@ -339,7 +339,7 @@ def test_service_embeddings_equal_the_exporters_on_the_same_files(server, client
     import torch
 
     from model_zoo.preprocess import load_for_model
-    from training.engine import load_trained_model
+    from training.checkpoints import load_trained_model
 
     paths = sorted((market_root / "query").iterdir())[:3]
     ids = enroll(client, [p.read_bytes() for p in paths])

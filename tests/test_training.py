@@ -10,7 +10,8 @@ from model_zoo.contract import INPUT_IMAGES, OUTPUT_FEATURE_MAPS, ModelContract,
 from model_zoo.ram import ranking_activation_maps
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from training import evaluate, export, load_config, train
-from training.engine import Trainer, cpu_has_native_bf16, load_trained_model
+from training.checkpoints import load_trained_model
+from training.engine import Trainer, cpu_has_native_bf16
 from model_zoo.onnx_export import ExportParityError, check_parity, parity_images
 
 SET = "market"  # the evaluation set's name: the tiny market folder's own name

@@ -8,7 +8,6 @@ import random
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -19,8 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from model_zoo.architectures import build_model
-from training.config import TrainConfig, from_dict
+from training.config import TrainConfig
 from training.data import MarketDataset, PairSampler, PKSampler, RandomBatchSampler, TrainAugmentation, batch_loader
+from training.checkpoints import model_settings
 from training.evaluation import evaluate_sets, results_table, test_roots
 from training.objectives import build_objective
 from training.solver import (PhaseSchedule, build_optimizer, enter_phase, load_optimizer_state, phases_from_config, set_learning_rate,
@@ -124,11 +124,6 @@ def hardware_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def model_settings(cfg: TrainConfig) -> dict:
-    """What an architecture's builder reads: the model section plus the input size (FMN's mask is a fixed grid)."""
-    return {**asdict(cfg.model), "input_size": (cfg.data.height, cfg.data.width)}
 
 
 def resolve_pretrained(model_cfg: dict) -> dict:
@@ -378,13 +373,3 @@ def train(cfg: TrainConfig, resume: Optional[Path] = None) -> Dict:
     if resume:
         trainer.resume(Path(resume))
     return trainer.fit()
-
-
-def load_trained_model(checkpoint: Path, device: str = "cpu") -> Tuple[torch.nn.Module, TrainConfig]:
-    """The model of a training checkpoint, in eval mode, and its config."""
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
-    cfg = from_dict(TrainConfig, state["config"])
-    model_cfg = {**model_settings(cfg), "pretrained": None}
-    model = build_model(model_cfg, state["num_classes"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from model_zoo.architectures.common import branch_features as normalised_branch_features
 from model_zoo.rerank import DEFAULT_K1, DEFAULT_K2, DEFAULT_LAMBDA, check_parameters, rerank_all_queries, rerank_one_query_at_a_time
+from training.checkpoints import load_trained_model
 from training.data.market import ImageRecord, decode_records, read_split
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,6 @@ def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] =
     by default the sets its training evaluated): {set name: {"all": ..., "branch1": ..., ...}}, and with
     ``rerank`` the re-ranked whole embedding under ``RERANK_KEY``; with ``pair_head`` (a CASN .onnx file's
     artifact) CASN's features + pairwise attention rule under ``PAIR_KEY``."""
-    from training.engine import load_trained_model
-
     if Path(checkpoint).suffix == ".onnx":
         if not data_roots:
             raise ValueError("evaluating an ONNX file needs at least one --data-root")

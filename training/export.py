@@ -13,7 +13,7 @@ from model_zoo.contract import FLIP_KEY, OPTIONAL_OUTPUTS, ModelContract
 from model_zoo.files import sha256_of
 from model_zoo.onnx_export import check_parity, contract_shape, parity_images, write_onnx
 from model_zoo.pair_attention import pair_head_path
-from training.engine import load_trained_model
+from training.checkpoints import load_trained_model
 
 
 class FlipAveraged(nn.Module):
