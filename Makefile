@@ -10,7 +10,7 @@ RUNTIME := $(if $(HAS_GPU),gpu,cpu)
 OTHER_RUNTIME_PACKAGES := $(if $(HAS_GPU),onnxruntime faiss-cpu,onnxruntime-gpu faiss-gpu-cu12)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: serve test docs install weights browser postgres compose bench ship import-default candidates model-figures clean
+.PHONY: serve test lint docs install weights browser postgres compose bench ship import-default candidates model-figures clean
 
 serve: $(VENV)/.serve-$(RUNTIME)
 	$(BIN)/python -m service
@@ -19,6 +19,11 @@ test: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.test-$(RUNTIME)
+
+# ruff (pyproject.toml): the lint rules, and code formatted as `ruff format` writes it (lines at most 120).
+lint: $(VENV)/.test-$(RUNTIME)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The documentation site (mkdocs.yml) in build/site; --strict fails on any warning, a broken link among them.
 docs: $(VENV)/.test-$(RUNTIME)

@@ -9,6 +9,7 @@ the paper's own figure for that step. R1 / mAP on CUHK03-val, PRID and GRID, in 
     python -m bench.ablation_tables clpd
     python -m bench.ablation_tables casn --results bench/results/pool
 """
+
 import argparse
 import json
 import re
@@ -56,37 +57,72 @@ NOT_WITHOUT_MODULES = ("not ablated without the modules",) * 2
 ABLATIONS = {
     "clpd": Ablation(
         features=(("all", "global + local"), ("branch2", "part branch alone")),
-        rows=(("without the concentration losses (`clpd_base`)", "clpd_base"),
-              ("with L_r alone (`clpd_ratio_only`)", "clpd_ratio_only"),
-              ("with L_d alone (`clpd_distribution_only`)", "clpd_distribution_only"),
-              ("with both: CLPD (`clpd`)", "clpd"),
-              ("with both, average pooling in place of SPR (`clpd_gap_descriptor`)", "clpd_gap_descriptor"),
-              ("single-scale modules, neither loss: the paper's base+AM+SPR (`clpd_single_scale_base`)", "clpd_single_scale_base")),
-        steps=(Step("+ L_r (`clpd_ratio_only` - `clpd_base`)", "clpd_ratio_only", "clpd_base", NOT_ALONE),
-               Step("+ L_d (`clpd_distribution_only` - `clpd_base`)", "clpd_distribution_only", "clpd_base", NOT_ALONE),
-               Step("+ both (`clpd` - `clpd_base`)", "clpd", "clpd_base", NOT_WITHOUT_MODULES),
-               Step("the multiscale modules alone (`clpd_base` - `clpd_single_scale_base`)", "clpd_base", "clpd_single_scale_base",
-                    ("not ablated without the losses",) * 2),
-               Step("the paper's CAM over AM, with SPR (`clpd` - `clpd_single_scale_base`)", "clpd", "clpd_single_scale_base",
-                    ("+0.7 / +1.6", "+1.4 / +3.3")),
-               Step("SPR over average pooling (`clpd` - `clpd_gap_descriptor`)", "clpd", "clpd_gap_descriptor",
-                    ("+1.5 / +3.1", "+2.6 / +6.2"))),
-        paper_header="paper (Market-1501, Table VI)"),
+        rows=(
+            ("without the concentration losses (`clpd_base`)", "clpd_base"),
+            ("with L_r alone (`clpd_ratio_only`)", "clpd_ratio_only"),
+            ("with L_d alone (`clpd_distribution_only`)", "clpd_distribution_only"),
+            ("with both: CLPD (`clpd`)", "clpd"),
+            ("with both, average pooling in place of SPR (`clpd_gap_descriptor`)", "clpd_gap_descriptor"),
+            (
+                "single-scale modules, neither loss: the paper's base+AM+SPR (`clpd_single_scale_base`)",
+                "clpd_single_scale_base",
+            ),
+        ),
+        steps=(
+            Step("+ L_r (`clpd_ratio_only` - `clpd_base`)", "clpd_ratio_only", "clpd_base", NOT_ALONE),
+            Step("+ L_d (`clpd_distribution_only` - `clpd_base`)", "clpd_distribution_only", "clpd_base", NOT_ALONE),
+            Step("+ both (`clpd` - `clpd_base`)", "clpd", "clpd_base", NOT_WITHOUT_MODULES),
+            Step(
+                "the multiscale modules alone (`clpd_base` - `clpd_single_scale_base`)",
+                "clpd_base",
+                "clpd_single_scale_base",
+                ("not ablated without the losses",) * 2,
+            ),
+            Step(
+                "the paper's CAM over AM, with SPR (`clpd` - `clpd_single_scale_base`)",
+                "clpd",
+                "clpd_single_scale_base",
+                ("+0.7 / +1.6", "+1.4 / +3.3"),
+            ),
+            Step(
+                "SPR over average pooling (`clpd` - `clpd_gap_descriptor`)",
+                "clpd",
+                "clpd_gap_descriptor",
+                ("+1.5 / +3.1", "+2.6 / +6.2"),
+            ),
+        ),
+        paper_header="paper (Market-1501, Table VI)",
+    ),
     "casn": Ablation(
         features=(("all", ""),),
-        rows=(("CASN's IDE alone (`casn_ide`)", "casn_ide"),
-              ("+ identification attention (`casn_ia`)", "casn_ia"),
-              ("+ the pair classifier (`casn_ia_pair`)", "casn_ia_pair"),
-              ("+ the consistency: CASN (`casn`)", "casn")),
-        steps=(Step("+ identification attention (`casn_ia` - `casn_ide`)", "casn_ia", "casn_ide", ("+11.0 / +9.2",)),
-               Step("+ the pair classifier (`casn_ia_pair` - `casn_ia`)", "casn_ia_pair", "casn_ia", ("no such row",)),
-               Step("+ the consistency (`casn` - `casn_ia_pair`)", "casn", "casn_ia_pair", ("no such row",)),
-               Step("the whole CASN over its IDE (`casn` - `casn_ide`)", "casn", "casn_ide", ("+13.6 / +11.8",)),
-               Step("`casn`'s pair term as the re-ranking stage (features + pair term - features)", "casn", "casn",
-                    ("ranks with it",), pair_term=True),
-               Step("`casn_ia_pair`'s pair term as the re-ranking stage (features + pair term - features)", "casn_ia_pair",
-                    "casn_ia_pair", ("ranks with it",), pair_term=True)),
-        paper_header="paper (CUHK03-detected)"),
+        rows=(
+            ("CASN's IDE alone (`casn_ide`)", "casn_ide"),
+            ("+ identification attention (`casn_ia`)", "casn_ia"),
+            ("+ the pair classifier (`casn_ia_pair`)", "casn_ia_pair"),
+            ("+ the consistency: CASN (`casn`)", "casn"),
+        ),
+        steps=(
+            Step("+ identification attention (`casn_ia` - `casn_ide`)", "casn_ia", "casn_ide", ("+11.0 / +9.2",)),
+            Step("+ the pair classifier (`casn_ia_pair` - `casn_ia`)", "casn_ia_pair", "casn_ia", ("no such row",)),
+            Step("+ the consistency (`casn` - `casn_ia_pair`)", "casn", "casn_ia_pair", ("no such row",)),
+            Step("the whole CASN over its IDE (`casn` - `casn_ide`)", "casn", "casn_ide", ("+13.6 / +11.8",)),
+            Step(
+                "`casn`'s pair term as the re-ranking stage (features + pair term - features)",
+                "casn",
+                "casn",
+                ("ranks with it",),
+                pair_term=True,
+            ),
+            Step(
+                "`casn_ia_pair`'s pair term as the re-ranking stage (features + pair term - features)",
+                "casn_ia_pair",
+                "casn_ia_pair",
+                ("ranks with it",),
+                pair_term=True,
+            ),
+        ),
+        paper_header="paper (CUHK03-detected)",
+    ),
 }
 
 
@@ -119,8 +155,13 @@ def table_row(label: str, feature: str, seeds: Dict[int, List[float]], signed: b
 
 
 def header(first: str, ablation: Ablation, extra: Sequence[str] = ()) -> List[str]:
-    cells = [first, *(["features"] if ablation.features[0][1] else []), "seeds",
-             *(f"{label} R1 / mAP" for _, label in SETS), *extra]
+    cells = [
+        first,
+        *(["features"] if ablation.features[0][1] else []),
+        "seeds",
+        *(f"{label} R1 / mAP" for _, label in SETS),
+        *extra,
+    ]
     return ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells)]
 
 
@@ -143,7 +184,7 @@ def step_sides(step: Step, key: str) -> Tuple[Figures, Figures]:
 def paired_differences(results: Path, plus: Figures, minus: Figures) -> Dict[int, List[float]]:
     """plus - minus per seed, over the seeds both sides have."""
     high, low = per_seed(results, plus), per_seed(results, minus)
-    return {seed: [h - l for h, l in zip(high[seed], low[seed])] for seed in sorted(high.keys() & low.keys())}
+    return {seed: [up - down for up, down in zip(high[seed], low[seed])] for seed in sorted(high.keys() & low.keys())}
 
 
 def steps_table(ablation: Ablation, results: Path) -> str:

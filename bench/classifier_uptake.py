@@ -7,9 +7,11 @@ cannot fit one batch in a few steps cannot learn 1,462 people in 290 batches (th
 docs/results.md, PMM). Step counts, not time, so a busy CPU does not change the figures; the same seed gives the same
 batch and initial weights to every row.
 
-    python -m bench.classifier_uptake --data ../shared/data --rows ide_bn cama_ordered pmm pmm_small_init fmn casn clpd \
+    python -m bench.classifier_uptake --data ../shared/data --rows ide_bn cama_ordered pmm pmm_small_init fmn casn \
+        clpd \
         --output bench/results/pool/classifier_uptake.json
 """
+
 import sys
 from pathlib import Path
 
@@ -26,9 +28,13 @@ from training.solver import set_learning_rate
 def branch_figures(logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """Per branch: cross-entropy and accuracy on the batch; logits [B, N, C]."""
     logits = logits.detach().float()
-    return {f"branch{i + 1}": {"cross_entropy": round(F.cross_entropy(logits[:, i], targets).item(), 3),
-                               "accuracy": round((logits[:, i].argmax(-1) == targets).float().mean().item(), 3)}
-            for i in range(logits.shape[1])}
+    return {
+        f"branch{i + 1}": {
+            "cross_entropy": round(F.cross_entropy(logits[:, i], targets).item(), 3),
+            "accuracy": round((logits[:, i].argmax(-1) == targets).float().mean().item(), 3),
+        }
+        for i in range(logits.shape[1])
+    }
 
 
 def uptake(trainer: Trainer, steps: int, report_every: int) -> dict:
@@ -47,20 +53,33 @@ def uptake(trainer: Trainer, steps: int, report_every: int) -> dict:
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             trainer.optimizer.step()
-    return {"phase": phase.name, "trainable": phase.trainable, "lr": trainer.cfg.solver.lr, "classes": trainer.dataset.num_classes,
-            "first_logit_std_per_branch": [round(s, 3) for s in first_spread], "curve": curve}
+    return {
+        "phase": phase.name,
+        "trainable": phase.trainable,
+        "lr": trainer.cfg.solver.lr,
+        "classes": trainer.dataset.num_classes,
+        "first_logit_std_per_branch": [round(s, 3) for s in first_spread],
+        "curve": curve,
+    }
 
 
 def main() -> None:
     parser = pool_bench_parser(__doc__, Path("/tmp/classifier_uptake"))
-    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=["ide_bn", "cama_ordered", "pmm", "pmm_small_init", "fmn", "casn", "clpd"])
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=sorted(ROWS),
+        default=["ide_bn", "cama_ordered", "pmm", "pmm_small_init", "fmn", "casn", "clpd"],
+    )
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--report-every", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"batch": "one PxK batch of the pool (seed 0), the same for every row", "steps": args.steps, "rows": {}}
     for name in args.rows:
-        results["rows"][name] = uptake(row_trainer(name, args.data.resolve(), args.scratch), args.steps, args.report_every)
+        results["rows"][name] = uptake(
+            row_trainer(name, args.data.resolve(), args.scratch), args.steps, args.report_every
+        )
         print(name, results["rows"][name]["curve"][-1], file=sys.stderr, flush=True)
     emit(results, args.output)
 

@@ -8,6 +8,7 @@ heatmaps. With replicas, the clients take turns over them as a round-robin load 
 
     python -m bench.cluster_bench --data ../shared/data --output bench/results/cluster.json
 """
+
 import argparse
 import asyncio
 import os
@@ -37,7 +38,7 @@ def crops(data: Path, count: int, seed: int = 0) -> List[bytes]:
 
 
 async def enrol_all(urls: List[str], images: List[bytes], clients: int, batch: int) -> dict:
-    batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+    batches = [images[i : i + batch] for i in range(0, len(images), batch)]
     times: List[float] = []
 
     async def client(worker: int):
@@ -52,7 +53,11 @@ async def enrol_all(urls: List[str], images: List[bytes], clients: int, batch: i
     started = time.perf_counter()
     await asyncio.gather(*(client(w) for w in range(clients)))
     seconds = time.perf_counter() - started
-    return {"images_per_s": round(len(images) / seconds, 1), "requests": len(batches), "request_ms": latency_quantiles(times)}
+    return {
+        "images_per_s": round(len(images) / seconds, 1),
+        "requests": len(batches),
+        "request_ms": latency_quantiles(times),
+    }
 
 
 async def query_all(urls: List[str], images: List[bytes], clients: int) -> dict:
@@ -64,8 +69,11 @@ async def query_all(urls: List[str], images: List[bytes], clients: int) -> dict:
         async with httpx.AsyncClient(timeout=120) as http:
             for n in range(worker, len(images), clients):
                 started = time.perf_counter()
-                response = await http.post(urls[n % len(urls)] + "/query", files={"image": ("q.jpg", images[n], "image/jpeg")},
-                                           data={"top_k": "10", "heatmaps": "false"})
+                response = await http.post(
+                    urls[n % len(urls)] + "/query",
+                    files={"image": ("q.jpg", images[n], "image/jpeg")},
+                    data={"top_k": "10", "heatmaps": "false"},
+                )
                 response.raise_for_status()
                 times.append((time.perf_counter() - started) * 1000)
                 for step, values in steps.items():
@@ -74,8 +82,11 @@ async def query_all(urls: List[str], images: List[bytes], clients: int) -> dict:
     started = time.perf_counter()
     await asyncio.gather(*(client(w) for w in range(clients)))
     seconds = time.perf_counter() - started
-    return {"queries_per_s": round(len(images) / seconds, 1), **latency_quantiles(times),
-            **{f"{step}_p50_ms": round(statistics.median(values), 1) for step, values in steps.items()}}
+    return {
+        "queries_per_s": round(len(images) / seconds, 1),
+        **latency_quantiles(times),
+        **{f"{step}_p50_ms": round(statistics.median(values), 1) for step, values in steps.items()},
+    }
 
 
 def run_setting(name: str, servers: List[ServiceProcess], gallery: List[bytes], queries: List[bytes], args) -> dict:
@@ -89,13 +100,18 @@ def run_setting(name: str, servers: List[ServiceProcess], gallery: List[bytes], 
     finally:
         for server in servers:
             server.stop()
-    print(f"{name}: enrol {enrol['images_per_s']} images/s, query {query['queries_per_s']}/s p99 {query['p99_ms']} ms", file=sys.stderr)
+    print(
+        f"{name}: enrol {enrol['images_per_s']} images/s, query {query['queries_per_s']}/s p99 {query['p99_ms']} ms",
+        file=sys.stderr,
+    )
     return {"setting": name, "replicas": len(servers), "gallery_size": size, "enrol": enrol, "query": query}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="the data folder (cuhk03-detected's crops are the images)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="the data folder (cuhk03-detected's crops are the images)"
+    )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--enrol", type=int, default=1200, help="images enrolled per setting")
     parser.add_argument("--queries", type=int, default=400)
@@ -108,17 +124,31 @@ def main() -> None:
     if reason:
         sys.exit(f"the cluster backend cannot run here: {reason}")
     images = crops(args.data, args.enrol + args.queries)
-    gallery, queries = images[:args.enrol], images[args.enrol:]
+    gallery, queries = images[: args.enrol], images[args.enrol :]
     args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=args.work))  # a fresh embedded gallery, as the cluster's
     settings = {"intra_op_threads": 0, "log_level": "warning"}
     cluster = ClusterServers().start()
     try:
-        runs = [run_setting("embedded (SQLite + FAISS)", [ServiceProcess(args.model, work / "embedded.sqlite3", **settings)], gallery, queries, args)]
+        runs = [
+            run_setting(
+                "embedded (SQLite + FAISS)",
+                [ServiceProcess(args.model, work / "embedded.sqlite3", **settings)],
+                gallery,
+                queries,
+                args,
+            )
+        ]
         for replicas in (1, 2):
             backend = cluster.new_gallery()
-            servers = [ServiceProcess(args.model, work / f"unused{i}.sqlite3", **settings, **backend) for i in range(replicas)]
-            runs.append(run_setting(f"cluster, {replicas} replica(s) (PostgreSQL + milvus-lite)", servers, gallery, queries, args))
+            servers = [
+                ServiceProcess(args.model, work / f"unused{i}.sqlite3", **settings, **backend) for i in range(replicas)
+            ]
+            runs.append(
+                run_setting(
+                    f"cluster, {replicas} replica(s) (PostgreSQL + milvus-lite)", servers, gallery, queries, args
+                )
+            )
     finally:
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -126,9 +156,19 @@ def main() -> None:
     for run in runs:
         run["enrol_vs_embedded"] = round(run["enrol"]["images_per_s"] / base["enrol"]["images_per_s"], 2)
         run["query_vs_embedded"] = round(run["query"]["queries_per_s"] / base["query"]["queries_per_s"], 2)
-    emit({"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": None},
-          "model": args.model.name, "enrolled": args.enrol, "queries": args.queries, "batch": args.batch, "clients": args.clients,
-          "command": "python " + " ".join(sys.argv), "runs": runs}, args.output)
+    emit(
+        {
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": None},
+            "model": args.model.name,
+            "enrolled": args.enrol,
+            "queries": args.queries,
+            "batch": args.batch,
+            "clients": args.clients,
+            "command": "python " + " ".join(sys.argv),
+            "runs": runs,
+        },
+        args.output,
+    )
 
 
 if __name__ == "__main__":

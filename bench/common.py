@@ -1,5 +1,6 @@
 """What the benchmarks share: synthetic images and galleries, a process's memory, throughput and latency
 percentiles, where a result came from, and writing a result file."""
+
 import datetime
 import io
 import json
@@ -62,7 +63,9 @@ def timed(step: Callable[[], object]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def alternating_latency(variants: Dict[str, Callable[[bytes], object]], queries: List[bytes], rounds: int) -> Dict[str, Dict[str, float]]:
+def alternating_latency(
+    variants: Dict[str, Callable[[bytes], object]], queries: List[bytes], rounds: int
+) -> Dict[str, Dict[str, float]]:
     """Latency percentiles per variant, the variants alternating query by query in each round, so that a noisy
     machine slows them alike."""
     times = {name: [] for name in variants}
@@ -75,7 +78,12 @@ def alternating_latency(variants: Dict[str, Callable[[bytes], object]], queries:
 
 def latency_quantiles(times_ms: List[float], digits: int = 1) -> Dict[str, float]:
     q = statistics.quantiles(times_ms, n=100, method="inclusive")
-    return {"p50_ms": round(q[49], digits), "p95_ms": round(q[94], digits), "p99_ms": round(q[98], digits), "queries": len(times_ms)}
+    return {
+        "p50_ms": round(q[49], digits),
+        "p95_ms": round(q[94], digits),
+        "p99_ms": round(q[98], digits),
+        "queries": len(times_ms),
+    }
 
 
 def emit(results: dict, output: Optional[Path]) -> None:
@@ -111,13 +119,26 @@ def provenance() -> dict:
     """What a result file records about its making: the commit (``-dirty`` with uncommitted changes), the command
     line, the date, and the machine (CPU model, cores, load averages; the load again at the end is the caller's)."""
     repo = Path(__file__).resolve().parents[1]
-    described = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=repo).stdout.strip()
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=repo
+    ).stdout.strip()
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"commit": described or "unknown", "command": portable_command(sys.argv, repo),
-            "date": datetime.date.today().isoformat(),
-            "machine": {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
-                        "python": platform.python_version()}}
+    names = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
+    return {
+        "commit": described or "unknown",
+        "command": portable_command(sys.argv, repo),
+        "date": datetime.date.today().isoformat(),
+        "machine": {
+            "cpu": names[0] if names else platform.processor(),
+            "cores": os.cpu_count(),
+            "load_average_1_5_15": list(os.getloadavg()),
+            "python": platform.python_version(),
+        },
+    }
 
 
 def generated_marker(name: str) -> "re.Pattern":
@@ -129,4 +150,3 @@ def generated_marker(name: str) -> "re.Pattern":
 def rewrite_generated(text: str, marker: "re.Pattern", table: str) -> str:
     """``text`` with the table under every ``marker`` printed again as ``table``."""
     return marker.sub(lambda match: match.group(1) + "\n" + table + "\n", text)
-

@@ -5,9 +5,11 @@ the same round, because this machine's speed drifts over minutes; the median rat
 Batch 32 of random uint8 images at each model's own input size, one ONNX Runtime call at a time with
 ``--threads`` threads.
 
-    python -m bench.embed_speed model_zoo/models/cama_mobilenetv2_cuhk03.onnx model_zoo/models/cama_mobilenetv2_pool.onnx \
+    python -m bench.embed_speed model_zoo/models/cama_mobilenetv2_cuhk03.onnx \
+        model_zoo/models/cama_mobilenetv2_pool.onnx \
         --output bench/results/embed_speed.json
 """
+
 import argparse
 import json
 import platform
@@ -35,7 +37,9 @@ def measure(paths, threads: int, rounds: int, seconds: float, batch_size: int) -
         session = session_for(path, threads)
         contract = check_session(session)
         sessions.append(session)
-        batches.append(rng.integers(0, 256, (batch_size, contract.input_height, contract.input_width, 3), dtype=np.uint8))
+        batches.append(
+            rng.integers(0, 256, (batch_size, contract.input_height, contract.input_width, 3), dtype=np.uint8)
+        )
     speeds = [[] for _ in paths]
     for _ in range(rounds):
         for i, (session, batch) in enumerate(zip(sessions, batches)):
@@ -53,7 +57,9 @@ def measure(paths, threads: int, rounds: int, seconds: float, batch_size: int) -
 
 def add_speed_arguments(parser: argparse.ArgumentParser, rounds: int, seconds: float) -> None:
     """The arguments of a side-by-side speed measurement (``measure``) and its JSON output."""
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime intra-op threads, one measurement each")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime intra-op threads, one measurement each"
+    )
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--seconds", type=float, default=seconds, help="per model per round")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -65,13 +71,19 @@ def main() -> None:
     parser.add_argument("models", nargs="+", type=Path, help="exported .onnx files; ratios are to the first")
     add_speed_arguments(parser, rounds=5, seconds=5.0)
     args = parser.parse_args()
-    results = {"machine": f"{platform.machine()} {platform.processor()}", "onnxruntime": ort.__version__,
-               "batch_size": args.batch_size, "threads": {}}
+    results = {
+        "machine": f"{platform.machine()} {platform.processor()}",
+        "onnxruntime": ort.__version__,
+        "batch_size": args.batch_size,
+        "threads": {},
+    }
     for threads in args.threads:
         results["threads"][threads] = measure(args.models, threads, args.rounds, args.seconds, args.batch_size)
         for path, figures in results["threads"][threads].items():
-            print(f"{threads} thread(s)  {Path(path).name:45s} {figures['input']}  "
-                  f"{figures['images_per_second_median']:7.1f} img/s  x{figures['ratio_to_first_median']:.2f}")
+            print(
+                f"{threads} thread(s)  {Path(path).name:45s} {figures['input']}  "
+                f"{figures['images_per_second_median']:7.1f} img/s  x{figures['ratio_to_first_median']:.2f}"
+            )
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))
 

@@ -7,6 +7,7 @@ alternating rounds; ratios are to the first model, the shipped default.
 
     python -m bench.family_speed --output bench/results/family_speed.json
 """
+
 import argparse
 import json
 import platform
@@ -57,12 +58,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         paths = [DEFAULT_MODEL_PATH, *(untrained_export(name, *row, Path(folder)) for name, row in rows.items())]
         names = ["default (shipped)", *rows]
-        results = {"machine": f"{platform.machine()} {platform.processor()}", "onnxruntime": ort.__version__, "threads": {}}
+        results = {
+            "machine": f"{platform.machine()} {platform.processor()}",
+            "onnxruntime": ort.__version__,
+            "threads": {},
+        }
         for threads in args.threads:
             figures = measure(paths, threads, args.rounds, args.seconds, 32)
-            results["threads"][threads] = {name: {k: v for k, v in f.items() if k != "rounds"} for name, f in zip(names, figures.values())}
+            results["threads"][threads] = {
+                name: {k: v for k, v in f.items() if k != "rounds"} for name, f in zip(names, figures.values())
+            }
             for name, f in results["threads"][threads].items():
-                print(f"{threads} thread(s)  {name:18s} {f['input']}  {f['images_per_second_median']:7.1f} img/s  x{f['ratio_to_first_median']:.2f}")
+                print(
+                    f"{threads} thread(s)  {name:18s} {f['input']}  {f['images_per_second_median']:7.1f} img/s  "
+                    f"x{f['ratio_to_first_median']:.2f}"
+                )
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))
 

@@ -7,8 +7,10 @@ activations (every feature >= 0, gallery cosines all high), IDE+BN's the GAP of 
 were the cause, centring would close the gap after training.
 
     python -m bench.feature_geometry $RUNS/fmn/model.pt $RUNS/ide_bn/model.pt \
-        --data-root ../shared/data/cuhk03-detected --data-root ../shared/data/prid --output bench/results/pool/feature_geometry.json
+        --data-root ../shared/data/cuhk03-detected --data-root ../shared/data/prid --output \
+            bench/results/pool/feature_geometry.json
 """
+
 import argparse
 from pathlib import Path
 
@@ -23,8 +25,10 @@ from training.evaluation import load_test_split, market_ids, market_metrics
 @torch.no_grad()
 def descriptors(model, images: np.ndarray, branch: int) -> np.ndarray:
     """The branch's GAP descriptor, not normalised, [n, D]."""
-    chunks = [model(torch.from_numpy(images[s:s + 128])).feature_maps[:, branch].float().mean(dim=(2, 3)).numpy()
-              for s in range(0, len(images), 128)]
+    chunks = [
+        model(torch.from_numpy(images[s : s + 128])).feature_maps[:, branch].float().mean(dim=(2, 3)).numpy()
+        for s in range(0, len(images), 128)
+    ]
     return np.concatenate(chunks)
 
 
@@ -34,10 +38,15 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def scored_three_ways(query: np.ndarray, gallery: np.ndarray, ids: dict) -> dict:
     mean, std = gallery.mean(0), gallery.std(0) + 1e-6
-    ways = {"as_served": (query, gallery), "centred": (query - mean, gallery - mean),
-            "standardised": ((query - mean) / std, (gallery - mean) / std)}
-    figures = {"smallest_feature": float(min(query.min(), gallery.min())),
-               "mean_gallery_cosine": float((unit(gallery) @ unit(gallery).T).mean())}
+    ways = {
+        "as_served": (query, gallery),
+        "centred": (query - mean, gallery - mean),
+        "standardised": ((query - mean) / std, (gallery - mean) / std),
+    }
+    figures = {
+        "smallest_feature": float(min(query.min(), gallery.min())),
+        "mean_gallery_cosine": float((unit(gallery) @ unit(gallery).T).mean()),
+    }
     for way, (q, g) in ways.items():
         metrics = market_metrics(unit(q) @ unit(g).T, **ids)
         figures[way] = {"rank1": round(100 * metrics["rank1"], 1), "mAP": round(100 * metrics["mAP"], 1)}
@@ -56,9 +65,14 @@ def main() -> None:
         model, cfg = load_trained_model(checkpoint, "cpu")
         model.eval()
         for root in args.data_root:
-            query_images, query, gallery_images, gallery = load_test_split(root, cfg.data.height, cfg.data.width, progress=False)
+            query_images, query, gallery_images, gallery = load_test_split(
+                root, cfg.data.height, cfg.data.width, progress=False
+            )
             results[f"{checkpoint.parent.name}/{root.name}"] = scored_three_ways(
-                descriptors(model, query_images, args.branch), descriptors(model, gallery_images, args.branch), market_ids(query, gallery))
+                descriptors(model, query_images, args.branch),
+                descriptors(model, gallery_images, args.branch),
+                market_ids(query, gallery),
+            )
     emit(results, args.output)
 
 

@@ -20,6 +20,7 @@ statistics), so the figures compare heads with each other, not with the training
 
     python -m bench.frozen_feature_heads --data ../shared/data --output bench/results/pool/frozen_feature_heads.json
 """
+
 import itertools
 import sys
 from pathlib import Path
@@ -52,7 +53,11 @@ def pmm_head(channels: int, classes: int, small_init: bool, neck: str) -> Head:
     if small_init:
         nn.init.normal_(stage.classifier.weight, std=0.001)
     if neck == "none":
-        return stage, stage.classifier, lambda x: stage.classifier(stage.bn(stage.conv(x.mean(dim=(2, 3), keepdim=True))).flatten(1))
+        return (
+            stage,
+            stage.classifier,
+            lambda x: stage.classifier(stage.bn(stage.conv(x.mean(dim=(2, 3), keepdim=True))).flatten(1)),
+        )
     if neck == "bn":
         bn = nn.BatchNorm1d(512)
         return nn.ModuleList([stage, bn]), stage.classifier, lambda x: stage.classifier(bn(stage(x)[0]))
@@ -81,13 +86,24 @@ HEADS: Dict[str, Callable[[int, int], Head]] = {
 def cache_maps(backbone: nn.Module, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
     """The backbone's last-stage maps of every image, float16 [N, C, h, w]."""
     backbone.eval()
-    chunks = [backbone(torch.from_numpy(images[start:start + batch_size])).half()
-              for start in tqdm(range(0, len(images), batch_size), desc="cache maps", leave=False)]
+    chunks = [
+        backbone(torch.from_numpy(images[start : start + batch_size])).half()
+        for start in tqdm(range(0, len(images), batch_size), desc="cache maps", leave=False)
+    ]
     return torch.cat(chunks)
 
 
-def learn(head: Head, maps: torch.Tensor, labels: torch.Tensor, batches: List[List[int]], warmup: int, lr: float, warmup_lr: float,
-          weight_decay: float, report_every: int) -> List[dict]:
+def learn(
+    head: Head,
+    maps: torch.Tensor,
+    labels: torch.Tensor,
+    batches: List[List[int]],
+    warmup: int,
+    lr: float,
+    warmup_lr: float,
+    weight_decay: float,
+    report_every: int,
+) -> List[dict]:
     """Train the head's classifier alone on the batches; the mean cross-entropy and accuracy every ``report_every``."""
     module, classifier, logits_of = head
     module.train().requires_grad_(False)
@@ -113,7 +129,9 @@ def learn(head: Head, maps: torch.Tensor, labels: torch.Tensor, batches: List[Li
 def main() -> None:
     parser = pool_bench_parser(__doc__, Path("/tmp/frozen_feature_heads"))
     parser.add_argument("--heads", nargs="+", choices=sorted(HEADS), default=list(HEADS))
-    parser.add_argument("--epochs", type=int, default=3, help="passes of the sampler's batches; the first is the warm-up")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="passes of the sampler's batches; the first is the warm-up"
+    )
     parser.add_argument("--report-every", type=int, default=58)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,14 +141,29 @@ def main() -> None:
     maps = cache_maps(backbone, np.stack([trainer.dataset.image(i) for i in range(len(trainer.dataset))]))
     labels = torch.from_numpy(trainer.dataset.labels).long()
     warmup = len(trainer.sampler)
-    batches = list(itertools.islice(itertools.chain.from_iterable(trainer.sampler for _ in range(args.epochs)), warmup * args.epochs))
-    results = {"images": len(labels), "people": int(labels.max()) + 1, "map": list(maps.shape[1:]), "batch": len(batches[0]),
-               "warmup_batches": warmup, "batches": len(batches), "lr": solver.lr, "warmup_lr": solver.warmup_lr,
-               "weight_decay": solver.weight_decay, "heads": {}}
+    batches = list(
+        itertools.islice(
+            itertools.chain.from_iterable(trainer.sampler for _ in range(args.epochs)), warmup * args.epochs
+        )
+    )
+    results = {
+        "images": len(labels),
+        "people": int(labels.max()) + 1,
+        "map": list(maps.shape[1:]),
+        "batch": len(batches[0]),
+        "warmup_batches": warmup,
+        "batches": len(batches),
+        "lr": solver.lr,
+        "warmup_lr": solver.warmup_lr,
+        "weight_decay": solver.weight_decay,
+        "heads": {},
+    }
     for name in args.heads:
         torch.manual_seed(0)
         head = HEADS[name](maps.shape[1], results["people"])
-        results["heads"][name] = learn(head, maps, labels, batches, warmup, solver.lr, solver.warmup_lr, solver.weight_decay, args.report_every)
+        results["heads"][name] = learn(
+            head, maps, labels, batches, warmup, solver.lr, solver.warmup_lr, solver.weight_decay, args.report_every
+        )
         print(name, results["heads"][name][-1], file=sys.stderr, flush=True)
     emit(results, args.output)
 

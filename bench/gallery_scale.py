@@ -19,6 +19,7 @@ well an approximate index and a reduction work, which uniform random vectors (no
     python -m bench.gallery_scale --data ../shared/data --work $RUNS/scale --size 1000000 \
         --output bench/results/gallery_1m.json
 """
+
 import argparse
 import json
 import os
@@ -59,7 +60,7 @@ def embed(model: InferenceModel, paths: List[Path], desc: str) -> np.ndarray:
     height, width = model.input_size
     out = []
     for start in tqdm(range(0, len(paths), 32), desc=desc, leave=False):
-        batch = np.stack([load_for_model(p.read_bytes(), height, width) for p in paths[start:start + 32]])
+        batch = np.stack([load_for_model(p.read_bytes(), height, width) for p in paths[start : start + 32]])
         out.append(model.predict(batch, with_maps=False)[0])
     return np.concatenate(out)
 
@@ -104,10 +105,17 @@ def fill(store_path: Path, generator: EmbeddingGenerator, centres: np.ndarray, s
     placeholder = jpeg(0, (8, 16))
     rng = np.random.default_rng(2)
     have = store.count()
-    for start in tqdm(range(have, size, 5000), desc=f"filling the store to {size}", initial=have // 5000, total=-(-size // 5000)):
+    for start in tqdm(
+        range(have, size, 5000), desc=f"filling the store to {size}", initial=have // 5000, total=-(-size // 5000)
+    ):
         persons = rng.integers(0, len(centres), min(5000, size - start))
         vectors = generator.sightings(centres[persons], rng)
-        store.add([NewItem(placeholder, "JPEG", 8, 16, v, person_id=f"s{p}", camera_id=f"c{p % 8}") for p, v in zip(persons, vectors)])
+        store.add(
+            [
+                NewItem(placeholder, "JPEG", 8, 16, v, person_id=f"s{p}", camera_id=f"c{p % 8}")
+                for p, v in zip(persons, vectors)
+            ]
+        )
     store.close()
 
 
@@ -116,7 +124,9 @@ def exact_top10(store_path: Path, queries: np.ndarray, dim: int) -> np.ndarray:
     store = GalleryStore(store_path)
     best_ids = np.zeros((len(queries), 0), np.int64)
     best = np.zeros((len(queries), 0), np.float32)
-    for ids, vectors, _ in tqdm(store.iter_embeddings(dim, chunk=8192), desc="exact top-10", total=-(-store.count() // 8192)):
+    for ids, vectors, _ in tqdm(
+        store.iter_embeddings(dim, chunk=8192), desc="exact top-10", total=-(-store.count() // 8192)
+    ):
         scores = np.concatenate([best, queries @ vectors.T], axis=1)
         pool = np.concatenate([best_ids, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
         keep = np.argsort(-scores, axis=1)[:, :10]
@@ -132,12 +142,18 @@ def recall(found: List[List[int]], truth: np.ndarray) -> float:
 def index_setting(store_path: Path, setting: dict, queries: np.ndarray, truth: np.ndarray, dim: int) -> List[dict]:
     """One index built as the service builds it, then searched with each nprobe x candidates of the setting."""
     store = GalleryStore(store_path)
-    index = VectorIndex(dim, setting["kind"], "cpu", ivf_nlist=setting.get("nlist", 1024), reduce_dim=setting["reduce_dim"])
+    index = VectorIndex(
+        dim, setting["kind"], "cpu", ivf_nlist=setting.get("nlist", 1024), reduce_dim=setting["reduce_dim"]
+    )
     started = time.perf_counter()
     training = store.sample_embeddings(TRAINING_SAMPLE, dim)
     index.rebuild(((ids, vectors) for ids, vectors, _ in store.iter_embeddings(dim)), training)
-    built = {**setting, "built": index.built_kind, "build_s": round(time.perf_counter() - started, 1),
-             "vectors_in_memory_gb": round(index.index.ntotal * index.index.d * 4 / 1e9, 2)}
+    built = {
+        **setting,
+        "built": index.built_kind,
+        "build_s": round(time.perf_counter() - started, 1),
+        "vectors_in_memory_gb": round(index.index.ntotal * index.index.d * 4 / 1e9, 2),
+    }
     del training
     rows = []
     for nprobe in setting.get("nprobe", [None]):
@@ -151,8 +167,15 @@ def index_setting(store_path: Path, setting: dict, queries: np.ndarray, truth: n
                 hits = index.search(query, 10, exact=partial(exact_scores, store, query))
                 times.append((time.perf_counter() - begin) * 1000)
                 found.append([i for i, _ in hits])
-            rows.append({**built, "nprobe": nprobe, "candidates": candidates, "recall_at_10": round(recall(found, truth), 4),
-                         "search_latency": latency_quantiles(times, digits=2)})
+            rows.append(
+                {
+                    **built,
+                    "nprobe": nprobe,
+                    "candidates": candidates,
+                    "recall_at_10": round(recall(found, truth), 4),
+                    "search_latency": latency_quantiles(times, digits=2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     store.close()
     return rows
@@ -163,16 +186,27 @@ def peak_memory_gb(pid: int) -> Dict[str, float]:
 
 
 def server_figures(args, store_path: Path, setting: dict, images: List[bytes], truth: np.ndarray) -> dict:
-    env = {"index_type": setting["kind"], "index_reduce_dim": setting["reduce_dim"], "index_rescore_candidates": setting["candidates"][0],
-           "ivf_nlist": setting.get("nlist", 1024), "ivf_nprobe": setting.get("nprobe", [32])[0], "intra_op_threads": 0, "model_instances": 0,
-           "max_top_k": 100, "max_heatmap_matches": 10, "model_precision": args.precision}
+    env = {
+        "index_type": setting["kind"],
+        "index_reduce_dim": setting["reduce_dim"],
+        "index_rescore_candidates": setting["candidates"][0],
+        "ivf_nlist": setting.get("nlist", 1024),
+        "ivf_nprobe": setting.get("nprobe", [32])[0],
+        "intra_op_threads": 0,
+        "model_instances": 0,
+        "max_top_k": 100,
+        "max_heatmap_matches": 10,
+        "model_precision": args.precision,
+    }
     server = ServiceProcess(args.model, store_path, **env)
     started = time.perf_counter()
     server.start(timeout=3600)
     try:
         figures = {"setting": setting, "start_s": round(time.perf_counter() - started, 1)}
         with ReIDClient(server.url, timeout=120) as reid:
-            answers = [[m.id for m in reid.query(("q.jpg", image), top_k=10, heatmaps=False).matches] for image in images]
+            answers = [
+                [m.id for m in reid.query(("q.jpg", image), top_k=10, heatmaps=False).matches] for image in images
+            ]
             figures["recall_at_10_real_queries"] = round(recall(answers, truth), 4)
             for heatmaps in (False, True):
                 times = []
@@ -190,20 +224,35 @@ def server_figures(args, store_path: Path, setting: dict, images: List[bytes], t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder with the training sets and cuhk03-detected/query")
-    parser.add_argument("--work", type=Path, required=True, help="where the store (about 15 GB per million 3840-d items) and caches go")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder with the training sets and cuhk03-detected/query"
+    )
+    parser.add_argument(
+        "--work", type=Path, required=True, help="where the store (about 15 GB per million 3840-d items) and caches go"
+    )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--size", type=int, default=1_000_000)
-    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                        help="the model file served (REID_MODEL_PRECISION) and embedding the queries; an existing store is marked as its")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="the model file served (REID_MODEL_PRECISION) and embedding the queries; an existing "
+        "store is marked as its",
+    )
     parser.add_argument("--real-images", type=int, default=3000, help="training images the generator is fitted on")
     parser.add_argument("--queries", type=int, default=200, help="synthetic queries for the in-process settings")
     parser.add_argument("--http-queries", type=int, default=100, help="queries per server latency figure")
-    parser.add_argument("--settings", default='[{"kind": "ivf", "reduce_dim": 256, "nlist": 1024, "nprobe": [32, 16, 64], "candidates": [100, 50]}]',
-                        help="JSON list of index settings for the in-process part, each built once and searched with every nprobe x "
-                        "candidates; the first setting's first nprobe and candidates are also served")
+    parser.add_argument(
+        "--settings",
+        default='[{"kind": "ivf", "reduce_dim": 256, "nlist": 1024, "nprobe": [32, 16, 64], "candidates": [100, 50]}]',
+        help="JSON list of index settings for the in-process part, each built once and searched with "
+        "every nprobe x "
+        "candidates; the first setting's first nprobe and candidates are also served",
+    )
     parser.add_argument("--no-server", action="store_true", help="skip the real server's part")
-    parser.add_argument("--server-only", action="store_true", help="skip the in-process settings: serve the first setting only")
+    parser.add_argument(
+        "--server-only", action="store_true", help="skip the in-process settings: serve the first setting only"
+    )
     parser.add_argument("--fill-only", action="store_true", help="fill the store (resumable) and stop")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -211,12 +260,23 @@ def main() -> None:
     model = InferenceModel(args.model, "cpu", precision=args.precision).load()
     dim, branches = model.contract.embedding_dim, model.contract.num_branches
 
-    cache = args.work / f"real_{model.path.stem}.npz"  # the served file's own embeddings: int8 queries are judged against int8 truth
+    cache = (
+        args.work / f"real_{model.path.stem}.npz"
+    )  # the served file's own embeddings: int8 queries are judged against int8 truth
     if not cache.exists():
-        paths = [p for name in TRAIN_SETS for p in market_images(args.data / name, "bounding_box_train", args.real_images // len(TRAIN_SETS), 0)]
+        paths = [
+            p
+            for name in TRAIN_SETS
+            for p in market_images(args.data / name, "bounding_box_train", args.real_images // len(TRAIN_SETS), 0)
+        ]
         query_paths = market_images(args.data / "cuhk03-detected", "query", 100, 1)
-        np.savez(cache, train=embed(model, paths, "real training images"), persons=[f"{p.parent.parent.name}/{PERSON.match(p.name).group(1)}" for p in paths],
-                 query=embed(model, query_paths, "real query images"), query_paths=[str(p) for p in query_paths])
+        np.savez(
+            cache,
+            train=embed(model, paths, "real training images"),
+            persons=[f"{p.parent.parent.name}/{PERSON.match(p.name).group(1)}" for p in paths],
+            query=embed(model, query_paths, "real query images"),
+            query_paths=[str(p) for p in query_paths],
+        )
     real = np.load(cache)
     generator = EmbeddingGenerator(real["train"], real["persons"], branches)
     rng = np.random.default_rng(1)
@@ -228,16 +288,25 @@ def main() -> None:
 
     synthetic_queries = generator.sightings(centres[rng.integers(0, len(centres), args.queries)], rng)
     truth = exact_top10(store_path, np.concatenate([synthetic_queries, real["query"]]), dim)
-    results = {"model": model.path.name, "precision": args.precision, "embedding_dim": dim, "size": args.size, "command": " ".join(sys.argv),
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "store_file_gb": round(store_path.stat().st_size / 1e9, 2),
-               "generator_fitted_on": {"training_images": len(real["train"]), "query_images": len(real["query"])}, "settings": []}
+    results = {
+        "model": model.path.name,
+        "precision": args.precision,
+        "embedding_dim": dim,
+        "size": args.size,
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "store_file_gb": round(store_path.stat().st_size / 1e9, 2),
+        "generator_fitted_on": {"training_images": len(real["train"]), "query_images": len(real["query"])},
+        "settings": [],
+    }
     results["load_average_at_start"] = os.getloadavg()
     for setting in [] if args.server_only else json.loads(args.settings):
-        results["settings"] += index_setting(store_path, setting, synthetic_queries, truth[:args.queries], dim)
+        results["settings"] += index_setting(store_path, setting, synthetic_queries, truth[: args.queries], dim)
     if not args.no_server:
         images = [Path(p).read_bytes() for p in real["query_paths"]]
-        results["server"] = server_figures(args, store_path, json.loads(args.settings)[0], images, truth[args.queries:])
+        results["server"] = server_figures(
+            args, store_path, json.loads(args.settings)[0], images, truth[args.queries :]
+        )
     results["load_average_at_end"] = os.getloadavg()
     emit(results, args.output)
 

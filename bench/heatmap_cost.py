@@ -21,6 +21,7 @@ cached.
 
 (bench/results/heatmap_cost_cama.json is the same measurement for the previous default, before grids-only answers.)
 """
+
 import argparse
 import json
 import statistics
@@ -53,10 +54,16 @@ def cost_table(results: dict) -> str:
     plain = figures["latency_ms"]["no heatmaps"]["p50_ms"]
     lines = ["| query (top 10) | p50 / p95 / p99 ms | p50 x no heatmaps | answer kB |", "|---|---|---|---|"]
     for name, latency in figures["latency_ms"].items():
-        lines.append(f"| {name} | {latency['p50_ms']} / {latency['p95_ms']} / {latency['p99_ms']} | {latency['p50_ms'] / plain:.2f} | "
-                     f"{figures['answer_kb'][name]} |")
-    lines.append(f"| {figures['clients']} clients at once, queries/s | " + ", ".join(f"{name}: {rate}" for name, rate in figures["queries_per_s"].items())
-                 + " | | |")
+        lines.append(
+            f"| {name} | {latency['p50_ms']} / {latency['p95_ms']} / {latency['p99_ms']} | "
+            f"{latency['p50_ms'] / plain:.2f} | "
+            f"{figures['answer_kb'][name]} |"
+        )
+    lines.append(
+        f"| {figures['clients']} clients at once, queries/s | "
+        + ", ".join(f"{name}: {rate}" for name, rate in figures["queries_per_s"].items())
+        + " | | |"
+    )
     return "\n".join(lines)
 
 
@@ -67,13 +74,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--gallery", type=int, default=200, help="end to end: real gallery crops enrolled")
     parser.add_argument("--queries", type=int, default=10, help="end to end: real query crops per round")
-    parser.add_argument("--clients", type=int, default=8, help="end to end: concurrent clients for the throughput figures")
+    parser.add_argument(
+        "--clients", type=int, default=8, help="end to end: concurrent clients for the throughput figures"
+    )
     parser.add_argument("--seconds", type=float, default=15, help="end to end: length of each throughput figure")
     parser.add_argument("--output", type=Path)
-    parser.add_argument("--write-docs", type=Path, default=None, help="rewrite docs/results.md's table from this result file, measure nothing")
+    parser.add_argument(
+        "--write-docs",
+        type=Path,
+        default=None,
+        help="rewrite docs/results.md's table from this result file, measure nothing",
+    )
     args = parser.parse_args()
     if args.write_docs:
-        DOC.write_text(rewrite_generated(DOC.read_text(), GENERATED, cost_table(json.loads(args.write_docs.read_text()))))
+        DOC.write_text(
+            rewrite_generated(DOC.read_text(), GENERATED, cost_table(json.loads(args.write_docs.read_text())))
+        )
         return
     if args.data is None:
         parser.error("--data is needed to measure")
@@ -95,7 +111,9 @@ def main() -> None:
     pieces = {
         "re-embed the 10 matches with maps (one model call)": lambda: model.predict(pixels[1:], with_maps=True),
         "the same call without maps (the embedding alone)": lambda: model.predict(pixels[1:], with_maps=False),
-        "RAM of the 10 matches": lambda: [ranking_activation_maps(query_features, maps.features[i]) for i in range(MATCHES)],
+        "RAM of the 10 matches": lambda: [
+            ranking_activation_maps(query_features, maps.features[i]) for i in range(MATCHES)
+        ],
         "overlays, aggregate only (10 PNGs)": lambda: draw([[r.aggregate] for r in rams], previews),
         "overlays, per branch (a PNG per branch and match)": lambda: draw([list(r.per_branch) for r in rams], previews),
     }
@@ -106,30 +124,45 @@ def main() -> None:
         for name, step in pieces.items():
             rounds[name].append(timed(step))
     medians = {name: round(statistics.median(times), 1) for name, times in rounds.items()}
-    results = {**provenance(), "model": {"file": args.model.name, "sha256": sha256_of(args.model)}, "one_thread_ms_median": medians,
-               "range_ms": {name: [round(min(t), 1), round(max(t), 1)] for name, t in rounds.items()},
-               "feature_map_bytes_per_item": {"float32": int(maps.features[0].nbytes), "float16": int(maps.features[0].nbytes // 2)},
-               "end_to_end": end_to_end(args)}
+    results = {
+        **provenance(),
+        "model": {"file": args.model.name, "sha256": sha256_of(args.model)},
+        "one_thread_ms_median": medians,
+        "range_ms": {name: [round(min(t), 1), round(max(t), 1)] for name, t in rounds.items()},
+        "feature_map_bytes_per_item": {
+            "float32": int(maps.features[0].nbytes),
+            "float16": int(maps.features[0].nbytes // 2),
+        },
+        "end_to_end": end_to_end(args),
+    }
     emit(results, args.output)
 
 
 def end_to_end(args) -> dict:
     """Median and p95 query latency per variant, the variants alternating query by query."""
-    gallery = [f.read_bytes() for f in sorted((args.data / "cuhk03-detected" / "bounding_box_test").glob("*.jpg"))[:args.gallery]]
-    queries = [f.read_bytes() for f in sorted((args.data / "cuhk03-detected" / "query").glob("*.jpg"))[:args.queries]]
+    gallery = [
+        f.read_bytes()
+        for f in sorted((args.data / "cuhk03-detected" / "bounding_box_test").glob("*.jpg"))[: args.gallery]
+    ]
+    queries = [f.read_bytes() for f in sorted((args.data / "cuhk03-detected" / "query").glob("*.jpg"))[: args.queries]]
     plan = {"intra_op_threads": 0, "model_instances": 0}  # the service's own thread plan
-    with tempfile.TemporaryDirectory() as tmp, \
-            ServiceProcess(args.model, Path(tmp) / "cached.sqlite3", **plan) as cached, \
-            ServiceProcess(args.model, Path(tmp) / "uncached.sqlite3", heatmap_cache_mb=0, **plan) as uncached, \
-            ReIDClient(cached.url, timeout=120) as with_cache, ReIDClient(uncached.url, timeout=120) as without_cache:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ServiceProcess(args.model, Path(tmp) / "cached.sqlite3", **plan) as cached,
+        ServiceProcess(args.model, Path(tmp) / "uncached.sqlite3", heatmap_cache_mb=0, **plan) as uncached,
+        ReIDClient(cached.url, timeout=120) as with_cache,
+        ReIDClient(uncached.url, timeout=120) as without_cache,
+    ):
         for reid in (with_cache, without_cache):
             for start in range(0, len(gallery), 16):
-                reid.enroll([(f"{i}.jpg", b) for i, b in enumerate(gallery[start:start + 16])])
+                reid.enroll([(f"{i}.jpg", b) for i, b in enumerate(gallery[start : start + 16])])
         for query in queries:  # the cached server has seen every query once: its matches' maps are cached
             with_cache.query(("q.jpg", query), heatmaps=True)
         variants = {
             "no heatmaps": lambda q: without_cache.query(q, heatmaps=False),
-            "heatmaps, per-branch overlays, no cache": lambda q: without_cache.query(q, heatmaps=True, branch_overlays=True),
+            "heatmaps, per-branch overlays, no cache": lambda q: without_cache.query(
+                q, heatmaps=True, branch_overlays=True
+            ),
             "heatmaps, aggregate overlay (the default), no cache": lambda q: without_cache.query(q, heatmaps=True),
             "heatmaps, grids only, no cache": lambda q: without_cache.query(q, heatmaps=True, overlays=False),
             "heatmaps, aggregate overlay, maps cached": lambda q: with_cache.query(q, heatmaps=True),
@@ -138,11 +171,21 @@ def end_to_end(args) -> dict:
         asked = {name: lambda q, ask=ask: ask(("q.jpg", q)) for name, ask in variants.items()}
         latency = alternating_latency(asked, queries, args.rounds)
         answer_kb = {name: round(len(json.dumps(ask(queries[0]).raw)) / 1000, 1) for name, ask in asked.items()}
-        throughput = {name: concurrent_rate(asked[name], queries, args.clients, args.seconds)
-                      for name in ("no heatmaps", "heatmaps, grids only, no cache", "heatmaps, grids only, maps cached")}
-    return {"gallery_items": len(gallery), "queries_per_round": len(queries), "rounds": args.rounds, "top_k": 10,
-            "server": "the service's own thread plan on every core, one request at a time", "latency_ms": latency,
-            "answer_kb": answer_kb, "clients": args.clients, "queries_per_s": throughput}
+        throughput = {
+            name: concurrent_rate(asked[name], queries, args.clients, args.seconds)
+            for name in ("no heatmaps", "heatmaps, grids only, no cache", "heatmaps, grids only, maps cached")
+        }
+    return {
+        "gallery_items": len(gallery),
+        "queries_per_round": len(queries),
+        "rounds": args.rounds,
+        "top_k": 10,
+        "server": "the service's own thread plan on every core, one request at a time",
+        "latency_ms": latency,
+        "answer_kb": answer_kb,
+        "clients": args.clients,
+        "queries_per_s": throughput,
+    }
 
 
 def concurrent_rate(ask, queries, clients: int, seconds: float) -> float:

@@ -18,6 +18,7 @@ Embeddings are computed once per model and kept in ``--cache`` (a folder outside
         --output bench/results/imported/imported_heads.json
     python -m bench.imported_heads --write-docs bench/results/imported/imported_heads.json   # docs/models.md's table
 """
+
 import argparse
 import json
 import os
@@ -53,8 +54,12 @@ def embeddings(model: Path, data: Path, cache: Path) -> Dict[str, np.ndarray]:
     size = (contract.input_height, contract.input_width)
 
     def embed(images: np.ndarray) -> np.ndarray:
-        return np.concatenate([session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: images[i:i + 64]})[0]
-                               for i in tqdm(range(0, len(images), 64), desc=f"embed {model.stem}", leave=False)])
+        return np.concatenate(
+            [
+                session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: images[i : i + 64]})[0]
+                for i in tqdm(range(0, len(images), 64), desc=f"embed {model.stem}", leave=False)
+            ]
+        )
 
     out = {}
     for root in POOL:
@@ -66,7 +71,10 @@ def embeddings(model: Path, data: Path, cache: Path) -> Dict[str, np.ndarray]:
         query_images, query, gallery_images, gallery = load_test_split(data / root, *size, False)
         out[f"{root}_q"], out[f"{root}_g"] = embed(query_images), embed(gallery_images)
         for key, records in (("q", query), ("g", gallery)):
-            out[f"{root}_{key}pid"], out[f"{root}_{key}cam"] = np.array([r.pid for r in records]), np.array([r.camid for r in records])
+            out[f"{root}_{key}pid"], out[f"{root}_{key}cam"] = (
+                np.array([r.pid for r in records]),
+                np.array([r.camid for r in records]),
+            )
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out
@@ -76,13 +84,21 @@ def scores(cached: Dict[str, np.ndarray], transform: Callable[[np.ndarray], np.n
     results = {}
     for name in EVAL_SETS:
         query, gallery = normalised(transform(cached[f"{name}_q"])), normalised(transform(cached[f"{name}_g"]))
-        figures = market_metrics(query @ gallery.T, cached[f"{name}_qpid"], cached[f"{name}_qcam"], cached[f"{name}_gpid"], cached[f"{name}_gcam"])
+        figures = market_metrics(
+            query @ gallery.T,
+            cached[f"{name}_qpid"],
+            cached[f"{name}_qcam"],
+            cached[f"{name}_gpid"],
+            cached[f"{name}_gcam"],
+        )
         results[name] = round(100 * figures["mAP"], 1)
     return results
 
 
 def pool_features(cached: Dict[str, np.ndarray]):
-    features = normalised(np.concatenate([cached[f"{k}_{r}"] for k in ("train", "trainflip") for r in POOL])).astype(np.float32)
+    features = normalised(np.concatenate([cached[f"{k}_{r}"] for k in ("train", "trainflip") for r in POOL])).astype(
+        np.float32
+    )
     people = np.concatenate([cached[f"train_{r}_pid"] + 100_000 * i for i, r in enumerate(POOL)] * 2)
     return features, np.unique(people, return_inverse=True)[1]
 
@@ -90,8 +106,13 @@ def pool_features(cached: Dict[str, np.ndarray]):
 def whitening(features: np.ndarray) -> Dict[str, Dict[str, float]]:
     mean = features.mean(0)
     eigenvalues, vectors = np.linalg.eigh(np.cov((features - mean).T))
-    return {f"whiten s={shrink}": (mean, vectors @ np.diag(1 / np.sqrt(eigenvalues + shrink * eigenvalues.mean())) @ vectors.T)
-            for shrink in (0.1, 0.3, 1.0)}
+    return {
+        f"whiten s={shrink}": (
+            mean,
+            vectors @ np.diag(1 / np.sqrt(eigenvalues + shrink * eigenvalues.mean())) @ vectors.T,
+        )
+        for shrink in (0.1, 0.3, 1.0)
+    }
 
 
 def linear_heads(features: np.ndarray, people: np.ndarray, rate: float):
@@ -101,13 +122,19 @@ def linear_heads(features: np.ndarray, people: np.ndarray, rate: float):
     head = torch.nn.Linear(x.shape[1], x.shape[1])
     torch.nn.init.eye_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    centres = torch.nn.Parameter(torch.nn.functional.normalize(torch.stack([x[y == p].mean(0) for p in range(int(y.max()) + 1)]), dim=1))
+    centres = torch.nn.Parameter(
+        torch.nn.functional.normalize(torch.stack([x[y == p].mean(0) for p in range(int(y.max()) + 1)]), dim=1)
+    )
     optimiser = torch.optim.Adam([*head.parameters(), centres], lr=rate, weight_decay=5e-4)
     for epoch in range(1, 11):
         order = torch.randperm(len(x))
         for start in range(0, len(x), 256):
-            batch = order[start:start + 256]
-            logits = 16 * torch.nn.functional.normalize(head(x[batch]), dim=1) @ torch.nn.functional.normalize(centres, dim=1).T
+            batch = order[start : start + 256]
+            logits = (
+                16
+                * torch.nn.functional.normalize(head(x[batch]), dim=1)
+                @ torch.nn.functional.normalize(centres, dim=1).T
+            )
             loss = torch.nn.functional.cross_entropy(logits, y[batch], label_smoothing=0.1)
             optimiser.zero_grad()
             loss.backward()
@@ -120,7 +147,10 @@ def heads_table(results: dict) -> str:
     """docs/models.md's table of a result file: mAP per set, and each row's difference to the first model."""
     rows = list(results["mAP"].items())
     base = rows[0][1]
-    lines = ["| embedding | " + " | ".join(f"{name} mAP (vs first)" for name in EVAL_SETS) + " |", "|" + "---|" * (len(EVAL_SETS) + 1)]
+    lines = [
+        "| embedding | " + " | ".join(f"{name} mAP (vs first)" for name in EVAL_SETS) + " |",
+        "|" + "---|" * (len(EVAL_SETS) + 1),
+    ]
     for name, row in rows:
         lines.append(f"| {name} | " + " | ".join(f"{row[s]:.1f} ({row[s] - base[s]:+.1f})" for s in EVAL_SETS) + " |")
     return "\n".join(lines)
@@ -132,16 +162,28 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="folder for the embeddings (outside the repo)")
     parser.add_argument("--model", type=Path, action="append", help="the first is improved; others join ensembles")
     parser.add_argument("--output", type=Path)
-    parser.add_argument("--write-docs", type=Path, default=None, help="rewrite docs/models.md's table from this result file, measure nothing")
+    parser.add_argument(
+        "--write-docs",
+        type=Path,
+        default=None,
+        help="rewrite docs/models.md's table from this result file, measure nothing",
+    )
     args = parser.parse_args()
     if args.write_docs:
-        DOC.write_text(rewrite_generated(DOC.read_text(), GENERATED, heads_table(json.loads(args.write_docs.read_text()))))
+        DOC.write_text(
+            rewrite_generated(DOC.read_text(), GENERATED, heads_table(json.loads(args.write_docs.read_text())))
+        )
         return
     if not (args.data and args.cache and args.model):
         parser.error("--data, --cache and --model are needed to measure")
     cached = [embeddings(m, args.data, args.cache) for m in args.model]
     first = cached[0]
-    results = {**provenance(), "models": {m.name: sha256_of(m) for m in args.model}, "data": str(args.data.name), "mAP": {}}
+    results = {
+        **provenance(),
+        "models": {m.name: sha256_of(m) for m in args.model},
+        "data": str(args.data.name),
+        "mAP": {},
+    }
     rows = results["mAP"]
     rows[args.model[0].stem] = scores(first, lambda x: x)
     features, people = pool_features(first)
@@ -150,12 +192,22 @@ def main() -> None:
     for rate in (1e-3, 3e-4):
         for epochs, head in linear_heads(features, people, rate):
             with torch.no_grad():
-                rows[f"linear lr={rate:g} epochs={epochs}"] = scores(first, lambda x: head(torch.tensor(normalised(x), dtype=torch.float32)).numpy())
+                rows[f"linear lr={rate:g} epochs={epochs}"] = scores(
+                    first, lambda x: head(torch.tensor(normalised(x), dtype=torch.float32)).numpy()
+                )
     for model, other in zip(args.model[1:], cached[1:]):
         rows[model.stem] = scores(other, lambda x: x)
         rows[f"ensemble {args.model[0].stem} + {model.stem}"] = scores(
-            {**first, **{k: np.concatenate([normalised(first[k]), normalised(other[k])], 1) for k in first if k.endswith(("_q", "_g"))}},
-            lambda x: x)
+            {
+                **first,
+                **{
+                    k: np.concatenate([normalised(first[k]), normalised(other[k])], 1)
+                    for k in first
+                    if k.endswith(("_q", "_g"))
+                },
+            },
+            lambda x: x,
+        )
     for name, row in rows.items():
         print(f"{name:60s} {row}")
     results["machine"]["load_average_at_end"] = list(os.getloadavg())

@@ -12,6 +12,7 @@ a request waits behind searches on the event loop.
     python -m bench.loop_free --baseline $RUNS/baseline --output bench/results/loop_free.json
     python -m bench.loop_free --write-docs bench/results/loop_free.json   # docs/results.md's table, from the file
 """
+
 import argparse
 import json
 import os
@@ -35,19 +36,31 @@ from harness.server import free_port
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "results.md"
 GENERATED = generated_marker("loop free table")
-FILL = ("import sys; from pathlib import Path; from bench.service_bench import fill_synthetic; "
-        "fill_synthetic(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))")
+FILL = (
+    "import sys; from pathlib import Path; from bench.service_bench import fill_synthetic; "
+    "fill_synthetic(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
+)
 
 
 def describe(tree: Path) -> str:
-    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=tree).stdout.strip()
+    return subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=tree
+    ).stdout.strip()
 
 
 def serve(tree: Path, model: Path, store: Path) -> subprocess.Popen:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree), "REID_MODEL_PATH": str(model), "REID_STORE_PATH": str(store),
-           "REID_PORT": str(port), "REID_HOST": "127.0.0.1"}
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "REID_MODEL_PATH": str(model),
+        "REID_STORE_PATH": str(store),
+        "REID_PORT": str(port),
+        "REID_HOST": "127.0.0.1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"], cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     process.url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -70,7 +83,14 @@ def load(url: str, clients: int, seconds: float) -> Dict[str, object]:
         with httpx.Client(base_url=url, timeout=120) as c:
             while time.monotonic() < stop:
                 started = time.perf_counter()
-                assert c.post("/query", files={"image": ("q.jpg", query, "image/jpeg")}, data={"top_k": "10", "heatmaps": "false"}).status_code == 200
+                assert (
+                    c.post(
+                        "/query",
+                        files={"image": ("q.jpg", query, "image/jpeg")},
+                        data={"top_k": "10", "heatmaps": "false"},
+                    ).status_code
+                    == 200
+                )
                 query_ms.append(1000 * (time.perf_counter() - started))
 
     def polling():
@@ -86,7 +106,11 @@ def load(url: str, clients: int, seconds: float) -> Dict[str, object]:
         thread.start()
     for thread in threads:
         thread.join()
-    return {"queries_per_s": round(len(query_ms) / seconds, 2), "query": latency_quantiles(query_ms), "healthz": latency_quantiles(health_ms)}
+    return {
+        "queries_per_s": round(len(query_ms) / seconds, 2),
+        "query": latency_quantiles(query_ms),
+        "healthz": latency_quantiles(health_ms),
+    }
 
 
 def loop_table(results: dict) -> str:
@@ -94,8 +118,11 @@ def loop_table(results: dict) -> str:
     lines = ["| round | code | queries/s | query p50 / p99 ms | GET /healthz p50 / p99 ms |", "|---|---|---|---|---|"]
     for number, figures in enumerate(results["rounds"], 1):
         for name, row in figures.items():
-            lines.append(f"| {number} | {name} ({results['trees'][name]}) | {row['queries_per_s']} | {row['query']['p50_ms']} / "
-                         f"{row['query']['p99_ms']} | {row['healthz']['p50_ms']} / {row['healthz']['p99_ms']} |")
+            lines.append(
+                f"| {number} | {name} ({results['trees'][name]}) | {row['queries_per_s']} | "
+                f"{row['query']['p50_ms']} / "
+                f"{row['query']['p99_ms']} | {row['healthz']['p50_ms']} / {row['healthz']['p99_ms']} |"
+            )
     return "\n".join(lines)
 
 
@@ -108,23 +135,49 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", type=Path)
-    parser.add_argument("--write-docs", type=Path, default=None, help="rewrite docs/results.md's table from this result file, measure nothing")
+    parser.add_argument(
+        "--write-docs",
+        type=Path,
+        default=None,
+        help="rewrite docs/results.md's table from this result file, measure nothing",
+    )
     args = parser.parse_args()
     if args.write_docs:
-        DOC.write_text(rewrite_generated(DOC.read_text(), GENERATED, loop_table(json.loads(args.write_docs.read_text()))))
+        DOC.write_text(
+            rewrite_generated(DOC.read_text(), GENERATED, loop_table(json.loads(args.write_docs.read_text())))
+        )
         return
     if args.baseline is None:
         parser.error("--baseline is needed to measure")
     model = args.model.resolve()
     _, contract = open_cpu_session(model)
     trees = {"this": REPO, "baseline": args.baseline.resolve()}
-    results = {**provenance(), "model": {"file": model.name, "sha256": sha256_of(model)}, "items": args.items, "clients": args.clients,
-               "seconds": args.seconds, "trees": {name: describe(tree) for name, tree in trees.items()}, "rounds": []}
+    results = {
+        **provenance(),
+        "model": {"file": model.name, "sha256": sha256_of(model)},
+        "items": args.items,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "trees": {name: describe(tree) for name, tree in trees.items()},
+        "rounds": [],
+    }
     with tempfile.TemporaryDirectory() as folder:
         stores = {name: Path(folder) / f"{name}.sqlite3" for name in trees}
         for name, tree in trees.items():
-            subprocess.run([sys.executable, "-c", FILL, str(stores[name]), str(model), str(args.items), str(contract.embedding_dim)],
-                           cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    FILL,
+                    str(stores[name]),
+                    str(model),
+                    str(args.items),
+                    str(contract.embedding_dim),
+                ],
+                cwd=tree,
+                env={**os.environ, "PYTHONPATH": str(tree)},
+                check=True,
+            )
         for round_number in range(args.rounds):
             figures = {}
             for name, tree in trees.items():
@@ -138,9 +191,15 @@ def main() -> None:
             results["rounds"].append(figures)
     rounds = results["rounds"]
     results["median"] = {
-        "queries_per_s_ratio": statistics.median(r["this"]["queries_per_s"] / r["baseline"]["queries_per_s"] for r in rounds),
-        **{f"{kind}_{q}": {name: statistics.median(r[name][kind][q] for r in rounds) for name in trees}
-           for kind in ("healthz", "query") for q in ("p50_ms", "p99_ms")}}
+        "queries_per_s_ratio": statistics.median(
+            r["this"]["queries_per_s"] / r["baseline"]["queries_per_s"] for r in rounds
+        ),
+        **{
+            f"{kind}_{q}": {name: statistics.median(r[name][kind][q] for r in rounds) for name in trees}
+            for kind in ("healthz", "query")
+            for q in ("p50_ms", "p99_ms")
+        },
+    }
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     emit(results, args.output)
 

@@ -8,6 +8,7 @@ for CAMA's slow L_id on the CUHK03 schedule and for PMM's stalled main phase (do
 
     python -m bench.loss_gradients $RUNS/pmm/last.pt --batches 4 --output bench/results/pool/pmm_loss_gradients.json
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -29,7 +30,10 @@ def grad_norm(params) -> float:
 def parameter_parts(model: torch.nn.Module) -> Dict[str, List[torch.nn.Parameter]]:
     """The architecture's own parameter groups (classifiers, ...; they may overlap), its shared trunk where it
     has one, the rest (neither classifiers nor trunk: CAMA's branch stages) and all parameters."""
-    parts = {name: [p for module in modules for p in module.parameters()] for name, modules in model.parameter_groups().items()}
+    parts = {
+        name: [p for module in modules for p in module.parameters()]
+        for name, modules in model.parameter_groups().items()
+    }
     parts["trunk"] = list(model.trunk.parameters()) if hasattr(model, "trunk") else []
     taken = {id(p) for p in parts["classifiers"] + parts["trunk"]}
     return {**parts, "rest": [p for p in model.parameters() if id(p) not in taken], "all": list(model.parameters())}
@@ -50,12 +54,17 @@ def term_gradients(trainer: Trainer, batches: int) -> Dict[str, Dict[str, float]
             (weights[term] * terms[term]).backward(retain_graph=True)
             for part, params in parts.items():
                 norms[term][part].append(grad_norm(params))
-    return {term: {part: round(float(np.mean(values)), 5) for part, values in by_part.items()} for term, by_part in norms.items()}
+    return {
+        term: {part: round(float(np.mean(values)), 5) for part, values in by_part.items()}
+        for term, by_part in norms.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a training checkpoint with its config (RUN/last.pt or RUN/model.pt)")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a training checkpoint with its config (RUN/last.pt or RUN/model.pt)"
+    )
     parser.add_argument("--batches", type=int, default=4, help="batches to average over")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -67,7 +76,15 @@ def main() -> None:
     gradients = term_gradients(trainer, args.batches)
     for term, by_part in gradients.items():
         print(f"{term:16s}", "  ".join(f"{part} {norm:9.4f}" for part, norm in by_part.items()), file=sys.stderr)
-    emit({"checkpoint": str(args.checkpoint), "epoch": state["epoch"] + 1, "batches": args.batches, "gradient_norms": gradients}, args.output)
+    emit(
+        {
+            "checkpoint": str(args.checkpoint),
+            "epoch": state["epoch"] + 1,
+            "batches": args.batches,
+            "gradient_norms": gradients,
+        },
+        args.output,
+    )
 
 
 if __name__ == "__main__":

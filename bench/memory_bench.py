@@ -10,6 +10,7 @@
 The first run keeps the default REID_MAX_REQUEST_PIXELS (the request is refused once over it); the second
 raises it so that all 16 images are decoded, as before the limit existed.
 """
+
 import argparse
 import io
 import json
@@ -49,33 +50,54 @@ def peak_memory(server: ServiceProcess, client: httpx.Client) -> dict:
     before = memory_kb(pid, "VmHWM")
     started = time.perf_counter()
     response = client.post("/gallery", files=[("images", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)])
-    return {"request_bytes": sum(map(len, pngs)), "status": response.status_code, "answer": response.json() if response.status_code != 201 else "created",
-            "seconds": round(time.perf_counter() - started, 2), "vmhwm_before_mb": round(before / 1024, 1),
-            "vmhwm_after_mb": round(memory_kb(pid, "VmHWM") / 1024, 1)}
+    return {
+        "request_bytes": sum(map(len, pngs)),
+        "status": response.status_code,
+        "answer": response.json() if response.status_code != 201 else "created",
+        "seconds": round(time.perf_counter() - started, 2),
+        "vmhwm_before_mb": round(before / 1024, 1),
+        "vmhwm_after_mb": round(memory_kb(pid, "VmHWM") / 1024, 1),
+    }
 
 
 def heatmap_query(client: httpx.Client) -> dict:
     for start in range(0, 110, 10):
-        enrolled = client.post("/gallery", files=[("images", (f"{i}.jpg", crop_jpeg(i), "image/jpeg")) for i in range(start, start + 10)])
+        enrolled = client.post(
+            "/gallery", files=[("images", (f"{i}.jpg", crop_jpeg(i), "image/jpeg")) for i in range(start, start + 10)]
+        )
         assert enrolled.status_code == 201, enrolled.text
     client.post("/query", files={"image": ("q.jpg", crop_jpeg(0), "image/jpeg")}, data={"top_k": 10})  # warm-up
     started = time.perf_counter()
     response = client.post("/query", files={"image": ("q.jpg", crop_jpeg(0), "image/jpeg")}, data={"top_k": 100})
     body = response.json()
-    return {"status": response.status_code, "seconds": round(time.perf_counter() - started, 2), "response_mb": round(len(response.content) / 1e6, 2),
-            "matches": len(body["matches"]), "matches_with_heatmaps": sum(m["heatmap"] is not None for m in body["matches"])}
+    return {
+        "status": response.status_code,
+        "seconds": round(time.perf_counter() - started, 2),
+        "response_mb": round(len(response.content) / 1e6, 2),
+        "matches": len(body["matches"]),
+        "matches_with_heatmaps": sum(m["heatmap"] is not None for m in body["matches"]),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-request-pixels", type=int, help="REID_MAX_REQUEST_PIXELS for the server (default: the service's)")
+    parser.add_argument(
+        "--max-request-pixels", type=int, help="REID_MAX_REQUEST_PIXELS for the server (default: the service's)"
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     settings = {"max_request_pixels": args.max_request_pixels} if args.max_request_pixels else {}
     with tempfile.TemporaryDirectory() as folder:
-        with ServiceProcess(DEFAULT_MODEL_PATH, Path(folder) / "g.sqlite3", intra_op_threads=0, **settings) as server, server.client() as client:
-            figures = {"model": DEFAULT_MODEL_PATH.name, "settings": settings, "peak_memory": peak_memory(server, client),
-                       "heatmap_query": heatmap_query(client)}
+        with (
+            ServiceProcess(DEFAULT_MODEL_PATH, Path(folder) / "g.sqlite3", intra_op_threads=0, **settings) as server,
+            server.client() as client,
+        ):
+            figures = {
+                "model": DEFAULT_MODEL_PATH.name,
+                "settings": settings,
+                "peak_memory": peak_memory(server, client),
+                "heatmap_query": heatmap_query(client),
+            }
     print(json.dumps(figures, indent=2))
     if args.output:
         args.output.write_text(json.dumps(figures, indent=2) + "\n")

@@ -9,12 +9,13 @@ machine (CPU model, cores, load), each model's sha256 and size, each data set's 
     python -m bench.model_candidates --data ../shared/data --output bench/results/model_candidates.json \
         model_zoo/models/person_reidentification_retail_0277.onnx model_zoo/models/cama_mobilenetv2_pool.onnx ...
     python -m bench.model_candidates --table bench/results/model_candidates.json   # the docs' table, from the file
-    python -m bench.model_candidates --write-docs bench/results/model_candidates.json   # every generated table in the docs
+    python -m bench.model_candidates --write-docs bench/results/model_candidates.json   # every table in the docs
 
 The docs never hold a hand-copied figure from it: each table sits under a marker, ``<!-- candidates table: ... -->``
 (every model) or ``<!-- candidates rows: NAME ... -->`` (a model card's rows), and ``--write-docs`` rewrites
 them (tests/test_results_tables.py checks that the committed docs are what the committed file prints).
 """
+
 import argparse
 import hashlib
 import json
@@ -48,9 +49,15 @@ def data_fingerprint(root: Path) -> dict:
 def describe_model(path: Path) -> dict:
     session, contract = open_cpu_session(path)
     metadata = session.get_modelmeta().custom_metadata_map
-    return {"sha256": sha256_of(path), "bytes": path.stat().st_size, "architecture": contract.architecture, "backbone": contract.backbone,
-            "embedding_dim": contract.embedding_dim, "input": [contract.input_height, contract.input_width],
-            "source": json.loads(metadata["reid.source"]) if "reid.source" in metadata else None}
+    return {
+        "sha256": sha256_of(path),
+        "bytes": path.stat().st_size,
+        "architecture": contract.architecture,
+        "backbone": contract.backbone,
+        "embedding_dim": contract.embedding_dim,
+        "input": [contract.input_height, contract.input_width],
+        "source": json.loads(metadata["reid.source"]) if "reid.source" in metadata else None,
+    }
 
 
 def main() -> None:
@@ -58,7 +65,9 @@ def main() -> None:
     parser.add_argument("models", nargs="*", type=Path, help=".onnx files; speed ratios are to the first")
     parser.add_argument("--table", type=Path, default=None, help="print the table of this result file, measure nothing")
     parser.add_argument("--only", nargs="+", default=None, help="with --table: these models' rows (file names)")
-    parser.add_argument("--write-docs", type=Path, default=None, help="rewrite every generated table in the docs from this result file")
+    parser.add_argument(
+        "--write-docs", type=Path, default=None, help="rewrite every generated table in the docs from this result file"
+    )
     parser.add_argument("--data", type=Path, help="folder holding cuhk03-detected, prid and grid")
     parser.add_argument("--threads", type=int, nargs="+", default=[2])
     parser.add_argument("--rounds", type=int, default=4)
@@ -79,7 +88,10 @@ def main() -> None:
     roots = [args.data / name for name in SETS]
     results = {**provenance(), "data": {root.name: data_fingerprint(root) for root in roots}, "models": {}}
     for path in args.models:
-        results["models"][path.name] = {**describe_model(path), "evaluation": evaluate_onnx(path, roots, progress=False)}
+        results["models"][path.name] = {
+            **describe_model(path),
+            "evaluation": evaluate_onnx(path, roots, progress=False),
+        }
         figures = results["models"][path.name]["evaluation"]
         print(path.name, "  ".join(f"{name} mAP {100 * figures[name]['all']['mAP']:.1f}" for name in SETS), flush=True)
     results["speed"] = {"batch_size": args.batch_size, "rounds": args.rounds, "seconds": args.seconds, "threads": {}}
@@ -97,16 +109,25 @@ def candidates_table(results: dict, only=None) -> str:
     first model, size; ``only``: these models' rows (a model card's)."""
     threads = max(results["speed"]["threads"], key=int)
     speed = results["speed"]["threads"][threads]
-    head = "| model | " + " | ".join(f"{name} R1 / mAP / mINP" for name in SETS) + f" | CPU images/s ({threads} threads) | x first | MB |"
+    head = (
+        "| model | "
+        + " | ".join(f"{name} R1 / mAP / mINP" for name in SETS)
+        + f" | CPU images/s ({threads} threads) | x first | MB |"
+    )
     lines = [head, "|" + "---|" * (len(SETS) + 4)]
     for name, model in results["models"].items():
         if only and name not in only:
             continue
-        cells = [" / ".join(f"{100 * model['evaluation'][s]['all'][k]:.1f}" for k in ("rank1", "mAP", "mINP")) for s in SETS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {speed[name]['images_per_second_median']:.1f} | {speed[name]['ratio_to_first_median']:.2f}"
-                     f" | {model['bytes'] / 1e6:.1f} |")
+        cells = [
+            " / ".join(f"{100 * model['evaluation'][s]['all'][k]:.1f}" for k in ("rank1", "mAP", "mINP")) for s in SETS
+        ]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {speed[name]['images_per_second_median']:.1f} | {speed[name]['ratio_to_first_median']:.2f}"
+            f" | {model['bytes'] / 1e6:.1f} |"
+        )
     return "\n".join(lines)
-
 
 
 def doc_files():
@@ -115,9 +136,11 @@ def doc_files():
 
 def render_docs(text: str, results: dict) -> str:
     """``text`` with every generated table under its marker printed again from ``results``."""
+
     def table(match) -> str:
         kind, names = match.group(2), match.group(3).split()
         return match.group(1) + "\n" + candidates_table(results, names if kind == "rows" else None) + "\n"
+
     return GENERATED.sub(table, text)
 
 

@@ -5,13 +5,15 @@ Each row is a config with the multi-source recipe and the results' short schedul
 schedule from ``pool.yaml``) plus the overrides below, trained on the whole pool and evaluated on CUHK03-val,
 PRID and GRID (never trained on). The first rows are the paper family's models with the recipe (PMM with and
 without A-Hard-Mix, and with small classifier starts); then CLPD's and CASN's own ablations; then CAMA ordered
-with one piece taken away (ablation). A row whose run folder has a ``metrics.json`` is done and skipped; one with a ``last.pt``
+with one piece taken away (ablation). A row whose run folder has a ``metrics.json`` is done and skipped; one with a
+``last.pt``
 resumes from it, so a schedule longer than one session runs across sessions (or hand the runs folder to a GPU
 host, with a longer schedule given as phases for every row).
 
     python -m bench.pool_runs --data ../shared/data --runs $RUNS --only cama_ordered_no_triplet
     python -m bench.pool_runs --data ../shared/data --runs $RUNS --only cama_ordered \
-        'solver.phases=[{name: warmup, epochs: 10, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6}, {name: main, epochs: 120, scheduler: cosine}]'
+        'solver.phases=[{name: warmup, epochs: 10, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6},
+        {name: main, epochs: 120, scheduler: cosine}]'
     python -m bench.pool_runs --data ../shared/data --runs $RUNS --only casn_ia --seeds 0 1 2
     python -m bench.pool_runs --data ../shared/data --runs $RUNS --table-only
     python -m bench.pool_runs --data ../shared/data --runs $RUNS --status --only cama_ordered_full ide_bn_full
@@ -20,6 +22,7 @@ host, with a longer schedule given as phases for every row).
 ``ROW_seedS``), for effects too small for one seed (with 451 CUHK03 queries, under about 4 rank-1 points);
 the table makes one row of a recipe's seeds, mean +- standard deviation.
 """
+
 import argparse
 import json
 import subprocess
@@ -43,7 +46,8 @@ NO_COLOUR_NO_ERASING = [*NO_COLOUR, "data.erasing_prob=0"]
 PMM_IDE_HEAD = ["model.classifier_init_std=0.001", "model.bn_neck=true"]
 PMM_STAGE1_IDE_HEAD = ["loss.mix=none", "loss.pmm_trained_stages=[1]", *PMM_IDE_HEAD]
 
-# row: (config, overrides). Every config but pool.yaml carries the short schedule in its phases (pool_short.yaml, *_pool.yaml).
+# row: (config, overrides). Every config but pool.yaml carries the short schedule in its phases (pool_short.yaml,
+# *_pool.yaml).
 ROWS = {
     "ide_bn": ("pool_short.yaml", IDE_BN),
     "mltb_lid": ("pool_short.yaml", ["loss.alpha=0"]),
@@ -70,7 +74,8 @@ ROWS = {
     # soft-margin triplet on the reduced u; if neither learns as IDE+BN does, the reduction (conv, BN, ReLU) is left
     "pmm_stage1_ide_head": ("pmm_pool.yaml", PMM_STAGE1_IDE_HEAD),
     "pmm_stage1_ide_head_no_triplet": ("pmm_pool.yaml", [*PMM_STAGE1_IDE_HEAD, "loss.triplet_weight=0"]),
-    # without the triplet term that stage I scored 12.5 mAP more in domain: the whole PMM so, with and without A-Hard-Mix
+    # without the triplet term that stage I scored 12.5 mAP more in domain: the whole PMM so, with and without A-Hard-
+    # Mix
     "pmm_ide_head_no_triplet": ("pmm_pool.yaml", [*PMM_IDE_HEAD, "loss.triplet_weight=0"]),
     "pmm_ide_head_no_triplet_no_mix": ("pmm_pool.yaml", [*PMM_IDE_HEAD, "loss.triplet_weight=0", "loss.mix=none"]),
     "casn": ("casn_pool.yaml", []),
@@ -83,13 +88,16 @@ ROWS = {
     "clpd_distribution_only": ("clpd_pool.yaml", ["loss.clpd_ratio_weight=0"]),
     "clpd_gap_descriptor": ("clpd_pool.yaml", ["model.clpd_descriptor=G"]),
     # the paper's own base for the concentration losses: single-scale attention modules, neither loss
-    "clpd_single_scale_base": ("clpd_pool.yaml", ["model.clpd_attention=single", "loss.clpd_ratio_weight=0",
-                                                  "loss.clpd_distribution_weight=0"]),
+    "clpd_single_scale_base": (
+        "clpd_pool.yaml",
+        ["model.clpd_attention=single", "loss.clpd_ratio_weight=0", "loss.clpd_distribution_weight=0"],
+    ),
     "casn_ide": ("casn_pool.yaml", ["loss.casn_ia_weight=0", "loss.casn_sa_weight=0"]),
     "casn_ia": ("casn_pool.yaml", ["loss.casn_sa_weight=0"]),
     "casn_ia_pair": ("casn_pool.yaml", ["loss.casn_consistency_weight=0"]),
     "casn_sa": ("casn_pool.yaml", ["loss.casn_ia_weight=0"]),
-    # CASN on the stripe layout (six 256-d stripes), the paper's best model, and that layout's own IDE (the paper's PCB row)
+    # CASN on the stripe layout (six 256-d stripes), the paper's best model, and that layout's own IDE (the paper's PCB
+    # row)
     "casn_pcb_ide": ("casn_pool.yaml", ["model.layout=pcb", "loss.casn_ia_weight=0", "loss.casn_sa_weight=0"]),
     "casn_pcb": ("casn_pool.yaml", ["model.layout=pcb"]),
     "cama_ordered_no_triplet": ("pool_short.yaml", ["loss.triplet_weight=0"]),
@@ -117,9 +125,17 @@ ROWS = {
     # 256x128 gained 8.3 mAP in domain and lost 5.0 on PRID (stored at 128x64): a size between the two
     "ide_bn_192x96": ("pool_short.yaml", [*IDE_BN, "data.height=192", "data.width=96", "data.padding=8"]),
     # CUHK03 alone has 113 batches an epoch: 6 capped at 100 give the pool rows' 600 main-phase batches
-    "cama_ordered_cuhk03_only": ("pool_short.yaml", ["data.roots=[{data}/cuhk03-detected]", "data.source_weights={{}}",
-                                                     "solver.phases=[{{name: warmup, epochs: 1, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6}}, "
-                                                     "{{name: main, epochs: 6, max_iters_per_epoch: 100, scheduler: cosine}}]"]),
+    "cama_ordered_cuhk03_only": (
+        "pool_short.yaml",
+        [
+            "data.roots=[{data}/cuhk03-detected]",
+            "data.source_weights={{}}",
+            "solver.phases=[{{name: warmup, epochs: 1, trainable: "
+            "[classifiers], scheduler: linear, start_lr: 3.5e-6}}, "
+            "{{name: main, epochs: 6, max_iters_per_epoch: 100, scheduler: "
+            "cosine}}]",
+        ],
+    ),
 }
 
 
@@ -140,8 +156,15 @@ def row_config(name: str, data: Path, runs: Path, schedule: list, seed: int = 0)
     config, extra = ROWS[name]
     # fp32 unless the row (or the command line) asks for autocast: run.amp's default follows the machine (bf16 on
     # a CPU with AMX), and the table compares recipes, not precisions
-    return config, [f"data.roots=[{roots}]", f"run.eval_roots=[{evals}]", f"run.output_dir={run_folder(runs, name, seed)}",
-                    f"run.seed={seed}", "run.amp=false", *(o.format(data=data) for o in extra), *schedule]
+    return config, [
+        f"data.roots=[{roots}]",
+        f"run.eval_roots=[{evals}]",
+        f"run.output_dir={run_folder(runs, name, seed)}",
+        f"run.seed={seed}",
+        "run.amp=false",
+        *(o.format(data=data) for o in extra),
+        *schedule,
+    ]
 
 
 def command(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -> List[str]:
@@ -157,10 +180,14 @@ def progress(name: str, data: Path, runs: Path, schedule: list, seed: int = 0) -
     run = run_folder(runs, name, seed)
     if finished(run):
         return "done"
-    total = PhaseSchedule(phases_from_config(load_config(*row_config(name, data, runs, schedule, seed)).solver)).total_epochs
+    total = PhaseSchedule(
+        phases_from_config(load_config(*row_config(name, data, runs, schedule, seed)).solver)
+    ).total_epochs
     if not (run / "last.pt").exists():
         return f"not started ({total} epochs)"
-    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False, mmap=True)  # reads the tensors only if touched
+    state = torch.load(
+        run / "last.pt", map_location="cpu", weights_only=False, mmap=True
+    )  # reads the tensors only if touched
     batches = (state.get("partial") or {}).get("iteration", 0)
     return f"{state['epoch'] + 1} of {total} epochs" + (f" and {batches} batches" if batches else "") + last_watch(run)
 
@@ -171,7 +198,9 @@ def last_watch(run: Path) -> str:
     evaluated = [e for e in json.loads(history.read_text()) if e.get("evaluation")] if history.exists() else []
     if not evaluated:
         return ""
-    sets = ", ".join(f"{name} {100 * figures['all']['mAP']:.1f}" for name, figures in evaluated[-1]["evaluation"].items())
+    sets = ", ".join(
+        f"{name} {100 * figures['all']['mAP']:.1f}" for name, figures in evaluated[-1]["evaluation"].items()
+    )
     return f"; mAP after epoch {evaluated[-1]['epoch']}: {sets}"
 
 
@@ -194,15 +223,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="the folder holding the training and validation sets")
     parser.add_argument("--runs", type=Path, required=True, help="run folders go here, one per row (outside git)")
-    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="rows to train, in this order")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="train each row once per seed (default: 0 alone)")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="rows to train, in this order"
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="train each row once per seed (default: 0 alone)"
+    )
     parser.add_argument("--table-only", action="store_true", help="train nothing; print the table of the finished rows")
-    parser.add_argument("--status", action="store_true", help="train nothing; say how far each row has got, and its latest watching mAP")
-    parser.add_argument("schedule", nargs="*", metavar="section.key=value", help="overrides for every row (the same schedule)")
+    parser.add_argument(
+        "--status", action="store_true", help="train nothing; say how far each row has got, and its latest watching mAP"
+    )
+    parser.add_argument(
+        "schedule", nargs="*", metavar="section.key=value", help="overrides for every row (the same schedule)"
+    )
     args = parser.parse_args()
     if args.status:
         for name, seed in [(n, s) for n in args.only for s in args.seeds]:
-            print(f"{run_folder(args.runs, name, seed).name}: {progress(name, args.data.resolve(), args.runs, args.schedule, seed)}")
+            print(
+                f"{run_folder(args.runs, name, seed).name}: "
+                f"{progress(name, args.data.resolve(), args.runs, args.schedule, seed)}"
+            )
         return
     for name, seed in [] if args.table_only else [(n, s) for n in args.only for s in args.seeds]:
         run = run_folder(args.runs, name, seed)
@@ -212,9 +252,13 @@ def main() -> None:
         train = command(name, args.data.resolve(), args.runs, args.schedule, seed)
         print(" ".join(train), flush=True)
         subprocess.run(train, check=True)
-    done = [run for name in ROWS for run in [args.runs / name, *sorted(args.runs.glob(f"{name}_seed*"))] if finished(run)]
+    done = [
+        run for name in ROWS for run in [args.runs / name, *sorted(args.runs.glob(f"{name}_seed*"))] if finished(run)
+    ]
     if done:
-        subprocess.run([sys.executable, str(Path(__file__).with_name("training_table.py")), *map(str, done)], check=True)
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("training_table.py")), *map(str, done)], check=True
+        )
 
 
 if __name__ == "__main__":

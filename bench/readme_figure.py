@@ -4,8 +4,10 @@ Starts the service on a fresh store, enrols a Market-layout gallery (bounding_bo
 person and camera ids from the file names, asks one query in headless Chromium and saves a screenshot of the
 query panel. Research-licensed data may appear in the README only as such a small illustration.
 
-    python -m bench.readme_figure ../shared/data/cuhk03-detected --query 1003_c1s1_007270_00.jpg --output docs/query_result.png
+    python -m bench.readme_figure ../shared/data/cuhk03-detected --query 1003_c1s1_007270_00.jpg --output \
+        docs/query_result.png
 """
+
 import argparse
 import os
 import tempfile
@@ -36,7 +38,14 @@ def screenshot(url: str, query: Path, person: str, top_k: int, output: Path) -> 
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--window-size=1000,1400"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--window-size=1000,1400",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
@@ -66,7 +75,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with ServiceProcess(args.model, Path(tmp) / "g.sqlite3") as server, server.client() as client:
             print("enrolled", enrol_gallery(client, args.data_root))
-            screenshot(server.url, args.data_root / "query" / args.query, args.query.split("_")[0], args.top_k, args.output)
+            screenshot(
+                server.url, args.data_root / "query" / args.query, args.query.split("_")[0], args.top_k, args.output
+            )
     print(args.output)
 
 

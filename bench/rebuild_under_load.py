@@ -10,6 +10,7 @@ timed, and the two enrolled items are deleted at the end, leaving the store as i
 
     python -m bench.rebuild_under_load --work $RUNS/scale --size 1000000 --output bench/results/rebuild_under_load.json
 """
+
 import argparse
 import asyncio
 import os
@@ -60,17 +61,26 @@ async def scenario(gallery: Gallery, queries: np.ndarray, quiet_s: float) -> dic
     for item in (*first, *second):
         await gallery.delete(item.id)
     await gallery.stop()
-    return {"rebuild_started_in_background": began_rebuild, "rebuild_s": round(rebuild_s, 1),
-            "search_ms_quiet": latency_quantiles(quiet, 2), "search_ms_during_rebuild": latency_quantiles(during, 2),
-            "enrolment_during_rebuild_ms": round(write_ms, 1), "write_during_rebuild_found_after_swap": found}
+    return {
+        "rebuild_started_in_background": began_rebuild,
+        "rebuild_s": round(rebuild_s, 1),
+        "search_ms_quiet": latency_quantiles(quiet, 2),
+        "search_ms_during_rebuild": latency_quantiles(during, 2),
+        "enrolment_during_rebuild_ms": round(write_ms, 1),
+        "write_during_rebuild_found_after_swap": found,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True, help="gallery_scale.py's folder: its store and its real-embedding cache")
+    parser.add_argument(
+        "--work", type=Path, required=True, help="gallery_scale.py's folder: its store and its real-embedding cache"
+    )
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="the model the store is marked as embedded by")
+    parser.add_argument(
+        "--precision", choices=["fp32", "int8"], default="int8", help="the model the store is marked as embedded by"
+    )
     parser.add_argument("--quiet-seconds", type=float, default=20)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -78,14 +88,25 @@ def main() -> None:
     store_path = args.work / f"gallery_{args.size}.sqlite3"
     queries = np.load(args.work / f"real_{model.path.stem}.npz")["query"]
     # refuse, never re-embed: the synthetic store's placeholder images would overwrite its embeddings
-    settings = Settings(store_path=store_path, index_type="ivf", index_reduce_dim=128, ivf_nprobe=64, index_rescore_candidates=50,
-                        on_model_change="refuse")
+    settings = Settings(
+        store_path=store_path,
+        index_type="ivf",
+        index_reduce_dim=128,
+        ivf_nprobe=64,
+        index_rescore_candidates=50,
+        on_model_change="refuse",
+    )
     gallery = Gallery(GalleryStore(store_path), model, settings)
     started = time.perf_counter()
     gallery.open()
-    results = {"size": args.size, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "command": " ".join(sys.argv), "index": "IVF 1024 over PCA-128, nprobe 64, shortlist 50", "open_and_build_s": round(time.perf_counter() - started, 1),
-               **asyncio.run(scenario(gallery, queries, args.quiet_seconds))}
+    results = {
+        "size": args.size,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join(sys.argv),
+        "index": "IVF 1024 over PCA-128, nprobe 64, shortlist 50",
+        "open_and_build_s": round(time.perf_counter() - started, 1),
+        **asyncio.run(scenario(gallery, queries, args.quiet_seconds)),
+    }
     gallery.store.close()
     emit(results, args.output)
 

@@ -16,6 +16,7 @@
 
     python -m bench.service_bench --output bench/results/service.json
 """
+
 import argparse
 import asyncio
 import json
@@ -111,12 +112,19 @@ wrk.headers["Content-Type"] = "multipart/form-data; boundary=reidbench"
 def enrol_throughput_wrk(url: str, clients: int, seconds: float, image: bytes, tmp: Path) -> float:
     """Requests (= images) per second from wrk; any non-2xx answer fails the benchmark."""
     body = tmp / "body.bin"
-    body.write_bytes(b'--reidbench\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
-                     b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--reidbench--\r\n")
+    body.write_bytes(
+        b'--reidbench\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--reidbench--\r\n"
+    )
     script = tmp / "enrol.lua"
     script.write_text(WRK_SCRIPT)
-    result = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "30s", "-s", str(script), url + "/gallery"],
-                            capture_output=True, text=True, check=True, env={**os.environ, "REID_BENCH_BODY": str(body)})
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--timeout", "30s", "-s", str(script), url + "/gallery"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "REID_BENCH_BODY": str(body)},
+    )
     if "Non-2xx" in result.stdout:
         raise RuntimeError(result.stdout)
     return float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
@@ -143,13 +151,23 @@ def enrol_round(raws, enrol, server: ServiceProcess, seconds: float) -> dict:
         figures[name] = round(raw.throughput(seconds / 2), 1)
     time.sleep(SETTLE_S)
     pid = server.process.pid
-    model, cpu, client, started = metric(server.url, "reid_model_seconds_sum"), cpu_seconds(pid), client_cpu_seconds(), time.perf_counter()
+    model, cpu, client, started = (
+        metric(server.url, "reid_model_seconds_sum"),
+        cpu_seconds(pid),
+        client_cpu_seconds(),
+        time.perf_counter(),
+    )
     service_rate = enrol(seconds)
     wall = time.perf_counter() - started
     best_raw = max(figures.values())
-    return {**figures, "service": round(service_rate, 1), "ratio": round(service_rate / best_raw, 3),
-            "model_busy": round((metric(server.url, "reid_model_seconds_sum") - model) / wall, 3),
-            "server_cores": round((cpu_seconds(pid) - cpu) / wall, 2), "client_cores": round((client_cpu_seconds() - client) / wall, 2)}
+    return {
+        **figures,
+        "service": round(service_rate, 1),
+        "ratio": round(service_rate / best_raw, 3),
+        "model_busy": round((metric(server.url, "reid_model_seconds_sum") - model) / wall, 3),
+        "server_cores": round((cpu_seconds(pid) - cpu) / wall, 2),
+        "client_cores": round((client_cpu_seconds() - client) / wall, 2),
+    }
 
 
 def metric(url: str, name: str) -> float:
@@ -159,8 +177,12 @@ def metric(url: str, name: str) -> float:
 
 def batching_figures(url: str) -> dict:
     """Mean images per model call and mean queue wait over the whole enrol benchmark."""
-    return {"mean_batch_size": round(metric(url, "reid_batch_size_sum") / metric(url, "reid_batch_size_count"), 1),
-            "mean_queue_wait_ms": round(1000 * metric(url, "reid_queue_wait_seconds_sum") / metric(url, "reid_queue_wait_seconds_count"), 1)}
+    return {
+        "mean_batch_size": round(metric(url, "reid_batch_size_sum") / metric(url, "reid_batch_size_count"), 1),
+        "mean_queue_wait_ms": round(
+            1000 * metric(url, "reid_queue_wait_seconds_sum") / metric(url, "reid_queue_wait_seconds_count"), 1
+        ),
+    }
 
 
 def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> None:
@@ -187,20 +209,37 @@ def latencies(url: str, images, queries: int, heatmaps: bool) -> dict:
 
 def enrol_benchmark(args, images, tmp: Path) -> dict:
     # Raw in the service's own thread plan and as one call on every thread: the ratio is to the faster.
-    raws = {"raw_service_plan": RawModel(args.model, args.batch), "raw_one_call": RawModel(args.model, args.batch, instances=1)}
+    raws = {
+        "raw_service_plan": RawModel(args.model, args.batch),
+        "raw_one_call": RawModel(args.model, args.batch, instances=1),
+    }
     results = {"raw_configurations": {name: raw.label for name, raw in raws.items()}}
     # 0 = the service's own thread plan, as in raw_service_plan (the test helper otherwise pins one thread)
-    with ServiceProcess(args.model, tmp / "enrol.sqlite3", max_batch_size=args.batch, max_batch_wait_ms=10, intra_op_threads=0, model_instances=0) as server:
+    with ServiceProcess(
+        args.model,
+        tmp / "enrol.sqlite3",
+        max_batch_size=args.batch,
+        max_batch_wait_ms=10,
+        intra_op_threads=0,
+        model_instances=0,
+    ) as server:
         if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
+
             def enrol(seconds):
                 return enrol_throughput_wrk(server.url, args.clients, seconds, images[0], tmp)
+
             results["enrol_client"] = f"wrk, {args.clients} connections"
         else:
+
             def enrol(seconds):
                 return asyncio.run(enrol_throughput(server.url, args.clients, seconds, images))
+
             results["enrol_client"] = f"httpx, {args.clients} asyncio clients in the benchmark process"
         enrol(3)  # warm-up: connections, first batches
-        rounds = [enrol_round(raws, enrol, server, args.seconds) for _ in tqdm(range(args.rounds), desc="raw / service rounds")]
+        rounds = [
+            enrol_round(raws, enrol, server, args.seconds)
+            for _ in tqdm(range(args.rounds), desc="raw / service rounds")
+        ]
         results["service_batching"] = batching_figures(server.url)
     results["enrol_rounds"] = rounds
     for name in raws:
@@ -217,11 +256,15 @@ def query_benchmark(args, images, tmp: Path) -> dict:
     for size in args.galleries:
         store = tmp / f"gallery{size}.sqlite3"
         fill_synthetic(store, args.model, size - 50, dim)
-        with ServiceProcess(args.model, store, max_batch_size=args.batch, max_top_k=100, intra_op_threads=0, model_instances=0) as server:
+        with ServiceProcess(
+            args.model, store, max_batch_size=args.batch, max_top_k=100, intra_op_threads=0, model_instances=0
+        ) as server:
             with ReIDClient(server.url, timeout=120) as reid:
                 for i in range(0, 50, 10):
                     reid.enroll([(f"{j}.jpg", images[j]) for j in range(i, i + 10)])
-            results[str(size)] = {f"heatmaps_{h}": latencies(server.url, images, args.queries, h) for h in (False, True)}
+            results[str(size)] = {
+                f"heatmaps_{h}": latencies(server.url, images, args.queries, h) for h in (False, True)
+            }
         print(size, json.dumps(results[str(size)]), flush=True)
         store.unlink()
     return results
@@ -232,17 +275,31 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model (default: the shipped one)")
     parser.add_argument("--batch", type=int, default=32, help="max batch size, raw and in the service")
     parser.add_argument("--clients", type=int, default=32, help="concurrent enrolling clients")
-    parser.add_argument("--client", choices=["auto", "wrk", "httpx"], default="auto", help="enrol load generator (auto: wrk when installed)")
-    parser.add_argument("--seconds", type=float, default=20, help="length of each service measurement (raw: half of it)")
-    parser.add_argument("--rounds", type=int, default=5, help="raw / service measurement rounds (0: query latency only)")
-    parser.add_argument("--galleries", type=int, nargs="*", default=[1000, 10000, 100000], help="gallery sizes for query latency")
+    parser.add_argument(
+        "--client",
+        choices=["auto", "wrk", "httpx"],
+        default="auto",
+        help="enrol load generator (auto: wrk when installed)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=20, help="length of each service measurement (raw: half of it)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="raw / service measurement rounds (0: query latency only)"
+    )
+    parser.add_argument(
+        "--galleries", type=int, nargs="*", default=[1000, 10000, 100000], help="gallery sizes for query latency"
+    )
     parser.add_argument("--queries", type=int, default=50, help="queries per latency figure")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
     images = [jpeg(i) for i in range(64)]
-    results = {"model": args.model.name, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "command": " ".join(sys.argv)}
+    results = {
+        "model": args.model.name,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join(sys.argv),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if args.rounds:  # 0: query latency only
             results.update(enrol_benchmark(args, images, Path(tmp)))

@@ -9,6 +9,7 @@ speed is divided by the baseline's in the same round, because this machine's spe
     python -m bench.training_speed --output bench/results/training_speed.json
     python -m bench.training_speed --size 256 128 --variants baseline bf16 --output ...   # the papers' input size
 """
+
 import argparse
 import json
 import statistics
@@ -46,9 +47,17 @@ def write_folder(root: Path, identities: int, per_identity: int, height: int, wi
 
 
 def trainer_for(root: Path, out: Path, overrides: dict, threads: int, size: tuple) -> Trainer:
-    values = {"data.roots": f"[{root}]", "data.source_weights": "{}", "model.pretrained": "null",
-              "data.height": size[0], "data.width": size[1],
-              "run.output_dir": str(out), "run.progress": "false", "run.threads": threads, "run.amp": "false"}
+    values = {
+        "data.roots": f"[{root}]",
+        "data.source_weights": "{}",
+        "model.pretrained": "null",
+        "data.height": size[0],
+        "data.width": size[1],
+        "run.output_dir": str(out),
+        "run.progress": "false",
+        "run.threads": threads,
+        "run.amp": "false",
+    }
     values.update(overrides)
     return Trainer(load_config("pool.yaml", [f"{k}={v}" for k, v in values.items()]))
 
@@ -65,13 +74,29 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="batches of 64 per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 64], metavar=("HEIGHT", "WIDTH"), help="input size (pool.yaml's by default)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="the first is the baseline of the ratios")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[128, 64],
+        metavar=("HEIGHT", "WIDTH"),
+        help="input size (pool.yaml's by default)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="the first is the baseline of the ratios",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = write_folder(Path(tmp), identities=64, per_identity=8, height=args.size[0], width=args.size[1])
-        trainers = {name: trainer_for(root, Path(tmp) / name, VARIANTS[name][1], args.threads, args.size) for name in args.variants}
+        trainers = {
+            name: trainer_for(root, Path(tmp) / name, VARIANTS[name][1], args.threads, args.size)
+            for name in args.variants
+        }
         for trainer in trainers.values():
             images_per_second(trainer, 2)  # warm-up: allocator, oneDNN kernels, worker start
         speeds = {name: [] for name in trainers}
@@ -80,14 +105,24 @@ def main() -> None:
                 speeds[name].append(images_per_second(trainer, args.iters))
     baseline = speeds[args.variants[0]]
     results = {
-        "hardware": hardware_description(torch.device("cpu")), "native_bf16": cpu_has_native_bf16(),
+        "hardware": hardware_description(torch.device("cpu")),
+        "native_bf16": cpu_has_native_bf16(),
         "batch": f"64 (16 ids x 4), {args.size[0]}x{args.size[1]}, CAMA N=3 MobileNetV2, pool.yaml losses",
-        "variants": {name: {"what": VARIANTS[name][0], "images_per_second_median": statistics.median(s),
-                            "ratio_to_baseline_median": statistics.median(a / b for a, b in zip(s, baseline)),
-                            "rounds": s} for name, s in speeds.items()},
+        "variants": {
+            name: {
+                "what": VARIANTS[name][0],
+                "images_per_second_median": statistics.median(s),
+                "ratio_to_baseline_median": statistics.median(a / b for a, b in zip(s, baseline)),
+                "rounds": s,
+            }
+            for name, s in speeds.items()
+        },
     }
     for figures in results["variants"].values():
-        print(f"{figures['what']:40s} {figures['images_per_second_median']:6.1f} img/s  x{figures['ratio_to_baseline_median']:.2f}")
+        print(
+            f"{figures['what']:40s} {figures['images_per_second_median']:6.1f} img/s  "
+            f"x{figures['ratio_to_baseline_median']:.2f}"
+        )
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))
 

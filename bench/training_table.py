@@ -6,6 +6,7 @@ many. A row is named by its architecture and its run folder (an ablation's row n
 
     python -m bench.training_table $RUNS/cama_ordered $RUNS/ide_bn ...
 """
+
 import argparse
 import json
 import re
@@ -27,7 +28,8 @@ def row_name(cfg: dict) -> str:
     if architecture == "casn":
         return f"CASN ({model.get('layout', 'ide')})"
     if architecture == "clpd":
-        return f"CLPD ({model.get('clpd_attention', 'multiscale')} attention, {model.get('clpd_descriptor', 'SPR')} descriptor)"
+        attention, descriptor = model.get("clpd_attention", "multiscale"), model.get("clpd_descriptor", "SPR")
+        return f"CLPD ({attention} attention, {descriptor} descriptor)"
     if architecture == "pmm":
         mix = loss.get("mix", "hardmix")
         return f"PMM ({'A-Hard-Mix' if mix == 'hardmix' else mix}, K={loss.get('mix_top_blocks')})"
@@ -35,7 +37,9 @@ def row_name(cfg: dict) -> str:
         return "IDE+BN (N=1)"
     if loss["alpha"] == 0:
         return f"MltB+L_id (N={model['num_branches']}, alpha=0)"
-    return f"CAMA {loss.get('oap_mode', 'symmetric')} (N={model['num_branches']}, alpha={loss['alpha']:g}, k={loss['k']})"
+    return (
+        f"CAMA {loss.get('oap_mode', 'symmetric')} (N={model['num_branches']}, alpha={loss['alpha']:g}, k={loss['k']})"
+    )
 
 
 def run_label(cfg: dict) -> str:
@@ -68,7 +72,9 @@ def recipe_key(metrics: dict) -> str:
     cfg = from_dict(TrainConfig, metrics["config"]).to_dict()
     schedule = [f"{epoch['lr']:.4g}" for epoch in metrics.get("history", [])]
     recipe = {section: cfg[section] for section in ("model", "loss", "data")}
-    return json.dumps({**recipe, "precision": metrics.get("precision", "float32"), "schedule": schedule}, sort_keys=True)
+    return json.dumps(
+        {**recipe, "precision": metrics.get("precision", "float32"), "schedule": schedule}, sort_keys=True
+    )
 
 
 def seed_groups(metrics: List[dict]) -> List[List[dict]]:
@@ -91,8 +97,10 @@ def read_metrics(run: Path) -> dict:
 def schedule_cell(solver: dict) -> str:
     """Epochs per phase ("1 + 3"), with the batch caps: a phase's own after its epochs, the solver's for all."""
     phases = solver.get("phases") or [{"epochs": solver["warmup_epochs"]}, {"epochs": solver["epochs"]}]
-    epochs = [f"{p['epochs']}" + (f" (at most {p['max_iters_per_epoch']} batches)" if p.get("max_iters_per_epoch") else "")
-              for p in phases]
+    epochs = [
+        f"{p['epochs']}" + (f" (at most {p['max_iters_per_epoch']} batches)" if p.get("max_iters_per_epoch") else "")
+        for p in phases
+    ]
     cap = solver.get("max_iters_per_epoch")
     return " + ".join(epochs) + (f" (at most {cap} batches each)" if cap else "")
 
@@ -100,8 +108,15 @@ def schedule_cell(solver: dict) -> str:
 def table(runs) -> str:
     metrics = [read_metrics(run) for run in runs]
     sets = list(metrics[0]["evaluation"])
-    header = ["model", *(f"{s} R1 / mAP / mINP" for s in sets), f"per-branch mAP ({'; '.join(sets)})", "seeds", "epochs",
-              "train time", "hardware"]
+    header = [
+        "model",
+        *(f"{s} R1 / mAP / mINP" for s in sets),
+        f"per-branch mAP ({'; '.join(sets)})",
+        "seeds",
+        "epochs",
+        "train time",
+        "hardware",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in seed_groups(metrics):
         first = group[0]
@@ -112,7 +127,8 @@ def table(runs) -> str:
             "; ".join(branch_cells(group, s) for s in evaluated),
             str(len(group)),
             schedule_cell(first["config"]["solver"]),
-            f"{statistics.fmean(r['train_seconds_total'] for r in group) / 60:.0f} min" + (" each" if len(group) > 1 else ""),
+            f"{statistics.fmean(r['train_seconds_total'] for r in group) / 60:.0f} min"
+            + (" each" if len(group) > 1 else ""),
             f"{' / '.join(dict.fromkeys(r['hardware'] for r in group))}, {first.get('precision', 'float32')}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -121,7 +137,12 @@ def table(runs) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.json, or copies of it (bench/results/training/*.json)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        help="run folders holding metrics.json, or copies of it (bench/results/training/*.json)",
+    )
     print(table(parser.parse_args().runs))
 
 

@@ -6,7 +6,18 @@ Owns only the client side of the API that ``service/`` serves (docs/api.md). Imp
 standard library; never ``service``, ``model_zoo``, ``training`` or torch, so it installs alone
 (``pip install reid-retrieval[client]``).
 """
+
 from client.api import AsyncReIDClient, ReIDClient
 from client.types import BatchResult, EnrolledItem, GalleryPage, Match, QueryResult, ReIDError, Verification
 
-__all__ = ["AsyncReIDClient", "ReIDClient", "BatchResult", "EnrolledItem", "GalleryPage", "Match", "QueryResult", "ReIDError", "Verification"]
+__all__ = [
+    "AsyncReIDClient",
+    "ReIDClient",
+    "BatchResult",
+    "EnrolledItem",
+    "GalleryPage",
+    "Match",
+    "QueryResult",
+    "ReIDError",
+    "Verification",
+]

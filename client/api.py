@@ -1,5 +1,6 @@
 """The sync and async clients. Each operation is written once as a request (``Request``: what to send) and a
 parser (what the answer means); the two clients only differ in how they send."""
+
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,55 +70,121 @@ def checked(response: httpx.Response) -> httpx.Response:
         raise ReIDError(response.status_code, f"http_{response.status_code}", response.text[:200]) from None
 
 
-def enroll_request(images: Sequence[ImageInput], person_id: PerImage = None, camera_id: PerImage = None,
-                   metadata: Union[None, Dict, Sequence[Dict]] = None, captured_at: PerImageTime = None) -> Request:
+def enroll_request(
+    images: Sequence[ImageInput],
+    person_id: PerImage = None,
+    camera_id: PerImage = None,
+    metadata: Union[None, Dict, Sequence[Dict]] = None,
+    captured_at: PerImageTime = None,
+) -> Request:
     metadata_list = [] if metadata is None else [metadata] if isinstance(metadata, dict) else list(metadata)
-    data = {"person_id": per_image(person_id), "camera_id": per_image(camera_id), "metadata": [json.dumps(m) for m in metadata_list],
-            "captured_at": per_image_time(captured_at)}
+    data = {
+        "person_id": per_image(person_id),
+        "camera_id": per_image(camera_id),
+        "metadata": [json.dumps(m) for m in metadata_list],
+        "captured_at": per_image_time(captured_at),
+    }
     files = [("images", image_part(image, i)) for i, image in enumerate(images)]
-    return Request("POST", "/gallery", lambda r: [from_json(EnrolledItem, i) for i in r.json()["items"]],
-                   data={k: v for k, v in data.items() if v}, files=files)
+    return Request(
+        "POST",
+        "/gallery",
+        lambda r: [from_json(EnrolledItem, i) for i in r.json()["items"]],
+        data={k: v for k, v in data.items() if v},
+        files=files,
+    )
 
 
-def query_fields(top_k: int, heatmaps: bool, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
-                 person_id: Optional[str] = None, min_score: Optional[float] = None, rerank: bool = False, group_by: Optional[str] = None,
-                 captured_after: Time = None, captured_before: Time = None, **route_fields: Any) -> Dict[str, Any]:
+def query_fields(
+    top_k: int,
+    heatmaps: bool,
+    camera_id: Optional[str] = None,
+    exclude_camera_id: Optional[str] = None,
+    person_id: Optional[str] = None,
+    min_score: Optional[float] = None,
+    rerank: bool = False,
+    group_by: Optional[str] = None,
+    captured_after: Time = None,
+    captured_before: Time = None,
+    **route_fields: Any,
+) -> Dict[str, Any]:
     """The form fields every query route shares, and ``route_fields`` (a route's own, unset when None)."""
-    return form(top_k=top_k, camera_id=camera_id, exclude_camera_id=exclude_camera_id, person_id=person_id, min_score=min_score,
-                heatmaps=heatmaps, rerank=rerank or None, group_by=group_by, captured_after=time_text(captured_after),
-                captured_before=time_text(captured_before), **route_fields)
+    return form(
+        top_k=top_k,
+        camera_id=camera_id,
+        exclude_camera_id=exclude_camera_id,
+        person_id=person_id,
+        min_score=min_score,
+        heatmaps=heatmaps,
+        rerank=rerank or None,
+        group_by=group_by,
+        captured_after=time_text(captured_after),
+        captured_before=time_text(captured_before),
+        **route_fields,
+    )
 
 
 def parse_query(response: httpx.Response) -> QueryResult:
     return QueryResult.from_json(response.json())
 
 
-def query_request(image: ImageInput, top_k: int = 10, heatmaps: bool = True, pair_attention: bool = False, **options) -> Request:
+def query_request(
+    image: ImageInput, top_k: int = 10, heatmaps: bool = True, pair_attention: bool = False, **options
+) -> Request:
     data = query_fields(top_k, heatmaps, pair_attention=pair_attention or None, **options)
     return Request("POST", "/query", parse_query, data=data, files=[("image", image_part(image, 0))])
 
 
-def track_request(images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", heatmaps: bool = True, **options) -> Request:
+def track_request(
+    images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", heatmaps: bool = True, **options
+) -> Request:
     """Several images of one person as one query: the ``image`` field repeated."""
     files = [("image", image_part(image, i)) for i, image in enumerate(images)]
-    return Request("POST", "/query", parse_query, data=query_fields(top_k, heatmaps, aggregate=aggregate, **options), files=files)
+    return Request(
+        "POST", "/query", parse_query, data=query_fields(top_k, heatmaps, aggregate=aggregate, **options), files=files
+    )
 
 
 def batch_request(images: Sequence[ImageInput], top_k: int = 10, heatmaps: bool = False, **options) -> Request:
     files = [("images", image_part(image, i)) for i, image in enumerate(images)]
-    return Request("POST", "/query/batch", lambda r: BatchResult.from_json(r.json()), data=query_fields(top_k, heatmaps, **options), files=files)
+    return Request(
+        "POST",
+        "/query/batch",
+        lambda r: BatchResult.from_json(r.json()),
+        data=query_fields(top_k, heatmaps, **options),
+        files=files,
+    )
 
 
 def verify_request(image_a: ImageInput, image_b: ImageInput) -> Request:
-    return Request("POST", "/verify", lambda r: from_json(Verification, r.json()),
-                   files=[("image_a", image_part(image_a, 0)), ("image_b", image_part(image_b, 1))])
+    return Request(
+        "POST",
+        "/verify",
+        lambda r: from_json(Verification, r.json()),
+        files=[("image_a", image_part(image_a, 0)), ("image_b", image_part(image_b, 1))],
+    )
 
 
-def gallery_request(limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
-                    captured_after: Time = None, captured_before: Time = None) -> Request:
-    return Request("GET", "/gallery", lambda r: GalleryPage.from_json(r.json()),
-                   params=form(limit=limit, offset=offset, person_id=person_id, camera_id=camera_id,
-                               captured_after=time_text(captured_after), captured_before=time_text(captured_before)))
+def gallery_request(
+    limit: int = 50,
+    offset: int = 0,
+    person_id: Optional[str] = None,
+    camera_id: Optional[str] = None,
+    captured_after: Time = None,
+    captured_before: Time = None,
+) -> Request:
+    return Request(
+        "GET",
+        "/gallery",
+        lambda r: GalleryPage.from_json(r.json()),
+        params=form(
+            limit=limit,
+            offset=offset,
+            person_id=person_id,
+            camera_id=camera_id,
+            captured_after=time_text(captured_after),
+            captured_before=time_text(captured_before),
+        ),
+    )
 
 
 def erase_person_request(person_id: str) -> Request:
@@ -149,24 +216,36 @@ def send_kwargs(request: Request) -> Dict[str, Any]:
 class ReIDClient:
     """Sync client: ``with ReIDClient(url, api_key=...) as reid: reid.enroll([...]); reid.query(...)``."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: Optional[str] = None, timeout: float = 60.0, transport=None):
+    def __init__(
+        self, base_url: str = DEFAULT_URL, api_key: Optional[str] = None, timeout: float = 60.0, transport=None
+    ):
         self._http = httpx.Client(**client_options(base_url, api_key, timeout, transport))
 
     def _send(self, request: Request) -> Any:
         return request.parse(checked(self._http.request(request.method, request.path, **send_kwargs(request))))
 
-    def enroll(self, images: Sequence[ImageInput], person_id: PerImage = None, camera_id: PerImage = None, metadata=None,
-               captured_at: PerImageTime = None) -> List[EnrolledItem]:
-        """Enrol images, all or nothing; person/camera ids, metadata and capture times once for all or once per image."""
+    def enroll(
+        self,
+        images: Sequence[ImageInput],
+        person_id: PerImage = None,
+        camera_id: PerImage = None,
+        metadata=None,
+        captured_at: PerImageTime = None,
+    ) -> List[EnrolledItem]:
+        """Enrol images, all or nothing; person/camera ids, metadata and capture times once for all or once per
+        image."""
         return self._send(enroll_request(images, person_id, camera_id, metadata, captured_at))
 
     def query(self, image: ImageInput, top_k: int = 10, **options) -> QueryResult:
         """Matches for one image; ``options``: camera_id, exclude_camera_id, person_id, min_score, captured_after,
-        captured_before, heatmaps, overlays (False: grids only, no PNG), branch_overlays (True: a PNG per branch too), rerank,
+        captured_before, heatmaps, overlays (False: grids only, no PNG), branch_overlays (True: a PNG per branch too),
+        rerank,
         pair_attention, group_by ("person": one match per person)."""
         return self._send(query_request(image, top_k, **options))
 
-    def query_track(self, images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", **options) -> QueryResult:
+    def query_track(
+        self, images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", **options
+    ) -> QueryResult:
         """Matches for several images of one person (a track), aggregated by ``mean`` or ``best``; the options
         of ``query`` but pair_attention."""
         return self._send(track_request(images, top_k, aggregate, **options))
@@ -180,8 +259,15 @@ class ReIDClient:
         """Are the two images the same person: their score, and the decision at the server's threshold."""
         return self._send(verify_request(image_a, image_b))
 
-    def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
-                captured_after: Time = None, captured_before: Time = None) -> GalleryPage:
+    def gallery(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        person_id: Optional[str] = None,
+        camera_id: Optional[str] = None,
+        captured_after: Time = None,
+        captured_before: Time = None,
+    ) -> GalleryPage:
         return self._send(gallery_request(limit, offset, person_id, camera_id, captured_after, captured_before))
 
     def iter_gallery(self, page_size: int = 100, **filters) -> Iterator[EnrolledItem]:
@@ -226,20 +312,30 @@ class ReIDClient:
 class AsyncReIDClient:
     """Async client, the same operations: ``async with AsyncReIDClient(url) as reid: await reid.query(...)``."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: Optional[str] = None, timeout: float = 60.0, transport=None):
+    def __init__(
+        self, base_url: str = DEFAULT_URL, api_key: Optional[str] = None, timeout: float = 60.0, transport=None
+    ):
         self._http = httpx.AsyncClient(**client_options(base_url, api_key, timeout, transport))
 
     async def _send(self, request: Request) -> Any:
         return request.parse(checked(await self._http.request(request.method, request.path, **send_kwargs(request))))
 
-    async def enroll(self, images: Sequence[ImageInput], person_id: PerImage = None, camera_id: PerImage = None, metadata=None,
-                     captured_at: PerImageTime = None) -> List[EnrolledItem]:
+    async def enroll(
+        self,
+        images: Sequence[ImageInput],
+        person_id: PerImage = None,
+        camera_id: PerImage = None,
+        metadata=None,
+        captured_at: PerImageTime = None,
+    ) -> List[EnrolledItem]:
         return await self._send(enroll_request(images, person_id, camera_id, metadata, captured_at))
 
     async def query(self, image: ImageInput, top_k: int = 10, **options) -> QueryResult:
         return await self._send(query_request(image, top_k, **options))
 
-    async def query_track(self, images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", **options) -> QueryResult:
+    async def query_track(
+        self, images: Sequence[ImageInput], top_k: int = 10, aggregate: str = "mean", **options
+    ) -> QueryResult:
         return await self._send(track_request(images, top_k, aggregate, **options))
 
     async def query_batch(self, images: Sequence[ImageInput], top_k: int = 10, **options) -> BatchResult:
@@ -248,8 +344,15 @@ class AsyncReIDClient:
     async def verify(self, image_a: ImageInput, image_b: ImageInput) -> Verification:
         return await self._send(verify_request(image_a, image_b))
 
-    async def gallery(self, limit: int = 50, offset: int = 0, person_id: Optional[str] = None, camera_id: Optional[str] = None,
-                      captured_after: Time = None, captured_before: Time = None) -> GalleryPage:
+    async def gallery(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        person_id: Optional[str] = None,
+        camera_id: Optional[str] = None,
+        captured_after: Time = None,
+        captured_before: Time = None,
+    ) -> GalleryPage:
         return await self._send(gallery_request(limit, offset, person_id, camera_id, captured_after, captured_before))
 
     async def iter_gallery(self, page_size: int = 100, **filters) -> AsyncIterator[EnrolledItem]:

@@ -2,6 +2,7 @@
 overlays), compare two images, delete an item, erase a person. A thin layer over ``ReIDClient``. The URL and key
 come from ``--url`` / ``--api-key`` or the environment (``REID_URL``, ``REID_API_KEY``). Every failure, the
 server's refusals and an unreachable server alike, is one line on stderr and exit status 1."""
+
 import argparse
 import base64
 import json
@@ -32,11 +33,15 @@ def folder_images(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def enroll_folder(reid: ReIDClient, folder: Path, batch: int, market_names: bool, person_id=None, camera_id=None) -> int:
+def enroll_folder(
+    reid: ReIDClient, folder: Path, batch: int, market_names: bool, person_id=None, camera_id=None
+) -> int:
     """Enrol every image of ``folder`` in batches (each all or nothing); returns how many were enrolled."""
     images = folder_images(folder)
     if market_names and any(market_ids(p)[0] is None for p in images):
-        raise SystemExit(f"--market-names: {next(p.name for p in images if market_ids(p)[0] is None)} is not PPPP_cC...")
+        raise SystemExit(
+            f"--market-names: {next(p.name for p in images if market_ids(p)[0] is None)} is not PPPP_cC..."
+        )
     done = 0
     for start in tqdm(range(0, len(images), batch), desc="enrol", unit="batch"):
         chunk = images[start : start + batch]
@@ -53,7 +58,9 @@ def save_result(result: QueryResult, folder: Path) -> None:
         (folder / "query.png").write_bytes(base64.b64decode(result.query_heatmap["overlay_png"]))
     for match in result.matches:
         if match.heatmap:
-            (folder / f"match{match.rank:02d}_{match.id}.png").write_bytes(base64.b64decode(match.heatmap["overlay_png"]))
+            (folder / f"match{match.rank:02d}_{match.id}.png").write_bytes(
+                base64.b64decode(match.heatmap["overlay_png"])
+            )
     (folder / "result.json").write_text(json.dumps(strip_images(result.raw), indent=2))
 
 
@@ -80,14 +87,21 @@ def print_verification(reid: ReIDClient, image_a: Path, image_b: Path) -> None:
         print("same person: no threshold (the model is not calibrated and REID_VERIFY_THRESHOLD is unset)")
         return
     where = result.calibration.get("calibrated_on") if result.threshold_source == "model" else "REID_VERIFY_THRESHOLD"
-    print(f"same person: {'yes' if result.same_person else 'no'} at threshold {result.threshold:.4f} (from {where}; "
-          "a threshold set on other cameras is a guide on yours, not a verdict)")
+    print(
+        f"same person: {'yes' if result.same_person else 'no'} at threshold {result.threshold:.4f} (from {where}; "
+        "a threshold set on other cameras is a guide on yours, not a verdict)"
+    )
 
 
 def run_query(reid: ReIDClient, args) -> QueryResult:
     """One image's query, or a track's when several images are given."""
-    options = dict(exclude_camera_id=args.exclude_camera_id, camera_id=args.camera_id, heatmaps=not args.no_heatmaps,
-                   rerank=args.rerank, group_by="person" if args.group_by_person else None)
+    options = dict(
+        exclude_camera_id=args.exclude_camera_id,
+        camera_id=args.camera_id,
+        heatmaps=not args.no_heatmaps,
+        rerank=args.rerank,
+        group_by="person" if args.group_by_person else None,
+    )
     if len(args.images) == 1:
         return reid.query(args.images[0], args.top_k, **options)
     return reid.query_track(args.images, args.top_k, args.aggregate, **options)
@@ -100,14 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     enrol = commands.add_parser("enrol", help="enrol every image of a folder")
     enrol.add_argument("folder", type=Path)
-    enrol.add_argument("--batch", type=int, default=32, help="images per request (at most the server's REID_MAX_IMAGES_PER_REQUEST)")
-    enrol.add_argument("--market-names", action="store_true", help="person and camera ids from Market-1501 file names (0042_c3...)")
+    enrol.add_argument(
+        "--batch", type=int, default=32, help="images per request (at most the server's REID_MAX_IMAGES_PER_REQUEST)"
+    )
+    enrol.add_argument(
+        "--market-names", action="store_true", help="person and camera ids from Market-1501 file names (0042_c3...)"
+    )
     enrol.add_argument("--person-id", help="one person id for every image")
     enrol.add_argument("--camera-id", help="one camera id for every image")
     query = commands.add_parser("query", help="query with one image, or with several images of one person (a track)")
     query.add_argument("images", type=Path, nargs="+", help="one image, or a track's images")
-    query.add_argument("--aggregate", choices=("mean", "best"), default="mean",
-                       help="a track: the mean of its embeddings, or each gallery item's best score over its images")
+    query.add_argument(
+        "--aggregate",
+        choices=("mean", "best"),
+        default="mean",
+        help="a track: the mean of its embeddings, or each gallery item's best score over its images",
+    )
     query.add_argument("--group-by-person", action="store_true", help="at most one match per known person, the best")
     query.add_argument("--top-k", type=int, default=10)
     query.add_argument("--exclude-camera-id")
@@ -115,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--no-heatmaps", action="store_true")
     query.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of a shortlist")
     query.add_argument("--save", type=Path, help="write result.json and the overlays (PNG) into this folder")
-    verify = commands.add_parser("verify", help="the score of two images, and same person or not where the model has a threshold")
+    verify = commands.add_parser(
+        "verify", help="the score of two images, and same person or not where the model has a threshold"
+    )
     verify.add_argument("image_a", type=Path)
     verify.add_argument("image_b", type=Path)
     delete = commands.add_parser("delete", help="delete an item")

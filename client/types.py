@@ -1,5 +1,6 @@
 """Typed views of the service's answers. Unknown fields are kept in ``raw`` and otherwise ignored, so a
 client keeps working against a newer server."""
+
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
@@ -90,9 +91,17 @@ class QueryResult:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "QueryResult":
-        return cls([from_json(Match, m) for m in data["matches"]], data["gallery_size"], data["timing_ms"],
-                   data.get("query_heatmap"), data.get("reranked", False), data.get("track_size"), data.get("aggregate"),
-                   data.get("track_heatmaps"), raw=data)
+        return cls(
+            [from_json(Match, m) for m in data["matches"]],
+            data["gallery_size"],
+            data["timing_ms"],
+            data.get("query_heatmap"),
+            data.get("reranked", False),
+            data.get("track_size"),
+            data.get("aggregate"),
+            data.get("track_heatmaps"),
+            raw=data,
+        )
 
 
 @dataclass(frozen=True)
@@ -104,4 +113,6 @@ class BatchResult:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "BatchResult":
-        return cls([QueryResult.from_json(r) for r in data["results"]], data["gallery_size"], data["timing_ms"], raw=data)
+        return cls(
+            [QueryResult.from_json(r) for r in data["results"]], data["gallery_size"], data["timing_ms"], raw=data
+        )

@@ -1,6 +1,7 @@
 """Real servers for the cluster backend's tests and benchmarks: PostgreSQL (Debian's ``postgresql``, which ``make test``
 installs) and Milvus through ``milvus-lite``'s gRPC server, each started in a temporary folder and stopped
 after. ``unavailable()`` says why they cannot run here, for the tests to skip with."""
+
 import glob
 import importlib.util
 import os
@@ -70,7 +71,9 @@ class LoopbackServer:
 
     def _ready(self) -> bool:
         if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {(self.folder / f'{self.name}.log').read_text()}")
+            raise RuntimeError(
+                f"{self.name} exited with {self.process.returncode}: {(self.folder / f'{self.name}.log').read_text()}"
+            )
         return self.accepts()
 
     def accepts(self) -> bool:
@@ -94,14 +97,45 @@ class PostgresServer(LoopbackServer):
             os.chown(self.folder, user.pw_uid, user.pw_gid)
         binaries = postgres_bin()
         if not (self.data / "PG_VERSION").exists():
-            subprocess.run(as_server_user([str(binaries / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                                           "--no-sync"]), check=True, capture_output=True)
-        self.launch(as_server_user([str(binaries / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
-                                    "-k", str(self.folder), "-c", "fsync=off"]))
+            subprocess.run(
+                as_server_user(
+                    [
+                        str(binaries / "initdb"),
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "-E",
+                        "UTF8",
+                        "--no-sync",
+                    ]
+                ),
+                check=True,
+                capture_output=True,
+            )
+        self.launch(
+            as_server_user(
+                [
+                    str(binaries / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    str(self.folder),
+                    "-c",
+                    "fsync=off",
+                ]
+            )
+        )
         return self
 
     def accepts(self) -> bool:
         import psycopg
+
         try:
             psycopg.connect(self.dsn("postgres"), connect_timeout=1).close()
             return True
@@ -113,6 +147,7 @@ class PostgresServer(LoopbackServer):
 
     def new_database(self, name: str) -> str:
         import psycopg
+
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn(name)
@@ -122,8 +157,11 @@ class PostgresServer(LoopbackServer):
         if self.process and self.process.poll() is None:
             # a fast shutdown (clients' open connections closed), through pg_ctl: as root the server runs under
             # runuser, which does not pass SIGINT on
-            subprocess.run(as_server_user([str(postgres_bin() / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w"]),
-                           check=True, capture_output=True)
+            subprocess.run(
+                as_server_user([str(postgres_bin() / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w"]),
+                check=True,
+                capture_output=True,
+            )
             self.process.wait(30)
         self.log.close()
 
@@ -137,6 +175,7 @@ def milvus_connection(uri: str, **kwargs):
     """A Milvus client of its own, with the service's connection options, closed on leaving: pymilvus keeps a
     shared connection open after ``close``, pinging, for the rest of the test session."""
     from service.milvus_index import milvus_client
+
     client = milvus_client(uri, dedicated=True, **kwargs)
     try:
         yield client
@@ -156,8 +195,20 @@ class MilvusServer(LoopbackServer):
 
     def start(self) -> "MilvusServer":
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.launch([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.folder / "data"),
-                     "--host", "127.0.0.1", "--port", str(self.port)])
+        self.launch(
+            [
+                sys.executable,
+                "-m",
+                "milvus_lite",
+                "server",
+                "--data-dir",
+                str(self.folder / "data"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ]
+        )
         return self
 
     def accepts(self) -> bool:
@@ -195,5 +246,9 @@ class ClusterServers:
         """Service settings (ServiceProcess keyword arguments) for a fresh, empty cluster gallery."""
         self.galleries += 1
         name = f"gallery_{self.galleries}"
-        return {"gallery_backend": "cluster", "postgres_dsn": self.postgres.new_database(name), "milvus_uri": self.milvus.uri,
-                "milvus_collection": name}
+        return {
+            "gallery_backend": "cluster",
+            "postgres_dsn": self.postgres.new_database(name),
+            "milvus_uri": self.milvus.uri,
+            "milvus_collection": name,
+        }

@@ -1,4 +1,5 @@
 """A real uvicorn server (``python -m service``) on loopback, as users run it: for the tests and the benchmarks."""
+
 import os
 import signal
 import socket
@@ -23,16 +24,25 @@ def free_port() -> int:
 class ServiceProcess:
     def __init__(self, model: Path, store: Path, **settings):
         self.port = free_port()
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), "REID_MODEL_PATH": str(model), "REID_STORE_PATH": str(store),
-                    "REID_PORT": str(self.port), "REID_HOST": "127.0.0.1", "REID_INTRA_OP_THREADS": "1",
-                    **{f"REID_{k.upper()}": str(v) for k, v in settings.items()}}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "REID_MODEL_PATH": str(model),
+            "REID_STORE_PATH": str(store),
+            "REID_PORT": str(self.port),
+            "REID_HOST": "127.0.0.1",
+            "REID_INTRA_OP_THREADS": "1",
+            **{f"REID_{k.upper()}": str(v) for k, v in settings.items()},
+        }
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: Optional[subprocess.Popen] = None
         self.log_path = Path(store).with_suffix(f".{self.port}.log")
 
     def start(self, timeout: float = 60) -> "ServiceProcess":
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, *SERVICE_ARGS], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, *SERVICE_ARGS], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -72,7 +82,9 @@ class ServiceProcess:
 
 def enrol(client: httpx.Client, blobs: List[bytes], **fields) -> List[int]:
     """The ids of ``blobs`` enrolled in one request; ``fields``: its form fields (person_id="7", ...)."""
-    response = client.post("/gallery", files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)], data=fields)
+    response = client.post(
+        "/gallery", files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)], data=fields
+    )
     assert response.status_code == 201, response.text
     return response.json()["ids"]
 
@@ -86,5 +98,8 @@ def metric(client: httpx.Client, sample: str) -> float:
 
 
 def query(client: httpx.Client, blob: bytes, **fields) -> httpx.Response:
-    return client.post("/query", files={"image": ("q.jpg", blob, "image/jpeg")}, data={k: str(v).lower() if isinstance(v, bool) else str(v)
-                                                                                       for k, v in fields.items()})
+    return client.post(
+        "/query",
+        files={"image": ("q.jpg", blob, "image/jpeg")},
+        data={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()},
+    )

@@ -15,6 +15,7 @@ Import rules: this package never imports ``service`` or ``training``. Importing 
 import torch, so the service can use the torch-free modules; import ``model_zoo.architectures`` (which
 imports torch and registers every architecture) where torch is wanted.
 """
+
 from pathlib import Path
 
 SHIPPED_MODELS_DIR = Path(__file__).parent / "models"

@@ -1,4 +1,5 @@
 """``python -m model_zoo import SRC OUT.onnx``: a thin layer over ``model_zoo.importers.import_model``."""
+
 import argparse
 import json
 import sys
@@ -6,21 +7,49 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model_zoo", description="Bring public re-ID models into the service's ONNX contract.")
+    parser = argparse.ArgumentParser(
+        prog="python -m model_zoo", description="Bring public re-ID models into the service's ONNX contract."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    imports = commands.add_parser("import", help="write a public embedding model as a contract ONNX file (RAM heatmaps exact), checked against its source",
-                                  description="Formats: OpenVINO IR (SRC.xml beside SRC.bin), torchreid OSNet checkpoints (SRC.pth: every width, IBN, AIN). The file records the source's sha256, licence and address "
-                                  "(reid.source); see model_zoo/CONTRACT.md.")
-    imports.add_argument("source", type=Path, help="the model to import: an OpenVINO IR .xml (beside its .bin) or a torchreid OSNet .pth")
+    imports = commands.add_parser(
+        "import",
+        help="write a public embedding model as a contract ONNX file (RAM heatmaps exact), checked against its source",
+        description="Formats: OpenVINO IR (SRC.xml beside SRC.bin), torchreid OSNet "
+        "checkpoints (SRC.pth: every width, IBN, AIN). The file records the "
+        "source's sha256, licence and address "
+        "(reid.source); see model_zoo/CONTRACT.md.",
+    )
+    imports.add_argument(
+        "source", type=Path, help="the model to import: an OpenVINO IR .xml (beside its .bin) or a torchreid OSNet .pth"
+    )
     imports.add_argument("output", type=Path, help="the .onnx file to write")
-    imports.add_argument("--licence", default="unknown", help="the source's licence, recorded in the file (e.g. Apache-2.0)")
+    imports.add_argument(
+        "--licence", default="unknown", help="the source's licence, recorded in the file (e.g. Apache-2.0)"
+    )
     imports.add_argument("--url", default="", help="where the source was published, recorded in the file")
-    imports.add_argument("--training-data", default="not stated by the source", help="what the source was trained on, as its publisher says (reid.training_data)")
-    imports.add_argument("--channel-order", choices=("bgr", "rgb"), default=None,
-                         help="the channel order the source reads (default: BGR for OpenVINO IR, OpenVINO's convention; torchreid reads RGB)")
-    imports.add_argument("--input-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
-                         help="input size where the format leaves it free (torchreid: default 256 128); an IR's is its own")
-    imports.add_argument("--real-images", type=Path, default=None, help="a folder of images for the parity check, beside random ones")
+    imports.add_argument(
+        "--training-data",
+        default="not stated by the source",
+        help="what the source was trained on, as its publisher says (reid.training_data)",
+    )
+    imports.add_argument(
+        "--channel-order",
+        choices=("bgr", "rgb"),
+        default=None,
+        help="the channel order the source reads (default: BGR for OpenVINO IR, OpenVINO's "
+        "convention; torchreid reads RGB)",
+    )
+    imports.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        default=None,
+        help="input size where the format leaves it free (torchreid: default 256 128); an IR's is its own",
+    )
+    imports.add_argument(
+        "--real-images", type=Path, default=None, help="a folder of images for the parity check, beside random ones"
+    )
     return parser
 
 
@@ -31,8 +60,14 @@ def main(argv=None) -> int:
     from model_zoo.onnx_export import ExportParityError
 
     try:
-        summary = import_model(args.source, args.output, Provenance(args.licence, args.url, args.training_data), args.channel_order, args.real_images,
-                                tuple(args.input_size) if args.input_size else None)
+        summary = import_model(
+            args.source,
+            args.output,
+            Provenance(args.licence, args.url, args.training_data),
+            args.channel_order,
+            args.real_images,
+            tuple(args.input_size) if args.input_size else None,
+        )
     except (OSError, ValueError, ExportParityError, UnsupportedGraph) as exc:
         print(f"python -m model_zoo import: {exc}", file=sys.stderr)
         return 1

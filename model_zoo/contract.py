@@ -4,6 +4,7 @@ The contract itself is written down once, in ``model_zoo/CONTRACT.md``; this mod
 the names, the metadata keys, and ``check_session`` which both the exporter's parity check and the service
 run against a loaded ONNX Runtime session. Torch-free.
 """
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,14 +21,23 @@ OUTPUT_ATTENTION_MAPS = "attention_maps"  # optional: [B, K, h', w'] maps in [0,
 OUTPUT_PAIR_MAPS = "pair_maps"  # optional: [B, C, h, w] the backbone map A that CASN's pair head reads (stripe layout)
 OPTIONAL_OUTPUTS = (OUTPUT_ATTENTION_MAPS, OUTPUT_PAIR_MAPS)
 METADATA_PREFIX = "reid."
-VERIFICATION_KEY = METADATA_PREFIX + "verification"  # written by ``python -m training calibrate`` (training/calibration.py)
+VERIFICATION_KEY = (
+    METADATA_PREFIX + "verification"
+)  # written by ``python -m training calibrate`` (training/calibration.py)
 FEATURE_MAPS_KINDS = ("activations", "attribution")
-# Optional keys outside ModelContract, written by ``python -m training quantize`` and ``fp16`` only (an fp32 file lacks them):
+# Optional keys outside ModelContract, written by ``python -m training quantize`` and ``fp16`` only (an fp32 file lacks
+# them):
 PRECISION_KEY = METADATA_PREFIX + "precision"  # "int8" or "fp16"; absent: "fp32"
-QUANTIZATION_KEY = METADATA_PREFIX + "quantization"  # JSON: how the int8 or fp16 file was made (calibration images, source, ...)
+QUANTIZATION_KEY = (
+    METADATA_PREFIX + "quantization"
+)  # JSON: how the int8 or fp16 file was made (calibration images, source, ...)
 PRECISIONS = ("fp32", "int8", "fp16")
-SOURCE_KEY = METADATA_PREFIX + "source"  # JSON, files written by ``python -m model_zoo import``: format, file sha256s, licence, address
-FLIP_KEY = METADATA_PREFIX + "test_time_flip"  # "true": the graph averages each image with its mirror (python -m training export --flip)
+SOURCE_KEY = (
+    METADATA_PREFIX + "source"
+)  # JSON, files written by ``python -m model_zoo import``: format, file sha256s, licence, address
+FLIP_KEY = (
+    METADATA_PREFIX + "test_time_flip"
+)  # "true": the graph averages each image with its mirror (python -m training export --flip)
 
 
 class ContractError(ValueError):
@@ -50,12 +60,16 @@ class ModelContract:
     evaluation: Dict[str, Any] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)
     feature_maps_kind: str = "activations"
-    verification: Dict[str, Any] = field(default_factory=dict)  # the same-person threshold and its ROC; {}: not calibrated
+    verification: Dict[str, Any] = field(
+        default_factory=dict
+    )  # the same-person threshold and its ROC; {}: not calibrated
     contract_version: str = CONTRACT_VERSION
 
     def __post_init__(self):
         if self.feature_maps_kind not in FEATURE_MAPS_KINDS:
-            raise ContractError(f"feature_maps_kind {self.feature_maps_kind!r}, the contract knows {', '.join(FEATURE_MAPS_KINDS)}")
+            raise ContractError(
+                f"feature_maps_kind {self.feature_maps_kind!r}, the contract knows {', '.join(FEATURE_MAPS_KINDS)}"
+            )
 
     @property
     def embedding_dim(self) -> int:
@@ -66,12 +80,17 @@ class ModelContract:
 
     @classmethod
     def from_metadata(cls, metadata: Dict[str, str]) -> "ModelContract":
-        values = {k[len(METADATA_PREFIX):]: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
+        values = {k[len(METADATA_PREFIX) :]: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
         if values.get("contract_version") not in READABLE_CONTRACT_VERSIONS:
-            raise ContractError(f"model contract version {values.get('contract_version')!r}, this code reads {', '.join(READABLE_CONTRACT_VERSIONS)}")
+            raise ContractError(
+                f"model contract version {values.get('contract_version')!r}, "
+                f"this code reads {', '.join(READABLE_CONTRACT_VERSIONS)}"
+            )
         text_fields = {"architecture", "backbone", "training_data", "feature_maps_kind", "contract_version"}
         try:
-            parsed = {k: v if k in text_fields else json.loads(v) for k, v in values.items() if k in cls.__dataclass_fields__}
+            parsed = {
+                k: v if k in text_fields else json.loads(v) for k, v in values.items() if k in cls.__dataclass_fields__
+            }
             return cls(**parsed)
         except (TypeError, ValueError) as exc:
             raise ContractError(f"model metadata does not follow the contract: {exc}") from None
@@ -98,7 +117,12 @@ def check_session(session) -> ModelContract:
     c = contract
     _check_io(inputs[INPUT_IMAGES], INPUT_IMAGES, "tensor(uint8)", [None, c.input_height, c.input_width, 3])
     _check_io(outputs[OUTPUT_EMBEDDING], OUTPUT_EMBEDDING, "tensor(float)", [None, c.embedding_dim])
-    _check_io(outputs[OUTPUT_FEATURE_MAPS], OUTPUT_FEATURE_MAPS, "tensor(float)", [None, c.num_branches, c.branch_dim, c.map_height, c.map_width])
+    _check_io(
+        outputs[OUTPUT_FEATURE_MAPS],
+        OUTPUT_FEATURE_MAPS,
+        "tensor(float)",
+        [None, c.num_branches, c.branch_dim, c.map_height, c.map_width],
+    )
     if OUTPUT_ATTENTION_MAPS in outputs:
         _check_io(outputs[OUTPUT_ATTENTION_MAPS], OUTPUT_ATTENTION_MAPS, "tensor(float)", [None, None, None, None])
     return contract
@@ -109,7 +133,9 @@ def open_cpu_session(model: Union[str, Path, bytes]) -> Tuple[Any, ModelContract
     export and the training tools read an exported model (the service picks its provider: service.inference)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]
+    )
     return session, check_session(session)
 
 

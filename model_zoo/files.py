@@ -1,4 +1,5 @@
 """File helpers shared by the model zoo and the service. Torch-free."""
+
 import hashlib
 from pathlib import Path
 

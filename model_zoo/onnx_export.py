@@ -1,6 +1,7 @@
 """Write a torch re-ID module as a contract ONNX file and check ONNX Runtime against PyTorch
 (model_zoo/CONTRACT.md, "Guarantees checked at export"): the one writer behind ``python -m training export``
 and ``python -m model_zoo import``. Imports torch and onnx (the ``train`` extra); never imported by the service."""
+
 import warnings
 from pathlib import Path
 from typing import Dict, Optional
@@ -11,8 +12,15 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from model_zoo.contract import (INPUT_IMAGES, OPTIONAL_OUTPUTS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, ModelContract, identity_error,
-                                open_cpu_session)
+from model_zoo.contract import (
+    INPUT_IMAGES,
+    OPTIONAL_OUTPUTS,
+    OUTPUT_EMBEDDING,
+    OUTPUT_FEATURE_MAPS,
+    ModelContract,
+    identity_error,
+    open_cpu_session,
+)
 from model_zoo.preprocess import load_for_model
 
 EMBEDDING_TOLERANCE = 1e-4
@@ -50,8 +58,15 @@ def contract_shape(model: nn.Module, height: int, width: int) -> Dict:
     eval-mode pass over a blank image: what every writer of a contract file records."""
     with torch.no_grad():
         _, branches, dim, map_h, map_w = model(torch.zeros(1, height, width, 3, dtype=torch.uint8)).feature_maps.shape
-    return {"num_branches": branches, "branch_dim": dim, "map_height": map_h, "map_width": map_w, "input_height": height,
-            "input_width": width, "feature_maps_kind": getattr(model, "feature_maps_kind", "activations")}
+    return {
+        "num_branches": branches,
+        "branch_dim": dim,
+        "map_height": map_h,
+        "map_width": map_w,
+        "input_height": height,
+        "input_width": width,
+        "feature_maps_kind": getattr(model, "feature_maps_kind", "activations"),
+    }
 
 
 def parity_images(height: int, width: int, real_images: Optional[Path], count: int = 7) -> Dict[str, np.ndarray]:
@@ -83,12 +98,17 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
             x = np.resize(batch, (size, *batch.shape[1:]))
             with torch.no_grad():
                 out = model(torch.from_numpy(x))
-                kept = np.ones(out.feature_maps.shape[:3], bool) if margins is None else (margins(torch.from_numpy(x)) >= NEAR_TIE_TOLERANCE).numpy()
+                kept = (
+                    np.ones(out.feature_maps.shape[:3], bool)
+                    if margins is None
+                    else (margins(torch.from_numpy(x)) >= NEAR_TIE_TOLERANCE).numpy()
+                )
             emb, maps, *extra = session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, *extras], {INPUT_IMAGES: x})
             emb_diff = float(np.abs(emb - out.embedding.numpy()).max())
             map_scale = max(1.0, float(np.abs(maps).max()))
             map_diff = float(np.abs(maps - out.feature_maps.float().numpy())[kept].max(initial=0.0)) / map_scale
-            # The identity on the ONNX outputs alone: 0 up to rounding where the graph computes the embedding from the maps.
+            # The identity on the ONNX outputs alone: 0 up to rounding where the graph computes the embedding from the
+            # maps.
             identity_diff = identity_error(emb, maps)
             report[f"{name}_batch{size}_embedding"] = emb_diff
             report[f"{name}_batch{size}_feature_maps_relative"] = map_diff
@@ -96,13 +116,28 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
             report[f"{name}_batch{size}_channels_left_out"] = int(kept.size - kept.sum())
             for output, values in zip(extras, extra):
                 scale = max(1.0, float(np.abs(values).max()))
-                diff = report[f"{name}_batch{size}_{output}"] = float(np.abs(values - out.aux[output].float().numpy()).max()) / scale
+                diff = report[f"{name}_batch{size}_{output}"] = (
+                    float(np.abs(values - out.aux[output].float().numpy()).max()) / scale
+                )
                 if beyond(diff, EMBEDDING_TOLERANCE):
-                    raise ExportParityError(f"{name} batch {size}: {output} diff {diff:.2e} (bound {EMBEDDING_TOLERANCE})")
-            print(f"parity {name:6s} batch {size}: max |d embedding| = {emb_diff:.2e}, max |d F| / max|F| = {map_diff:.2e}, identity {identity_diff:.2e}, {kept.size - kept.sum()} channels left out")
-            if beyond(emb_diff, EMBEDDING_TOLERANCE) or beyond(map_diff, FEATURE_MAP_TOLERANCE) or beyond(identity_diff, EMBEDDING_TOLERANCE):
-                raise ExportParityError(f"{name} batch {size}: embedding diff {emb_diff:.2e} (bound {EMBEDDING_TOLERANCE}), feature map diff {map_diff:.2e} (bound {FEATURE_MAP_TOLERANCE}), "
-                                        f"identity diff {identity_diff:.2e} (bound {EMBEDDING_TOLERANCE})")
+                    raise ExportParityError(
+                        f"{name} batch {size}: {output} diff {diff:.2e} (bound {EMBEDDING_TOLERANCE})"
+                    )
+            print(
+                f"parity {name:6s} batch {size}: max |d embedding| = {emb_diff:.2e}, max |d F| / max|F| = "
+                f"{map_diff:.2e}, identity {identity_diff:.2e}, {kept.size - kept.sum()} channels left out"
+            )
+            if (
+                beyond(emb_diff, EMBEDDING_TOLERANCE)
+                or beyond(map_diff, FEATURE_MAP_TOLERANCE)
+                or beyond(identity_diff, EMBEDDING_TOLERANCE)
+            ):
+                raise ExportParityError(
+                    f"{name} batch {size}: embedding diff {emb_diff:.2e} (bound "
+                    f"{EMBEDDING_TOLERANCE}), feature map diff {map_diff:.2e} (bound "
+                    f"{FEATURE_MAP_TOLERANCE}), "
+                    f"identity diff {identity_diff:.2e} (bound {EMBEDDING_TOLERANCE})"
+                )
     return report
 
 
@@ -132,7 +167,9 @@ def zero_subnormal_weights(proto: onnx.ModelProto) -> int:
     return zeroed
 
 
-def write_onnx(model: nn.Module, contract: ModelContract, output: Path, opset: int = 17, metadata: Optional[Dict[str, str]] = None) -> int:
+def write_onnx(
+    model: nn.Module, contract: ModelContract, output: Path, opset: int = 17, metadata: Optional[Dict[str, str]] = None
+) -> int:
     """The model's contract outputs (and the optional ones it gives) as an ONNX graph at ``output``, with the
     contract's metadata and ``metadata`` (no parity check); returns how many subnormal weights it zeroed."""
     output = Path(output)
@@ -149,8 +186,14 @@ def write_onnx(model: nn.Module, contract: ModelContract, output: Path, opset: i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            ContractOutputs(model, extras).eval(), (dummy,), str(output), input_names=[INPUT_IMAGES],
-            output_names=names, opset_version=opset, dynamo=False, keep_initializers_as_inputs=True,
+            ContractOutputs(model, extras).eval(),
+            (dummy,),
+            str(output),
+            input_names=[INPUT_IMAGES],
+            output_names=names,
+            opset_version=opset,
+            dynamo=False,
+            keep_initializers_as_inputs=True,
             dynamic_axes={name: {0: "batch"} for name in [INPUT_IMAGES, *names]},
         )
     proto = onnx.load(str(output))

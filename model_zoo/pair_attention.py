@@ -20,6 +20,7 @@ layer: h = W (f_q - f_g) + b), S stripes (1 for IDE, 6 for PCB):
 with d_feature the Euclidean distance of the L2-normalised embeddings. Lower d ranks first. This is the
 training objective's consistency map (training/objectives/casn.py) in numpy.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -53,17 +54,34 @@ class PairHead:
     stripes: int = 1  # S: the pair head reads [g_1; ...; g_S], so weight is [H, S * D] for a D-channel A
 
     def save(self, path: Union[str, Path]) -> None:
-        np.savez(path, version=ARTIFACT_VERSION, weight=self.weight, bias=self.bias, same_weight=self.same_weight,
-                 row_threshold=self.row_threshold, model_sha256=self.model_sha256, stripes=self.stripes)
+        np.savez(
+            path,
+            version=ARTIFACT_VERSION,
+            weight=self.weight,
+            bias=self.bias,
+            same_weight=self.same_weight,
+            row_threshold=self.row_threshold,
+            model_sha256=self.model_sha256,
+            stripes=self.stripes,
+        )
 
     @classmethod
     def load(cls, path: Union[str, Path], model_path: Union[str, Path, None] = None) -> "PairHead":
         """Read an artifact; with ``model_path``, refuse it unless it was exported with that very file."""
         with np.load(path, allow_pickle=False) as data:
             if int(data["version"]) not in READABLE_ARTIFACT_VERSIONS:
-                raise ValueError(f"{path}: pair-head artifact version {int(data['version'])}, this code reads {READABLE_ARTIFACT_VERSIONS}")
-            head = cls(data["weight"].astype(np.float32), data["bias"].astype(np.float32), data["same_weight"].astype(np.float32),
-                       float(data["row_threshold"]), str(data["model_sha256"]), int(data["stripes"]) if "stripes" in data.files else 1)
+                raise ValueError(
+                    f"{path}: pair-head artifact version {int(data['version'])}, this code reads "
+                    f"{READABLE_ARTIFACT_VERSIONS}"
+                )
+            head = cls(
+                data["weight"].astype(np.float32),
+                data["bias"].astype(np.float32),
+                data["same_weight"].astype(np.float32),
+                float(data["row_threshold"]),
+                str(data["model_sha256"]),
+                int(data["stripes"]) if "stripes" in data.files else 1,
+            )
         if model_path is not None and sha256_of(model_path) != head.model_sha256:
             raise PairHeadMismatch(f"{path} belongs to another model file than {model_path}")
         return head
@@ -82,8 +100,9 @@ class PairHead:
         hidden = difference @ self.weight.T + self.bias
         return ((hidden > 0) * self.same_weight) @ self.weight > 0
 
-    def attention_maps(self, query_feature: np.ndarray, query_map: np.ndarray, gallery_features: np.ndarray,
-                       gallery_maps: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def attention_maps(
+        self, query_feature: np.ndarray, query_map: np.ndarray, gallery_features: np.ndarray, gallery_maps: np.ndarray
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """(M_q, M_g), each [G, h, w]: the Siamese attention of one query (f [S D], A [D, h, w]) and of each
         gallery image (f [G, S D], A [G, D, h, w]) in their pair; M_q differs per pair, through the indicator."""
         a = self.indicator(query_feature[None] - gallery_features)
@@ -100,14 +119,22 @@ class PairHead:
         gallery_profiles = [aligned_profile(p, self.row_threshold, height) for p in row_profiles(gallery_attention)]
         return np.array([np.linalg.norm(q - g) for q, g in zip(query_profiles, gallery_profiles)])
 
-    def rank(self, query_embedding: np.ndarray, query_map: np.ndarray, gallery_embeddings: np.ndarray,
-             gallery_maps: np.ndarray, gallery_features: Optional[np.ndarray] = None) -> "PairRanking":
+    def rank(
+        self,
+        query_embedding: np.ndarray,
+        query_map: np.ndarray,
+        gallery_embeddings: np.ndarray,
+        gallery_maps: np.ndarray,
+        gallery_features: Optional[np.ndarray] = None,
+    ) -> "PairRanking":
         """CASN's test-time rule for one query: its embedding [E] and backbone map A [D, h, w], the gallery's
         embeddings [G, E] and maps [G, D, h, w]. The min-max runs over these G images only. ``gallery_features``
         (``self.features(gallery_maps)``) may be given to spare recomputing them for every query."""
         if gallery_features is None:
             gallery_features = self.features(gallery_maps)
-        query_attention, gallery_attention = self.attention_maps(self.features(query_map[None])[0], query_map, gallery_features, gallery_maps)
+        query_attention, gallery_attention = self.attention_maps(
+            self.features(query_map[None])[0], query_map, gallery_features, gallery_maps
+        )
         feature_distances = np.linalg.norm(gallery_embeddings - query_embedding, axis=1)
         distances = fused_distances(feature_distances, self.profile_distances(query_attention, gallery_attention))
         return PairRanking(distances, query_attention, gallery_attention)

@@ -5,6 +5,7 @@ the only preprocessing outside it is ``decode_for_model``: decode (format judged
 smallest DCT scale that still covers the model's input and a preview), turn it upright by its EXIF
 orientation, resize with PIL's bilinear filter to width x height, RGB. Torch-free.
 """
+
 import io
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,9 +48,15 @@ class DecodedImage:
     preview: Optional[Image.Image]  # RGB, upright, at most PREVIEW_SIDE a side; only when asked for
 
 
-def decode_for_model(data: Union[bytes, Path, str], height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     max_decoded_pixels: Optional[int] = None, preview: bool = False,
-                     reserve: Optional[Callable[[int], ContextManager]] = None) -> DecodedImage:
+def decode_for_model(
+    data: Union[bytes, Path, str],
+    height: int,
+    width: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_pixels: Optional[int] = None,
+    preview: bool = False,
+    reserve: Optional[Callable[[int], ContextManager]] = None,
+) -> DecodedImage:
     """Decode image bytes (or a file) and resize to the model's input; the full-size decode is released here.
 
     ``max_pixels`` bounds the full image (decompression bombs), ``max_decoded_pixels`` what is really decoded.
@@ -62,7 +69,9 @@ def decode_for_model(data: Union[bytes, Path, str], height: int, width: int, max
             full_size = _check_size(img, max_pixels)
             _draft(img, height, width)
             if max_decoded_pixels is not None and img.width * img.height > max_decoded_pixels:
-                raise DecodeBudgetExceeded(f"decoding it takes {img.width}x{img.height} pixels, {max_decoded_pixels} are left")
+                raise DecodeBudgetExceeded(
+                    f"decoding it takes {img.width}x{img.height} pixels, {max_decoded_pixels} are left"
+                )
             with reserve(img.width * img.height) if reserve else nullcontext():
                 return _decode(img, full_size, height, width, preview)
     except InvalidImage:
@@ -75,7 +84,9 @@ def decode_for_model(data: Union[bytes, Path, str], height: int, width: int, max
         raise InvalidImage(f"cannot decode image: {exc}") from None
 
 
-def load_for_model(data: Union[bytes, Path, str], height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_for_model(
+    data: Union[bytes, Path, str], height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """The model's input pixels only: what the trainer's evaluation, the exporter and the service feed it."""
     return decode_for_model(data, height, width, max_pixels).pixels
 
@@ -113,7 +124,9 @@ def _decode(img: Image.Image, full_size: Tuple[int, int], height: int, width: in
     decoded = _grey_or_rgb(img)
     pixels = decoded if decoded.size == (width, height) else decoded.resize((width, height), Image.BILINEAR)
     small = _preview(decoded) if preview else None
-    return DecodedImage(img.format or "UNKNOWN", *full_size, decoded_pixels, np.asarray(pixels.convert("RGB"), dtype=np.uint8), small)
+    return DecodedImage(
+        img.format or "UNKNOWN", *full_size, decoded_pixels, np.asarray(pixels.convert("RGB"), dtype=np.uint8), small
+    )
 
 
 def _grey_or_rgb(img: Image.Image) -> Image.Image:

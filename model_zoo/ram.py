@@ -6,6 +6,7 @@ so the mean of R^i over the grid is the cosine similarity of branch i, and the a
 branches) averages to the retrieval score: the mean over branches of the cosine similarities. The query's own
 map R_q^q is the same with the query's maps in place of the gallery's.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,9 @@ class RankingActivationMaps:
         return float(self.aggregate.mean())
 
 
-def ranking_activation_maps(query_branch_features: np.ndarray, gallery_feature_maps: np.ndarray) -> RankingActivationMaps:
+def ranking_activation_maps(
+    query_branch_features: np.ndarray, gallery_feature_maps: np.ndarray
+) -> RankingActivationMaps:
     """RAM of one gallery image for one query.
 
     query_branch_features: [N, D], each row L2-normalised (the query's embedding split per branch).

@@ -3,6 +3,7 @@
 An architecture registers a builder ``build(model_cfg, num_classes) -> nn.Module``. The module it builds
 takes uint8 images [B, H, W, 3] and returns a ``ReIDOutput`` in training mode and in eval mode alike.
 """
+
 from typing import Callable, Dict
 
 

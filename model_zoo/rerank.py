@@ -28,6 +28,7 @@ whole graph, the reciprocity test passes for everyone and re-ranking reduces to 
 One deliberate choice beyond the paper: a node always comes first in its own neighbour list, even where exact
 duplicates tie with it, so R(p, k) always holds p and no row of V is empty (no NaN on duplicate images).
 """
+
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
@@ -66,32 +67,53 @@ def self_distances(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def rerank_all_queries(query: np.ndarray, gallery: np.ndarray, k1: int = DEFAULT_K1, k2: int = DEFAULT_K2,
-                       lambda_value: float = DEFAULT_LAMBDA) -> np.ndarray:
+def rerank_all_queries(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    k1: int = DEFAULT_K1,
+    k2: int = DEFAULT_K2,
+    lambda_value: float = DEFAULT_LAMBDA,
+) -> np.ndarray:
     """Re-ranked distances [Q, G] (lower = more alike) of query features [Q, F] to gallery features [G, F],
     all queries and the gallery in one graph (the papers' protocol)."""
     query, gallery = _check_features(query, gallery, k1, k2, lambda_value)
     return rerank_distance_matrix(self_distances(np.concatenate([query, gallery])), len(query), k1, k2, lambda_value)
 
 
-def rerank_distance_matrix(distance: np.ndarray, num_queries: int, k1: int = DEFAULT_K1, k2: int = DEFAULT_K2,
-                           lambda_value: float = DEFAULT_LAMBDA) -> np.ndarray:
+def rerank_distance_matrix(
+    distance: np.ndarray,
+    num_queries: int,
+    k1: int = DEFAULT_K1,
+    k2: int = DEFAULT_K2,
+    lambda_value: float = DEFAULT_LAMBDA,
+) -> np.ndarray:
     """Re-ranking from a precomputed [n, n] distance matrix over the graph's nodes, the ``num_queries``
     queries first, then the gallery (any non-negative distance; squared Euclidean is the paper's): [Q, n - Q]."""
     check_parameters(k1, k2, lambda_value)
     distance = np.asarray(distance)
     if distance.ndim != 2 or distance.shape[0] != distance.shape[1] or not 0 <= num_queries <= len(distance):
-        raise ValueError(f"need a square [n, n] distance matrix and 0 <= num_queries <= n, got {distance.shape} and {num_queries}")
+        raise ValueError(
+            f"need a square [n, n] distance matrix and 0 <= num_queries <= n, got {distance.shape} and {num_queries}"
+        )
     if num_queries == 0 or num_queries == len(distance):
         return np.zeros((num_queries, len(distance) - num_queries))
     k1, k2 = clamp_parameters(k1, k2, len(distance))
     scale = _row_scale(distance.max(axis=1))
-    graph = _Graph(_neighbour_lists(distance, _list_length(k1, k2)), lambda rows, cols: distance[rows, cols] / scale[rows], num_queries)
+    graph = _Graph(
+        _neighbour_lists(distance, _list_length(k1, k2)),
+        lambda rows, cols: distance[rows, cols] / scale[rows],
+        num_queries,
+    )
     return _rerank(graph, k1, k2, lambda_value)
 
 
-def rerank_one_query_at_a_time(query: np.ndarray, gallery: np.ndarray, k1: int = DEFAULT_K1, k2: int = DEFAULT_K2,
-                               lambda_value: float = DEFAULT_LAMBDA) -> np.ndarray:
+def rerank_one_query_at_a_time(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    k1: int = DEFAULT_K1,
+    k2: int = DEFAULT_K2,
+    lambda_value: float = DEFAULT_LAMBDA,
+) -> np.ndarray:
     """Re-ranked distances [Q, G], each query in a graph of its own with the gallery: row q equals
     ``rerank_all_queries(query[q:q+1], gallery)``. The gallery's distances and neighbour lists are computed
     once; per query only the query's row is new and it is slotted into the gallery's lists."""
@@ -106,14 +128,22 @@ def rerank_one_query_at_a_time(query: np.ndarray, gallery: np.ndarray, k1: int =
     gallery_max = gallery_distance.max(axis=1)
     rows = []
     for to_query in squared_distances(query, gallery):
-        graph = _Graph(_lists_with_query(to_query, gallery_lists, gallery_list_distance, length),
-                       _distance_with_query(to_query, gallery_distance, gallery_max), 1)
+        graph = _Graph(
+            _lists_with_query(to_query, gallery_lists, gallery_list_distance, length),
+            _distance_with_query(to_query, gallery_distance, gallery_max),
+            1,
+        )
         rows.append(_rerank(graph, k1, k2, lambda_value)[0])
     return np.stack(rows) if rows else np.zeros((0, len(gallery)))
 
 
-def rerank_shortlist(query: np.ndarray, shortlist: np.ndarray, k1: int = DEFAULT_K1, k2: int = DEFAULT_K2,
-                     lambda_value: float = DEFAULT_LAMBDA) -> Tuple[np.ndarray, np.ndarray]:
+def rerank_shortlist(
+    query: np.ndarray,
+    shortlist: np.ndarray,
+    k1: int = DEFAULT_K1,
+    k2: int = DEFAULT_K2,
+    lambda_value: float = DEFAULT_LAMBDA,
+) -> Tuple[np.ndarray, np.ndarray]:
     """One query vector [F] against shortlist vectors [S, F] (e.g. an index's top S hits): (re-ranked
     distances [S], order [S], the shortlist positions from most to least alike; ties keep shortlist order).
 
@@ -176,7 +206,9 @@ def _neighbour_lists(distance: np.ndarray, length: int) -> np.ndarray:
     return lists
 
 
-def _lists_with_query(to_query: np.ndarray, gallery_lists: np.ndarray, gallery_list_distance: np.ndarray, length: int) -> np.ndarray:
+def _lists_with_query(
+    to_query: np.ndarray, gallery_lists: np.ndarray, gallery_list_distance: np.ndarray, length: int
+) -> np.ndarray:
     """Neighbour lists of the graph {query} + gallery, the query as node 0 and gallery image j as node j + 1,
     from the gallery's own lists: the query is slotted into each gallery list where its distance puts it."""
     query_list = _neighbour_lists(np.concatenate([[0.0], to_query])[None], length)  # its own row: node 0 is self
@@ -287,6 +319,7 @@ def _jaccard_distance(encoding: "_Sparse", num_queries: int) -> np.ndarray:
 @dataclass
 class _Sparse:
     """A sparse [size, size] matrix as entries sorted by (row, col), with each row's start (CSR)."""
+
     rows: np.ndarray
     cols: np.ndarray
     values: np.ndarray

@@ -11,6 +11,7 @@ several replicas, PostgreSQL (``pg_store``) and Milvus (``milvus_index``) kept c
 (``errors``).
 
 Import rules: never imports torch or ``training``; psycopg and pymilvus (the ``[cluster]`` extra) only in the
-three cluster modules, which are imported only when REID_GALLERY_BACKEND=cluster. From ``model_zoo`` it uses only the torch-free modules:
+three cluster modules, which are imported only when REID_GALLERY_BACKEND=cluster. From ``model_zoo`` it uses only the
+torch-free modules:
 ``contract``, ``ram``, ``preprocess``, ``rerank``, ``pair_attention``, ``files`` and the default model path.
 """

@@ -2,6 +2,7 @@
 
 ``python -m service backup FILE`` and ``python -m service restore FILE`` copy the gallery at REID_STORE_PATH to
 one file and back (service.backup)."""
+
 import argparse
 import logging
 import sys
@@ -18,11 +19,21 @@ def serve(settings: Settings) -> None:
     from service.log_throttle import throttle_repeats
     from service.server import protocol_class
 
-    logging.basicConfig(level=settings.log_level.upper(), format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}')
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}',
+    )
     # http: uvicorn's httptools protocol with deadlines and limits for slow clients (service.server);
     # ws: the API has no WebSocket routes, so an upgrade request is answered as plain HTTP
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                            http=protocol_class(settings), ws="none")
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        http=protocol_class(settings),
+        ws="none",
+    )
     throttle_repeats("", "uvicorn")  # after uvicorn.Config, which sets up uvicorn's handlers
 
     class AnnouncedServer(uvicorn.Server):
@@ -31,8 +42,12 @@ def serve(settings: Settings) -> None:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:
-                print(f"ready: http://{settings.host}:{settings.port}/ (model {settings.model_path.name}, gallery {settings.store_path})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"ready: http://{settings.host}:{settings.port}/ (model {settings.model_path.name}, gallery "
+                    f"{settings.store_path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     AnnouncedServer(config).run()
 
@@ -40,20 +55,29 @@ def serve(settings: Settings) -> None:
 def run_backup(settings: Settings, args: argparse.Namespace) -> str:
     from service.backup import backup
 
-    return f"backed up {backup(settings.store_path, args.file, force=args.force)} from {settings.store_path} to {args.file}"
+    done = backup(settings.store_path, args.file, force=args.force)
+    return f"backed up {done} from {settings.store_path} to {args.file}"
 
 
 def run_restore(settings: Settings, args: argparse.Namespace) -> str:
     from service.backup import restore
 
-    return f"restored {restore(args.file, settings.store_path, replace=args.replace)} from {args.file} to {settings.store_path}"
+    done = restore(args.file, settings.store_path, replace=args.replace)
+    return f"restored {done} from {args.file} to {settings.store_path}"
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m service", description="Serve the re-ID API (no command), or back up or restore "
-                                     "the gallery at REID_STORE_PATH; every setting comes from REID_* environment variables.")
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve the re-ID API (no command), or back "
+        "up or restore "
+        "the gallery at REID_STORE_PATH; every setting comes from REID_* environment "
+        "variables.",
+    )
     commands = parser.add_subparsers(dest="command")
-    backup = commands.add_parser("backup", help="write a consistent copy of the gallery to FILE (safe while a server runs)")
+    backup = commands.add_parser(
+        "backup", help="write a consistent copy of the gallery to FILE (safe while a server runs)"
+    )
     backup.add_argument("file", metavar="FILE")
     backup.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     backup.set_defaults(action=run_backup)

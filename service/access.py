@@ -9,6 +9,7 @@
 - The body's size (``BodyLimit``): over the limit it is refused with 413 by its Content-Length, or as its
   chunks arrive, before it is spooled to disk.
 """
+
 import hmac
 from typing import Callable, Iterable, Optional, Tuple
 from urllib.parse import urlsplit
@@ -63,8 +64,15 @@ class AccessGate:
             foreign = origin not in self.allowed_origins and not same_host(origin, headers.get("host"))
         if not foreign:
             return None
-        return 403, "cross_site_request", (f"a {method} from another web site ({origin or 'Sec-Fetch-Site'}) is refused; "
-                                           "allow its origin with REID_ALLOWED_ORIGINS")
+        return (
+            403,
+            "cross_site_request",
+            (
+                f"a {method} from another web site ({origin or 'Sec-Fetch-Site'}) is "
+                f"refused; "
+                "allow its origin with REID_ALLOWED_ORIGINS"
+            ),
+        )
 
     def unauthorized(self, path: str, headers: Headers) -> Optional[Refusal]:
         if self.api_key is None or is_public(path):

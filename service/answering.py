@@ -1,6 +1,7 @@
 """A query's answer from its embedded images: the index search (one vector, a track's mean, or a best-of
 track's images merged), the optional re-ranking steps (k-reciprocal, CASN's pairwise stage), the matches and
 their RAM heatmaps, each match explained with the query features it was scored with."""
+
 import asyncio
 import time
 from dataclasses import dataclass
@@ -26,8 +27,11 @@ from service.settings import Settings
 from service.tracks import Hit, merge_best
 from service.verification import SamePersonRule
 
-GROUP_BY_REORDERED = ("group_by keeps each person's best match in the index's order; rerank and pair_attention put a fixed shortlist "
-                      "in their own order: choose one")
+GROUP_BY_REORDERED = (
+    "group_by keeps each person's best match in the index's order; rerank and pair_attention put a "
+    "fixed shortlist "
+    "in their own order: choose one"
+)
 
 
 class Stopwatch:
@@ -47,6 +51,7 @@ class Stopwatch:
 @dataclass(frozen=True)
 class QueryOptions:
     """What the queries of one request share."""
+
     top_k: int
     filters: Dict[str, object]  # Gallery.search's filter arguments
     rerank: bool
@@ -68,10 +73,15 @@ async def require_gallery(gallery: GalleryBase) -> None:
         raise APIError(409, "gallery_empty", "the gallery is empty: enrol images with POST /gallery first")
 
 
-async def search_index(gallery: GalleryBase, vectors: np.ndarray, k: int, options: QueryOptions) -> Tuple[List[Hit], Dict[int, int]]:
+async def search_index(
+    gallery: GalleryBase, vectors: np.ndarray, k: int, options: QueryOptions
+) -> Tuple[List[Hit], Dict[int, int]]:
     """A query's index hits: its one vector's, or a best-of track's, each image searched and the hits merged at
     their best score; and, for the latter, which track image gave each hit its score ({} otherwise)."""
-    searches = [await gallery.search_from_loop(vector, k, group_by_person=options.group_by_person, **options.filters) for vector in vectors]
+    searches = [
+        await gallery.search_from_loop(vector, k, group_by_person=options.group_by_person, **options.filters)
+        for vector in vectors
+    ]
     if len(searches) == 1:
         return searches[0], {}
     return merge_best(searches, k, gallery.person_group if options.group_by_person else None)
@@ -84,15 +94,28 @@ def branch_scores(vector: np.ndarray, query_features: np.ndarray) -> List[float]
 
 def match_body(rank: int, score: float, item, vector: np.ndarray, query_features: np.ndarray, **ranking) -> Match:
     """``ranking``: the fields a re-ranking step adds (rerank_distance, or pair_distance and pair_attention)."""
-    return Match(id=item.id, rank=rank, score=score, branch_scores=branch_scores(vector, query_features), **ranking,
-                 person_id=item.person_id, camera_id=item.camera_id, captured_at=item.captured_at, metadata=item.metadata)
+    return Match(
+        id=item.id,
+        rank=rank,
+        score=score,
+        branch_scores=branch_scores(vector, query_features),
+        **ranking,
+        person_id=item.person_id,
+        camera_id=item.camera_id,
+        captured_at=item.captured_at,
+        metadata=item.metadata,
+    )
 
 
-def rerank_hits(embedding: np.ndarray, hits: List[Tuple[int, float]], found: dict, top_k: int, settings: Settings) -> Tuple[List[Tuple[int, float]], List[dict]]:
+def rerank_hits(
+    embedding: np.ndarray, hits: List[Tuple[int, float]], found: dict, top_k: int, settings: Settings
+) -> Tuple[List[Tuple[int, float]], List[dict]]:
     """The shortlist ``hits`` re-ranked with the query alone (model_zoo.rerank): the first ``top_k`` in the
     new order, and their Match fields (rerank_distance). ``found`` holds each hit's stored embedding."""
     vectors = np.stack([found[i][1] for i, _ in hits]) if hits else np.zeros((0, len(embedding)), np.float32)
-    distances, order = rerank_shortlist(embedding, vectors, settings.rerank_k1, settings.rerank_k2, settings.rerank_lambda)
+    distances, order = rerank_shortlist(
+        embedding, vectors, settings.rerank_k1, settings.rerank_k2, settings.rerank_lambda
+    )
     order = order[:top_k]
     return [hits[j] for j in order], [{"rerank_distance": float(distances[j])} for j in order]
 
@@ -104,7 +127,9 @@ def grid_json(grid: np.ndarray) -> list:
     return np.round(grid.astype(np.float64), GRID_DECIMALS).tolist()
 
 
-def make_heatmap(query_features: np.ndarray, maps: ImageMaps, image, overlays: bool = True, branch_overlays: bool = False) -> Heatmap:
+def make_heatmap(
+    query_features: np.ndarray, maps: ImageMaps, image, overlays: bool = True, branch_overlays: bool = False
+) -> Heatmap:
     """RAM of one image (``maps`` indexed to it), and the model's own attention maps when it exports them.
     PNGs are drawn on ``image`` only with ``overlays`` (the aggregate's; each branch's too with
     ``branch_overlays``): they were most of a heatmap query's CPU and bytes (bench/results/heatmap_cost.json),
@@ -113,11 +138,15 @@ def make_heatmap(query_features: np.ndarray, maps: ImageMaps, image, overlays: b
     heatmap = Heatmap(grid=grid_json(ram.aggregate), branch_grids=grid_json(ram.per_branch))
     if overlays:
         heatmap.overlay_png = png_base64(overlay(image, ram.aggregate))
-        heatmap.branch_overlays_png = [png_base64(overlay(image, grid)) for grid in ram.per_branch] if branch_overlays else []
+        heatmap.branch_overlays_png = (
+            [png_base64(overlay(image, grid)) for grid in ram.per_branch] if branch_overlays else []
+        )
     if maps.attention is not None:
         heatmap.attention_grids = grid_json(maps.attention)
         if overlays:
-            heatmap.attention_overlays_png = [png_base64(overlay(image, grid, unit_scale=True)) for grid in maps.attention]
+            heatmap.attention_overlays_png = [
+                png_base64(overlay(image, grid, unit_scale=True)) for grid in maps.attention
+            ]
     return heatmap
 
 
@@ -126,7 +155,9 @@ def draw_pair_attention(pair: PairAttention, query_image, match_image) -> None:
     pair.gallery_overlay_png = png_base64(overlay(match_image, np.array(pair.gallery_grid)))
 
 
-def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image, options: "QueryOptions") -> Heatmap:
+def match_heatmap(
+    query_features: np.ndarray, maps: ImageMaps, image, match: Match, query_image, options: "QueryOptions"
+) -> Heatmap:
     """One match's drawings, in one worker thread: its RAM and, after a pair_attention query, its pair's maps."""
     if match.pair_attention is not None and options.overlays:
         draw_pair_attention(match.pair_attention, query_image, image)
@@ -136,6 +167,7 @@ def match_heatmap(query_features: np.ndarray, maps: ImageMaps, image, match: Mat
 @dataclass
 class QueryAnswerer:
     """Answers the query routes' queries with the loaded model, the open gallery and the model's batcher."""
+
     settings: Settings
     metrics: ServiceMetrics
     model: InferenceModel
@@ -149,20 +181,35 @@ class QueryAnswerer:
         if options.pair_attention and options.group_by_person:
             raise APIError(422, "invalid_request", GROUP_BY_REORDERED)
         if options.pair_attention and images > 1:
-            raise APIError(422, "invalid_request", "pair_attention compares one query image's maps with each match's: not for a track")
+            raise APIError(
+                422,
+                "invalid_request",
+                "pair_attention compares one query image's maps with each match's: not for a track",
+            )
         if options.rerank and images > 1 and aggregate == "best":
-            raise APIError(422, "invalid_request", "rerank re-ranks around one query embedding: for a track, use aggregate=mean")
+            raise APIError(
+                422, "invalid_request", "rerank re-ranks around one query embedding: for a track, use aggregate=mean"
+            )
         if options.pair_attention:
             self.check_pair_attention(options.rerank)
 
     def check_pair_attention(self, rerank: bool) -> None:
         if rerank:
-            raise APIError(422, "invalid_request", "rerank and pair_attention are two re-rankings of the shortlist: choose one")
+            raise APIError(
+                422, "invalid_request", "rerank and pair_attention are two re-rankings of the shortlist: choose one"
+            )
         if self.pair_head is None:
-            raise APIError(409, "no_pair_head", f"pair_attention needs a pair head: this model ({self.model.path.name}) has none beside it "
-                           "and REID_PAIR_HEAD_PATH is unset (a CASN model's export writes <model>.pair_head.npz)")
+            raise APIError(
+                409,
+                "no_pair_head",
+                f"pair_attention needs a pair head: this model "
+                f"({self.model.path.name}) has none beside it "
+                "and REID_PAIR_HEAD_PATH is unset (a CASN model's export writes <model>.pair_head.npz)",
+            )
 
-    async def answer(self, options: QueryOptions, vectors: np.ndarray, maps: Optional[ImageMaps], previews: list, watch: Stopwatch) -> QueryResponse:
+    async def answer(
+        self, options: QueryOptions, vectors: np.ndarray, maps: Optional[ImageMaps], previews: list, watch: Stopwatch
+    ) -> QueryResponse:
         """One query's answer from its embedded images. ``vectors`` [V, N*D] are what is searched: one image's
         embedding or a track's mean (V = 1), or each image of a best-of track; ``maps`` and ``previews`` are each
         query image's."""
@@ -182,35 +229,65 @@ class QueryAnswerer:
             watch.lap("pair_attention")
         # a best-of track's match is scored, and explained, with the features of the image that gave its score
         features_by_id = {i: features[sources.get(i, 0)] for i, _ in live}
-        matches = [match_body(rank, score, *found[i], features_by_id[i], same_person=self.same_person.decide(score), **fields,
-                              **({"track_image": sources[i]} if sources else {}))
-                   for rank, ((i, score), fields) in enumerate(zip(live, ranking), 1)]
+        matches = [
+            match_body(
+                rank,
+                score,
+                *found[i],
+                features_by_id[i],
+                same_person=self.same_person.decide(score),
+                **fields,
+                **({"track_image": sources[i]} if sources else {}),
+            )
+            for rank, ((i, score), fields) in enumerate(zip(live, ranking), 1)
+        ]
         query_heatmaps = None
         if options.heatmaps:
             query_heatmaps, _ = await asyncio.gather(
                 self.draw_query_heatmaps(features, maps, previews, options),
-                self.add_heatmaps(matches, features_by_id, previews[0], known_maps, options))
+                self.add_heatmaps(matches, features_by_id, previews[0], known_maps, options),
+            )
             watch.lap("heatmaps")
         track = len(previews) > 1
-        return QueryResponse(matches=matches, query_heatmap=None if track or not query_heatmaps else query_heatmaps[0],
-                             track_heatmaps=query_heatmaps if track else None, gallery_size=gallery.size, timing_ms=watch.total(),
-                             reranked=options.reorders, heatmap_matches=sum(m.heatmap is not None for m in matches),
-                             same_person_threshold=self.same_person.describe())
+        return QueryResponse(
+            matches=matches,
+            query_heatmap=None if track or not query_heatmaps else query_heatmaps[0],
+            track_heatmaps=query_heatmaps if track else None,
+            gallery_size=gallery.size,
+            timing_ms=watch.total(),
+            reranked=options.reorders,
+            heatmap_matches=sum(m.heatmap is not None for m in matches),
+            same_person_threshold=self.same_person.describe(),
+        )
 
-    async def draw_query_heatmaps(self, features: np.ndarray, maps: ImageMaps, previews: list, options: QueryOptions) -> List[Heatmap]:
+    async def draw_query_heatmaps(
+        self, features: np.ndarray, maps: ImageMaps, previews: list, options: QueryOptions
+    ) -> List[Heatmap]:
         """Each query image's map for the features its matches were scored with: the one vector's (an image, a
         track's mean), or with one vector per image (a best-of track) the image's own."""
         per_image = features if len(features) > 1 else [features[0]] * len(previews)
-        return list(await asyncio.gather(*(asyncio.to_thread(make_heatmap, per_image[j], maps[j], preview, options.overlays, options.branch_overlays)
-                                           for j, preview in enumerate(previews))))
+        return list(
+            await asyncio.gather(
+                *(
+                    asyncio.to_thread(
+                        make_heatmap, per_image[j], maps[j], preview, options.overlays, options.branch_overlays
+                    )
+                    for j, preview in enumerate(previews)
+                )
+            )
+        )
 
-    async def pair_rerank(self, embedding: np.ndarray, query_maps: ImageMaps, hits: List[Tuple[int, float]], found: dict, top_k: int):
+    async def pair_rerank(
+        self, embedding: np.ndarray, query_maps: ImageMaps, hits: List[Tuple[int, float]], found: dict, top_k: int
+    ):
         """CASN's pairwise stage (service.pair_ranking) over the shortlist ``hits``, with their maps (cached, or
         their stored images decoded and re-embedded in one batch): (first ``top_k`` hits, their Match fields,
         {id: maps}, kept so that the heatmaps of those matches need no second model call)."""
         maps = await self.maps_of([i for i, _ in hits], {})
         hits = [(i, score) for i, score in hits if i in maps]
-        ranked, fields = await asyncio.to_thread(rank_shortlist, self.pair_head, embedding, query_maps, hits, found, maps, top_k)
+        ranked, fields = await asyncio.to_thread(
+            rank_shortlist, self.pair_head, embedding, query_maps, hits, found, maps, top_k
+        )
         return ranked, fields, maps
 
     async def decode_stored(self, ids: List[int], preview: bool) -> Dict[int, DecodedImage]:
@@ -221,10 +298,16 @@ class QueryAnswerer:
         decoded = await asyncio.to_thread(lambda: {i: decoded_from_copy(blob, size) for i, blob in copies.items()})
         decoded = {i: d for i, d in decoded.items() if d is not None}
         stored = await self.gallery.read(self.gallery.store.images, [i for i in ids if i not in decoded])
-        decoded.update(await asyncio.to_thread(lambda: {i: decode_for_model(blob, *size, max_pixels, preview=preview) for i, blob in stored.items()}))
+        decoded.update(
+            await asyncio.to_thread(
+                lambda: {i: decode_for_model(blob, *size, max_pixels, preview=preview) for i, blob in stored.items()}
+            )
+        )
         return {i: decoded[i] for i in ids if i in decoded}
 
-    async def maps_of(self, ids: List[int], known: Dict[int, ImageMaps], decoded: Optional[Dict[int, DecodedImage]] = None) -> Dict[int, ImageMaps]:
+    async def maps_of(
+        self, ids: List[int], known: Dict[int, ImageMaps], decoded: Optional[Dict[int, DecodedImage]] = None
+    ) -> Dict[int, ImageMaps]:
         """Each id's maps: from ``known``, else from the gallery's map cache, the others from one batch of their
         images (``decoded``, or decoded here only for those; then cached). An id deleted since the search is
         left out."""
@@ -243,8 +326,14 @@ class QueryAnswerer:
             self.gallery.remember_maps(fresh)
         return {i: fresh[i] if i in fresh else known[i] for i in ids if i in fresh or i in known}
 
-    async def add_heatmaps(self, matches: List[Match], features_by_id: Dict[int, np.ndarray], query_image, known_maps: Dict[int, ImageMaps],
-                           options: QueryOptions) -> None:
+    async def add_heatmaps(
+        self,
+        matches: List[Match],
+        features_by_id: Dict[int, np.ndarray],
+        query_image,
+        known_maps: Dict[int, ImageMaps],
+        options: QueryOptions,
+    ) -> None:
         """Re-embed the first REID_MAX_HEATMAP_MATCHES matches' stored images in one batch for their feature
         maps (unless ``known_maps`` has them), then draw their RAMs on previews (a top_k=100 query drew 100
         took 3.7 s and answered 17.7 MB), each for the query features it was scored with (``features_by_id``)."""
@@ -258,7 +347,13 @@ class QueryAnswerer:
             return
         maps = await self.maps_of([m.id for m in chosen], known_maps, decoded)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
-        heatmaps = await asyncio.gather(*(asyncio.to_thread(match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image,
-                                                            options) for m in chosen))
+        heatmaps = await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image, options
+                )
+                for m in chosen
+            )
+        )
         for match, heatmap in zip(chosen, heatmaps):
             match.heatmap = heatmap

@@ -1,6 +1,7 @@
 """The FastAPI app: settings and metrics, the lifespan (load the model, open the gallery, start the batcher
 and the retention loop), the middleware, and the routes of ``service.routes``. Who may call and how big a body
 may be: ``access``; uploads into model input: ``uploads``; a query's answer: ``answering``."""
+
 import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -40,8 +41,10 @@ def cluster_backend():
     try:
         from service import cluster_gallery
     except ImportError as exc:
-        raise RuntimeError(f"REID_GALLERY_BACKEND=cluster needs the [cluster] extra ({exc.name} is missing): "
-                           "pip install -e '.[cpu,cluster]' (or [gpu,cluster])") from exc
+        raise RuntimeError(
+            f"REID_GALLERY_BACKEND=cluster needs the [cluster] extra ({exc.name} is missing): "
+            "pip install -e '.[cpu,cluster]' (or [gpu,cluster])"
+        ) from exc
     return cluster_gallery
 
 
@@ -58,11 +61,15 @@ def backend_errors(settings: Settings) -> Dict[type, Tuple[int, str]]:
     if settings.gallery_backend != "cluster":
         return {}
     backend = cluster_backend()
-    return {**{error: (503, "storage_unavailable") for error in backend.UNAVAILABLE_ERRORS}, backend.ModelChanged: (409, "model_changed")}
+    return {
+        **{error: (503, "storage_unavailable") for error in backend.UNAVAILABLE_ERRORS},
+        backend.ModelChanged: (409, "model_changed"),
+    }
 
 
 def install_middleware(app: FastAPI, settings: Settings, metrics: ServiceMetrics) -> None:
     """The error handlers (one JSON shape, each error counted) and the middleware, outermost last."""
+
     def count_error(code: str) -> None:
         metrics.errors.labels(code).inc()
 
@@ -73,8 +80,14 @@ def install_middleware(app: FastAPI, settings: Settings, metrics: ServiceMetrics
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(AccessGate, api_key=api_key, allowed_origins=settings.origins, on_error=count_error)
     if settings.origins:  # outside the gate: a CORS preflight carries no API key
-        app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["X-API-Key"], expose_headers=["Retry-After"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["X-API-Key"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
 
     app.add_middleware(RequestTimer, latency=metrics.latency)
     app.add_middleware(HeadAsGet)
@@ -90,8 +103,15 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = InferenceModel(settings.model_path, settings.execution_provider, settings.intra_op_threads, settings.model_instances, settings.model_precision,
-                               settings.tensorrt_cache_dir or settings.store_path.parent / "tensorrt-cache", settings.max_batch_size).load()
+        model = InferenceModel(
+            settings.model_path,
+            settings.execution_provider,
+            settings.intra_op_threads,
+            settings.model_instances,
+            settings.model_precision,
+            settings.tensorrt_cache_dir or settings.store_path.parent / "tensorrt-cache",
+            settings.max_batch_size,
+        ).load()
         app.state.pair_head = load_pair_head(settings, model)
         app.state.same_person = SamePersonRule.choose(model.contract, settings.verify_threshold)
         gallery = await asyncio.to_thread(new_gallery, settings, model)
@@ -99,14 +119,24 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         await gallery.start()
         retention = None
         if settings.retention_days:
-            await purge_expired(gallery, settings.retention_days, metrics)  # before ready: nothing expired is ever served
+            await purge_expired(
+                gallery, settings.retention_days, metrics
+            )  # before ready: nothing expired is ever served
             retention = asyncio.create_task(retention_loop(gallery, settings, metrics))
-        batcher = MicroBatcher(model, settings.max_batch_size, settings.max_batch_wait_ms / 1000, model.instances,
-                               settings.max_queued_images, metrics.observe_batch)
+        batcher = MicroBatcher(
+            model,
+            settings.max_batch_size,
+            settings.max_batch_wait_ms / 1000,
+            model.instances,
+            settings.max_queued_images,
+            metrics.observe_batch,
+        )
         await batcher.start()
         app.state.model, app.state.gallery, app.state.batcher = model, gallery, batcher
         app.state.decoder = ImageDecoder(settings)
-        app.state.answerer = QueryAnswerer(settings, metrics, model, gallery, batcher, app.state.pair_head, app.state.same_person)
+        app.state.answerer = QueryAnswerer(
+            settings, metrics, model, gallery, batcher, app.state.pair_head, app.state.same_person
+        )
         metrics.gallery_size.set(gallery.size)
         metrics.describe_build(model)
         metrics.queued_images.set_function(batcher.queued_images)
@@ -125,7 +155,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             app.state.decoder.close()
 
     app = FastAPI(
-        title="Person re-ID retrieval", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+        title="Person re-ID retrieval",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
         redirect_slashes=False,  # a redirect would be built from the request's Host header: /gallery/ is a 404
         description="Enrol pedestrian crops, query with one, get ranked matches with Ranking Activation Map heatmaps. "
         'Every error is {"error": {"code", "message"}}.',
@@ -140,8 +174,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False)
     async def api_reference():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title}: API reference", swagger_favicon_url="static/favicon.svg",
-                                   swagger_js_url="static/swagger-ui/swagger-ui-bundle.js", swagger_css_url="static/swagger-ui/swagger-ui.css")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title}: API reference",
+            swagger_favicon_url="static/favicon.svg",
+            swagger_js_url="static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="static/swagger-ui/swagger-ui.css",
+        )
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -151,4 +190,3 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     for routes in (health, gallery_routes, query):
         routes.add_routes(app)
     return app
-

@@ -10,6 +10,7 @@ from its images (``Gallery.open``, REID_ON_MODEL_CHANGE=reembed).
 Files are written beside their destination and renamed into place, so a crash leaves the old file or the new
 one, never half of one.
 """
+
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -19,7 +20,18 @@ from typing import Optional
 from service.store import FINGERPRINT_KEY, SCHEMA_VERSION, StoreLock
 
 # the columns of the first schema (version 0): an older backup has them all, and is migrated when opened
-REQUIRED_COLUMNS = {"id", "person_id", "camera_id", "metadata", "image", "image_format", "width", "height", "embedding", "created_at"}
+REQUIRED_COLUMNS = {
+    "id",
+    "person_id",
+    "camera_id",
+    "metadata",
+    "image",
+    "image_format",
+    "width",
+    "height",
+    "embedding",
+    "created_at",
+}
 
 
 class NotAGallery(ValueError):
@@ -83,7 +95,9 @@ def _check(db: sqlite3.Connection, path: Path) -> Summary:
         raise NotAGallery(f"{path} fails SQLite's integrity check: {'; '.join(problems[:3])}")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise NotAGallery(f"{path} has schema version {version}, written by a newer service (this one knows {SCHEMA_VERSION})")
+        raise NotAGallery(
+            f"{path} has schema version {version}, written by a newer service (this one knows {SCHEMA_VERSION})"
+        )
     columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
     has_meta = db.execute("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta'").fetchone()
     if not REQUIRED_COLUMNS <= columns or not has_meta:

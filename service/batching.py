@@ -9,6 +9,7 @@ keeps it busy. A request is split into parts no larger than a batch, and into on
 Past ``max_queued_images`` waiting images a request is refused at once (``Overloaded``) rather than queued
 behind work its client may have given up on.
 """
+
 import asyncio
 import queue
 import threading
@@ -37,8 +38,15 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, model: InferenceModel, max_batch_size: int, max_wait_s: float, instances: int = 1,
-                 max_queued_images: int = 1 << 30, observe=None):
+    def __init__(
+        self,
+        model: InferenceModel,
+        max_batch_size: int,
+        max_wait_s: float,
+        instances: int = 1,
+        max_queued_images: int = 1 << 30,
+        observe=None,
+    ):
         self.model, self.max_batch_size, self.max_wait_s, self.instances = model, max_batch_size, max_wait_s, instances
         self.max_queued_images = max_queued_images
         self._queued_images = 0  # put on the queue and not yet in a batch
@@ -52,7 +60,9 @@ class MicroBatcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._threads = [threading.Thread(target=self._run, name=f"model-{i}", daemon=True) for i in range(self.instances)]
+        self._threads = [
+            threading.Thread(target=self._run, name=f"model-{i}", daemon=True) for i in range(self.instances)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -70,13 +80,19 @@ class MicroBatcher:
         """Embed uint8 images [B, H, W, 3]; returns (embedding, maps or None)."""
         with self._counting:
             if self._queued_images + len(images) > self.max_queued_images:
-                raise Overloaded(f"{self._queued_images} images are waiting for the model already (REID_MAX_QUEUED_IMAGES={self.max_queued_images})")
+                raise Overloaded(
+                    f"{self._queued_images} images are waiting for the model already "
+                    f"(REID_MAX_QUEUED_IMAGES={self.max_queued_images})"
+                )
             self._queued_images += len(images)
         # Split over the instances too, so that a lone request (a query's matches re-embedded for heatmaps)
         # uses every model thread; under load the collector joins the parts with other requests' again.
         size = min(self.max_batch_size, -(-len(images) // self.instances))
         request = object()
-        jobs = [_Job(images[start : start + size], with_maps, self._loop.create_future(), request) for start in range(0, len(images), size)]
+        jobs = [
+            _Job(images[start : start + size], with_maps, self._loop.create_future(), request)
+            for start in range(0, len(images), size)
+        ]
         for job in jobs:
             self._queue.put(job)
         results = await asyncio.gather(*(job.future for job in jobs))
@@ -100,7 +116,11 @@ class MicroBatcher:
                 job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 break
-            if job is _STOP or count + len(job.images) > self.max_batch_size or any(job.request is j.request for j in jobs):
+            if (
+                job is _STOP
+                or count + len(job.images) > self.max_batch_size
+                or any(job.request is j.request for j in jobs)
+            ):
                 self._carry = job
                 break
             jobs.append(job)
@@ -123,7 +143,9 @@ class MicroBatcher:
                 result, error = None, exc
             self._loop.call_soon_threadsafe(self._deliver, jobs, result, error, started, time.perf_counter() - started)
 
-    def _deliver(self, jobs: List[_Job], result, error: Optional[Exception], started: float, model_seconds: float) -> None:
+    def _deliver(
+        self, jobs: List[_Job], result, error: Optional[Exception], started: float, model_seconds: float
+    ) -> None:
         if error is None and self.observe:
             self.observe(sum(len(job.images) for job in jobs), [started - job.enqueued for job in jobs], model_seconds)
         offset = 0

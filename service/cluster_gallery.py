@@ -17,6 +17,7 @@ notification, so for a moment after it they may still hold those maps (never ans
 Erasure removes the rows and the vectors at once, but PostgreSQL keeps a deleted row's bytes until VACUUM
 reuses the space and Milvus keeps deleted vectors until compaction (docs/deployment.md, "Cluster").
 """
+
 import asyncio
 import logging
 import threading
@@ -50,8 +51,13 @@ class ClusterGallery(GalleryBase):
     def __init__(self, model: InferenceModel, settings: Settings):
         super().__init__(model, settings)
         self.store = PostgresStore(settings.postgres_dsn.get_secret_value(), model.fingerprint)
-        self.index = MilvusIndex(settings.milvus_uri, settings.milvus_token.get_secret_value() if settings.milvus_token else None,
-                                 settings.milvus_collection, self.dim, settings.milvus_index_type)
+        self.index = MilvusIndex(
+            settings.milvus_uri,
+            settings.milvus_token.get_secret_value() if settings.milvus_token else None,
+            settings.milvus_collection,
+            self.dim,
+            settings.milvus_index_type,
+        )
         self._size, self._size_read = 0, 0.0
         self._people: "OrderedDict[int, Optional[str]]" = OrderedDict()
         self._people_lock = threading.Lock()
@@ -64,8 +70,12 @@ class ClusterGallery(GalleryBase):
             count = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             if stored is not None and stored[0] != self.model.fingerprint and count:
                 if self.settings.on_model_change == "refuse":
-                    raise ModelMismatch(f"the gallery in {self.store.path} was embedded by model {stored[0][:12]}, this is "
-                                        f"{self.model.fingerprint[:12]}; set REID_ON_MODEL_CHANGE=reembed to re-embed its stored images")
+                    raise ModelMismatch(
+                        f"the gallery in {self.store.path} was embedded by model {stored[0][:12]}, "
+                        f"this is "
+                        f"{self.model.fingerprint[:12]}; set REID_ON_MODEL_CHANGE=reembed to re-embed "
+                        f"its stored images"
+                    )
                 self._reembed(conn, count, progress)
                 self.index.recreate()
             else:
@@ -84,10 +94,14 @@ class ClusterGallery(GalleryBase):
         height, width = self.model.input_size
         with conn.transaction(), tqdm(total=count, desc="re-embedding gallery", disable=not progress) as bar:
             for rows in iter_rows(conn, "id, image", self.settings.max_batch_size):
-                batch = np.stack([load_for_model(bytes(image), height, width, self.settings.max_image_pixels) for _, image in rows])
+                batch = np.stack(
+                    [load_for_model(bytes(image), height, width, self.settings.max_image_pixels) for _, image in rows]
+                )
                 embedding, _ = self.model.predict(batch, with_maps=False)
-                conn.cursor().executemany("UPDATE items SET embedding = %s WHERE id = %s",
-                                          [(vector.astype(np.float32).tobytes(), item_id) for (item_id, _), vector in zip(rows, embedding)])
+                conn.cursor().executemany(
+                    "UPDATE items SET embedding = %s WHERE id = %s",
+                    [(vector.astype(np.float32).tobytes(), item_id) for (item_id, _), vector in zip(rows, embedding)],
+                )
                 bar.update(len(rows))
             write_meta(conn, self._meta)
         log.warning("re-embedded %d gallery items with model %s", count, self.model.fingerprint[:12])
@@ -100,11 +114,20 @@ class ClusterGallery(GalleryBase):
         self.index.delete(orphans)
         with tqdm(total=len(missing), desc="indexing gallery in Milvus", disable=not progress or not missing) as bar:
             for start in range(0, len(missing), chunk):
-                rows = conn.execute(f"SELECT {ITEM_COLUMNS}, embedding FROM items WHERE id = ANY(%s)", (missing[start:start + chunk],)).fetchall()
-                self.index.upsert([Item.from_row(row[:-1]) for row in rows], [np.frombuffer(row[-1], np.float32, count=self.dim) for row in rows])
+                rows = conn.execute(
+                    f"SELECT {ITEM_COLUMNS}, embedding FROM items WHERE id = ANY(%s)", (missing[start : start + chunk],)
+                ).fetchall()
+                self.index.upsert(
+                    [Item.from_row(row[:-1]) for row in rows],
+                    [np.frombuffer(row[-1], np.float32, count=self.dim) for row in rows],
+                )
                 bar.update(len(rows))
         if orphans or missing:
-            log.warning("Milvus brought in step with PostgreSQL: %d orphan vector(s) removed, %d item(s) indexed", len(orphans), len(missing))
+            log.warning(
+                "Milvus brought in step with PostgreSQL: %d orphan vector(s) removed, %d item(s) indexed",
+                len(orphans),
+                len(missing),
+            )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -112,8 +135,12 @@ class ClusterGallery(GalleryBase):
         def removed_elsewhere(ids: List[int]) -> None:
             loop.call_soon_threadsafe(self._forget, ids)
 
-        self._listener = threading.Thread(target=listen_for_removals, args=(self.store.dsn, removed_elsewhere, self._stop_listening),
-                                          name="gallery-removals", daemon=True)
+        self._listener = threading.Thread(
+            target=listen_for_removals,
+            args=(self.store.dsn, removed_elsewhere, self._stop_listening),
+            name="gallery-removals",
+            daemon=True,
+        )
         self._listener.start()
 
     async def stop(self) -> None:
@@ -149,8 +176,16 @@ class ClusterGallery(GalleryBase):
         return self._size
 
     def describe_index(self) -> Dict[str, object]:
-        return {"type": "milvus", "requested_type": self.settings.milvus_index_type, "device": "remote", "size": self.size,
-                "tombstones": 0, "reduced_dim": None, "rebuilding": False, **self.index.describe()}
+        return {
+            "type": "milvus",
+            "requested_type": self.settings.milvus_index_type,
+            "device": "remote",
+            "size": self.size,
+            "tombstones": 0,
+            "reduced_dim": None,
+            "rebuilding": False,
+            **self.index.describe(),
+        }
 
     async def readiness_problem(self) -> Optional[str]:
         """In a worker thread; also raises when PostgreSQL or Milvus is out of reach (answered 503
@@ -161,7 +196,9 @@ class ClusterGallery(GalleryBase):
         self.index.check()
         stored = self.store.get_meta(FINGERPRINT_KEY)
         if stored is not None and stored != self.model.fingerprint:
-            return f"the gallery is now embedded by model {stored[:12]}, this replica serves {self.model.fingerprint[:12]}"
+            return (
+                f"the gallery is now embedded by model {stored[:12]}, this replica serves {self.model.fingerprint[:12]}"
+            )
         return None
 
     async def add(self, items: List[NewItem]) -> List[Item]:
@@ -216,9 +253,18 @@ class ClusterGallery(GalleryBase):
         replica while it lasts."""
         return await asyncio.to_thread(self.search, *args, **kwargs)
 
-    def search(self, embedding: np.ndarray, k: int, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
-               person_id: Optional[str] = None, min_score: Optional[float] = None, captured_after: Optional[float] = None,
-               captured_before: Optional[float] = None, group_by_person: bool = False) -> List[Tuple[int, float]]:
+    def search(
+        self,
+        embedding: np.ndarray,
+        k: int,
+        camera_id: Optional[str] = None,
+        exclude_camera_id: Optional[str] = None,
+        person_id: Optional[str] = None,
+        min_score: Optional[float] = None,
+        captured_after: Optional[float] = None,
+        captured_before: Optional[float] = None,
+        group_by_person: bool = False,
+    ) -> List[Tuple[int, float]]:
         """As ``Gallery.search``; the filters run in Milvus, the score cut and the grouping here (widening the
         search until ``k`` people are found, as the embedded index does)."""
         expression = search_filter(camera_id, exclude_camera_id, person_id, captured_after, captured_before)
@@ -246,4 +292,3 @@ class ClusterGallery(GalleryBase):
     def person_of(self, item_id: int) -> Optional[str]:
         with self._people_lock:
             return self._people.get(item_id)
-

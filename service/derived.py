@@ -6,6 +6,7 @@ enrolled 38 kB 6300x6300 PNGs made every query that matched them take 4 s. An im
 least ``COSTLY_PIXELS`` therefore keeps its model pixels and preview, exactly as enrolment decoded them (so
 RAM stays exact), compressed in one ``.npz`` beside the original, which stays untouched.
 """
+
 import io
 from typing import Optional, Tuple
 
@@ -22,8 +23,13 @@ def derived_copy(decoded: DecodedImage) -> Optional[bytes]:
     if decoded.decoded_pixels < COSTLY_PIXELS:
         return None
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, pixels=decoded.pixels, preview=np.asarray(decoded.preview, np.uint8),
-                        size=np.array([decoded.width, decoded.height, decoded.decoded_pixels]), format=np.array(decoded.format))
+    np.savez_compressed(
+        buffer,
+        pixels=decoded.pixels,
+        preview=np.asarray(decoded.preview, np.uint8),
+        size=np.array([decoded.width, decoded.height, decoded.decoded_pixels]),
+        format=np.array(decoded.format),
+    )
     return buffer.getvalue()
 
 
@@ -34,4 +40,6 @@ def decoded_from_copy(blob: bytes, input_size: Tuple[int, int]) -> Optional[Deco
         if pixels.shape[:2] != tuple(input_size):
             return None
         width, height, decoded_pixels = (int(v) for v in copy["size"])
-        return DecodedImage(str(copy["format"]), width, height, decoded_pixels, pixels, Image.fromarray(copy["preview"]))
+        return DecodedImage(
+            str(copy["format"]), width, height, decoded_pixels, pixels, Image.fromarray(copy["preview"])
+        )

@@ -1,4 +1,5 @@
 """One JSON error shape for every failure: ``{"error": {"code": str, "message": str}}``."""
+
 import json
 import logging
 import sqlite3
@@ -40,11 +41,19 @@ async def send_error(send, status: int, code: str, message: str, headers: Iterab
 
 ERROR_SCHEMA = {
     "description": "Error",
-    "content": {"application/json": {"example": error_body("invalid_image", "upload 0 (a.jpg): not a recognised image format")}},
+    "content": {
+        "application/json": {"example": error_body("invalid_image", "upload 0 (a.jpg): not a recognised image format")}
+    },
 }
 
 # 400 from the framework: a body that cannot be parsed (multipart without a boundary, broken multipart)
-HTTP_CODES = {400: "invalid_body", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+HTTP_CODES = {
+    400: "invalid_body",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
 def allowed_methods(request: Request) -> str:
@@ -59,8 +68,11 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def install_error_handlers(app: FastAPI, on_error=lambda code: None, backend_errors: Dict[Type[Exception], Tuple[int, str]] = {}) -> None:
+def install_error_handlers(
+    app: FastAPI, on_error=lambda code: None, backend_errors: Dict[Type[Exception], Tuple[int, str]] = {}
+) -> None:
     """``backend_errors``: the gallery backend's own exceptions, each answered with (status, code) and its message."""
+
     def respond(status: int, code: str, message: str, headers=None) -> JSONResponse:
         on_error(code)
         return JSONResponse(error_body(code, message), status_code=status, headers=headers)
@@ -96,6 +108,7 @@ def install_error_handlers(app: FastAPI, on_error=lambda code: None, backend_err
         return respond(503, "storage_unavailable", f"the gallery store refused the write: {exc}")
 
     for error_type, (status, code) in backend_errors.items():
+
         async def backend_error(_: Request, exc: Exception, status=status, code=code):
             log.error("gallery backend: %s", exc)
             return respond(status, code, f"the gallery backend: {exc}")

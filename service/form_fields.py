@@ -1,6 +1,7 @@
 """The API's form fields checked into its documented 422 answers: ids, capture times and their ranges,
 metadata, and fields given once for all images or once per image. The rules themselves live in
 ``service.validation``; this module turns their refusals into ``APIError``."""
+
 import time
 from typing import List, Optional, Tuple
 
@@ -18,7 +19,9 @@ def per_image(values: Optional[List[str]], count: int, name: str) -> List[Option
     if not values:
         return [None] * count
     if len(values) not in (1, count):
-        raise APIError(422, "invalid_request", f"{name}: give it once, or once per image ({count}), not {len(values)} times")
+        raise APIError(
+            422, "invalid_request", f"{name}: give it once, or once per image ({count}), not {len(values)} times"
+        )
     return values * count if len(values) == 1 else list(values)
 
 
@@ -56,12 +59,15 @@ def check_captured_at(text: Optional[str], settings: Settings) -> Optional[float
     if captured > now + MAX_CLOCK_AHEAD_S:
         raise APIError(422, "invalid_request", f"captured_at: {text} is more than a day in the future")
     if settings.retention_days and captured < now - settings.retention_days * SECONDS_PER_DAY:
-        raise APIError(422, "invalid_request", f"captured_at: {text} is older than REID_RETENTION_DAYS={settings.retention_days:g}")
+        raise APIError(
+            422, "invalid_request", f"captured_at: {text} is older than REID_RETENTION_DAYS={settings.retention_days:g}"
+        )
     return captured
 
 
 def time_range(after: Optional[str], before: Optional[str]) -> Tuple[Optional[float], Optional[float]]:
-    """The captured_after / captured_before filters as epoch seconds: captured_after <= captured_at < captured_before."""
+    """The captured_after / captured_before filters as epoch seconds: captured_after <= captured_at <
+    captured_before."""
     start, end = check_time(after, "captured_after"), check_time(before, "captured_before")
     if start is not None and end is not None and start >= end:
         raise APIError(422, "invalid_request", "captured_after must be earlier than captured_before")

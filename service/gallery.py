@@ -22,6 +22,7 @@ leave memory before the next write is answered.
 Erasure (a person's items, or those retention expires) is one such write: one transaction, then the WAL
 wiped (service.store), then the vectors removed from memory, then the answer.
 """
+
 import asyncio
 import logging
 import sqlite3
@@ -41,7 +42,16 @@ from service.inference import ImageMaps, InferenceModel
 from service.map_cache import FeatureMapCache
 from service.search_gate import SearchGate
 from service.settings import Settings
-from service.store import FINGERPRINT_KEY, GalleryStore, Item, NewItem, ReserveMissing, StoreReader, StoreReads, is_disk_full
+from service.store import (
+    FINGERPRINT_KEY,
+    GalleryStore,
+    Item,
+    NewItem,
+    ReserveMissing,
+    StoreReader,
+    StoreReads,
+    is_disk_full,
+)
 
 log = logging.getLogger(__name__)
 READ_THREADS = 4  # searches and store reads at once: FAISS and SQLite release the GIL
@@ -55,6 +65,7 @@ class ModelMismatch(RuntimeError):
 
 class Label(NamedTuple):
     """What the search filters look at, per id, kept in memory (the store is not read per candidate)."""
+
     person_id: Optional[str]
     camera_id: Optional[str]
     captured_at: Optional[float]
@@ -135,16 +146,28 @@ class Gallery(GalleryBase):
 
     def _new_index(self) -> VectorIndex:
         s = self.settings
-        return VectorIndex(self.dim, s.index_type, s.index_device, s.ivf_nlist, s.ivf_nprobe, s.hnsw_m, s.hnsw_ef_search,
-                           s.index_reduce_dim, s.index_rescore_candidates)
+        return VectorIndex(
+            self.dim,
+            s.index_type,
+            s.index_device,
+            s.ivf_nlist,
+            s.ivf_nprobe,
+            s.hnsw_m,
+            s.hnsw_ef_search,
+            s.index_reduce_dim,
+            s.index_rescore_candidates,
+        )
 
     def open(self, progress: bool = True) -> None:
         stored = self.store.get_meta(FINGERPRINT_KEY)
         if stored is not None and stored != self.model.fingerprint and self.store.count():
             if self.settings.on_model_change == "refuse":
                 raise ModelMismatch(
-                    f"the gallery in {self.store.path} was embedded by model {stored[:12]}, this is {self.model.fingerprint[:12]}; "
-                    "set REID_ON_MODEL_CHANGE=reembed to re-embed its stored images, or point REID_STORE_PATH elsewhere")
+                    f"the gallery in {self.store.path} was embedded by model {stored[:12]}, this is "
+                    f"{self.model.fingerprint[:12]}; "
+                    "set REID_ON_MODEL_CHANGE=reembed to re-embed its stored images, or point REID_STORE_PATH "
+                    "elsewhere"
+                )
             self.reembed(progress)  # writes the new fingerprint with the new embeddings
         else:
             self.store.set_meta(self._meta)
@@ -160,7 +183,9 @@ class Gallery(GalleryBase):
         updates = []
         with tqdm(total=self.store.count(), desc="re-embedding gallery", disable=not progress) as bar:
             for rows in self.store.iter_images(self.settings.max_batch_size):
-                batch = np.stack([load_for_model(image, height, width, self.settings.max_image_pixels) for _, image in rows])
+                batch = np.stack(
+                    [load_for_model(image, height, width, self.settings.max_image_pixels) for _, image in rows]
+                )
                 embedding, _ = self.model.predict(batch, with_maps=False)
                 updates += [(item_id, vector) for (item_id, _), vector in zip(rows, embedding)]
                 bar.update(len(rows))
@@ -185,8 +210,15 @@ class Gallery(GalleryBase):
 
     def describe_index(self) -> Dict[str, object]:
         index = self.index
-        return {"type": index.built_kind, "requested_type": index.kind, "device": index.device, "size": index.size,
-                "tombstones": len(index.tombstones), "reduced_dim": index.index.d if index.rescores else None, "rebuilding": self.rebuilding}
+        return {
+            "type": index.built_kind,
+            "requested_type": index.kind,
+            "device": index.device,
+            "size": index.size,
+            "tombstones": len(index.tombstones),
+            "reduced_dim": index.index.d if index.rescores else None,
+            "rebuilding": self.rebuilding,
+        }
 
     @property
     def rebuilding(self) -> bool:
@@ -206,6 +238,7 @@ class Gallery(GalleryBase):
 
     async def search_from_loop(self, *args, **kwargs) -> List[Tuple[int, float]]:
         """``search`` in a worker thread, never while the index changes (``service.search_gate``)."""
+
         def search(reader: StoreReader) -> List[Tuple[int, float]]:
             with self._gate.searching():
                 return self.search(*args, store=reader, **kwargs)
@@ -224,6 +257,7 @@ class Gallery(GalleryBase):
 
     async def add(self, items: Sequence[NewItem]) -> List[Item]:
         """Store and index the items, all or nothing; returns them as stored once they are durable and searchable."""
+
         def in_index(stored: List[Item]) -> None:
             fresh = [(i, new.embedding) for i, new in zip(stored, items) if i.id not in self.labels]
             if fresh:
@@ -234,6 +268,7 @@ class Gallery(GalleryBase):
 
     async def delete(self, item_id: int) -> bool:
         """Remove the item from store and index; False when there is no such item."""
+
         def in_index(removed: bool) -> None:
             self.map_cache.discard([item_id])
             if removed and item_id in self.labels:
@@ -261,8 +296,13 @@ class Gallery(GalleryBase):
 
         return await self._write(in_store, in_index, frees_space=True, erases=True)
 
-    async def _write(self, in_store: Callable[[], Any], in_index: Callable[[Any], None], frees_space: bool = False,
-                     erases: bool = False) -> Any:
+    async def _write(
+        self,
+        in_store: Callable[[], Any],
+        in_index: Callable[[Any], None],
+        frees_space: bool = False,
+        erases: bool = False,
+    ) -> Any:
         write = _Write(in_store, in_index, asyncio.get_running_loop().create_future(), frees_space, erases)
         await self._writes.put(write)
         return await write.future
@@ -308,7 +348,8 @@ class Gallery(GalleryBase):
         results: List[Any] = [refusal] * len(group)
         if deletes:
             freed = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.store.commit_freeing_space, [group[i].in_store for i in deletes])
+                self._executor, self.store.commit_freeing_space, [group[i].in_store for i in deletes]
+            )
             for i, result in zip(deletes, freed):
                 results[i] = result
         return results
@@ -352,7 +393,9 @@ class Gallery(GalleryBase):
         started = time.perf_counter()
         reader = self.store.reader()
         try:
-            index, labels = await asyncio.to_thread(built_index, self._new_index(), reader, self.dim, self._cancel_rebuild)
+            index, labels = await asyncio.to_thread(
+                built_index, self._new_index(), reader, self.dim, self._cancel_rebuild
+            )
         except Exception as exc:  # the old index stays; the next write that finds it stale tries again
             if not self._cancel_rebuild.is_set():
                 log.error("rebuilding the index in the background failed: %s", exc)
@@ -365,27 +408,52 @@ class Gallery(GalleryBase):
             replay, self._replay = self._replay, []
             for write, result in replay:
                 await self._apply_to_index(write, result)
-            log.info("index rebuilt in the background: %d items, %d writes replayed, %.1f s",
-                     index.size, len(replay), time.perf_counter() - started)
+            log.info(
+                "index rebuilt in the background: %d items, %d writes replayed, %.1f s",
+                index.size,
+                len(replay),
+                time.perf_counter() - started,
+            )
             await self._maybe_rebuild()  # a replayed erasure on HNSW, or growth during the build, asks for another
 
-    def search(self, embedding: np.ndarray, k: int, camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None,
-               person_id: Optional[str] = None, min_score: Optional[float] = None, captured_after: Optional[float] = None,
-               captured_before: Optional[float] = None, group_by_person: bool = False, store: Optional[StoreReads] = None
-               ) -> List[Tuple[int, float]]:
+    def search(
+        self,
+        embedding: np.ndarray,
+        k: int,
+        camera_id: Optional[str] = None,
+        exclude_camera_id: Optional[str] = None,
+        person_id: Optional[str] = None,
+        min_score: Optional[float] = None,
+        captured_after: Optional[float] = None,
+        captured_before: Optional[float] = None,
+        group_by_person: bool = False,
+        store: Optional[StoreReads] = None,
+    ) -> List[Tuple[int, float]]:
         """Top-k (id, score) with score = mean over branches of the cosine similarity, in [-1, 1]. The time range
         is captured_after <= captured_at < captured_before; an item of unknown capture time is in no range.
         ``group_by_person``: the best item of each person only (see ``person_group``). ``store``: what a reduced
         index's shortlist is re-scored from (the calling thread's connection; default: the store's own)."""
+
         def accept(item_id: int, raw: float) -> bool:
             person, camera, captured = self.labels.get(item_id, UNLABELLED)
-            return ((camera_id is None or camera == camera_id) and (exclude_camera_id is None or camera != exclude_camera_id)
-                    and (person_id is None or person == person_id) and (min_score is None or self.score(raw) >= min_score)
-                    and in_time_range(captured, captured_after, captured_before))
+            return (
+                (camera_id is None or camera == camera_id)
+                and (exclude_camera_id is None or camera != exclude_camera_id)
+                and (person_id is None or person == person_id)
+                and (min_score is None or self.score(raw) >= min_score)
+                and in_time_range(captured, captured_after, captured_before)
+            )
 
-        filtered = any(v is not None for v in (camera_id, exclude_camera_id, person_id, min_score, captured_after, captured_before))
-        hits = self.index.search(embedding, k, accept if filtered else None, self.person_group if group_by_person else None,
-                                 partial(exact_scores, store or self.store, embedding))
+        filtered = any(
+            v is not None for v in (camera_id, exclude_camera_id, person_id, min_score, captured_after, captured_before)
+        )
+        hits = self.index.search(
+            embedding,
+            k,
+            accept if filtered else None,
+            self.person_group if group_by_person else None,
+            partial(exact_scores, store or self.store, embedding),
+        )
         return [(item_id, self.score(raw)) for item_id, raw in hits]
 
 
@@ -417,8 +485,9 @@ class RebuildCancelled(Exception):
     """The server is stopping: a background rebuild gives up."""
 
 
-def built_index(index: VectorIndex, store: StoreReads, dim: int, cancelled: Optional[threading.Event] = None
-                ) -> Tuple[VectorIndex, Dict[int, Label]]:
+def built_index(
+    index: VectorIndex, store: StoreReads, dim: int, cancelled: Optional[threading.Event] = None
+) -> Tuple[VectorIndex, Dict[int, Label]]:
     """``index`` (new and empty) filled from the store, streamed in chunks (trained parts learn from a sample
     of TRAINING_SAMPLE vectors), with the labels of what it holds."""
     labels: Dict[int, Label] = {}

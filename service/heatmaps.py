@@ -1,4 +1,5 @@
 """Rendering RAM grids (model_zoo.ram) as PNG overlays on the gallery image. numpy and PIL only."""
+
 import base64
 import io
 
@@ -9,7 +10,9 @@ from model_zoo.preprocess import PREVIEW_SIDE
 
 MAX_OVERLAY_SIDE = PREVIEW_SIDE  # the service draws on decode_for_model's previews, already this small
 # A perceptually ordered blue -> cyan -> yellow -> red ramp (anchor colours, linearly interpolated).
-_ANCHORS = np.array([[48, 18, 59], [40, 120, 230], [30, 200, 200], [250, 220, 60], [230, 60, 20], [122, 4, 3]], np.float32)
+_ANCHORS = np.array(
+    [[48, 18, 59], [40, 120, 230], [30, 200, 200], [250, 220, 60], [230, 60, 20], [122, 4, 3]], np.float32
+)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:

@@ -1,11 +1,20 @@
 """HTTP details the API keeps on every route: HEAD answered like GET without a body, and stored images served
 with a standard content type that browsers will not sniff into something else."""
+
 from typing import Dict
 
 # PIL's format names as standard media types. MPO (a phone's multi-picture JPEG) is a JPEG to every viewer;
 # formats with no standard type (XBM, PCX, ICNS...) go out as bytes, never as an image/* type a browser guesses at.
-IMAGE_MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
-                     "BMP": "image/bmp", "TIFF": "image/tiff", "AVIF": "image/avif"}
+IMAGE_MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+    "AVIF": "image/avif",
+}
 OPAQUE = "application/octet-stream"
 NO_SNIFF = {"X-Content-Type-Options": "nosniff"}
 

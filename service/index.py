@@ -19,6 +19,7 @@ Kind ``auto`` (the default) searches exactly while a scan reads fewer than ``AUT
 dimensions: about 30 ms on one core), and becomes IVF at the rebuild that follows, so a small gallery is
 exact and a large one stays fast without a setting.
 """
+
 import logging
 from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -40,10 +41,25 @@ def gpu_count() -> int:
 
 
 class VectorIndex:
-    def __init__(self, dim: int, kind: str = "flat", device: str = "auto", ivf_nlist: int = 1024, ivf_nprobe: int = 32, hnsw_m: int = 32,
-                 hnsw_ef_search: int = 128, reduce_dim: int = 0, rescore_candidates: int = 100):
+    def __init__(
+        self,
+        dim: int,
+        kind: str = "flat",
+        device: str = "auto",
+        ivf_nlist: int = 1024,
+        ivf_nprobe: int = 32,
+        hnsw_m: int = 32,
+        hnsw_ef_search: int = 128,
+        reduce_dim: int = 0,
+        rescore_candidates: int = 100,
+    ):
         self.dim, self.kind = dim, kind
-        self.ivf_nlist, self.ivf_nprobe, self.hnsw_m, self.hnsw_ef_search = ivf_nlist, ivf_nprobe, hnsw_m, hnsw_ef_search
+        self.ivf_nlist, self.ivf_nprobe, self.hnsw_m, self.hnsw_ef_search = (
+            ivf_nlist,
+            ivf_nprobe,
+            hnsw_m,
+            hnsw_ef_search,
+        )
         self.reduce_dim = reduce_dim if 0 < reduce_dim < dim else 0
         self.rescore_candidates = rescore_candidates
         self.projection: Optional[np.ndarray] = None  # [dim, reduce_dim] once trained
@@ -157,8 +173,14 @@ class VectorIndex:
         outgrew_scan = self.kind == "auto" and not is_trained and self.size * self.dim >= AUTO_IVF_FLOATS
         return stale or untrained or grown or outgrew_scan or self.holds_erased
 
-    def search(self, query: np.ndarray, k: int, accept: Optional[Callable[[int, float], bool]] = None,
-               group: Optional[Callable[[int], Hashable]] = None, exact: Optional[ExactScorer] = None) -> List[Tuple[int, float]]:
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        accept: Optional[Callable[[int, float], bool]] = None,
+        group: Optional[Callable[[int], Hashable]] = None,
+        exact: Optional[ExactScorer] = None,
+    ) -> List[Tuple[int, float]]:
         """The ``k`` best live ids (inner product, descending) that ``accept(id, score)`` lets through; with
         ``group``, only the best id of each ``group(id)``. A reduced index needs ``exact``: the shortlist's
         scores come from it (ids it returns NaN for are gone from the gallery and skipped)."""

@@ -1,6 +1,7 @@
 """The ONNX model behind the service: load, check against the contract, predict. The execution provider and
 how the model's work is spread over threads are chosen here and nowhere else, and what ONNX Runtime really
 uses is reported, never silently assumed."""
+
 import logging
 import math
 import os
@@ -11,8 +12,19 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import onnxruntime as ort
 
-from model_zoo.contract import (INPUT_IMAGES, OUTPUT_ATTENTION_MAPS, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, OUTPUT_PAIR_MAPS, PRECISION_KEY, ContractError,
-                                ModelContract, check_session, precision_of, precision_path)
+from model_zoo.contract import (
+    INPUT_IMAGES,
+    OUTPUT_ATTENTION_MAPS,
+    OUTPUT_EMBEDDING,
+    OUTPUT_FEATURE_MAPS,
+    OUTPUT_PAIR_MAPS,
+    PRECISION_KEY,
+    ContractError,
+    ModelContract,
+    check_session,
+    precision_of,
+    precision_path,
+)
 from model_zoo.files import sha256_of
 
 log = logging.getLogger(__name__)
@@ -33,13 +45,17 @@ def choose_providers(requested: str) -> List[str]:
     if requested == "cpu":
         return [CPU]
     if requested in REQUIRED and REQUIRED[requested] not in available:
-        raise ProviderUnavailable(f"REID_EXECUTION_PROVIDER={requested}, but this onnxruntime offers only {available}; install the GPU set")
+        raise ProviderUnavailable(
+            f"REID_EXECUTION_PROVIDER={requested}, but this onnxruntime offers only {available}; install the GPU set"
+        )
     if requested == "tensorrt":
         return [TENSORRT, CUDA, CPU]
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def provider_options(providers: Sequence[str], tensorrt_cache: Optional[Path], input_size: Tuple[int, int] = (0, 0), max_batch: int = 1) -> List[dict]:
+def provider_options(
+    providers: Sequence[str], tensorrt_cache: Optional[Path], input_size: Tuple[int, int] = (0, 0), max_batch: int = 1
+) -> List[dict]:
     """ONNX Runtime's options per provider. TensorRT: one optimisation profile for batches of 1 to ``max_batch``
     images of ``input_size`` (without it TensorRT builds an engine again for each new batch size it meets), the
     engines (minutes for a model) and the timing cache kept in ``tensorrt_cache`` so a restart loads them, and
@@ -50,8 +66,11 @@ def provider_options(providers: Sequence[str], tensorrt_cache: Optional[Path], i
         tensorrt.update(trt_engine_cache_path=str(tensorrt_cache), trt_timing_cache_path=str(tensorrt_cache))
     if all(input_size):
         shape = "x".join(map(str, input_size))
-        tensorrt.update(trt_profile_min_shapes=f"{INPUT_IMAGES}:1x{shape}x3", trt_profile_opt_shapes=f"{INPUT_IMAGES}:{max_batch}x{shape}x3",
-                        trt_profile_max_shapes=f"{INPUT_IMAGES}:{max_batch}x{shape}x3")
+        tensorrt.update(
+            trt_profile_min_shapes=f"{INPUT_IMAGES}:1x{shape}x3",
+            trt_profile_opt_shapes=f"{INPUT_IMAGES}:{max_batch}x{shape}x3",
+            trt_profile_max_shapes=f"{INPUT_IMAGES}:{max_batch}x{shape}x3",
+        )
     return [tensorrt if provider == TENSORRT else {} for provider in providers]
 
 
@@ -138,9 +157,22 @@ class InferenceModel:
 
     predict may be called from ``instances`` threads at once (ONNX Runtime sessions are safe for that)."""
 
-    def __init__(self, path: Path, provider: str = "auto", intra_op_threads: int = 0, instances: int = 0, precision: str = "fp32",
-                 tensorrt_cache: Optional[Path] = None, max_batch: int = 32):
-        self.precision, self.model_path, self.tensorrt_cache, self.max_batch = precision, Path(path), tensorrt_cache, max_batch
+    def __init__(
+        self,
+        path: Path,
+        provider: str = "auto",
+        intra_op_threads: int = 0,
+        instances: int = 0,
+        precision: str = "fp32",
+        tensorrt_cache: Optional[Path] = None,
+        max_batch: int = 32,
+    ):
+        self.precision, self.model_path, self.tensorrt_cache, self.max_batch = (
+            precision,
+            Path(path),
+            tensorrt_cache,
+            max_batch,
+        )
         self.path = precision_path(path, precision)
         self.requested_provider = provider
         self.intra_op_threads, self.instances = intra_op_threads, instances
@@ -149,8 +181,12 @@ class InferenceModel:
         if not self.path.is_file():
             if self.path != self.model_path:
                 command = "quantize" if self.precision == "int8" else "fp16"
-                raise FileNotFoundError(f"REID_MODEL_PRECISION={self.precision} serves {self.path}, which does not exist: write it beside REID_MODEL_PATH with "
-                                        f"python -m training {command} {self.model_path} --data-root TRAINING_DATA (repeat --data-root for several folders)")
+                raise FileNotFoundError(
+                    f"REID_MODEL_PRECISION={self.precision} serves {self.path}, which does not "
+                    f"exist: write it beside REID_MODEL_PATH with "
+                    f"python -m training {command} {self.model_path} --data-root TRAINING_DATA "
+                    f"(repeat --data-root for several folders)"
+                )
             raise FileNotFoundError(f"model file {self.path} does not exist (REID_MODEL_PATH)")
         asked = choose_providers(self.requested_provider)
         self.instances, self.intra_op_threads = plan_threads(asked[0], self.instances, self.intra_op_threads)
@@ -162,23 +198,39 @@ class InferenceModel:
             input_size = (contract.input_height, contract.input_width)
             if self.tensorrt_cache is not None:
                 Path(self.tensorrt_cache).mkdir(parents=True, exist_ok=True)
-        self.session = ort.InferenceSession(str(self.path), options, providers=asked,
-                                            provider_options=provider_options(asked, self.tensorrt_cache, input_size, self.max_batch))
+        self.session = ort.InferenceSession(
+            str(self.path),
+            options,
+            providers=asked,
+            provider_options=provider_options(asked, self.tensorrt_cache, input_size, self.max_batch),
+        )
         self.contract: ModelContract = check_session(self.session)
         precision = precision_of(self.session.get_modelmeta().custom_metadata_map)
         if self.precision != "fp32" and precision != self.precision:
-            raise ContractError(f"{self.path} says {PRECISION_KEY}={precision}: REID_MODEL_PRECISION={self.precision} serves {self.precision} files only")
+            raise ContractError(
+                f"{self.path} says {PRECISION_KEY}={precision}: REID_MODEL_PRECISION={self.precision} "
+                f"serves {self.precision} files only"
+            )
         self.precision = precision
-        self.providers = ProviderReport(self.requested_provider, asked, self.session.get_providers()[0], self.instances, self.intra_op_threads)
+        self.providers = ProviderReport(
+            self.requested_provider, asked, self.session.get_providers()[0], self.instances, self.intra_op_threads
+        )
         if self.providers.fell_back:
-            message = f"asked ONNX Runtime for {asked[0]} but it runs on {self.providers.active} (CUDA/cuDNN/TensorRT libraries missing?)"
+            message = (
+                f"asked ONNX Runtime for {asked[0]} but it runs on {self.providers.active} "
+                "(CUDA/cuDNN/TensorRT libraries missing?)"
+            )
             if self.requested_provider in REQUIRED:
                 raise ProviderUnavailable(message)
             log.warning(message)
         self.fingerprint = sha256_of(self.path)
         outputs = {node.name for node in self.session.get_outputs()}
         # ImageMaps field -> the optional output that fills it, for the outputs this file has
-        self.optional_maps = {field: name for field, name in (("attention", OUTPUT_ATTENTION_MAPS), ("pair", OUTPUT_PAIR_MAPS)) if name in outputs}
+        self.optional_maps = {
+            field: name
+            for field, name in (("attention", OUTPUT_ATTENTION_MAPS), ("pair", OUTPUT_PAIR_MAPS))
+            if name in outputs
+        }
         self.has_attention_maps, self.has_pair_maps = "attention" in self.optional_maps, "pair" in self.optional_maps
         return self
 

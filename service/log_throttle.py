@@ -1,13 +1,16 @@
 """Logs that a client cannot flood: each message (its template, per logger and level) is written at most once
 per ``REPEAT_WINDOW_S``; the next one written says how many were held back. Every unparsable request made
 uvicorn log a WARNING, so a client could fill a disk or bury a real error with one line per bad request."""
+
 import logging
 import time
 from collections import Counter
 from typing import Dict, Tuple
 
 REPEAT_WINDOW_S = 10.0
-MAX_TRACKED = 1000  # message templates remembered; past it they are forgotten (a message built per call is not a template)
+MAX_TRACKED = (
+    1000  # message templates remembered; past it they are forgotten (a message built per call is not a template)
+)
 
 
 class RepeatThrottle(logging.Filter):

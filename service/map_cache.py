@@ -9,6 +9,7 @@ at most over 39 real pairs, against 1.7e-7 in float32); CASN's pair distance fro
 thousandths (2.6e-3 in tests/test_casn.py). Items that leave the gallery leave the cache in the
 same write (service.gallery), an erasure included. Used on the event loop only.
 """
+
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Dict, Iterable
@@ -61,4 +62,6 @@ class FeatureMapCache:
 
 def with_map_dtype(maps: ImageMaps, dtype) -> ImageMaps:
     """The feature maps and the pair maps in ``dtype`` (the attention maps, small and shown as they are, kept)."""
-    return replace(maps, features=maps.features.astype(dtype), pair=None if maps.pair is None else maps.pair.astype(dtype))
+    return replace(
+        maps, features=maps.features.astype(dtype), pair=None if maps.pair is None else maps.pair.astype(dtype)
+    )

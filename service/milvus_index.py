@@ -6,6 +6,7 @@ literals, whose escapes (``\\"``, ``\\\\``) Milvus' expression grammar reads the
 with quotes or backslashes cannot change the expression. Every read and write asks for Strong consistency:
 a search on one replica sees what another has just acknowledged.
 """
+
 import json
 import logging
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -23,7 +24,7 @@ MAX_LIMIT = 16384  # Milvus' largest top-k
 LABEL_BYTES = 4 * MAX_ID_LENGTH  # VARCHAR lengths count UTF-8 bytes
 STRONG = "Strong"
 COLLECTION_NOT_LOADED = 101  # Milvus' error code for a search on a released collection
-INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # pymilvus pings an idle connection every 10 s; a gRPC server with gRPC's default keepalive enforcement (milvus-lite's)
 # answers the third such ping with GOAWAY "too_many_pings", and a call that races the GOAWAY fails. So ping only
 # while a call is in flight: pymilvus checks a connection idle for 30 s itself before it uses it.
@@ -53,8 +54,13 @@ def filterable(value: Any) -> Any:
     return value
 
 
-def search_filter(camera_id: Optional[str] = None, exclude_camera_id: Optional[str] = None, person_id: Optional[str] = None,
-                  captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> str:
+def search_filter(
+    camera_id: Optional[str] = None,
+    exclude_camera_id: Optional[str] = None,
+    person_id: Optional[str] = None,
+    captured_after: Optional[float] = None,
+    captured_before: Optional[float] = None,
+) -> str:
     """The query filters as a Milvus expression, with the embedded gallery's meaning: an item of unknown camera
     is not excluded by exclude_camera_id; one of unknown capture time is in no time range."""
     terms = []
@@ -88,7 +94,12 @@ class MilvusIndex:
             if dim == self.dim:
                 self.load()
                 return False
-            log.warning("Milvus collection %s holds %d-d vectors, the model makes %d-d: recreating it", self.collection, dim, self.dim)
+            log.warning(
+                "Milvus collection %s holds %d-d vectors, the model makes %d-d: recreating it",
+                self.collection,
+                dim,
+                self.dim,
+            )
         self.recreate()
         return True
 
@@ -110,10 +121,18 @@ class MilvusIndex:
     def upsert(self, items: Sequence[Item], embeddings: Iterable[np.ndarray]) -> None:
         """Upsert, not insert: Milvus does not refuse a primary key it already holds, and a repair may write an
         item that a write in flight writes too."""
-        rows = [{"id": item.id, "embedding": np.asarray(vector, np.float32).tolist(), "person_id": item.person_id,
-                 "camera_id": item.camera_id, "captured_at": item.captured_at, "created_at": item.created_at,
-                 "metadata": filterable(item.metadata)}
-                for item, vector in zip(items, embeddings)]
+        rows = [
+            {
+                "id": item.id,
+                "embedding": np.asarray(vector, np.float32).tolist(),
+                "person_id": item.person_id,
+                "camera_id": item.camera_id,
+                "captured_at": item.captured_at,
+                "created_at": item.created_at,
+                "metadata": filterable(item.metadata),
+            }
+            for item, vector in zip(items, embeddings)
+        ]
         if rows:
             self.client.upsert(self.collection, rows)
 
@@ -144,15 +163,23 @@ class MilvusIndex:
             return self._search(vector, limit, expression)
 
     def _search(self, vector: np.ndarray, limit: int, expression: str) -> List[Tuple[int, float, Optional[str]]]:
-        found = self.client.search(self.collection, data=[np.asarray(vector, np.float32).tolist()], limit=min(limit, MAX_LIMIT),
-                                   filter=expression, output_fields=["person_id"], search_params={"metric_type": "IP"},
-                                   consistency_level=STRONG)
+        found = self.client.search(
+            self.collection,
+            data=[np.asarray(vector, np.float32).tolist()],
+            limit=min(limit, MAX_LIMIT),
+            filter=expression,
+            output_fields=["person_id"],
+            search_params={"metric_type": "IP"},
+            consistency_level=STRONG,
+        )
         return [(int(hit["id"]), float(hit["distance"]), hit["entity"].get("person_id")) for hit in found[0]]
 
     def check(self) -> None:
         """Raises unless Milvus answers and holds the collection, loaded for searches."""
         if not self.client.has_collection(self.collection):
-            raise MilvusException(message=f"the collection {self.collection} is gone (a restarted replica recreates it from PostgreSQL)")
+            raise MilvusException(
+                message=f"the collection {self.collection} is gone (a restarted replica recreates it from PostgreSQL)"
+            )
         self.load()
 
     def load(self) -> None:

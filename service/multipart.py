@@ -2,6 +2,7 @@
 charset (UTF-8 unless the form says otherwise) as Latin-1, so bytes that are not text would be stored as
 mojibake ids and metadata; ``StrictMultiPartParser`` refuses them with 400 ``invalid_body`` instead. File
 names keep Starlette's fallback: they are never stored."""
+
 import starlette.requests
 from starlette.formparsers import MultiPartException, MultiPartParser
 

@@ -5,6 +5,7 @@ The min-max of each term runs over the shortlist, not over the whole gallery as 
 (``python -m training evaluate --pair-head``): a service cannot afford every gallery image's maps per query,
 so the same pair can get another fused distance under another shortlist, while the order within one answer
 is the paper's rule on those images."""
+
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -36,8 +37,11 @@ def load_pair_head(settings: Settings, model: InferenceModel) -> Optional[PairHe
     try:
         head = PairHead.load(path, model.path)
     except PairHeadMismatch as exc:
-        raise PairHeadUnusable(f"{exc}: export the model again (it writes its pair head beside it), or set REID_PAIR_HEAD_PATH "
-                               "to the artifact exported with this model") from None
+        raise PairHeadUnusable(
+            f"{exc}: export the model again (it writes its pair head beside it), or set "
+            f"REID_PAIR_HEAD_PATH "
+            "to the artifact exported with this model"
+        ) from None
     check_fits(head, path, settings, model)
     return head
 
@@ -45,13 +49,20 @@ def load_pair_head(settings: Settings, model: InferenceModel) -> Optional[PairHe
 def check_fits(head: PairHead, path: Path, settings: Settings, model: InferenceModel) -> None:
     channels = pair_input_channels(model)
     if head.channels != channels or head.weight.shape[1] % head.stripes:
-        raise PairHeadUnusable(f"{path}: a pair head over {head.stripes} stripe(s) of a {head.channels}-channel map needs a model whose pair input "
-                               f"has that many channels; this one's has {channels or 'none'} (pair_maps, or one branch's feature_maps)")
+        raise PairHeadUnusable(
+            f"{path}: a pair head over {head.stripes} stripe(s) of a {head.channels}-channel map "
+            f"needs a model whose pair input "
+            f"has that many channels; this one's has {channels or 'none'} (pair_maps, or one "
+            f"branch's feature_maps)"
+        )
     # a pair_attention query re-embeds its whole shortlist at once: past the queue's bound it could never run
     shortlist = max(settings.max_top_k, settings.rerank_shortlist)
     if shortlist > settings.max_queued_images:
-        raise PairHeadUnusable(f"with a pair head a query re-embeds up to {shortlist} images (REID_MAX_TOP_K, REID_RERANK_SHORTLIST), "
-                               f"more than REID_MAX_QUEUED_IMAGES={settings.max_queued_images}")
+        raise PairHeadUnusable(
+            f"with a pair head a query re-embeds up to {shortlist} images (REID_MAX_TOP_K, "
+            f"REID_RERANK_SHORTLIST), "
+            f"more than REID_MAX_QUEUED_IMAGES={settings.max_queued_images}"
+        )
 
 
 def pair_input_channels(model: InferenceModel) -> int:
@@ -63,16 +74,31 @@ def pair_input_channels(model: InferenceModel) -> int:
     return contract.branch_dim if contract.num_branches == 1 else 0
 
 
-def rank_shortlist(head: PairHead, query_embedding: np.ndarray, query_maps: ImageMaps, hits: List[Hit], found: dict,
-                   maps: Dict[int, ImageMaps], top_k: int) -> Tuple[List[Hit], List[dict]]:
+def rank_shortlist(
+    head: PairHead,
+    query_embedding: np.ndarray,
+    query_maps: ImageMaps,
+    hits: List[Hit],
+    found: dict,
+    maps: Dict[int, ImageMaps],
+    top_k: int,
+) -> Tuple[List[Hit], List[dict]]:
     """The first ``top_k`` of ``hits`` by fused distance, and each one's Match fields (pair_distance,
     pair_attention). ``found`` holds each hit's stored embedding, ``maps`` its re-embedded maps."""
     if not hits:
         return [], []
     embeddings = np.stack([found[i][1] for i, _ in hits])
-    ranking = head.rank(query_embedding, query_maps.pair_input, embeddings, np.stack([maps[i].pair_input for i, _ in hits]))
+    ranking = head.rank(
+        query_embedding, query_maps.pair_input, embeddings, np.stack([maps[i].pair_input for i, _ in hits])
+    )
     order = np.argsort(ranking.distances, kind="stable")[:top_k]  # ties keep the index's (score) order
-    fields = [{"pair_distance": float(ranking.distances[j]),
-               "pair_attention": PairAttention(query_grid=ranking.query_attention[j].tolist(), gallery_grid=ranking.gallery_attention[j].tolist())}
-              for j in order]
+    fields = [
+        {
+            "pair_distance": float(ranking.distances[j]),
+            "pair_attention": PairAttention(
+                query_grid=ranking.query_attention[j].tolist(), gallery_grid=ranking.gallery_attention[j].tolist()
+            ),
+        }
+        for j in order
+    ]
     return [hits[j] for j in order], fields

@@ -14,6 +14,7 @@ for them and holds them off) and checks that the gallery is still embedded by th
 write removes is announced on ``REMOVED_CHANNEL`` (``NOTIFY``, delivered at commit) so that every replica
 drops those items' cached feature maps.
 """
+
 import logging
 import time
 from contextlib import contextmanager
@@ -64,8 +65,15 @@ class PostgresStore:
         self.dsn, self.fingerprint = dsn, fingerprint
         # every read and write borrows a connection, checked first: one broken by a PostgreSQL restart is
         # replaced, not kept failing; with PostgreSQL down a request waits POOL_WAIT_S for one, then gets its 503
-        self.pool = ConnectionPool(dsn, min_size=1, max_size=pool_size, open=True, kwargs={"autocommit": True},
-                                   check=ConnectionPool.check_connection, timeout=POOL_WAIT_S)
+        self.pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            open=True,
+            kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,
+            timeout=POOL_WAIT_S,
+        )
         with self.exclusive() as conn:  # two replicas starting together must not both create the schema
             conn.execute(SCHEMA)
 
@@ -99,8 +107,11 @@ class PostgresStore:
             conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (GALLERY_LOCK,))
             stored = conn.execute("SELECT value FROM meta WHERE key = %s", (FINGERPRINT_KEY,)).fetchone()
             if stored is not None and stored[0] != self.fingerprint:
-                raise ModelChanged(f"the gallery is now embedded by model {stored[0][:12]}, this replica serves {self.fingerprint[:12]}: "
-                                   "restart it with that model")
+                raise ModelChanged(
+                    f"the gallery is now embedded by model {stored[0][:12]}, this replica serves "
+                    f"{self.fingerprint[:12]}: "
+                    "restart it with that model"
+                )
             yield Transaction(conn)
 
     def get(self, item_id: int) -> Optional[Item]:
@@ -117,18 +128,29 @@ class PostgresStore:
         return {i: np.frombuffer(blob, np.float32, count=dim) for i, blob in rows}
 
     def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
-        return {i: bytes(image) for i, image in self._read("SELECT id, image FROM items WHERE id = ANY(%s)", (list(ids),))}
+        return {
+            i: bytes(image) for i, image in self._read("SELECT id, image FROM items WHERE id = ANY(%s)", (list(ids),))
+        }
 
     def derived(self, ids: Sequence[int]) -> Dict[int, bytes]:
         rows = self._read("SELECT id, derived FROM items WHERE id = ANY(%s) AND derived IS NOT NULL", (list(ids),))
         return {i: bytes(blob) for i, blob in rows}
 
-    def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None,
-             captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> Tuple[int, List[Item]]:
+    def list(
+        self,
+        limit: int,
+        offset: int,
+        person_id: Optional[str] = None,
+        camera_id: Optional[str] = None,
+        captured_after: Optional[float] = None,
+        captured_before: Optional[float] = None,
+    ) -> Tuple[int, List[Item]]:
         """A page of items in id order, filtered as ``service.store``'s list."""
         clause, args = listing_filter("%s", person_id, camera_id, captured_after, captured_before)
         total = self._read(f"SELECT COUNT(*) FROM items{clause}", args)[0][0]
-        rows = self._read(f"SELECT {ITEM_COLUMNS} FROM items{clause} ORDER BY id LIMIT %s OFFSET %s", [*args, limit, offset])
+        rows = self._read(
+            f"SELECT {ITEM_COLUMNS} FROM items{clause} ORDER BY id LIMIT %s OFFSET %s", [*args, limit, offset]
+        )
         return total, [Item.from_row(r) for r in rows]
 
     def count(self) -> int:
@@ -152,12 +174,36 @@ class Transaction:
             metadata = item.metadata or {}
             check_writable(metadata)
             item_id = self.conn.execute(
-                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at, captured_at,"
+                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, "
+                "created_at, captured_at,"
                 " derived) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (item.person_id, item.camera_id, dump_metadata(metadata), item.image, item.image_format, item.width, item.height,
-                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now, item.captured_at, item.derived)).fetchone()[0]
-            stored.append(Item(item_id, item.person_id, item.camera_id, metadata, item.image_format, item.width, item.height, now,
-                               item.captured_at))
+                (
+                    item.person_id,
+                    item.camera_id,
+                    dump_metadata(metadata),
+                    item.image,
+                    item.image_format,
+                    item.width,
+                    item.height,
+                    np.ascontiguousarray(item.embedding, np.float32).tobytes(),
+                    now,
+                    item.captured_at,
+                    item.derived,
+                ),
+            ).fetchone()[0]
+            stored.append(
+                Item(
+                    item_id,
+                    item.person_id,
+                    item.camera_id,
+                    metadata,
+                    item.image_format,
+                    item.width,
+                    item.height,
+                    now,
+                    item.captured_at,
+                )
+            )
         return stored
 
     def remove(self, item_id: int) -> List[int]:
@@ -172,14 +218,20 @@ class Transaction:
     def _delete(self, where: str, args: tuple) -> List[int]:
         ids = [row[0] for row in self.conn.execute(f"DELETE FROM items WHERE {where} RETURNING id", args).fetchall()]
         for start in range(0, len(ids), NOTIFY_PAYLOAD_IDS):
-            self.conn.execute("SELECT pg_notify(%s, %s)", (REMOVED_CHANNEL, ",".join(map(str, ids[start:start + NOTIFY_PAYLOAD_IDS]))))
+            self.conn.execute(
+                "SELECT pg_notify(%s, %s)",
+                (REMOVED_CHANNEL, ",".join(map(str, ids[start : start + NOTIFY_PAYLOAD_IDS]))),
+            )
         return ids
 
 
 def write_meta(conn: psycopg.Connection, values: Dict[str, str]) -> None:
     """Inside the caller's transaction."""
     for key, value in values.items():
-        conn.execute("INSERT INTO meta(key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (key, value))
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (key, value),
+        )
 
 
 def iter_rows(conn: psycopg.Connection, columns: str, chunk: int) -> Iterator[List[tuple]]:

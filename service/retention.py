@@ -1,5 +1,6 @@
 """REID_RETENTION_DAYS: what has expired is erased at start-up, before the service is ready, then every
 REID_RETENTION_INTERVAL_S, the way a person is erased."""
+
 import asyncio
 import logging
 import time

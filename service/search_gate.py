@@ -7,6 +7,7 @@ a change waits, without blocking the loop, for the searches in flight to end, an
 meanwhile wait, in their threads, for the change to end. Writer first, so a stream of searches cannot hold
 writes off.
 """
+
 import asyncio
 import threading
 from contextlib import asynccontextmanager, contextmanager

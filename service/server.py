@@ -17,6 +17,7 @@ bytes are buffered without limit. Its httptools protocol is extended here with
 
 A late client's connection is closed without an answer (it is not reading one).
 """
+
 from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -39,22 +40,32 @@ class ConnectionLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ConnectionLimits":
-        return cls(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes, settings.max_connections,
-                   settings.max_connections_per_client, settings.min_body_bytes_per_s)
+        return cls(
+            settings.header_timeout_s,
+            settings.body_timeout_s,
+            settings.max_header_bytes,
+            settings.max_connections,
+            settings.max_connections_per_client,
+            settings.min_body_bytes_per_s,
+        )
 
 
 def refusal(status: int, code: str, message: str, *headers: Tuple[bytes, bytes]):
     """An ASGI app that answers every request with this error and closes the connection."""
+
     async def refuse(scope, receive, send) -> None:
         await send_error(send, status, code, message, [(b"connection", b"close"), *headers])
+
     return refuse
 
 
 def raw_error(status: int, code: str, message: str) -> bytes:
     """A whole HTTP response in the API's error shape, for the protocol to write before any app runs."""
     body = error_bytes(code, message)
-    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -75,8 +86,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if len(self.connections) > self.limits.max_connections:  # this connection's request gets 503, then it is closed
             self._refuse_requests(f"more than REID_MAX_CONNECTIONS={self.limits.max_connections} connections are open")
         elif self._client is not None and self.open_per_client[self._client] > self.limits.max_connections_per_client:
-            self._refuse_requests(f"more than REID_MAX_CONNECTIONS_PER_CLIENT={self.limits.max_connections_per_client} "
-                                  f"connections are open from this client")
+            self._refuse_requests(
+                f"more than REID_MAX_CONNECTIONS_PER_CLIENT={self.limits.max_connections_per_client} "
+                f"connections are open from this client"
+            )
         self._watch(self.limits.header_timeout_s)
 
     def _refuse_requests(self, message: str) -> None:
@@ -186,5 +199,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
 def protocol_class(settings: Settings) -> type:
     """uvicorn's ``http`` argument: LimitedHttpProtocol with these settings' limits."""
-    return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": ConnectionLimits.from_settings(settings),
-                                                               "open_per_client": Counter()})
+    return type(
+        "LimitedHttpProtocol",
+        (LimitedHttpProtocol,),
+        {"limits": ConnectionLimits.from_settings(settings), "open_per_client": Counter()},
+    )

@@ -13,6 +13,7 @@ the WAL, whose older frames still hold the erased rows.
 The schema has a version (``PRAGMA user_version``): a file is brought up to date by ``MIGRATIONS`` when it is
 opened, each step in its own transaction, so a gallery written by an older version opens and keeps working.
 """
+
 import fcntl
 import logging
 import os
@@ -47,8 +48,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 AGE = "COALESCE(captured_at, created_at)"
 # MIGRATIONS[n] brings a version n file to version n + 1; SCHEMA above is version 0, the first release's
 MIGRATIONS = [
-    ["ALTER TABLE items ADD COLUMN captured_at REAL",  # epoch seconds, NULL: unknown
-     f"CREATE INDEX items_age ON items({AGE})"],
+    [
+        "ALTER TABLE items ADD COLUMN captured_at REAL",  # epoch seconds, NULL: unknown
+        f"CREATE INDEX items_age ON items({AGE})",
+    ],
     ["ALTER TABLE items ADD COLUMN derived BLOB"],  # service.derived: decoded copies of costly images, NULL: none
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -68,8 +71,10 @@ class ReserveMissing(sqlite3.OperationalError):
     """An enrolment refused because the disk reserve is not laid: it would take the space deletes need."""
 
     def __init__(self, reserve: "DiskReserve"):
-        super().__init__(f"the disk is full: enrolments resume once {reserve.lay_threshold // 2**20} MiB are free "
-                         f"again (delete items, or free disk space); deletes still work")
+        super().__init__(
+            f"the disk is full: enrolments resume once {reserve.lay_threshold // 2**20} MiB are free "
+            f"again (delete items, or free disk space); deletes still work"
+        )
 
 
 @dataclass
@@ -125,7 +130,9 @@ class StoreLock:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.release()
-            raise StoreInUse(f"{self.store_path} is in use by another process (a running server or a restore): {self.path} is locked") from None
+            raise StoreInUse(
+                f"{self.store_path} is in use by another process (a running server or a restore): {self.path} is locked"
+            ) from None
         return self
 
     def release(self) -> None:
@@ -147,13 +154,22 @@ def tolerant_text(db: sqlite3.Connection) -> sqlite3.Connection:
     return db
 
 
-def listing_filter(placeholder: str, person_id: Optional[str], camera_id: Optional[str], captured_after: Optional[float],
-                   captured_before: Optional[float]) -> Tuple[str, list]:
+def listing_filter(
+    placeholder: str,
+    person_id: Optional[str],
+    camera_id: Optional[str],
+    captured_after: Optional[float],
+    captured_before: Optional[float],
+) -> Tuple[str, list]:
     """A listing's WHERE clause (empty when nothing filters) and its arguments, with the driver's parameter
     placeholder (SQLite's ``?``, PostgreSQL's ``%s``)."""
     where, args = [], []
-    for condition, value in (("person_id = {}", person_id), ("camera_id = {}", camera_id),
-                             ("captured_at >= {}", captured_after), ("captured_at < {}", captured_before)):
+    for condition, value in (
+        ("person_id = {}", person_id),
+        ("camera_id = {}", camera_id),
+        ("captured_at >= {}", captured_after),
+        ("captured_at < {}", captured_before),
+    ):
         if value is not None:
             where.append(condition.format(placeholder))
             args.append(value)
@@ -174,14 +190,18 @@ class StoreReads:
         ids = list(ids)
         rows = []
         for start in range(0, len(ids), SQL_VARIABLES):
-            chunk = ids[start:start + SQL_VARIABLES]
-            rows += self.db.execute(f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            chunk = ids[start : start + SQL_VARIABLES]
+            rows += self.db.execute(
+                f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
         return rows
 
     def get_many_with_embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, Tuple[Item, np.ndarray]]:
         """Items and their embeddings by id, in one read; ids no longer stored are absent."""
-        return {row[0]: (Item.from_row(row[:-1]), np.frombuffer(row[-1], np.float32, count=dim))
-                for row in self._rows_by_id(f"{ITEM_COLUMNS}, embedding", ids)}
+        return {
+            row[0]: (Item.from_row(row[:-1]), np.frombuffer(row[-1], np.float32, count=dim))
+            for row in self._rows_by_id(f"{ITEM_COLUMNS}, embedding", ids)
+        }
 
     def embeddings(self, ids: Sequence[int], dim: int) -> Dict[int, np.ndarray]:
         """Embeddings by id; ids no longer stored are absent."""
@@ -202,13 +222,22 @@ class StoreReads:
         """``service.derived``'s copies of those of ``ids`` that have one."""
         return {i: blob for i, blob in self._rows_by_id("id, derived", ids) if blob is not None}
 
-    def list(self, limit: int, offset: int, person_id: Optional[str] = None, camera_id: Optional[str] = None,
-             captured_after: Optional[float] = None, captured_before: Optional[float] = None) -> Tuple[int, List[Item]]:
+    def list(
+        self,
+        limit: int,
+        offset: int,
+        person_id: Optional[str] = None,
+        camera_id: Optional[str] = None,
+        captured_after: Optional[float] = None,
+        captured_before: Optional[float] = None,
+    ) -> Tuple[int, List[Item]]:
         """A page of items in id order; the capture time range is captured_after <= captured_at < captured_before
         (an item of unknown time is in no range)."""
         clause, args = listing_filter("?", person_id, camera_id, captured_after, captured_before)
         total = self.db.execute(f"SELECT COUNT(*) FROM items{clause}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items{clause} ORDER BY id LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        rows = self.db.execute(
+            f"SELECT {ITEM_COLUMNS} FROM items{clause} ORDER BY id LIMIT ? OFFSET ?", [*args, limit, offset]
+        ).fetchall()
         return total, [Item.from_row(r) for r in rows]
 
     def count(self) -> int:
@@ -219,7 +248,8 @@ class StoreReads:
         last = 0
         while True:
             rows = self.db.execute(
-                "SELECT id, person_id, camera_id, captured_at, embedding FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+                "SELECT id, person_id, camera_id, captured_at, embedding FROM items WHERE id > ? ORDER BY id LIMIT ?",
+                (last, chunk),
             ).fetchall()
             if not rows:
                 return
@@ -233,7 +263,9 @@ class StoreReads:
     def iter_images(self, chunk: int = 64) -> Iterator[List[Tuple[int, bytes]]]:
         last = 0
         while True:
-            rows = self.db.execute("SELECT id, image FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)).fetchall()
+            rows = self.db.execute(
+                "SELECT id, image FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+            ).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
@@ -245,7 +277,9 @@ class StoreReader(StoreReads):
     background) while the store's connections serve the event loop and the writer."""
 
     def __init__(self, path: Path):
-        self.db = tolerant_text(sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False))
+        self.db = tolerant_text(
+            sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -282,7 +316,10 @@ class GalleryStore(StoreReads):
     def _migrate(self) -> None:
         version = self.writer.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path} has schema version {version}, written by a newer service (this one knows {SCHEMA_VERSION})")
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, written by a newer service (this one knows "
+                f"{SCHEMA_VERSION})"
+            )
         for number, steps in enumerate(MIGRATIONS[version:], version):
             with self._transaction():
                 for step in steps:
@@ -342,7 +379,11 @@ class GalleryStore(StoreReads):
         reserve is given back first, so that space can always be freed (even a delete needs room in the WAL),
         then the pages the deletes freed go back to the filesystem, where the reserve can be laid again."""
         if self.reserve.laid():
-            log.warning("the disk is full: giving back the %d byte disk reserve for %d delete(s)", self.reserve.size, len(writes))
+            log.warning(
+                "the disk is full: giving back the %d byte disk reserve for %d delete(s)",
+                self.reserve.size,
+                len(writes),
+            )
             self.reserve.release()
         results = self.commit_group(writes)
         try:
@@ -381,12 +422,36 @@ class GalleryStore(StoreReads):
             metadata = item.metadata or {}
             check_writable(metadata)  # the last guard: what is committed must serialise back (service.validation)
             cursor = self.writer.execute(
-                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at, captured_at,"
+                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, "
+                "created_at, captured_at,"
                 " derived) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (item.person_id, item.camera_id, dump_metadata(metadata), item.image, item.image_format, item.width, item.height,
-                 np.ascontiguousarray(item.embedding, np.float32).tobytes(), now, item.captured_at, item.derived))
-            stored.append(Item(cursor.lastrowid, item.person_id, item.camera_id, metadata, item.image_format, item.width, item.height,
-                               now, item.captured_at))
+                (
+                    item.person_id,
+                    item.camera_id,
+                    dump_metadata(metadata),
+                    item.image,
+                    item.image_format,
+                    item.width,
+                    item.height,
+                    np.ascontiguousarray(item.embedding, np.float32).tobytes(),
+                    now,
+                    item.captured_at,
+                    item.derived,
+                ),
+            )
+            stored.append(
+                Item(
+                    cursor.lastrowid,
+                    item.person_id,
+                    item.camera_id,
+                    metadata,
+                    item.image_format,
+                    item.width,
+                    item.height,
+                    now,
+                    item.captured_at,
+                )
+            )
         return stored
 
     def remove(self, item_id: int) -> bool:
@@ -415,8 +480,10 @@ class GalleryStore(StoreReads):
     def replace_embeddings(self, updates: Sequence[Tuple[int, np.ndarray]], meta: Dict[str, str]) -> None:
         """Write new embeddings and the new model's metadata in one transaction."""
         with self._transaction():
-            self.writer.executemany("UPDATE items SET embedding = ? WHERE id = ?",
-                                [(np.ascontiguousarray(e, np.float32).tobytes(), i) for i, e in updates])
+            self.writer.executemany(
+                "UPDATE items SET embedding = ? WHERE id = ?",
+                [(np.ascontiguousarray(e, np.float32).tobytes(), i) for i, e in updates],
+            )
             self._write_meta(meta)
 
     def integrity_ok(self) -> bool:

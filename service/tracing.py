@@ -4,6 +4,7 @@ inside the trace of the camera pipeline that sent it. ``console`` prints finishe
 look, and the tests); ``otlp`` sends them over OTLP/HTTP to the collector that the standard
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) names, batched. Off by default: nothing is
 imported then."""
+
 from fastapi import FastAPI
 
 SERVICE_NAME = "reid-service"

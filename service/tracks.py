@@ -6,6 +6,7 @@ its score is still the mean over branches of the cosine, and its heatmaps still 
 image searched on its own, and each gallery item scored by its best image; that is exact for the top k,
 since an item in the top k by best score is in the top k of the image that gives it its best score.
 """
+
 from typing import Callable, Dict, Hashable, List, Literal, Optional, Tuple
 
 import numpy as np
@@ -27,7 +28,9 @@ def mean_embedding(embeddings: np.ndarray, num_branches: int) -> np.ndarray:
     return (branches / np.maximum(norms, np.finfo(np.float64).tiny)).reshape(-1).astype(np.float32)
 
 
-def merge_best(searches: List[List[Hit]], k: int, group: Optional[Callable[[int], Hashable]] = None) -> Tuple[List[Hit], Dict[int, int]]:
+def merge_best(
+    searches: List[List[Hit]], k: int, group: Optional[Callable[[int], Hashable]] = None
+) -> Tuple[List[Hit], Dict[int, int]]:
     """Each image's hits merged, each id at its best score: the first ``k`` (with ``group``, the best of each
     group), and for each id the track image that gave its score."""
     best: Dict[int, Tuple[float, int]] = {}

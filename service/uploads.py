@@ -1,5 +1,6 @@
 """Uploaded images into model input: each file read within its byte limit and decoded against the request's
 one pixel budget and the process's one decode memory budget, every refusal a 4xx in the service's error shape."""
+
 import asyncio
 import ctypes
 import ctypes.util
@@ -78,16 +79,22 @@ class ImageDecoder:
         budget = PixelBudget(self.settings.max_request_pixels)
         return [await self.read(upload, i, size, budget, preview) for i, upload in enumerate(files)]
 
-    async def read(self, upload: UploadFile, position: int, size: Tuple[int, int], budget: PixelBudget, preview: bool) -> Upload:
+    async def read(
+        self, upload: UploadFile, position: int, size: Tuple[int, int], budget: PixelBudget, preview: bool
+    ) -> Upload:
         settings, label = self.settings, f"upload {position} ({upload.filename or 'unnamed'})"
         data = await upload.read(settings.max_image_bytes + 1)
         if len(data) > settings.max_image_bytes:
             raise APIError(413, "image_too_large", f"{label}: more than {settings.max_image_bytes} bytes")
         try:
             decoded = await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: decode_for_model(data, *size, settings.max_image_pixels, budget.left, preview, self.reserve))
+                self._executor,
+                lambda: decode_for_model(data, *size, settings.max_image_pixels, budget.left, preview, self.reserve),
+            )
         except DecodeBudgetExceeded as exc:
-            raise APIError(413, "too_many_pixels", f"{label}: {exc} of the request's REID_MAX_REQUEST_PIXELS={budget.limit}") from None
+            raise APIError(
+                413, "too_many_pixels", f"{label}: {exc} of the request's REID_MAX_REQUEST_PIXELS={budget.limit}"
+            ) from None
         except ImageTooLarge as exc:
             raise APIError(413, "image_too_large", f"{label}: {exc}") from None
         except InvalidImage as exc:
@@ -111,7 +118,9 @@ def return_large_buffers_to_the_os() -> None:
 
 def check_image_count(files: List[UploadFile], settings: Settings) -> None:
     if len(files) > settings.max_images_per_request:
-        raise APIError(413, "too_many_images", f"{len(files)} images, at most {settings.max_images_per_request} per request")
+        raise APIError(
+            413, "too_many_images", f"{len(files)} images, at most {settings.max_images_per_request} per request"
+        )
 
 
 def pixels_of(uploads: List[Upload]) -> np.ndarray:

@@ -8,6 +8,7 @@ characters of printable text: no control characters, no surrogates; written and 
 spelling only (``check_canonical_label``). Times are ISO 8601 with a time zone or
 epoch seconds, from 1970 to 9999; a naive time would be read in some unknown zone, so it is refused.
 """
+
 import json
 import math
 import re
@@ -24,7 +25,9 @@ ITEM_ID_PATTERN = r"^[1-9][0-9]{0,18}$"  # plain decimal digits: no sign, no "_"
 UNREADABLE_KEY = "unreadable_stored_metadata"
 # YYYY-MM-DDTHH:MM[:SS[.fraction]] and a zone (Z or +HH:MM): the shape checked before datetime reads the values,
 # since datetime.fromisoformat alone takes any separator and a zone-less time
-ISO_TIME_PATTERN = r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?(Z|[+-][0-9]{2}:[0-9]{2})"
+ISO_TIME_PATTERN = (
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
 EPOCH_PATTERN = r"[0-9]{1,12}(\.[0-9]{1,9})?"  # plain decimal seconds: no sign, exponent, "_", nan or inf
 LAST_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z, datetime's last second
 
@@ -65,12 +68,16 @@ def check_canonical_label(value: Optional[str], name: str) -> Optional[str]:
     if check_label(value, name) is None:
         return None
     if any(unicodedata.category(ch) == "Cf" for ch in value):
-        raise InvalidValue(f"{name}: invisible format characters (zero-width spaces, joiners, direction marks) are not allowed")
+        raise InvalidValue(
+            f"{name}: invisible format characters (zero-width spaces, joiners, direction marks) are not allowed"
+        )
     if "\ufffd" in value:  # what a URL's or form's bytes that were not UTF-8 decode to
         raise InvalidValue(f"{name}: U+FFFD (a replacement for bytes that were not UTF-8 text) is not allowed")
     canonical = unicodedata.normalize("NFKC", value).strip()
     if canonical != value:
-        raise InvalidValue(f"{name}: {value!r} is not in its canonical spelling {canonical!r} (Unicode NFKC, no space at either end)")
+        raise InvalidValue(
+            f"{name}: {value!r} is not in its canonical spelling {canonical!r} (Unicode NFKC, no space at either end)"
+        )
     return value
 
 
@@ -87,8 +94,10 @@ def parse_time(text: Optional[str], name: str) -> Optional[float]:
         except ValueError as exc:  # month 13, February 30, hour 25, offset past 24 h
             raise InvalidValue(f"{name}: {exc}") from None
     else:
-        raise InvalidValue(f"{name}: {text[:40]!r} is neither ISO 8601 with a time zone (2024-06-01T12:00:00Z, "
-                           "2024-06-01T14:00:00+02:00) nor epoch seconds (1717243200)")
+        raise InvalidValue(
+            f"{name}: {text[:40]!r} is neither ISO 8601 with a time zone (2024-06-01T12:00:00Z, "
+            "2024-06-01T14:00:00+02:00) nor epoch seconds (1717243200)"
+        )
     if not 0 <= seconds <= LAST_EPOCH:
         raise InvalidValue(f"{name}: must be between 1970 and 9999")
     return seconds
@@ -133,7 +142,9 @@ def parse_metadata(text: Optional[str]) -> dict:
 
 def strict_json_object(text: str) -> dict:
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+        value = json.loads(
+            text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+        )
     except RecursionError:  # far deeper than the limit: the parser gave up before check_writable could say so
         raise InvalidValue(f"nested deeper than {MAX_METADATA_DEPTH} levels") from None
     except InvalidValue:

@@ -5,6 +5,7 @@ the model file carries (``reid.verification``, written by ``python -m training c
 false-match rate it was chosen for and the ROC it came from), else there is none and the answer is null
 rather than a guess. The rule: the same person when the score (mean over branches of the cosine) > threshold.
 """
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -31,8 +32,12 @@ class SamePersonRule:
         if self.threshold is None:
             return None
         calibrated = self.source == "model"
-        return {"threshold": self.threshold, "source": self.source, "calibrated_on": self.calibration.get("calibrated_on") if calibrated else None,
-                "target_fmr": self.calibration.get("target_fmr") if calibrated else None}
+        return {
+            "threshold": self.threshold,
+            "source": self.source,
+            "calibrated_on": self.calibration.get("calibrated_on") if calibrated else None,
+            "target_fmr": self.calibration.get("target_fmr") if calibrated else None,
+        }
 
     def decide(self, score: float) -> Optional[bool]:
         return None if self.threshold is None else score > self.threshold

@@ -1,7 +1,6 @@
 """The gallery backends a test module's server fixture runs on, and reading what a server stored; the
 cluster's servers themselves are ``harness.cluster``'s."""
 
-
 BACKENDS = ["embedded", "cluster"]  # a module's server fixture parametrized by these runs its tests on both
 
 
@@ -18,13 +17,19 @@ def stored_embeddings(server, ids):
 
     if server.env.get("REID_GALLERY_BACKEND") == "cluster":
         import psycopg
+
         with psycopg.connect(server.env["REID_POSTGRES_DSN"]) as db:
             rows = dict(db.execute("SELECT id, embedding FROM items WHERE id = ANY(%s)", (list(ids),)).fetchall())
     else:
         import sqlite3
+
         db = sqlite3.connect(server.env["REID_STORE_PATH"])
         try:
-            rows = dict(db.execute(f"SELECT id, embedding FROM items WHERE id IN ({','.join('?' * len(ids))})", list(ids)).fetchall())
+            rows = dict(
+                db.execute(
+                    f"SELECT id, embedding FROM items WHERE id IN ({','.join('?' * len(ids))})", list(ids)
+                ).fetchall()
+            )
         finally:
             db.close()
     return np.stack([np.frombuffer(rows[i], np.float32) for i in ids])

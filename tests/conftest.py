@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic Market-1501-layout data and a tiny training config."""
+
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ def write_market(root: Path, train_pids=range(6), test_pids=range(1000, 1004), p
         for cam in (1, 2):
             for _ in range(per_camera):
                 counter += 1
-                person_image(pid, counter).save(root / "bounding_box_train" / f"{pid:04d}_c{cam}s1_{counter:06d}_00.jpg")
+                person_image(pid, counter).save(
+                    root / "bounding_box_train" / f"{pid:04d}_c{cam}s1_{counter:06d}_00.jpg"
+                )
     for pid in test_pids:
         counter += 1
         person_image(pid, counter).save(root / "query" / f"{pid:04d}_c1s1_{counter:06d}_00.jpg")
@@ -46,10 +49,21 @@ def market_root(tmp_path_factory) -> Path:
 
 def tiny_overrides(root: Path, out: Path, **extra) -> list:
     values = {
-        "data.roots": f"[{root}]", "data.height": TINY_HEIGHT, "data.width": TINY_WIDTH, "data.batch_size": 8,
-        "data.padding": 4, "model.pretrained": "null", "model.num_branches": 2, "model.reduction_dim": 16,
-        "loss.k": 2, "solver.warmup_epochs": 1, "solver.epochs": 1, "solver.max_iters_per_epoch": 2,
-        "run.output_dir": str(out), "run.progress": "false", "run.threads": 1,
+        "data.roots": f"[{root}]",
+        "data.height": TINY_HEIGHT,
+        "data.width": TINY_WIDTH,
+        "data.batch_size": 8,
+        "data.padding": 4,
+        "model.pretrained": "null",
+        "model.num_branches": 2,
+        "model.reduction_dim": 16,
+        "loss.k": 2,
+        "solver.warmup_epochs": 1,
+        "solver.epochs": 1,
+        "solver.max_iters_per_epoch": 2,
+        "run.output_dir": str(out),
+        "run.progress": "false",
+        "run.threads": 1,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -72,7 +86,13 @@ def tiny_model(market_root, tmp_path_factory):
     from training import export, load_config, train
 
     out = tmp_path_factory.mktemp("tiny_model")
-    steps = {"run.evaluate_at_end": "false", "solver.epochs": 8, "solver.max_iters_per_epoch": "null", "data.sampler": "pk", "data.num_instances": 2}
+    steps = {
+        "run.evaluate_at_end": "false",
+        "solver.epochs": 8,
+        "solver.max_iters_per_epoch": "null",
+        "data.sampler": "pk",
+        "data.num_instances": 2,
+    }
     train(load_config("base.yaml", tiny_overrides(market_root, out, **steps)))
     export(out / "model.pt", out / "model.onnx")
     return out / "model.pt", out / "model.onnx"

@@ -1,5 +1,6 @@
 """What the service's tests check answers with: the error shape, enrolment, metrics, queries, the model's own
 outputs, and RAM's sums; the server itself, and enrolling and querying it, are ``harness.server``'s."""
+
 from pathlib import Path
 from typing import List
 

@@ -32,9 +32,17 @@ def test_osnet_keys_are_torchreids_keys_for_every_width_and_ibn():
     from model_zoo.backbones.osnet import build_osnet
 
     x0_25 = build_osnet("osnet_x0_25").state_dict()
-    expected = {"conv1.conv.weight": (16, 3, 7, 7), "conv2.0.conv2d.3.conv2.weight": (16, 1, 3, 3), "conv2.0.gate.fc1.weight": (1, 16, 1, 1),
-                "conv2.0.downsample.bn.running_var": (64,), "conv2.2.0.conv.weight": (64, 64, 1, 1), "conv4.1.gate.fc2.bias": (32,),
-                "conv5.bn.weight": (128,), "fc.0.weight": (512, 128), "fc.1.running_mean": (512,)}
+    expected = {
+        "conv1.conv.weight": (16, 3, 7, 7),
+        "conv2.0.conv2d.3.conv2.weight": (16, 1, 3, 3),
+        "conv2.0.gate.fc1.weight": (1, 16, 1, 1),
+        "conv2.0.downsample.bn.running_var": (64,),
+        "conv2.2.0.conv.weight": (64, 64, 1, 1),
+        "conv4.1.gate.fc2.bias": (32,),
+        "conv5.bn.weight": (128,),
+        "fc.0.weight": (512, 128),
+        "fc.1.running_mean": (512,),
+    }
     assert {key: tuple(x0_25[key].shape) for key in expected} == expected
     assert len(x0_25) == 567 - 2  # torchreid's file has 567 entries, the classifier's two among them
     ibn = build_osnet("osnet_x1_0", ibn=True).state_dict()
@@ -49,11 +57,23 @@ def test_osnet_ain_keys_are_torchreids():
     from model_zoo.backbones.osnet import build_osnet
 
     keys = set(build_osnet("osnet_ain_x1_0").state_dict())
-    assert {"conv2.0.conv2.3.layers.3.conv2.weight", "pool2.0.conv.weight", "pool3.0.bn.running_var", "conv1.bn.weight", "fc.1.running_mean"} <= keys
+    assert {
+        "conv2.0.conv2.3.layers.3.conv2.weight",
+        "pool2.0.conv.weight",
+        "pool3.0.bn.running_var",
+        "conv1.bn.weight",
+        "fc.1.running_mean",
+    } <= keys
     assert "conv1.bn.running_mean" not in keys  # the stem's norm is an instance norm
-    with_in = {block for block in ("conv2.0", "conv2.1", "conv3.0", "conv3.1", "conv4.0", "conv4.1") if f"{block}.IN.weight" in keys}
+    with_in = {
+        block
+        for block in ("conv2.0", "conv2.1", "conv3.0", "conv3.1", "conv4.0", "conv4.1")
+        if f"{block}.IN.weight" in keys
+    }
     assert with_in == {"conv2.0", "conv2.1", "conv3.1", "conv4.0"}
-    assert all((f"{block}.conv3.bn.weight" in keys) != (block in with_in) for block in ("conv2.0", "conv3.0", "conv4.1"))
+    assert all(
+        (f"{block}.conv3.bn.weight" in keys) != (block in with_in) for block in ("conv2.0", "conv3.0", "conv4.1")
+    )
     with pytest.raises(ValueError, match="no IBN"):
         build_osnet("osnet_ain_x1_0", ibn=True)
 
@@ -86,18 +106,23 @@ def test_the_original_flat_mobilenetv2_layout_loads_into_torchvision_keys(tmp_pa
             block, rest = parts[1], parts[3:]
             table = NESTED_TO_FLAT_T1 if block == "1" else NESTED_TO_FLAT
             nested = ".".join(rest[:2]) if ".".join(rest[:2]) in table else rest[0]
-            tail = rest[len(nested.split(".")):]
+            tail = rest[len(nested.split(".")) :]
             key = ".".join(["features", block, "conv", table[nested], *tail])
         flat[key] = value
     torch.save(flat, tmp_path / "flat.pt")
     model = MobileNetV2()
-    assert load_checkpoint(model, tmp_path / "flat.pt", convert=convert_flat_layout) == {"missing": [], "unexpected": []}
+    assert load_checkpoint(model, tmp_path / "flat.pt", convert=convert_flat_layout) == {
+        "missing": [],
+        "unexpected": [],
+    }
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_cama_branches_own_their_last_stage_and_output_the_contract_shapes():
-    model = build_model({"architecture": "cama", "backbone": "mobilenetv2", "num_branches": 3, "reduction_dim": 32}, num_classes=5)
+    model = build_model(
+        {"architecture": "cama", "backbone": "mobilenetv2", "num_branches": 3, "reduction_dim": 32}, num_classes=5
+    )
     first, second = model.branches[0].stage, model.branches[1].stage
     assert first is not second and first[0].conv[0][0].weight is not second[0].conv[0][0].weight
     images = torch.randint(0, 256, (2, 64, 32, 3), dtype=torch.uint8)
@@ -143,11 +168,16 @@ def test_mobilenetv2_ibn_b_keeps_every_key_and_its_stem_ignores_an_images_contra
     assert load_checkpoint(model, tmp_path / "mnv2.pt") == {"missing": [], "unexpected": []}
     stem = model.features[0][1]
     assert isinstance(stem, InstanceBatchNorm2d) and stem.instance_channels == stem.num_features == 32
-    assert [i for i, block in enumerate(model.features[1:-1], 1) if block.IN is not None] == [3, 6]  # stride-4 and -8 stages' ends
+    assert [i for i, block in enumerate(model.features[1:-1], 1) if block.IN is not None] == [
+        3,
+        6,
+    ]  # stride-4 and -8 stages' ends
     model.eval()
     image = torch.rand(1, 3, 64, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.features[0](3 * image), model.features[0](image), atol=2e-3, rtol=1e-3)  # eps aside
+        torch.testing.assert_close(
+            model.features[0](3 * image), model.features[0](image), atol=2e-3, rtol=1e-3
+        )  # eps aside
         stage_end = model.features[:7](image)
     torch.testing.assert_close(stage_end.mean(dim=(2, 3)), torch.zeros(1, 32), atol=1e-5, rtol=0)  # instance-normalised
     plain = MobileNetV2().eval()
@@ -193,9 +223,13 @@ def test_instance_batch_norm_equals_instance_norm_beside_batch_norm():
     torch.testing.assert_close(layer.running_mean, running_mean)
     torch.testing.assert_close(layer.running_var, running_var)
     grad = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0], atol=1e-5, rtol=1e-5
+    )
     layer.eval()
-    torch.testing.assert_close(layer(x), reference(x, layer.running_mean, layer.running_var, False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        layer(x), reference(x, layer.running_mean, layer.running_var, False), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2", "resnet50", "osnet_x0_25", "osnet_ain_x0_25"])
@@ -210,7 +244,11 @@ def test_named_stages_compose_to_the_trunk_and_last_stage_and_state_their_shapes
         torch.testing.assert_close(taps["layer4"], parts.last_stage(parts.trunk(x)))
         torch.testing.assert_close(parts.stage_range("layer2", "layer3")(taps["layer1"]), taps["layer3"])
     for stage, out in taps.items():
-        assert out.shape[1:] == (parts.stage_channels[stage], 64 // parts.stage_strides[stage], 32 // parts.stage_strides[stage]), stage
+        assert out.shape[1:] == (
+            parts.stage_channels[stage],
+            64 // parts.stage_strides[stage],
+            32 // parts.stage_strides[stage],
+        ), stage
     assert parts.stage_range("stem", "layer1")[1] is parts.stages["layer1"]  # views, not copies
     with pytest.raises(KeyError, match="no stage named"):
         run_stages(parts.stages, x, ["pool5"])
@@ -234,7 +272,9 @@ def test_ibn_networks_export_with_parity(backbone, ibn, market_root, tmp_path):
     from model_zoo.onnx_export import check_parity, parity_images, write_onnx
     from training.export import describe
 
-    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.backbone": backbone, "model.ibn": ibn}))
+    cfg = load_config(
+        "base.yaml", tiny_overrides(market_root, tmp_path, **{"model.backbone": backbone, "model.ibn": ibn})
+    )
     model = build_model(model_settings(cfg), num_classes=5).eval()
     write_onnx(model, describe(model, cfg, None), tmp_path / "model.onnx")
     report = check_parity(model, tmp_path / "model.onnx", parity_images(TINY_HEIGHT, TINY_WIDTH, None))
@@ -260,7 +300,9 @@ def test_export_zeroes_subnormal_weights_and_keeps_parity(market_root, tmp_path)
     convolutions = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
         convolutions[-1].weight[:3] = 1e-40
-    assert write_onnx(model, describe(model, cfg, None), tmp_path / "model.onnx") >= 3 * convolutions[-1].weight[0].numel()
+    assert (
+        write_onnx(model, describe(model, cfg, None), tmp_path / "model.onnx") >= 3 * convolutions[-1].weight[0].numel()
+    )
     smallest_normal = np.finfo(np.float32).tiny
     for tensor in onnx.load(str(tmp_path / "model.onnx")).graph.initializer:
         weights = numpy_helper.to_array(tensor)

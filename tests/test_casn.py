@@ -2,6 +2,7 @@
 identification attention, the Siamese indicator and closed-form attention, row alignment and the consistency
 term, PCB's contract maps, training to RAM heatmaps over HTTP, the service's pairwise re-ranking stage, and
 its cost bench (bench/pair_attention_cost.py)."""
+
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from model_zoo.architectures import build_model
 from tests.conftest import image_bytes, person_image, tiny_overrides
 from harness.server import ServiceProcess, enrol, metric, query
 from tests.server import assert_error, assert_heatmaps_sum_to_scores, onnx_outputs
-from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page, wait_for  # noqa: F401 (browser: a fixture)
+from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page, strip_maps_drawn, wait_for  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
 from training.data import PairSampler
 from training.engine import Trainer
@@ -66,7 +67,9 @@ def test_siamese_grad_cam_closed_form_equals_autograd():
     maps = torch.randn(2, 6, 4, 3).relu().requires_grad_()
     a = (torch.randn(6) > 0).float()
     score = (maps.mean(dim=(2, 3)) * a).sum()  # s_j = <a, f_j>, f = GAP(A)
-    torch.testing.assert_close(grad_cam(score, maps), linear_head_cam(maps, a.expand(2, -1)).detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        grad_cam(score, maps), linear_head_cam(maps, a.expand(2, -1)).detach(), atol=1e-6, rtol=0
+    )
 
 
 def test_pair_cross_entropy_of_zero_logits_is_log_two():
@@ -79,8 +82,17 @@ def batch(trainer, indices):
 
 
 def casn_overrides(root, out, **extra):
-    return tiny_overrides(root, out, **{"model.architecture": "casn", "model.reduction_dim": 8, "data.sampler": "pairs",
-                                        "solver.warmup_epochs": 0, **extra})
+    return tiny_overrides(
+        root,
+        out,
+        **{
+            "model.architecture": "casn",
+            "model.reduction_dim": 8,
+            "data.sampler": "pairs",
+            "solver.warmup_epochs": 0,
+            **extra,
+        },
+    )
 
 
 @pytest.mark.parametrize("layout", ["ide", "pcb"])
@@ -95,7 +107,9 @@ def test_every_term_trains_and_a_negative_pair_adds_no_consistency(layout, marke
     total.backward()
     assert model.trunk[0][0].weight.grad.abs().sum() > 0 and model.pair_head[0].weight.grad.abs().sum() > 0
 
-    negative_only = objective.consistency(out.aux["maps"][2:], torch.ones(1, out.aux["maps"].shape[1]), torch.tensor([False]))
+    negative_only = objective.consistency(
+        out.aux["maps"][2:], torch.ones(1, out.aux["maps"].shape[1]), torch.tensor([False])
+    )
     assert negative_only.item() == 0 and not negative_only.requires_grad
 
 
@@ -126,7 +140,12 @@ def test_pcb_maps_average_to_each_stripe_descriptor_and_vanish_outside_the_strip
 def trained_casn_onnx(market_root, out, layout: str):
     # enough steps for the batch norm statistics to settle (see tiny_model): a barely trained net gives every image one
     # embedding, and the pairwise stage's min-max would then scale noise
-    steps = {"solver.epochs": 8, "solver.max_iters_per_epoch": "null", "run.evaluate_at_end": "false", "model.layout": layout}
+    steps = {
+        "solver.epochs": 8,
+        "solver.max_iters_per_epoch": "null",
+        "run.evaluate_at_end": "false",
+        "model.layout": layout,
+    }
     train(load_config("base.yaml", casn_overrides(market_root, out, **steps)))
     export(out / "model.pt", out / "model.onnx")
     return out / "model.onnx"
@@ -157,7 +176,9 @@ def test_the_artifact_indicator_equals_autograd_on_the_eval_mode_head():
     head = model.pair_head_artifact("sha", 0.3)
     difference = torch.randn(7, 1280, requires_grad=True)
     expected = pair_indicator(model.pair_head(difference), difference)
-    assert isinstance(head, PairHead) and np.array_equal(head.indicator(difference.detach().numpy()), expected.numpy() > 0)
+    assert isinstance(head, PairHead) and np.array_equal(
+        head.indicator(difference.detach().numpy()), expected.numpy() > 0
+    )
 
 
 @pytest.mark.parametrize("layout", ["ide", "pcb"])
@@ -176,7 +197,9 @@ def test_the_artifact_attention_maps_equal_the_training_objectives(layout):
     difference = (features[:1] - features[1:]).requires_grad_(True)
     channel_weights = pair_indicator(model.pair_head(difference), difference).view(1, -1, 1280).sum(dim=1)
     expected = linear_head_cam(maps, channel_weights.expand(2, -1))
-    query_attention, gallery_attention = head.attention_maps(features[0].numpy(), maps[0].numpy(), features[1:].numpy(), maps[1:].numpy())
+    query_attention, gallery_attention = head.attention_maps(
+        features[0].numpy(), maps[0].numpy(), features[1:].numpy(), maps[1:].numpy()
+    )
     assert expected.amax() > 0
     np.testing.assert_allclose(query_attention[0], expected[0].numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(gallery_attention[0], expected[1].numpy(), rtol=1e-4, atol=1e-6)
@@ -201,7 +224,9 @@ def test_fusion_with_one_attention_distance_ranks_by_features_alone():
     assert fused_distances(features, np.array([1.0, 0.0, 0.5, 0.2])).tolist() == pytest.approx([2.0, 0.0, 1.0, 0.45])
 
 
-def test_export_writes_the_pair_head_bound_to_its_model_and_evaluation_uses_it(casn_onnx, market_root, tmp_path, capsys):
+def test_export_writes_the_pair_head_bound_to_its_model_and_evaluation_uses_it(
+    casn_onnx, market_root, tmp_path, capsys
+):
     import shutil
 
     from model_zoo.pair_attention import PairHead, PairHeadMismatch, pair_head_path
@@ -227,7 +252,9 @@ def local_pair_ranking(model, query_blob, blobs):
     from model_zoo.pair_attention import PairHead, pair_head_path
 
     head = PairHead.load(pair_head_path(model), model)
-    embeddings, maps = onnx_outputs(model, [query_blob, *blobs], ["embedding", "feature_maps" if head.stripes == 1 else "pair_maps"])
+    embeddings, maps = onnx_outputs(
+        model, [query_blob, *blobs], ["embedding", "feature_maps" if head.stripes == 1 else "pair_maps"]
+    )
     maps = maps[:, 0] if head.stripes == 1 else maps  # A: IDE's one contract map, else the pair_maps output
     return head.rank(embeddings[0], maps[0], embeddings[1:], maps[1:])
 
@@ -249,18 +276,28 @@ def test_pair_attention_orders_the_shortlist_by_the_fused_distance_and_keeps_sco
         assert metric(client, misses) == before
         assert [m["id"] for m in again] == [m["id"] for m in body["matches"]]
         # the pair term from float16 maps: 2.6e-3 off here, where RAM's grid mean stays within 1e-5 of the score
-        assert [m["pair_distance"] for m in again] == pytest.approx([m["pair_distance"] for m in body["matches"]], abs=5e-3)
+        assert [m["pair_distance"] for m in again] == pytest.approx(
+            [m["pair_distance"] for m in body["matches"]], abs=5e-3
+        )
     expected = local_pair_ranking(casn_onnx, query_blob, blobs)
     position = {item: row for row, item in enumerate(ids)}  # the shortlist is the whole gallery of 6
     matches = body["matches"]
-    assert body["reranked"] is True and "pair_attention" in body["timing_ms"] and [m["rank"] for m in matches] == [1, 2, 3, 4]
+    assert (
+        body["reranked"] is True
+        and "pair_attention" in body["timing_ms"]
+        and [m["rank"] for m in matches] == [1, 2, 3, 4]
+    )
     distances = [m["pair_distance"] for m in matches]
     assert distances == sorted(distances)
     for m in matches:
         row = position[m["id"]]
         assert m["pair_distance"] == pytest.approx(expected.distances[row], abs=1e-3)
-        np.testing.assert_allclose(m["pair_attention"]["query_grid"], expected.query_attention[row], rtol=1e-3, atol=1e-6)
-        np.testing.assert_allclose(m["pair_attention"]["gallery_grid"], expected.gallery_attention[row], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(
+            m["pair_attention"]["query_grid"], expected.query_attention[row], rtol=1e-3, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            m["pair_attention"]["gallery_grid"], expected.gallery_attention[row], rtol=1e-3, atol=1e-6
+        )
     left_out = [expected.distances[position[i]] for i in ids if i not in {m["id"] for m in matches}]
     assert max(distances) <= min(left_out) + 1e-3
     plain_scores = {m["id"]: m["score"] for m in plain}
@@ -273,7 +310,9 @@ def test_pair_attention_orders_the_shortlist_by_the_fused_distance_and_keeps_sco
     assert all("pair_distance" not in m and "pair_attention" not in m for m in plain)
 
 
-def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_refuses_the_start(casn_onnx, casn_pcb_onnx, tiny_model, tmp_path):
+def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_refuses_the_start(
+    casn_onnx, casn_pcb_onnx, tiny_model, tmp_path
+):
     import dataclasses
     import shutil
 
@@ -293,11 +332,15 @@ def test_pair_attention_without_a_pair_head_is_409_and_a_wrong_or_missing_one_re
         ServiceProcess(bare, tmp_path / "h.sqlite3").start()
     with pytest.raises(RuntimeError, match="REID_PAIR_HEAD_PATH=.*missing.npz: no such file"):
         ServiceProcess(casn_onnx, tmp_path / "i.sqlite3", pair_head_path=tmp_path / "missing.npz").start()
-    with pytest.raises(RuntimeError, match="more than REID_MAX_QUEUED_IMAGES=50"):  # a shortlist of 100 could never be queued
+    with pytest.raises(
+        RuntimeError, match="more than REID_MAX_QUEUED_IMAGES=50"
+    ):  # a shortlist of 100 could never be queued
         ServiceProcess(casn_onnx, tmp_path / "j.sqlite3", max_queued_images=50, max_images_per_request=8).start()
     branches = tmp_path / "cama.onnx"  # two branches and no pair_maps: nothing of A to read
     shutil.copy(tiny_model[1], branches)
-    dataclasses.replace(PairHead.load(pair_head_path(casn_pcb_onnx)), model_sha256=sha256_of(branches)).save(pair_head_path(branches))
+    dataclasses.replace(PairHead.load(pair_head_path(casn_pcb_onnx)), model_sha256=sha256_of(branches)).save(
+        pair_head_path(branches)
+    )
     with pytest.raises(RuntimeError, match="a pair head over 6 stripe.* this one's has none"):
         ServiceProcess(branches, tmp_path / "k.sqlite3").start()
 
@@ -334,7 +377,7 @@ def test_the_pair_attention_cost_bench_times_every_variant_with_and_without_cach
 
 
 @NEEDS_BROWSER
-def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_path):
+def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_path):  # noqa: F811 (browser: the fixture)
     from selenium.webdriver.common.by import By
 
     image = tmp_path / "query.png"
@@ -345,9 +388,10 @@ def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_pa
         assert not browser.find_element(By.ID, "rerank").is_selected()
         assert all("d_pair" in card.find_element(By.CSS_SELECTOR, "figcaption div").text for card in cards)
         # each map drawn by the page from the answer's grids, over its image
-        assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.pair img.overlay")) for card in cards] == [2] * 6  # grids: every match
-        drawn = lambda d: all(i.get_attribute("src").startswith("data:image/png") for i in d.find_elements(By.CSS_SELECTOR, ".strip img.overlay"))  # noqa: E731
-        wait_for(browser, drawn)
+        assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.pair img.overlay")) for card in cards] == [
+            2
+        ] * 6  # grids: every match
+        wait_for(browser, strip_maps_drawn)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "web_page_pair_attention.png"))
 
@@ -355,7 +399,12 @@ def test_the_page_shows_the_pair_attention_beside_ram(browser, casn_onnx, tmp_pa
 def test_the_pool_schedule_warms_the_classifiers_up_without_the_attention_terms(market_root, tmp_path):
     # In the warm-up only the classifiers train: the trunk's maps carry no gradient, so the Grad-CAM terms
     # (identification attention, consistency) and the pair term are off there; the main phase has them all.
-    cfg = load_config("casn_pool.yaml", casn_overrides(market_root, tmp_path, **{"run.evaluate_at_end": "false", "model.ibn": "false", "data.source_weights": "{}"}))
+    cfg = load_config(
+        "casn_pool.yaml",
+        casn_overrides(
+            market_root, tmp_path, **{"run.evaluate_at_end": "false", "model.ibn": "false", "data.source_weights": "{}"}
+        ),
+    )
     assert cfg.solver.phases[0]["loss_weights"] == {"loss_ia": 0, "loss_pair": 0, "loss_consistency": 0}
     train(cfg)
     assert (tmp_path / "model.pt").exists()

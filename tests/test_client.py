@@ -1,4 +1,5 @@
 """The Python client (client/) and its CLI against a real server: sync and async, typed answers, errors."""
+
 import asyncio
 import json
 
@@ -28,8 +29,12 @@ def reid(server):
 def test_enrol_query_page_read_and_delete(reid, tmp_path):
     path = tmp_path / "a.png"
     person_image(1, 1).save(path)
-    items = reid.enroll([path, image_bytes(1, 2), ("b.jpg", image_bytes(2, 1))], person_id=["1", "1", "2"], camera_id="c1",
-                        metadata={"site": "gate"})
+    items = reid.enroll(
+        [path, image_bytes(1, 2), ("b.jpg", image_bytes(2, 1))],
+        person_id=["1", "1", "2"],
+        camera_id="c1",
+        metadata={"site": "gate"},
+    )
     assert [i.person_id for i in items] == ["1", "1", "2"] and all(i.metadata == {"site": "gate"} for i in items)
     result = reid.query(image_bytes(1, 2), top_k=3)
     assert result.matches[0].id == items[1].id and result.matches[0].score == pytest.approx(1.0, abs=1e-4)
@@ -70,11 +75,18 @@ def test_the_cli_enrols_a_market_folder_and_saves_a_query_with_overlays(reid, se
     folder.mkdir()
     for pid, cam, variant in ((5, 1, 1), (5, 2, 2), (6, 1, 3)):
         person_image(pid, variant).save(folder / f"{pid:04d}_c{cam}s1_{variant:06d}_00.jpg")
-    assert market_ids(folder / "0005_c2s1_000002_00.jpg") == ("0005", "c2")  # the id as written, as curl and the page send it
+    assert market_ids(folder / "0005_c2s1_000002_00.jpg") == (
+        "0005",
+        "c2",
+    )  # the id as written, as curl and the page send it
     common = ["--url", server.url, "--api-key", "secret"]
     cli([*common, "enrol", str(folder), "--market-names", "--batch", "2"])
     assert "enrolled 3 images" in capsys.readouterr().out
-    assert sorted((i.person_id, i.camera_id) for i in reid.iter_gallery()) == [("0005", "c1"), ("0005", "c2"), ("0006", "c1")]
+    assert sorted((i.person_id, i.camera_id) for i in reid.iter_gallery()) == [
+        ("0005", "c1"),
+        ("0005", "c2"),
+        ("0006", "c1"),
+    ]
     query = folder / "0005_c2s1_000002_00.jpg"
     cli([*common, "query", str(query), "--top-k", "2", "--save", str(tmp_path / "out")])
     assert "score" in capsys.readouterr().out
@@ -92,8 +104,11 @@ def test_the_cli_enrols_a_market_folder_and_saves_a_query_with_overlays(reid, se
 
 
 def test_the_cli_says_in_one_line_what_went_wrong(tmp_path, capsys):
-    for args in (["--url", "http://127.0.0.1:9", "erase-person", "7"], ["--url", "not a url", "delete", "1"],
-                 ["--url", "http://127.0.0.1:9", "enrol", str(tmp_path / "absent")]):
+    for args in (
+        ["--url", "http://127.0.0.1:9", "erase-person", "7"],
+        ["--url", "not a url", "delete", "1"],
+        ["--url", "http://127.0.0.1:9", "enrol", str(tmp_path / "absent")],
+    ):
         with pytest.raises(SystemExit) as stopped:
             cli(args)
         message = str(stopped.value.code)

@@ -2,6 +2,7 @@
 losses and the SPR blocks against hand-computed cases (design 4.7), the contract maps with forced ties and mixed
 strides, the two-step schedule's fixed learning rate, training to RAM heatmaps over HTTP, and its part attention
 maps served beside them."""
+
 import base64
 import io
 import math
@@ -13,19 +14,39 @@ import torch
 from PIL import Image
 
 from model_zoo.architectures import build_model
-from model_zoo.architectures.clpd import MultiscaleAttention, PartDescriptor, barycentre, relational, statistic, statistic_map
+from model_zoo.architectures.clpd import (
+    MultiscaleAttention,
+    PartDescriptor,
+    barycentre,
+    relational,
+    statistic,
+    statistic_map,
+)
 from model_zoo.architectures.contract_maps import cosine_distance_map, grid_mean, weighted_map
 from model_zoo.contract import OUTPUT_ATTENTION_MAPS, check_session
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes, person_image, tiny_overrides
 from harness.server import ServiceProcess, enrol, query
 from tests.server import assert_heatmaps_sum_to_scores, onnx_outputs
-from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page, wait_for  # noqa: F401 (browser: a fixture)
+from tests.test_web_page import ARTIFACTS, NEEDS_BROWSER, browser, query_on_page, strip_maps_drawn, wait_for  # noqa: F401 (browser: a fixture)
 from training import export, load_config, train
-from training.objectives.clpd import activation_distribution_loss, activation_ratio_loss, candidate_counts, concentration_loss
+from training.objectives.clpd import (
+    activation_distribution_loss,
+    activation_ratio_loss,
+    candidate_counts,
+    concentration_loss,
+)
 from training.solver import Phase, build_optimizer, set_learning_rate
 
-TINY_CLPD = {"architecture": "clpd", "backbone": "mobilenetv2", "pretrained": None, "reduction_dim": 16, "clpd_middle_channels": 8}
-IMAGES = torch.randint(0, 256, (3, TINY_HEIGHT, TINY_WIDTH, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+TINY_CLPD = {
+    "architecture": "clpd",
+    "backbone": "mobilenetv2",
+    "pretrained": None,
+    "reduction_dim": 16,
+    "clpd_middle_channels": 8,
+}
+IMAGES = torch.randint(
+    0, 256, (3, TINY_HEIGHT, TINY_WIDTH, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+)
 
 
 # The attention module -------------------------------------------------------------------------------------------
@@ -122,7 +143,9 @@ def test_relational_distance_cases_and_an_all_zero_channel_gives_no_nan():
     torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-6, rtol=0)
     pair = torch.cat([z, torch.rand(2, 1, 3, 4, 4)], dim=1)
     torch.testing.assert_close(relational(pair, others)[:, 0], relational(pair, others)[:, 1])  # symmetric
-    torch.testing.assert_close(relational(pair, others)[:, 0, 0], grid_mean(cosine_distance_map(pair[:, 0], pair[:, 1])))
+    torch.testing.assert_close(
+        relational(pair, others)[:, 0, 0], grid_mean(cosine_distance_map(pair[:, 0], pair[:, 1]))
+    )
     disjoint = torch.zeros(1, 2, 1, 2, 2)
     disjoint[0, 0, 0, 0, :], disjoint[0, 1, 0, 1, :] = 1.0, 2.0
     assert (relational(disjoint, others) == 1).all()
@@ -169,7 +192,9 @@ def test_the_global_branch_on_a_coarser_layer4_is_upsampled_and_the_identity_hol
     assert out.feature_maps.shape == (3, 2, 16, 4, 2) and out.aux["attention_maps"].shape == (3, 8, 4, 2)
     torch.testing.assert_close(out.feature_maps.mean(dim=(3, 4)), reference, atol=1e-5, rtol=1e-5)
     global_map = out.feature_maps[:, 0]
-    assert torch.equal(global_map[..., 0::2, :], global_map[..., 1::2, :]) and torch.equal(global_map[..., 0], global_map[..., 1])  # 2x1 -> 4x2
+    assert torch.equal(global_map[..., 0::2, :], global_map[..., 1::2, :]) and torch.equal(
+        global_map[..., 0], global_map[..., 1]
+    )  # 2x1 -> 4x2
 
 
 def test_the_ablation_knobs_and_the_dimensions():
@@ -189,13 +214,23 @@ def test_selection_margins_leave_the_global_branch_in_and_spread_each_part_over_
 
 
 def clpd_cfg(root, out, **extra):
-    values = {"model.architecture": "clpd", "model.reduction_dim": 16, "model.clpd_middle_channels": 8, "solver.optimizer": "sgd",
-              "solver.lr": 0.01, "solver.phases": PHASES, **extra}
+    values = {
+        "model.architecture": "clpd",
+        "model.reduction_dim": 16,
+        "model.clpd_middle_channels": 8,
+        "solver.optimizer": "sgd",
+        "solver.lr": 0.01,
+        "solver.phases": PHASES,
+        **extra,
+    }
     return load_config("base.yaml", tiny_overrides(root, out, **values))
 
 
-PHASES = ("[{name: global, epochs: 1, trainable: [backbone, global], loss_weights: {loss_local: 0, loss_ratio: 0, loss_distribution: 0}},"
-          " {name: joint, epochs: 1, fixed_lr: {backbone: 0.0002, global: 0.0002}, scheduler: multistep, milestones: [1]}]")
+PHASES = (
+    "[{name: global, epochs: 1, trainable: [backbone, global], loss_weights: {loss_local: 0, loss_ratio: 0, "
+    "loss_distribution: 0}},"
+    " {name: joint, epochs: 1, fixed_lr: {backbone: 0.0002, global: 0.0002}, scheduler: multistep, milestones: [1]}]"
+)
 
 
 def test_step_one_runs_the_global_branch_alone_and_step_two_every_term(market_root, tmp_path):
@@ -218,7 +253,15 @@ def test_step_one_runs_the_global_branch_alone_and_step_two_every_term(market_ro
 
 def test_a_fixed_rate_group_ignores_the_schedule():
     model = build_model(TINY_CLPD, num_classes=5)
-    phase = Phase("joint", 150, optimizer="sgd", lr=5e-2, fixed_lr={"backbone": 2e-4, "global": 2e-4}, scheduler="multistep", milestones=[50, 100])
+    phase = Phase(
+        "joint",
+        150,
+        optimizer="sgd",
+        lr=5e-2,
+        fixed_lr={"backbone": 2e-4, "global": 2e-4},
+        scheduler="multistep",
+        milestones=[50, 100],
+    )
     optimizer = build_optimizer(model, phase)
     for epoch, local in ((0, 5e-2), (60, 5e-3), (120, 5e-4)):
         set_learning_rate(optimizer, phase.learning_rate(epoch, 0, 10))
@@ -239,7 +282,9 @@ def clpd_onnx(market_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("clpd")
     summary = train(clpd_cfg(market_root, out, **{"solver.max_iters_per_epoch": 4, "data.erasing_prob": 0.5}))
     joint = summary["history"][-1]
-    assert joint["phase"] == "joint" and all(math.isfinite(joint[k]) for k in ("loss_local", "loss_ratio", "loss_distribution"))
+    assert joint["phase"] == "joint" and all(
+        math.isfinite(joint[k]) for k in ("loss_local", "loss_ratio", "loss_distribution")
+    )
     export(out / "model.pt", out / "model.onnx")
     return out / "model.onnx"
 
@@ -249,7 +294,9 @@ def test_clpd_trains_in_two_steps_and_exports_with_attribution_parity_and_its_at
     contract = check_session(session)
     assert contract.feature_maps_kind == "attribution" and contract.num_branches == 2 and contract.branch_dim == 16
     (attention,) = session.run([OUTPUT_ATTENTION_MAPS], {"images": IMAGES.numpy()})
-    assert attention.shape == (3, 8, contract.map_height, contract.map_width) and ((attention > 0) & (attention < 1)).all()
+    assert (
+        attention.shape == (3, 8, contract.map_height, contract.map_width) and ((attention > 0) & (attention < 1)).all()
+    )
 
 
 def test_clpd_is_served_unchanged_with_heatmaps_that_average_to_the_score(clpd_onnx, tmp_path):
@@ -278,7 +325,7 @@ def test_the_part_attention_maps_come_beside_ram_for_the_query_and_each_match(cl
 
 
 @NEEDS_BROWSER
-def test_the_page_shows_the_part_attention_maps_beside_ram(browser, clpd_onnx, tmp_path):
+def test_the_page_shows_the_part_attention_maps_beside_ram(browser, clpd_onnx, tmp_path):  # noqa: F811 (browser: the fixture)
     from selenium.webdriver.common.by import By
 
     image = tmp_path / "query.png"
@@ -290,7 +337,6 @@ def test_the_page_shows_the_part_attention_maps_beside_ram(browser, clpd_onnx, t
         # each part's map drawn by the page from the answer's grids, over its image
         assert [len(card.find_elements(By.CSS_SELECTOR, ".strip.parts img.overlay")) for card in cards] == [8] * 4
         assert len(browser.find_elements(By.CSS_SELECTOR, "#query-card .strip.parts img.overlay")) == 8
-        drawn = lambda d: all(i.get_attribute("src").startswith("data:image/png") for i in d.find_elements(By.CSS_SELECTOR, ".strip img.overlay"))  # noqa: E731
-        wait_for(browser, drawn)
+        wait_for(browser, strip_maps_drawn)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "web_page_part_attention.png"))

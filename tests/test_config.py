@@ -13,8 +13,15 @@ def test_cpu_schedule_layers_on_the_paper_schedule():
 
 
 def test_overrides_are_parsed_as_yaml_and_unknown_keys_refused():
-    cfg = load_config("base.yaml", ["model.num_branches=1", "loss.alpha=0", "model.reduction_dim=256", "model.pretrained=null"])
-    assert cfg.model.num_branches == 1 and cfg.loss.alpha == 0 and cfg.model.reduction_dim == 256 and cfg.model.pretrained is None
+    cfg = load_config(
+        "base.yaml", ["model.num_branches=1", "loss.alpha=0", "model.reduction_dim=256", "model.pretrained=null"]
+    )
+    assert (
+        cfg.model.num_branches == 1
+        and cfg.loss.alpha == 0
+        and cfg.model.reduction_dim == 256
+        and cfg.model.pretrained is None
+    )
     with pytest.raises(ValueError, match="unknown config keys"):
         load_config(None, ["solver.learning_rate=1"])
     with pytest.raises(ValueError):
@@ -32,7 +39,13 @@ def test_train_help_documents_every_option(capsys):
 
 def test_the_pool_recipe_layers_on_the_paper_schedule_and_overrides_replace_whole_values():
     cfg = load_config("pool.yaml")
-    assert (cfg.model.ibn, cfg.loss.oap_mode, cfg.loss.k, cfg.data.height, cfg.data.width) == (True, "ordered", 5, 128, 64)
+    assert (cfg.model.ibn, cfg.loss.oap_mode, cfg.loss.k, cfg.data.height, cfg.data.width) == (
+        True,
+        "ordered",
+        5,
+        128,
+        64,
+    )
     assert cfg.model.backbone == "mobilenetv2" and cfg.data.source_weights == {"TownCentre": 0.5}
     emptied = load_config("pool.yaml", ["data.source_weights={}", "data.roots=[/a, /b]"])
     assert emptied.data.source_weights == {} and emptied.data.roots == ["/a", "/b"]
@@ -47,13 +60,17 @@ def test_every_shipped_config_builds_its_model_and_its_phases_name_real_parts(na
     from training.solver import phases_from_config
 
     overrides = ["model.pretrained=null"]
-    if load_config(name).model.architecture == "openvino_ir":  # an imported model's config: a tiny IR stands in for the real one
+    if (
+        load_config(name).model.architecture == "openvino_ir"
+    ):  # an imported model's config: a tiny IR stands in for the real one
         from tests.conftest import TINY_HEIGHT, TINY_WIDTH
         from tests.tiny_ir import omz_like_ir
 
         source = omz_like_ir(tmp_path / "tiny.xml")
         overrides += [f"model.source={source}", f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"]
-        if "kd_relation_weight" in (CONFIG_DIR / name).read_text():  # a distillation config: the tiny IR imported is its teacher
+        if (
+            "kd_relation_weight" in (CONFIG_DIR / name).read_text()
+        ):  # a distillation config: the tiny IR imported is its teacher
             from model_zoo.importers import import_model
 
             overrides.append(f"loss.teacher={import_model(source, tmp_path / 'teacher.onnx')['output']}")
@@ -61,7 +78,9 @@ def test_every_shipped_config_builds_its_model_and_its_phases_name_real_parts(na
     model = build_model(model_settings(cfg), num_classes=4)
     groups, terms = set(parameter_groups(model)), set(build_objective(cfg, model).weights())
     for phase in phases_from_config(cfg.solver):
-        assert set(phase.trainable + phase.eval_mode + list(phase.lr_multipliers) + list(phase.fixed_lr)) <= groups, phase.name
+        assert set(phase.trainable + phase.eval_mode + list(phase.lr_multipliers) + list(phase.fixed_lr)) <= groups, (
+            phase.name
+        )
         assert set(phase.loss_weights) <= terms, phase.name
 
 

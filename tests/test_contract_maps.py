@@ -1,6 +1,7 @@
 """Contract maps (model_zoo/architectures/contract_maps.py, design 0.2 rules R1-R9): each map averages over the
 grid to the descriptor computed directly, and exports to ONNX; every registered architecture's maps average to
 its reference descriptors; contract v1.1 (feature_maps_kind) and the exporter's parity rule for attribution maps."""
+
 import warnings
 import numpy as np
 import onnxruntime as ort
@@ -48,7 +49,16 @@ def assert_mean(result, descriptor):
 
 
 # R1 ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("module", [nn.Linear(D, 3), nn.Linear(D, 3, bias=False), nn.Conv2d(D, 3, 1), nn.BatchNorm2d(D), nn.BatchNorm1d(D, affine=False)])
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Linear(D, 3),
+        nn.Linear(D, 3, bias=False),
+        nn.Conv2d(D, 3, 1),
+        nn.BatchNorm2d(D),
+        nn.BatchNorm1d(D, affine=False),
+    ],
+)
 def test_r1_affine_after_pooling(maps, module):
     module = module.double()
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -59,7 +69,11 @@ def test_r1_affine_after_pooling(maps, module):
             module.bias.data.normal_()
     module.eval()
     pooled = cm.grid_mean(maps)
-    direct = module(pooled[:, :, None, None]).flatten(1) if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) else module(pooled)
+    direct = (
+        module(pooled[:, :, None, None]).flatten(1)
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+        else module(pooled)
+    )
     assert_mean(cm.affine_map(maps, *cm.as_affine(module)), direct)
 
 
@@ -192,13 +206,20 @@ class EveryRule(nn.Module):
 
     def forward(self, x):
         weights = x[:, 0].sigmoid()
-        return cm.concat_maps([
-            cm.affine_map(x, *cm.as_affine(self.conv)), cm.affine_map(x, *cm.as_affine(self.bn)),
-            cm.region_map(x[:, None], self.stripes).flatten(1, 2), cm.weighted_map(x, weights),
-            *(cm.selection_map(x, mode) for mode in cm.SELECTIONS), cm.variance_map(x),
-            cm.cosine_distance_map(x, x.flip(1)), cm.relu_gate(x), cm.nonlinearity_gate(x, torch.sigmoid),
-            cm.upsample_nearest(x, (2, 3))[..., :H, :W],
-        ])
+        return cm.concat_maps(
+            [
+                cm.affine_map(x, *cm.as_affine(self.conv)),
+                cm.affine_map(x, *cm.as_affine(self.bn)),
+                cm.region_map(x[:, None], self.stripes).flatten(1, 2),
+                cm.weighted_map(x, weights),
+                *(cm.selection_map(x, mode) for mode in cm.SELECTIONS),
+                cm.variance_map(x),
+                cm.cosine_distance_map(x, x.flip(1)),
+                cm.relu_gate(x),
+                cm.nonlinearity_gate(x, torch.sigmoid),
+                cm.upsample_nearest(x, (2, 3))[..., :H, :W],
+            ]
+        )
 
 
 def test_every_rule_exports_to_onnx_and_onnx_runtime_agrees(tmp_path):
@@ -209,8 +230,16 @@ def test_every_rule_exports_to_onnx_and_onnx_runtime_agrees(tmp_path):
     path = tmp_path / "rules.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["maps"], opset_version=17, dynamo=False,
-                          dynamic_axes={"x": {0: "batch"}, "maps": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["x"],
+            output_names=["maps"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={"x": {0: "batch"}, "maps": {0: "batch"}},
+        )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = model(x).numpy()
@@ -220,7 +249,13 @@ def test_every_rule_exports_to_onnx_and_onnx_runtime_agrees(tmp_path):
 
 
 # Every registered architecture (C10) ------------------------------------------------------------------------------
-TINY_MODEL = {"backbone": "mobilenetv2", "num_branches": 2, "reduction_dim": 16, "pretrained": None, "input_size": (TINY_HEIGHT, TINY_WIDTH)}
+TINY_MODEL = {
+    "backbone": "mobilenetv2",
+    "num_branches": 2,
+    "reduction_dim": 16,
+    "pretrained": None,
+    "input_size": (TINY_HEIGHT, TINY_WIDTH),
+}
 IMAGES = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, TINY_HEIGHT, TINY_WIDTH, 3), dtype=np.uint8))
 
 
@@ -238,7 +273,9 @@ def test_every_architecture_maps_average_to_its_reference_descriptors(name, requ
         maps = model(IMAGES).feature_maps
         reference = model.reference_descriptors(IMAGES)
     assert reference.shape == maps.shape[:3]
-    torch.testing.assert_close(F.normalize(maps.float().mean((3, 4)), dim=2), F.normalize(reference.float(), dim=2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        F.normalize(maps.float().mean((3, 4)), dim=2), F.normalize(reference.float(), dim=2), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip_averaged"])
@@ -302,7 +339,9 @@ class ToyAttribution(nn.Module):
 def test_attribution_parity_leaves_out_near_tied_channels_only(tmp_path):
     torch.manual_seed(3)
     model = ToyAttribution().eval()
-    contract = ModelContract("toy", "none", 2, 4, TINY_HEIGHT // 4, TINY_WIDTH // 4, TINY_HEIGHT, TINY_WIDTH, feature_maps_kind="attribution")
+    contract = ModelContract(
+        "toy", "none", 2, 4, TINY_HEIGHT // 4, TINY_WIDTH // 4, TINY_HEIGHT, TINY_WIDTH, feature_maps_kind="attribution"
+    )
     write_onnx(model, contract, tmp_path / "toy.onnx")
     images = parity_images(TINY_HEIGHT, TINY_WIDTH, None)
     report = check_parity(model, tmp_path / "toy.onnx", images)

@@ -27,7 +27,10 @@ def test_formats_are_judged_by_content_and_corrupt_files_reported_by_name(tmp_pa
     (train / "0002_c1s1_000053_00.png").write_bytes(b"")
     data = MarketDataset(root, 64, 32, progress=False)
     assert len(data) == 14
-    assert sorted(name.split(":")[0] for name in data.bad_files) == ["0001_c2s1_000052_00.jpg", "0002_c1s1_000053_00.png"]
+    assert sorted(name.split(":")[0] for name in data.bad_files) == [
+        "0001_c2s1_000052_00.jpg",
+        "0002_c1s1_000053_00.png",
+    ]
 
 
 def test_uncached_dataset_decodes_on_demand(tmp_path):
@@ -63,7 +66,7 @@ def test_augmentation_flips_pads_and_crops_to_the_input_size():
     # every output is a shifted window of the zero-padded input
     padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2), (2, 2, 2, 2)).permute(0, 2, 3, 1)
     for b in range(2):
-        assert any(torch.equal(out[b], padded[b, t : t + 8, l : l + 4]) for t in range(5) for l in range(5))
+        assert any(torch.equal(out[b], padded[b, t : t + 8, x : x + 4]) for t in range(5) for x in range(5))
 
 
 def test_random_sized_crop_boxes_keep_to_their_area_and_aspect_inside_the_image():
@@ -72,7 +75,9 @@ def test_random_sized_crop_boxes_keep_to_their_area_and_aspect_inside_the_image(
     area, aspect = box_h * box_w / (384 * 128), box_w / box_h
     assert area.min() >= 0.64 - 1e-4 and area.max() <= 1.0 + 1e-4 and area.max() > 0.95
     assert aspect.min() >= 1 / 3 - 1e-4 and aspect.max() <= 1 / 2 + 1e-4
-    assert top.min() >= 0 and (top + box_h).max() <= 384 + 1e-4 and left.min() >= 0 and (left + box_w).max() <= 128 + 1e-4
+    assert (
+        top.min() >= 0 and (top + box_h).max() <= 384 + 1e-4 and left.min() >= 0 and (left + box_w).max() <= 128 + 1e-4
+    )
 
 
 def test_random_sized_crop_resizes_the_box_back_to_the_input_size():
@@ -85,7 +90,9 @@ def test_random_sized_crop_resizes_the_box_back_to_the_input_size():
     # rows 16..47 stretched over 64 output rows: row r of the output shows input row 16 + (r + 0.5) / 2 - 0.5
     expected = (2 * (16 + (torch.arange(64) + 0.5) / 2 - 0.5)).clamp(min=32).round()
     assert half.shape == (1, 64, 32, 3) and torch.allclose(half[0, :, 10, 0].float(), expected, atol=1)
-    out = TrainAugmentation(flip_prob=0, crop_area=(0.64, 1.0))(rows.to(torch.uint8).repeat(8, 1, 1, 1), torch.Generator().manual_seed(0))
+    out = TrainAugmentation(flip_prob=0, crop_area=(0.64, 1.0))(
+        rows.to(torch.uint8).repeat(8, 1, 1, 1), torch.Generator().manual_seed(0)
+    )
     assert out.shape == (8, 64, 32, 3) and out.dtype == torch.uint8 and not torch.equal(out[0], out[1])
 
 
@@ -105,17 +112,30 @@ def test_several_roots_get_their_own_ids_cameras_and_sources(tmp_path):
     # pid 0 of each folder is a different person; cameras 1-2 of the second folder become 3-4
     assert data.num_classes == 4
     assert sorted({(r.source, r.camid) for r in data.records}) == [
-        ("first", 1), ("first", 2), ("second/Mall", 3), ("second/Mall", 4), ("second/Street", 3), ("second/Street", 4)]
-    assert data.describe_sources() == {name: {"images": 6 * n, "identities": n} for name, n in
-                                       (("first", 2), ("second/Mall", 1), ("second/Street", 1))}
+        ("first", 1),
+        ("first", 2),
+        ("second/Mall", 3),
+        ("second/Mall", 4),
+        ("second/Street", 3),
+        ("second/Street", 4),
+    ]
+    assert data.describe_sources() == {
+        name: {"images": 6 * n, "identities": n} for name, n in (("first", 2), ("second/Mall", 1), ("second/Street", 1))
+    }
     assert data.source_weights({"Street": 0.25, "first": 2}).tolist() == [2.0, 1.0, 0.25]
-    assert data.source_weights({"TownCentre": 0.5}).tolist() == [1.0, 1.0, 1.0]  # pool.yaml's weight on other data: skipped
+    assert data.source_weights({"TownCentre": 0.5}).tolist() == [
+        1.0,
+        1.0,
+        1.0,
+    ]  # pool.yaml's weight on other data: skipped
 
 
 def test_pk_sampler_draws_identities_in_proportion_to_their_weight():
     labels = [label for label in range(6) for _ in range(4)]
     weights = [1, 1, 1, 1, 4, 0]
-    sampler = PKSampler(labels, batch_size=4, num_instances=2, generator=torch.Generator().manual_seed(0), identity_weights=weights)
+    sampler = PKSampler(
+        labels, batch_size=4, num_instances=2, generator=torch.Generator().manual_seed(0), identity_weights=weights
+    )
     counts = np.zeros(6)
     for _ in range(200):
         for batch in sampler:

@@ -1,5 +1,6 @@
 """Deployment files: the compose file's structure, the Dockerfiles (hadolint), and that the container runs the
 same command the tests start."""
+
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,10 @@ def test_compose_reserves_a_gpu_and_has_a_cpu_profile():
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert services["reid-cpu"]["profiles"] == ["cpu"] and "deploy" not in services["reid-cpu"]
-    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu" and services["reid-cpu"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert (
+        gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+        and services["reid-cpu"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    )
 
 
 @pytest.mark.parametrize("name", ["reid", "reid-cpu"])
@@ -49,17 +53,29 @@ def test_compose_cluster_profile_puts_replicas_with_a_gpu_each_behind_a_load_bal
     cluster = {name for name, service in services.items() if service.get("profiles") == ["cluster"]}
     assert cluster == {"etcd", "minio", "milvus", "postgres", "reid-replica", "reid-lb"}
     replica = services["reid-replica"]
-    assert replica["deploy"]["replicas"] == "${REID_REPLICAS:-2}" and "ports" not in replica  # reached through the balancer only
+    assert (
+        replica["deploy"]["replicas"] == "${REID_REPLICAS:-2}" and "ports" not in replica
+    )  # reached through the balancer only
     [device] = replica["deploy"]["resources"]["reservations"]["devices"]
     assert device["count"] == 1 and "gpu" in device["capabilities"]
     assert "/readyz" in " ".join(replica["healthcheck"]["test"])
     env = replica["environment"]
-    assert env["REID_GALLERY_BACKEND"] == "cluster" and env["REID_MILVUS_URI"] == "http://milvus:19530" and "@postgres:5432/" in env["REID_POSTGRES_DSN"]
+    assert (
+        env["REID_GALLERY_BACKEND"] == "cluster"
+        and env["REID_MILVUS_URI"] == "http://milvus:19530"
+        and "@postgres:5432/" in env["REID_POSTGRES_DSN"]
+    )
     assert set(env) <= {f"REID_{field.upper()}" for field in Settings.model_fields}
     assert all(services[name]["healthcheck"] for name in cluster)
-    assert replica["depends_on"] == {"milvus": {"condition": "service_healthy"}, "postgres": {"condition": "service_healthy"}}
+    assert replica["depends_on"] == {
+        "milvus": {"condition": "service_healthy"},
+        "postgres": {"condition": "service_healthy"},
+    }
     nginx = (REPO / "docker" / "nginx-cluster.conf").read_text()
-    assert "reid-replica:8000" in nginx and "./docker/nginx-cluster.conf:/etc/nginx/conf.d/default.conf:ro" in services["reid-lb"]["volumes"]
+    assert (
+        "reid-replica:8000" in nginx
+        and "./docker/nginx-cluster.conf:/etc/nginx/conf.d/default.conf:ro" in services["reid-lb"]["volumes"]
+    )
     # the replicas see only nginx's address: the per-client cap is nginx's, with the same figure
     assert str(env["REID_MAX_CONNECTIONS_PER_CLIENT"]) == "0"
     assert f"limit_conn per_client {Settings().max_connections_per_client};" in nginx
@@ -98,6 +114,8 @@ def test_the_grafana_dashboard_reads_only_metrics_the_service_exposes():
     dashboard = json.loads((REPO / "docker" / "grafana" / "reid-dashboard.json").read_text())
     exposed = {metric.name for metric in ServiceMetrics().registry.collect()}
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    used = {re.sub(r"_(bucket|sum|count|total)$", "", name) for expr in queries for name in re.findall(r"\breid_\w+", expr)}
+    used = {
+        re.sub(r"_(bucket|sum|count|total)$", "", name) for expr in queries for name in re.findall(r"\breid_\w+", expr)
+    }
     assert used and used <= {re.sub(r"_total$", "", name) for name in exposed}, used - exposed
     assert {"reid_build_info", "reid_queued_images", "reid_request_seconds", "reid_errors"} <= used

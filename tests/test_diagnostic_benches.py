@@ -1,5 +1,6 @@
 """The diagnostic benches on real modules: bench/frozen_feature_heads.py (its heads are the architectures' own
 modules, and only their classifiers learn, as in a warm-up) and bench/loss_gradients.py (each term on each part)."""
+
 import torch
 
 from tests.test_results_tables import bench_module
@@ -17,7 +18,9 @@ def test_every_head_learns_through_its_classifier_alone():
         assert logits_of(maps[:12].float()).shape == (12, 6), name
         classifier_ids = {id(p) for p in classifier.parameters()}
         before = {n: p.detach().clone() for n, p in module.named_parameters()}
-        curve = heads.learn(head, maps, labels, batches, warmup=10, lr=1e-2, warmup_lr=1e-4, weight_decay=5e-4, report_every=20)
+        curve = heads.learn(
+            head, maps, labels, batches, warmup=10, lr=1e-2, warmup_lr=1e-4, weight_decay=5e-4, report_every=20
+        )
         changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
         assert changed == {n for n, p in module.named_parameters() if id(p) in classifier_ids}, name
         assert [point["batches"] for point in curve] == [20, 40]
@@ -29,11 +32,17 @@ def test_loss_gradients_reports_each_term_on_each_part(market_root, tmp_path):
     from training import load_config
     from training.engine import Trainer
 
-    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"loss.triplet_weight": 1.0, "data.sampler": "pk"})))
+    trainer = Trainer(
+        load_config(
+            "base.yaml", tiny_overrides(market_root, tmp_path, **{"loss.triplet_weight": 1.0, "data.sampler": "pk"})
+        )
+    )
     gradients = bench_module("loss_gradients").term_gradients(trainer, batches=2)
     assert set(gradients) == {"loss_id", "loss_oap", "loss_tri"}
     assert all(set(by_part) == {"classifiers", "trunk", "rest", "all"} for by_part in gradients.values())
-    assert gradients["loss_tri"]["classifiers"] == 0 < gradients["loss_tri"]["trunk"]  # the triplet never reaches a classifier
+    assert (
+        gradients["loss_tri"]["classifiers"] == 0 < gradients["loss_tri"]["trunk"]
+    )  # the triplet never reaches a classifier
     assert gradients["loss_id"]["classifiers"] > 0 and gradients["loss_oap"]["trunk"] > 0
 
 
@@ -49,7 +58,9 @@ def test_subnormal_weights_bench_counts_zeroes_and_times_both_files(tiny_model, 
     convolution.CopyFrom(numpy_helper.from_array(weights, convolution.name))
     with_subnormals = tmp_path / "old_export.onnx"
     onnx.save(proto, str(with_subnormals))
-    figures = bench_module("subnormal_weights").compare(with_subnormals, [1], rounds=1, seconds=0.05, batch_size=2, work=tmp_path)
+    figures = bench_module("subnormal_weights").compare(
+        with_subnormals, [1], rounds=1, seconds=0.05, batch_size=2, work=tmp_path
+    )
     assert figures["subnormal_weights"] == 5
     assert figures["max_embedding_difference"] < 1e-6
     speed = figures["images_per_second"][1]
@@ -57,6 +68,8 @@ def test_subnormal_weights_bench_counts_zeroes_and_times_both_files(tiny_model, 
 
 
 def test_subnormal_weights_bench_times_a_training_step_as_is_and_zeroed(tiny_model):
-    figures = bench_module("subnormal_weights").compare_training(tiny_model[0], threads=1, rounds=1, seconds=0.05, batch_size=4)
+    figures = bench_module("subnormal_weights").compare_training(
+        tiny_model[0], threads=1, rounds=1, seconds=0.05, batch_size=4
+    )
     assert figures["subnormal_values"] >= 0 and figures["ratio_median"] > 0
     assert len(figures["rounds"]["as_is"]) == len(figures["rounds"]["zeroed"]) == 1

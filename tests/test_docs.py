@@ -1,5 +1,6 @@
 """The docs stay in step with the code: every setting is in docs/settings.md's table, every route has a curl
 example in docs/api.md."""
+
 import re
 
 from service.app import create_app
@@ -18,8 +19,12 @@ def test_every_setting_is_in_the_settings_table():
 
 def test_every_route_has_a_curl_example():
     # path_format: the path without its converters ({person_id:path} is {person_id})
-    routes = {route.path_format for route in create_app(Settings()).routes if getattr(route, "include_in_schema", False)}
+    routes = {
+        route.path_format for route in create_app(Settings()).routes if getattr(route, "include_in_schema", False)
+    }
     examples = " ".join(line for line in API.splitlines() if line.startswith("curl"))
     for path in routes:
-        pattern = re.sub(r"\\\{(\w+)\\\}", lambda name: PARAMETER_EXAMPLES.get(name.group(1), r"[^/\s']+"), re.escape(path))
+        pattern = re.sub(
+            r"\\\{(\w+)\\\}", lambda name: PARAMETER_EXAMPLES.get(name.group(1), r"[^/\s']+"), re.escape(path)
+        )
         assert re.search(rf"8000{pattern}(['\s?]|$)", examples), path

@@ -54,7 +54,11 @@ def clustered_split(num_pids=6, gallery_per_pid=3, branches=2, dim=8, seed=0):
 
     def images(per_pid: int, camera: int):
         features = np.repeat(centres, per_pid, axis=0) + 0.6 * rng.normal(size=(num_pids * per_pid, branches, dim))
-        records = [ImageRecord(Path(f"{pid:04d}_c{camera}_{i}.jpg"), pid, camera) for pid in range(1, num_pids + 1) for i in range(per_pid)]
+        records = [
+            ImageRecord(Path(f"{pid:04d}_c{camera}_{i}.jpg"), pid, camera)
+            for pid in range(1, num_pids + 1)
+            for i in range(per_pid)
+        ]
         return features / np.linalg.norm(features, axis=2, keepdims=True), records
 
     return (*images(1, 1), *images(gallery_per_pid, 2))
@@ -70,7 +74,12 @@ def test_re_ranking_is_opt_in_and_adds_one_key_beside_unchanged_figures():
         assert all(reranked[key] == plain[key] for key in plain)
         figures = reranked[RERANK_KEY]
         assert {"rank1", "rank5", "rank10", "mAP", "mINP", "num_queries"} <= set(figures)
-        assert (figures["rerank_variant"], figures["k1"], figures["k2"], figures["lambda_value"]) == (variant, 4, 2, 0.3)
+        assert (figures["rerank_variant"], figures["k1"], figures["k2"], figures["lambda_value"]) == (
+            variant,
+            4,
+            2,
+            0.3,
+        )
         assert 0 <= figures["mAP"] <= 1 and figures["num_queries"] == plain["all"]["num_queries"]
 
 
@@ -93,7 +102,9 @@ def test_results_table_shows_the_re_ranked_row_only_when_there_is_one():
     query_feats, query, gallery_feats, gallery = clustered_split()
     plain = results_table({"market": features_metrics(query_feats, gallery_feats, query, gallery)})
     assert len(plain.splitlines()) == 3 and "re-ranked" not in plain
-    table = results_table({"market": features_metrics(query_feats, gallery_feats, query, gallery, Rerank("single", 5, 3, 0.2))})
+    table = results_table(
+        {"market": features_metrics(query_feats, gallery_feats, query, gallery, Rerank("single", 5, 3, 0.2))}
+    )
     rows = table.splitlines()[2:]
     assert [row.split(" | ")[0] for row in rows] == ["| market", "| market (re-ranked single, k1=5 k2=3 lambda=0.2)"]
     assert rows[1].endswith("| - |")
@@ -110,9 +121,14 @@ def test_the_evaluate_command_passes_re_ranking_through(monkeypatch, capsys):
         return {"set": features_metrics(query_feats, gallery_feats, query, gallery, rerank)}
 
     monkeypatch.setattr(training.evaluation, "evaluate_checkpoint", fake_evaluate)
-    args = build_parser().parse_args(["evaluate", "model.pt", "--rerank", "all", "--k1", "4", "--k2", "2", "--lambda-value", "0.5"])
+    args = build_parser().parse_args(
+        ["evaluate", "model.pt", "--rerank", "all", "--k1", "4", "--k2", "2", "--lambda-value", "0.5"]
+    )
     args.run(args)
-    assert seen["rerank"] == Rerank("all", 4, 2, 0.5) and "set (re-ranked all, k1=4 k2=2 lambda=0.5)" in capsys.readouterr().out
+    assert (
+        seen["rerank"] == Rerank("all", 4, 2, 0.5)
+        and "set (re-ranked all, k1=4 k2=2 lambda=0.5)" in capsys.readouterr().out
+    )
     args = build_parser().parse_args(["evaluate", "model.pt"])
     args.run(args)
     assert seen["rerank"] is None and "re-ranked" not in capsys.readouterr().out

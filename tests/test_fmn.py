@@ -1,5 +1,6 @@
 """FMN (model_zoo/architectures/fmn.py, training/objectives/fmn.py): the mask, the rank loss, the two phases,
 the descriptor's ranking, and the whole route from training to RAM heatmaps over HTTP."""
+
 import numpy as np
 import pytest
 import torch
@@ -13,14 +14,31 @@ from training.checkpoints import model_settings
 from training.engine import Trainer
 from training.losses import ProbabilityMarginRankLoss
 
-TINY_FMN = {"architecture": "fmn", "backbone": "mobilenetv2", "pretrained": None, "input_size": (TINY_HEIGHT, TINY_WIDTH)}
-PHASES = ("[{name: grn, epochs: 1, trainable: [grn], loss_weights: {loss_lan: 0, loss_rank: 0}},"
-          " {name: mask_lan, epochs: 1, trainable: [mask, lan], eval_mode: [grn], loss_weights: {loss_grn: 0}}]")
+TINY_FMN = {
+    "architecture": "fmn",
+    "backbone": "mobilenetv2",
+    "pretrained": None,
+    "input_size": (TINY_HEIGHT, TINY_WIDTH),
+}
+PHASES = (
+    "[{name: grn, epochs: 1, trainable: [grn], loss_weights: {loss_lan: 0, loss_rank: 0}},"
+    " {name: mask_lan, epochs: 1, trainable: [mask, lan], eval_mode: [grn], loss_weights: {loss_grn: 0}}]"
+)
 
 
 def fmn_overrides(root, out, **extra):
-    return tiny_overrides(root, out, **{"model.architecture": "fmn", "model.reduction_dim": "null", "solver.optimizer": "sgd",
-                                        "solver.lr": 0.01, "solver.phases": PHASES, **extra})
+    return tiny_overrides(
+        root,
+        out,
+        **{
+            "model.architecture": "fmn",
+            "model.reduction_dim": "null",
+            "solver.optimizer": "sgd",
+            "solver.lr": 0.01,
+            "solver.phases": PHASES,
+            **extra,
+        },
+    )
 
 
 def test_a_zero_mask_network_leaves_the_features_unmasked_and_any_mask_only_amplifies():
@@ -116,7 +134,12 @@ def test_phase_one_trains_the_grn_alone_and_phase_two_keeps_it_bit_identical(mar
 @pytest.fixture(scope="module")
 def fmn_onnx(market_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("fmn")
-    train(load_config("base.yaml", fmn_overrides(market_root, out, **{"solver.max_iters_per_epoch": 4, "run.evaluate_at_end": "false"})))
+    train(
+        load_config(
+            "base.yaml",
+            fmn_overrides(market_root, out, **{"solver.max_iters_per_epoch": 4, "run.evaluate_at_end": "false"}),
+        )
+    )
     export(out / "model.pt", out / "model.onnx")
     return out / "model.onnx"
 
@@ -132,8 +155,16 @@ def test_an_untrained_lan_identical_to_its_grn_exports_to_a_file_onnx_runtime_lo
     from model_zoo.onnx_export import write_onnx
     from training.export import describe
 
-    cfg = load_config("base.yaml", ["model.architecture=fmn", "model.pretrained=null", "model.ibn=true",
-                                    f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"])
+    cfg = load_config(
+        "base.yaml",
+        [
+            "model.architecture=fmn",
+            "model.pretrained=null",
+            "model.ibn=true",
+            f"data.height={TINY_HEIGHT}",
+            f"data.width={TINY_WIDTH}",
+        ],
+    )
     model = build_model(model_settings(cfg), num_classes=5).eval()
     model.lan.load_state_dict(model.grn_global.state_dict())
     write_onnx(model, describe(model, cfg, None), tmp_path / "fmn.onnx")

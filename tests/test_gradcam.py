@@ -1,5 +1,6 @@
 """Grad-CAM inside training (training/gradcam.py): no parameter gradients touched, the closed form of a linear
 head, the two modes, and bf16 autocast."""
+
 import copy
 
 import pytest

@@ -1,5 +1,6 @@
 """``python -m model_zoo import``: tiny OpenVINO IRs built in the test with OpenVINO's own API, imported, and
 checked against OpenVINO's runtime, the contract, RAM's identity and the real service."""
+
 import json
 import subprocess
 import sys
@@ -35,13 +36,23 @@ def test_the_interpreter_computes_what_openvino_computes(tmp_path, fp16):
 
 def test_an_imported_ir_follows_the_contract_agrees_with_openvino_and_records_its_source(tmp_path):
     path = omz_like_ir(tmp_path / "tiny.xml", compress_to_fp16=True)
-    summary = import_model(path, tmp_path / "tiny.onnx", Provenance(licence="Apache-2.0", url="https://example.org/tiny"))
+    summary = import_model(
+        path, tmp_path / "tiny.onnx", Provenance(licence="Apache-2.0", url="https://example.org/tiny")
+    )
     assert max(summary["openvino_agreement"].values()) <= 1e-4
     proto = onnx.load(str(tmp_path / "tiny.onnx"))
     metadata = {p.key: p.value for p in proto.metadata_props}
     source = json.loads(metadata[SOURCE_KEY])
-    assert source["licence"] == "Apache-2.0" and source["channel_order"] == "bgr" and set(source["files"]) == {"tiny.xml", "tiny.bin"}
-    assert metadata["reid.feature_maps_kind"] == "attribution" and metadata["reid.num_branches"] == "1" and metadata["reid.branch_dim"] == str(DIM)
+    assert (
+        source["licence"] == "Apache-2.0"
+        and source["channel_order"] == "bgr"
+        and set(source["files"]) == {"tiny.xml", "tiny.bin"}
+    )
+    assert (
+        metadata["reid.feature_maps_kind"] == "attribution"
+        and metadata["reid.num_branches"] == "1"
+        and metadata["reid.branch_dim"] == str(DIM)
+    )
     assert (metadata["reid.map_height"], metadata["reid.map_width"]) == (str(HEIGHT // 4), str(WIDTH // 4))
 
 
@@ -68,7 +79,9 @@ def test_a_head_that_is_not_piecewise_linear_is_refused_by_name(tmp_path):
 
 
 def test_a_head_that_divides_by_its_data_is_refused(tmp_path):
-    path = omz_like_ir(tmp_path / "tiny.xml", head_tail=lambda x: ops.divide(ops.constant(np.ones((1, DIM), np.float32)), x))
+    path = omz_like_ir(
+        tmp_path / "tiny.xml", head_tail=lambda x: ops.divide(ops.constant(np.ones((1, DIM), np.float32)), x)
+    )
     with pytest.raises(UnsupportedGraph, match="divides by the data"):
         import_model(path, tmp_path / "tiny.onnx")
 
@@ -81,13 +94,32 @@ def test_an_unknown_op_is_refused_by_name(tmp_path):
 
 def test_the_command_line_imports_and_reports_errors_in_one_line(tmp_path):
     path = omz_like_ir(tmp_path / "tiny.xml")
-    done = subprocess.run([sys.executable, "-m", "model_zoo", "import", str(path), str(tmp_path / "tiny.onnx"), "--licence", "Apache-2.0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model_zoo",
+            "import",
+            str(path),
+            str(tmp_path / "tiny.onnx"),
+            "--licence",
+            "Apache-2.0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout[done.stdout.index("\n{") :])  # after the parity check's lines
     assert summary["source"]["licence"] == "Apache-2.0"
-    missing = subprocess.run([sys.executable, "-m", "model_zoo", "import", str(tmp_path / "absent.xml"), str(tmp_path / "x.onnx")],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [sys.executable, "-m", "model_zoo", "import", str(tmp_path / "absent.xml"), str(tmp_path / "x.onnx")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1 and "absent.xml" in missing.stderr
 
 
@@ -99,7 +131,8 @@ def test_the_service_serves_an_imported_model_with_exact_heatmaps(tmp_path):
 
 
 def torchreid_checkpoint(path, name="osnet_x0_25", ibn=False):
-    """A torchreid-layout OSNet state dict with random weights and statistics, and a classifier as torchreid saves it."""
+    """A torchreid-layout OSNet state dict with random weights and statistics, and a classifier as torchreid saves
+    it."""
     from model_zoo.backbones.osnet import build_osnet
 
     torch.manual_seed(0)
@@ -115,8 +148,14 @@ def torchreid_checkpoint(path, name="osnet_x0_25", ibn=False):
     return path
 
 
-@pytest.mark.parametrize("name, ibn, expected", [("osnet_x0_25", False, "osnet_x0_25"), ("osnet_x1_0", True, "osnet_ibn_x1_0"),
-                                                  ("osnet_ain_x0_5", False, "osnet_ain_x0_5")])
+@pytest.mark.parametrize(
+    "name, ibn, expected",
+    [
+        ("osnet_x0_25", False, "osnet_x0_25"),
+        ("osnet_x1_0", True, "osnet_ibn_x1_0"),
+        ("osnet_ain_x0_5", False, "osnet_ain_x0_5"),
+    ],
+)
 def test_a_torchreid_osnet_checkpoint_imports_with_its_own_embedding(tmp_path, name, ibn, expected):
     from model_zoo.importers.torchreid_osnet import contract_model
 
@@ -129,7 +168,11 @@ def test_a_torchreid_osnet_checkpoint_imports_with_its_own_embedding(tmp_path, n
     torch.testing.assert_close(out.embedding, torch.nn.functional.normalize(reference[:, 0], dim=1), atol=1e-5, rtol=0)
     summary = import_model(path, tmp_path / "osnet.onnx", Provenance(licence="MIT"), input_size=(128, 64))
     metadata = summary["contract"]
-    assert metadata["reid.architecture"] == "torchreid_osnet" and metadata["reid.branch_dim"] == "512" and metadata["reid.input_height"] == "128"
+    assert (
+        metadata["reid.architecture"] == "torchreid_osnet"
+        and metadata["reid.branch_dim"] == "512"
+        and metadata["reid.input_height"] == "128"
+    )
     assert summary["source"]["channel_order"] == "rgb" and summary["openvino_agreement"] is None
 
 

@@ -80,11 +80,21 @@ def test_batch_hard_triplet_matches_a_hand_computed_example():
     def dist(i, j):
         return (2 - 2 * math.cos(angles[i] - angles[j])) ** 0.5
 
-    expected = sum(max(0.0, dist(i, p) - min(dist(i, n) for n in range(4) if targets[n] != targets[i]) + 0.3)
-                   for i, p in ((0, 1), (1, 0), (2, 3), (3, 2))) / 4
+    expected = (
+        sum(
+            max(0.0, dist(i, p) - min(dist(i, n) for n in range(4) if targets[n] != targets[i]) + 0.3)
+            for i, p in ((0, 1), (1, 0), (2, 3), (3, 2))
+        )
+        / 4
+    )
     assert BatchHardTripletLoss(0.3)(features, targets).item() == pytest.approx(expected, rel=1e-5)
-    soft = sum(math.log1p(math.exp(dist(i, p) - min(dist(i, n) for n in range(4) if targets[n] != targets[i])))
-               for i, p in ((0, 1), (1, 0), (2, 3), (3, 2))) / 4
+    soft = (
+        sum(
+            math.log1p(math.exp(dist(i, p) - min(dist(i, n) for n in range(4) if targets[n] != targets[i])))
+            for i, p in ((0, 1), (1, 0), (2, 3), (3, 2))
+        )
+        / 4
+    )
     assert BatchHardTripletLoss(None)(features, targets).item() == pytest.approx(soft, rel=1e-5)
 
 

@@ -1,5 +1,6 @@
 """The heatmaps' feature-map cache (service.map_cache): least recently used out first under a byte budget,
 float16 inside and float32 out, and a discard that really frees the memory."""
+
 import numpy as np
 
 from service.inference import ImageMaps

@@ -1,5 +1,6 @@
 """Architecture-owned objectives (training/objectives): the registry, term weights, and CAMA's losses
 unchanged by the move onto the framework."""
+
 from dataclasses import asdict
 
 import pytest
@@ -11,8 +12,18 @@ from training.objectives import OBJECTIVE_REGISTRY, build_objective
 
 # Computed by the trainer's objective before the framework existed (commit d4fd1ba), on the batch below.
 CAMA_REFERENCE = {
-    ("ordered", True): {"loss_id": 5.678349018096924, "loss_oap": 0.7927731275558472, "loss_tri": 1.0678925514221191, "total": 7.53901481628418},
-    ("symmetric", False): {"loss_id": 8.242965698242188, "loss_oap": 0.09760177880525589, "loss_tri": 1.1062899827957153, "total": 9.446857452392578},
+    ("ordered", True): {
+        "loss_id": 5.678349018096924,
+        "loss_oap": 0.7927731275558472,
+        "loss_tri": 1.0678925514221191,
+        "total": 7.53901481628418,
+    },
+    ("symmetric", False): {
+        "loss_id": 8.242965698242188,
+        "loss_oap": 0.09760177880525589,
+        "loss_tri": 1.1062899827957153,
+        "total": 9.446857452392578,
+    },
 }
 
 
@@ -32,8 +43,19 @@ def deterministic_weights(model: torch.nn.Module) -> None:
 
 
 def cama_case(mode: str, ibn: bool, *extra: str):
-    cfg = load_config(None, [f"model.ibn={ibn}", "model.pretrained=null", "loss.k=3", f"loss.oap_mode={mode}",
-                             "loss.label_smoothing=0.1", "loss.triplet_weight=1.0", "loss.alpha=1.0", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"model.ibn={ibn}",
+            "model.pretrained=null",
+            "loss.k=3",
+            f"loss.oap_mode={mode}",
+            "loss.label_smoothing=0.1",
+            "loss.triplet_weight=1.0",
+            "loss.alpha=1.0",
+            *extra,
+        ],
+    )
     model = build_model(asdict(cfg.model), 5)
     deterministic_weights(model)
     images = torch.randint(0, 256, (8, 64, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
@@ -48,7 +70,9 @@ def test_cama_losses_are_unchanged_on_a_fixed_batch(mode, ibn):
     # oneDNN picks its float32 convolution kernels by CPU, so the maps differ in the last digits from one CPU to
     # another, and the penalty's sigmoid around the k-th largest cell amplifies that (7e-5 relative measured
     # between two Xeons); a changed loss moves these figures by far more
-    assert {k: v.item() for k, v in terms.items()} == pytest.approx({k: v for k, v in expected.items() if k != "total"}, rel=3e-4)
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx(
+        {k: v for k, v in expected.items() if k != "total"}, rel=3e-4
+    )
     assert total.item() == pytest.approx(expected["total"], rel=3e-4)
 
 

@@ -1,5 +1,6 @@
 """PMM (model_zoo/architectures/pmm.py, training/objectives/pmm.py): block ranking, A-Hard-Mix, negatives,
 Grad-CAM detachment, the losses' hand cases, the contract maps, and training to RAM heatmaps over HTTP."""
+
 import pytest
 import torch
 
@@ -33,10 +34,14 @@ def test_block_ranking_zeroes_the_top_k_blocks():
 def test_hard_mix_takes_the_anchor_where_the_mask_is_one_and_the_negative_elsewhere():
     anchor, negative = torch.randn(2, 3, 4, 2, requires_grad=True), torch.randn(2, 3, 4, 2, requires_grad=True)
     ones = torch.ones(2, 1, 4, 2)
-    assert torch.equal(hard_mix(anchor, negative, ones), anchor) and torch.equal(hard_mix(anchor, negative, 0 * ones), negative)
+    assert torch.equal(hard_mix(anchor, negative, ones), anchor) and torch.equal(
+        hard_mix(anchor, negative, 0 * ones), negative
+    )
     mask = (torch.rand(2, 1, 4, 2) > 0.5).float()
     hard_mix(anchor, negative, mask).sum().backward()
-    assert torch.equal(anchor.grad, mask.expand_as(anchor)) and torch.equal(negative.grad, (1 - mask).expand_as(negative))
+    assert torch.equal(anchor.grad, mask.expand_as(anchor)) and torch.equal(
+        negative.grad, (1 - mask).expand_as(negative)
+    )
 
 
 def test_negatives_are_always_another_person():
@@ -69,11 +74,18 @@ def test_stages_left_out_of_training_get_no_gradient_and_the_terms_are_stage_one
     from training.objectives import build_objective
 
     model, images, targets = tiny_batch()
-    overrides = ["model.architecture=pmm", "loss.mix=none", "loss.triplet_weight=1", "loss.triplet_margin=null",
-                 "loss.pmm_trained_stages=[1]"]
+    overrides = [
+        "model.architecture=pmm",
+        "loss.mix=none",
+        "loss.triplet_weight=1",
+        "loss.triplet_margin=null",
+        "loss.pmm_trained_stages=[1]",
+    ]
     objective = build_objective(load_config(None, overrides), model)
     out, total, terms = objective(images, targets)
-    stage_one = IdentificationLoss()(out.logits[:, :1], targets) + BatchHardTripletLoss(None)(out.aux["vectors"][:, :1], targets)
+    stage_one = IdentificationLoss()(out.logits[:, :1], targets) + BatchHardTripletLoss(None)(
+        out.aux["vectors"][:, :1], targets
+    )
     torch.testing.assert_close(total, stage_one)
     total.backward()
     assert model.stage1.classifier.weight.grad.abs().sum() > 0 and model.trunk[0][0].weight.grad.abs().sum() > 0
@@ -100,12 +112,15 @@ def test_bn_neck_feeds_the_classifiers_batch_normalised_u_and_leaves_u_and_the_m
     plain = build_model(TINY_PMM, num_classes=5)
     necked = build_model({**TINY_PMM, "bn_neck": True}, num_classes=5)
     assert set(necked.load_state_dict(plain.state_dict(), strict=False).missing_keys) == {
-        f"stage{s}.neck.{key}" for s in (1, 2, 3) for key in ("weight", "bias", "running_mean", "running_var")}
+        f"stage{s}.neck.{key}" for s in (1, 2, 3) for key in ("weight", "bias", "running_mean", "running_var")
+    }
     images = torch.randint(0, 256, (4, TINY_HEIGHT, TINY_WIDTH, 3), dtype=torch.uint8)
     out_plain, out_necked = plain.train()(images), necked.train()(images)
     torch.testing.assert_close(out_necked.aux["vectors"], out_plain.aux["vectors"])
     u = out_necked.aux["vectors"][:, 1]
-    expected = (u - u.mean(0)) / torch.sqrt(u.var(0, unbiased=False) + 1e-5) * necked.stage2.neck.weight + necked.stage2.neck.bias
+    expected = (u - u.mean(0)) / torch.sqrt(
+        u.var(0, unbiased=False) + 1e-5
+    ) * necked.stage2.neck.weight + necked.stage2.neck.bias
     torch.testing.assert_close(out_necked.logits[:, 1], necked.stage2.classifier(expected), atol=1e-4, rtol=1e-4)
     groups = necked.parameter_groups()["classifiers"]
     assert necked.stage1.neck in groups and necked.stage3.classifier in groups
@@ -144,8 +159,17 @@ def test_soft_margin_batch_hard_triplet_and_label_smoothing_hand_cases():
 
 
 def pmm_overrides(root, out, **extra):
-    values = {"model.architecture": "pmm", "data.sampler": "pk", "data.num_instances": 2, "loss.triplet_weight": 1.0,
-              "loss.triplet_margin": "null", "loss.label_smoothing": 0.1, "loss.mix_block": "[1,1]", "loss.mix_top_blocks": 2, **extra}
+    values = {
+        "model.architecture": "pmm",
+        "data.sampler": "pk",
+        "data.num_instances": 2,
+        "loss.triplet_weight": 1.0,
+        "loss.triplet_margin": "null",
+        "loss.label_smoothing": 0.1,
+        "loss.mix_block": "[1,1]",
+        "loss.mix_top_blocks": 2,
+        **extra,
+    }
     return tiny_overrides(root, out, **values)
 
 

@@ -1,6 +1,7 @@
 """``python -m training quantize`` on the tiny exported model: the int8 file beside it follows the contract
 (identity included) and agrees with the fp32 file; the service serves it with REID_MODEL_PRECISION=int8, a
 gallery re-embeds on the switch, and a missing int8 file refuses the start, saying how to write it."""
+
 import json
 import shutil
 import sqlite3
@@ -11,8 +12,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model_zoo.contract import (INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, QUANTIZATION_KEY, check_session,
-                                identity_error, precision_of, precision_path, split_branches)
+from model_zoo.contract import (
+    INPUT_IMAGES,
+    OUTPUT_EMBEDDING,
+    OUTPUT_FEATURE_MAPS,
+    PRECISION_KEY,
+    QUANTIZATION_KEY,
+    check_session,
+    identity_error,
+    precision_of,
+    precision_path,
+    split_branches,
+)
 from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes
@@ -36,14 +47,30 @@ def quantized(tiny_model, market_root, tmp_path_factory):
 
 def test_quantize_writes_an_int8_file_beside_the_model_with_its_metadata(quantized):
     fp32, int8, summary = quantized
-    assert summary["output"] == str(int8) and int8.name == "model.int8.onnx" and summary["bytes"] < summary["fp32_bytes"]
+    assert (
+        summary["output"] == str(int8) and int8.name == "model.int8.onnx" and summary["bytes"] < summary["fp32_bytes"]
+    )
     contract = check_session(session(int8))
     assert contract == check_session(session(fp32))
-    metadata, fp32_metadata = session(int8).get_modelmeta().custom_metadata_map, session(fp32).get_modelmeta().custom_metadata_map
-    assert precision_of(metadata) == "int8" and precision_of(fp32_metadata) == "fp32" and PRECISION_KEY not in fp32_metadata
-    assert {k: v for k, v in metadata.items() if k not in (PRECISION_KEY, QUANTIZATION_KEY)} == {k: v for k, v in fp32_metadata.items() if k.startswith("reid.")}
+    metadata, fp32_metadata = (
+        session(int8).get_modelmeta().custom_metadata_map,
+        session(fp32).get_modelmeta().custom_metadata_map,
+    )
+    assert (
+        precision_of(metadata) == "int8"
+        and precision_of(fp32_metadata) == "fp32"
+        and PRECISION_KEY not in fp32_metadata
+    )
+    assert {k: v for k, v in metadata.items() if k not in (PRECISION_KEY, QUANTIZATION_KEY)} == {
+        k: v for k, v in fp32_metadata.items() if k.startswith("reid.")
+    }
     how = json.loads(metadata[QUANTIZATION_KEY])
-    assert (how["format"], how["calibration_images"], how["calibration_data"], how["agreement"]["images"]) == ("QDQ", 24, "market/bounding_box_train", 12)
+    assert (how["format"], how["calibration_images"], how["calibration_data"], how["agreement"]["images"]) == (
+        "QDQ",
+        24,
+        "market/bounding_box_train",
+        12,
+    )
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
 
@@ -54,7 +81,9 @@ def test_pooling_normalisation_and_map_assembly_stay_float(quantized):
     by_name = {node.name: node.op_type for node in onnx.load(str(fp32)).graph.node}
     kinds = [by_name[name] for name in kept]
     assert {"ReduceMean", "ReduceL2", "Div", "Flatten", "Concat", "Unsqueeze"} <= set(kinds)
-    assert kinds.count("Conv") == 2  # each branch's map-making node (here its reduction, batch norm folded in), and nothing before it
+    assert (
+        kinds.count("Conv") == 2
+    )  # each branch's map-making node (here its reduction, batch norm folded in), and nothing before it
     # nothing is quantized between the maps and the outputs: no QuantizeLinear reads a tensor those nodes write
     graph = onnx.load(str(int8)).graph
     written = {output for node in graph.node if node.name in kept for output in node.output}
@@ -74,9 +103,15 @@ def test_the_embedding_identity_holds_on_the_int8_file(quantized, market_root):
 def test_int8_embeddings_agree_with_fp32(quantized, market_root):
     fp32, int8, summary = quantized
     assert summary["quantization"]["agreement"]["mean_cosine"] > 0.98
-    pixels = np.stack([load_for_model(p, TINY_HEIGHT, TINY_WIDTH) for p in sorted((market_root / "bounding_box_test").iterdir())])
-    (reference,), (embedding,) = (session(path).run([OUTPUT_EMBEDDING], {INPUT_IMAGES: pixels}) for path in (fp32, int8))
-    scores = (split_branches(reference, 2) * split_branches(embedding, 2)).sum(axis=2).mean(axis=1)  # the retrieval score of the pair
+    pixels = np.stack(
+        [load_for_model(p, TINY_HEIGHT, TINY_WIDTH) for p in sorted((market_root / "bounding_box_test").iterdir())]
+    )
+    (reference,), (embedding,) = (
+        session(path).run([OUTPUT_EMBEDDING], {INPUT_IMAGES: pixels}) for path in (fp32, int8)
+    )
+    scores = (
+        (split_branches(reference, 2) * split_branches(embedding, 2)).sum(axis=2).mean(axis=1)
+    )  # the retrieval score of the pair
     assert scores.mean() > 0.98 and scores.min() > 0.9
 
 
@@ -115,15 +150,22 @@ def test_the_service_serves_the_int8_file_and_re_embeds_a_gallery_on_the_switch(
     assert max(abs(a - b) for a, b in zip(scores[int8], scores[fp32])) > 1e-4
     for match in matches:
         assert np.mean(match["heatmap"]["grid"]) == pytest.approx(match["score"], abs=1e-4)  # RAM's identity, served
-    assert sqlite3.connect(store).execute("SELECT value FROM meta WHERE key = 'model_fingerprint'").fetchone()[0] == sha256_of(int8)
+    assert sqlite3.connect(store).execute("SELECT value FROM meta WHERE key = 'model_fingerprint'").fetchone()[
+        0
+    ] == sha256_of(int8)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, command", [("int8", "quantize"), ("fp16", "fp16")])
-def test_a_missing_int8_or_fp16_file_refuses_the_start_naming_it_and_the_command(tiny_model, tmp_path, precision, command):
+def test_a_missing_int8_or_fp16_file_refuses_the_start_naming_it_and_the_command(
+    tiny_model, tmp_path, precision, command
+):
     alone = tmp_path / "alone.onnx"
     shutil.copy(tiny_model[1], alone)
-    message = rf"REID_MODEL_PRECISION={precision} serves .*alone\.{precision}\.onnx, which does not exist.*python -m training {command} .*alone\.onnx --data-root"
+    message = (
+        rf"REID_MODEL_PRECISION={precision} serves .*alone\.{precision}\.onnx, which does not exist"
+        rf".*python -m training {command} .*alone\.onnx --data-root"
+    )
     with pytest.raises(RuntimeError, match=message):
         ServiceProcess(alone, tmp_path / "g.sqlite3", model_precision=precision).start()
 
@@ -138,15 +180,31 @@ def test_ibn_blocks_and_everything_upstream_of_them_stay_float(market_root, tmp_
     from training.export import describe
     from training.quantize import normalised_upstream
 
-    cfg = load_config("base.yaml", ["model.pretrained=null", "model.ibn=true", "model.num_branches=2", f"data.height={TINY_HEIGHT}", f"data.width={TINY_WIDTH}"])
+    cfg = load_config(
+        "base.yaml",
+        [
+            "model.pretrained=null",
+            "model.ibn=true",
+            "model.num_branches=2",
+            f"data.height={TINY_HEIGHT}",
+            f"data.width={TINY_WIDTH}",
+        ],
+    )
     model = build_model(model_settings(cfg), num_classes=5).eval()
     write_onnx(model, describe(model, cfg, None), tmp_path / "ibn.onnx")
     graph = onnx.load(str(tmp_path / "ibn.onnx")).graph
     convs = [node.name for node in graph.node if node.op_type == "Conv"]
-    expected = {name for name in convs if any(f"/trunk.{block}/" in name for block in range(10)) or name.startswith("/model/trunk/trunk.10/conv/conv.0/")}
+    expected = {
+        name
+        for name in convs
+        if any(f"/trunk.{block}/" in name for block in range(10))
+        or name.startswith("/model/trunk/trunk.10/conv/conv.0/")
+    }
     assert normalised_upstream(graph).intersection(convs) == expected and len(expected) < len(convs)
     summary = quantize_model(tmp_path / "ibn.onnx", [market_root], calibration_images=16, agreement_images=8)
-    assert summary["quantization"]["float_convolutions"] == f"{len(expected)} of {len(convs)}"  # the same after ONNX Runtime's pre-processing
+    assert (
+        summary["quantization"]["float_convolutions"] == f"{len(expected)} of {len(convs)}"
+    )  # the same after ONNX Runtime's pre-processing
     assert max(summary["identity"].values()) < 1e-5
 
 

@@ -1,10 +1,15 @@
 """k-reciprocal re-ranking (model_zoo.rerank): hand-worked cases, a brute-force transcription of the paper, and
 the properties the evaluation and the service rely on."""
+
 import numpy as np
 import pytest
 
 from model_zoo.rerank import (
-    rerank_all_queries, rerank_distance_matrix, rerank_one_query_at_a_time, rerank_shortlist, squared_distances,
+    rerank_all_queries,
+    rerank_distance_matrix,
+    rerank_one_query_at_a_time,
+    rerank_shortlist,
+    squared_distances,
 )
 
 
@@ -36,7 +41,12 @@ def brute_force(query, gallery, k1=20, k2=6, lambda_value=0.3):
         weights = np.exp(-d[p, members])
         v[p, members] = weights / weights.sum()
     v = np.stack([v[ranking[p][:k2]].mean(axis=0) for p in range(n)])
-    jaccard = np.array([[1 - np.minimum(v[p], v[j]).sum() / np.maximum(v[p], v[j]).sum() for j in range(n)] for p in range(num_queries)])
+    jaccard = np.array(
+        [
+            [1 - np.minimum(v[p], v[j]).sum() / np.maximum(v[p], v[j]).sum() for j in range(n)]
+            for p in range(num_queries)
+        ]
+    )
     return ((1 - lambda_value) * jaccard + lambda_value * d[:num_queries])[:, num_queries:]
 
 
@@ -56,10 +66,15 @@ def test_jaccard_distance_worked_by_hand():
     shared = min(v_q["q"], v_g0["q"]) + min(v_q["g0"], v_g0["g0"])
     jaccard_g0 = 1 - shared / (2 - shared)  # sum max = 2 - sum min, as both rows sum to 1
     expected_jaccard = np.array([jaccard_g0, 1.0, 1.0])  # g1 and g2 share no neighbour with q
-    np.testing.assert_allclose(rerank_all_queries(query, gallery, k1=1, k2=1, lambda_value=0)[0], expected_jaccard, atol=1e-6)
+    np.testing.assert_allclose(
+        rerank_all_queries(query, gallery, k1=1, k2=1, lambda_value=0)[0], expected_jaccard, atol=1e-6
+    )
     original = np.array([1, 25, 36]) / 36
-    np.testing.assert_allclose(rerank_all_queries(query, gallery, k1=1, k2=1, lambda_value=0.5)[0],
-                               0.5 * expected_jaccard + 0.5 * original, atol=1e-6)
+    np.testing.assert_allclose(
+        rerank_all_queries(query, gallery, k1=1, k2=1, lambda_value=0.5)[0],
+        0.5 * expected_jaccard + 0.5 * original,
+        atol=1e-6,
+    )
 
 
 def two_clusters():
@@ -82,7 +97,9 @@ def test_re_ranking_puts_every_true_match_above_a_hard_negative():
 @pytest.mark.parametrize("k1, k2", [(20, 6), (5, 3), (3, 1), (1, 1), (40, 50)])
 def test_all_queries_equals_the_papers_steps_written_out(k1, k2):
     query, gallery = random_features(1, 4), random_features(2, 25)
-    np.testing.assert_allclose(rerank_all_queries(query, gallery, k1, k2), brute_force(query, gallery, k1, k2), atol=1e-5)
+    np.testing.assert_allclose(
+        rerank_all_queries(query, gallery, k1, k2), brute_force(query, gallery, k1, k2), atol=1e-5
+    )
 
 
 def test_lambda_one_is_the_original_distance_and_its_order():
@@ -112,7 +129,9 @@ def test_shapes_and_the_order_of_inputs():
     query, gallery = random_features(7, 3), random_features(8, 20)
     for rerank in (rerank_all_queries, rerank_one_query_at_a_time):
         result = rerank(query, gallery, k1=6, k2=3)
-        assert result.shape == (3, 20) and np.isfinite(result).all() and (result >= 0).all() and (result <= 1 + 1e-9).all()
+        assert (
+            result.shape == (3, 20) and np.isfinite(result).all() and (result >= 0).all() and (result <= 1 + 1e-9).all()
+        )
         # shuffling the gallery shuffles the columns, shuffling the queries the rows: nothing depends on order
         permutation = np.random.default_rng(0).permutation(20)
         np.testing.assert_allclose(rerank(query, gallery[permutation], k1=6, k2=3), result[:, permutation], atol=1e-6)
@@ -125,7 +144,9 @@ def test_a_distance_matrix_gives_what_the_features_give():
     query, gallery = random_features(9, 2), random_features(10, 15)
     nodes = np.concatenate([query, gallery]).astype(np.float64)
     distance = ((nodes[:, None] - nodes[None]) ** 2).sum(-1)
-    np.testing.assert_allclose(rerank_distance_matrix(distance, 2, k1=5, k2=3), rerank_all_queries(query, gallery, k1=5, k2=3), atol=1e-5)
+    np.testing.assert_allclose(
+        rerank_distance_matrix(distance, 2, k1=5, k2=3), rerank_all_queries(query, gallery, k1=5, k2=3), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("size", [0, 1, 2, 5])
@@ -159,7 +180,10 @@ def test_duplicates_and_identical_features_give_no_nan():
     assert sorted(order) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("k1, k2, lambda_value", [(0, 6, 0.3), (20, 0, 0.3), (2.5, 6, 0.3), (20, 6, -0.1), (20, 6, 1.5), (20, 6, float("nan"))])
+@pytest.mark.parametrize(
+    "k1, k2, lambda_value",
+    [(0, 6, 0.3), (20, 0, 0.3), (2.5, 6, 0.3), (20, 6, -0.1), (20, 6, 1.5), (20, 6, float("nan"))],
+)
 def test_bad_parameters_are_refused(k1, k2, lambda_value):
     with pytest.raises(ValueError):
         rerank_all_queries(random_features(0, 1), random_features(1, 3), k1, k2, lambda_value)

@@ -1,5 +1,6 @@
 """ResNet-50 under the paper family's architectures, as a user runs it with their own torchvision weights:
 no ImageNet ResNet-50 can be had offline here, so a saved random network stands in for the file."""
+
 import pytest
 import torch
 
@@ -18,10 +19,21 @@ def torchvision_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("architecture, extra", [("fmn", {"model.last_stride": 2}), ("pmm", {"data.sampler": "pk", "data.num_instances": 2})])
-def test_a_user_supplied_resnet50_loads_and_trains_a_few_steps(architecture, extra, torchvision_file, market_root, tmp_path, caplog):
-    overrides = {"model.architecture": architecture, "model.backbone": "resnet50", "model.pretrained": str(torchvision_file),
-                 "model.reduction_dim": 16, "solver.warmup_epochs": 0, "solver.max_iters_per_epoch": 1, **extra}
+@pytest.mark.parametrize(
+    "architecture, extra", [("fmn", {"model.last_stride": 2}), ("pmm", {"data.sampler": "pk", "data.num_instances": 2})]
+)
+def test_a_user_supplied_resnet50_loads_and_trains_a_few_steps(
+    architecture, extra, torchvision_file, market_root, tmp_path, caplog
+):
+    overrides = {
+        "model.architecture": architecture,
+        "model.backbone": "resnet50",
+        "model.pretrained": str(torchvision_file),
+        "model.reduction_dim": 16,
+        "solver.warmup_epochs": 0,
+        "solver.max_iters_per_epoch": 1,
+        **extra,
+    }
     trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **overrides)))
     assert "missing keys" not in caplog.text
     record = trainer.train_epoch(0)

@@ -1,5 +1,6 @@
 """bench/pool_runs.py (the queue of docs/results.md's training rows), bench/training_table.py (their table),
 bench/ablation_tables.py (the ablations' seed tables), and the docs' tables generated from result files."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -25,9 +26,12 @@ def test_every_results_row_is_a_valid_training_command(tmp_path):
     for name in pool_runs.ROWS:
         command = pool_runs.command(name, tmp_path / "data", tmp_path / "runs", [])
         at = command.index("--config")
-        cfg = load_config(command[at + 1], command[at + 2:])
+        cfg = load_config(command[at + 1], command[at + 2 :])
         assert cfg.run.output_dir == str(tmp_path / "runs" / name), name
-        assert pool_runs.row_config(name, tmp_path / "data", tmp_path / "runs", []) == (command[at + 1], command[at + 2:])
+        assert pool_runs.row_config(name, tmp_path / "data", tmp_path / "runs", []) == (
+            command[at + 1],
+            command[at + 2 :],
+        )
 
 
 def test_a_row_on_another_seed_trains_in_its_own_folder_with_that_seed(tmp_path):
@@ -40,7 +44,10 @@ def test_a_row_on_another_seed_trains_in_its_own_folder_with_that_seed(tmp_path)
 def test_rows_train_in_fp32_on_any_machine_but_the_bf16_row(tmp_path):
     """run.amp's default turns bf16 on where the CPU has AMX: a row must not change precision with the machine."""
     pool_runs = bench_module("pool_runs")
-    amp = {name: load_config(*pool_runs.row_config(name, tmp_path / "data", tmp_path / "runs", [])).run.amp for name in pool_runs.ROWS}
+    amp = {
+        name: load_config(*pool_runs.row_config(name, tmp_path / "data", tmp_path / "runs", [])).run.amp
+        for name in pool_runs.ROWS
+    }
     assert [name for name, on in amp.items() if on] == ["cama_ordered_bf16"]
 
 
@@ -48,10 +55,16 @@ def write_run(folder: Path, seed: int, rank1: float, alpha: float = 1.0, **extra
     folder.mkdir(parents=True)
     figures = {"rank1": rank1, "mAP": rank1 - 0.1, "mINP": 0.2}
     metrics = {
-        "config": {"model": {"num_branches": 2}, "loss": {"alpha": alpha, "k": 5, "oap_mode": "ordered"},
-                   "solver": {"phases": [{"epochs": 1}, {"epochs": 3}]}, "run": {"seed": seed, "output_dir": str(folder)}},
+        "config": {
+            "model": {"num_branches": 2},
+            "loss": {"alpha": alpha, "k": 5, "oap_mode": "ordered"},
+            "solver": {"phases": [{"epochs": 1}, {"epochs": 3}]},
+            "run": {"seed": seed, "output_dir": str(folder)},
+        },
         "evaluation": {"prid": {"all": figures, "branch1": figures, "branch2": figures}},
-        "train_seconds_total": 600.0 * (seed + 1), "hardware": "a CPU", **extra,
+        "train_seconds_total": 600.0 * (seed + 1),
+        "hardware": "a CPU",
+        **extra,
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
@@ -59,8 +72,12 @@ def write_run(folder: Path, seed: int, rank1: float, alpha: float = 1.0, **extra
 
 def test_seeds_of_one_recipe_make_one_row_with_mean_and_standard_deviation(tmp_path):
     table = bench_module("training_table")
-    runs = [write_run(tmp_path / "cama", 0, 0.40), write_run(tmp_path / "mltb", 0, 0.30, alpha=0.0),
-            write_run(tmp_path / "cama_seed1", 1, 0.44), write_run(tmp_path / "cama_seed2", 2, 0.42)]
+    runs = [
+        write_run(tmp_path / "cama", 0, 0.40),
+        write_run(tmp_path / "mltb", 0, 0.30, alpha=0.0),
+        write_run(tmp_path / "cama_seed1", 1, 0.44),
+        write_run(tmp_path / "cama_seed2", 2, 0.42),
+    ]
     lines = table.table(runs).splitlines()
     assert len(lines) == 4  # header, rule, the CAMA recipe's three seeds, MltB's one
     cama, mltb = (line.split(" | ") for line in lines[2:])
@@ -104,7 +121,10 @@ def test_the_epochs_cell_says_which_phase_is_capped():
     table = bench_module("training_table")
     phases = {"phases": [{"epochs": 1}, {"epochs": 3, "max_iters_per_epoch": 200}]}
     assert table.schedule_cell(phases) == "1 + 3 (at most 200 batches)"
-    assert table.schedule_cell({"warmup_epochs": 1, "epochs": 3, "max_iters_per_epoch": 200}) == "1 + 3 (at most 200 batches each)"
+    assert (
+        table.schedule_cell({"warmup_epochs": 1, "epochs": 3, "max_iters_per_epoch": 200})
+        == "1 + 3 (at most 200 batches each)"
+    )
 
 
 def test_a_run_is_finished_by_its_final_evaluation_not_by_a_warm_up_summary(tmp_path):
@@ -128,7 +148,10 @@ def test_status_says_how_far_each_row_has_got(tmp_path):
     assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "3 of 4 epochs"
     watched = {"evaluation": {"cuhk03-detected": {"all": {"mAP": 0.5}}, "prid": {"all": {"mAP": 0.25}}}}
     (runs / "ide_bn" / "history.json").write_text(json.dumps([{"epoch": 1, **watched}, {"epoch": 2}]))
-    assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "3 of 4 epochs; mAP after epoch 1: cuhk03-detected 50.0, prid 25.0"
+    assert (
+        pool_runs.progress("ide_bn", tmp_path / "data", runs, [])
+        == "3 of 4 epochs; mAP after epoch 1: cuhk03-detected 50.0, prid 25.0"
+    )
     assert pool_runs.progress("ide_bn_full", tmp_path / "data", runs, []) == "not started (15 epochs)"
     (runs / "ide_bn" / "metrics.json").write_text(json.dumps({"evaluation": {}}))
     assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "done"
@@ -136,7 +159,10 @@ def test_status_says_how_far_each_row_has_got(tmp_path):
 
 def write_result(folder: Path, name: str, figures: dict) -> None:
     """A result file whose every set has these figures (key -> (rank1, mAP) in %)."""
-    sets = {s: {key: {"rank1": r1 / 100, "mAP": ap / 100} for key, (r1, ap) in figures.items()} for s in ("cuhk03-detected", "prid", "grid")}
+    sets = {
+        s: {key: {"rank1": r1 / 100, "mAP": ap / 100} for key, (r1, ap) in figures.items()}
+        for s in ("cuhk03-detected", "prid", "grid")
+    }
     body = sets if name.endswith("_evaluation.json") else {"evaluation": sets}
     (folder / name).write_text(json.dumps(body))
 
@@ -149,10 +175,13 @@ def test_ablation_rows_average_their_seeds_and_steps_pair_only_the_seeds_both_si
     write_result(tmp_path, "clpd_ratio_only.json", {"all": (40.0, 31.0), "branch2": (20.0, 10.0)})
     write_result(tmp_path, "clpd_ratio_only_seed2.json", {"all": (45.0, 30.0), "branch2": (24.0, 14.0)})
     rows, steps = ablation.tables("clpd", tmp_path).split("\n\n")
-    assert rows.splitlines()[2] == ("| without the concentration losses (`clpd_base`) | global + local | 0, 1, 2 | "
-                                    "42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 |")
-    assert rows.splitlines()[5].endswith("| part branch alone | 0, 2 | 22.0 ± 2.8 / 12.0 ± 2.8 | "
-                                         "22.0 ± 2.8 / 12.0 ± 2.8 | 22.0 ± 2.8 / 12.0 ± 2.8 |")
+    assert rows.splitlines()[2] == (
+        "| without the concentration losses (`clpd_base`) | global + local | 0, 1, 2 | "
+        "42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 |"
+    )
+    assert rows.splitlines()[5].endswith(
+        "| part branch alone | 0, 2 | 22.0 ± 2.8 / 12.0 ± 2.8 | 22.0 ± 2.8 / 12.0 ± 2.8 | 22.0 ± 2.8 / 12.0 ± 2.8 |"
+    )
     assert len(rows.splitlines()) == 2 + 4  # rows without result files are left out
     step = steps.splitlines()[2].split(" | ")
     assert step[0] == "| + L_r (`clpd_ratio_only` - `clpd_base`)" and step[2] == "0, 2"
@@ -167,8 +196,11 @@ def test_the_pair_terms_step_compares_one_evaluation_with_and_without_re_ranking
     write_result(tmp_path, "casn_pair_attention_onnx_evaluation.json", {"all": (30.0, 20.0), "all_pair": (27.0, 14.0)})
     rows, steps = ablation.tables("casn", tmp_path).split("\n\n")
     assert rows.splitlines()[0] == "| row | seeds | CUHK03-val R1 / mAP | PRID R1 / mAP | GRID R1 / mAP |"
-    assert steps.splitlines()[2] == ("| `casn`'s pair term as the re-ranking stage (features + pair term - features) | 0 | "
-                                     "-3.0 / -6.0 | -3.0 / -6.0 | -3.0 / -6.0 | ranks with it |")
+    assert steps.splitlines()[2] == (
+        "| `casn`'s pair term as the re-ranking stage (features + pair term - features) | "
+        "0 | "
+        "-3.0 / -6.0 | -3.0 / -6.0 | -3.0 / -6.0 | ranks with it |"
+    )
 
 
 def test_the_results_pages_ablation_seed_tables_are_what_the_committed_results_print():
@@ -176,7 +208,9 @@ def test_the_results_pages_ablation_seed_tables_are_what_the_committed_results_p
     results = (BENCH.parent / "docs" / "results.md").read_text()
     for name in ablation.ABLATIONS:
         for table in ablation.tables(name).split("\n\n"):
-            assert table in results, f"docs/results.md's {name} table: regenerate with python -m bench.ablation_tables {name}"
+            assert table in results, (
+                f"docs/results.md's {name} table: regenerate with python -m bench.ablation_tables {name}"
+            )
 
 
 def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_prints():
@@ -190,18 +224,27 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
     markers = 0
     for path in candidates.doc_files():
         text = path.read_text()
-        assert candidates.render_docs(text, results) == text, f"{path}: python -m bench.model_candidates --write-docs bench/results/model_candidates.json"
+        assert candidates.render_docs(text, results) == text, (
+            f"{path}: python -m bench.model_candidates --write-docs bench/results/model_candidates.json"
+        )
         for match in candidates.GENERATED.finditer(text):
             markers += 1
             names = match.group(3).split() if match.group(2) == "rows" else list(results["models"])
-            assert candidates.candidates_table(results, names).count("\n") == len(names) + 1, f"{path}: a marker names a model the file lacks"
+            assert candidates.candidates_table(results, names).count("\n") == len(names) + 1, (
+                f"{path}: a marker names a model the file lacks"
+            )
     assert markers >= 4  # README, docs/models.md and the two imported models' cards
 
 
-@pytest.mark.parametrize("name, result, table", [("hostile_costs", "hostile_costs.json", "costs_table"),
-                                                 ("imported_heads", "imported/imported_heads.json", "heads_table"),
-                                                 ("loop_free", "loop_free.json", "loop_table"),
-                                                 ("heatmap_cost", "heatmap_cost.json", "cost_table")])
+@pytest.mark.parametrize(
+    "name, result, table",
+    [
+        ("hostile_costs", "hostile_costs.json", "costs_table"),
+        ("imported_heads", "imported/imported_heads.json", "heads_table"),
+        ("loop_free", "loop_free.json", "loop_table"),
+        ("heatmap_cost", "heatmap_cost.json", "cost_table"),
+    ],
+)
 def test_a_generated_table_in_the_docs_is_what_the_committed_result_file_prints(name, result, table):
     bench = bench_module(name)
     results = json.loads((BENCH / "results" / result).read_text())
@@ -209,4 +252,3 @@ def test_a_generated_table_in_the_docs_is_what_the_committed_result_file_prints(
     assert bench.GENERATED.search(text), f"{bench.DOC.name} lost its marker"
     printed = rewrite_generated(text, bench.GENERATED, getattr(bench, table)(results))
     assert printed == text, f"python -m bench.{name} --write-docs bench/results/{result}"
-

@@ -1,5 +1,6 @@
 """The service over HTTP: a real uvicorn process on loopback, the tiny exported model, a real SQLite file, and the
 same suite again on the cluster backend (a real PostgreSQL server and milvus-lite)."""
+
 import contextlib
 import io
 import subprocess
@@ -25,8 +26,15 @@ def server(request, tiny_model, tmp_path_factory):
     """The suite runs once per gallery backend: SQLite + FAISS, then PostgreSQL + Milvus (milvus-lite)."""
     backend = backend_settings(request)
     store = tmp_path_factory.mktemp("store") / "gallery.sqlite3"
-    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=8, max_top_k=20, rerank_shortlist=8,
-                        **backend) as process:
+    with ServiceProcess(
+        tiny_model[1],
+        store,
+        max_image_bytes=300_000,
+        max_images_per_request=8,
+        max_top_k=20,
+        rerank_shortlist=8,
+        **backend,
+    ) as process:
         yield process
 
 
@@ -61,15 +69,28 @@ def test_health_ready_and_model(client):
     # the test server pins one ONNX Runtime thread per call; the instances are the CPU plan's, one per core
     assert (ready["provider"]["instances"], ready["provider"]["intra_op_threads"]) == (cpu_cores(), 1)
     model = client.get("/model").json()
-    assert (model["architecture"], model["num_branches"], model["branch_dim"], model["embedding_dim"]) == ("cama", 2, 16, 32)
+    assert (model["architecture"], model["num_branches"], model["branch_dim"], model["embedding_dim"]) == (
+        "cama",
+        2,
+        16,
+        32,
+    )
 
 
 def test_enroll_one_and_many_with_ids_and_metadata(client):
     [single] = enroll(client, [image_bytes(1000, 1)], person_id="p1000", camera_id="cam1", metadata='{"site": "north"}')
     item = client.get(f"/gallery/{single}").json()
-    assert (item["person_id"], item["camera_id"], item["metadata"], item["image_format"]) == ("p1000", "cam1", {"site": "north"}, "JPEG")
-    response = client.post("/gallery", files=files(image_bytes(1001, 2), image_bytes(1001, 3, "PNG")),
-                           data={"person_id": ["a", "b"], "camera_id": "cam2"})
+    assert (item["person_id"], item["camera_id"], item["metadata"], item["image_format"]) == (
+        "p1000",
+        "cam1",
+        {"site": "north"},
+        "JPEG",
+    )
+    response = client.post(
+        "/gallery",
+        files=files(image_bytes(1001, 2), image_bytes(1001, 3, "PNG")),
+        data={"person_id": ["a", "b"], "camera_id": "cam2"},
+    )
     assert response.status_code == 201
     ids = response.json()["ids"]
     assert [client.get(f"/gallery/{i}").json()["person_id"] for i in ids] == ["a", "b"]
@@ -88,17 +109,22 @@ def decompression_bomb() -> bytes:
 
 def noise_png(side=400) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("blob, status, code", [
-    (b"this is not an image", 400, "invalid_image"),
-    (b"", 400, "invalid_image"),
-    (truncated_jpeg(), 400, "invalid_image"),
-    (decompression_bomb(), 413, "image_too_large"),
-    (noise_png(), 413, "image_too_large"),
-])
+@pytest.mark.parametrize(
+    "blob, status, code",
+    [
+        (b"this is not an image", 400, "invalid_image"),
+        (b"", 400, "invalid_image"),
+        (truncated_jpeg(), 400, "invalid_image"),
+        (decompression_bomb(), 413, "image_too_large"),
+        (noise_png(), 413, "image_too_large"),
+    ],
+)
 def test_bad_images_are_refused_and_a_batch_is_all_or_nothing(client, blob, status, code):
     before = gallery_total(client)
     assert_error(client.post("/gallery", files=files(image_bytes(7, 1), blob)), status, code)
@@ -106,14 +132,20 @@ def test_bad_images_are_refused_and_a_batch_is_all_or_nothing(client, blob, stat
     assert gallery_total(client) == before
 
 
-@pytest.mark.parametrize("data, code", [
-    ({"metadata": "{not json"}, "invalid_metadata"),
-    ({"metadata": "[1, 2]"}, "invalid_metadata"),
-    ({"metadata": '{"site": "a", "site": "b"}'}, "invalid_metadata"),  # a repeated key would be stored as one, silently
-    ({"metadata": '{"camera": {"x": 1, "x": 1}}'}, "invalid_metadata"),
-    ({"person_id": ["a", "b", "c"]}, "invalid_request"),
-    ({"camera_id": "x" * 200}, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        ({"metadata": "{not json"}, "invalid_metadata"),
+        ({"metadata": "[1, 2]"}, "invalid_metadata"),
+        (
+            {"metadata": '{"site": "a", "site": "b"}'},
+            "invalid_metadata",
+        ),  # a repeated key would be stored as one, silently
+        ({"metadata": '{"camera": {"x": 1, "x": 1}}'}, "invalid_metadata"),
+        ({"person_id": ["a", "b", "c"]}, "invalid_request"),
+        ({"camera_id": "x" * 200}, "invalid_request"),
+    ],
+)
 def test_malformed_fields_are_refused(client, data, code):
     before = gallery_total(client)
     assert_error(client.post("/gallery", files=files(image_bytes(8, 1), image_bytes(8, 2)), data=data), 422, code)
@@ -127,7 +159,11 @@ def test_too_many_images_and_missing_parts(client):
 
 
 def test_unknown_ids_and_routes(client):
-    for response in (client.get("/gallery/999999"), client.get("/gallery/999999/image"), client.delete("/gallery/999999")):
+    for response in (
+        client.get("/gallery/999999"),
+        client.get("/gallery/999999/image"),
+        client.delete("/gallery/999999"),
+    ):
         assert_error(response, 404, "not_found")
     assert_error(client.get("/gallery/abc"), 422, "invalid_request")
     assert_error(client.get("/nowhere"), 404, "not_found")
@@ -135,14 +171,20 @@ def test_unknown_ids_and_routes(client):
 
 @pytest.mark.parametrize("top_k", ["0", "21", "-3", "many"])
 def test_top_k_out_of_range(client, top_k):
-    assert_error(client.post("/query", files=files(image_bytes(1, 1), name="image"), data={"top_k": top_k}), 422, "invalid_request")
+    assert_error(
+        client.post("/query", files=files(image_bytes(1, 1), name="image"), data={"top_k": top_k}),
+        422,
+        "invalid_request",
+    )
 
 
 def test_query_ranks_the_same_image_first_with_consistent_scores_and_heatmaps(client):
     # The tiny model barely trained, so only an identical image is sure to rank first (score 1).
     for pid in (2000, 2001, 2002):
         enroll(client, [image_bytes(pid, 10), image_bytes(pid, 11)], person_id=str(pid), camera_id="c2")
-    response = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "branch_overlays": "true"})
+    response = client.post(
+        "/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "branch_overlays": "true"}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     matches = body["matches"]
@@ -162,14 +204,25 @@ def test_query_ranks_the_same_image_first_with_consistent_scores_and_heatmaps(cl
     lean = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4"}).json()
     for heatmap in (lean["query_heatmap"], *(m["heatmap"] for m in lean["matches"])):  # by default no per-branch PNGs
         assert heatmap["branch_overlays_png"] == [] and heatmap["overlay_png"] and len(heatmap["branch_grids"]) == 2
-    grids_only = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "overlays": "false"})
-    for heatmap in (grids_only.json()["query_heatmap"], *(m["heatmap"] for m in grids_only.json()["matches"])):  # what the page draws
-        assert heatmap["overlay_png"] is None and heatmap["branch_overlays_png"] == [] and len(heatmap["branch_grids"]) == 2
+    grids_only = client.post(
+        "/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "overlays": "false"}
+    )
+    for heatmap in (
+        grids_only.json()["query_heatmap"],
+        *(m["heatmap"] for m in grids_only.json()["matches"]),
+    ):  # what the page draws
+        assert (
+            heatmap["overlay_png"] is None
+            and heatmap["branch_overlays_png"] == []
+            and len(heatmap["branch_grids"]) == 2
+        )
     assert len(grids_only.content) < len(response.content) / 5
     # the second query's matches come from the map cache, in float16: cell by cell their grids agree to 1e-3
     # (float16 rounding over 16 channels), their means, the scores, to 1e-5
     lean_grids, grids = (np.array([m["heatmap"]["grid"] for m in ms]) for ms in (lean["matches"], matches))
-    assert lean_grids == pytest.approx(grids, abs=1e-3) and lean_grids.mean(axis=(1, 2)) == pytest.approx(grids.mean(axis=(1, 2)), abs=1e-5)
+    assert lean_grids == pytest.approx(grids, abs=1e-3) and lean_grids.mean(axis=(1, 2)) == pytest.approx(
+        grids.mean(axis=(1, 2)), abs=1e-5
+    )
 
 
 def test_query_filters(client):
@@ -177,7 +230,9 @@ def test_query_filters(client):
     query = files(image_bytes(3000, 2), name="image")
     only = client.post("/query", files=query, data={"camera_id": "c9", "heatmaps": "false"}).json()["matches"]
     assert [m["camera_id"] for m in only] == ["c9"] and only[0]["heatmap"] is None
-    excluded = client.post("/query", files=query, data={"exclude_camera_id": "c9", "top_k": "20", "heatmaps": "false"}).json()["matches"]
+    excluded = client.post(
+        "/query", files=query, data={"exclude_camera_id": "c9", "top_k": "20", "heatmaps": "false"}
+    ).json()["matches"]
     assert excluded and all(m["camera_id"] != "c9" for m in excluded)
     high = client.post("/query", files=query, data={"min_score": "0.999", "heatmaps": "false"}).json()["matches"]
     assert all(m["score"] >= 0.999 for m in high)
@@ -188,10 +243,20 @@ def test_rerank_reorders_the_shortlist_and_keeps_scores_and_heatmaps_plain(serve
     from model_zoo.rerank import rerank_shortlist
 
     # 12 items on their own camera; the server re-ranks a shortlist of 8 (REID_RERANK_SHORTLIST), k1 = 20 clamped to 8
-    ids = [i for pids in ((4000, 4001), (4002, 4003)) for i in enroll(
-        client, [image_bytes(pid, v) for pid in pids for v in (1, 2, 3)], person_id=[str(p) for p in pids for _ in range(3)], camera_id="rr")]
+    ids = [
+        i
+        for pids in ((4000, 4001), (4002, 4003))
+        for i in enroll(
+            client,
+            [image_bytes(pid, v) for pid in pids for v in (1, 2, 3)],
+            person_id=[str(p) for p in pids for _ in range(3)],
+            camera_id="rr",
+        )
+    ]
     query = {"files": files(image_bytes(4000, 1), name="image")}  # the same image as ids[0]
-    plain = client.post("/query", **query, data={"camera_id": "rr", "top_k": "8", "heatmaps": "false"}).json()["matches"]
+    plain = client.post("/query", **query, data={"camera_id": "rr", "top_k": "8", "heatmaps": "false"}).json()[
+        "matches"
+    ]
     body = client.post("/query", **query, data={"camera_id": "rr", "top_k": "5", "rerank": "true"}).json()
     assert body["reranked"] is True
     matches = body["matches"]
@@ -228,7 +293,11 @@ def test_rerank_off_answers_as_before(client):
 
 
 def test_rerank_must_be_a_boolean(client):
-    assert_error(client.post("/query", files=files(image_bytes(4001, 2), name="image"), data={"rerank": "maybe"}), 422, "invalid_request")
+    assert_error(
+        client.post("/query", files=files(image_bytes(4001, 2), name="image"), data={"rerank": "maybe"}),
+        422,
+        "invalid_request",
+    )
 
 
 def test_a_model_without_attention_maps_or_pair_head_answers_as_before(client):
@@ -237,19 +306,49 @@ def test_a_model_without_attention_maps_or_pair_head_answers_as_before(client):
     enroll(client, [image_bytes(5000, 1), image_bytes(5000, 2)], camera_id="plain")
     query = {"files": files(image_bytes(5000, 1), name="image")}
     body = client.post("/query", **query, data={"camera_id": "plain", "top_k": "2"}).json()
-    assert set(body) == {"matches", "query_heatmap", "reranked", "heatmap_matches", "same_person_threshold", "gallery_size", "timing_ms"}
+    assert set(body) == {
+        "matches",
+        "query_heatmap",
+        "reranked",
+        "heatmap_matches",
+        "same_person_threshold",
+        "gallery_size",
+        "timing_ms",
+    }
     assert set(body["timing_ms"]) == {"embed", "search", "heatmaps", "total"}
     for match in body["matches"]:
-        assert set(match) == {"id", "rank", "score", "branch_scores", "rerank_distance", "person_id", "camera_id", "captured_at", "metadata",
-                              "same_person", "heatmap"}
+        assert set(match) == {
+            "id",
+            "rank",
+            "score",
+            "branch_scores",
+            "rerank_distance",
+            "person_id",
+            "camera_id",
+            "captured_at",
+            "metadata",
+            "same_person",
+            "heatmap",
+        }
     for heatmap in (body["query_heatmap"], *(m["heatmap"] for m in body["matches"])):
         assert set(heatmap) == {"grid", "branch_grids", "overlay_png", "branch_overlays_png"}
     assert_error(client.post("/query", **query, data={"pair_attention": "true"}), 409, "no_pair_head")
-    assert_error(client.post("/query", **query, data={"pair_attention": "true", "rerank": "true"}), 422, "invalid_request")
+    assert_error(
+        client.post("/query", **query, data={"pair_attention": "true", "rerank": "true"}), 422, "invalid_request"
+    )
 
 
-@pytest.mark.parametrize("setting", [dict(rerank_shortlist=0), dict(rerank_shortlist=5000), dict(rerank_k1=0), dict(rerank_k2=0),
-                                     dict(rerank_lambda=-0.1), dict(rerank_lambda=1.5)])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(rerank_shortlist=0),
+        dict(rerank_shortlist=5000),
+        dict(rerank_k1=0),
+        dict(rerank_k2=0),
+        dict(rerank_lambda=-0.1),
+        dict(rerank_lambda=1.5),
+    ],
+)
 def test_bad_rerank_settings_are_refused(setting):
     from pydantic import ValidationError
 
@@ -274,7 +373,9 @@ def test_delete_removes_from_index_and_store_together(client):
     assert client.post("/query", files=query, data={"heatmaps": "false"}).json()["matches"][0]["id"] == item_id
     assert client.delete(f"/gallery/{item_id}").status_code == 204
     assert_error(client.get(f"/gallery/{item_id}"), 404, "not_found")
-    ids = [m["id"] for m in client.post("/query", files=query, data={"top_k": "20", "heatmaps": "false"}).json()["matches"]]
+    ids = [
+        m["id"] for m in client.post("/query", files=query, data={"top_k": "20", "heatmaps": "false"}).json()["matches"]
+    ]
     assert item_id not in ids
     ready = client.get("/readyz").json()
     assert ready["index"]["size"] == ready["gallery_size"] == gallery_total(client)
@@ -282,7 +383,14 @@ def test_delete_removes_from_index_and_store_together(client):
 
 def test_metrics_expose_latency_batches_queue_gallery_and_errors(client):
     text = client.get("/metrics").text
-    for name in ("reid_request_seconds_bucket", "reid_batch_size_bucket", "reid_queue_wait_seconds_bucket", "reid_model_seconds_bucket", "reid_gallery_items", "reid_errors_total"):
+    for name in (
+        "reid_request_seconds_bucket",
+        "reid_batch_size_bucket",
+        "reid_queue_wait_seconds_bucket",
+        "reid_model_seconds_bucket",
+        "reid_gallery_items",
+        "reid_errors_total",
+    ):
         assert name in text
     assert 'route="/query"' in text
 
@@ -311,7 +419,7 @@ def test_build_info_names_the_model_and_the_queue_depth_is_a_gauge(client):
 
     model = client.get("/model").json()
     text = client.get("/metrics").text
-    info = re.search(r'^reid_build_info\{(.*)\} 1\.0$', text, flags=re.M)
+    info = re.search(r"^reid_build_info\{(.*)\} 1\.0$", text, flags=re.M)
     assert info, text[:500]
     labels = dict(re.findall(r'(\w+)="([^"]*)"', info.group(1)))
     assert labels["model_fingerprint"] == model["fingerprint"] and labels["architecture"] == model["architecture"]
@@ -321,7 +429,16 @@ def test_build_info_names_the_model_and_the_queue_depth_is_a_gauge(client):
 
 def test_openapi_documents_the_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/gallery", "/gallery/{item_id}", "/gallery/{item_id}/image", "/query", "/healthz", "/readyz", "/model", "/metrics"} <= set(paths)
+    assert {
+        "/gallery",
+        "/gallery/{item_id}",
+        "/gallery/{item_id}/image",
+        "/query",
+        "/healthz",
+        "/readyz",
+        "/model",
+        "/metrics",
+    } <= set(paths)
 
 
 def test_the_api_reference_is_served_from_the_server_itself_and_the_ready_line_names_the_url(server, client):
@@ -345,15 +462,25 @@ def test_service_embeddings_equal_the_exporters_on_the_same_files(server, client
     ids = enroll(client, [p.read_bytes() for p in paths])
     model, cfg = load_trained_model(tiny_model[0])
     with torch.no_grad():
-        expected = model(torch.from_numpy(np.stack([load_for_model(p, cfg.data.height, cfg.data.width) for p in paths]))).embedding.numpy()
+        expected = model(
+            torch.from_numpy(np.stack([load_for_model(p, cfg.data.height, cfg.data.width) for p in paths]))
+        ).embedding.numpy()
     np.testing.assert_allclose(stored_embeddings(server, ids), expected, atol=1e-4)
 
 
 def test_api_key_protects_every_route_but_health(tiny_model, tmp_path):
-    with ServiceProcess(tiny_model[1], tmp_path / "g.sqlite3", api_key="s3cret") as process, process.client() as anonymous:
+    with (
+        ServiceProcess(tiny_model[1], tmp_path / "g.sqlite3", api_key="s3cret") as process,
+        process.client() as anonymous,
+    ):
         assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code == 200
-        for response in (anonymous.get("/gallery"), anonymous.get("/model"), anonymous.get("/metrics"),
-                         anonymous.post("/gallery", files=files(image_bytes(1, 1))), anonymous.get("/gallery", headers={"X-API-Key": "wrong"})):
+        for response in (
+            anonymous.get("/gallery"),
+            anonymous.get("/model"),
+            anonymous.get("/metrics"),
+            anonymous.post("/gallery", files=files(image_bytes(1, 1))),
+            anonymous.get("/gallery", headers={"X-API-Key": "wrong"}),
+        ):
             assert_error(response, 401, "unauthorized")
         assert anonymous.get("/gallery", headers={"X-API-Key": "s3cret"}).status_code == 200
 
@@ -365,15 +492,26 @@ def test_the_service_never_imports_torch():
 
 def test_an_oversized_body_is_refused_before_it_is_read(server, client):
     limit = 8 * 300_000 + 1024 * 1024
-    assert_error(client.post("/gallery", content=b"x" * (limit + 1), headers={"content-type": "multipart/form-data; boundary=b"}), 413, "payload_too_large")
+    assert_error(
+        client.post(
+            "/gallery", content=b"x" * (limit + 1), headers={"content-type": "multipart/form-data; boundary=b"}
+        ),
+        413,
+        "payload_too_large",
+    )
 
     def chunks():  # a well-formed multipart upload of one huge file, streamed without a Content-Length
-        yield b'--b\r\nContent-Disposition: form-data; name="images"; filename="big.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        yield b'--b\r\nContent-Disposition: form-data; name="images"; filename="big.jpg"\r\n'
+        yield b"Content-Type: image/jpeg\r\n\r\n"
         for _ in range(limit // 65536 + 2):
             yield b"y" * 65536
         yield b"\r\n--b--\r\n"
 
-    assert_error(client.post("/gallery", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}), 413, "payload_too_large")
+    assert_error(
+        client.post("/gallery", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}),
+        413,
+        "payload_too_large",
+    )
     assert client.get("/healthz").status_code == 200
 
 
@@ -412,7 +550,9 @@ def test_a_query_skips_an_item_whose_delete_is_committed_but_not_yet_indexed(tin
     with in_process(tiny_model, tmp_path) as (app, c):
         ids = enroll(c, [image_bytes(1, 1), image_bytes(2, 1)])
         app.state.gallery.store.delete(ids[0])  # the writer thread's commit, before the index has heard of it
-        response = c.post("/query", files=[("image", ("q.jpg", image_bytes(1, 1), "image/jpeg"))], data={"heatmaps": "true"})
+        response = c.post(
+            "/query", files=[("image", ("q.jpg", image_bytes(1, 1), "image/jpeg"))], data={"heatmaps": "true"}
+        )
         assert response.status_code == 200, response.text
         assert [m["id"] for m in response.json()["matches"]] == [ids[1]]
 

@@ -2,6 +2,7 @@
 while a server is serving restores to the same gallery (items, ids, metadata, image bytes, query answers); a
 restore is refused while a server holds the store, over a store with items unless --replace, and for a file
 that is not an intact gallery store; a restore served by another model is re-embedded."""
+
 import hashlib
 import os
 import sqlite3
@@ -23,7 +24,14 @@ BLOBS = [image_bytes(pid, v) for pid in (801, 802, 803) for v in (1, 2)]
 
 def cli(store: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "REID_STORE_PATH": str(store)}
-    return subprocess.run([sys.executable, "-m", "service", *map(str, args)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *map(str, args)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def refused(result: subprocess.CompletedProcess, reason: str) -> bool:
@@ -34,9 +42,15 @@ def gallery_state(client) -> dict:
     items = client.get("/gallery", params={"limit": 500}).json()["items"]
     images = {item["id"]: client.get(f"/gallery/{item['id']}/image").content for item in items}
     # the queries search camera c1 only, where the enrolments made during the backup are not
-    answers = [[(m["id"], round(m["score"], 5)) for m in client.post("/query", files=files(blob, name="image"),
-                                                                      data={"top_k": "20", "heatmaps": "false", "camera_id": "c1"}).json()["matches"]]
-               for blob in BLOBS]
+    answers = [
+        [
+            (m["id"], round(m["score"], 5))
+            for m in client.post(
+                "/query", files=files(blob, name="image"), data={"top_k": "20", "heatmaps": "false", "camera_id": "c1"}
+            ).json()["matches"]
+        ]
+        for blob in BLOBS
+    ]
     return {"items": items, "images": images, "answers": answers}
 
 
@@ -48,8 +62,14 @@ def served_backup(tiny_model, tmp_path_factory):
     backup_file = folder / "backup.sqlite3"
     with ServiceProcess(tiny_model[1], folder / "live.sqlite3") as server, server.client() as client:
         for pid in (801, 802, 803):
-            enroll(client, [image_bytes(pid, 1), image_bytes(pid, 2)], person_id=str(pid), camera_id="c1",
-                   metadata='{"site": "gate", "pid": %d}' % pid, captured_at="2024-06-01T12:00:00Z")
+            enroll(
+                client,
+                [image_bytes(pid, 1), image_bytes(pid, 2)],
+                person_id=str(pid),
+                camera_id="c1",
+                metadata='{"site": "gate", "pid": %d}' % pid,
+                captured_at="2024-06-01T12:00:00Z",
+            )
         before = gallery_state(client)
         later: List[int] = []
         stop = threading.Event()
@@ -84,7 +104,7 @@ def test_a_backup_restores_to_the_same_gallery(served_backup, tiny_model, tmp_pa
     with ServiceProcess(tiny_model[1], store) as server, server.client() as client:
         restored_ids = [i["id"] for i in client.get("/gallery", params={"limit": 500}).json()["items"]]
         # a consistent snapshot: everything enrolled before the backup, then a prefix of what came during it
-        assert restored_ids == all_ids[:len(restored_ids)] and len(restored_ids) >= len(before["items"])
+        assert restored_ids == all_ids[: len(restored_ids)] and len(restored_ids) >= len(before["items"])
         for item_id, image in before["images"].items():
             assert client.get(f"/gallery/{item_id}/image").content == image
         for item in before["items"]:
@@ -121,7 +141,9 @@ def test_a_restore_served_by_another_model_is_reembedded(served_backup, tiny_mod
 
     backup_file, before, _ = served_backup
     model = onnx.load(str(tiny_model[1]))
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "backup_test": "another file"})
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, "backup_test": "another file"}
+    )
     other = tmp_path / "other.onnx"
     onnx.save(model, str(other))
     other_fingerprint = hashlib.sha256(other.read_bytes()).hexdigest()

@@ -2,6 +2,7 @@
 collection (milvus-lite's server), killed, cut off from Milvus, started on a damaged index or a changed
 model. The API suite itself runs on this backend too (tests/test_service_api.py and the others whose
 ``server`` fixture is parametrized by ``tests.cluster.BACKENDS``)."""
+
 import json
 from contextlib import ExitStack
 
@@ -36,7 +37,9 @@ def test_any_replica_answers_what_another_acknowledged(cluster_servers, tiny_mod
     with ExitStack() as stack:
         a, b = (stack.enter_context(server) for server in replicas(tiny_model, tmp_path, settings))
         ca, cb = stack.enter_context(a.client()), stack.enter_context(b.client())
-        ids = enrol(ca, [image_bytes(1, 0), image_bytes(2, 0), image_bytes(3, 0)], person_id=["1", "2", "3"], camera_id="c1")
+        ids = enrol(
+            ca, [image_bytes(1, 0), image_bytes(2, 0), image_bytes(3, 0)], person_id=["1", "2", "3"], camera_id="c1"
+        )
         found = cb.post("/query", files=files(image_bytes(1, 0), name="image"), data={"top_k": "3"}).json()["matches"]
         assert found[0]["id"] == ids[0] and found[0]["score"] == pytest.approx(1, abs=1e-5)
         for match in found:  # the heatmap on replica B still averages to the score Milvus gave
@@ -53,7 +56,11 @@ def test_any_replica_answers_what_another_acknowledged(cluster_servers, tiny_mod
         assert [m["id"] for m in matches(ca, image_bytes(1, 0))] == [ids[1]]
         assert_error(ca.get(f"/gallery/{ids[0]}"), 404, "not_found")
         # B's removals reach A's feature-map cache (a PostgreSQL notification): only ids[1]'s maps are left
-        wait_until(lambda: metric(ca, "reid_heatmap_map_cache_bytes") == pytest.approx(cached / 3, rel=0.01), "A's cache", timeout=10)
+        wait_until(
+            lambda: metric(ca, "reid_heatmap_map_cache_bytes") == pytest.approx(cached / 3, rel=0.01),
+            "A's cache",
+            timeout=10,
+        )
 
 
 def test_a_replica_killed_after_its_answer_loses_nothing(cluster_servers, tiny_model, tmp_path):
@@ -71,11 +78,18 @@ def test_with_milvus_unreachable_writes_fail_whole_and_then_work_again(cluster_s
     milvus = MilvusServer(tmp_path / "own-milvus").start()
     settings = {**cluster_servers.new_gallery(), "milvus_uri": milvus.uri}
     try:
-        with ServiceProcess(tiny_model[1], tmp_path / "unused.sqlite3", **settings) as server, server.client() as client:
+        with (
+            ServiceProcess(tiny_model[1], tmp_path / "unused.sqlite3", **settings) as server,
+            server.client() as client,
+        ):
             enrol(client, [image_bytes(6, 0)], person_id="6")
             milvus.stop()
-            assert_error(client.post("/gallery", files=files(image_bytes(7, 0), image_bytes(7, 1))), 503, "storage_unavailable")
-            assert_error(client.post("/query", files=files(image_bytes(6, 0), name="image")), 503, "storage_unavailable")
+            assert_error(
+                client.post("/gallery", files=files(image_bytes(7, 0), image_bytes(7, 1))), 503, "storage_unavailable"
+            )
+            assert_error(
+                client.post("/query", files=files(image_bytes(6, 0), name="image")), 503, "storage_unavailable"
+            )
             assert client.get("/gallery").json()["total"] == 1  # the failed enrolment left no row
             assert_error(client.get("/readyz"), 503, "storage_unavailable")  # a load balancer stops sending it requests
             milvus.start()  # the same port and data: the server's Milvus client reconnects by itself
@@ -128,10 +142,15 @@ def test_a_model_change_reembeds_once_and_the_old_replica_stops_writing(cluster_
 
 def test_filters_on_labels_with_quotes_backslashes_and_emoji_match_exactly(cluster_servers, tiny_model, tmp_path):
     settings = cluster_servers.new_gallery()
-    labels = ['a"b', "a\\", 'a\\"b or person_id != "', "\U0001F600 caf\u00e9", "x' or 1==1"]
+    labels = ['a"b', "a\\", 'a\\"b or person_id != "', "\U0001f600 caf\u00e9", "x' or 1==1"]
     with ServiceProcess(tiny_model[1], tmp_path / "a.sqlite3", **settings) as server, server.client() as client:
-        ids = enrol(client, [image_bytes(10, v) for v in range(len(labels))], person_id=labels, camera_id=labels,
-                    metadata=json.dumps({"big": 10**30}))
+        ids = enrol(
+            client,
+            [image_bytes(10, v) for v in range(len(labels))],
+            person_id=labels,
+            camera_id=labels,
+            metadata=json.dumps({"big": 10**30}),
+        )
         for item_id, label in zip(ids, labels):
             assert [m["id"] for m in matches(client, image_bytes(10, 0), person_id=label)] == [item_id]
             assert [m["id"] for m in matches(client, image_bytes(10, 0), camera_id=label)] == [item_id]
@@ -141,10 +160,17 @@ def test_filters_on_labels_with_quotes_backslashes_and_emoji_match_exactly(clust
 
 def test_with_postgres_restarted_the_replica_recovers(tiny_model, tmp_path):
     postgres, milvus = PostgresServer().start(), MilvusServer(tmp_path / "milvus").start()
-    settings = {"gallery_backend": "cluster", "postgres_dsn": postgres.new_database("restarted"), "milvus_uri": milvus.uri,
-                "milvus_collection": "restarted"}
+    settings = {
+        "gallery_backend": "cluster",
+        "postgres_dsn": postgres.new_database("restarted"),
+        "milvus_uri": milvus.uri,
+        "milvus_collection": "restarted",
+    }
     try:
-        with ServiceProcess(tiny_model[1], tmp_path / "unused.sqlite3", **settings) as server, server.client() as client:
+        with (
+            ServiceProcess(tiny_model[1], tmp_path / "unused.sqlite3", **settings) as server,
+            server.client() as client,
+        ):
             [first] = enrol(client, [image_bytes(11, 0)], person_id="11")
             postgres.halt()
             assert_error(client.post("/gallery", files=files(image_bytes(12, 0))), 503, "storage_unavailable")
@@ -162,9 +188,14 @@ def test_with_postgres_restarted_the_replica_recovers(tiny_model, tmp_path):
 def test_retention_on_any_replica_erases_from_postgres_and_milvus(cluster_servers, tiny_model, tmp_path):
     settings = cluster_servers.new_gallery()
     with ServiceProcess(tiny_model[1], tmp_path / "a.sqlite3", **settings) as server, server.client() as client:
-        old = enrol(client, [image_bytes(13, 0), image_bytes(13, 1)], person_id="13", captured_at="2024-06-01T12:00:00Z")
+        old = enrol(
+            client, [image_bytes(13, 0), image_bytes(13, 1)], person_id="13", captured_at="2024-06-01T12:00:00Z"
+        )
         [kept] = enrol(client, [image_bytes(14, 0)], person_id="14")
-    with ServiceProcess(tiny_model[1], tmp_path / "b.sqlite3", retention_days=30, **settings) as server, server.client() as client:
+    with (
+        ServiceProcess(tiny_model[1], tmp_path / "b.sqlite3", retention_days=30, **settings) as server,
+        server.client() as client,
+    ):
         assert [m["id"] for m in matches(client, image_bytes(13, 0))] == [kept]
         assert client.get("/gallery").json()["total"] == 1
     with milvus_connection(settings["milvus_uri"]) as milvus:

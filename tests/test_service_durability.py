@@ -1,4 +1,5 @@
 """Faults: kill -9 during a stream of enrolments, concurrent writers and readers, a model change at start."""
+
 import sqlite3
 import threading
 import time
@@ -13,7 +14,9 @@ pytestmark = pytest.mark.slow
 
 
 def query_ids_scores(client, blob, top_k=20):
-    response = client.post("/query", files=[("image", ("q.jpg", blob, "image/jpeg"))], data={"top_k": str(top_k), "heatmaps": "false"})
+    response = client.post(
+        "/query", files=[("image", ("q.jpg", blob, "image/jpeg"))], data={"top_k": str(top_k), "heatmaps": "false"}
+    )
     assert response.status_code == 200, response.text
     return [(m["id"], m["score"]) for m in response.json()["matches"]]
 
@@ -42,7 +45,9 @@ def test_kill_9_during_enrolments_loses_only_requests_in_flight(tiny_model, tmp_
             while not stop.is_set():
                 n += 1
                 try:
-                    response = c.post("/gallery", files=[("images", ("s.jpg", image_bytes(100 + worker, n), "image/jpeg"))])
+                    response = c.post(
+                        "/gallery", files=[("images", ("s.jpg", image_bytes(100 + worker, n), "image/jpeg"))]
+                    )
                 except httpx.HTTPError:
                     return
                 if response.status_code == 201:
@@ -113,7 +118,9 @@ def test_concurrent_enrol_delete_and_query_keep_index_and_store_consistent(tiny_
             assert len(listed) == ready["index"]["size"] == ready["gallery_size"] == 4 + 18 - 3
             found = {i for i, _ in query_ids_scores(client, image_bytes(1, 0), top_k=50)}
             assert found == listed
-            batches = [line for line in client.get("/metrics").text.splitlines() if line.startswith("reid_batch_size_count")]
+            batches = [
+                line for line in client.get("/metrics").text.splitlines() if line.startswith("reid_batch_size_count")
+            ]
             enrol_calls = 4 + 18 + 6 * 1
             assert float(batches[0].split()[-1]) < enrol_calls, "no two requests were ever batched together"
 
@@ -135,4 +142,7 @@ def test_a_gallery_from_another_model_is_reembedded_or_refused(tiny_model, marke
         assert client.get(f"/gallery/{item_id}").status_code == 200
         assert query_ids_scores(client, image_bytes(5, 1))[0][0] == old[0][0]
         fingerprint = client.get("/readyz").json()["model_fingerprint"]
-    assert sqlite3.connect(store).execute("SELECT value FROM meta WHERE key = 'model_fingerprint'").fetchone()[0] == fingerprint
+    assert (
+        sqlite3.connect(store).execute("SELECT value FROM meta WHERE key = 'model_fingerprint'").fetchone()[0]
+        == fingerprint
+    )

@@ -2,6 +2,7 @@
 filtered on; a person erased in one step with nothing of them left in the store's files (the database and its
 WAL, before and after VACUUM) or the index; retention purging what is older than REID_RETENTION_DAYS; a gallery
 file from before capture times opening and working."""
+
 import asyncio
 import sqlite3
 import time
@@ -28,7 +29,9 @@ HOUR = 3600.0
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tiny_model, tmp_path_factory):
-    with ServiceProcess(tiny_model[1], tmp_path_factory.mktemp("time") / "gallery.sqlite3", max_top_k=50, **backend_settings(request)) as process:
+    with ServiceProcess(
+        tiny_model[1], tmp_path_factory.mktemp("time") / "gallery.sqlite3", max_top_k=50, **backend_settings(request)
+    ) as process:
         yield process
 
 
@@ -53,6 +56,7 @@ def listed(client, **params) -> List[int]:
 
 # -- time
 
+
 def test_capture_times_are_stored_returned_and_filtered(client):
     # 12:00Z as ISO, 14:00Z as epoch seconds, 16:00Z as ISO in another zone, and one of unknown time
     times = ["2024-06-01T12:00:00Z", str(int(NOON + 2 * HOUR)), "2024-06-01T18:00:00+02:00"]
@@ -73,20 +77,43 @@ def test_capture_times_are_stored_returned_and_filtered(client):
     for i, blob in enumerate(blobs):
         assert match_ids(client, blob, person_id="t", **window) == [timed[1]], i
     assert match_ids(client, blobs[3], person_id="t", captured_before="2024-06-01T12:00:00.000001Z") == [timed[0]]
-    best = client.post("/query", files=files(blobs[1], name="image"), data={"top_k": "1", "heatmaps": "false"}).json()["matches"][0]
+    best = client.post("/query", files=files(blobs[1], name="image"), data={"top_k": "1", "heatmaps": "false"}).json()[
+        "matches"
+    ][0]
     assert (best["id"], best["captured_at"]) == (timed[1], NOON + 2 * HOUR)
 
 
-@pytest.mark.parametrize("value", [
-    "2024-06-01T12:00:00",  # no time zone
-    "2024-06-01", "June 1st 2024", "20240601T120000Z", "2024-06-01x12:00:00Z", " 1717243200", "1717243200\n",
-    "2024-13-01T00:00:00Z", "2024-02-30T00:00:00Z", "2024-06-01T24:00:00Z", "2024-06-01T12:00:00+25:00",
-    "-1", "1e9", "nan", "inf", "0x10", "1_717_243_200", "\u0661\u0667\u0661\u0667",  # Arabic-Indic digits
-    "1969-12-31T23:59:59Z", "999999999999", str(int(time.time() + 2 * 86400)),  # before 1970, after 9999, two days ahead
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2024-06-01T12:00:00",  # no time zone
+        "2024-06-01",
+        "June 1st 2024",
+        "20240601T120000Z",
+        "2024-06-01x12:00:00Z",
+        " 1717243200",
+        "1717243200\n",
+        "2024-13-01T00:00:00Z",
+        "2024-02-30T00:00:00Z",
+        "2024-06-01T24:00:00Z",
+        "2024-06-01T12:00:00+25:00",
+        "-1",
+        "1e9",
+        "nan",
+        "inf",
+        "0x10",
+        "1_717_243_200",
+        "\u0661\u0667\u0661\u0667",  # Arabic-Indic digits
+        "1969-12-31T23:59:59Z",
+        "999999999999",
+        str(int(time.time() + 2 * 86400)),  # before 1970, after 9999, two days ahead
+    ],
+)
 def test_bad_capture_times_are_refused_and_nothing_is_written(client, value):
     before = listed(client)
-    response = client.post("/gallery", files=files(image_bytes(7001, 1), image_bytes(7001, 2)), data={"captured_at": value})
+    response = client.post(
+        "/gallery", files=files(image_bytes(7001, 1), image_bytes(7001, 2)), data={"captured_at": value}
+    )
     assert_error(response, 422, "invalid_request")
     assert "captured_at" in response.json()["error"]["message"]
     assert listed(client) == before
@@ -94,11 +121,16 @@ def test_bad_capture_times_are_refused_and_nothing_is_written(client, value):
 
 def test_bad_time_filters_are_refused(client):
     query = files(image_bytes(7000, 0), name="image")
-    too_many = client.post("/gallery", files=files(image_bytes(7002, 1), image_bytes(7002, 2)), data={"captured_at": ["1", "2", "3"]})
+    too_many = client.post(
+        "/gallery", files=files(image_bytes(7002, 1), image_bytes(7002, 2)), data={"captured_at": ["1", "2", "3"]}
+    )
     assert_error(too_many, 422, "invalid_request")
-    for fields in ({"captured_after": "yesterday"}, {"captured_before": "2024-06-01T12:00:00"},
-                   {"captured_after": "2024-06-02T00:00:00Z", "captured_before": "2024-06-01T00:00:00Z"},
-                   {"captured_after": "1717243200", "captured_before": "1717243200"}):
+    for fields in (
+        {"captured_after": "yesterday"},
+        {"captured_before": "2024-06-01T12:00:00"},
+        {"captured_after": "2024-06-02T00:00:00Z", "captured_before": "2024-06-01T00:00:00Z"},
+        {"captured_after": "1717243200", "captured_before": "1717243200"},
+    ):
         assert_error(client.post("/query", files=query, data=fields), 422, "invalid_request")
         assert_error(client.get("/gallery", params=fields), 422, "invalid_request")
 
@@ -110,9 +142,13 @@ def test_the_client_sends_capture_times_and_time_filters(server):
     with ReIDClient(server.url) as reid:
         items = reid.enroll([image_bytes(7003, v) for v in range(3)], person_id="c", captured_at=taken)
         assert [i.captured_at for i in items] == [NOON + 20 * HOUR, NOON + 30 * HOUR, NOON + 28 * HOUR]
-        page = reid.gallery(person_id="c", captured_after=NOON + 24 * HOUR, captured_before=datetime(2024, 6, 3, tzinfo=timezone.utc))
+        page = reid.gallery(
+            person_id="c", captured_after=NOON + 24 * HOUR, captured_before=datetime(2024, 6, 3, tzinfo=timezone.utc)
+        )
         assert [i.id for i in page.items] == [items[1].id, items[2].id]
-        result = reid.query(image_bytes(7003, 0), top_k=3, heatmaps=False, person_id="c", captured_before=NOON + 24 * HOUR)
+        result = reid.query(
+            image_bytes(7003, 0), top_k=3, heatmaps=False, person_id="c", captured_before=NOON + 24 * HOUR
+        )
         assert [(m.id, m.captured_at) for m in result.matches] == [(items[0].id, NOON + 20 * HOUR)]
         with pytest.raises(ReIDError) as error:
             reid.enroll([image_bytes(7003, 9)], captured_at=datetime(2024, 6, 2))  # naive: its zone is unknown
@@ -120,6 +156,7 @@ def test_the_client_sends_capture_times_and_time_filters(server):
 
 
 # -- erasure: nothing of an erased person may be left in the store's files
+
 
 def store_files(store: Path) -> Dict[str, bytes]:
     """The database file and its WAL as they lie on disk (a WAL that is not there is empty)."""
@@ -129,7 +166,10 @@ def store_files(store: Path) -> Dict[str, bytes]:
 
 def traces(store: Path, needles: Dict[str, bytes]) -> Dict[str, List[str]]:
     """For each file, which of ``needles`` (name: bytes) it still holds."""
-    found = {name: [label for label, needle in needles.items() if needle in data] for name, data in store_files(store).items()}
+    found = {
+        name: [label for label, needle in needles.items() if needle in data]
+        for name, data in store_files(store).items()
+    }
     return {name: labels for name, labels in found.items() if labels}
 
 
@@ -167,11 +207,17 @@ def test_erasing_a_person_leaves_nothing_in_the_store_files_or_the_index(tiny_mo
     marker = f"marker-{uuid.uuid4().hex}"
     blobs = [image_bytes(8000, v) for v in range(3)]
     with ServiceProcess(tiny_model[1], store, max_top_k=50) as server, server.client() as client:
-        kept = enroll(client, [image_bytes(8001, v) for v in range(4)], person_id="kept", metadata='{"note": "keep me"}')
-        erased = enroll(client, blobs, person_id=person, metadata=f'{{"note": "{marker}"}}', captured_at="2024-06-01T12:00:00Z")
+        kept = enroll(
+            client, [image_bytes(8001, v) for v in range(4)], person_id="kept", metadata='{"note": "keep me"}'
+        )
+        erased = enroll(
+            client, blobs, person_id=person, metadata=f'{{"note": "{marker}"}}', captured_at="2024-06-01T12:00:00Z"
+        )
         kept += enroll(client, [image_bytes(8002, 0)], person_id="kept too")
         needles = needles_of(blobs, stored_embeddings(store, erased), person, marker)
-        assert set(sum(traces(store, needles).values(), [])) == set(needles)  # the search finds them while they are there
+        assert set(sum(traces(store, needles).values(), [])) == set(
+            needles
+        )  # the search finds them while they are there
 
         response = client.delete(f"/persons/{quote(person, safe='')}")
         assert response.status_code == 200, response.text
@@ -230,6 +276,7 @@ def test_the_client_erases_a_person_sync_and_async(server):
 
 # -- retention
 
+
 def age_rows(store: Path, ids: List[int], seconds: float) -> None:
     """Make items look enrolled ``seconds`` earlier (their created_at), as if the server had been running that long."""
     db = sqlite3.connect(store)
@@ -251,18 +298,26 @@ def test_retention_erases_old_items_at_start_and_on_schedule_and_keeps_new_ones(
     now = time.time()
     old_blobs, soon_blobs = [image_bytes(9000, v) for v in range(2)], [image_bytes(9001, 0)]
     with ServiceProcess(tiny_model[1], store) as server, server.client() as client:  # no retention yet
-        fresh = enroll(client, [image_bytes(9002, 0)], person_id="fresh") + enroll(client, [image_bytes(9002, 1)], captured_at=str(now - 60))
+        fresh = enroll(client, [image_bytes(9002, 0)], person_id="fresh") + enroll(
+            client, [image_bytes(9002, 1)], captured_at=str(now - 60)
+        )
         old_unknown = enroll(client, old_blobs[:1], person_id="old unknown")  # aged below: goes by created_at
         old_captured = enroll(client, old_blobs[1:], person_id="old captured", captured_at=str(now - 2 * span))
     old = old_unknown + old_captured
     age_rows(store, old_unknown, 2 * span)
     needles = needles_of(old_blobs, stored_embeddings(store, old), "old unknown", "old captured")
 
-    with ServiceProcess(tiny_model[1], store, retention_days=days, retention_interval_s=0.3) as server, server.client() as client:
+    with (
+        ServiceProcess(tiny_model[1], store, retention_days=days, retention_interval_s=0.3) as server,
+        server.client() as client,
+    ):
         assert listed(client) == fresh  # purged before the server was ready
         assert traces(store, needles) == {}
-        assert_error(client.post("/gallery", files=files(image_bytes(9003, 0)), data={"captured_at": str(now - 2 * span)}),
-                     422, "invalid_request")  # already past retention: never stored
+        assert_error(
+            client.post("/gallery", files=files(image_bytes(9003, 0)), data={"captured_at": str(now - 2 * span)}),
+            422,
+            "invalid_request",
+        )  # already past retention: never stored
         [soon] = enroll(client, soon_blobs, person_id="soon", captured_at=str(time.time() - span + 2))  # expires in 2 s
         soon_needles = needles_of(soon_blobs, stored_embeddings(store, [soon]), "soon")
         assert soon in listed(client)
@@ -270,13 +325,16 @@ def test_retention_erases_old_items_at_start_and_on_schedule_and_keeps_new_ones(
         wait_until(lambda: client.get("/readyz").json()["index"]["size"] == len(fresh))
         assert listed(client) == fresh and not set(match_ids(client, soon_blobs[0])) & {soon, *old}
         assert client.get("/readyz").json()["gallery_size"] == len(fresh)
-        assert 'reid_erased_items_total{reason="retention"} 3.0' in client.get("/metrics").text  # 2 at start, 1 on schedule
+        assert (
+            'reid_erased_items_total{reason="retention"} 3.0' in client.get("/metrics").text
+        )  # 2 at start, 1 on schedule
         assert traces(store, soon_needles) == {}
     vacuum(store)
     assert traces(store, {**needles, **soon_needles}) == {}
 
 
 # -- a gallery file from before capture times
+
 
 def test_a_gallery_file_from_before_capture_times_is_migrated_and_keeps_working(tiny_model, tmp_path):
     store = tmp_path / "old.sqlite3"
@@ -286,14 +344,23 @@ def test_a_gallery_file_from_before_capture_times_is_migrated_and_keeps_working(
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(SCHEMA)  # the first release's schema: no captured_at, user_version 0
     with db:
-        db.executemany("INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, created_at)"
-                       " VALUES (?, 'c1', '{}', ?, 'JPEG', 20, 40, ?, ?)",
-                       [(f"old{i}", blob, np.asarray(v, np.float32).tobytes(), NOON) for i, (blob, v) in enumerate(zip(blobs, vectors))])
+        db.executemany(
+            "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, "
+            "embedding, created_at)"
+            " VALUES (?, 'c1', '{}', ?, 'JPEG', 20, 40, ?, ?)",
+            [
+                (f"old{i}", blob, np.asarray(v, np.float32).tobytes(), NOON)
+                for i, (blob, v) in enumerate(zip(blobs, vectors))
+            ],
+        )
     db.close()
 
     with ServiceProcess(tiny_model[1], store) as server, server.client() as client:
         items = client.get("/gallery").json()["items"]
-        assert [(i["person_id"], i["captured_at"], i["created_at"]) for i in items] == [("old0", None, NOON), ("old1", None, NOON)]
+        assert [(i["person_id"], i["captured_at"], i["created_at"]) for i in items] == [
+            ("old0", None, NOON),
+            ("old1", None, NOON),
+        ]
         assert match_ids(client, blobs[1])[0] == items[1]["id"]
         [new] = enroll(client, [image_bytes(9501, 0)], captured_at="2024-06-01T12:00:00Z")
         assert listed(client, captured_after="2024-01-01T00:00:00Z") == [new]
@@ -305,8 +372,12 @@ def test_a_gallery_file_from_before_capture_times_is_migrated_and_keeps_working(
         assert len(listed(client)) == 3
 
 
-@pytest.mark.parametrize("spelling, canonical", [("4711 ", "4711"), (" 4711", "4711"), ("４７１１", "4711"), ("ﬁve", "five")])
-def test_an_id_that_looks_like_another_is_refused_so_erasure_reaches_every_enrolled_spelling(client, spelling, canonical):
+@pytest.mark.parametrize(
+    "spelling, canonical", [("4711 ", "4711"), (" 4711", "4711"), ("４７１１", "4711"), ("ﬁve", "five")]
+)
+def test_an_id_that_looks_like_another_is_refused_so_erasure_reaches_every_enrolled_spelling(
+    client, spelling, canonical
+):
     """A trailing space, fullwidth digits or a ligature made a second person that DELETE /persons/{canonical}
     missed: such spellings are refused at enrolment, naming the canonical one, and nothing is written."""
     before = client.get("/gallery").json()["total"]
@@ -318,8 +389,16 @@ def test_an_id_that_looks_like_another_is_refused_so_erasure_reaches_every_enrol
 
 def test_invisible_characters_in_an_id_are_refused_and_searches_take_canonical_ids_only(client):
     for spelling in ("47\u200b11", "\u200d4711", "4711\u2066"):
-        assert_error(client.post("/gallery", files=files(image_bytes(4711, 1)), data={"camera_id": spelling}), 422, "invalid_request")
-    assert_error(client.post("/query", files={"image": ("q.jpg", image_bytes(4711, 1))}, data={"camera_id": "cam 1 "}), 422, "invalid_request")
+        assert_error(
+            client.post("/gallery", files=files(image_bytes(4711, 1)), data={"camera_id": spelling}),
+            422,
+            "invalid_request",
+        )
+    assert_error(
+        client.post("/query", files={"image": ("q.jpg", image_bytes(4711, 1))}, data={"camera_id": "cam 1 "}),
+        422,
+        "invalid_request",
+    )
     enroll(client, [image_bytes(4712, 1)], person_id="Bob")  # case is part of the id: Bob and bob are two people
     assert_error(client.delete("/persons/bob"), 404, "not_found")
     assert client.delete("/persons/Bob").json()["removed"] == 1
@@ -337,4 +416,3 @@ def test_form_fields_that_are_not_utf8_text_are_refused_not_stored_as_mojibake(c
 def test_ids_in_urls_that_are_not_utf8_text_are_refused(client):
     """A URL's bytes that are not UTF-8 arrive as U+FFFD, which no id may hold."""
     assert_error(client.get("/gallery?person_id=47%C3%2811"), 422, "invalid_request")
-

@@ -5,6 +5,7 @@ Two parts: schemathesis generates requests for every operation of the OpenAPI sc
 it; and a hypothesis strategy of our own sends real images with arbitrary ids and metadata, which the schema
 alone would never reach past image decoding. Deterministic (derandomize) and bounded (max_examples) for CI.
 """
+
 import json
 import math
 
@@ -26,9 +27,13 @@ SCHEMA_EXAMPLES = 50  # per operation and mode: about 1,000 requests, under a mi
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("fuzz") / "gallery.sqlite3"
-    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=8, max_top_k=20) as process:
+    with ServiceProcess(
+        tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=8, max_top_k=20
+    ) as process:
         with process.client() as client:  # a few items, so that small ids name real ones
-            seeded = client.post("/gallery", files=[("images", (f"{v}.jpg", image_bytes(1, v), "image/jpeg")) for v in range(3)])
+            seeded = client.post(
+                "/gallery", files=[("images", (f"{v}.jpg", image_bytes(1, v), "image/jpeg")) for v in range(3)]
+            )
             assert seeded.status_code == 201, seeded.text
         yield process
 
@@ -80,8 +85,11 @@ def test_every_operation_of_the_schema_fuzzed(server, mode):
 
 
 JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                           max_leaves=40)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=40,
+)
 TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)  # what a form field can carry: UTF-8
 
 
@@ -98,13 +106,25 @@ def finite(value) -> bool:
 
 
 @settings(BOUNDED, max_examples=150)
-@given(person=st.none() | TEXT, camera=st.none() | TEXT,
-       metadata=st.none() | st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=4).map(json.dumps) | TEXT)
+@given(
+    person=st.none() | TEXT,
+    camera=st.none() | TEXT,
+    metadata=st.none() | st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=4).map(json.dumps) | TEXT,
+)
 def test_enrolments_with_arbitrary_ids_and_metadata_are_stored_as_sent_or_refused(server, person, camera, metadata):
     with requests.Session() as session:
         watch = GalleryWatch(session, server.url)
-        data = {key: value for key, value in (("person_id", person), ("camera_id", camera), ("metadata", metadata)) if value is not None}
-        response = session.post(server.url + "/gallery", files=[("images", ("a.jpg", image_bytes(2, 1), "image/jpeg"))], data=data, timeout=30)
+        data = {
+            key: value
+            for key, value in (("person_id", person), ("camera_id", camera), ("metadata", metadata))
+            if value is not None
+        }
+        response = session.post(
+            server.url + "/gallery",
+            files=[("images", ("a.jpg", image_bytes(2, 1), "image/jpeg"))],
+            data=data,
+            timeout=30,
+        )
         watch.check(response, f"POST /gallery {data!r}")
         if response.status_code != 201:
             return

@@ -1,5 +1,6 @@
 """Bad input never poisons the gallery and no request hurts another (issue 12): a real uvicorn process on
 loopback, the tiny exported model, a real SQLite file."""
+
 import io
 import json
 import socket
@@ -30,7 +31,14 @@ INT64_MAX = 2**63 - 1
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("hardening") / "gallery.sqlite3"
-    with ServiceProcess(tiny_model[1], store, max_image_bytes=300_000, max_images_per_request=16, max_top_k=20, **backend_settings(request)) as process:
+    with ServiceProcess(
+        tiny_model[1],
+        store,
+        max_image_bytes=300_000,
+        max_images_per_request=16,
+        max_top_k=20,
+        **backend_settings(request),
+    ) as process:
         yield process
 
 
@@ -61,11 +69,23 @@ def nested(depth: int) -> str:
 
 # -- 1. metadata and ids that could not be written back are refused before any write
 
-@pytest.mark.parametrize("metadata", [
-    '{"a": "\\ud800"}', '{"\\udc00": 1}', '{"a": ["x", "\\ud83d"]}',  # lone surrogates, in a value, a key, a list
-    '{"a": NaN}', '{"a": Infinity}', '{"a": -Infinity}', '{"a": 1e400}', '{"a": -1e999}',  # not finite
-    nested(MAX_METADATA_DEPTH + 1), nested(300), nested(5000),  # deeper than the documented limit, under the size limit
-])
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        '{"a": "\\ud800"}',
+        '{"\\udc00": 1}',
+        '{"a": ["x", "\\ud83d"]}',  # lone surrogates, in a value, a key, a list
+        '{"a": NaN}',
+        '{"a": Infinity}',
+        '{"a": -Infinity}',
+        '{"a": 1e400}',
+        '{"a": -1e999}',  # not finite
+        nested(MAX_METADATA_DEPTH + 1),
+        nested(300),
+        nested(5000),  # deeper than the documented limit, under the size limit
+    ],
+)
 def test_metadata_that_cannot_be_written_back_is_refused_and_nothing_is_written(client, metadata):
     before = gallery_ids(client)
     response = client.post("/gallery", files=files(image_bytes(11, 1), image_bytes(11, 2)), data={"metadata": metadata})
@@ -74,14 +94,28 @@ def test_metadata_that_cannot_be_written_back_is_refused_and_nothing_is_written(
 
 
 def test_metadata_at_the_limits_round_trips(client):
-    values = {"deep": json.loads(nested(MAX_METADATA_DEPTH))["a"], "emoji": "\U0001F600", "big": 10**30, "small": 1e-300,
-              "nul": "a\u0000b", "none": None}
+    values = {
+        "deep": json.loads(nested(MAX_METADATA_DEPTH))["a"],
+        "emoji": "\U0001f600",
+        "big": 10**30,
+        "small": 1e-300,
+        "nul": "a\u0000b",
+        "none": None,
+    }
     [item_id] = enroll(client, [image_bytes(12, 1)], metadata=json.dumps(values))
     assert client.get(f"/gallery/{item_id}").json()["metadata"] == values
 
 
-@pytest.mark.parametrize("field, value", [("person_id", "a\u0000b"), ("person_id", "tab\there"), ("camera_id", "cam\n1"),
-                                          ("camera_id", "\u007f"), ("person_id", "\u0085")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("person_id", "a\u0000b"),
+        ("person_id", "tab\there"),
+        ("camera_id", "cam\n1"),
+        ("camera_id", "\u007f"),
+        ("person_id", "\u0085"),
+    ],
+)
 def test_ids_with_control_characters_are_refused(client, field, value):
     before = gallery_ids(client)
     assert_error(client.post("/gallery", files=files(image_bytes(13, 1)), data={field: value}), 422, "invalid_request")
@@ -91,11 +125,18 @@ def test_ids_with_control_characters_are_refused(client, field, value):
 def test_an_id_sent_as_a_utf8_encoded_surrogate_is_refused(server, client):
     # UTF-8 cannot carry U+D800; its would-be bytes ED A0 80 are not UTF-8: a form field that is not text is
     # refused whole (service.multipart), before any id rule.
-    body = (b'--b\r\nContent-Disposition: form-data; name="person_id"\r\n\r\n\xed\xa0\x80\r\n'
-            b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
-            + image_bytes(13, 2) + b"\r\n--b--\r\n")
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="person_id"\r\n\r\n\xed\xa0\x80\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        + image_bytes(13, 2)
+        + b"\r\n--b--\r\n"
+    )
     before = gallery_ids(client)
-    assert_error(client.post("/gallery", content=body, headers={"content-type": "multipart/form-data; boundary=b"}), 400, "invalid_body")
+    assert_error(
+        client.post("/gallery", content=body, headers={"content-type": "multipart/form-data; boundary=b"}),
+        400,
+        "invalid_body",
+    )
     assert gallery_ids(client) == before
 
 
@@ -111,7 +152,10 @@ def test_stored_rows_that_cannot_be_served_as_they_are_are_answered_safely(tiny_
     with db:
         for item_id, text in zip(ids, POISONED_METADATA):
             db.execute("UPDATE items SET metadata = ? WHERE id = ?", (text, item_id))
-        db.execute("UPDATE items SET person_id = CAST(x'ff41' AS TEXT), camera_id = CAST(x'c0' AS TEXT) WHERE id = ?", (ids[-1],))
+        db.execute(
+            "UPDATE items SET person_id = CAST(x'ff41' AS TEXT), camera_id = CAST(x'c0' AS TEXT) WHERE id = ?",
+            (ids[-1],),
+        )
     db.close()
     with ServiceProcess(tiny_model[1], store) as process, process.client() as c:
         page = c.get("/gallery", params={"limit": 500})
@@ -129,18 +173,26 @@ def test_stored_rows_that_cannot_be_served_as_they_are_are_answered_safely(tiny_
 
 # -- 2. ids are checked at the edge, and one request's failing write never fails the others in its group
 
+
 @pytest.fixture(scope="module")
 def two_digit_id(client) -> int:
     """An item whose id has two digits or more, so that "1_0"-like spellings of it exist."""
     return enroll(client, [image_bytes(30, v) for v in range(10)])[-1]
 
 
-@pytest.mark.parametrize("spelling", ["9223372036854775808", "99999999999999999999999", "+{id}", "{id_}", "0{id}", "0", "-1", "%20{id}", "1e1"])
+@pytest.mark.parametrize(
+    "spelling",
+    ["9223372036854775808", "99999999999999999999999", "+{id}", "{id_}", "0{id}", "0", "-1", "%20{id}", "1e1"],
+)
 def test_ids_out_of_range_or_not_plain_digits_are_refused(client, two_digit_id, spelling):
     item_id = two_digit_id
     text = str(item_id)
     path_id = spelling.format(id=item_id, id_=f"{text[0]}_{text[1:]}")
-    for response in (client.get(f"/gallery/{path_id}"), client.get(f"/gallery/{path_id}/image"), client.delete(f"/gallery/{path_id}")):
+    for response in (
+        client.get(f"/gallery/{path_id}"),
+        client.get(f"/gallery/{path_id}/image"),
+        client.delete(f"/gallery/{path_id}"),
+    ):
         assert_error(response, (404, 422))
     assert client.get(f"/gallery/{item_id}").status_code == 200  # "1_0" never deleted item 10
 
@@ -151,18 +203,27 @@ def test_the_largest_id_is_a_plain_404(client):
 
 
 def test_honest_enrolments_all_succeed_beside_concurrent_bad_requests(server):
-    bad = [lambda c: c.delete("/gallery/9223372036854775808"), lambda c: c.get("/gallery/18446744073709551616"),
-           lambda c: c.delete("/gallery/1_0"),
-           lambda c: c.post("/gallery", files=files(image_bytes(40, 1)), data={"metadata": '{"a": "\\udfff"}'}),
-           lambda c: c.post("/gallery", files=files(image_bytes(40, 2)), data={"metadata": '{"a": 1e400}'}),
-           lambda c: c.post("/gallery", files=files(image_bytes(40, 3)), data={"person_id": "x\u0000"})]
+    bad = [
+        lambda c: c.delete("/gallery/9223372036854775808"),
+        lambda c: c.get("/gallery/18446744073709551616"),
+        lambda c: c.delete("/gallery/1_0"),
+        lambda c: c.post("/gallery", files=files(image_bytes(40, 1)), data={"metadata": '{"a": "\\udfff"}'}),
+        lambda c: c.post("/gallery", files=files(image_bytes(40, 2)), data={"metadata": '{"a": 1e400}'}),
+        lambda c: c.post("/gallery", files=files(image_bytes(40, 3)), data={"person_id": "x\u0000"}),
+    ]
     honest, problems = [], []
 
     def enrol(worker):
         with server.client() as c:
             for n in range(5):
-                response = c.post("/gallery", files=files(image_bytes(500 + worker, n)), data={"person_id": f"h{worker}"})
-                (honest.extend(response.json()["ids"]) if response.status_code == 201 else problems.append(response.text))
+                response = c.post(
+                    "/gallery", files=files(image_bytes(500 + worker, n)), data={"person_id": f"h{worker}"}
+                )
+                (
+                    honest.extend(response.json()["ids"])
+                    if response.status_code == 201
+                    else problems.append(response.text)
+                )
 
     def attack(worker):
         with server.client() as c:
@@ -171,7 +232,9 @@ def test_honest_enrolments_all_succeed_beside_concurrent_bad_requests(server):
                 if not 400 <= response.status_code < 500 or set(response.json()) != {"error"}:
                     problems.append(f"{response.status_code} {response.text}")
 
-    threads = [threading.Thread(target=enrol, args=(w,)) for w in range(4)] + [threading.Thread(target=attack, args=(w,)) for w in range(4)]
+    threads = [threading.Thread(target=enrol, args=(w,)) for w in range(4)] + [
+        threading.Thread(target=attack, args=(w,)) for w in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -184,11 +247,22 @@ def test_honest_enrolments_all_succeed_beside_concurrent_bad_requests(server):
 def test_a_write_that_fails_in_a_group_commit_is_rolled_back_alone(tmp_path):
     store = GalleryStore(tmp_path / "g.sqlite3")
     new = partial(NewItem, b"img", "JPEG", 1, 1, np.zeros(4, np.float32))
-    results = store.commit_group([partial(store.insert, [new("a")]), partial(store.remove, 2**63),  # OverflowError
-                                  partial(store.insert, [new("b"), new("\ud800")]),  # UnicodeEncodeError on its 2nd row
-                                  partial(store.insert, [new(metadata={"x": float("nan")})]),  # refused by the store's own check
-                                  partial(store.insert, [new("c")])])
-    assert [type(r).__name__ for r in results] == ["list", "OverflowError", "UnicodeEncodeError", "InvalidValue", "list"]
+    results = store.commit_group(
+        [
+            partial(store.insert, [new("a")]),
+            partial(store.remove, 2**63),  # OverflowError
+            partial(store.insert, [new("b"), new("\ud800")]),  # UnicodeEncodeError on its 2nd row
+            partial(store.insert, [new(metadata={"x": float("nan")})]),  # refused by the store's own check
+            partial(store.insert, [new("c")]),
+        ]
+    )
+    assert [type(r).__name__ for r in results] == [
+        "list",
+        "OverflowError",
+        "UnicodeEncodeError",
+        "InvalidValue",
+        "list",
+    ]
     assert store.count() == 2 and [i.person_id for i in store.list(10, 0)[1]] == ["a", "c"]
     store.close()
 
@@ -257,6 +331,7 @@ def test_a_store_made_without_auto_vacuum_is_rewritten_with_it_and_keeps_its_ite
 
 # -- 3. after a 500 the connection is closed cleanly
 
+
 def raw_exchange(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(data)
@@ -279,14 +354,29 @@ def test_a_500_says_connection_close_and_the_next_request_is_answered(tiny_model
                 assert_error(response, 500, "internal")
                 assert response.headers["connection"] == "close"
                 assert c.get("/healthz").status_code == 200  # on a new connection, no reset
-        pipelined = raw_exchange(process.port, f"GET /gallery/{item_id} HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert pipelined.startswith(b"HTTP/1.1 500") and b"connection: close" in pipelined.lower() and pipelined.endswith(b'"internal error"}}')
+        pipelined = raw_exchange(
+            process.port,
+            f"GET /gallery/{item_id} HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        )
+        assert (
+            pipelined.startswith(b"HTTP/1.1 500")
+            and b"connection: close" in pipelined.lower()
+            and pipelined.endswith(b'"internal error"}}')
+        )
 
 
 # -- 8. smaller contract points
 
-@pytest.mark.parametrize("method, path, allow", [("PUT", "/gallery", "GET, HEAD, POST"), ("POST", "/healthz", "GET, HEAD"),
-                                                 ("PATCH", "/gallery/1", "DELETE, GET, HEAD"), ("GET", "/query", "POST")])
+
+@pytest.mark.parametrize(
+    "method, path, allow",
+    [
+        ("PUT", "/gallery", "GET, HEAD, POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PATCH", "/gallery/1", "DELETE, GET, HEAD"),
+        ("GET", "/query", "POST"),
+    ],
+)
 def test_405_says_what_is_allowed(client, method, path, allow):
     response = client.request(method, path)
     assert_error(response, 405, "method_not_allowed")
@@ -335,8 +425,15 @@ def xbm_bytes() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("make, media_type", [(lambda: image_bytes(60, 2), "image/jpeg"), (lambda: image_bytes(60, 3, "PNG"), "image/png"),
-                                              (mpo_bytes, "image/jpeg"), (xbm_bytes, "application/octet-stream")])
+@pytest.mark.parametrize(
+    "make, media_type",
+    [
+        (lambda: image_bytes(60, 2), "image/jpeg"),
+        (lambda: image_bytes(60, 3, "PNG"), "image/png"),
+        (mpo_bytes, "image/jpeg"),
+        (xbm_bytes, "application/octet-stream"),
+    ],
+)
 def test_images_are_served_with_a_standard_type_and_nosniff(client, make, media_type):
     response = client.post("/gallery", files=files(make()))
     if response.status_code == 400:  # a format the decoder does not take: nothing to serve
@@ -352,11 +449,25 @@ def test_image_types_map_every_pil_format_to_a_standard_one():
     PILImage.init()
     for image_format in PILImage.OPEN:
         media_type = image_headers(image_format)["Content-Type"]
-        assert media_type in ("image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp", "image/tiff", "image/avif",
-                              "application/octet-stream"), (image_format, media_type)
+        assert media_type in (
+            "image/jpeg",
+            "image/png",
+            "image/gif",
+            "image/webp",
+            "image/bmp",
+            "image/tiff",
+            "image/avif",
+            "application/octet-stream",
+        ), (image_format, media_type)
 
 
-@pytest.mark.parametrize("setting", [dict(max_queued_images=8, max_images_per_request=9), dict(max_queued_images=50, max_images_per_request=50, max_heatmap_matches=51)])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(max_queued_images=8, max_images_per_request=9),
+        dict(max_queued_images=50, max_images_per_request=50, max_heatmap_matches=51),
+    ],
+)
 def test_settings_where_one_request_could_never_be_queued_are_refused(setting):
     from pydantic import ValidationError
 
@@ -380,7 +491,10 @@ def small_disk(tmp_path):
     """A 40 MiB tmpfs: a disk that really fills (root only; skipped where mounting is not allowed)."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(folder)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(folder)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield folder
@@ -393,7 +507,9 @@ def fill_disk(c, seed: int = 0) -> list:
     ids = []
     while True:  # ~270 kB a PNG, the store keeps a 16 MiB reserve: full after about 24 MiB
         seed += 8
-        response = c.post("/gallery", files=[("images", (f"{seed + i}.png", noise_png(seed + i), "image/png")) for i in range(8)])
+        response = c.post(
+            "/gallery", files=[("images", (f"{seed + i}.png", noise_png(seed + i), "image/png")) for i in range(8)]
+        )
         if response.status_code != 201:
             assert_error(response, 503, "storage_unavailable")
             return ids
@@ -412,7 +528,7 @@ def test_a_full_disk_still_lets_deletes_free_space_every_time(tiny_model, small_
             assert ids, f"episode {episode}: nothing enrolled after the deletes"
             for item_id in ids[: len(ids) // 2 + 1]:
                 assert c.delete(f"/gallery/{item_id}").status_code == 204, f"episode {episode}"
-            kept += ids[len(ids) // 2 + 1:]
+            kept += ids[len(ids) // 2 + 1 :]
         assert "giving back the 16777216 byte disk reserve" in process.output()  # once per 10 s: repeats are throttled
         for item_id in kept[1:]:  # all but one: the space goes back to the disk, the reserve is laid again
             assert c.delete(f"/gallery/{item_id}").status_code == 204
@@ -437,6 +553,12 @@ def test_enrolments_wait_for_the_reserve_after_a_full_disk(tiny_model, small_dis
 def test_no_answer_may_be_framed_by_another_site(client):
     """Clickjacking: the page's delete buttons inside another site's invisible frame. Every answer, the page,
     the API reference, data and errors alike, forbids framing in both the old and the CSP way."""
-    for response in (client.get("/"), client.get("/docs"), client.get("/healthz"), client.get("/gallery/999999"), client.head("/")):
+    for response in (
+        client.get("/"),
+        client.get("/docs"),
+        client.get("/healthz"),
+        client.get("/gallery/999999"),
+        client.head("/"),
+    ):
         assert response.headers["x-frame-options"] == "DENY", response.url
         assert response.headers["content-security-policy"] == "frame-ancestors 'none'", response.url

@@ -1,5 +1,6 @@
 """No request may hurt another (issue 12, items 4-7), against real uvicorn servers: memory per request,
 authentication and cross-site writes decided before the body is read, EXIF orientation, slow clients."""
+
 import http.client
 import io
 import logging
@@ -49,6 +50,7 @@ def peak_rss_mb(server: ServiceProcess) -> float:
 
 # -- raw HTTP, for clients that misbehave on purpose --------------------------------------------------------
 
+
 def connect(server: ServiceProcess, data: bytes = b"", client: str = "127.0.0.1") -> socket.socket:
     """A raw connection from ``client``, an address of the loopback network (127.0.0.0/8), each another client."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(client, 0))
@@ -74,17 +76,26 @@ def seconds_until_closed(sock: socket.socket, limit: float = 15) -> float:
 
 
 def request_head(method: str, path: str, length: int, port: int, *extra: str) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: multipart/form-data; boundary=b",
-             f"Content-Length: {length}", *extra]
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Content-Type: multipart/form-data; boundary=b",
+        f"Content-Length: {length}",
+        *extra,
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def multipart(blob: bytes) -> bytes:
-    return (b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
-            + blob + b"\r\n--b--\r\n")
+    return (
+        b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        + blob
+        + b"\r\n--b--\r\n"
+    )
 
 
 # -- 4. memory: decode small, release at once, bound the pixels per request and the heatmap work -----------
+
 
 def test_a_large_jpeg_decodes_scaled_down_to_nearly_the_full_decodes_pixels():
     noise = np.random.default_rng(0).integers(0, 256, (300, 150, 3), dtype=np.uint8)
@@ -138,7 +149,9 @@ def test_compressed_large_images_are_decoded_one_at_a_time(server, client):
 
 def test_a_request_past_its_pixel_budget_is_refused_and_writes_nothing(client):
     total = client.get("/gallery").json()["total"]
-    assert_error(client.post("/gallery", files=files(*[blocks(3000, seed) for seed in range(9)])), 413, "too_many_pixels")
+    assert_error(
+        client.post("/gallery", files=files(*[blocks(3000, seed) for seed in range(9)])), 413, "too_many_pixels"
+    )
     assert client.get("/gallery").json()["total"] == total
     # large JPEGs count at the scale they decode at: 20 of 4000x4000 (320 MP) decode 20 x 500x500
     response = client.post("/gallery", files=files(*[blocks(4000, seed, "JPEG") for seed in range(20)]))
@@ -146,22 +159,34 @@ def test_a_request_past_its_pixel_budget_is_refused_and_writes_nothing(client):
 
 
 def test_heatmaps_only_for_the_first_matches_and_overlays_stay_small(client):
-    enrolled = client.post("/gallery", files=files(*[encode(person_image(60, v, size=(1000, 2000)), "JPEG") for v in range(4)]))
+    enrolled = client.post(
+        "/gallery", files=files(*[encode(person_image(60, v, size=(1000, 2000)), "JPEG") for v in range(4)])
+    )
     assert enrolled.status_code == 201, enrolled.text
-    body = client.post("/query", files=files(encode(person_image(60, 0, size=(1000, 2000)), "JPEG"), name="image"), data={"top_k": 5}).json()
+    body = client.post(
+        "/query", files=files(encode(person_image(60, 0, size=(1000, 2000)), "JPEG"), name="image"), data={"top_k": 5}
+    ).json()
     assert body["heatmap_matches"] == 2
     assert [m["heatmap"] is not None for m in body["matches"]] == [True, True, False, False, False]
     for heatmap in [body["query_heatmap"]] + [m["heatmap"] for m in body["matches"][:2]]:
         overlay = Image.open(io.BytesIO(__import__("base64").b64decode(heatmap["overlay_png"])))
         assert max(overlay.size) <= 256
-    assert client.post("/query", files=files(encode(person_image(60, 0), "JPEG"), name="image"), data={"heatmaps": "false"}).json()["heatmap_matches"] == 0
+    assert (
+        client.post(
+            "/query", files=files(encode(person_image(60, 0), "JPEG"), name="image"), data={"heatmaps": "false"}
+        ).json()["heatmap_matches"]
+        == 0
+    )
 
 
 # -- 5. the API key before the body; no writes from other web sites ----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def keyed(tiny_model, tmp_path_factory):
-    with ServiceProcess(tiny_model[1], tmp_path_factory.mktemp("keyed") / "gallery.sqlite3", api_key="s3cret") as process:
+    with ServiceProcess(
+        tiny_model[1], tmp_path_factory.mktemp("keyed") / "gallery.sqlite3", api_key="s3cret"
+    ) as process:
         yield process
 
 
@@ -178,8 +203,10 @@ def test_without_the_key_the_body_is_never_waited_for(keyed, length):
 
 def test_without_the_key_a_broken_multipart_body_is_a_401_not_a_parse_error(keyed):
     with keyed.client() as c:
-        for response in (c.post("/gallery", content=b"garbage", headers={"content-type": "multipart/form-data"}),
-                         c.post("/query", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=x"})):
+        for response in (
+            c.post("/gallery", content=b"garbage", headers={"content-type": "multipart/form-data"}),
+            c.post("/query", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=x"}),
+        ):
             assert_error(response, 401, "unauthorized")
         assert c.get("/healthz").status_code == 200 and c.get("/docs").status_code == 200
         assert c.get("/gallery", headers={"X-API-Key": "s3cret"}).status_code == 200
@@ -188,8 +215,12 @@ def test_without_the_key_a_broken_multipart_body_is_a_401_not_a_parse_error(keye
 def test_writes_from_other_web_sites_are_refused(server, client):
     total = client.get("/gallery").json()["total"]
     blob = encode(person_image(70, 1), "JPEG")
-    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
-                    {"Origin": f"http://localhost:{server.port}", "Sec-Fetch-Site": "cross-site"}):
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": f"http://localhost:{server.port}", "Sec-Fetch-Site": "cross-site"},
+    ):
         assert_error(client.post("/gallery", files=files(blob), headers=headers), 403, "cross_site_request")
         assert_error(client.post("/query", files=files(blob, name="image"), headers=headers), 403, "cross_site_request")
     assert_error(client.delete("/gallery/1", headers={"Origin": "https://evil.example"}), 403, "cross_site_request")
@@ -203,13 +234,22 @@ def test_same_origin_pages_allowed_origins_and_non_browser_clients_may_write(ser
         response = client.post("/gallery", files=files(blob), headers=headers)
         assert response.status_code == 201, response.text
     assert response.headers["access-control-allow-origin"] == "https://app.example"
-    preflight = client.options("/gallery", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                                                    "Access-Control-Request-Headers": "x-api-key"})
+    preflight = client.options(
+        "/gallery",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key",
+        },
+    )
     assert preflight.status_code == 200 and "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
-    assert "access-control-allow-origin" not in client.get("/gallery", headers={"Origin": "https://evil.example"}).headers
+    assert (
+        "access-control-allow-origin" not in client.get("/gallery", headers={"Origin": "https://evil.example"}).headers
+    )
 
 
 # -- 6. EXIF orientation -----------------------------------------------------------------------------------
+
 
 def sideways_with_exif(upright: Image.Image) -> bytes:
     """What a phone stores: the pixels on their side, and EXIF Orientation 6 (turn 90 degrees clockwise to view)."""
@@ -233,17 +273,26 @@ def test_an_exif_rotated_query_matches_its_upright_enrolment(client):
     [item] = client.post("/gallery", files=files(encode(upright, "JPEG", quality=95, subsampling=0))).json()["items"]
     [rotated] = client.post("/gallery", files=files(sideways_with_exif(upright))).json()["items"]
     assert (rotated["width"], rotated["height"]) == (128, 256)
-    matches = client.post("/query", files=files(sideways_with_exif(upright), name="image"), data={"heatmaps": "false", "top_k": 2}).json()["matches"]
+    matches = client.post(
+        "/query", files=files(sideways_with_exif(upright), name="image"), data={"heatmaps": "false", "top_k": 2}
+    ).json()["matches"]
     assert {m["id"] for m in matches} == {item["id"], rotated["id"]}
     assert min(m["score"] for m in matches) > 0.99
 
 
 # -- 7. slow clients, large headers, too many connections --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def strict(tiny_model, tmp_path_factory):
-    settings = dict(header_timeout_s=2, body_timeout_s=2, max_header_bytes=4096, max_connections=4,
-                    max_connections_per_client=3, min_body_bytes_per_s=200)
+    settings = dict(
+        header_timeout_s=2,
+        body_timeout_s=2,
+        max_header_bytes=4096,
+        max_connections=4,
+        max_connections_per_client=3,
+        min_body_bytes_per_s=200,
+    )
     with ServiceProcess(tiny_model[1], tmp_path_factory.mktemp("strict") / "gallery.sqlite3", **settings) as process:
         yield process
 
@@ -335,7 +384,10 @@ def test_bad_requests_cannot_flood_the_log(strict):
 def test_a_throttled_message_says_how_many_were_held_back():
     now = [0.0]
     throttle = RepeatThrottle(window_s=10, clock=lambda: now[0])
-    record = lambda: logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "bad request from %s", ("x",), None)  # noqa: E731
+
+    def record():
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "bad request from %s", ("x",), None)
+
     assert [throttle.filter(record()) for _ in range(4)] == [True, False, False, False]
     now[0] = 11.0
     passed = record()
@@ -346,7 +398,9 @@ def test_the_connection_limit_is_honoured(strict):
     idle = [connect(strict, client=f"127.0.0.{10 + i}") for i in range(4)]
     try:
         time.sleep(0.2)
-        status, headers, body = read_response(connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.20"))
+        status, headers, body = read_response(
+            connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.20")
+        )
         assert status == 503 and b'"overloaded"' in body and headers["connection"] == "close"
         assert b"REID_MAX_CONNECTIONS=4" in body
     finally:
@@ -362,7 +416,9 @@ def test_one_client_cannot_take_every_connection(strict):
     idle = [connect(strict, client="127.0.0.30") for _ in range(3)]
     try:
         time.sleep(0.2)
-        status, _, body = read_response(connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.30"))
+        status, _, body = read_response(
+            connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.30")
+        )
         assert status == 503 and b"REID_MAX_CONNECTIONS_PER_CLIENT=3" in body
         status, _, _ = read_response(connect(strict, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", client="127.0.0.31"))
         assert status == 200
@@ -395,13 +451,24 @@ def test_a_slow_app_is_never_mistaken_for_a_slow_client(tmp_path):
             size, more = size + len(message.get("body", b"")), message.get("more_body", False)
         await asyncio.sleep(1.5)
         body = str(size).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]}
+        )
         await send({"type": "http.response.body", "body": body})
 
     port = free_port()
     limits = Settings(header_timeout_s=0.5, body_timeout_s=0.5)
-    server = uvicorn.Server(uvicorn.Config(slow_app, host="127.0.0.1", port=port, http=protocol_class(limits), ws="none",
-                                           lifespan="off", log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            slow_app,
+            host="127.0.0.1",
+            port=port,
+            http=protocol_class(limits),
+            ws="none",
+            lifespan="off",
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

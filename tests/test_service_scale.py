@@ -1,5 +1,6 @@
 """Galleries too large for full embeddings in memory: the reduced index (service.index, REID_INDEX_REDUCE_DIM)
 finds what exact search finds and answers exact scores, in units and over HTTP on a real server."""
+
 import numpy as np
 import pytest
 
@@ -91,16 +92,30 @@ def test_a_server_with_a_reduced_index_answers_exact_scores_and_heatmaps(tiny_mo
     pixels = np.stack([load_for_model(blob, *model.input_size) for blob in blobs])
     store = GalleryStore(tmp_path / "g.sqlite3")
     store.set_meta({FINGERPRINT_KEY: model.fingerprint, "embedding_dim": str(model.contract.embedding_dim)})
-    store.add([NewItem(blob, "JPEG", 20, 40, v, camera_id="filler") for blob, v in zip(blobs, model.predict(pixels, with_maps=False)[0])])
+    store.add(
+        [
+            NewItem(blob, "JPEG", 20, 40, v, camera_id="filler")
+            for blob, v in zip(blobs, model.predict(pixels, with_maps=False)[0])
+        ]
+    )
     store.close()
-    with ServiceProcess(tiny_model[1], tmp_path / "g.sqlite3", index_type="ivf", index_reduce_dim=8, ivf_nlist=16, ivf_nprobe=4) as server, \
-            server.client() as client:
+    with (
+        ServiceProcess(
+            tiny_model[1], tmp_path / "g.sqlite3", index_type="ivf", index_reduce_dim=8, ivf_nlist=16, ivf_nprobe=4
+        ) as server,
+        server.client() as client,
+    ):
         assert client.get("/readyz").json()["index"]["reduced_dim"] == 8
-        enrolled = client.post("/gallery", files=[("images", (f"{v}.jpg", image_bytes(3000, v))) for v in range(3)],
-                               data={"person_id": "3000"}).json()["ids"]
+        enrolled = client.post(
+            "/gallery",
+            files=[("images", (f"{v}.jpg", image_bytes(3000, v))) for v in range(3)],
+            data={"person_id": "3000"},
+        ).json()["ids"]
         body = client.post("/query", files={"image": ("q.jpg", image_bytes(3000, 0))}, data={"top_k": "5"}).json()
     first = body["matches"][0]
-    assert body["gallery_size"] == 1203 and first["id"] == enrolled[0] and first["score"] == pytest.approx(1.0, abs=1e-5)
+    assert (
+        body["gallery_size"] == 1203 and first["id"] == enrolled[0] and first["score"] == pytest.approx(1.0, abs=1e-5)
+    )
     for match in body["matches"]:
         assert np.mean(match["branch_scores"]) == pytest.approx(match["score"], abs=1e-5)
         assert np.array(match["heatmap"]["grid"]).mean() == pytest.approx(match["score"], abs=1e-4)

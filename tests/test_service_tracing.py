@@ -1,4 +1,5 @@
 """Opt-in OpenTelemetry tracing over HTTP: a request carrying a W3C traceparent is traced in that trace."""
+
 import re
 
 from harness.server import ServiceProcess

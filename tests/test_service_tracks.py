@@ -1,5 +1,6 @@
 """Queries by a track (several images of one person), group_by=person and batch queries, over HTTP against a
 real server with the tiny exported model; the expected answers recomputed locally with ONNX Runtime."""
+
 import asyncio
 import io
 
@@ -35,8 +36,15 @@ TRACK = [image_bytes(2, 10), image_bytes(2, 11), png(person_image(2, 12, size=(3
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("tracks") / "gallery.sqlite3"
-    with ServiceProcess(tiny_model[1], store, max_images_per_request=MAX_IMAGES, max_top_k=40, max_heatmap_matches=HEATMAP_MATCHES,
-                        max_batch_heatmaps=BATCH_HEATMAPS, **backend_settings(request)) as process:
+    with ServiceProcess(
+        tiny_model[1],
+        store,
+        max_images_per_request=MAX_IMAGES,
+        max_top_k=40,
+        max_heatmap_matches=HEATMAP_MATCHES,
+        max_batch_heatmaps=BATCH_HEATMAPS,
+        **backend_settings(request),
+    ) as process:
         yield process
 
 
@@ -50,8 +58,11 @@ def reid(server):
 def gallery(reid) -> dict:
     """{id: image bytes} of everything enrolled, in id order."""
     labelled = [(pid, image_bytes(int(pid), v)) for pid, variants in VARIANTS.items() for v in variants]
-    items = reid.enroll([blob for _, blob in labelled], person_id=[pid for pid, _ in labelled],
-                        camera_id=[f"c{1 + i % 2}" for i in range(len(labelled))])
+    items = reid.enroll(
+        [blob for _, blob in labelled],
+        person_id=[pid for pid, _ in labelled],
+        camera_id=[f"c{1 + i % 2}" for i in range(len(labelled))],
+    )
     items += reid.enroll(UNLABELLED)
     return dict(zip([i.id for i in items], [blob for _, blob in labelled] + UNLABELLED))
 
@@ -68,7 +79,9 @@ NUM_BRANCHES = 2  # the tiny model's
 
 def scores(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
     """[Q, N*D] x [G, N*D] -> [Q, G]: the mean over branches of the cosine, the service's score."""
-    return np.einsum("qnd,gnd->qgn", queries.reshape(len(queries), NUM_BRANCHES, -1), items.reshape(len(items), NUM_BRANCHES, -1)).mean(-1)
+    return np.einsum(
+        "qnd,gnd->qgn", queries.reshape(len(queries), NUM_BRANCHES, -1), items.reshape(len(items), NUM_BRANCHES, -1)
+    ).mean(-1)
 
 
 def mean_of(track: np.ndarray) -> np.ndarray:
@@ -119,8 +132,18 @@ def test_one_image_answers_exactly_as_before(server):
     with server.client() as client:
         for fields in ({}, {"aggregate": "best"}, {"heatmaps": False, "top_k": 2}):
             body = query(client, TRACK[0], **{"top_k": 3, **fields}).json()
-            assert set(body) == {"matches", "query_heatmap", "reranked", "heatmap_matches", "same_person_threshold", "gallery_size", "timing_ms"}
-            assert all("track_image" not in m for m in body["matches"]) and (body["query_heatmap"] is None) == (fields.get("heatmaps") is False)
+            assert set(body) == {
+                "matches",
+                "query_heatmap",
+                "reranked",
+                "heatmap_matches",
+                "same_person_threshold",
+                "gallery_size",
+                "timing_ms",
+            }
+            assert all("track_image" not in m for m in body["matches"]) and (body["query_heatmap"] is None) == (
+                fields.get("heatmaps") is False
+            )
 
 
 def first_per_person(matches) -> list:
@@ -178,11 +201,17 @@ def test_a_batch_draws_at_most_its_heatmap_budget(reid, gallery):
 def test_the_async_client_queries_tracks_and_batches(server, reid, gallery):
     async def run():
         async with AsyncReIDClient(server.url) as client:
-            return await asyncio.gather(client.query_track(TRACK, top_k=3, aggregate="best", heatmaps=False), client.query_batch(TRACK, top_k=3))
+            return await asyncio.gather(
+                client.query_track(TRACK, top_k=3, aggregate="best", heatmaps=False), client.query_batch(TRACK, top_k=3)
+            )
 
     track, batch = asyncio.run(run())
-    assert [m.id for m in track.matches] == [m.id for m in reid.query_track(TRACK, top_k=3, aggregate="best", heatmaps=False).matches]
-    assert [[m.id for m in r.matches] for r in batch.results] == [[m.id for m in reid.query(i, top_k=3, heatmaps=False).matches] for i in TRACK]
+    assert [m.id for m in track.matches] == [
+        m.id for m in reid.query_track(TRACK, top_k=3, aggregate="best", heatmaps=False).matches
+    ]
+    assert [[m.id for m in r.matches] for r in batch.results] == [
+        [m.id for m in reid.query(i, top_k=3, heatmaps=False).matches] for i in TRACK
+    ]
 
 
 def parts(name: str, blobs) -> list:
@@ -195,11 +224,35 @@ BAD_REQUESTS = {
     "a batch over REID_MAX_IMAGES_PER_REQUEST": ("/query/batch", parts("images", TOO_MANY), {}, 413, "too_many_images"),
     "an unknown aggregate": ("/query", parts("image", TRACK), {"aggregate": "median"}, 422, "invalid_request"),
     "an unknown group_by": ("/query", parts("image", TRACK[:1]), {"group_by": "camera"}, 422, "invalid_request"),
-    "group_by with rerank": ("/query", parts("image", TRACK[:1]), {"group_by": "person", "rerank": "true"}, 422, "invalid_request"),
-    "group_by with rerank, batched": ("/query/batch", parts("images", TRACK), {"group_by": "person", "rerank": "true"}, 422, "invalid_request"),
-    "group_by with pair_attention": ("/query", parts("image", TRACK[:1]), {"group_by": "person", "pair_attention": "true"}, 422, "invalid_request"),
+    "group_by with rerank": (
+        "/query",
+        parts("image", TRACK[:1]),
+        {"group_by": "person", "rerank": "true"},
+        422,
+        "invalid_request",
+    ),
+    "group_by with rerank, batched": (
+        "/query/batch",
+        parts("images", TRACK),
+        {"group_by": "person", "rerank": "true"},
+        422,
+        "invalid_request",
+    ),
+    "group_by with pair_attention": (
+        "/query",
+        parts("image", TRACK[:1]),
+        {"group_by": "person", "pair_attention": "true"},
+        422,
+        "invalid_request",
+    ),
     "pair_attention for a track": ("/query", parts("image", TRACK), {"pair_attention": "true"}, 422, "invalid_request"),
-    "rerank of a best-of track": ("/query", parts("image", TRACK), {"aggregate": "best", "rerank": "true"}, 422, "invalid_request"),
+    "rerank of a best-of track": (
+        "/query",
+        parts("image", TRACK),
+        {"aggregate": "best", "rerank": "true"},
+        422,
+        "invalid_request",
+    ),
     "a track with a broken image": ("/query", parts("image", [TRACK[0], b"not an image"]), {}, 400, "invalid_image"),
     "a batch without images": ("/query/batch", [], {"top_k": "3"}, 422, "invalid_request"),
 }

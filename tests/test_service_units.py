@@ -1,5 +1,6 @@
 """Service parts without a server: the index on every type, the micro-batcher, the gallery's group commit,
 heatmaps, provider choice."""
+
 import asyncio
 import io
 import sqlite3
@@ -81,7 +82,12 @@ def test_the_batcher_embeds_concurrent_requests_together_and_splits_large_ones()
     observed = []
 
     async def scenario():
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.05, observe=lambda size, waits, seconds: observed.append((size, len(waits))))
+        batcher = MicroBatcher(
+            model,
+            max_batch_size=8,
+            max_wait_s=0.05,
+            observe=lambda size, waits, seconds: observed.append((size, len(waits))),
+        )
         await batcher.start()
         images = [np.full((1, 2, 2, 3), i, np.uint8) for i in range(6)]
         results = await asyncio.gather(*(batcher.embed(x) for x in images))
@@ -181,7 +187,9 @@ def item(seed: int, image=b"jpeg bytes") -> NewItem:
 
 
 @pytest.mark.parametrize("build_reads", ["before", "after"])
-def test_a_background_rebuild_serves_queries_meanwhile_and_keeps_every_write_made_during_it(tmp_path, monkeypatch, build_reads):
+def test_a_background_rebuild_serves_queries_meanwhile_and_keeps_every_write_made_during_it(
+    tmp_path, monkeypatch, build_reads
+):
     """Writes while the new index is built: the build's read of the store comes before them (so they must be
     replayed onto it) or after them (so replaying them must change nothing)."""
     import service.gallery
@@ -205,8 +213,12 @@ def test_a_background_rebuild_serves_queries_meanwhile_and_keeps_every_write_mad
 
     async def scenario():
         await gallery.start()
-        ids = [(await gallery.add([NewItem(b"jpeg", "JPEG", 1, 1, vectors[i], person_id="gone" if i == 8 else None)]))[0].id
-               for i in range(10)]
+        ids = [
+            (await gallery.add([NewItem(b"jpeg", "JPEG", 1, 1, vectors[i], person_id="gone" if i == 8 else None)]))[
+                0
+            ].id
+            for i in range(10)
+        ]
         for item_id in ids[:3]:  # 3 tombstones in 10 vectors: past COMPACT_FRACTION, a rebuild starts
             await gallery.delete(item_id)
         await asyncio.to_thread(reached.wait, 10)
@@ -236,15 +248,21 @@ def test_concurrent_writes_share_one_commit_and_a_failing_one_fails_alone(tmp_pa
     gallery = open_gallery(tmp_path)
     groups = []
     commit_group = gallery.store.commit_group
-    monkeypatch.setattr(gallery.store, "commit_group", lambda writes: groups.append(len(writes)) or commit_group(writes))
+    monkeypatch.setattr(
+        gallery.store, "commit_group", lambda writes: groups.append(len(writes)) or commit_group(writes)
+    )
 
     async def scenario():
         await gallery.start()
         first = await gallery.add([item(0)])
         # image NULL breaks a NOT NULL column: that request, both of its items, must fail and leave no trace
         bad = [item(1), item(2, image=None)]
-        results = await asyncio.gather(*(gallery.add([item(10 + i)]) for i in range(8)), gallery.add(bad), gallery.delete(first[0].id),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(gallery.add([item(10 + i)]) for i in range(8)),
+            gallery.add(bad),
+            gallery.delete(first[0].id),
+            return_exceptions=True,
+        )
         await gallery.stop()
         return results
 
@@ -368,7 +386,9 @@ def test_a_silent_cuda_fall_back_is_detected_and_reported(tiny_model, monkeypatc
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
-def test_tensorrt_comes_first_with_its_engine_cache_and_is_refused_where_it_cannot_run(tiny_model, monkeypatch, tmp_path):
+def test_tensorrt_comes_first_with_its_engine_cache_and_is_refused_where_it_cannot_run(
+    tiny_model, monkeypatch, tmp_path
+):
     # No GPU or TensorRT here: the build's provider list is faked (as above); the real session then runs on the
     # CPU, so asking for TensorRT explicitly refuses the start instead of silently running elsewhere.
     import onnxruntime as ort
@@ -376,14 +396,25 @@ def test_tensorrt_comes_first_with_its_engine_cache_and_is_refused_where_it_cann
     from service.inference import TENSORRT, ProviderUnavailable, provider_options
 
     assert provider_options([TENSORRT, CUDA, CPU], tmp_path / "trt", (16, 8), 32) == [
-        {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True",
-         "trt_engine_cache_path": str(tmp_path / "trt"), "trt_timing_cache_path": str(tmp_path / "trt"),
-         # one engine for every batch the service makes (1 .. REID_MAX_BATCH_SIZE), not one per batch size met
-         "trt_profile_min_shapes": "images:1x16x8x3", "trt_profile_opt_shapes": "images:32x16x8x3", "trt_profile_max_shapes": "images:32x16x8x3"},
-        {}, {}]
+        {
+            "trt_engine_cache_enable": "True",
+            "trt_timing_cache_enable": "True",
+            "trt_engine_cache_path": str(tmp_path / "trt"),
+            "trt_timing_cache_path": str(tmp_path / "trt"),
+            # one engine for every batch the service makes (1 .. REID_MAX_BATCH_SIZE), not one per batch size met
+            "trt_profile_min_shapes": "images:1x16x8x3",
+            "trt_profile_opt_shapes": "images:32x16x8x3",
+            "trt_profile_max_shapes": "images:32x16x8x3",
+        },
+        {},
+        {},
+    ]
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
     assert choose_providers("tensorrt") == [TENSORRT, CUDA, CPU] and choose_providers("auto") == [CUDA, CPU]
-    with pytest.raises(ProviderUnavailable, match="asked ONNX Runtime for TensorrtExecutionProvider but it runs on CPUExecutionProvider"):
+    with pytest.raises(
+        ProviderUnavailable,
+        match="asked ONNX Runtime for TensorrtExecutionProvider but it runs on CPUExecutionProvider",
+    ):
         InferenceModel(tiny_model[1], "tensorrt", tensorrt_cache=tmp_path / "trt").load()
     assert (tmp_path / "trt").is_dir()
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
@@ -397,7 +428,7 @@ def test_reads_by_id_of_more_ids_than_sqlite_takes_at_once_return_every_row(tmp_
     store = GalleryStore(tmp_path / "g.sqlite3")
     stored = store.add([item(seed) for seed in range(SQL_VARIABLES + 50)])
     ids = [i.id for i in stored]
-    assert len(store.get_many_with_embeddings(ids + [10 ** 9], 4)) == len(ids) == len(store.embeddings(ids, 4))
+    assert len(store.get_many_with_embeddings(ids + [10**9], 4)) == len(ids) == len(store.embeddings(ids, 4))
     assert set(store.images(ids)) == set(ids)
     store.close()
 

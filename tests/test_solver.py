@@ -1,4 +1,5 @@
 """Training phases, optimisers and schedules (training/solver.py), and phase-aware training and resume."""
+
 import pytest
 import torch
 from torch import nn
@@ -6,7 +7,15 @@ from torch import nn
 from tests.conftest import tiny_overrides
 from training import load_config, train
 from training.engine import Trainer
-from training.solver import Phase, PhaseSchedule, build_optimizer, enter_phase, phases_from_config, set_learning_rate, zero_subnormals
+from training.solver import (
+    Phase,
+    PhaseSchedule,
+    build_optimizer,
+    enter_phase,
+    phases_from_config,
+    set_learning_rate,
+    zero_subnormals,
+)
 
 
 def rates(phases, iters=10):
@@ -20,8 +29,17 @@ def rates(phases, iters=10):
 
 
 def test_the_default_phases_are_cama_warm_up_then_the_whole_model():
-    solver = load_config(None, ["solver.warmup_epochs=2", "solver.epochs=3", "solver.lr=1.0", "solver.warmup_lr=0.0",
-                                "solver.step_size=2", "solver.gamma=0.5"]).solver
+    solver = load_config(
+        None,
+        [
+            "solver.warmup_epochs=2",
+            "solver.epochs=3",
+            "solver.lr=1.0",
+            "solver.warmup_lr=0.0",
+            "solver.step_size=2",
+            "solver.gamma=0.5",
+        ],
+    ).solver
     warmup, main = phases_from_config(solver)
     assert (warmup.trainable, warmup.epochs, main.trainable, main.epochs) == (["classifiers"], 2, ["all"], 3)
     lrs = rates([warmup, main], iters=5)
@@ -40,8 +58,10 @@ def test_cosine_runs_from_lr_down_to_its_floor():
 def test_pmm_staircase_warm_up_then_multi_step():
     """The schedule of PMM's code (BDB), by 1-indexed epoch: e < 50: 1e-4 (floor(e/5) + 1); then 1e-3, 1e-4
     from e = 200, 1e-5 from e = 300 (paper-family design, 1.7)."""
-    phases = [Phase("warmup", 49, scheduler="staircase", start_lr=1e-4, lr=1e-3, step_size=5),
-              Phase("main", 351, scheduler="multistep", lr=1e-3, milestones=[150, 250])]
+    phases = [
+        Phase("warmup", 49, scheduler="staircase", start_lr=1e-4, lr=1e-3, step_size=5),
+        Phase("main", 351, scheduler="multistep", lr=1e-3, milestones=[150, 250]),
+    ]
     per_epoch = rates(phases, iters=1)
     epochs = [1, 4, 5, 9, 45, 49, 50, 199, 200, 299, 300, 400]
     expected = [1e-4, 1e-4, 2e-4, 2e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5]
@@ -49,8 +69,16 @@ def test_pmm_staircase_warm_up_then_multi_step():
 
 
 def test_explicit_phases_take_the_solver_keys_unless_they_set_their_own():
-    solver = load_config(None, ["solver.optimizer=sgd", "solver.lr=0.1", "solver.momentum=0.8",
-                                "solver.phases=[{epochs: 2, trainable: [classifiers]}, {name: joint, epochs: 3, lr: 0.01, optimizer: adam}]"]).solver
+    solver = load_config(
+        None,
+        [
+            "solver.optimizer=sgd",
+            "solver.lr=0.1",
+            "solver.momentum=0.8",
+            "solver.phases=[{epochs: 2, trainable: [classifiers]}, {name: joint, epochs: 3, lr: "
+            "0.01, optimizer: adam}]",
+        ],
+    ).solver
     first, second = phases_from_config(solver)
     assert (first.name, first.optimizer, first.lr, first.momentum) == ("phase1", "sgd", 0.1, 0.8)
     assert (second.name, second.optimizer, second.lr) == ("joint", "adam", 0.01)
@@ -108,11 +136,16 @@ def test_sgd_with_momentum_and_a_learning_rate_per_group():
 
 def test_phases_with_equal_settings_share_an_optimizer_and_others_do_not():
     schedule = PhaseSchedule([Phase("a", 1), Phase("b", 2, lr=1.0), Phase("c", 1, optimizer="sgd")])
-    assert schedule.shares_optimizer(0, 1) and not schedule.shares_optimizer(1, 2) and not schedule.shares_optimizer(0, 2)
+    assert (
+        schedule.shares_optimizer(0, 1) and not schedule.shares_optimizer(1, 2) and not schedule.shares_optimizer(0, 2)
+    )
     assert [schedule.phase_at(e)[0] for e in range(4)] == [0, 1, 1, 2]
 
 
-TWO_OPTIMIZERS = "[{name: warmup, epochs: 1, trainable: [classifiers], optimizer: adam, lr: 0.001}, {name: joint, epochs: %d, optimizer: sgd, lr: 0.01, loss_weights: {loss_oap: 0}}]"
+TWO_OPTIMIZERS = (
+    "[{name: warmup, epochs: 1, trainable: [classifiers], optimizer: adam, lr: 0.001}, "
+    "{name: joint, epochs: %d, optimizer: sgd, lr: 0.01, loss_weights: {loss_oap: 0}}]"
+)
 
 
 def test_training_switches_optimizer_and_loss_weights_by_phase_and_resumes_per_phase(market_root, tmp_path):
@@ -122,30 +155,54 @@ def test_training_switches_optimizer_and_loss_weights_by_phase_and_resumes_per_p
     assert [h["phase"] for h in summary["history"]] == ["warmup"] and "loss_oap" in summary["history"][0]
 
     # resumed into the SGD phase: a fresh optimizer (Adam's moments do not carry into SGD), no OAP term
-    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "second", **{**phases, "solver.phases": TWO_OPTIMIZERS % 2})))
+    trainer = Trainer(
+        load_config(
+            "base.yaml",
+            tiny_overrides(market_root, tmp_path / "second", **{**phases, "solver.phases": TWO_OPTIMIZERS % 2}),
+        )
+    )
     trainer.resume(first / "last.pt")
     record = trainer.train_epoch(trainer.start_epoch)
     assert isinstance(trainer.optimizer, torch.optim.SGD) and record["phase"] == "joint" and "loss_oap" not in record
     trainer.save(1)
 
     # resumed inside the SGD phase: its momentum buffers come back
-    again = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "third", **{**phases, "solver.phases": TWO_OPTIMIZERS % 2})))
+    again = Trainer(
+        load_config(
+            "base.yaml",
+            tiny_overrides(market_root, tmp_path / "third", **{**phases, "solver.phases": TWO_OPTIMIZERS % 2}),
+        )
+    )
     again.resume(trainer.out / "last.pt")
     assert isinstance(again.optimizer, torch.optim.SGD) and again.optimizer.state
-    momentum = {id(p): again.optimizer.state[p]["momentum_buffer"] for p in again.model.parameters() if p in again.optimizer.state}
-    original = {id(q): trainer.optimizer.state[p]["momentum_buffer"] for p, q in zip(trainer.model.parameters(), again.model.parameters()) if p in trainer.optimizer.state}
+    momentum = {
+        id(p): again.optimizer.state[p]["momentum_buffer"]
+        for p in again.model.parameters()
+        if p in again.optimizer.state
+    }
+    original = {
+        id(q): trainer.optimizer.state[p]["momentum_buffer"]
+        for p, q in zip(trainer.model.parameters(), again.model.parameters())
+        if p in trainer.optimizer.state
+    }
     assert momentum.keys() == original.keys() and all(torch.equal(momentum[k], original[k]) for k in momentum)
 
 
 def test_a_checkpoint_from_before_phases_resumes(market_root, tmp_path):
     run = tmp_path / "old"
-    train(load_config("base.yaml", tiny_overrides(market_root, run, **{"solver.epochs": 0, "run.evaluate_at_end": "false"})))
+    train(
+        load_config(
+            "base.yaml", tiny_overrides(market_root, run, **{"solver.epochs": 0, "run.evaluate_at_end": "false"})
+        )
+    )
     state = torch.load(run / "last.pt", weights_only=False)
     del state["phase"]
     for group in state["optimizer"]["param_groups"]:
         del group["multiplier"], group["group"]
     torch.save(state, run / "legacy.pt")
-    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "new", **{"run.evaluate_at_end": "false"})))
+    trainer = Trainer(
+        load_config("base.yaml", tiny_overrides(market_root, tmp_path / "new", **{"run.evaluate_at_end": "false"}))
+    )
     trainer.resume(run / "legacy.pt")
     assert trainer.optimizer.state and trainer.optimizer.param_groups[0]["multiplier"] == 1.0
     assert trainer.train_epoch(trainer.start_epoch)["phase"] == "main"

@@ -1,4 +1,5 @@
 """End to end on tiny synthetic data: train, resume, evaluate, export with parity, read the contract back."""
+
 import json
 
 import numpy as np
@@ -42,12 +43,18 @@ def test_warm_up_trains_only_the_classifiers_then_everything(market_root, tmp_pa
     trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path)))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train_epoch(0)
-    changed = {k for k, v in trainer.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k]) and "running" not in k}
+    changed = {
+        k
+        for k, v in trainer.model.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, before[k]) and "running" not in k
+    }
     assert changed == {"branches.0.classifier.weight", "branches.1.classifier.weight"}
     trainer.train_epoch(1)
     for i in range(2):
         # stage keys keep the backbone's indices (features.14 -> stage.14)
-        assert not torch.equal(trainer.model.branches[i].stage[0].conv[0][0].weight, before[f"branches.{i}.stage.14.conv.0.0.weight"])
+        assert not torch.equal(
+            trainer.model.branches[i].stage[0].conv[0][0].weight, before[f"branches.{i}.stage.14.conv.0.0.weight"]
+        )
 
 
 def test_gradients_of_the_objective_reach_every_branch(market_root, tmp_path):
@@ -61,28 +68,43 @@ def test_gradients_of_the_objective_reach_every_branch(market_root, tmp_path):
 
 
 def test_the_baseline_trains_without_oap(market_root, tmp_path):
-    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"model.num_branches": 1, "run.evaluate_at_end": "false"}))
+    cfg = load_config(
+        "base.yaml", tiny_overrides(market_root, tmp_path, **{"model.num_branches": 1, "run.evaluate_at_end": "false"})
+    )
     trainer = Trainer(cfg)
     assert "loss_oap" not in trainer.objective.weights()
     summary = trainer.fit()
-    assert all("loss_oap" not in h for h in summary["history"]) and all(np.isfinite(h["loss_id"]) for h in summary["history"])
+    assert all("loss_oap" not in h for h in summary["history"]) and all(
+        np.isfinite(h["loss_id"]) for h in summary["history"]
+    )
 
 
 def test_resume_continues_where_the_checkpoint_stopped(market_root, trained_run, tmp_path):
     out, _ = trained_run
-    cfg = load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{"solver.epochs": 2, "run.evaluate_at_end": "false"}))
+    cfg = load_config(
+        "base.yaml", tiny_overrides(market_root, tmp_path, **{"solver.epochs": 2, "run.evaluate_at_end": "false"})
+    )
     summary = train(cfg, resume=out / "last.pt")
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("failing_step, resumed_epoch", [(3, 0), (7, 1)])
-def test_a_run_interrupted_part_way_through_an_epoch_resumes_to_the_same_model(market_root, tmp_path, monkeypatch, failing_step, resumed_epoch):
+def test_a_run_interrupted_part_way_through_an_epoch_resumes_to_the_same_model(
+    market_root, tmp_path, monkeypatch, failing_step, resumed_epoch
+):
     """run.checkpoint_every_iters=3 with 4 batches per epoch: a checkpoint after batch 3 of the warm-up and of the
     main epoch. Interrupted in the 4th batch of either, the run resumes with the batches, augmentations, learning
     rates and optimizer state of the uninterrupted run: the same weights, the same epoch figures."""
+
     def config(out, **extra):
-        return load_config("base.yaml", tiny_overrides(market_root, out, **{"solver.max_iters_per_epoch": 4, "data.erasing_prob": 0.5,
-                                                                            "run.evaluate_at_end": "false", **extra}))
+        return load_config(
+            "base.yaml",
+            tiny_overrides(
+                market_root,
+                out,
+                **{"solver.max_iters_per_epoch": 4, "data.erasing_prob": 0.5, "run.evaluate_at_end": "false", **extra},
+            ),
+        )
 
     whole = Trainer(config(tmp_path / "whole"))
     whole.fit()
@@ -124,7 +146,9 @@ def test_export_follows_the_contract_and_agrees_with_pytorch(trained_run, market
     assert (contract.input_height, contract.input_width) == (TINY_HEIGHT, TINY_WIDTH)
     assert contract.evaluation[SET]["all"]["mAP"] == pytest.approx(summary["evaluation"][SET]["all"]["mAP"])
     assert contract.config["model"]["num_branches"] == 2
-    assert contract.config["data"]["roots"] == [market_root.name] and "/" not in json.dumps(contract.config)  # no path of this machine
+    assert contract.config["data"]["roots"] == [market_root.name] and "/" not in json.dumps(
+        contract.config
+    )  # no path of this machine
     images = parity_images(TINY_HEIGHT, TINY_WIDTH, market_root / "query", count=3)["real"]
     embedding, maps = session.run(None, {INPUT_IMAGES: images})
     # RAM of a real exported model: grid mean == retrieval score (mean over branches of cosines)
@@ -133,20 +157,27 @@ def test_export_follows_the_contract_and_agrees_with_pytorch(trained_run, market
     assert ram.score == pytest.approx(score, abs=1e-5)
 
 
-def test_a_flip_averaged_export_embeds_an_image_and_its_mirror_alike_and_keeps_the_identity(trained_run, market_root, tmp_path):
+def test_a_flip_averaged_export_embeds_an_image_and_its_mirror_alike_and_keeps_the_identity(
+    trained_run, market_root, tmp_path
+):
     from model_zoo.contract import FLIP_KEY, identity_error
 
     out, _ = trained_run
     export(out / "model.pt", tmp_path / "plain.onnx")
     report = export(out / "model.pt", tmp_path / "flip.onnx", flip=True)
     assert max(v for k, v in report["parity"].items() if k.endswith("embedding")) <= 1e-4
-    plain, flip = (ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"]) for name in ("plain", "flip"))
+    plain, flip = (
+        ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        for name in ("plain", "flip")
+    )
     assert flip.get_modelmeta().custom_metadata_map[FLIP_KEY] == "true" and check_session(flip).evaluation == {}
     images = parity_images(TINY_HEIGHT, TINY_WIDTH, market_root / "query", count=3)["real"]
     embedding, maps = flip.run(None, {INPUT_IMAGES: images})
     mirrored, _ = flip.run(None, {INPUT_IMAGES: np.ascontiguousarray(images[:, :, ::-1])})
     assert np.abs(embedding - mirrored).max() < 1e-5 and identity_error(embedding, maps) < 1e-5
-    (plain_maps,), (mirror_maps,) = (plain.run([OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: x}) for x in (images, np.ascontiguousarray(images[:, :, ::-1])))
+    (plain_maps,), (mirror_maps,) = (
+        plain.run([OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: x}) for x in (images, np.ascontiguousarray(images[:, :, ::-1]))
+    )
     assert np.abs(maps - (plain_maps + mirror_maps[..., ::-1]) / 2).max() < 1e-4  # the two passes' maps, averaged
 
 
@@ -160,8 +191,11 @@ def test_the_exported_file_evaluates_like_its_checkpoint(trained_run, market_roo
     model, _ = load_trained_model(out / "model.pt")
     query_images, *_ = load_test_split(market_root, TINY_HEIGHT, TINY_WIDTH, progress=False)
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(onnx_branch_features(session, query_images, 2, progress=False),
-                               branch_features(model, query_images, progress=False), atol=1e-5)
+    np.testing.assert_allclose(
+        onnx_branch_features(session, query_images, 2, progress=False),
+        branch_features(model, query_images, progress=False),
+        atol=1e-5,
+    )
     # The barely trained model's scores nearly tie, so rankings (and mAP) may differ by float noise: only
     # the route is checked here; on real models the figures agree (the model card lists both).
     assert set(evaluate(tmp_path / "model.onnx", [market_root], progress=False)[SET]) == {"all", "branch1", "branch2"}
@@ -179,7 +213,9 @@ def test_a_parity_failure_is_reported(trained_run, tmp_path, shift):
 
 
 def test_contract_metadata_round_trips():
-    contract = ModelContract("cama", "mobilenetv2", 3, 1280, 16, 8, 256, 128, "data", {"cuhk03": {"all": {"mAP": 0.5}}}, {"a": 1})
+    contract = ModelContract(
+        "cama", "mobilenetv2", 3, 1280, 16, 8, 256, 128, "data", {"cuhk03": {"all": {"mAP": 0.5}}}, {"a": 1}
+    )
     assert ModelContract.from_metadata(contract.to_metadata()) == contract
     assert contract.embedding_dim == 3840
 
@@ -190,7 +226,12 @@ def test_bf16_is_used_only_where_the_cpu_has_it_natively(tmp_path):
     (tmp_path / "avx512").write_text("flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n")
     (tmp_path / "bf16").write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
     (tmp_path / "amx").write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    assert [cpu_has_native_bf16(tmp_path / name) for name in ("avx512", "bf16", "amx", "missing")] == [False, True, True, False]
+    assert [cpu_has_native_bf16(tmp_path / name) for name in ("avx512", "bf16", "amx", "missing")] == [
+        False,
+        True,
+        True,
+        False,
+    ]
     assert autocast_dtype(torch.device("cpu"), amp=False) is None
     assert autocast_dtype(torch.device("cuda"), amp=True) == torch.float16
     assert autocast_dtype(torch.device("cpu"), amp=True, force_cpu_bf16=True) == torch.bfloat16
@@ -203,11 +244,22 @@ def test_the_whole_recipe_trains_on_two_folders_and_evaluates_each(market_root, 
 
     other = write_market(tmp_path / "data" / "other", train_pids=range(20, 26), test_pids=range(1020, 1024))
     recipe = {
-        "data.roots": f"[{market_root},{other}]", "run.eval_roots": f"[{market_root},{other}]", "run.eval_every": 1,
-        "data.sampler": "pk", "data.num_instances": 2, "data.color_jitter": 0.3, "data.grayscale_prob": 0.1,
-        "data.erasing_prob": 0.5, "data.source_weights": "{other: 0.5}", "model.ibn": "true",
-        "loss.oap_mode": "ordered", "loss.label_smoothing": 0.1, "loss.triplet_weight": 1.0,
-        "solver.scheduler": "cosine", "solver.epochs": 2, "run.progress": "true",
+        "data.roots": f"[{market_root},{other}]",
+        "run.eval_roots": f"[{market_root},{other}]",
+        "run.eval_every": 1,
+        "data.sampler": "pk",
+        "data.num_instances": 2,
+        "data.color_jitter": 0.3,
+        "data.grayscale_prob": 0.1,
+        "data.erasing_prob": 0.5,
+        "data.source_weights": "{other: 0.5}",
+        "model.ibn": "true",
+        "loss.oap_mode": "ordered",
+        "loss.label_smoothing": 0.1,
+        "loss.triplet_weight": 1.0,
+        "solver.scheduler": "cosine",
+        "solver.epochs": 2,
+        "run.progress": "true",
     }
     summary = train(load_config("pool.yaml", tiny_overrides(market_root, tmp_path / "run", **recipe)))
     watched = capsys.readouterr().out
@@ -217,17 +269,40 @@ def test_the_whole_recipe_trains_on_two_folders_and_evaluates_each(market_root, 
     assert set(summary["evaluation"]) == {"market", "other"}
     assert [set(h.get("evaluation", ())) for h in summary["history"]] == [{"market", "other"}] * 2 + [set()]
     assert all(h["loss_tri"] > 0 and h["loss_oap"] > 0 for h in summary["history"][1:])
-    main(["evaluate", str(tmp_path / "run" / "model.pt"), "--data-root", str(market_root), "--data-root", str(other),
-          "--quiet", "--output", str(tmp_path / "figures.json")])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| market") or line.startswith("| other")]
+    main(
+        [
+            "evaluate",
+            str(tmp_path / "run" / "model.pt"),
+            "--data-root",
+            str(market_root),
+            "--data-root",
+            str(other),
+            "--quiet",
+            "--output",
+            str(tmp_path / "figures.json"),
+        ]
+    )
+    rows = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| market") or line.startswith("| other")
+    ]
     assert len(rows) == 2
     assert set(json.loads((tmp_path / "figures.json").read_text())) == {"market", "other"}
 
 
 def test_forced_bf16_trains_under_bf16_autocast_on_any_cpu(market_root, tmp_path):
     # run.force_cpu_bf16 takes bf16 where it is only emulated: how row cama_ordered_bf16 measures its accuracy here
-    trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path, **{
-        "loss.triplet_weight": 1.0, "data.sampler": "pk", "run.amp": "true", "run.force_cpu_bf16": "true"})))
+    trainer = Trainer(
+        load_config(
+            "base.yaml",
+            tiny_overrides(
+                market_root,
+                tmp_path,
+                **{"loss.triplet_weight": 1.0, "data.sampler": "pk", "run.amp": "true", "run.force_cpu_bf16": "true"},
+            ),
+        )
+    )
     images = torch.from_numpy(np.stack([trainer.dataset.image(i) for i in range(8)]))
     with trainer._autocast():
         assert trainer.model.train()(images).feature_maps.dtype == torch.bfloat16
@@ -264,7 +339,10 @@ def test_training_falls_back_to_fp32_where_bf16_computes_a_layer_wrongly(market_
     import training.engine as engine
 
     bf16 = {"run.amp": "true", "run.force_cpu_bf16": "true"}
-    assert Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "right", **bf16))).autocast_dtype == torch.bfloat16
+    assert (
+        Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "right", **bf16))).autocast_dtype
+        == torch.bfloat16
+    )
     monkeypatch.setattr(engine, "bf16_layer_errors", lambda *args: {"trunk.0.0": 0.001, "trunk.1.conv.1": 1.4})
     trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "wrong", **bf16)))
     assert trainer.autocast_dtype is None and "trunk.1.conv.1 1.4" in caplog.text

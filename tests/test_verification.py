@@ -1,5 +1,6 @@
 """Same person or not: the threshold calibration (training/calibration.py) against hand cases, its record in
 the model file, and POST /verify and same_person on a real server."""
+
 import asyncio
 import shutil
 
@@ -56,24 +57,41 @@ def test_calibration_is_written_into_the_model_file_and_read_by_the_contract(cal
 def test_verify_answers_the_score_and_the_decision_at_the_models_threshold(calibrated_model, tiny_model, tmp_path):
     path, record = calibrated_model
     with ServiceProcess(path, tmp_path / "g.sqlite3") as server, server.client() as client:
-        same = client.post("/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", image_bytes(5000, 1))}).json()
+        same = client.post(
+            "/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", image_bytes(5000, 1))}
+        ).json()
         assert same["score"] == pytest.approx(1.0, abs=1e-5) and same["same_person"] is True
         assert same["threshold"] == record["threshold"] and same["threshold_source"] == "model"
         assert same["calibration"]["target_fmr"] == 0.1 and "roc" not in same["calibration"]
-        other = client.post("/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", image_bytes(5001, 2))}).json()
+        other = client.post(
+            "/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", image_bytes(5001, 2))}
+        ).json()
         assert np.mean(other["branch_scores"]) == pytest.approx(other["score"], abs=1e-6)
         assert other["same_person"] is (other["score"] > record["threshold"])
         enrol(client, [image_bytes(5000, 1), image_bytes(5002, 3)])
         answer = query(client, image_bytes(5000, 1), heatmaps=False).json()
         matches = answer["matches"]
-        assert [m["same_person"] for m in matches] == [m["score"] > record["threshold"] for m in matches] and matches[0]["same_person"]
-        assert answer["same_person_threshold"] == {"threshold": record["threshold"], "source": "model", "calibrated_on": record["calibrated_on"],
-                                                   "target_fmr": 0.1}  # where the decisions come from, with every answer
+        assert [m["same_person"] for m in matches] == [m["score"] > record["threshold"] for m in matches] and matches[
+            0
+        ]["same_person"]
+        assert answer["same_person_threshold"] == {
+            "threshold": record["threshold"],
+            "source": "model",
+            "calibrated_on": record["calibrated_on"],
+            "target_fmr": 0.1,
+        }  # where the decisions come from, with every answer
         assert_error(client.post("/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1))}), 422, "invalid_request")
-        assert_error(client.post("/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", b"not an image")}),
-                     400, "invalid_image")
+        assert_error(
+            client.post(
+                "/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", b"not an image")}
+            ),
+            400,
+            "invalid_image",
+        )
     with ServiceProcess(tiny_model[1], tmp_path / "h.sqlite3") as server, server.client() as client:  # not calibrated
-        body = client.post("/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", image_bytes(5000, 1))}).json()
+        body = client.post(
+            "/verify", files={"image_a": ("a.jpg", image_bytes(5000, 1)), "image_b": ("b.jpg", image_bytes(5000, 1))}
+        ).json()
         assert body["same_person"] is None and body["threshold"] is None and body["calibration"] == {}
         enrol(client, [image_bytes(5000, 1)])
         assert query(client, image_bytes(5000, 1), heatmaps=False).json()["same_person_threshold"] is None

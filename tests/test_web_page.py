@@ -1,6 +1,7 @@
 """The search page end to end in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium)
 against a real server on loopback: enrol, query, the grid in score order, an overlay toggle, a delete, the
 API-key prompt. A screenshot is saved to test-artifacts/web_page.png."""
+
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,9 @@ from tests.conftest import person_image
 from harness.server import REPO, ServiceProcess
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-NEEDS_BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver: make browser")
+NEEDS_BROWSER = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver: make browser"
+)
 pytestmark = [pytest.mark.slow, NEEDS_BROWSER]
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -24,13 +27,31 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1280,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.implicitly_wait(0)
     yield driver
     driver.quit()
+
+
+def strip_maps_drawn(driver) -> bool:
+    """Every small map beside a RAM (parts, pairs) drawn by the page from the answer's grids."""
+    from selenium.webdriver.common.by import By
+
+    overlays = driver.find_elements(By.CSS_SELECTOR, ".strip img.overlay")
+    return all(i.get_attribute("src").startswith("data:image/png") for i in overlays)
 
 
 def wait_for(driver, condition, timeout=30):
@@ -104,7 +125,9 @@ def test_enrol_query_toggle_and_delete(browser, tiny_model, tmp_path):
         # so that it lies exactly over the image
         sizes = browser.execute_script(
             "const [base, heat] = arguments[0].querySelectorAll('.stack img');"
-            "return [base.naturalWidth, base.naturalHeight, heat.naturalWidth, heat.naturalHeight];", cards[0])
+            "return [base.naturalWidth, base.naturalHeight, heat.naturalWidth, heat.naturalHeight];",
+            cards[0],
+        )
         assert abs(sizes[0] / sizes[1] - sizes[2] / sizes[3]) < 0.02, sizes
         cards[0].find_element(By.CSS_SELECTOR, ".toggle-overlay").click()
         wait_for(browser, lambda d: float(overlay.value_of_css_property("opacity")) == 0)
@@ -114,7 +137,9 @@ def test_enrol_query_toggle_and_delete(browser, tiny_model, tmp_path):
         browser.save_screenshot(str(ARTIFACTS / "web_page.png"))
 
         # a track of two images of person 7, best-of, then one match per person
-        browser.execute_script("document.getElementById('query-file').value = ''")  # a multiple input adds to what it holds
+        browser.execute_script(
+            "document.getElementById('query-file').value = ''"
+        )  # a multiple input adds to what it holds
         browser.find_element(By.ID, "query-file").send_keys("\n".join(pictures(tmp_path, 7, 2)))
         Select(browser.find_element(By.ID, "aggregate")).select_by_value("best")
         browser.find_element(By.CSS_SELECTOR, "#query-form button").click()

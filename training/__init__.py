@@ -9,6 +9,7 @@ schedules), ``gradcam``, ``engine`` (the loop), ``evaluation``, ``export``, ``qu
 Python API first (``training.train``, ``training.evaluate``, ``training.export``, ``training.quantize``);
 ``python -m training`` is a thin CLI over it. May import torch and ``model_zoo``; never imports ``service``.
 """
+
 from training.config import TrainConfig, load_config
 from training.engine import train
 from training.evaluation import evaluate_checkpoint as evaluate

@@ -8,6 +8,7 @@ target goes into the model file's metadata (``reid.verification``, model_zoo/CON
 from and, for every further set given, the FMR and TMR that threshold reaches there (a check on cameras it was
 not calibrated on, never a second calibration).
 """
+
 import json
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -46,8 +47,12 @@ def threshold_at(impostor: np.ndarray, target_fmr: float) -> float:
 
 
 def rates(genuine: np.ndarray, impostor: np.ndarray, threshold: float) -> Dict[str, float]:
-    return {"fmr": float(np.mean(impostor > threshold)), "tmr": float(np.mean(genuine > threshold)),
-            "genuine_pairs": int(len(genuine)), "impostor_pairs": int(len(impostor))}
+    return {
+        "fmr": float(np.mean(impostor > threshold)),
+        "tmr": float(np.mean(genuine > threshold)),
+        "genuine_pairs": int(len(genuine)),
+        "impostor_pairs": int(len(impostor)),
+    }
 
 
 def roc(genuine: np.ndarray, impostor: np.ndarray, fmrs: Sequence[float] = ROC_FMRS) -> List[Dict[str, float]]:
@@ -55,7 +60,9 @@ def roc(genuine: np.ndarray, impostor: np.ndarray, fmrs: Sequence[float] = ROC_F
     for target in fmrs:
         threshold = threshold_at(impostor, target)
         found = rates(genuine, impostor, threshold)
-        points.append({"target_fmr": target, "threshold": round(threshold, 6), "fmr": found["fmr"], "tmr": found["tmr"]})
+        points.append(
+            {"target_fmr": target, "threshold": round(threshold, 6), "fmr": found["fmr"], "tmr": found["tmr"]}
+        )
     return points
 
 
@@ -65,8 +72,14 @@ def calibrate(embed_set, roots: Sequence[Path], target_fmr: float = 1e-3) -> Dic
     first, *others = roots
     genuine, impostor = pair_scores(*embed_set(first))
     threshold = threshold_at(impostor, target_fmr)
-    record = {"threshold": round(threshold, 6), "target_fmr": target_fmr, "rule": "same person when score > threshold",
-              "calibrated_on": Path(first).name, **rates(genuine, impostor, threshold), "roc": roc(genuine, impostor)}
+    record = {
+        "threshold": round(threshold, 6),
+        "target_fmr": target_fmr,
+        "rule": "same person when score > threshold",
+        "calibrated_on": Path(first).name,
+        **rates(genuine, impostor, threshold),
+        "roc": roc(genuine, impostor),
+    }
     record["held_out"] = {Path(root).name: rates(*pair_scores(*embed_set(root)), threshold) for root in others}
     return record
 
@@ -79,10 +92,19 @@ def onnx_set_embedder(model_path: Path, progress: bool = True):
     session, contract = open_cpu_session(model_path)
 
     def embed_set(root: Path):
-        query_images, query, gallery_images, gallery = load_test_split(root, contract.input_height, contract.input_width, progress)
-        features = onnx_branch_features(session, np.concatenate([query_images, gallery_images]), contract.num_branches, progress=progress)
+        query_images, query, gallery_images, gallery = load_test_split(
+            root, contract.input_height, contract.input_width, progress
+        )
+        features = onnx_branch_features(
+            session, np.concatenate([query_images, gallery_images]), contract.num_branches, progress=progress
+        )
         records = query + gallery
-        return features.reshape(len(features), -1), [r.pid for r in records], [r.camid for r in records], contract.num_branches
+        return (
+            features.reshape(len(features), -1),
+            [r.pid for r in records],
+            [r.camid for r in records],
+            contract.num_branches,
+        )
 
     return embed_set
 
@@ -95,4 +117,3 @@ def write_verification(model_path: Path, record: Dict) -> None:
     model.metadata_props.extend(kept)
     model.metadata_props.add(key=VERIFICATION_KEY, value=json.dumps(record))
     onnx.save(model, str(model_path))
-

@@ -1,5 +1,6 @@
 """A trained model from its checkpoint, and what an architecture's builder reads from a training config: shared
 by the trainer, the evaluation and the export (the evaluation no longer reaches into the trainer for them)."""
+
 from dataclasses import asdict
 from pathlib import Path
 from typing import Tuple

@@ -1,5 +1,6 @@
 """Training configuration: dataclasses with help text, YAML files that layer a ``_base_`` file, and
 ``section.key=value`` overrides from the command line (values parsed as YAML)."""
+
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -20,66 +21,190 @@ class ModelConfig:
     architecture: str = option("cama", "architecture name in model_zoo's registry")
     backbone: str = option("mobilenetv2", "backbone: mobilenetv2 or resnet50")
     num_branches: int = option(3, "number of ordered branches N (1 = IDE+BN baseline)")
-    reduction_dim: Optional[int] = option(None, "optional 1x1 reduction to D channels per branch (null: backbone width)")
-    pretrained: Optional[str] = option("imagenet", "'imagenet' (MobileNetV2: fetched offline), a checkpoint path, or null")
-    ibn: Union[bool, str] = option(False, "IBN-Net: false; true or 'a' (IBN-a: half instance / half batch norm in the early blocks, MobileNetV2 1-10, ResNet-50 layer1-3); 'b' (IBN-b: the stem's norm an instance norm, and one after the residual sum ending the stride-4 and stride-8 stages)")
-    layout: str = option("ide", "CASN: 'ide' (GAP of the last stage) or 'pcb' (six horizontal stripes, each reduced to reduction_dim, 256 by default)")
-    mask_layer: str = option("stem", "FMN: the stage whose output the feature mask multiplies (stem = ResNet's pool1); the LAN copies the stages after it")
-    last_stride: int = option(1, "stride of the backbone's last stage (layer4): 1 (re-ID's usual, a 16x8 map at 256x128) or 2 (the ImageNet network)")
-    bn_neck: bool = option(False, "FMN, PMM: a batch norm between each branch's (stage's) descriptor and its classifier in training (the identity loss on BN features, the triplet on the raw ones, as IDE+BN's head); exported maps unchanged; a deviation from the paper")
-    classifier_init_std: Optional[float] = option(None, "PMM: the stages' classifiers drawn from N(0, std) with zero bias (null: the authors' Kaiming fan_out; 0.001 as CAMA's)")
-    clpd_parts: int = option(8, "CLPD: N, the number of part attention modules; the local feature is N part descriptors of reduction_dim / N each")
-    clpd_attention: str = option("multiscale", "CLPD: 'multiscale' (the constrained attention module, eq. 1-2) or 'single' (Table VI's AM: sigmoid(BN(conv1x1(X))))")
-    clpd_descriptor: str = option("SPR", "CLPD: the part descriptor's blocks (Table VI): G (average pooling) or S (max, min, mean, median, variance), then optionally P (barycentre) and R (cosine distances to the other parts): G, S, GP, GR, SP, SR or SPR")
-    source: Optional[str] = option(None, "openvino_ir: the OpenVINO IR (.xml beside its .bin) whose graph and weights the model is; fine-tuned as one branch, its exact per-cell maps exported (python -m model_zoo import)")
-    channel_order: Optional[str] = option(None, "openvino_ir: 'bgr' or 'rgb', the order the IR reads (null: BGR, OpenVINO's convention)")
-    clpd_middle_channels: int = option(256, "CLPD: channels of X, the single 1x1 conv -> BN -> ReLU on layer3 that the attention modules and the part descriptor read")
+    reduction_dim: Optional[int] = option(
+        None, "optional 1x1 reduction to D channels per branch (null: backbone width)"
+    )
+    pretrained: Optional[str] = option(
+        "imagenet", "'imagenet' (MobileNetV2: fetched offline), a checkpoint path, or null"
+    )
+    ibn: Union[bool, str] = option(
+        False,
+        "IBN-Net: false; true or 'a' (IBN-a: half instance / half batch norm in the "
+        "early blocks, MobileNetV2 1-10, ResNet-50 layer1-3); 'b' (IBN-b: the stem's "
+        "norm an instance norm, and one after the residual sum ending the stride-4 "
+        "and stride-8 stages)",
+    )
+    layout: str = option(
+        "ide",
+        "CASN: 'ide' (GAP of the last stage) or 'pcb' (six horizontal stripes, each reduced to "
+        "reduction_dim, 256 by default)",
+    )
+    mask_layer: str = option(
+        "stem",
+        "FMN: the stage whose output the feature mask multiplies (stem = ResNet's pool1); "
+        "the LAN copies the stages after it",
+    )
+    last_stride: int = option(
+        1,
+        "stride of the backbone's last stage (layer4): 1 (re-ID's usual, a 16x8 map at "
+        "256x128) or 2 (the ImageNet network)",
+    )
+    bn_neck: bool = option(
+        False,
+        "FMN, PMM: a batch norm between each branch's (stage's) descriptor and its "
+        "classifier in training (the identity loss on BN features, the triplet on the raw "
+        "ones, as IDE+BN's head); exported maps unchanged; a deviation from the paper",
+    )
+    classifier_init_std: Optional[float] = option(
+        None,
+        "PMM: the stages' classifiers drawn from N(0, std) with zero "
+        "bias (null: the authors' Kaiming fan_out; 0.001 as CAMA's)",
+    )
+    clpd_parts: int = option(
+        8,
+        "CLPD: N, the number of part attention modules; the local feature is N part "
+        "descriptors of reduction_dim / N each",
+    )
+    clpd_attention: str = option(
+        "multiscale",
+        "CLPD: 'multiscale' (the constrained attention module, eq. 1-2) or "
+        "'single' (Table VI's AM: sigmoid(BN(conv1x1(X))))",
+    )
+    clpd_descriptor: str = option(
+        "SPR",
+        "CLPD: the part descriptor's blocks (Table VI): G (average pooling) or S "
+        "(max, min, mean, median, variance), then optionally P (barycentre) and R "
+        "(cosine distances to the other parts): G, S, GP, GR, SP, SR or SPR",
+    )
+    source: Optional[str] = option(
+        None,
+        "openvino_ir: the OpenVINO IR (.xml beside its .bin) whose graph and weights "
+        "the model is; fine-tuned as one branch, its exact per-cell maps exported "
+        "(python -m model_zoo import)",
+    )
+    channel_order: Optional[str] = option(
+        None, "openvino_ir: 'bgr' or 'rgb', the order the IR reads (null: BGR, OpenVINO's convention)"
+    )
+    clpd_middle_channels: int = option(
+        256,
+        "CLPD: channels of X, the single 1x1 conv -> BN -> ReLU on layer3 that the "
+        "attention modules and the part descriptor read",
+    )
 
 
 @dataclass
 class LossConfig:
-    objective: Optional[str] = option(None, "the registered objective (training/objectives); null: the architecture's own")
+    objective: Optional[str] = option(
+        None, "the registered objective (training/objectives); null: the architecture's own"
+    )
     alpha: float = option(1.0, "weight of the overlapped activation penalty (eq. 8); 0 gives MltB+L_id")
-    teacher: Optional[str] = option(None, "distillation: a contract ONNX file (trained here or imported) that embeds every training batch as well; its terms join the objective's (training/objectives/distillation.py)")
-    kd_feature_weight: float = option(1.0, "distillation: weight of 1 - cos(student, teacher) per image (the embeddings must have one size)")
-    kd_relation_weight: float = option(1.0, "distillation: weight of the squared difference of the in-batch similarity matrices")
+    teacher: Optional[str] = option(
+        None,
+        "distillation: a contract ONNX file (trained here or imported) that embeds "
+        "every training batch as well; its terms join the objective's "
+        "(training/objectives/distillation.py)",
+    )
+    kd_feature_weight: float = option(
+        1.0, "distillation: weight of 1 - cos(student, teacher) per image (the embeddings must have one size)"
+    )
+    kd_relation_weight: float = option(
+        1.0, "distillation: weight of the squared difference of the in-batch similarity matrices"
+    )
     k: int = option(20, "sigma^i is the k-th largest value of M^i_t (eq. 5); the 16x8 grid has 128 cells, 8x4 has 32")
-    oap_mode: str = option("symmetric", "'symmetric' (eq. 6: the product of all masks) or 'ordered' (branch i against the fixed union of branches 1..i-1)")
+    oap_mode: str = option(
+        "symmetric",
+        "'symmetric' (eq. 6: the product of all masks) or 'ordered' (branch i against "
+        "the fixed union of branches 1..i-1)",
+    )
     label_smoothing: float = option(0.0, "label smoothing eps of the identification loss (0: plain cross-entropy)")
-    triplet_weight: float = option(0.0, "weight of the batch-hard triplet loss on the per-branch features (0: off; use the pk sampler)")
+    triplet_weight: float = option(
+        0.0, "weight of the batch-hard triplet loss on the per-branch features (0: off; use the pk sampler)"
+    )
     triplet_margin: Optional[float] = option(0.3, "triplet margin on L2-normalised features (null: soft margin)")
-    mix: str = option("hardmix", "PMM: what stages II and III see in training: 'hardmix' (A-Hard-Mix: Grad-CAM's top blocks from another person), 'cutout' (those blocks zeroed) or 'none'")
-    mix_block: List[int] = option([1, 1], "PMM: the Grad-CAM block, [rows, columns] of feature-map cells (the paper: 3x2 on a 24x8 map)")
-    mix_top_blocks: int = option(8, "PMM: K, how many of the highest-ranked blocks are mixed (the paper: 3 Market, 6 Duke, 8 CUHK03)")
-    pmm_trained_stages: List[int] = option([1, 2, 3], "PMM: the stages (1-3) whose identity and triplet terms train; the others still run and are evaluated, get no gradient, and only weight decay moves them. [1]: the shared backbone learns from stage I alone (a diagnostic, not the paper)")
-    casn_ia_weight: float = option(0.5, "CASN: lambda_1, weight of the identification-attention term (the true class's probability on the attention-masked image)")
-    casn_sa_weight: float = option(0.05, "CASN: lambda_2, weight of the Siamese terms (pair cross-entropy, and with casn_consistency_weight the consistency)")
-    casn_consistency_weight: float = option(0.2, "CASN: alpha_sa, weight of the attention consistency inside the Siamese term")
+    mix: str = option(
+        "hardmix",
+        "PMM: what stages II and III see in training: 'hardmix' (A-Hard-Mix: Grad-CAM's top "
+        "blocks from another person), 'cutout' (those blocks zeroed) or 'none'",
+    )
+    mix_block: List[int] = option(
+        [1, 1], "PMM: the Grad-CAM block, [rows, columns] of feature-map cells (the paper: 3x2 on a 24x8 map)"
+    )
+    mix_top_blocks: int = option(
+        8, "PMM: K, how many of the highest-ranked blocks are mixed (the paper: 3 Market, 6 Duke, 8 CUHK03)"
+    )
+    pmm_trained_stages: List[int] = option(
+        [1, 2, 3],
+        "PMM: the stages (1-3) whose identity and triplet terms train; "
+        "the others still run and are evaluated, get no gradient, and "
+        "only weight decay moves them. [1]: the shared backbone learns "
+        "from stage I alone (a diagnostic, not the paper)",
+    )
+    casn_ia_weight: float = option(
+        0.5,
+        "CASN: lambda_1, weight of the identification-attention term (the true class's "
+        "probability on the attention-masked image)",
+    )
+    casn_sa_weight: float = option(
+        0.05,
+        "CASN: lambda_2, weight of the Siamese terms (pair cross-entropy, and with "
+        "casn_consistency_weight the consistency)",
+    )
+    casn_consistency_weight: float = option(
+        0.2, "CASN: alpha_sa, weight of the attention consistency inside the Siamese term"
+    )
     casn_mask_scale: float = option(10.0, "CASN: omega, the soft mask's sharpness, sigmoid(omega (M - sigma))")
     casn_mask_threshold: float = option(0.5, "CASN: sigma, the soft mask's threshold on the max-normalised attention")
-    casn_row_threshold: float = option(0.3, "CASN: t, the rows of a max-normalised attention profile kept for alignment")
-    rank_margin: float = option(0.1, "FMN: margin of the rank loss max(0, p_G - p_L + margin) on true-class probabilities")
+    casn_row_threshold: float = option(
+        0.3, "CASN: t, the rows of a max-normalised attention profile kept for alignment"
+    )
+    rank_margin: float = option(
+        0.1, "FMN: margin of the rank loss max(0, p_G - p_L + margin) on true-class probabilities"
+    )
     rank_weight: float = option(1.0, "FMN: weight of the rank loss")
-    clpd_ratio_weight: float = option(0.1, "CLPD: lambda, weight of the activation-ratio loss L_r (eq. 6), summed over the attention modules (0: off)")
-    clpd_distribution_weight: float = option(1.0, "CLPD: eta, weight of the activation-distribution loss L_d (eq. 10), summed over the attention modules (0: off)")
-    clpd_candidate_ratios: List[float] = option([0.2, 0.2, 0.3, 0.3, 0.3, 0.3, 0.4, 0.4], "CLPD: per attention module, its candidates' share of the grid's cells (K = round(ratio x h x w)); one per part")
+    clpd_ratio_weight: float = option(
+        0.1, "CLPD: lambda, weight of the activation-ratio loss L_r (eq. 6), summed over the attention modules (0: off)"
+    )
+    clpd_distribution_weight: float = option(
+        1.0,
+        "CLPD: eta, weight of the activation-distribution loss L_d (eq. 10), "
+        "summed over the attention modules (0: off)",
+    )
+    clpd_candidate_ratios: List[float] = option(
+        [0.2, 0.2, 0.3, 0.3, 0.3, 0.3, 0.4, 0.4],
+        "CLPD: per attention module, its candidates' share of the grid's cells (K = round(ratio x h x w)); one per "
+        "part",
+    )
 
 
 @dataclass
 class DataConfig:
     roots: List[str] = option([], "training folders in Market-1501 layout; ids and cameras are offset per folder")
-    source_weights: Dict[str, float] = option({}, "per-source sampling multipliers, e.g. {TownCentre: 0.5} (source: a folder's name or a mapping.csv subset)")
+    source_weights: Dict[str, float] = option(
+        {}, "per-source sampling multipliers, e.g. {TownCentre: 0.5} (source: a folder's name or a mapping.csv subset)"
+    )
     height: int = option(256, "input height")
     width: int = option(128, "input width")
     flip_prob: float = option(0.5, "probability of a horizontal flip")
     padding: int = option(10, "zero padding before the random crop, in pixels")
-    crop_area: List[float] = option([], "[low, high]: a random-sized crop of this share of the image's area, resized back, instead of padding and cropping ([]: off)")
-    crop_aspect: List[float] = option([1 / 3, 1 / 2], "[low, high]: the random-sized crop's width / height, drawn log-uniformly")
-    color_jitter: float = option(0.0, "colour jitter strength s: brightness, contrast, saturation factors in [1-s, 1+s] (0: off)")
+    crop_area: List[float] = option(
+        [],
+        "[low, high]: a random-sized crop of this share of the image's area, resized "
+        "back, instead of padding and cropping ([]: off)",
+    )
+    crop_aspect: List[float] = option(
+        [1 / 3, 1 / 2], "[low, high]: the random-sized crop's width / height, drawn log-uniformly"
+    )
+    color_jitter: float = option(
+        0.0, "colour jitter strength s: brightness, contrast, saturation factors in [1-s, 1+s] (0: off)"
+    )
     color_jitter_prob: float = option(0.8, "probability that an image is colour-jittered")
     grayscale_prob: float = option(0.0, "probability of turning an image to grayscale")
     erasing_prob: float = option(0.0, "probability of random erasing (area 2-40%, random pixels)")
-    sampler: str = option("random", "'random', 'pk' (P identities x K images per batch) or 'pairs' (batch_size / 2 image pairs, for Siamese training)")
+    sampler: str = option(
+        "random",
+        "'random', 'pk' (P identities x K images per batch) or 'pairs' (batch_size / 2 "
+        "image pairs, for Siamese training)",
+    )
     pair_positive_share: float = option(0.5, "pairs sampler: the share of pairs showing one person twice")
     batch_size: int = option(32, "images per batch")
     num_instances: int = option(4, "K, images per identity, for the pk sampler")
@@ -97,12 +222,24 @@ class SolverConfig:
     warmup_lr: float = option(3e-6, "learning rate at the start of the warm-up")
     warmup_epochs: int = option(10, "epochs training only the classifiers W^i, lr rising warmup_lr -> lr")
     epochs: int = option(50, "epochs training the whole model after the warm-up")
-    scheduler: str = option("step", "after the warm-up: 'step' (x gamma every step_size epochs), 'multistep' (x gamma at each milestone), 'cosine' (down to lr x final_lr_factor) or 'constant'")
+    scheduler: str = option(
+        "step",
+        "after the warm-up: 'step' (x gamma every step_size epochs), 'multistep' (x gamma "
+        "at each milestone), 'cosine' (down to lr x final_lr_factor) or 'constant'",
+    )
     step_size: int = option(20, "multiply the lr by gamma every step_size epochs after the warm-up")
     milestones: List[int] = option([], "multistep: epochs after the warm-up at which the lr is multiplied by gamma")
     gamma: float = option(0.1, "lr decay factor")
     final_lr_factor: float = option(0.01, "the cosine schedule's last learning rate, as a fraction of lr")
-    phases: List[Dict[str, Any]] = option([], "explicit training phases (training/solver.py: name, epochs, trainable, eval_mode, optimizer, lr, lr_multipliers, fixed_lr, scheduler, start_lr, step_size, milestones, gamma, loss_weights, max_iters_per_epoch ...); when given, the warm-up/epochs/scheduler keys above are not used, and each phase takes optimizer, lr, momentum, nesterov and weight_decay from above unless it sets them")
+    phases: List[Dict[str, Any]] = option(
+        [],
+        "explicit training phases (training/solver.py: name, epochs, trainable, "
+        "eval_mode, optimizer, lr, lr_multipliers, fixed_lr, scheduler, "
+        "start_lr, step_size, milestones, gamma, loss_weights, "
+        "max_iters_per_epoch ...); when given, the warm-up/epochs/scheduler keys "
+        "above are not used, and each phase takes optimizer, lr, momentum, "
+        "nesterov and weight_decay from above unless it sets them",
+    )
     max_iters_per_epoch: Optional[int] = option(None, "cap on iterations per epoch (smoke tests)")
 
 
@@ -111,15 +248,41 @@ class RunConfig:
     output_dir: str = option("runs/default", "run folder: config, checkpoints, metrics")
     seed: int = option(0, "random seed")
     device: str = option("auto", "'auto' (CUDA when present), 'cuda' or 'cpu'")
-    amp: bool = option(True, "mixed precision: fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX), unless a layer checked at the start computes wrongly in bf16 there (then fp32, with a warning); else off")
-    force_cpu_bf16: bool = option(False, "with amp: bf16 autocast on any CPU, emulated where it lacks native bf16 (slower, the same autocast and bf16 rounding): to measure bf16's accuracy on such a CPU")
+    amp: bool = option(
+        True,
+        "mixed precision: fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 "
+        "(AVX512-BF16, AMX), unless a layer checked at the start computes wrongly in bf16 there "
+        "(then fp32, with a warning); else off",
+    )
+    force_cpu_bf16: bool = option(
+        False,
+        "with amp: bf16 autocast on any CPU, emulated where it lacks native bf16 "
+        "(slower, the same autocast and bf16 rounding): to measure bf16's accuracy on "
+        "such a CPU",
+    )
     channels_last: bool = option(False, "channels-last memory format for the convolutions")
-    zero_subnormals_every: int = option(50, "on a CPU, zero the weights, batch-norm statistics and optimiser state below float32's smallest normal number every this many steps (0: never): x86 CPUs compute with such values in microcode, and a late checkpoint trained 1.4-1.8x faster with them zeroed")
+    zero_subnormals_every: int = option(
+        50,
+        "on a CPU, zero the weights, batch-norm statistics and optimiser state "
+        "below float32's smallest normal number every this many steps (0: never): "
+        "x86 CPUs compute with such values in microcode, and a late checkpoint "
+        "trained 1.4-1.8x faster with them zeroed",
+    )
     threads: Optional[int] = option(None, "torch CPU threads (null: torch's default)")
     checkpoint_every: int = option(1, "save a checkpoint every this many epochs")
-    checkpoint_every_iters: int = option(0, "also save last.pt every this many batches inside an epoch (0: never), so that an interrupted run resumes part way through its epoch")
-    eval_roots: List[str] = option([], "Market-layout folders evaluated (query vs bounding_box_test); empty: the training roots that have a query split")
-    eval_every: int = option(0, "also evaluate every this many epochs (0: only at the end); for watching, never for choosing")
+    checkpoint_every_iters: int = option(
+        0,
+        "also save last.pt every this many batches inside an epoch (0: never), so "
+        "that an interrupted run resumes part way through its epoch",
+    )
+    eval_roots: List[str] = option(
+        [],
+        "Market-layout folders evaluated (query vs bounding_box_test); empty: the "
+        "training roots that have a query split",
+    )
+    eval_every: int = option(
+        0, "also evaluate every this many epochs (0: only at the end); for watching, never for choosing"
+    )
     evaluate_at_end: bool = option(True, "evaluate on eval_roots after training")
     progress: bool = option(True, "show a progress bar")
 

@@ -1,6 +1,7 @@
 """The training loop: the phases of ``training.solver`` (by default CAMA's: the classifiers' warm-up, then
 the whole model), the architecture's objective (``training.objectives``), checkpoints, phase-aware resume,
 the run folder, evaluation on a list of sets every few epochs and at the end."""
+
 import json
 import logging
 import platform
@@ -23,8 +24,15 @@ from training.data import MarketDataset, PairSampler, PKSampler, RandomBatchSamp
 from training.checkpoints import model_settings
 from training.evaluation import evaluate_sets, results_table, test_roots
 from training.objectives import build_objective
-from training.solver import (PhaseSchedule, build_optimizer, enter_phase, load_optimizer_state, phases_from_config, set_learning_rate,
-                             zero_subnormals)
+from training.solver import (
+    PhaseSchedule,
+    build_optimizer,
+    enter_phase,
+    load_optimizer_state,
+    phases_from_config,
+    set_learning_rate,
+    zero_subnormals,
+)
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
@@ -81,7 +89,11 @@ def bf16_layer_errors(model: nn.Module, batch_size: int, height: int, width: int
 
     def remember(name):
         def hook(module, inputs, output):
-            seen.setdefault(name, (inputs[0].shape, inputs[0].dim() == 4 and inputs[0].is_contiguous(memory_format=torch.channels_last)))
+            seen.setdefault(
+                name,
+                (inputs[0].shape, inputs[0].dim() == 4 and inputs[0].is_contiguous(memory_format=torch.channels_last)),
+            )
+
         return hook
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -94,7 +106,10 @@ def bf16_layer_errors(model: nn.Module, batch_size: int, height: int, width: int
     try:
         with torch.no_grad():
             model(images)
-            return {name: _bf16_error(layers[name], shape, channels_last, generator) for name, (shape, channels_last) in seen.items()}
+            return {
+                name: _bf16_error(layers[name], shape, channels_last, generator)
+                for name, (shape, channels_last) in seen.items()
+            }
     finally:
         for handle in handles:
             handle.remove()
@@ -131,7 +146,10 @@ def resolve_pretrained(model_cfg: dict) -> dict:
     if model_cfg.get("pretrained") != "imagenet":
         return model_cfg
     if model_cfg["backbone"] != "mobilenetv2":
-        raise ValueError(f"no offline ImageNet weights for {model_cfg['backbone']}: set model.pretrained to a torchvision/timm checkpoint path")
+        raise ValueError(
+            f"no offline ImageNet weights for {model_cfg['backbone']}: set model.pretrained to a "
+            f"torchvision/timm checkpoint path"
+        )
     from model_zoo.pretrained import mobilenetv2_imagenet_weights
 
     return {**model_cfg, "pretrained": str(mobilenetv2_imagenet_weights())}
@@ -170,23 +188,40 @@ class Trainer:
         if self.autocast_dtype == torch.bfloat16:
             self._fall_back_to_fp32_unless_bf16_agrees()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
-        # a GPU computes with subnormals at full speed; on a CPU a pass costs about 5% of a CAMA step, and they build up over epochs
+        # a GPU computes with subnormals at full speed; on a CPU a pass costs about 5% of a CAMA step, and they build up
+        # over epochs
         self.zero_subnormals_every = cfg.run.zero_subnormals_every if self.device.type == "cpu" else 0
-        self.augment = TrainAugmentation(d.flip_prob, d.padding, d.color_jitter, d.color_jitter_prob, d.grayscale_prob, d.erasing_prob,
-                                         crop_area=tuple(d.crop_area), crop_aspect=tuple(d.crop_aspect))
+        self.augment = TrainAugmentation(
+            d.flip_prob,
+            d.padding,
+            d.color_jitter,
+            d.color_jitter_prob,
+            d.grayscale_prob,
+            d.erasing_prob,
+            crop_area=tuple(d.crop_area),
+            crop_aspect=tuple(d.crop_aspect),
+        )
         self.sampler = self._sampler()
         self.eval_roots = list(cfg.run.eval_roots) or test_roots(d.roots)
         self.start_epoch = 0
-        self.partial_epoch: Optional[Dict] = None  # how far a checkpoint got into start_epoch (run.checkpoint_every_iters)
+        self.partial_epoch: Optional[Dict] = (
+            None  # how far a checkpoint got into start_epoch (run.checkpoint_every_iters)
+        )
         self.history: List[Dict] = []
 
     def _fall_back_to_fp32_unless_bf16_agrees(self) -> None:
         d = self.cfg.data
-        wrong = {name: error for name, error in bf16_layer_errors(self.model, d.batch_size, d.height, d.width).items()
-                 if error > BF16_LAYER_TOLERANCE}
+        wrong = {
+            name: error
+            for name, error in bf16_layer_errors(self.model, d.batch_size, d.height, d.width).items()
+            if error > BF16_LAYER_TOLERANCE
+        }
         if wrong:
-            log.warning("bf16 autocast computes %d layer(s) wrongly on this CPU at this input size (%s): training in fp32",
-                        len(wrong), ", ".join(f"{name} {error:.3g}" for name, error in list(wrong.items())[:3]))
+            log.warning(
+                "bf16 autocast computes %d layer(s) wrongly on this CPU at this input size (%s): training in fp32",
+                len(wrong),
+                ", ".join(f"{name} {error:.3g}" for name, error in list(wrong.items())[:3]),
+            )
             self.autocast_dtype = None
 
     def _sampler(self):
@@ -250,7 +285,14 @@ class Trainer:
         if partial and partial["epoch"] == epoch:
             self.generator.set_state(partial["generator"])
             return partial
-        return {"epoch": epoch, "iteration": 0, "sums": {}, "seen": 0, "seconds": 0.0, "generator": self.generator.get_state()}
+        return {
+            "epoch": epoch,
+            "iteration": 0,
+            "sums": {},
+            "seen": 0,
+            "seconds": 0.0,
+            "generator": self.generator.get_state(),
+        }
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         index, phase, phase_epoch = self.schedule.phase_at(epoch)
@@ -258,11 +300,24 @@ class Trainer:
         iters = self.iterations_per_epoch(phase)
         progress = self._epoch_progress(epoch)
         first, sums, seen = progress["iteration"], dict(progress["sums"]), progress["seen"]
-        loader = batch_loader(self.dataset, self.augment, self.sampler, self.generator, iters, self.cfg.data.workers,
-                              self.device.type == "cuda", skip=first)
+        loader = batch_loader(
+            self.dataset,
+            self.augment,
+            self.sampler,
+            self.generator,
+            iters,
+            self.cfg.data.workers,
+            self.device.type == "cuda",
+            skip=first,
+        )
         start = time.perf_counter() - progress["seconds"]
         every = self.cfg.run.checkpoint_every_iters
-        bar = tqdm(total=iters, initial=first, desc=f"epoch {epoch + 1}/{self.total_epochs} ({phase.name})", disable=not self.cfg.run.progress)
+        bar = tqdm(
+            total=iters,
+            initial=first,
+            desc=f"epoch {epoch + 1}/{self.total_epochs} ({phase.name})",
+            disable=not self.cfg.run.progress,
+        )
         for iteration, (images, targets) in enumerate(loader, start=first):
             lr = phase.learning_rate(phase_epoch, iteration, iters)
             set_learning_rate(self.optimizer, lr)
@@ -272,16 +327,37 @@ class Trainer:
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             seen += len(targets)
-            bar.set_postfix({key.removeprefix("loss_"): f"{value:.3f}" for key, value in stats.items() if not key.startswith("acc_branch")},
-                            lr=f"{lr:.1e}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+            bar.set_postfix(
+                {
+                    key.removeprefix("loss_"): f"{value:.3f}"
+                    for key, value in stats.items()
+                    if not key.startswith("acc_branch")
+                },
+                lr=f"{lr:.1e}",
+                img_s=f"{seen / (time.perf_counter() - start):.1f}",
+            )
             bar.update()
             if every and (iteration + 1) % every == 0 and iteration + 1 < iters:
-                self.save(epoch - 1, partial={**progress, "iteration": iteration + 1, "sums": sums, "seen": seen,
-                                              "seconds": time.perf_counter() - start})
+                self.save(
+                    epoch - 1,
+                    partial={
+                        **progress,
+                        "iteration": iteration + 1,
+                        "sums": sums,
+                        "seen": seen,
+                        "seconds": time.perf_counter() - start,
+                    },
+                )
         bar.close()
         seconds = time.perf_counter() - start
-        return {"epoch": epoch + 1, "phase": phase.name, **{k: v / max(1, iters) for k, v in sums.items()}, "lr": lr,
-                "images_per_s": seen / seconds, "seconds": seconds}
+        return {
+            "epoch": epoch + 1,
+            "phase": phase.name,
+            **{k: v / max(1, iters) for k, v in sums.items()},
+            "lr": lr,
+            "images_per_s": seen / seconds,
+            "seconds": seconds,
+        }
 
     def evaluate(self) -> Dict[str, Dict]:
         d = self.cfg.data
@@ -291,9 +367,17 @@ class Trainer:
         """``epoch``: the last whole epoch (-1: none yet); ``partial``: how far the next one got."""
         path = self.out / name
         state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if self.optimizer else None, "scaler": self.scaler.state_dict(),
-            "epoch": epoch, "phase": self.optimizer_phase, "config": self.cfg.to_dict(), "num_classes": self.dataset.num_classes,
-            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "history": self.history, "partial": partial,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "phase": self.optimizer_phase,
+            "config": self.cfg.to_dict(),
+            "num_classes": self.dataset.num_classes,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "partial": partial,
         }
         write_whole(path, lambda temporary: torch.save(state, temporary))
         return path
@@ -310,7 +394,12 @@ class Trainer:
         self.partial_epoch = state.get("partial")
         if self.start_epoch < self.total_epochs:
             self._resume_optimizer(state)
-        log.info("resumed from %s at epoch %d, batch %d", path, self.start_epoch, (self.partial_epoch or {}).get("iteration", 0))
+        log.info(
+            "resumed from %s at epoch %d, batch %d",
+            path,
+            self.start_epoch,
+            (self.partial_epoch or {}).get("iteration", 0),
+        )
 
     def _resume_optimizer(self, state: Dict) -> None:
         """Carry the optimizer's state over if the checkpoint's phase and the next one share an optimizer;
@@ -332,8 +421,10 @@ class Trainer:
             if every and (epoch + 1) % every == 0 and epoch + 1 < self.total_epochs:
                 record["evaluation"] = self.evaluate()
                 if self.cfg.run.progress:
-                    tqdm.write(f"epoch {epoch + 1} of {self.total_epochs} (run.eval_every: for watching, never for choosing)\n"
-                               + results_table(record["evaluation"]))
+                    tqdm.write(
+                        f"epoch {epoch + 1} of {self.total_epochs} (run.eval_every: for watching, never for "
+                        f"choosing)\n" + results_table(record["evaluation"])
+                    )
             self.history.append(record)
             write_json(self.out / HISTORY_FILE, self.history)
             last_of_phase = epoch + 1 in self.schedule.starts or epoch + 1 == self.total_epochs
@@ -341,13 +432,17 @@ class Trainer:
                 self.save(epoch)
         self.save(self.total_epochs - 1, FINAL_CHECKPOINT)
         summary = {
-            "config": self.cfg.to_dict(), "history": self.history, "hardware": hardware_description(self.device),
+            "config": self.cfg.to_dict(),
+            "history": self.history,
+            "hardware": hardware_description(self.device),
             "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
             "train_seconds_this_session": time.perf_counter() - started,
             "train_seconds_total": sum(h["seconds"] for h in self.history),
-            "num_classes": self.dataset.num_classes, "num_train_images": len(self.dataset),
+            "num_classes": self.dataset.num_classes,
+            "num_train_images": len(self.dataset),
             "sources": self.dataset.describe_sources(),
-            "bad_files": self.dataset.bad_files, "unnamed_files": self.dataset.unnamed,
+            "bad_files": self.dataset.bad_files,
+            "unnamed_files": self.dataset.unnamed,
         }
         if self.cfg.run.evaluate_at_end:
             summary["evaluation"] = self.evaluate()

@@ -8,6 +8,7 @@ Similarity is the inner product of L2-normalised per-branch features (cosine), t
 Opt-in k-reciprocal re-ranking (``Rerank``, model_zoo.rerank) adds ``"all_rerank"``: the whole embedding's
 figures from re-ranked distances, with the variant and parameters that made them.
 """
+
 import logging
 import re
 from dataclasses import dataclass
@@ -19,7 +20,14 @@ import torch
 from tqdm import tqdm
 
 from model_zoo.architectures.common import branch_features as normalised_branch_features
-from model_zoo.rerank import DEFAULT_K1, DEFAULT_K2, DEFAULT_LAMBDA, check_parameters, rerank_all_queries, rerank_one_query_at_a_time
+from model_zoo.rerank import (
+    DEFAULT_K1,
+    DEFAULT_K2,
+    DEFAULT_LAMBDA,
+    check_parameters,
+    rerank_all_queries,
+    rerank_one_query_at_a_time,
+)
 from training.checkpoints import load_trained_model
 from training.data.market import ImageRecord, decode_records, read_split
 
@@ -35,6 +43,7 @@ RERANK_VARIANTS = {"all": rerank_all_queries, "single": rerank_one_query_at_a_ti
 @dataclass(frozen=True)
 class Rerank:
     """k-reciprocal re-ranking of the whole embedding, reported under ``RERANK_KEY`` beside the plain figures."""
+
     variant: str = "all"
     k1: int = DEFAULT_K1
     k2: int = DEFAULT_K2
@@ -54,7 +63,9 @@ class Rerank:
         return {"rerank_variant": self.variant, "k1": self.k1, "k2": self.k2, "lambda_value": self.lambda_value}
 
 
-def market_metrics(similarity: np.ndarray, query_pids, query_cams, gallery_pids, gallery_cams, ranks: Iterable[int] = RANKS) -> Dict[str, float]:
+def market_metrics(
+    similarity: np.ndarray, query_pids, query_cams, gallery_pids, gallery_cams, ranks: Iterable[int] = RANKS
+) -> Dict[str, float]:
     """CMC at ``ranks``, mAP and mINP from a [Q, G] similarity matrix (higher = more similar)."""
     query_pids, query_cams = np.asarray(query_pids), np.asarray(query_cams)
     gallery_pids, gallery_cams = np.asarray(gallery_pids), np.asarray(gallery_cams)
@@ -70,7 +81,7 @@ def market_metrics(similarity: np.ndarray, query_pids, query_cams, gallery_pids,
             continue
         hits = np.flatnonzero(matches)
         cmc = np.zeros(max_rank)
-        cmc[hits[0]:] = 1.0 if hits[0] < max_rank else 0.0
+        cmc[hits[0] :] = 1.0 if hits[0] < max_rank else 0.0
         cmc_sum += cmc
         aps.append(np.mean(np.arange(1, len(hits) + 1) / (hits + 1)))
         inps.append(len(hits) / (hits[-1] + 1))
@@ -82,7 +93,9 @@ def market_metrics(similarity: np.ndarray, query_pids, query_cams, gallery_pids,
 
 
 @torch.no_grad()
-def branch_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64, device: str = "cpu", progress: bool = True) -> np.ndarray:
+def branch_features(
+    model: torch.nn.Module, images: np.ndarray, batch_size: int = 64, device: str = "cpu", progress: bool = True
+) -> np.ndarray:
     """Per-branch L2-normalised features [num_images, N, D] from a model in eval mode."""
     model.eval()
     chunks = []
@@ -94,12 +107,21 @@ def branch_features(model: torch.nn.Module, images: np.ndarray, batch_size: int 
 
 def market_ids(query: List[ImageRecord], gallery: List[ImageRecord]) -> Dict[str, list]:
     """The person and camera ids ``market_metrics`` takes, from the split's records."""
-    return dict(query_pids=[r.pid for r in query], query_cams=[r.camid for r in query],
-                gallery_pids=[r.pid for r in gallery], gallery_cams=[r.camid for r in gallery])
+    return dict(
+        query_pids=[r.pid for r in query],
+        query_cams=[r.camid for r in query],
+        gallery_pids=[r.pid for r in gallery],
+        gallery_cams=[r.camid for r in gallery],
+    )
 
 
-def features_metrics(query_feats: np.ndarray, gallery_feats: np.ndarray, query: List[ImageRecord], gallery: List[ImageRecord],
-                     rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, float]]:
+def features_metrics(
+    query_feats: np.ndarray,
+    gallery_feats: np.ndarray,
+    query: List[ImageRecord],
+    gallery: List[ImageRecord],
+    rerank: Optional[Rerank] = None,
+) -> Dict[str, Dict[str, float]]:
     """Metrics for the whole embedding, each branch alone and each prefix of branches; with ``rerank``, also
     the whole embedding re-ranked, under ``RERANK_KEY``."""
     ids = market_ids(query, gallery)
@@ -112,7 +134,9 @@ def features_metrics(query_feats: np.ndarray, gallery_feats: np.ndarray, query: 
 
     results = {"all": score(list(range(num_branches)))}
     if rerank is not None:
-        distances = rerank.distances(query_feats.reshape(len(query_feats), -1), gallery_feats.reshape(len(gallery_feats), -1))
+        distances = rerank.distances(
+            query_feats.reshape(len(query_feats), -1), gallery_feats.reshape(len(gallery_feats), -1)
+        )
         results[RERANK_KEY] = {**market_metrics(-distances, **ids), **rerank.figures()}
     if num_branches > 1:
         for i in range(num_branches):
@@ -142,8 +166,14 @@ def set_names(roots: Sequence[Path]) -> List[str]:
     return [f"{Path(r).parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(roots, names)]
 
 
-def evaluate_features(embed: Callable[[np.ndarray], np.ndarray], roots: Sequence[Path], height: int, width: int,
-                      progress: bool = True, rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate_features(
+    embed: Callable[[np.ndarray], np.ndarray],
+    roots: Sequence[Path],
+    height: int,
+    width: int,
+    progress: bool = True,
+    rerank: Optional[Rerank] = None,
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Each folder's query against its gallery, with ``embed`` (uint8 images -> per-branch features [n, N, D]):
     {set name: {"all": ..., "branch1": ..., ...}}. PyTorch models and exported files share this route."""
     results = {}
@@ -153,13 +183,29 @@ def evaluate_features(embed: Callable[[np.ndarray], np.ndarray], roots: Sequence
     return results
 
 
-def evaluate_sets(model: torch.nn.Module, roots: Sequence[Path], height: int, width: int, device: str = "cpu", progress: bool = True,
-                  rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate_sets(
+    model: torch.nn.Module,
+    roots: Sequence[Path],
+    height: int,
+    width: int,
+    device: str = "cpu",
+    progress: bool = True,
+    rerank: Optional[Rerank] = None,
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """A PyTorch model on each folder: {set name: {"all": ..., "branch1": ..., ...}}."""
-    return evaluate_features(lambda images: branch_features(model, images, device=device, progress=progress), roots, height, width, progress, rerank)
+    return evaluate_features(
+        lambda images: branch_features(model, images, device=device, progress=progress),
+        roots,
+        height,
+        width,
+        progress,
+        rerank,
+    )
 
 
-def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+def onnx_branch_features(
+    session, images: np.ndarray, num_branches: int, batch_size: int = 64, progress: bool = True
+) -> np.ndarray:
     """Per-branch features [num_images, N, D] from an exported model's ``embedding`` output."""
     from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, split_branches
 
@@ -170,13 +216,21 @@ def onnx_branch_features(session, images: np.ndarray, num_branches: int, batch_s
     return np.concatenate(chunks)
 
 
-def evaluate_onnx(path: Path, data_roots: Sequence[Path], progress: bool = True, rerank: Optional[Rerank] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate_onnx(
+    path: Path, data_roots: Sequence[Path], progress: bool = True, rerank: Optional[Rerank] = None
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Evaluate an exported ONNX file through ONNX Runtime, as the service runs it, on each folder."""
     from model_zoo.contract import open_cpu_session
 
     session, contract = open_cpu_session(path)
-    return evaluate_features(lambda images: onnx_branch_features(session, images, contract.num_branches, progress=progress),
-                             data_roots, contract.input_height, contract.input_width, progress, rerank)
+    return evaluate_features(
+        lambda images: onnx_branch_features(session, images, contract.num_branches, progress=progress),
+        data_roots,
+        contract.input_height,
+        contract.input_width,
+        progress,
+        rerank,
+    )
 
 
 def onnx_embeddings_and_pair_maps(session, images: np.ndarray, batch_size: int = 64, progress: bool = True):
@@ -186,23 +240,35 @@ def onnx_embeddings_and_pair_maps(session, images: np.ndarray, batch_size: int =
 
     has_pair_maps = OUTPUT_PAIR_MAPS in {node.name for node in session.get_outputs()}
     names = [OUTPUT_EMBEDDING, OUTPUT_PAIR_MAPS if has_pair_maps else OUTPUT_FEATURE_MAPS]
-    outputs = [session.run(names, {INPUT_IMAGES: images[start : start + batch_size]})
-               for start in tqdm(range(0, len(images), batch_size), desc="embed (onnx, maps)", disable=not progress, leave=False)]
+    outputs = [
+        session.run(names, {INPUT_IMAGES: images[start : start + batch_size]})
+        for start in tqdm(
+            range(0, len(images), batch_size), desc="embed (onnx, maps)", disable=not progress, leave=False
+        )
+    ]
     maps = np.concatenate([m for _, m in outputs])
     return np.concatenate([e for e, _ in outputs]), maps if has_pair_maps else maps[:, 0]
 
 
-def pair_attention_metrics(head, query, gallery, query_records: List[ImageRecord], gallery_records: List[ImageRecord]) -> Dict[str, float]:
+def pair_attention_metrics(
+    head, query, gallery, query_records: List[ImageRecord], gallery_records: List[ImageRecord]
+) -> Dict[str, float]:
     """Market metrics of CASN's test-time rule (model_zoo.pair_attention): per query, min-max normalised feature
     distance plus min-max normalised Siamese attention distance. ``query``/``gallery``: (embeddings, maps A)."""
     (query_embeddings, query_maps), (gallery_embeddings, gallery_maps) = query, gallery
     gallery_features = head.features(gallery_maps)  # once for every query
-    distances = np.stack([head.rank(embedding, maps, gallery_embeddings, gallery_maps, gallery_features).distances
-                          for embedding, maps in zip(query_embeddings, query_maps)])
+    distances = np.stack(
+        [
+            head.rank(embedding, maps, gallery_embeddings, gallery_maps, gallery_features).distances
+            for embedding, maps in zip(query_embeddings, query_maps)
+        ]
+    )
     return market_metrics(-distances, **market_ids(query_records, gallery_records))
 
 
-def evaluate_pair_attention(path: Path, pair_head: Path, data_roots: Sequence[Path], progress: bool = True) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate_pair_attention(
+    path: Path, pair_head: Path, data_roots: Sequence[Path], progress: bool = True
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """CASN's features + pairwise attention rule, through ONNX Runtime and the pair-head artifact as a service
     runs them: {set name: {PAIR_KEY: ...}}."""
     from model_zoo.contract import open_cpu_session
@@ -212,14 +278,25 @@ def evaluate_pair_attention(path: Path, pair_head: Path, data_roots: Sequence[Pa
     head = PairHead.load(pair_head, path)
     results = {}
     for name, root in zip(set_names(data_roots), data_roots):
-        query_images, query, gallery_images, gallery = load_test_split(root, contract.input_height, contract.input_width, progress)
-        outputs = [onnx_embeddings_and_pair_maps(session, images, progress=progress) for images in (query_images, gallery_images)]
+        query_images, query, gallery_images, gallery = load_test_split(
+            root, contract.input_height, contract.input_width, progress
+        )
+        outputs = [
+            onnx_embeddings_and_pair_maps(session, images, progress=progress)
+            for images in (query_images, gallery_images)
+        ]
         results[name] = {PAIR_KEY: pair_attention_metrics(head, *outputs, query, gallery)}
     return results
 
 
-def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] = None, device: str = "cpu", progress: bool = True,
-                        rerank: Optional[Rerank] = None, pair_head: Optional[Path] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_roots: Optional[Sequence[Path]] = None,
+    device: str = "cpu",
+    progress: bool = True,
+    rerank: Optional[Rerank] = None,
+    pair_head: Optional[Path] = None,
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Evaluate a training checkpoint, or an exported .onnx file, on each of ``data_roots`` (for a checkpoint,
     by default the sets its training evaluated): {set name: {"all": ..., "branch1": ..., ...}}, and with
     ``rerank`` the re-ranked whole embedding under ``RERANK_KEY``; with ``pair_head`` (a CASN .onnx file's
@@ -233,24 +310,35 @@ def evaluate_checkpoint(checkpoint: Path, data_roots: Optional[Sequence[Path]] =
                 results[name].update(figures)
         return results
     if pair_head is not None:
-        raise ValueError("the pairwise attention term is evaluated on an exported .onnx file with its pair-head artifact")
+        raise ValueError(
+            "the pairwise attention term is evaluated on an exported .onnx file with its pair-head artifact"
+        )
     model, cfg = load_trained_model(checkpoint, device)
     roots = list(data_roots or cfg.run.eval_roots or test_roots(cfg.data.roots))
     return evaluate_sets(model, roots, cfg.data.height, cfg.data.width, device, progress, rerank)
 
 
 def single_branch_keys(figures: Dict[str, Dict[str, float]]) -> List[str]:
-    """The keys of the branches alone (``branch1``, ``branch2``, ...), in order, without the prefixes (``branches1-2``)."""
+    """The keys of the branches alone (``branch1``, ``branch2``, ...), in order, without the prefixes
+    (``branches1-2``)."""
     return [key for key in figures if re.fullmatch(r"branch\d+", key)]
 
 
 def results_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
     """One markdown row per set: the embedding's rank-1/5/10, mAP, mINP and each branch's mAP alone; below it,
     where the results have one, the re-ranked embedding's row, named with its variant and parameters."""
-    lines = ["| set | queries | rank-1 | rank-5 | rank-10 | mAP | mINP | per-branch mAP |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| set | queries | rank-1 | rank-5 | rank-10 | mAP | mINP | per-branch mAP |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def row(name: str, whole: Dict[str, float], branches: str) -> str:
-        cells = [name, str(whole["num_queries"]), *(f"{100 * whole[k]:.1f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")), branches]
+        cells = [
+            name,
+            str(whole["num_queries"]),
+            *(f"{100 * whole[k]:.1f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")),
+            branches,
+        ]
         return "| " + " | ".join(cells) + " |"
 
     for name, figures in results.items():
@@ -258,7 +346,10 @@ def results_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
         lines.append(row(name, figures["all"], branches))
         if RERANK_KEY in figures:
             reranked = figures[RERANK_KEY]
-            label = f"{name} (re-ranked {reranked['rerank_variant']}, k1={reranked['k1']} k2={reranked['k2']} lambda={reranked['lambda_value']})"
+            label = (
+                f"{name} (re-ranked {reranked['rerank_variant']}, k1={reranked['k1']} k2={reranked['k2']} "
+                f"lambda={reranked['lambda_value']})"
+            )
             lines.append(row(label, reranked, "-"))
         if PAIR_KEY in figures:
             lines.append(row(f"{name} (features + pairwise attention)", figures[PAIR_KEY], "-"))

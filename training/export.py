@@ -1,6 +1,7 @@
 """Export a trained checkpoint to the ONNX file the service loads (contract: model_zoo/CONTRACT.md), then
 check ONNX Runtime against PyTorch on random and real images at batch 1 and 7; a failed check deletes the
 file and raises. With ``flip``, the graph averages each image with its mirror image (``FlipAveraged``)."""
+
 import json
 from pathlib import Path
 from typing import Dict, Optional
@@ -27,7 +28,9 @@ class FlipAveraged(nn.Module):
         self.model = model
         self.feature_maps_kind = getattr(model, "feature_maps_kind", "activations")
         if hasattr(model, "selection_margins"):  # attribution maps: a channel is near a tie if it is in either pass
-            self.selection_margins = lambda images: torch.minimum(model.selection_margins(images), model.selection_margins(images.flip(2)))
+            self.selection_margins = lambda images: torch.minimum(
+                model.selection_margins(images), model.selection_margins(images.flip(2))
+            )
 
     def forward(self, images: torch.Tensor) -> ReIDOutput:
         both = self.model(torch.cat([images, images.flip(2)]))  # one pass over the images and their mirrors
@@ -42,13 +45,23 @@ class FlipAveraged(nn.Module):
 
 def describe(model: nn.Module, cfg, evaluation: Optional[Dict]) -> ModelContract:
     return ModelContract(
-        architecture=cfg.model.architecture, backbone=cfg.model.backbone, **contract_shape(model, cfg.data.height, cfg.data.width),
-        training_data=" + ".join(Path(root).name for root in cfg.data.roots), evaluation=evaluation or {}, config=cfg.portable_dict(),
+        architecture=cfg.model.architecture,
+        backbone=cfg.model.backbone,
+        **contract_shape(model, cfg.data.height, cfg.data.width),
+        training_data=" + ".join(Path(root).name for root in cfg.data.roots),
+        evaluation=evaluation or {},
+        config=cfg.portable_dict(),
     )
 
 
-def export_onnx(checkpoint: Path, output: Path, real_images: Optional[Path] = None, evaluation: Optional[Path] = None, opset: int = 17,
-                flip: bool = False) -> Dict:
+def export_onnx(
+    checkpoint: Path,
+    output: Path,
+    real_images: Optional[Path] = None,
+    evaluation: Optional[Path] = None,
+    opset: int = 17,
+    flip: bool = False,
+) -> Dict:
     """Export ``checkpoint`` to ``output`` with the contract's metadata; returns the parity report.
 
     ``real_images``: a folder of images for the parity check (default: the training data's query folder).
@@ -71,8 +84,13 @@ def export_onnx(checkpoint: Path, output: Path, real_images: Optional[Path] = No
     except Exception:
         output.unlink(missing_ok=True)
         raise
-    summary = {"output": str(output), "bytes": output.stat().st_size, "subnormal_weights_zeroed": zeroed, "parity": report,
-               "contract": contract.to_metadata()}
+    summary = {
+        "output": str(output),
+        "bytes": output.stat().st_size,
+        "subnormal_weights_zeroed": zeroed,
+        "parity": report,
+        "contract": contract.to_metadata(),
+    }
     return {**summary, **export_pair_head(model, cfg, output)}
 
 

@@ -20,6 +20,7 @@ class's classifier row divided by hw, so the map is ReLU(CAM_t) / hw with CAM_t 
 map that CAMA's ``target_activation_maps`` builds per branch (model_zoo.architectures.common.class_activation_maps).
 ``linear_head_cam`` is that form (CASN's L_sa); it needs no backward at all.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +33,7 @@ MODES = ("detached", "differentiable")
 # by a power of two does (as a GradScaler does), is exact in every dtype, and is undone in fp32 after. The scaled
 # gradient overflows fp16 (65504) only where |dScore/dA| > 64, far above any classifier's; bf16 has fp32's range,
 # where the scale is harmless. The weighted sum itself is computed in fp32 from A cast up, autocast off.
-SCORE_SCALE = 2.0 ** 10
+SCORE_SCALE = 2.0**10
 
 
 def _full_precision(tensor: torch.Tensor):

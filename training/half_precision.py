@@ -17,6 +17,7 @@ and on held-out training images, and its agreement with the fp32 file there (mea
 image's two embeddings; 0.99995 on the shipped model). On a CPU, ONNX Runtime runs it about as fast as the
 fp32 file (it computes most float16 operators in float32): its speed is a GPU's to measure.
 """
+
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -46,7 +47,11 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
     dropped = 0
     for node in graph.node:
         inner = producer.get(node.input[0]) if casts_to(node, TensorProto.FLOAT) else None
-        if inner is not None and casts_to(inner, TensorProto.FLOAT16) and types.get(inner.input[0]) == TensorProto.FLOAT:
+        if (
+            inner is not None
+            and casts_to(inner, TensorProto.FLOAT16)
+            and types.get(inner.input[0]) == TensorProto.FLOAT
+        ):
             node.op_type, node.input[0] = "Identity", inner.input[0]
             del node.attribute[:]
             dropped += 1
@@ -93,8 +98,13 @@ def half_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return half
 
 
-def convert_to_fp16(model: Path, data_roots: Sequence[Path], output: Optional[Path] = None,
-                    agreement_images: int = DEFAULT_AGREEMENT_IMAGES, seed: int = 0) -> Dict:
+def convert_to_fp16(
+    model: Path,
+    data_roots: Sequence[Path],
+    output: Optional[Path] = None,
+    agreement_images: int = DEFAULT_AGREEMENT_IMAGES,
+    seed: int = 0,
+) -> Dict:
     """Write the fp16 file of the fp32 ``model`` (default ``MODEL.fp16.onnx`` beside it) and return a summary:
     the file, its size, the agreement with the fp32 file on ``agreement_images`` training images drawn from
     ``data_roots``' ``bounding_box_train`` folders (never an evaluation set), and the identity checks. Every
@@ -105,12 +115,30 @@ def convert_to_fp16(model: Path, data_roots: Sequence[Path], output: Optional[Pa
     output = Path(output) if output else precision_path(model, "fp16")
     started = time.perf_counter()
     fp32, contract, fp32_metadata = open_fp32(model, output, "fp16")
-    held_out = np.stack([load_for_model(path, contract.input_height, contract.input_width)
-                         for path in calibration_files(data_roots, agreement_images, seed)])
+    held_out = np.stack(
+        [
+            load_for_model(path, contract.input_height, contract.input_width)
+            for path in calibration_files(data_roots, agreement_images, seed)
+        ]
+    )
     proto = half_graph(onnx.load(str(model)))
-    details = {"format": "float16", "kept_float32": "the nodes assembling embedding and feature_maps", "input": "uint8", "outputs": "float32",
-               "agreement_data": " + ".join(f"{Path(root).name}/bounding_box_train" for root in data_roots), "seed": seed,
-               "onnxruntime": ort_version, "fp32_file": model.name, "fp32_sha256": sha256_of(model)}
+    details = {
+        "format": "float16",
+        "kept_float32": "the nodes assembling embedding and feature_maps",
+        "input": "uint8",
+        "outputs": "float32",
+        "agreement_data": " + ".join(f"{Path(root).name}/bounding_box_train" for root in data_roots),
+        "seed": seed,
+        "onnxruntime": ort_version,
+        "fp32_file": model.name,
+        "fp32_sha256": sha256_of(model),
+    }
     identity = check_and_write(proto, fp32, fp32_metadata, "fp16", details, held_out, output)
-    return {"output": str(output), "bytes": output.stat().st_size, "fp32_bytes": model.stat().st_size, "fp16": details,
-            "identity": identity, "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "output": str(output),
+        "bytes": output.stat().st_size,
+        "fp32_bytes": model.stat().st_size,
+        "fp16": details,
+        "identity": identity,
+        "seconds": round(time.perf_counter() - started, 1),
+    }

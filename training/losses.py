@@ -2,6 +2,7 @@
 overlapped activation penalty (eq. 5-6) in the paper's symmetric form or an ordered form, and a batch-hard
 triplet loss on each branch's feature. The trainer sums them with their weights (eq. 8 plus the triplet term).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +20,12 @@ class IdentificationLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         batch, branches, classes = logits.shape
-        per_image_branch = F.cross_entropy(logits.float().reshape(-1, classes), targets.repeat_interleave(branches),
-                                           reduction="none", label_smoothing=self.label_smoothing)
+        per_image_branch = F.cross_entropy(
+            logits.float().reshape(-1, classes),
+            targets.repeat_interleave(branches),
+            reduction="none",
+            label_smoothing=self.label_smoothing,
+        )
         return per_image_branch.view(batch, branches).mean(dim=0).sum()
 
 

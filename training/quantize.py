@@ -38,6 +38,7 @@ width (``com.microsoft.nchwc``), which ONNX Runtime warns is for the machine tha
 Runtime's documentation asks for the same execution provider, options and hardware for an offline-optimised
 file, while the service picks its provider at start. Done at session creation those levels cost about 0.1 s.
 """
+
 import contextlib
 import json
 import logging
@@ -49,8 +50,19 @@ from typing import Dict, List, Optional, Sequence, Set
 import numpy as np
 import onnx
 
-from model_zoo.contract import (INPUT_IMAGES, METADATA_PREFIX, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, QUANTIZATION_KEY,
-                                identity_error, open_cpu_session, precision_of, precision_path, split_branches)
+from model_zoo.contract import (
+    INPUT_IMAGES,
+    METADATA_PREFIX,
+    OUTPUT_EMBEDDING,
+    OUTPUT_FEATURE_MAPS,
+    PRECISION_KEY,
+    QUANTIZATION_KEY,
+    identity_error,
+    open_cpu_session,
+    precision_of,
+    precision_path,
+    split_branches,
+)
 from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from training.data.market import read_split
@@ -167,7 +179,9 @@ class _Batches:
         self._iterator = iter(self.batches)
 
 
-def agreement(fp32_session, reduced_session, images: np.ndarray, num_branches: int, batch_size: int = 32) -> Dict[str, float]:
+def agreement(
+    fp32_session, reduced_session, images: np.ndarray, num_branches: int, batch_size: int = 32
+) -> Dict[str, float]:
     """How close the reduced-precision file's embeddings are to the fp32 file's on ``images``: the retrieval
     score of each image's two embeddings (mean over branches of the cosine, 1 = identical), and the identity
     on the reduced file's outputs (``identity_max``)."""
@@ -177,9 +191,16 @@ def agreement(fp32_session, reduced_session, images: np.ndarray, num_branches: i
         (reference,) = fp32_session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: batch})
         embedding, maps = reduced_session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: batch})
         identity = max(identity, identity_error(embedding, maps))
-        scores.append((split_branches(embedding, num_branches) * split_branches(reference, num_branches)).sum(axis=2).mean(axis=1))
+        scores.append(
+            (split_branches(embedding, num_branches) * split_branches(reference, num_branches)).sum(axis=2).mean(axis=1)
+        )
     scores = np.concatenate(scores)
-    return {"images": len(scores), "mean_cosine": float(scores.mean()), "min_cosine": float(scores.min()), "identity_max": identity}
+    return {
+        "images": len(scores),
+        "mean_cosine": float(scores.mean()),
+        "min_cosine": float(scores.min()),
+        "identity_max": identity,
+    }
 
 
 def check_reduced_file(session, height: int, width: int, precision: str) -> Dict[str, float]:
@@ -190,7 +211,9 @@ def check_reduced_file(session, height: int, width: int, precision: str) -> Dict
     report = {}
     for name, batch in parity_images(height, width, None).items():
         for size in PARITY_BATCHES:
-            embedding, maps = session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: np.resize(batch, (size, *batch.shape[1:]))})
+            embedding, maps = session.run(
+                [OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: np.resize(batch, (size, *batch.shape[1:]))}
+            )
             report[f"{name}_batch{size}_identity"] = identity_error(embedding, maps)
     worst = max(report.values())
     if worst > EMBEDDING_TOLERANCE:
@@ -209,8 +232,15 @@ def open_fp32(model: Path, output: Path, precision: str):
     return fp32, contract, metadata
 
 
-def check_and_write(proto: onnx.ModelProto, fp32, fp32_metadata: Dict[str, str], precision: str, details: Dict, held_out: np.ndarray,
-                    output: Path) -> Dict:
+def check_and_write(
+    proto: onnx.ModelProto,
+    fp32,
+    fp32_metadata: Dict[str, str],
+    precision: str,
+    details: Dict,
+    held_out: np.ndarray,
+    output: Path,
+) -> Dict:
     """Give ``proto`` every ``reid.*`` key of the fp32 file, ``reid.precision`` and ``reid.quantization`` (``details``
     and the agreement with the fp32 file on ``held_out`` training images); check the identity on random and on
     those images; only then write ``output``. Returns the identity report, the agreement in it."""
@@ -224,7 +254,9 @@ def check_and_write(proto: onnx.ModelProto, fp32, fp32_metadata: Dict[str, str],
     identity = check_reduced_file(reduced, contract.input_height, contract.input_width, precision)
     agreed = agreement(fp32, reduced, held_out, contract.num_branches)
     if agreed["identity_max"] > EMBEDDING_TOLERANCE:
-        raise QuantizationError(f"identity diff {agreed['identity_max']:.2e} on training images (bound {EMBEDDING_TOLERANCE})")
+        raise QuantizationError(
+            f"identity diff {agreed['identity_max']:.2e} on training images (bound {EMBEDDING_TOLERANCE})"
+        )
     details["agreement"] = {k: v for k, v in agreed.items() if k != "identity_max"}
     details_entry.value = json.dumps(details)  # metadata only: the graph checked above is the graph written
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -232,13 +264,25 @@ def check_and_write(proto: onnx.ModelProto, fp32, fp32_metadata: Dict[str, str],
     return {**identity, "training_images": agreed["identity_max"]}
 
 
-def quantize_graph(model: Path, calibration_pixels: np.ndarray, method: str, per_channel: bool, reduce_range: bool, activations: str,
-                   exclude_first_conv: bool, op_types: Optional[Sequence[str]]):
+def quantize_graph(
+    model: Path,
+    calibration_pixels: np.ndarray,
+    method: str,
+    per_channel: bool,
+    reduce_range: bool,
+    activations: str,
+    exclude_first_conv: bool,
+    op_types: Optional[Sequence[str]],
+):
     """ONNX Runtime's pre-processing and QDQ quantization of ``model``, the module docstring's nodes kept float:
     (quantized ModelProto, convolutions kept float, convolutions)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
     with tempfile.TemporaryDirectory(prefix="quantize.") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "quantized.onnx"
         source = str(Path(model).resolve())
@@ -254,19 +298,43 @@ def quantize_graph(model: Path, calibration_pixels: np.ndarray, method: str, per
             quant_pre_process(source, str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared)).graph
         contract_nodes = float_nodes(graph)
-        excluded = contract_nodes | normalised_upstream(graph, contract_nodes) | (first_conv(graph) if exclude_first_conv else set())
+        excluded = (
+            contract_nodes
+            | normalised_upstream(graph, contract_nodes)
+            | (first_conv(graph) if exclude_first_conv else set())
+        )
         convolutions = [node.name for node in graph.node if node.op_type == "Conv"]
-        quantize_static(str(prepared), str(quantized), _Batches(calibration_pixels), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types) if op_types else None,
-                        per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded), calibrate_method=methods[method],
-                        extra_options={"CalibStridedMinMax": 1})
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            _Batches(calibration_pixels),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=sorted(excluded),
+            calibrate_method=methods[method],
+            extra_options={"CalibStridedMinMax": 1},
+        )
         return onnx.load(str(quantized)), len(excluded.intersection(convolutions)), len(convolutions)
 
 
-def quantize_model(model: Path, data_roots: Sequence[Path], output: Optional[Path] = None,
-                   calibration_images: int = DEFAULT_CALIBRATION_IMAGES, agreement_images: int = DEFAULT_AGREEMENT_IMAGES,
-                   method: str = "percentile", per_channel: bool = True, reduce_range: bool = False, activations: str = "uint8",
-                   exclude_first_conv: bool = False, op_types: Optional[Sequence[str]] = DEFAULT_OP_TYPES, seed: int = 0) -> Dict:
+def quantize_model(
+    model: Path,
+    data_roots: Sequence[Path],
+    output: Optional[Path] = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    agreement_images: int = DEFAULT_AGREEMENT_IMAGES,
+    method: str = "percentile",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    activations: str = "uint8",
+    exclude_first_conv: bool = False,
+    op_types: Optional[Sequence[str]] = DEFAULT_OP_TYPES,
+    seed: int = 0,
+) -> Dict:
     """Write the int8 file of the fp32 ``model`` (default ``MODEL.int8.onnx`` beside it) and return a summary:
     the file, its size, how it was calibrated, the int8-vs-fp32 agreement on ``agreement_images`` training
     images not used for calibration, and the identity checks.
@@ -281,22 +349,48 @@ def quantize_model(model: Path, data_roots: Sequence[Path], output: Optional[Pat
     model = Path(model)
     output = Path(output) if output else precision_path(model, "int8")
     if method not in CALIBRATION_METHODS or activations not in ACTIVATION_TYPES:
-        raise ValueError(f"calibration method {method!r} (one of {', '.join(CALIBRATION_METHODS)}), activations {activations!r} (one of {', '.join(ACTIVATION_TYPES)})")
+        raise ValueError(
+            f"calibration method {method!r} (one of {', '.join(CALIBRATION_METHODS)}), activations "
+            f"{activations!r} (one of {', '.join(ACTIVATION_TYPES)})"
+        )
     started = time.perf_counter()
     fp32, contract, fp32_metadata = open_fp32(model, output, "int8")
     files = calibration_files(data_roots, calibration_images + agreement_images, seed)
     if len(files) <= calibration_images:
-        raise ValueError(f"{len(files)} training images: more than the {calibration_images} calibration images are needed, to measure the agreement on others")
+        raise ValueError(
+            f"{len(files)} training images: more than the {calibration_images} calibration images are "
+            f"needed, to measure the agreement on others"
+        )
     size = (contract.input_height, contract.input_width)
-    calibration, held_out = (np.stack([load_for_model(path, *size) for path in part]) for part in (files[:calibration_images], files[calibration_images:]))
-    proto, float_convolutions, convolutions = quantize_graph(model, calibration, method, per_channel, reduce_range, activations, exclude_first_conv, op_types)
+    calibration, held_out = (
+        np.stack([load_for_model(path, *size) for path in part])
+        for part in (files[:calibration_images], files[calibration_images:])
+    )
+    proto, float_convolutions, convolutions = quantize_graph(
+        model, calibration, method, per_channel, reduce_range, activations, exclude_first_conv, op_types
+    )
     quantization = {
-        "format": "QDQ", "weights": "int8 per channel" if per_channel else "int8 per tensor", "activations": activations,
-        "reduce_range": reduce_range, "calibration_method": method, "calibration_images": len(calibration),
-        "calibration_data": " + ".join(f"{Path(root).name}/{CALIBRATION_SPLIT}" for root in data_roots), "seed": seed,
-        "op_types": sorted(op_types) if op_types else "onnxruntime default", "float_convolutions": f"{float_convolutions} of {convolutions}",
-        "exclude_first_conv": exclude_first_conv, "onnxruntime": ort_version, "fp32_file": model.name, "fp32_sha256": sha256_of(model),
+        "format": "QDQ",
+        "weights": "int8 per channel" if per_channel else "int8 per tensor",
+        "activations": activations,
+        "reduce_range": reduce_range,
+        "calibration_method": method,
+        "calibration_images": len(calibration),
+        "calibration_data": " + ".join(f"{Path(root).name}/{CALIBRATION_SPLIT}" for root in data_roots),
+        "seed": seed,
+        "op_types": sorted(op_types) if op_types else "onnxruntime default",
+        "float_convolutions": f"{float_convolutions} of {convolutions}",
+        "exclude_first_conv": exclude_first_conv,
+        "onnxruntime": ort_version,
+        "fp32_file": model.name,
+        "fp32_sha256": sha256_of(model),
     }
     identity = check_and_write(proto, fp32, fp32_metadata, "int8", quantization, held_out, output)
-    return {"output": str(output), "bytes": output.stat().st_size, "fp32_bytes": model.stat().st_size, "quantization": quantization,
-            "identity": identity, "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "output": str(output),
+        "bytes": output.stat().st_size,
+        "fp32_bytes": model.stat().st_size,
+        "quantization": quantization,
+        "identity": identity,
+        "seconds": round(time.perf_counter() - started, 1),
+    }

@@ -12,6 +12,7 @@ carry over from CAMA's warm-up into the main phase; a phase with other settings 
 parameter is in the optimiser from the start; a phase's frozen parameters get no gradient, and
 PyTorch's optimisers skip parameters without a gradient (weight decay included).
 """
+
 import math
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,7 +37,9 @@ class Phase:
     optimizer: str = "adam"
     lr: float = 3e-4
     lr_multipliers: Dict[str, float] = field(default_factory=dict)
-    fixed_lr: Dict[str, float] = field(default_factory=dict)  # groups held at this rate whatever the schedule (CLPD's step 2)
+    fixed_lr: Dict[str, float] = field(
+        default_factory=dict
+    )  # groups held at this rate whatever the schedule (CLPD's step 2)
     weight_decay: float = 5e-4
     momentum: float = 0.9
     nesterov: bool = False
@@ -47,21 +50,33 @@ class Phase:
     gamma: float = 0.1
     final_lr_factor: float = 0.01  # cosine: the last rate, as a fraction of lr
     loss_weights: Dict[str, float] = field(default_factory=dict)
-    max_iters_per_epoch: Optional[int] = None  # a cap on this phase's epochs (solver.max_iters_per_epoch caps every phase)
+    max_iters_per_epoch: Optional[int] = (
+        None  # a cap on this phase's epochs (solver.max_iters_per_epoch caps every phase)
+    )
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"phase {self.name!r}: unknown optimizer {self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"phase {self.name!r}: unknown optimizer {self.optimizer!r}; one of {', '.join(OPTIMIZERS)}"
+            )
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"phase {self.name!r}: unknown scheduler {self.scheduler!r}; one of {', '.join(SCHEDULERS)}")
+            raise ValueError(
+                f"phase {self.name!r}: unknown scheduler {self.scheduler!r}; one of {', '.join(SCHEDULERS)}"
+            )
         if self.epochs < 0:
             raise ValueError(f"phase {self.name!r}: epochs must be >= 0")
 
     @property
     def optimizer_settings(self) -> Tuple:
         """Phases with equal settings share one optimiser (and its state)."""
-        return (self.optimizer, self.weight_decay, self.momentum, self.nesterov, tuple(sorted(self.lr_multipliers.items())),
-                tuple(sorted(self.fixed_lr.items())))
+        return (
+            self.optimizer,
+            self.weight_decay,
+            self.momentum,
+            self.nesterov,
+            tuple(sorted(self.lr_multipliers.items())),
+            tuple(sorted(self.fixed_lr.items())),
+        )
 
     def learning_rate(self, epoch: int, iteration: int, iters_per_epoch: int) -> float:
         """The base rate (before a group's multiplier) at ``iteration`` of ``epoch``, both from the phase's start."""
@@ -73,7 +88,9 @@ class Phase:
             return self.start_lr + (self.lr - self.start_lr) * progress
         if self.scheduler == "cosine":
             progress = done / max(1, self.epochs * iters_per_epoch)
-            return self.lr * (self.final_lr_factor + (1 - self.final_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+            return self.lr * (
+                self.final_lr_factor + (1 - self.final_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+            )
         if self.scheduler == "step":
             return self.lr * self.gamma ** (epoch // self.step_size)
         if self.scheduler == "multistep":
@@ -94,15 +111,33 @@ def phases_from_config(solver) -> List[Phase]:
     """``solver.phases`` when given (each phase takes the solver's optimiser keys unless it sets its own);
     otherwise CAMA's two phases from the solver keys: ``warmup_epochs`` training the classifiers with the rate
     rising linearly from ``warmup_lr`` to ``lr``, then ``epochs`` training everything with ``scheduler``."""
-    defaults = {"optimizer": solver.optimizer, "lr": solver.lr, "weight_decay": solver.weight_decay,
-                "momentum": solver.momentum, "nesterov": solver.nesterov}
+    defaults = {
+        "optimizer": solver.optimizer,
+        "lr": solver.lr,
+        "weight_decay": solver.weight_decay,
+        "momentum": solver.momentum,
+        "nesterov": solver.nesterov,
+    }
     if solver.phases:
         return [phase_from_dict({"name": f"phase{i + 1}", **p}, defaults) for i, p in enumerate(solver.phases)]
-    main = {"scheduler": solver.scheduler, "step_size": solver.step_size, "milestones": solver.milestones,
-            "gamma": solver.gamma, "final_lr_factor": solver.final_lr_factor}
+    main = {
+        "scheduler": solver.scheduler,
+        "step_size": solver.step_size,
+        "milestones": solver.milestones,
+        "gamma": solver.gamma,
+        "final_lr_factor": solver.final_lr_factor,
+    }
     return [
-        phase_from_dict({"name": "warmup", "epochs": solver.warmup_epochs, "trainable": ["classifiers"],
-                         "scheduler": "linear", "start_lr": solver.warmup_lr}, defaults),
+        phase_from_dict(
+            {
+                "name": "warmup",
+                "epochs": solver.warmup_epochs,
+                "trainable": ["classifiers"],
+                "scheduler": "linear",
+                "start_lr": solver.warmup_lr,
+            },
+            defaults,
+        ),
         phase_from_dict({"name": "main", "epochs": solver.epochs, **main}, defaults),
     ]
 
@@ -154,7 +189,9 @@ def build_optimizer(model: nn.Module, phase: Phase) -> torch.optim.Optimizer:
     ``fixed_lr`` first), the rest at lr. ``group["multiplier"]`` and ``group["fixed_lr"]`` keep the rule for the
     schedule."""
     claimed, param_groups = set(), []
-    rules = [(name, 1.0, rate) for name, rate in phase.fixed_lr.items()] + [(name, m, None) for name, m in phase.lr_multipliers.items()]
+    rules = [(name, 1.0, rate) for name, rate in phase.fixed_lr.items()] + [
+        (name, m, None) for name, m in phase.lr_multipliers.items()
+    ]
     for name, multiplier, fixed in rules:
         params = [p for p in _group_parameters(model, [name]) if id(p) not in claimed]
         claimed.update(id(p) for p in params)
@@ -163,7 +200,9 @@ def build_optimizer(model: nn.Module, phase: Phase) -> torch.optim.Optimizer:
     param_groups.append({"params": rest, "multiplier": 1.0, "fixed_lr": None, "group": "default"})
     param_groups = [g for g in param_groups if g["params"]]
     if phase.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay, nesterov=phase.nesterov)
+        return torch.optim.SGD(
+            param_groups, lr=phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay, nesterov=phase.nesterov
+        )
     return torch.optim.Adam(param_groups, lr=phase.lr, weight_decay=phase.weight_decay)
 
 

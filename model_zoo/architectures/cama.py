@@ -5,6 +5,7 @@ BatchNorm over the map (F = BN(T), eq. 3) and a bias-free classifier W. Class sc
 equals GAP(M) with M = W . F the class activation map (eq. 4); only M_t, the target class's map, is built,
 for the overlapped activation penalty. N = 1 is the IDE+BN baseline.
 """
+
 import copy
 from typing import Optional
 
@@ -33,8 +34,16 @@ class CAMABranch(nn.Module):
 class CAMA(nn.Module):
     feature_maps_kind = "activations"  # F^i are the branches' BN maps (contract: reid.feature_maps_kind)
 
-    def __init__(self, backbone: str, num_branches: int, num_classes: int, reduction_dim: Optional[int] = None,
-                 pretrained: Optional[str] = None, ibn: bool = False, last_stride: int = 1):
+    def __init__(
+        self,
+        backbone: str,
+        num_branches: int,
+        num_classes: int,
+        reduction_dim: Optional[int] = None,
+        pretrained: Optional[str] = None,
+        ibn: bool = False,
+        last_stride: int = 1,
+    ):
         super().__init__()
         if num_branches < 1:
             raise ValueError("num_branches must be at least 1")

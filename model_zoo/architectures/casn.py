@@ -18,6 +18,7 @@ not part of the exported retrieval graph, because a pairwise term cannot live in
 writes it beside the file as the test-time re-ranking artifact (``model_zoo/pair_attention.py``). Its input is
 A, which ``ide`` exports as its contract map and ``pcb`` as the optional ``pair_maps`` output.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -36,8 +37,13 @@ STRIPES = 6
 
 def two_layer_head(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     """The paper's "two fully-connected layers": Linear -> BN -> ReLU -> Dropout(0.5) -> Linear."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                         nn.Linear(hidden, out_features))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, out_features),
+    )
 
 
 class StripeHead(nn.Module):
@@ -55,8 +61,17 @@ class StripeHead(nn.Module):
 
 
 class CASN(nn.Module):
-    def __init__(self, backbone: str, num_classes: int, layout: str = "ide", dim: int = 256, hidden: int = 512,
-                 pretrained: Optional[str] = None, ibn: bool = False, last_stride: int = 1):
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        layout: str = "ide",
+        dim: int = 256,
+        hidden: int = 512,
+        pretrained: Optional[str] = None,
+        ibn: bool = False,
+        last_stride: int = 1,
+    ):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"unknown CASN layout {layout!r}; one of {', '.join(LAYOUTS)}")
@@ -106,7 +121,9 @@ class CASN(nn.Module):
         if self.layout == "ide":
             return maps.unsqueeze(1)
         masks = stripe_masks(maps.shape[2], maps.shape[3], STRIPES).to(maps.device)
-        return torch.stack([relu_gate(region_map(head.reduction(maps), masks[p])) for p, head in enumerate(self.stripes)], dim=1)
+        return torch.stack(
+            [relu_gate(region_map(head.reduction(maps), masks[p])) for p, head in enumerate(self.stripes)], dim=1
+        )
 
     def forward(self, images: torch.Tensor) -> ReIDOutput:
         """Eval: the contract maps. Training: identity logits, the descriptors as 1x1 maps, and in ``aux`` the
@@ -114,10 +131,16 @@ class CASN(nn.Module):
         normalized = self.normalize(images)
         maps = self.backbone_map(normalized)
         if not self.training:
-            return ReIDOutput(feature_maps=self.contract_maps(maps), aux={} if self.layout == "ide" else {OUTPUT_PAIR_MAPS: maps.float()})
+            return ReIDOutput(
+                feature_maps=self.contract_maps(maps),
+                aux={} if self.layout == "ide" else {OUTPUT_PAIR_MAPS: maps.float()},
+            )
         descriptors, logits = self.heads(maps)
-        return ReIDOutput(feature_maps=descriptors[..., None, None], logits=logits,
-                          aux={"images": normalized, "maps": maps, "siamese": self.siamese_features(maps)})
+        return ReIDOutput(
+            feature_maps=descriptors[..., None, None],
+            logits=logits,
+            aux={"images": normalized, "maps": maps, "siamese": self.siamese_features(maps)},
+        )
 
     @torch.no_grad()
     def pair_head_artifact(self, model_sha256: str, row_threshold: float) -> PairHead:
@@ -126,8 +149,14 @@ class CASN(nn.Module):
         first, norm, _, _, second = self.pair_head.eval()
         scale, shift = as_affine(norm)
         weight, bias = scale[:, None] * first.weight, scale * first.bias + shift
-        return PairHead(weight.numpy(), bias.numpy(), second.weight[1].numpy(), row_threshold, model_sha256,
-                        stripes=1 if self.layout == "ide" else STRIPES)
+        return PairHead(
+            weight.numpy(),
+            bias.numpy(),
+            second.weight[1].numpy(),
+            row_threshold,
+            model_sha256,
+            stripes=1 if self.layout == "ide" else STRIPES,
+        )
 
     def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:
         return self.heads(self.backbone_map(self.normalize(images)))[0]
@@ -136,7 +165,11 @@ class CASN(nn.Module):
 @ARCHITECTURE_REGISTRY.register("casn")
 def build_casn(model_cfg: dict, num_classes: int) -> CASN:
     return CASN(
-        backbone=model_cfg["backbone"], num_classes=num_classes, layout=model_cfg.get("layout", "ide"),
-        dim=model_cfg.get("reduction_dim") or 256, pretrained=model_cfg.get("pretrained"), ibn=model_cfg.get("ibn", False),
+        backbone=model_cfg["backbone"],
+        num_classes=num_classes,
+        layout=model_cfg.get("layout", "ide"),
+        dim=model_cfg.get("reduction_dim") or 256,
+        pretrained=model_cfg.get("pretrained"),
+        ibn=model_cfg.get("ibn", False),
         last_stride=model_cfg.get("last_stride", 1),
     )

@@ -23,6 +23,7 @@ itself, the variance by R5, the barycentre by R3, each cosine distance by R6. Bu
 14C x h x w tensor exists. The maps are attributions (``feature_maps_kind``). In eval mode ``aux`` carries
 the part attention maps M [B, N, h, w], which the exporter writes as the optional ``attention_maps`` output.
 """
+
 import re
 from typing import Dict, Iterator, Tuple
 
@@ -30,8 +31,17 @@ import torch
 from torch import nn
 
 from model_zoo.architectures.common import InputNormalization, ReIDOutput
-from model_zoo.architectures.contract_maps import (affine_map, as_affine, cosine_distance_map, selected_values, selection_map,
-                                                   selection_margin, upsample_nearest, variance_map, weighted_map)
+from model_zoo.architectures.contract_maps import (
+    affine_map,
+    as_affine,
+    cosine_distance_map,
+    selected_values,
+    selection_map,
+    selection_margin,
+    upsample_nearest,
+    variance_map,
+    weighted_map,
+)
 from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
 
 STATISTICS = ("max", "min", "mean", "median", "var")
@@ -99,8 +109,10 @@ def statistic_map(z: torch.Tensor, name: str) -> torch.Tensor:
 def coordinates(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y^ [h, 1], x^ [1, w]): cell coordinates scaled to [0, 1] (y / (h - 1), x / (w - 1))."""
     height, width = z.shape[-2:]
-    return (torch.linspace(0, 1, height, dtype=z.dtype, device=z.device)[:, None],
-            torch.linspace(0, 1, width, dtype=z.dtype, device=z.device)[None, :])
+    return (
+        torch.linspace(0, 1, height, dtype=z.dtype, device=z.device)[:, None],
+        torch.linspace(0, 1, width, dtype=z.dtype, device=z.device)[None, :],
+    )
 
 
 def barycentre(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +141,9 @@ class PartDescriptor(nn.Module):
     def __init__(self, channels: int, parts: int, dim: int, descriptor: str = "SPR"):
         super().__init__()
         if not DESCRIPTORS.match(descriptor):
-            raise ValueError(f"clpd_descriptor {descriptor!r}: G or S, then optionally P and R (G, S, GP, GR, SP, SR, SPR)")
+            raise ValueError(
+                f"clpd_descriptor {descriptor!r}: G or S, then optionally P and R (G, S, GP, GR, SP, SR, SPR)"
+            )
         self.statistics = STATISTICS if descriptor[0] == "S" else ("mean",)
         self.positional, self.relational = "P" in descriptor, "R" in descriptor
         blocks = len(self.statistics) + 2 * self.positional + (parts - 1) * self.relational
@@ -169,8 +183,11 @@ class PartDescriptor(nn.Module):
     def selection_margins(self, z: torch.Tensor) -> torch.Tensor:
         """[B, N]: the least decided selection (max, min, median) over part i's channels, which FC_i mixes into
         all its outputs; a selected value of exactly 0 (ReLU zeros) adds 0 wherever it lands and is decided."""
-        margins = [selection_margin(z, mode).masked_fill(selected_values(z, mode) == 0, float("inf"))
-                   for mode in SELECTIONS if mode in self.statistics]
+        margins = [
+            selection_margin(z, mode).masked_fill(selected_values(z, mode) == 0, float("inf"))
+            for mode in SELECTIONS
+            if mode in self.statistics
+        ]
         if not margins:
             return torch.full(z.shape[:2], float("inf"), device=z.device)
         return torch.cat(margins, dim=-1).amin(dim=-1)
@@ -179,8 +196,19 @@ class PartDescriptor(nn.Module):
 class CLPD(nn.Module):
     """CSPR-Net: a global and a local branch (module docstring); the contract's two branches in eval mode."""
 
-    def __init__(self, backbone: str, num_classes: int, dim: int = 512, parts: int = 8, middle_channels: int = 256,
-                 attention: str = "multiscale", descriptor: str = "SPR", pretrained=None, ibn: bool = False, last_stride: int = 1):
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        dim: int = 512,
+        parts: int = 8,
+        middle_channels: int = 256,
+        attention: str = "multiscale",
+        descriptor: str = "SPR",
+        pretrained=None,
+        ibn: bool = False,
+        last_stride: int = 1,
+    ):
         super().__init__()
         if dim % parts:
             raise ValueError(f"reduction_dim {dim} must split into clpd_parts={parts} equal part descriptors")
@@ -193,8 +221,11 @@ class CLPD(nn.Module):
         self.global_fc = nn.Linear(net.out_channels, dim)
         self.global_bn = nn.BatchNorm1d(dim)
         self.global_classifier = nn.Linear(dim, num_classes)
-        self.middle = nn.Sequential(nn.Conv2d(net.stage_channels["layer3"], middle_channels, 1, bias=False),
-                                    nn.BatchNorm2d(middle_channels), nn.ReLU(inplace=True))
+        self.middle = nn.Sequential(
+            nn.Conv2d(net.stage_channels["layer3"], middle_channels, 1, bias=False),
+            nn.BatchNorm2d(middle_channels),
+            nn.ReLU(inplace=True),
+        )
         self.attention = ATTENTIONS[attention](middle_channels, parts)
         self.descriptor = PartDescriptor(middle_channels, parts, dim // parts, descriptor)
         self.local_bn = nn.BatchNorm1d(dim)
@@ -205,9 +236,12 @@ class CLPD(nn.Module):
     def parameter_groups(self) -> Dict[str, list]:
         """``backbone`` (ImageNet), ``global`` (its FC, BN, classifier), ``local`` (the middle conv, attention
         modules, SPR FCs, BN, classifier): the two steps' groups; ``classifiers`` for a warm-up."""
-        return {"backbone": [self.to_middle, self.last], "global": [self.global_fc, self.global_bn, self.global_classifier],
-                "local": [self.middle, self.attention, self.descriptor, self.local_bn, self.local_classifier],
-                "classifiers": [self.global_classifier, self.local_classifier]}
+        return {
+            "backbone": [self.to_middle, self.last],
+            "global": [self.global_fc, self.global_bn, self.global_classifier],
+            "local": [self.middle, self.attention, self.descriptor, self.local_bn, self.local_classifier],
+            "classifiers": [self.global_classifier, self.local_classifier],
+        }
 
     def _stages(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(layer3's output, layer4's output)."""
@@ -234,10 +268,15 @@ class CLPD(nn.Module):
         middle, last = self._stages(images)
         maps, z = self.part_features(middle)
         if not self.training:
-            return ReIDOutput(feature_maps=torch.stack([self.global_map(last), self.local_map(z)], dim=1), aux={"attention_maps": maps})
+            return ReIDOutput(
+                feature_maps=torch.stack([self.global_map(last), self.local_map(z)], dim=1),
+                aux={"attention_maps": maps},
+            )
         u_g, u_l = self.global_vector(last), self.local_vector(z)
         logits = torch.stack([self.global_classifier(u_g), self.local_classifier(u_l)], dim=1)
-        return ReIDOutput(feature_maps=torch.stack([u_g, u_l], dim=1)[..., None, None], logits=logits, aux={"attention_maps": maps})
+        return ReIDOutput(
+            feature_maps=torch.stack([u_g, u_l], dim=1)[..., None, None], logits=logits, aux={"attention_maps": maps}
+        )
 
     def global_output(self, images: torch.Tensor) -> ReIDOutput:
         """The global branch alone (step 1 trains nothing else): u_g as a 1x1 map [B, 1, D, 1, 1], logits [B, 1, C]."""
@@ -262,15 +301,23 @@ class CLPD(nn.Module):
         """[B, 2, D] for the exporter's parity rule: the global branch selects nothing (inf); each local channel
         takes its part's least decided selection."""
         z = self.part_features(self._stages(images)[0])[1]
-        local = self.descriptor.selection_margins(z).repeat_interleave(self.local_bn.num_features // self.num_parts, dim=1)
+        local = self.descriptor.selection_margins(z).repeat_interleave(
+            self.local_bn.num_features // self.num_parts, dim=1
+        )
         return torch.stack([torch.full_like(local, float("inf")), local], dim=1)
 
 
 @ARCHITECTURE_REGISTRY.register("clpd")
 def build_clpd(model_cfg: dict, num_classes: int) -> CLPD:
     return CLPD(
-        backbone=model_cfg["backbone"], num_classes=num_classes, dim=model_cfg.get("reduction_dim") or 512,
-        parts=model_cfg.get("clpd_parts", 8), middle_channels=model_cfg.get("clpd_middle_channels", 256),
-        attention=model_cfg.get("clpd_attention", "multiscale"), descriptor=model_cfg.get("clpd_descriptor", "SPR"),
-        pretrained=model_cfg.get("pretrained"), ibn=model_cfg.get("ibn", False), last_stride=model_cfg.get("last_stride", 1),
+        backbone=model_cfg["backbone"],
+        num_classes=num_classes,
+        dim=model_cfg.get("reduction_dim") or 512,
+        parts=model_cfg.get("clpd_parts", 8),
+        middle_channels=model_cfg.get("clpd_middle_channels", 256),
+        attention=model_cfg.get("clpd_attention", "multiscale"),
+        descriptor=model_cfg.get("clpd_descriptor", "SPR"),
+        pretrained=model_cfg.get("pretrained"),
+        ibn=model_cfg.get("ibn", False),
+        last_stride=model_cfg.get("last_stride", 1),
     )

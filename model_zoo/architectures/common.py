@@ -1,4 +1,5 @@
 """Pieces every architecture shares: the input normalisation, the output type, the embedding rule."""
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 

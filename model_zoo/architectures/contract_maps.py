@@ -22,6 +22,7 @@ Maps built with R3-R7 are exact attributions, not activations: an architecture u
 ``feature_maps_kind = "attribution"``. They are built in eval/export mode; training computes descriptors
 directly. Everything exports to ONNX (opset 17) without Python loops over data.
 """
+
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch

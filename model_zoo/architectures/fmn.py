@@ -16,6 +16,7 @@ orders a gallery exactly as the mean of the two cosines does, so the service ran
 Training (``training/objectives/fmn.py``): phase 1 trains the GRN, phase 2 freezes it in eval mode and trains
 MN and LAN on cross-entropy plus the probability-margin rank loss (eq. 5).
 """
+
 import math
 from typing import Tuple
 
@@ -51,13 +52,27 @@ class FeatureMask(nn.Module):
 class FMN(nn.Module):
     feature_maps_kind = "activations"
 
-    def __init__(self, backbone: str, num_classes: int, input_size: Tuple[int, int], mask_layer: str = "stem",
-                 pretrained=None, ibn: bool = False, last_stride: int = 1, bn_neck: bool = False):
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        input_size: Tuple[int, int],
+        mask_layer: str = "stem",
+        pretrained=None,
+        ibn: bool = False,
+        last_stride: int = 1,
+        bn_neck: bool = False,
+    ):
         super().__init__()
         if mask_layer not in STAGE_NAMES[:-1]:
-            raise ValueError(f"mask_layer {mask_layer!r}: one of {', '.join(STAGE_NAMES[:-1])} (the LAN is the stages after it)")
+            raise ValueError(
+                f"mask_layer {mask_layer!r}: one of {', '.join(STAGE_NAMES[:-1])} (the LAN is the stages after it)"
+            )
         build = BACKBONE_REGISTRY.get(backbone)
-        grn, fresh = build(pretrained, ibn=ibn, last_stride=last_stride), build(pretrained, ibn=ibn, last_stride=last_stride)
+        grn, fresh = (
+            build(pretrained, ibn=ibn, last_stride=last_stride),
+            build(pretrained, ibn=ibn, last_stride=last_stride),
+        )
         after = STAGE_NAMES[STAGE_NAMES.index(mask_layer) + 1]
         self.normalize = InputNormalization()
         self.grn_local = grn.stage_range("stem", mask_layer)
@@ -67,7 +82,9 @@ class FMN(nn.Module):
         self.lan_neck = classifier_neck(fresh.out_channels, bn_neck)
         self.grn_classifier = nn.Linear(grn.out_channels, num_classes)
         stride = grn.stage_strides[mask_layer]
-        self.mask = FeatureMask(grn.out_channels, (math.ceil(input_size[0] / stride), math.ceil(input_size[1] / stride)))
+        self.mask = FeatureMask(
+            grn.out_channels, (math.ceil(input_size[0] / stride), math.ceil(input_size[1] / stride))
+        )
         self.lan = fresh.stage_range(after, "layer4")
         self.lan_classifier = nn.Linear(fresh.out_channels, num_classes)
         self.stride = grn.stride
@@ -77,8 +94,13 @@ class FMN(nn.Module):
         classifier warm-up); ``new`` = the layers not from ImageNet (classifiers and MN), for the paper's
         higher learning rate on new layers."""
         classifiers = [self.grn_neck, self.grn_classifier, self.lan_neck, self.lan_classifier]
-        return {"grn": [self.grn_local, self.grn_global, self.grn_neck, self.grn_classifier], "mask": [self.mask],
-                "lan": [self.lan, self.lan_neck, self.lan_classifier], "classifiers": classifiers, "new": [*classifiers, self.mask]}
+        return {
+            "grn": [self.grn_local, self.grn_global, self.grn_neck, self.grn_classifier],
+            "mask": [self.mask],
+            "lan": [self.lan, self.lan_neck, self.lan_classifier],
+            "classifiers": classifiers,
+            "new": [*classifiers, self.mask],
+        }
 
     def global_branch(self, images: torch.Tensor):
         """(pool1-level features f, the GRN's last-stage map)."""
@@ -93,7 +115,9 @@ class FMN(nn.Module):
         if not self.training:
             return ReIDOutput(feature_maps=maps)
         gap = maps.float().mean(dim=(3, 4))
-        logits = torch.stack([self.grn_classifier(self.grn_neck(gap[:, 0])), self.lan_classifier(self.lan_neck(gap[:, 1]))], dim=1)
+        logits = torch.stack(
+            [self.grn_classifier(self.grn_neck(gap[:, 0])), self.lan_classifier(self.lan_neck(gap[:, 1]))], dim=1
+        )
         return ReIDOutput(feature_maps=maps, logits=logits, aux={"mask": mask, "mask_clamped": clamped})
 
     def global_output(self, images: torch.Tensor) -> ReIDOutput:
@@ -107,8 +131,8 @@ class FMN(nn.Module):
         local, global_map = self.global_branch(images)
         g = nn.functional.adaptive_avg_pool2d(global_map, 1).flatten(1)
         mask, _ = self.mask(g)
-        l = nn.functional.adaptive_avg_pool2d(self.lan(local * mask), 1).flatten(1)
-        return torch.stack([g, l], dim=1)
+        local_descriptor = nn.functional.adaptive_avg_pool2d(self.lan(local * mask), 1).flatten(1)
+        return torch.stack([g, local_descriptor], dim=1)
 
 
 @ARCHITECTURE_REGISTRY.register("fmn")
@@ -116,7 +140,12 @@ def build_fmn(model_cfg: dict, num_classes: int) -> FMN:
     if "input_size" not in model_cfg:
         raise ValueError("FMN's mask is a fixed grid: model_cfg needs input_size (height, width)")
     return FMN(
-        backbone=model_cfg["backbone"], num_classes=num_classes, input_size=tuple(model_cfg["input_size"]),
-        mask_layer=model_cfg.get("mask_layer", "stem"), pretrained=model_cfg.get("pretrained"),
-        ibn=model_cfg.get("ibn", False), last_stride=model_cfg.get("last_stride", 1), bn_neck=model_cfg.get("bn_neck", False),
+        backbone=model_cfg["backbone"],
+        num_classes=num_classes,
+        input_size=tuple(model_cfg["input_size"]),
+        mask_layer=model_cfg.get("mask_layer", "stem"),
+        pretrained=model_cfg.get("pretrained"),
+        ibn=model_cfg.get("ibn", False),
+        last_stride=model_cfg.get("last_stride", 1),
+        bn_neck=model_cfg.get("bn_neck", False),
     )

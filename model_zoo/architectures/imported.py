@@ -2,6 +2,7 @@
 modules (``model_zoo.importers``), one branch whose maps are the exact per-cell decomposition of its own
 embedding, plus an identity classifier for fine-tuning on re-ID data. Exported, it is the file
 ``python -m model_zoo import`` writes, with the fine-tuned weights."""
+
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ class ImportedEmbedding(nn.Module):
         if not self.training:
             return out
         descriptor = out.feature_maps.float().mean(dim=(3, 4))  # the source's own embedding, [B, 1, D]
-        return ReIDOutput(feature_maps=out.feature_maps, logits=self.classifier(self.neck(descriptor[:, 0])).unsqueeze(1))
+        return ReIDOutput(
+            feature_maps=out.feature_maps, logits=self.classifier(self.neck(descriptor[:, 0])).unsqueeze(1)
+        )
 
 
 @ARCHITECTURE_REGISTRY.register("openvino_ir")
@@ -43,6 +46,9 @@ def build_openvino_ir(model_cfg: dict, num_classes: int) -> ImportedEmbedding:
         raise ValueError("openvino_ir needs model.source: the OpenVINO IR .xml to start from")
     graph = read_ir(model_cfg["source"])
     if tuple(model_cfg["input_size"]) != input_size(graph):
-        raise ValueError(f"{Path(model_cfg['source']).name} reads {input_size(graph)} (H, W) images: set data.height and data.width to them")
+        raise ValueError(
+            f"{Path(model_cfg['source']).name} reads {input_size(graph)} (H, W) images: set data.height "
+            f"and data.width to them"
+        )
     network = contract_model(graph, model_cfg.get("channel_order") or DEFAULT_CHANNEL_ORDER)
     return ImportedEmbedding(network, embedding_size(graph), num_classes, model_cfg.get("bn_neck", False))

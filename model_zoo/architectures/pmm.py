@@ -14,13 +14,21 @@ selection_map(x_p)))) (R4 + R1 + R7): each channel of x_p contributes only at it
 attributions, not activations (``feature_maps_kind``), and RAM on them is spiky where GMP looked. The paper
 ranks by Euclidean distance on [u_1; u_2; u_3]; the product ranks by the mean of the branch cosines.
 """
+
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 from model_zoo.architectures.common import InputNormalization, ReIDOutput, classifier_neck
-from model_zoo.architectures.contract_maps import affine_map, as_affine, relu_gate, selected_values, selection_map, selection_margin
+from model_zoo.architectures.contract_maps import (
+    affine_map,
+    as_affine,
+    relu_gate,
+    selected_values,
+    selection_map,
+    selection_margin,
+)
 from model_zoo.backbones.resnet import Bottleneck
 from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
 
@@ -29,7 +37,8 @@ Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def init_new_layer(module: nn.Module) -> None:
-    """PMM's code: Kaiming (fan_in for convolutions, fan_out for linear layers), zero biases, BN weights ~ N(1, 0.02)."""
+    """PMM's code: Kaiming (fan_in for convolutions, fan_out for linear layers), zero biases, BN weights ~ N(1,
+    0.02)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, mode="fan_in" if isinstance(m, nn.Conv2d) else "fan_out")
@@ -84,9 +93,17 @@ class MaxStage(nn.Module):
 class PMM(nn.Module):
     feature_maps_kind = "attribution"
 
-    def __init__(self, backbone: str, num_classes: int, dim: int = 512, pretrained: Optional[str] = None,
-                 ibn: bool = False, last_stride: int = 1, classifier_init_std: Optional[float] = None,
-                 bn_neck: bool = False):
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        dim: int = 512,
+        pretrained: Optional[str] = None,
+        ibn: bool = False,
+        last_stride: int = 1,
+        classifier_init_std: Optional[float] = None,
+        bn_neck: bool = False,
+    ):
         super().__init__()
         parts = BACKBONE_REGISTRY.get(backbone)(pretrained, ibn=ibn, last_stride=last_stride)
         channels = parts.out_channels
@@ -106,8 +123,11 @@ class PMM(nn.Module):
 
     def parameter_groups(self):
         stages = (self.stage1, self.stage2, self.stage3)
-        return {"classifiers": [m for s in stages for m in (s.neck, s.classifier)], "backbone": [self.trunk, self.last_stage],
-                "new": [*stages, self.part]}
+        return {
+            "classifiers": [m for s in stages for m in (s.neck, s.classifier)],
+            "backbone": [self.trunk, self.last_stage],
+            "new": [*stages, self.part],
+        }
 
     def _backbone(self, images: torch.Tensor) -> torch.Tensor:
         return self.last_stage(self.trunk(self.normalize(images)))
@@ -121,8 +141,11 @@ class PMM(nn.Module):
         (also as 1x1 ``feature_maps``, whose grid mean is the descriptor), stages II and III mixed by ``mix``."""
         if not self.training:
             x, part = self._maps(images)
-            return ReIDOutput(feature_maps=torch.stack([self.stage1.contract_map(x), self.stage2.contract_map(part),
-                                                        self.stage3.contract_map(part)], dim=1))
+            return ReIDOutput(
+                feature_maps=torch.stack(
+                    [self.stage1.contract_map(x), self.stage2.contract_map(part), self.stage3.contract_map(part)], dim=1
+                )
+            )
         x = self._backbone(images)
         if mix is not None and not x.requires_grad:
             x = x.detach().requires_grad_()  # Grad-CAM needs dScore/dx even while the backbone is frozen (a warm-up)
@@ -133,7 +156,9 @@ class PMM(nn.Module):
         third = mix(second, y2, part) if mix else part
         u3, y3 = self.stage3(third)
         vectors = torch.stack([u1, u2, u3], dim=1)
-        return ReIDOutput(feature_maps=vectors[..., None, None], logits=torch.stack([y1, y2, y3], dim=1), aux={"vectors": vectors})
+        return ReIDOutput(
+            feature_maps=vectors[..., None, None], logits=torch.stack([y1, y2, y3], dim=1), aux={"vectors": vectors}
+        )
 
     def selection_margins(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, D], for the exporter's parity rule: how firmly each output channel's cells are chosen. Stage I
@@ -155,7 +180,12 @@ class PMM(nn.Module):
 @ARCHITECTURE_REGISTRY.register("pmm")
 def build_pmm(model_cfg: dict, num_classes: int) -> PMM:
     return PMM(
-        backbone=model_cfg["backbone"], num_classes=num_classes, dim=model_cfg.get("reduction_dim") or 512,
-        pretrained=model_cfg.get("pretrained"), ibn=model_cfg.get("ibn", False), last_stride=model_cfg.get("last_stride", 1),
-        classifier_init_std=model_cfg.get("classifier_init_std"), bn_neck=model_cfg.get("bn_neck", False),
+        backbone=model_cfg["backbone"],
+        num_classes=num_classes,
+        dim=model_cfg.get("reduction_dim") or 512,
+        pretrained=model_cfg.get("pretrained"),
+        ibn=model_cfg.get("ibn", False),
+        last_stride=model_cfg.get("last_stride", 1),
+        classifier_init_std=model_cfg.get("classifier_init_std"),
+        bn_neck=model_cfg.get("bn_neck", False),
     )

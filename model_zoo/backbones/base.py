@@ -1,4 +1,5 @@
 """What a backbone hands to an architecture, and how checkpoints are loaded into it."""
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,5 +93,7 @@ def load_checkpoint(
     if report["missing"]:
         log.warning("checkpoint %s: %d missing keys: %s", path, len(report["missing"]), report["missing"][:10])
     if report["unexpected"]:
-        log.info("checkpoint %s: %d unexpected keys ignored: %s", path, len(report["unexpected"]), report["unexpected"][:10])
+        log.info(
+            "checkpoint %s: %d unexpected keys ignored: %s", path, len(report["unexpected"]), report["unexpected"][:10]
+        )
     return report

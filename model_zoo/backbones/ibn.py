@@ -11,6 +11,7 @@ torchvision or timm checkpoint loads into an IBN network unchanged: the first ``
 the checkpoint's affine weight and bias as their instance-norm affine; their running statistics are loaded
 but unused.
 """
+
 from typing import Optional, Union
 
 import torch
@@ -45,8 +46,10 @@ class InstanceBatchNorm2d(nn.BatchNorm2d):
             batch_mean = self.running_mean[split:].view(1, -1, 1, 1)
             batch_var = self.running_var[split:].view(1, -1, 1, 1)
         batch_shape = (mean.shape[0], -1, -1, -1)
-        return (torch.cat([mean[:, :split], batch_mean.expand(batch_shape)], dim=1),
-                torch.cat([var[:, :split], batch_var.expand(batch_shape)], dim=1))
+        return (
+            torch.cat([mean[:, :split], batch_mean.expand(batch_shape)], dim=1),
+            torch.cat([var[:, :split], batch_var.expand(batch_shape)], dim=1),
+        )
 
     def _batch_moments(self, mean: torch.Tensor, var: torch.Tensor, count: int):
         batch_mean = mean.mean(dim=0, keepdim=True)
@@ -55,8 +58,8 @@ class InstanceBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 unbiased = batch_var.flatten() * count / max(count - 1, 1)
-                self.running_mean[self.instance_channels:].lerp_(batch_mean.flatten(), self.momentum)
-                self.running_var[self.instance_channels:].lerp_(unbiased, self.momentum)
+                self.running_mean[self.instance_channels :].lerp_(batch_mean.flatten(), self.momentum)
+                self.running_var[self.instance_channels :].lerp_(unbiased, self.momentum)
         return batch_mean, batch_var
 
     def extra_repr(self) -> str:

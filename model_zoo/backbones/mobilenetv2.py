@@ -1,7 +1,8 @@
 """MobileNetV2 with torchvision's state-dict keys and its last stride-2 stage set to ``last_stride`` (1 by
 default, as ResNet's last stride in re-ID).
 
-A 256x128 input gives a 16x8 map, a 128x64 input an 8x4 map. The trunk is ``features[0:14]``; the last stage, copied per branch, is
+A 256x128 input gives a 16x8 map, a 128x64 input an 8x4 map. The trunk is ``features[0:14]``; the last stage, copied per
+branch, is
 ``features[14:]`` (the stride-2 block of 160 channels, the 320-channel block and the 1x1 conv to 1280),
 the analogue of ResNet's conv5.
 
@@ -9,6 +10,7 @@ Named stages, the analogues of ResNet-50's by resolution: ``stem`` = features 0-
 ResNet's stem ends at stride 4), ``layer1`` = 2-3 (stride 4, 24), ``layer2`` = 4-6 (stride 8, 32),
 ``layer3`` = 7-13 (stride 16, 96), ``layer4`` = 14-18 (stride 16 x last_stride, 1280).
 """
+
 import re
 from typing import Dict, Optional, Union
 
@@ -20,10 +22,24 @@ from model_zoo.backbones.ibn import ibn_variant, instance_norm, to_instance_batc
 from model_zoo.registry import BACKBONE_REGISTRY
 
 # (expansion t, channels c, repeats n, stride s) as in the paper and torchvision; None is the last stride.
-INVERTED_RESIDUAL_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, None), (6, 320, 1, 1)]
+INVERTED_RESIDUAL_SETTING = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, None),
+    (6, 320, 1, 1),
+]
 TRUNK_END = 14
 # (name, first feature index, channels, stride of the stage's output before the last stride)
-STAGES = (("stem", 0, 16, 2), ("layer1", 2, 24, 4), ("layer2", 4, 32, 8), ("layer3", 7, 96, 16), ("layer4", TRUNK_END, 1280, 16))
+STAGES = (
+    ("stem", 0, 16, 2),
+    ("layer1", 2, 24, 4),
+    ("layer2", 4, 32, 8),
+    ("layer3", 7, 96, 16),
+    ("layer4", TRUNK_END, 1280, 16),
+)
 # IBN-a goes into the blocks before the stride-16 stages (features 1..10: the 16- to 64-channel stages), as
 # IBN-Net puts it in ResNet's layer1-3 and keeps the last, most identity-specific stages pure BatchNorm.
 IBN_BLOCKS = range(1, 11)
@@ -93,8 +109,12 @@ class MobileNetV2(nn.Module):
         stages = {name: self.features[first:end] for (name, first, _, _), end in zip(STAGES, ends)}
         strides = {name: stride * (self.last_stride if name == "layer4" else 1) for name, _, _, stride in STAGES}
         return BackboneParts(
-            trunk=self.features[:TRUNK_END], last_stage=self.features[TRUNK_END:], out_channels=1280,
-            stride=strides["layer4"], stages=stages, stage_channels={name: ch for name, _, ch, _ in STAGES},
+            trunk=self.features[:TRUNK_END],
+            last_stage=self.features[TRUNK_END:],
+            out_channels=1280,
+            stride=strides["layer4"],
+            stages=stages,
+            stage_channels={name: ch for name, _, ch, _ in STAGES},
             stage_strides=strides,
         )
 
@@ -122,7 +142,9 @@ def convert_flat_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 
 
 @BACKBONE_REGISTRY.register("mobilenetv2")
-def build_mobilenetv2(pretrained: Optional[str] = None, ibn: Union[bool, str] = False, last_stride: int = 1) -> BackboneParts:
+def build_mobilenetv2(
+    pretrained: Optional[str] = None, ibn: Union[bool, str] = False, last_stride: int = 1
+) -> BackboneParts:
     net = MobileNetV2(last_stride)
     variant = ibn_variant(ibn)
     if variant:

@@ -17,6 +17,7 @@ Named stages by resolution, as MobileNetV2's and ResNet-50's: ``stem`` = conv1 +
 different regions from. ``fc`` (Linear, BatchNorm1d, ReLU: torchreid's 512-d re-ID head) is built so its keys
 load; the backbone's parts do not use it (``model_zoo.importers.torchreid`` does).
 """
+
 from typing import Optional, Union
 
 import torch
@@ -27,7 +28,12 @@ from model_zoo.backbones.base import BackboneParts, load_checkpoint
 from model_zoo.backbones.ibn import ibn_variant
 from model_zoo.registry import BACKBONE_REGISTRY
 
-WIDTHS = {"osnet_x1_0": (64, 256, 384, 512), "osnet_x0_75": (48, 192, 288, 384), "osnet_x0_5": (32, 128, 192, 256), "osnet_x0_25": (16, 64, 96, 128)}
+WIDTHS = {
+    "osnet_x1_0": (64, 256, 384, 512),
+    "osnet_x0_75": (48, 192, 288, 384),
+    "osnet_x0_5": (32, 128, 192, 256),
+    "osnet_x0_25": (16, 64, 96, 128),
+}
 BLOCKS_PER_STAGE = 2
 FEATURE_DIM = 512
 
@@ -35,7 +41,9 @@ FEATURE_DIM = 512
 class ConvLayer(nn.Module):
     """Convolution, batch norm (an affine instance norm with ``instance_norm``), ReLU."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, instance_norm: bool = False):
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, instance_norm: bool = False
+    ):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=False)
         self.bn = nn.InstanceNorm2d(out_ch, affine=True) if instance_norm else nn.BatchNorm2d(out_ch)
@@ -182,8 +190,14 @@ class OSNetAIN(nn.Module):
         self.conv1 = ConvLayer(3, widths[0], 7, stride=2, padding=3, instance_norm=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.conv2, self.conv3, self.conv4 = (
-            nn.Sequential(*(AINBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1], pattern[j]) for j in range(BLOCKS_PER_STAGE)))
-            for i, pattern in enumerate(AIN_PATTERN))
+            nn.Sequential(
+                *(
+                    AINBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1], pattern[j])
+                    for j in range(BLOCKS_PER_STAGE)
+                )
+            )
+            for i, pattern in enumerate(AIN_PATTERN)
+        )
         self.pool2 = nn.Sequential(Conv1x1(widths[1], widths[1]), nn.AvgPool2d(2, stride=2))
         self.pool3 = nn.Sequential(Conv1x1(widths[2], widths[2]), nn.AvgPool2d(2, stride=2))
         self.conv5 = Conv1x1(widths[3], widths[3])
@@ -208,16 +222,29 @@ def _split(net: nn.Module, layer1: nn.Module, layer2: nn.Module) -> BackbonePart
     strides = {"stem": 4, "layer1": 8, "layer2": 16, "layer3": 16, "layer4": 16}
     widths = net.widths
     channels = {"stem": widths[0], "layer1": widths[1], "layer2": widths[2], "layer3": widths[3], "layer4": widths[3]}
-    return BackboneParts(trunk=nn.Sequential(stem, layer1, layer2), last_stage=nn.Sequential(net.conv4, net.conv5), out_channels=widths[3],
-                         stride=16, stages=stages, stage_channels=channels, stage_strides=strides)
+    return BackboneParts(
+        trunk=nn.Sequential(stem, layer1, layer2),
+        last_stage=nn.Sequential(net.conv4, net.conv5),
+        out_channels=widths[3],
+        stride=16,
+        stages=stages,
+        stage_channels=channels,
+        stage_strides=strides,
+    )
 
 
 def build_osnet(name: str, pretrained: Optional[str] = None, ibn: Union[bool, str] = False) -> nn.Module:
-    """``osnet_x1_0`` .. ``osnet_x0_25`` (``ibn``: torchreid's osnet_ibn) or ``osnet_ain_x1_0`` .. ``osnet_ain_x0_25``."""
+    """``osnet_x1_0`` .. ``osnet_x0_25`` (``ibn``: torchreid's osnet_ibn) or ``osnet_ain_x1_0`` ..
+    ``osnet_ain_x0_25``."""
     variant = ibn_variant(ibn)
     ain = name.startswith("osnet_ain_")
     if variant not in (None, "a") or (ain and variant):
-        raise ValueError(f"{name}: {'OSNet-AIN has its own instance norms, no IBN' if ain else f'no IBN-{variant}; ibn: true is torchreid osnet_ibn'}")
+        why = (
+            "OSNet-AIN has its own instance norms, no IBN"
+            if ain
+            else f"no IBN-{variant}; ibn: true is torchreid osnet_ibn"
+        )
+        raise ValueError(f"{name}: {why}")
     widths = WIDTHS[name.replace("osnet_ain_", "osnet_")]
     net = OSNetAIN(widths) if ain else OSNet(widths, ibn=variant == "a")
     if pretrained:

@@ -4,6 +4,7 @@ default (``last_stride=2`` gives the standard network).
 A 256x128 input gives a 16x8 map. The trunk is conv1..conv4 (``layer3``), the last stage is ``layer4``.
 Named stages: ``stem`` (conv1, bn1, relu, maxpool: "pool1", stride 4), ``layer1``..``layer4``.
 """
+
 from typing import Optional, Union
 
 from torch import nn
@@ -83,15 +84,30 @@ class ResNet50(nn.Module):
     def split(self) -> BackboneParts:
         trunk = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3)
         stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
-        stages = {"stem": stem, "layer1": self.layer1, "layer2": self.layer2, "layer3": self.layer3, "layer4": self.layer4}
+        stages = {
+            "stem": stem,
+            "layer1": self.layer1,
+            "layer2": self.layer2,
+            "layer3": self.layer3,
+            "layer4": self.layer4,
+        }
         strides = {"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16 * self.last_stride}
         channels = {"stem": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-        return BackboneParts(trunk=trunk, last_stage=self.layer4, out_channels=2048, stride=strides["layer4"],
-                             stages=stages, stage_channels=channels, stage_strides=strides)
+        return BackboneParts(
+            trunk=trunk,
+            last_stage=self.layer4,
+            out_channels=2048,
+            stride=strides["layer4"],
+            stages=stages,
+            stage_channels=channels,
+            stage_strides=strides,
+        )
 
 
 @BACKBONE_REGISTRY.register("resnet50")
-def build_resnet50(pretrained: Optional[str] = None, ibn: Union[bool, str] = False, last_stride: int = 1) -> BackboneParts:
+def build_resnet50(
+    pretrained: Optional[str] = None, ibn: Union[bool, str] = False, last_stride: int = 1
+) -> BackboneParts:
     net = ResNet50(last_stride)
     variant = ibn_variant(ibn)
     if variant:

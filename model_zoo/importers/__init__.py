@@ -9,6 +9,7 @@ checked against OpenVINO's own runtime on the parity images where the ``openvino
 
 Imports torch and onnx (the ``train`` extra); never imported by the service.
 """
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,14 @@ import torch
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, SOURCE_KEY, ModelContract, open_cpu_session
 from model_zoo.files import sha256_of
 from model_zoo.importers import openvino_ir, torchreid_osnet
-from model_zoo.onnx_export import EMBEDDING_TOLERANCE, ExportParityError, check_parity, contract_shape, parity_images, write_onnx
+from model_zoo.onnx_export import (
+    EMBEDDING_TOLERANCE,
+    ExportParityError,
+    check_parity,
+    contract_shape,
+    parity_images,
+    write_onnx,
+)
 
 TORCHREID_INPUT = (256, 128)  # torchreid's default height x width
 
@@ -40,7 +48,9 @@ def source_format(source: Path) -> str:
         return "openvino_ir"
     if source.suffix.lower() in (".pth", ".pt", ".tar"):
         return "torchreid_osnet"
-    raise ValueError(f"{source.name}: cannot tell the format (known: OpenVINO IR .xml beside its .bin, torchreid OSNet .pth)")
+    raise ValueError(
+        f"{source.name}: cannot tell the format (known: OpenVINO IR .xml beside its .bin, torchreid OSNet .pth)"
+    )
 
 
 @dataclass
@@ -53,44 +63,79 @@ class Loaded:
     files: List[Path]
 
 
-def load_source(source: Path, channel_order: Optional[str] = None, input_size: Optional[Tuple[int, int]] = None) -> Loaded:
+def load_source(
+    source: Path, channel_order: Optional[str] = None, input_size: Optional[Tuple[int, int]] = None
+) -> Loaded:
     """The source as a contract model in eval mode, with what the file records about it."""
     kind = source_format(source)
     if kind == "openvino_ir":
         graph = openvino_ir.read_ir(source)
         order = channel_order or openvino_ir.DEFAULT_CHANNEL_ORDER
-        return Loaded(openvino_ir.contract_model(graph, order).eval(), source.stem, *openvino_ir.input_size(graph), order,
-                      [source, source.with_suffix(".bin")])
+        return Loaded(
+            openvino_ir.contract_model(graph, order).eval(),
+            source.stem,
+            *openvino_ir.input_size(graph),
+            order,
+            [source, source.with_suffix(".bin")],
+        )
     if channel_order not in (None, "rgb"):
         raise ValueError("torchreid models read RGB")
     model, name = torchreid_osnet.contract_model(source)
     return Loaded(model, name, *(input_size or TORCHREID_INPUT), "rgb", [source])
 
 
-def import_model(source: Path, output: Path, provenance: Optional[Provenance] = None, channel_order: Optional[str] = None,
-                 real_images: Optional[Path] = None, input_size: Optional[Tuple[int, int]] = None) -> Dict:
+def import_model(
+    source: Path,
+    output: Path,
+    provenance: Optional[Provenance] = None,
+    channel_order: Optional[str] = None,
+    real_images: Optional[Path] = None,
+    input_size: Optional[Tuple[int, int]] = None,
+) -> Dict:
     """Write ``source`` as a contract ONNX file at ``output``; returns a summary with the parity report. A
     failed check deletes the file and raises ``ExportParityError``. ``input_size``: (height, width) for formats
     whose input size is free (torchreid's default 256x128); an IR's is its own."""
     source, output, provenance = Path(source), Path(output), provenance or Provenance()
     loaded = load_source(source, channel_order, input_size)
-    record = {"format": source_format(source), "files": {f.name: sha256_of(f) for f in loaded.files if f.exists()},
-              "channel_order": loaded.channel_order, "licence": provenance.licence, "url": provenance.url, **provenance.notes}
-    contract = ModelContract(architecture=record["format"], backbone=loaded.name, training_data=provenance.training_data,
-                             **contract_shape(loaded.model, loaded.height, loaded.width))
+    record = {
+        "format": source_format(source),
+        "files": {f.name: sha256_of(f) for f in loaded.files if f.exists()},
+        "channel_order": loaded.channel_order,
+        "licence": provenance.licence,
+        "url": provenance.url,
+        **provenance.notes,
+    }
+    contract = ModelContract(
+        architecture=record["format"],
+        backbone=loaded.name,
+        training_data=provenance.training_data,
+        **contract_shape(loaded.model, loaded.height, loaded.width),
+    )
     write_onnx(loaded.model, contract, output, metadata={SOURCE_KEY: json.dumps(record)})
     images = parity_images(loaded.height, loaded.width, real_images)
     try:
         report = check_parity(loaded.model, output, images)
-        reference = openvino_agreement(source, output, images, loaded.channel_order) if record["format"] == "openvino_ir" else None
+        reference = (
+            openvino_agreement(source, output, images, loaded.channel_order)
+            if record["format"] == "openvino_ir"
+            else None
+        )
     except Exception:
         output.unlink(missing_ok=True)
         raise
-    return {"output": str(output), "bytes": output.stat().st_size, "contract": contract.to_metadata(), "source": record,
-            "parity": report, "openvino_agreement": reference}
+    return {
+        "output": str(output),
+        "bytes": output.stat().st_size,
+        "contract": contract.to_metadata(),
+        "source": record,
+        "parity": report,
+        "openvino_agreement": reference,
+    }
 
 
-def openvino_agreement(source: Path, output: Path, images: Dict[str, np.ndarray], channel_order: str) -> Optional[Dict[str, float]]:
+def openvino_agreement(
+    source: Path, output: Path, images: Dict[str, np.ndarray], channel_order: str
+) -> Optional[Dict[str, float]]:
     """Max |difference| between the file's embedding and OpenVINO's own (L2-normalised) on each image set,
     fp32 inference; None where the ``openvino`` package is not installed. Past the embedding bound it raises."""
     try:
@@ -105,9 +150,14 @@ def openvino_agreement(source: Path, output: Path, images: Dict[str, np.ndarray]
         ours = session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: batch})[0]
         planar = batch.transpose(0, 3, 1, 2).astype(np.float32)
         planar = planar[:, ::-1] if channel_order == "bgr" else planar
-        theirs = np.concatenate([compiled(np.ascontiguousarray(planar[i : i + 1]))[0].reshape(1, -1) for i in range(len(batch))])
+        theirs = np.concatenate(
+            [compiled(np.ascontiguousarray(planar[i : i + 1]))[0].reshape(1, -1) for i in range(len(batch))]
+        )
         theirs /= np.maximum(np.linalg.norm(theirs, axis=1, keepdims=True), 1e-12)
         report[name] = float(np.abs(ours - theirs).max())
         if not report[name] <= EMBEDDING_TOLERANCE:
-            raise ExportParityError(f"{name}: the imported file's embedding differs from OpenVINO's by {report[name]:.2e} (bound {EMBEDDING_TOLERANCE})")
+            raise ExportParityError(
+                f"{name}: the imported file's embedding differs from OpenVINO's by "
+                f"{report[name]:.2e} (bound {EMBEDDING_TOLERANCE})"
+            )
     return report

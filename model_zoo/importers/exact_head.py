@@ -9,6 +9,7 @@ through. ``f_c = L(h*w * P_c) + (e - mean_c L(h*w * P_c))`` then averages over t
 RAM's grid averages to the retrieval score as for a trained model (model_zoo/CONTRACT.md, "Imported models").
 Nothing is approximated: the slopes come from the same pass.
 """
+
 from dataclasses import dataclass
 from typing import Callable, List
 
@@ -34,7 +35,8 @@ class ExactHeadModel(nn.Module):
     per-cell decomposition of the imported model's embedding (its mean over the cells is the embedding).
 
     ``to_input``: uint8 NHWC RGB -> the source's input (layout, channel order; its own normalisation stays in
-    ``trunk``). ``trunk``: input -> M, the module that holds every weight, the head's too. ``cell_shares``: M -> P [B, C, h, w], each cell's share of the pooled
+    ``trunk``). ``trunk``: input -> M, the module that holds every weight, the head's too. ``cell_shares``: M -> P [B,
+    C, h, w], each cell's share of the pooled
     vector (summing over the cells gives the pooled vector without its bias). ``pooled_shape``: the shape
     the head reads, batch first (e.g. (-1, C, 1, 1) or (-1, C)). ``steps``: the head. ``source``: input -> the
     source model's own output, computed its own way (``reference_descriptors``).
@@ -42,9 +44,23 @@ class ExactHeadModel(nn.Module):
 
     feature_maps_kind = "attribution"
 
-    def __init__(self, to_input: Callable, trunk: nn.Module, cell_shares: Callable, pooled_shape: tuple, steps: List[HeadStep], source: Callable):
+    def __init__(
+        self,
+        to_input: Callable,
+        trunk: nn.Module,
+        cell_shares: Callable,
+        pooled_shape: tuple,
+        steps: List[HeadStep],
+        source: Callable,
+    ):
         super().__init__()
-        self.to_input, self.trunk, self.cell_shares, self.pooled_shape, self.steps = to_input, trunk, cell_shares, pooled_shape, steps
+        self.to_input, self.trunk, self.cell_shares, self.pooled_shape, self.steps = (
+            to_input,
+            trunk,
+            cell_shares,
+            pooled_shape,
+            steps,
+        )
         self.source = source
 
     def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ a fixed value. Only the layers an output depends on through data are run: the sh
 free batch taking its place. The ops are those of opset1..8 that re-ID networks use; any other is refused
 by name, never guessed.
 """
+
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,8 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ELEMENT_TYPES = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32, "i8": np.int8,
-                 "u8": np.uint8, "u64": np.uint64, "u32": np.uint32, "boolean": np.bool_}
+ELEMENT_TYPES = {
+    "f32": np.float32,
+    "f16": np.float16,
+    "f64": np.float64,
+    "i64": np.int64,
+    "i32": np.int32,
+    "i8": np.int8,
+    "u8": np.uint8,
+    "u64": np.uint64,
+    "u32": np.uint32,
+    "boolean": np.bool_,
+}
 
 
 class UnsupportedGraph(ValueError):
@@ -69,7 +80,9 @@ def read_ir(xml_path: Path) -> IRGraph:
     layers, input_ports, output_ports = {}, {}, {}
     for node in root.iter("layer"):
         data = node.find("data")
-        layer = Layer(node.get("id"), node.get("type"), node.get("name", ""), dict(data.attrib) if data is not None else {})
+        layer = Layer(
+            node.get("id"), node.get("type"), node.get("name", ""), dict(data.attrib) if data is not None else {}
+        )
         ports_in = [] if node.find("input") is None else list(node.find("input").iter("port"))
         ports_out = [] if node.find("output") is None else list(node.find("output").iter("port"))
         input_ports[layer.id] = {port.get("id"): i for i, port in enumerate(ports_in)}
@@ -82,14 +95,19 @@ def read_ir(xml_path: Path) -> IRGraph:
         layers[layer.id] = layer
     for edge in root.find("edges").iter("edge"):
         target, source = edge.get("to-layer"), edge.get("from-layer")
-        layers[target].inputs[input_ports[target][edge.get("to-port")]] = (source, output_ports[source][edge.get("from-port")])
+        layers[target].inputs[input_ports[target][edge.get("to-port")]] = (
+            source,
+            output_ports[source][edge.get("from-port")],
+        )
     for layer in layers.values():  # IR lists layers in topological order, so a chain of Converts folds front to back
         if layer.type == "Convert" and layers[layer.inputs[0][0]].value is not None:
             layer.value = layers[layer.inputs[0][0]].value.astype(ELEMENT_TYPES[layer.attrs["destination_type"]])
     parameters = [layer.id for layer in layers.values() if layer.type == "Parameter"]
     results = [layer.id for layer in layers.values() if layer.type == "Result"]
     if len(parameters) != 1 or len(results) != 1:
-        raise UnsupportedGraph(f"{xml_path.name}: {len(parameters)} inputs and {len(results)} outputs; an embedding model has one of each")
+        raise UnsupportedGraph(
+            f"{xml_path.name}: {len(parameters)} inputs and {len(results)} outputs; an embedding model has one of each"
+        )
     return IRGraph(layers, parameters[0], results[0])
 
 
@@ -98,16 +116,29 @@ def _constant(layer: Layer, weights: bytes) -> np.ndarray:
     shape = [int(d) for d in layer.attrs.get("shape", "").split(",") if d.strip()]
     offset, size = int(layer.attrs["offset"]), int(layer.attrs["size"])
     if offset + size > len(weights):
-        raise UnsupportedGraph(f"constant {layer.name!r} reads bytes {offset}..{offset + size} of a {len(weights)}-byte .bin")
+        raise UnsupportedGraph(
+            f"constant {layer.name!r} reads bytes {offset}..{offset + size} of a {len(weights)}-byte .bin"
+        )
     return np.frombuffer(weights, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape).copy()
 
 
 # Inputs that are data (tensors computed from the image); the others of these ops are constants read as values.
-DATA_INPUTS = {"Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,),
-               "MVN": (0,), "Gather": (0,), "Transpose": (0,)}
+DATA_INPUTS = {
+    "Reshape": (0,),
+    "Squeeze": (0,),
+    "Unsqueeze": (0,),
+    "ReduceMean": (0,),
+    "ReduceSum": (0,),
+    "ReduceMax": (0,),
+    "MVN": (0,),
+    "Gather": (0,),
+    "Transpose": (0,),
+}
 
 
-def _pads(layer: Layer, x: torch.Tensor, kernel: List[int], strides: List[int], dilations: List[int]) -> Tuple[List[int], List[int]]:
+def _pads(
+    layer: Layer, x: torch.Tensor, kernel: List[int], strides: List[int], dilations: List[int]
+) -> Tuple[List[int], List[int]]:
     """(begin, end) paddings of a spatial op, from explicit pads or auto_pad."""
     auto = layer.attrs.get("auto_pad", "explicit")
     if auto == "valid":
@@ -124,7 +155,9 @@ def _pads(layer: Layer, x: torch.Tensor, kernel: List[int], strides: List[int], 
 
 
 def _pad(x: torch.Tensor, begin: List[int], end: List[int], value: float = 0.0) -> torch.Tensor:
-    return F.pad(x, [end_or_begin for b, e in zip(reversed(begin), reversed(end)) for end_or_begin in (b, e)], value=value)
+    return F.pad(
+        x, [end_or_begin for b, e in zip(reversed(begin), reversed(end)) for end_or_begin in (b, e)], value=value
+    )
 
 
 def _convolution(layer: Layer, x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -177,7 +210,9 @@ def _declared_shape(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     the batch on both sides: such a reshape would mix images."""
     shape = layer.shapes[0]
     if not shape or not layer.input_shapes[0] or shape[0] != layer.input_shapes[0][0]:
-        raise UnsupportedGraph(f"{layer.type} {layer.name!r} {layer.input_shapes[0]} -> {shape} moves the batch dimension")
+        raise UnsupportedGraph(
+            f"{layer.type} {layer.name!r} {layer.input_shapes[0]} -> {shape} moves the batch dimension"
+        )
     return x.reshape(-1, *shape[1:])
 
 
@@ -258,14 +293,21 @@ class IRNetwork(nn.Module):
         self.graph = graph
         self.order, self.full_order = self._data_order(until or graph.result), self._data_order(graph.result)
         needed = {source for layer_id in self.full_order for source, _ in graph.layers[layer_id].inputs}
-        self.weights = nn.ParameterDict({
-            f"c{source}": nn.Parameter(torch.from_numpy(graph.layers[source].value.astype(np.float32)))
-            for source in sorted(needed) if graph.layers[source].value is not None and graph.layers[source].value.dtype.kind == "f"
-        })
-        for layer_id in self.order:  # a Gather's indices as a tensor, so that tracing records them as the constant they are
+        self.weights = nn.ParameterDict(
+            {
+                f"c{source}": nn.Parameter(torch.from_numpy(graph.layers[source].value.astype(np.float32)))
+                for source in sorted(needed)
+                if graph.layers[source].value is not None and graph.layers[source].value.dtype.kind == "f"
+            }
+        )
+        for (
+            layer_id
+        ) in self.order:  # a Gather's indices as a tensor, so that tracing records them as the constant they are
             if graph.layers[layer_id].type == "Gather":
                 source = graph.layers[layer_id].inputs[1][0]
-                self.register_buffer(f"i{source}", torch.as_tensor(graph.layers[source].value.astype(np.int64)), persistent=False)
+                self.register_buffer(
+                    f"i{source}", torch.as_tensor(graph.layers[source].value.astype(np.int64)), persistent=False
+                )
 
     def _data_order(self, target: str) -> List[str]:
         """The layers ``target`` depends on through data inputs, in the IR's (topological) order."""
@@ -275,7 +317,9 @@ class IRNetwork(nn.Module):
             if layer.id in seen or layer.value is not None:
                 continue
             if layer.type not in OPS and layer.type != "Parameter":
-                raise UnsupportedGraph(f"OpenVINO op {layer.type} ({layer.name!r}) is not supported; supported: {', '.join(sorted(OPS))}")
+                raise UnsupportedGraph(
+                    f"OpenVINO op {layer.type} ({layer.name!r}) is not supported; supported: {', '.join(sorted(OPS))}"
+                )
             seen.add(layer.id)
             data = DATA_INPUTS.get(layer.type, range(len(layer.inputs)))
             stack.extend(layer.inputs[i][0] for i in data)
@@ -286,7 +330,10 @@ class IRNetwork(nn.Module):
         layer_id, index = source
         if layer_id in values:
             if index != 0:
-                raise UnsupportedGraph(f"output {index} of {self.graph.layers[layer_id].type} {self.graph.layers[layer_id].name!r} is used as data")
+                raise UnsupportedGraph(
+                    f"output {index} of {self.graph.layers[layer_id].type} "
+                    f"{self.graph.layers[layer_id].name!r} is used as data"
+                )
             return values[layer_id]
         if f"c{layer_id}" in self.weights:
             return self.weights[f"c{layer_id}"]
@@ -313,7 +360,17 @@ class IRNetwork(nn.Module):
 # The head after the last map: ops that are affine (their offsets dropped in the linear part) or piecewise
 # linear; anything else there would make the per-cell decomposition inexact, so it is refused.
 OFFSET_OPS = ("Add", "Subtract")
-LINEAR_OPS = ("Multiply", "Divide", "MatMul", "Reshape", "Squeeze", "Unsqueeze", "Convert", "Convolution", "GroupConvolution")
+LINEAR_OPS = (
+    "Multiply",
+    "Divide",
+    "MatMul",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Convert",
+    "Convolution",
+    "GroupConvolution",
+)
 ACTIVATION_SLOPES = {
     "ReLU": lambda layer, x, *_: (x > 0).to(x.dtype),
     "PReLU": lambda layer, x, slope: torch.where(x >= 0, torch.ones_like(x), _channel_slope(x, slope).expand_as(x)),
@@ -354,12 +411,20 @@ class IRHead:
         data = [layer.inputs[i][0] for i in DATA_INPUTS.get(layer.type, range(len(layer.inputs)))]
         computed = [source for source in data if self.graph.layers[source].value is None]
         if layer.type not in OFFSET_OPS + LINEAR_OPS + tuple(ACTIVATION_SLOPES) or len(computed) != 1:
-            raise UnsupportedGraph(f"{layer.type} {layer.name!r} after the last feature map is not an affine or piecewise-linear layer "
-                                   "of one input: RAM would not be exact for this head")
+            raise UnsupportedGraph(
+                f"{layer.type} {layer.name!r} after the last feature map is not an affine or "
+                f"piecewise-linear layer "
+                "of one input: RAM would not be exact for this head"
+            )
         if layer.type == "Divide" and computed[0] != data[0]:
-            raise UnsupportedGraph(f"Divide {layer.name!r} after the last feature map divides by the data: not linear, RAM would not be exact")
+            raise UnsupportedGraph(
+                f"Divide {layer.name!r} after the last feature map divides by the data: not linear, "
+                f"RAM would not be exact"
+            )
         if layer.type in ("Convolution", "GroupConvolution") and layer.input_shapes[0][2:] != [1, 1]:
-            raise UnsupportedGraph(f"{layer.type} {layer.name!r} after the pooling runs on a {layer.input_shapes[0][2:]} map")
+            raise UnsupportedGraph(
+                f"{layer.type} {layer.name!r} after the pooling runs on a {layer.input_shapes[0][2:]} map"
+            )
         return computed[0]
 
     def pooled_shape(self) -> tuple:
@@ -381,7 +446,13 @@ class IRHead:
             if layer.type in ACTIVATION_SLOPES:
                 slope_of = ACTIVATION_SLOPES[layer.type]
                 constants = [network.argument(source, {}) for source in layer.inputs[1:]]
-                steps.append(HeadStep(affine, None, lambda x, layer=layer, slope_of=slope_of, constants=constants: slope_of(layer, x, *constants)))
+                steps.append(
+                    HeadStep(
+                        affine,
+                        None,
+                        lambda x, layer=layer, slope_of=slope_of, constants=constants: slope_of(layer, x, *constants),
+                    )
+                )
             elif layer.type in OFFSET_OPS:
                 negated = layer.type == "Subtract" and layer.inputs[1][0] == previous
                 steps.append(HeadStep(affine, (lambda y: -y) if negated else (lambda y: y)))
@@ -402,8 +473,14 @@ def contract_model(graph: IRGraph, channel_order: str) -> nn.Module:
 
     head = IRHead(graph)
     network = IRNetwork(graph, until=head.map_layer)
-    return ExactHeadModel(partial(_nchw, bgr=channel_order == "bgr"), network, head.cell_shares(network), head.pooled_shape(), head.steps(network),
-                          network.source_output)
+    return ExactHeadModel(
+        partial(_nchw, bgr=channel_order == "bgr"),
+        network,
+        head.cell_shares(network),
+        head.pooled_shape(),
+        head.steps(network),
+        network.source_output,
+    )
 
 
 def _nchw(images: torch.Tensor, bgr: bool) -> torch.Tensor:

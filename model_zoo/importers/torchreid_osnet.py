@@ -2,6 +2,7 @@
 ``model_zoo.backbones.osnet`` (whose keys are torchreid's), its 512-d ``fc`` head (Linear, BatchNorm1d, ReLU)
 decomposed per cell (``exact_head``).
 torchreid feeds RGB normalised with ImageNet's mean and std, at 256x128 by default."""
+
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -38,8 +39,17 @@ def contract_model(checkpoint: Path) -> Tuple[ExactHeadModel, str]:
     name, ibn = detect(read_state_dict(checkpoint))
     net = build_osnet(name, str(checkpoint), ibn).eval()
     linear, norm, _ = net.fc
-    steps = [HeadStep(linear, lambda y: F.linear(y, linear.weight)), HeadStep(norm, _linear_of_batch_norm(norm)),
-             HeadStep(F.relu, None, lambda x: (x > 0).to(x.dtype))]
-    model = ExactHeadModel(InputNormalization(), net, lambda maps: maps / (maps.shape[2] * maps.shape[3]), (-1, net.widths[3]), steps,
-                           net.torchreid_output)
+    steps = [
+        HeadStep(linear, lambda y: F.linear(y, linear.weight)),
+        HeadStep(norm, _linear_of_batch_norm(norm)),
+        HeadStep(F.relu, None, lambda x: (x > 0).to(x.dtype)),
+    ]
+    model = ExactHeadModel(
+        InputNormalization(),
+        net,
+        lambda maps: maps / (maps.shape[2] * maps.shape[3]),
+        (-1, net.widths[3]),
+        steps,
+        net.torchreid_output,
+    )
     return model.eval(), name.replace("osnet_", "osnet_ibn_") if ibn else name

@@ -1,5 +1,6 @@
 """What every router shares: the app state once ready (503 before), the API key's declaration in the OpenAPI
 schema, and the documented error responses."""
+
 from typing import Optional
 
 from fastapi import Depends, Request, Security

@@ -1,4 +1,5 @@
 """The gallery: enrol images (all or nothing), list and read items, delete one, erase a person."""
+
 from dataclasses import asdict
 from functools import partial
 from typing import Annotated, List, Optional
@@ -17,8 +18,15 @@ from service.uploads import check_image_count, pixels_of
 from service.validation import MAX_ID_LENGTH, MAX_ITEM_ID, check_item_id
 
 # Gallery ids in paths: decimal digits only ("+1" and "1_0" are no ids), within SQLite's INTEGER
-ItemId = Annotated[int, PathParam(ge=1, le=MAX_ITEM_ID, description="a gallery item's id"), BeforeValidator(check_item_id)]
-IMAGE_RESPONSE = {200: {"description": "the original image bytes", "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+ItemId = Annotated[
+    int, PathParam(ge=1, le=MAX_ITEM_ID, description="a gallery item's id"), BeforeValidator(check_item_id)
+]
+IMAGE_RESPONSE = {
+    200: {
+        "description": "the original image bytes",
+        "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 def item_body(item) -> GalleryItem:
@@ -31,8 +39,13 @@ async def enroll(
     person_id: Optional[List[str]] = Form(None, description="once for all images, or once per image"),
     camera_id: Optional[List[str]] = Form(None, description="once for all images, or once per image"),
     metadata: Optional[List[str]] = Form(None, description="a JSON object, once for all images or once per image"),
-    captured_at: Optional[List[str]] = Form(None, description=f"when each image was taken, {TIME_FORMAT}; once for all images or "
-                                            "once per image; at most a day ahead, not past REID_RETENTION_DAYS; unset: unknown"),
+    captured_at: Optional[List[str]] = Form(
+        None,
+        description=f"when each image was taken, {TIME_FORMAT}; once for all "
+        f"images or "
+        "once per image; at most a day ahead, not past REID_RETENTION_DAYS; unset: "
+        "unknown",
+    ),
 ):
     s = state(request)
     settings = s.settings
@@ -42,10 +55,14 @@ async def enroll(
     cameras = [check_id(c, "camera_id") for c in per_image(camera_id, count, "camera_id")]
     metas = [parse_metadata(m) for m in per_image(metadata, count, "metadata")]
     times = [check_captured_at(t, settings) for t in per_image(captured_at, count, "captured_at")]
-    uploads = await s.decoder.read_all(images, s.model.input_size, preview=True)  # previews: for service.derived's copies
+    uploads = await s.decoder.read_all(
+        images, s.model.input_size, preview=True
+    )  # previews: for service.derived's copies
     embedding, _ = await s.batcher.embed(pixels_of(uploads))
-    new = [NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t, derived_copy(u.decoded))
-           for u, e, p, c, m, t in zip(uploads, embedding, persons, cameras, metas, times)]
+    new = [
+        NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t, derived_copy(u.decoded))
+        for u, e, p, c, m, t in zip(uploads, embedding, persons, cameras, metas, times)
+    ]
     stored = await s.gallery.add(new)
     s.metrics.gallery_size.set(s.gallery.size)
     return EnrollResponse(ids=[i.id for i in stored], items=[item_body(i) for i in stored])
@@ -53,14 +70,18 @@ async def enroll(
 
 async def list_gallery(
     request: Request,
-    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**62),
-    person_id: Optional[str] = Query(None, max_length=MAX_ID_LENGTH), camera_id: Optional[str] = Query(None, max_length=MAX_ID_LENGTH),
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=2**62),
+    person_id: Optional[str] = Query(None, max_length=MAX_ID_LENGTH),
+    camera_id: Optional[str] = Query(None, max_length=MAX_ID_LENGTH),
     captured_after: Optional[str] = Query(None, description=f"only items taken at or after this time, {TIME_FORMAT}"),
     captured_before: Optional[str] = Query(None, description=f"only items taken before this time, {TIME_FORMAT}"),
 ):
     gallery = state(request).gallery
     person_id, camera_id = check_id(person_id, "person_id"), check_id(camera_id, "camera_id")
-    total, items = await gallery.read(gallery.store.list, limit, offset, person_id, camera_id, *time_range(captured_after, captured_before))
+    total, items = await gallery.read(
+        gallery.store.list, limit, offset, person_id, camera_id, *time_range(captured_after, captured_before)
+    )
     return GalleryPage(total=total, limit=limit, offset=offset, items=[item_body(i) for i in items])
 
 
@@ -112,7 +133,13 @@ def add_routes(app: FastAPI) -> None:
     route("/gallery", enroll, methods=["POST"], status_code=201, response_model=EnrollResponse)
     route("/gallery", list_gallery, methods=["GET"], response_model=GalleryPage)
     route("/gallery/{item_id}", get_item, methods=["GET"], response_model=GalleryItem)
-    route("/gallery/{item_id}/image", get_image, methods=["GET"], response_class=Response, responses={**ERRORS, **IMAGE_RESPONSE})
+    route(
+        "/gallery/{item_id}/image",
+        get_image,
+        methods=["GET"],
+        response_class=Response,
+        responses={**ERRORS, **IMAGE_RESPONSE},
+    )
     route("/gallery/{item_id}", delete_item, methods=["DELETE"], status_code=204)
     # :path, so that a person id with a "/" (sent as %2F) can be erased too
     route("/persons/{person_id:path}", erase_person, methods=["DELETE"], response_model=ErasureResponse)

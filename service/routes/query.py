@@ -1,5 +1,6 @@
 """Queries: one image or a track (POST /query), independent images in one batch (POST /query/batch), and
 same-person verification of two images (POST /verify)."""
+
 from dataclasses import replace
 from functools import partial
 from typing import List, Literal, Optional
@@ -20,20 +21,40 @@ async def query_options(
     request: Request,
     top_k: int = Form(10, description="number of matches, 1 to REID_MAX_TOP_K"),
     camera_id: Optional[str] = Form(None, description="only matches from this camera"),
-    exclude_camera_id: Optional[str] = Form(None, description="no matches from this camera (the re-ID protocol's same-camera rule)"),
+    exclude_camera_id: Optional[str] = Form(
+        None, description="no matches from this camera (the re-ID protocol's same-camera rule)"
+    ),
     person_id: Optional[str] = Form(None, description="only matches of this person"),
     min_score: Optional[float] = Form(None, ge=-1.0, le=1.0, description="only matches scoring at least this"),
     captured_after: Optional[str] = Form(None, description=f"only matches taken at or after this time, {TIME_FORMAT}"),
     captured_before: Optional[str] = Form(None, description=f"only matches taken before this time, {TIME_FORMAT}"),
-    rerank: bool = Form(False, description="k-reciprocal re-ranking (Zhong et al. 2017) of a shortlist of REID_RERANK_SHORTLIST "
-                        "index hits (the same filters), the query alone with them: the matches then follow rerank_distance, not score"),
-    group_by: Optional[Literal["person"]] = Form(None, description="person: at most one match per person_id, its best-scoring item (items "
-                                                 "without person_id each count alone); the index search widens until top_k persons "
-                                                 "are found. Not with rerank or pair_attention (422)"),
-    overlays: bool = Form(True, description="with heatmaps: draw the aggregate map over each image as a PNG (overlay_png); false: "
-                          "grids only, no PNG at all, for a client that draws them itself (the page does): a few kB a match"),
-    branch_overlays: bool = Form(False, description="with heatmaps and overlays: also draw each branch's map as a PNG "
-                                 "(branch_overlays_png); the branch grids are there either way"),
+    rerank: bool = Form(
+        False,
+        description="k-reciprocal re-ranking (Zhong et al. 2017) of a shortlist of "
+        "REID_RERANK_SHORTLIST "
+        "index hits (the same filters), the query alone with them: the matches then follow "
+        "rerank_distance, not score",
+    ),
+    group_by: Optional[Literal["person"]] = Form(
+        None,
+        description="person: at most one match per person_id, its "
+        "best-scoring item (items "
+        "without person_id each count alone); the index search widens until "
+        "top_k persons "
+        "are found. Not with rerank or pair_attention (422)",
+    ),
+    overlays: bool = Form(
+        True,
+        description="with heatmaps: draw the aggregate map over each image as a PNG "
+        "(overlay_png); false: "
+        "grids only, no PNG at all, for a client that draws them itself (the page does): a few kB a "
+        "match",
+    ),
+    branch_overlays: bool = Form(
+        False,
+        description="with heatmaps and overlays: also draw each branch's map as a PNG "
+        "(branch_overlays_png); the branch grids are there either way",
+    ),
 ) -> QueryOptions:
     """The options every query route shares, checked before any image is read."""
     max_top_k = request.app.state.settings.max_top_k
@@ -44,24 +65,49 @@ async def query_options(
     after, before = time_range(captured_after, captured_before)
     if group_by and rerank:
         raise APIError(422, "invalid_request", GROUP_BY_REORDERED)
-    filters = dict(camera_id=camera_id, exclude_camera_id=exclude_camera_id, person_id=person_id, min_score=min_score,
-                   captured_after=after, captured_before=before)
-    return QueryOptions(top_k, filters, rerank, group_by == "person", overlays=overlays, branch_overlays=branch_overlays)
+    filters = dict(
+        camera_id=camera_id,
+        exclude_camera_id=exclude_camera_id,
+        person_id=person_id,
+        min_score=min_score,
+        captured_after=after,
+        captured_before=before,
+    )
+    return QueryOptions(
+        top_k, filters, rerank, group_by == "person", overlays=overlays, branch_overlays=branch_overlays
+    )
 
 
 async def query(
     request: Request,
-    image: List[UploadFile] = File(..., description="the query image; repeated, a track: several images of one person (a tracker's "
-                                   "crops), answered as one query by `aggregate` (at most REID_MAX_IMAGES_PER_REQUEST images)"),
+    image: List[UploadFile] = File(
+        ...,
+        description="the query image; repeated, a track: several images of one person "
+        "(a tracker's "
+        "crops), answered as one query by `aggregate` (at most REID_MAX_IMAGES_PER_REQUEST "
+        "images)",
+    ),
     options: QueryOptions = Depends(query_options),
     heatmaps: bool = Form(True, description="compute RAM heatmaps for the query and each match"),
-    pair_attention: bool = Form(False, description="CASN's pairwise re-ranking of a shortlist of REID_RERANK_SHORTLIST index hits "
-                                "(the same filters; their stored images re-embedded), by feature + Siamese attention distance: the matches "
-                                "then follow pair_distance and carry pair_attention. Needs a pair head (GET /model: pair_head; else 409 "
-                                "no_pair_head); not with rerank=true, group_by or a track (422)"),
-    aggregate: Aggregate = Form("mean", description="a track's aggregation: mean (the per-branch mean of its embeddings, "
-                                "re-normalised, searched as one query) or best (each gallery item at the best score of any track "
-                                "image, which each match names in track_image; not with rerank). No effect on one image"),
+    pair_attention: bool = Form(
+        False,
+        description="CASN's pairwise re-ranking of a shortlist of REID_RERANK_SHORTLIST "
+        "index hits "
+        "(the same filters; their stored images re-embedded), by feature + Siamese attention "
+        "distance: the matches "
+        "then follow pair_distance and carry pair_attention. Needs a pair head (GET /model: "
+        "pair_head; else 409 "
+        "no_pair_head); not with rerank=true, group_by or a track (422)",
+    ),
+    aggregate: Aggregate = Form(
+        "mean",
+        description="a track's aggregation: mean (the per-branch mean of its "
+        "embeddings, "
+        "re-normalised, searched as one query) or best (each gallery item at the best score of "
+        "any track "
+        "image, which each match names in track_image; not with rerank). No effect on one "
+        "image",
+    ),
 ):
     s = state(request)
     options = replace(options, heatmaps=heatmaps, pair_attention=pair_attention)
@@ -81,11 +127,18 @@ async def query(
 
 async def query_batch(
     request: Request,
-    images: List[UploadFile] = File(..., description="the query images, each its own query (at most REID_MAX_IMAGES_PER_REQUEST)"),
+    images: List[UploadFile] = File(
+        ..., description="the query images, each its own query (at most REID_MAX_IMAGES_PER_REQUEST)"
+    ),
     options: QueryOptions = Depends(query_options),
-    heatmaps: bool = Form(False, description="RAM heatmaps for each query and its first REID_MAX_HEATMAP_MATCHES matches, in upload order "
-                          "until the request has drawn REID_MAX_BATCH_HEATMAPS (later queries answer without; heatmap_matches says how "
-                          "many each drew); off by default here"),
+    heatmaps: bool = Form(
+        False,
+        description="RAM heatmaps for each query and its first REID_MAX_HEATMAP_MATCHES "
+        "matches, in upload order "
+        "until the request has drawn REID_MAX_BATCH_HEATMAPS (later queries answer without; "
+        "heatmap_matches says how "
+        "many each drew); off by default here",
+    ),
 ):
     """Independent queries with the same options, embedded together in one model batch; the answers in upload
     order, each what POST /query answers for that image alone. No pair_attention (it re-embeds a shortlist
@@ -102,9 +155,20 @@ async def query_batch(
     # holds at most one query's REID_MAX_HEATMAP_MATCHES images from this request at a time
     results, heatmaps_left = [], s.settings.max_batch_heatmaps if heatmaps else 0
     for row, upload in enumerate(uploads):
-        drawn = replace(options, heatmaps=heatmaps_left > 0, heatmap_matches=max(0, min(s.settings.max_heatmap_matches, heatmaps_left - 1)))
-        results.append(await s.answerer.answer(drawn, embedding[row : row + 1], None if maps is None else maps[row : row + 1],
-                                               [upload.decoded.preview], Stopwatch()))
+        drawn = replace(
+            options,
+            heatmaps=heatmaps_left > 0,
+            heatmap_matches=max(0, min(s.settings.max_heatmap_matches, heatmaps_left - 1)),
+        )
+        results.append(
+            await s.answerer.answer(
+                drawn,
+                embedding[row : row + 1],
+                None if maps is None else maps[row : row + 1],
+                [upload.decoded.preview],
+                Stopwatch(),
+            )
+        )
         heatmaps_left -= drawn.heatmaps + results[-1].heatmap_matches
     return BatchQueryResponse(results=results, gallery_size=s.gallery.size, timing_ms=watch.total())
 
@@ -123,9 +187,15 @@ async def verify(
     watch.lap("embed")
     score = s.gallery.score(float(embedding[0] @ embedding[1]))  # as a query's: the mean cosine, clipped to [-1, 1]
     rule = s.same_person
-    return VerifyResponse(score=score, branch_scores=branch_scores(embedding[1], split_branches(embedding[0], s.model.contract.num_branches)),
-                          same_person=rule.decide(score), threshold=rule.threshold,
-                          threshold_source=rule.source, calibration=rule.calibration, timing_ms=watch.total())
+    return VerifyResponse(
+        score=score,
+        branch_scores=branch_scores(embedding[1], split_branches(embedding[0], s.model.contract.num_branches)),
+        same_person=rule.decide(score),
+        threshold=rule.threshold,
+        threshold_source=rule.source,
+        calibration=rule.calibration,
+        timing_ms=watch.total(),
+    )
 
 
 def add_routes(app: FastAPI) -> None:

@@ -4,6 +4,7 @@ The identity sampler runs in the main process and hands each batch's indices to 
 seed drawn from the training generator, so a batch's augmentation is the same whether it is made inline or in
 any worker: a run is reproducible from its seed whatever ``data.workers`` is.
 """
+
 from typing import Iterable, Iterator, List, Tuple
 
 import numpy as np
@@ -46,11 +47,23 @@ class SeededBatches:
                 yield indices, seed
 
 
-def batch_loader(dataset: MarketDataset, augment: TrainAugmentation, sampler, generator: torch.Generator, limit: int,
-                 workers: int = 0, pin_memory: bool = False, skip: int = 0) -> DataLoader:
+def batch_loader(
+    dataset: MarketDataset,
+    augment: TrainAugmentation,
+    sampler,
+    generator: torch.Generator,
+    limit: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+    skip: int = 0,
+) -> DataLoader:
     """One epoch of augmented batches, from batch ``skip`` on (an epoch resumed part way); with ``workers`` > 0
     they are made in that many processes, up to four batches per worker ahead of the model."""
     return DataLoader(
-        AugmentedBatches(dataset, augment), sampler=SeededBatches(sampler, generator, limit, skip), batch_size=None,
-        num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
+        AugmentedBatches(dataset, augment),
+        sampler=SeededBatches(sampler, generator, limit, skip),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
     )

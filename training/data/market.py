@@ -11,6 +11,7 @@ are offset per folder. Each image also has a *source* for per-source sampling we
 ``folder/subset`` where the folder has a ``mapping.csv`` with a ``source_subset`` column (a folder that merges
 several data sets, such as the PETA re-ID sets).
 """
+
 import csv
 import logging
 import re
@@ -62,8 +63,11 @@ def read_source_subsets(root: Path, split: str) -> Dict[str, str]:
     if not mapping.is_file():
         return {}
     with mapping.open(newline="") as handle:
-        return {row["file"]: row["source_subset"] for row in csv.DictReader(handle)
-                if row.get("split") == split and row.get("source_subset")}
+        return {
+            row["file"]: row["source_subset"]
+            for row in csv.DictReader(handle)
+            if row.get("split") == split and row.get("source_subset")
+        }
 
 
 def _decode_one(job: Tuple[Path, int, int]) -> Union[np.ndarray, str]:
@@ -74,14 +78,23 @@ def _decode_one(job: Tuple[Path, int, int]) -> Union[np.ndarray, str]:
         return str(exc)
 
 
-def decode_records(records: List[ImageRecord], height: int, width: int, progress: bool = True, desc: str = "decode",
-                   workers: int = 0) -> Tuple[np.ndarray, List[ImageRecord], List[str]]:
+def decode_records(
+    records: List[ImageRecord], height: int, width: int, progress: bool = True, desc: str = "decode", workers: int = 0
+) -> Tuple[np.ndarray, List[ImageRecord], List[str]]:
     """Decode and resize every record, in ``workers`` processes if > 0: (uint8 [N, H, W, 3], the records that
     decoded, 'name: reason' for the rest)."""
     jobs = [(r.path, height, width) for r in records]
     if workers > 0:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_decode_one, jobs, chunksize=64), total=len(jobs), desc=desc, disable=not progress, leave=False))
+            results = list(
+                tqdm(
+                    pool.map(_decode_one, jobs, chunksize=64),
+                    total=len(jobs),
+                    desc=desc,
+                    disable=not progress,
+                    leave=False,
+                )
+            )
     else:
         results = [_decode_one(job) for job in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
     images, kept, bad = [], [], []
@@ -109,8 +122,12 @@ def read_training_records(roots: Sequence[Path]) -> Tuple[List[ImageRecord], Lis
         split = [r for r in split if r.pid >= 0]
         subsets = read_source_subsets(root, "bounding_box_train")
         records += [
-            ImageRecord(r.path, r.pid + pid_offset, r.camid + cam_offset,
-                        f"{root.name}/{subsets[r.path.name]}" if r.path.name in subsets else root.name)
+            ImageRecord(
+                r.path,
+                r.pid + pid_offset,
+                r.camid + cam_offset,
+                f"{root.name}/{subsets[r.path.name]}" if r.path.name in subsets else root.name,
+            )
             for r in split
         ]
         pid_offset += max((r.pid for r in split), default=-1) + 1
@@ -122,15 +139,24 @@ class MarketDataset:
     """The training split of one or more folders: records with pids relabelled 0..C-1 and sources numbered
     0..S-1, images decoded in memory or on demand."""
 
-    def __init__(self, roots: Union[Path, str, Sequence[Path]], height: int, width: int, cache_images: bool = True,
-                 progress: bool = True, workers: int = 0):
+    def __init__(
+        self,
+        roots: Union[Path, str, Sequence[Path]],
+        height: int,
+        width: int,
+        cache_images: bool = True,
+        progress: bool = True,
+        workers: int = 0,
+    ):
         roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
         records, self.unnamed, self.junk = read_training_records(roots)
         self.height, self.width = height, width
         self.bad_files: List[str] = []
         self.images: Optional[np.ndarray] = None
         if cache_images:
-            self.images, records, self.bad_files = decode_records(records, height, width, progress, "decode train", workers)
+            self.images, records, self.bad_files = decode_records(
+                records, height, width, progress, "decode train", workers
+            )
         if not records:
             raise ValueError(f"{', '.join(map(str, roots))}: no usable training images")
         self.records = records
@@ -155,7 +181,10 @@ class MarketDataset:
     def describe_sources(self) -> Dict[str, Dict[str, int]]:
         """Images and identities per source."""
         return {
-            name: {"images": int((self.sources == i).sum()), "identities": len(set(self.labels[self.sources == i].tolist()))}
+            name: {
+                "images": int((self.sources == i).sum()),
+                "identities": len(set(self.labels[self.sources == i].tolist())),
+            }
             for i, name in enumerate(self.source_names)
         }
 
@@ -167,7 +196,11 @@ class MarketDataset:
         for key, weight in weights.items():
             hits = [i for i, name in enumerate(self.source_names) if key in (name, name.split("/")[-1])]
             if not hits:
-                log.warning("source weight for %r skipped: no such source in this data (sources: %s)", key, ", ".join(self.source_names))
+                log.warning(
+                    "source weight for %r skipped: no such source in this data (sources: %s)",
+                    key,
+                    ", ".join(self.source_names),
+                )
                 continue
             if weight < 0:
                 raise ValueError(f"source weight for {key!r} is negative")

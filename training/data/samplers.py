@@ -5,6 +5,7 @@ sampler draws identities with probability proportional to their weight (uniform 
 so a source with many frames of few people, like TownCentre, does not dominate), the random sampler draws
 images in proportion to theirs (with replacement when weighted).
 """
+
 from collections import defaultdict
 from typing import Iterator, List, Optional, Sequence
 
@@ -16,7 +17,9 @@ class RandomBatchSampler:
     """Shuffled batches of ``batch_size`` indices, the last incomplete batch dropped; with ``weights``, images
     are drawn with replacement in proportion to their weight."""
 
-    def __init__(self, num_items: int, batch_size: int, generator: torch.Generator, weights: Optional[Sequence[float]] = None):
+    def __init__(
+        self, num_items: int, batch_size: int, generator: torch.Generator, weights: Optional[Sequence[float]] = None
+    ):
         self.num_items, self.batch_size, self.generator = num_items, batch_size, generator
         self.weights = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64))
 
@@ -40,8 +43,14 @@ class PKSampler:
     ``identity_weights`` (one per label, default all 1) sets how often each identity is drawn; the P
     identities of one batch are distinct."""
 
-    def __init__(self, labels: Sequence[int], batch_size: int, num_instances: int, generator: torch.Generator,
-                 identity_weights: Optional[Sequence[float]] = None):
+    def __init__(
+        self,
+        labels: Sequence[int],
+        batch_size: int,
+        num_instances: int,
+        generator: torch.Generator,
+        identity_weights: Optional[Sequence[float]] = None,
+    ):
         if batch_size % num_instances:
             raise ValueError(f"batch_size {batch_size} is not a multiple of num_instances {num_instances}")
         self.per_label = defaultdict(list)
@@ -49,9 +58,16 @@ class PKSampler:
             self.per_label[int(label)].append(index)
         self.labels = sorted(self.per_label)
         self.identities_per_batch = batch_size // num_instances
-        weights = np.ones(len(self.labels)) if identity_weights is None else np.asarray(identity_weights, dtype=np.float64)[self.labels]
+        weights = (
+            np.ones(len(self.labels))
+            if identity_weights is None
+            else np.asarray(identity_weights, dtype=np.float64)[self.labels]
+        )
         if (weights > 0).sum() < self.identities_per_batch:
-            raise ValueError(f"a batch needs {self.identities_per_batch} identities, the data has {(weights > 0).sum()} with weight > 0")
+            raise ValueError(
+                f"a batch needs {self.identities_per_batch} identities, the data has {(weights > 0).sum()} with weight "
+                f"> 0"
+            )
         self.weights = torch.as_tensor(weights)
         self.num_instances, self.generator = num_instances, generator
         self.num_items = len(labels)
@@ -70,7 +86,9 @@ class PKSampler:
 
     def __iter__(self) -> Iterator[List[int]]:
         for _ in range(len(self)):
-            chosen = torch.multinomial(self.weights, self.identities_per_batch, replacement=False, generator=self.generator)
+            chosen = torch.multinomial(
+                self.weights, self.identities_per_batch, replacement=False, generator=self.generator
+            )
             yield [i for c in chosen.tolist() for i in self._draw(self.per_label[self.labels[c]])]
 
 

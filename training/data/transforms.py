@@ -2,10 +2,12 @@
 
 In this order, each switchable: random horizontal flip; zero padding and a random crop back to the input size
 (the CAMA paper, section 4.2), or a random-sized crop resized back to it (``crop_area``: a box of a random share
-of the image's area and a random width/height ratio, as CLPD trains); colour jitter (brightness, contrast, saturation) and random grayscale, which
+of the image's area and a random width/height ratio, as CLPD trains); colour jitter (brightness, contrast, saturation)
+and random grayscale, which
 take away colour cues that change from camera to camera; random erasing (Zhong et al., AAAI 2020) of a
 rectangle with random pixel values, against occlusion. The output stays uint8 because the model normalises.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -111,7 +113,9 @@ class TrainAugmentation:
         inside_rows = (rows >= top.view(-1, 1)) & (rows < (top + box_h).view(-1, 1))
         inside_cols = (cols >= left.view(-1, 1)) & (cols < (left + box_w).view(-1, 1))
         apply = torch.rand(batch, generator=generator) < self.erasing_prob
-        mask = (inside_rows.view(batch, height, 1) & inside_cols.view(batch, 1, width) & apply.view(-1, 1, 1)).unsqueeze(3)
+        mask = (
+            inside_rows.view(batch, height, 1) & inside_cols.view(batch, 1, width) & apply.view(-1, 1, 1)
+        ).unsqueeze(3)
         noise = torch.rand(pixels.shape, generator=generator) * 255
         return torch.where(mask, noise, pixels)
 
@@ -127,5 +131,7 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     theta[:, 0, 2] = (2 * left + box_w) / width - 1
     theta[:, 1, 2] = (2 * top + box_h) / height - 1
     grid = F.affine_grid(theta, [batch, 3, height, width], align_corners=False)
-    pixels = F.grid_sample(images.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    pixels = F.grid_sample(
+        images.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     return pixels.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

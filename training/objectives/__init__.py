@@ -6,6 +6,7 @@ override (``solver.phases[i].loss_weights``, 0 switches a term off). The trainer
 steps and logs every term by name. A new architecture's loss is a new file here, registered under the
 architecture's name (or chosen with ``loss.objective``), not an edit of the trainer.
 """
+
 from training.objectives.base import OBJECTIVE_REGISTRY, Objective, build_objective
 from training.objectives import cama, casn, clpd, fmn, imported, pmm  # noqa: F401  (registration)
 

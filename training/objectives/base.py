@@ -1,4 +1,5 @@
 """The objective interface and its registry."""
+
 from typing import Dict, Tuple
 
 import torch
@@ -31,19 +32,26 @@ class Objective:
     def set_phase_weights(self, overrides: Dict[str, float]) -> None:
         unknown = set(overrides) - set(self.default_weights())
         if unknown:
-            raise ValueError(f"loss_weights names {sorted(unknown)}; this objective's terms are {sorted(self.default_weights())}")
+            raise ValueError(
+                f"loss_weights names {sorted(unknown)}; this objective's terms are {sorted(self.default_weights())}"
+            )
         self.overrides = dict(overrides)
 
     def weights(self) -> Dict[str, float]:
         return {**self.default_weights(), **self.overrides}
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[ReIDOutput, torch.Tensor, Dict[str, torch.Tensor]]:
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> Tuple[ReIDOutput, torch.Tensor, Dict[str, torch.Tensor]]:
         """(output, weighted total, every active term)."""
         out = self.forward(images, targets)
         weights = self.weights()
         active = {name for name, weight in weights.items() if weight}
         terms = self.terms(out, targets, active)
-        total = sum((weights[name] * terms[name] for name in sorted(active)), out.feature_maps.new_zeros((), dtype=torch.float32))
+        total = sum(
+            (weights[name] * terms[name] for name in sorted(active)),
+            out.feature_maps.new_zeros((), dtype=torch.float32),
+        )
         return out, total, terms
 
 

@@ -1,6 +1,7 @@
 """CAMA's objective (eq. 8 plus the recipe's triplet term): ``loss_id`` (eq. 7, optionally label-smoothed),
 ``loss_oap`` x alpha (eq. 5-6, symmetric or ordered; only with two or more branches) and ``loss_tri`` x
 ``triplet_weight`` (batch-hard, on the per-branch L2-normalised features the embedding concatenates)."""
+
 from typing import Dict
 
 import torch

@@ -15,6 +15,7 @@ Terms and weights (``loss.casn_*``; the paper's lambda_1 = 0.5, lambda_2 = 0.05,
   above ``loss.casn_row_threshold`` and resized to the map's height (vertical alignment); the L2 distance of
   the two profiles. A pair with an all-zero map is skipped.
 """
+
 from typing import Dict, Optional
 
 import torch
@@ -61,8 +62,12 @@ class CASNObjective(Objective):
 
     def default_weights(self) -> Dict[str, float]:
         loss = self.cfg.loss
-        return {"loss_ide": 1.0, "loss_ia": loss.casn_ia_weight, "loss_pair": loss.casn_sa_weight,
-                "loss_consistency": loss.casn_sa_weight * loss.casn_consistency_weight}
+        return {
+            "loss_ide": 1.0,
+            "loss_ia": loss.casn_ia_weight,
+            "loss_pair": loss.casn_sa_weight,
+            "loss_consistency": loss.casn_sa_weight * loss.casn_consistency_weight,
+        }
 
     def terms(self, out, targets: torch.Tensor, active: set) -> Dict[str, torch.Tensor]:
         compute = {

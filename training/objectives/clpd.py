@@ -14,6 +14,7 @@ Step 1 of the paper's schedule (``training/configs/clpd.yaml``) switches the loc
 Not in the paper, for the multi-source recipe (``clpd_pool.yaml``): ``loss_tri`` x ``loss.triplet_weight``,
 batch-hard triplet on the L2-normalised u_g and u_l (u_g alone while the local branch is not run).
 """
+
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -49,7 +50,9 @@ def activation_distribution_loss(maps: torch.Tensor, k: int) -> torch.Tensor:
     return potentials.gather(1, potentials.detach().argmax(dim=1, keepdim=True)).squeeze(1)
 
 
-def concentration_loss(loss: Callable[[torch.Tensor, int], torch.Tensor], maps: torch.Tensor, ratios: Sequence[float]) -> torch.Tensor:
+def concentration_loss(
+    loss: Callable[[torch.Tensor, int], torch.Tensor], maps: torch.Tensor, ratios: Sequence[float]
+) -> torch.Tensor:
     """``loss`` on every attention map of ``maps`` [B, N, h, w] with its own K, summed over the N modules and
     averaged over the batch; in fp32."""
     counts = candidate_counts(ratios, maps.shape[-2] * maps.shape[-1])
@@ -64,21 +67,31 @@ class CLPDObjective(GlobalFirstObjective):
         super().__init__(cfg, model)
         self.ratios = list(cfg.loss.clpd_candidate_ratios)
         if len(self.ratios) != model.num_parts:
-            raise ValueError(f"loss.clpd_candidate_ratios has {len(self.ratios)} entries for {model.num_parts} attention modules (model.clpd_parts)")
+            raise ValueError(
+                f"loss.clpd_candidate_ratios has {len(self.ratios)} entries for {model.num_parts} "
+                f"attention modules (model.clpd_parts)"
+            )
         self.id_loss = IdentificationLoss(cfg.loss.label_smoothing)
         self.triplet = BatchHardTripletLoss(cfg.loss.triplet_margin)
 
     def default_weights(self) -> Dict[str, float]:
         loss = self.cfg.loss
-        return {"loss_global": 1.0, "loss_local": 1.0, "loss_ratio": loss.clpd_ratio_weight,
-                "loss_distribution": loss.clpd_distribution_weight, "loss_tri": loss.triplet_weight}
+        return {
+            "loss_global": 1.0,
+            "loss_local": 1.0,
+            "loss_ratio": loss.clpd_ratio_weight,
+            "loss_distribution": loss.clpd_distribution_weight,
+            "loss_tri": loss.triplet_weight,
+        }
 
     def terms(self, out, targets: torch.Tensor, active: set) -> Dict[str, torch.Tensor]:
         compute = {
             "loss_global": lambda: self.id_loss(out.logits[:, :1], targets),
             "loss_local": lambda: self.id_loss(out.logits[:, 1:], targets),
             "loss_ratio": lambda: concentration_loss(activation_ratio_loss, out.aux["attention_maps"], self.ratios),
-            "loss_distribution": lambda: concentration_loss(activation_distribution_loss, out.aux["attention_maps"], self.ratios),
+            "loss_distribution": lambda: concentration_loss(
+                activation_distribution_loss, out.aux["attention_maps"], self.ratios
+            ),
             "loss_tri": lambda: self.triplet(branch_features(out.feature_maps), targets),
         }
         return {name: compute[name]() for name in active}

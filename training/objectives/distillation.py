@@ -10,6 +10,7 @@ augmented batch the student sees, and two terms pull the student towards it:
 a phase may set them to 0, and the teacher then does not run). The teacher reads uint8 RGB as the student
 does, so any file the service could serve is a teacher, an imported Open Model Zoo model included.
 """
+
 from pathlib import Path
 from typing import Dict
 
@@ -35,8 +36,11 @@ class OnnxTeacher:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.contract = check_session(self.session)
         if (self.contract.input_height, self.contract.input_width) != tuple(input_size):
-            raise ValueError(f"the teacher {Path(path).name} reads {self.contract.input_height}x{self.contract.input_width} images, "
-                             f"the student {input_size[0]}x{input_size[1]}: train the student at the teacher's size")
+            raise ValueError(
+                f"the teacher {Path(path).name} reads "
+                f"{self.contract.input_height}x{self.contract.input_width} images, "
+                f"the student {input_size[0]}x{input_size[1]}: train the student at the teacher's size"
+            )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         (embedding,) = self.session.run([OUTPUT_EMBEDDING], {INPUT_IMAGES: np.ascontiguousarray(images.cpu().numpy())})
@@ -79,8 +83,11 @@ class Distilled(Objective):
             student, teacher = unit_embedding(out), self.teacher_embedding
             if "loss_kd_feature" in active:
                 if student.shape[1] != teacher.shape[1]:
-                    raise ValueError(f"loss_kd_feature compares embeddings of one size: student {student.shape[1]}, teacher {teacher.shape[1]}; "
-                                     "use loss.kd_feature_weight=0 and the relation term")
+                    raise ValueError(
+                        f"loss_kd_feature compares embeddings of one size: student {student.shape[1]}, "
+                        f"teacher {teacher.shape[1]}; "
+                        "use loss.kd_feature_weight=0 and the relation term"
+                    )
                 terms["loss_kd_feature"] = (1 - (student * teacher).sum(dim=1)).mean()
             if "loss_kd_relation" in active:
                 terms["loss_kd_relation"] = relation_loss(student, teacher)

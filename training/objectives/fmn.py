@@ -6,6 +6,7 @@ GRN (phase 2). The phases (``training/configs/fmn.yaml``) switch the terms on an
 Not in the paper, for the multi-source recipe (``fmn_pool.yaml``): ``loss_tri`` x ``loss.triplet_weight``, the
 batch-hard triplet loss on the L2-normalised descriptor of the network being trained (the GRN while the LAN
 is not run, else the LAN)."""
+
 from typing import Dict
 
 import torch
@@ -26,13 +27,20 @@ class FMNObjective(GlobalFirstObjective):
         self.triplet = BatchHardTripletLoss(cfg.loss.triplet_margin)
 
     def default_weights(self) -> Dict[str, float]:
-        return {"loss_grn": 1.0, "loss_lan": 1.0, "loss_rank": self.cfg.loss.rank_weight, "loss_tri": self.cfg.loss.triplet_weight}
+        return {
+            "loss_grn": 1.0,
+            "loss_lan": 1.0,
+            "loss_rank": self.cfg.loss.rank_weight,
+            "loss_tri": self.cfg.loss.triplet_weight,
+        }
 
     def terms(self, out, targets: torch.Tensor, active: set) -> Dict[str, torch.Tensor]:
         compute = {
             "loss_grn": lambda: self.id_loss(out.logits[:, :1], targets),
             "loss_lan": lambda: self.id_loss(out.logits[:, 1:], targets),
             "loss_rank": lambda: self.rank(out.logits[:, 0], out.logits[:, 1], targets),
-            "loss_tri": lambda: self.triplet(branch_features(out.feature_maps[:, -1:]), targets),  # the GRN alone, or the LAN
+            "loss_tri": lambda: self.triplet(
+                branch_features(out.feature_maps[:, -1:]), targets
+            ),  # the GRN alone, or the LAN
         }
         return {name: compute[name]() for name in active}

@@ -1,5 +1,6 @@
 """Fine-tuning an imported model (``openvino_ir``): CAMA's identification and triplet terms on its one
 branch; with one branch there is no overlapped activation penalty."""
+
 from typing import Dict
 
 from training.objectives.base import OBJECTIVE_REGISTRY

@@ -11,6 +11,7 @@ blocks of x_p (A-Hard-Mix, eq. 2) with the same blocks of another person's x_p, 
 per stage. Stage III mixes the fresh x_p, not stage II's input (the authors' code). ``loss.mix: cutout`` zeroes
 the blocks instead (Table 3's CutOut); ``none`` trains without mixing.
 """
+
 from typing import Dict, Sequence
 
 import torch
