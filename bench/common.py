@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -150,3 +151,27 @@ def generated_marker(name: str) -> "re.Pattern":
 def rewrite_generated(text: str, marker: "re.Pattern", table: str) -> str:
     """``text`` with the table under every ``marker`` printed again as ``table``."""
     return marker.sub(lambda match: match.group(1) + "\n" + table + "\n", text)
+
+
+@dataclass(frozen=True)
+class DocsTable:
+    """A table in the docs printed from a result file: the page, the marker above the table, and what prints it.
+    A benchmark offers ``--write-docs FILE`` through it, and tests/test_results_tables.py checks each page."""
+
+    doc: Path
+    marker: "re.Pattern"
+    table: Callable[[dict], str]
+
+    def add_option(self, parser) -> None:
+        parser.add_argument(
+            "--write-docs",
+            type=Path,
+            default=None,
+            help=f"rewrite {self.doc.name}'s table from this result file, measure nothing",
+        )
+
+    def rendered(self, text: str, results: dict) -> str:
+        return rewrite_generated(text, self.marker, self.table(results))
+
+    def write(self, result_file: Path) -> None:
+        self.doc.write_text(self.rendered(self.doc.read_text(), json.loads(result_file.read_text())))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import alternating_latency, emit, generated_marker, provenance, rewrite_generated, timed
+from bench.common import alternating_latency, DocsTable, emit, generated_marker, provenance, timed
 from client import ReIDClient
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import split_branches
@@ -44,8 +44,6 @@ from service.inference import InferenceModel
 from harness.server import ServiceProcess
 
 MATCHES = 10
-DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
-GENERATED = generated_marker("heatmap cost table")
 
 
 def cost_table(results: dict) -> str:
@@ -67,6 +65,11 @@ def cost_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+DOCS_TABLE = DocsTable(
+    Path(__file__).resolve().parents[1] / "docs" / "results.md", generated_marker("heatmap cost table"), cost_table
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="folder with cuhk03-detected/query (real crops)")
@@ -79,18 +82,10 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=15, help="end to end: length of each throughput figure")
     parser.add_argument("--output", type=Path)
-    parser.add_argument(
-        "--write-docs",
-        type=Path,
-        default=None,
-        help="rewrite docs/results.md's table from this result file, measure nothing",
-    )
+    DOCS_TABLE.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
-        DOC.write_text(
-            rewrite_generated(DOC.read_text(), GENERATED, cost_table(json.loads(args.write_docs.read_text())))
-        )
-        return
+        return DOCS_TABLE.write(args.write_docs)
     if args.data is None:
         parser.error("--data is needed to measure")
     model = InferenceModel(args.model, "cpu", intra_op_threads=1, instances=1).load()

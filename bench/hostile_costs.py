@@ -21,7 +21,6 @@ which ``--write-docs`` rewrites (tests/test_results_tables.py checks it is what 
 
 import argparse
 import io
-import json
 import os
 import socket
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import emit, generated_marker, jpeg, memory_kb, provenance, rewrite_generated
+from bench.common import DocsTable, emit, generated_marker, jpeg, memory_kb, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
@@ -42,8 +41,6 @@ from model_zoo.preprocess import decode_for_model
 from harness.server import ServiceProcess
 
 TICKS = os.sysconf("SC_CLK_TCK")
-DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
-GENERATED = generated_marker("hostile costs table")
 
 
 class Meter:
@@ -255,23 +252,20 @@ def costs_table(results: dict) -> str:
     )
 
 
+DOCS_TABLE = DocsTable(
+    Path(__file__).resolve().parents[1] / "docs" / "api.md", generated_marker("hostile costs table"), costs_table
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--rounds", type=int, default=5, help="heatmap queries timed")
     parser.add_argument("--output", type=Path)
-    parser.add_argument(
-        "--write-docs",
-        type=Path,
-        default=None,
-        help="rewrite docs/api.md's table from this result file, measure nothing",
-    )
+    DOCS_TABLE.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
-        DOC.write_text(
-            rewrite_generated(DOC.read_text(), GENERATED, costs_table(json.loads(args.write_docs.read_text())))
-        )
-        return
+        return DOCS_TABLE.write(args.write_docs)
     _, contract = open_cpu_session(args.model)
     size = (contract.input_height, contract.input_width)
     results = {

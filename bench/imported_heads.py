@@ -20,7 +20,6 @@ Embeddings are computed once per model and kept in ``--cache`` (a folder outside
 """
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Callable, Dict
@@ -29,15 +28,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.common import emit, generated_marker, provenance, rewrite_generated
+from bench.common import DocsTable, emit, generated_marker, provenance
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, open_cpu_session
 from model_zoo.files import sha256_of
 from training.data.market import decode_records, read_split
 from training.evaluation import load_test_split, market_metrics
 
 POOL = ["cuhk03-detected", "peta-train", "conreid-train"]
-DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-GENERATED = generated_marker("imported heads table")
 EVAL_SETS = ["cuhk03-detected", "prid", "grid"]
 
 
@@ -156,24 +153,21 @@ def heads_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+DOCS_TABLE = DocsTable(
+    Path(__file__).resolve().parents[1] / "docs" / "models.md", generated_marker("imported heads table"), heads_table
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="folder holding the pool's sets, cuhk03-detected, prid and grid")
     parser.add_argument("--cache", type=Path, help="folder for the embeddings (outside the repo)")
     parser.add_argument("--model", type=Path, action="append", help="the first is improved; others join ensembles")
     parser.add_argument("--output", type=Path)
-    parser.add_argument(
-        "--write-docs",
-        type=Path,
-        default=None,
-        help="rewrite docs/models.md's table from this result file, measure nothing",
-    )
+    DOCS_TABLE.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
-        DOC.write_text(
-            rewrite_generated(DOC.read_text(), GENERATED, heads_table(json.loads(args.write_docs.read_text())))
-        )
-        return
+        return DOCS_TABLE.write(args.write_docs)
     if not (args.data and args.cache and args.model):
         parser.error("--data, --cache and --model are needed to measure")
     cached = [embeddings(m, args.data, args.cache) for m in args.model]

@@ -14,7 +14,6 @@ a request waits behind searches on the event loop.
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,15 +26,13 @@ from typing import Dict, List
 
 import httpx
 
-from bench.common import emit, generated_marker, jpeg, latency_quantiles, provenance, rewrite_generated
+from bench.common import DocsTable, emit, generated_marker, jpeg, latency_quantiles, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
 from harness.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "results.md"
-GENERATED = generated_marker("loop free table")
 FILL = (
     "import sys; from pathlib import Path; from bench.service_bench import fill_synthetic; "
     "fill_synthetic(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
@@ -126,6 +123,9 @@ def loop_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+DOCS_TABLE = DocsTable(REPO / "docs" / "results.md", generated_marker("loop free table"), loop_table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, help="a checkout of the commit to compare with")
@@ -135,18 +135,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", type=Path)
-    parser.add_argument(
-        "--write-docs",
-        type=Path,
-        default=None,
-        help="rewrite docs/results.md's table from this result file, measure nothing",
-    )
+    DOCS_TABLE.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
-        DOC.write_text(
-            rewrite_generated(DOC.read_text(), GENERATED, loop_table(json.loads(args.write_docs.read_text())))
-        )
-        return
+        return DOCS_TABLE.write(args.write_docs)
     if args.baseline is None:
         parser.error("--baseline is needed to measure")
     model = args.model.resolve()
