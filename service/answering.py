@@ -216,7 +216,7 @@ class QueryAnswerer:
         gallery = self.gallery
         shortlist = max(options.top_k, self.settings.rerank_shortlist) if options.reorders else options.top_k
         hits, sources = await search_index(gallery, vectors, shortlist, options)
-        found = await gallery.read(gallery.store.get_many_with_embeddings, [i for i, _ in hits], gallery.dim)
+        found = await gallery.items_with_embeddings([i for i, _ in hits])
         features = split_branches(vectors, self.model.contract.num_branches)  # [V, N, D]
         watch.lap("search")
         live = [(i, score) for i, score in hits if i in found]  # absent: a delete committed, not yet indexed
@@ -294,10 +294,10 @@ class QueryAnswerer:
         """The stored images of ``ids``, decoded for the model (from ``service.derived``'s copy where an image has
         one); an id deleted since the search is left out."""
         size, max_pixels = self.model.input_size, self.settings.max_image_pixels
-        copies = await self.gallery.read(self.gallery.store.derived, ids)
+        copies = await self.gallery.decoded_copies(ids)
         decoded = await asyncio.to_thread(lambda: {i: decoded_from_copy(blob, size) for i, blob in copies.items()})
         decoded = {i: d for i, d in decoded.items() if d is not None}
-        stored = await self.gallery.read(self.gallery.store.images, [i for i in ids if i not in decoded])
+        stored = await self.gallery.images([i for i in ids if i not in decoded])
         decoded.update(
             await asyncio.to_thread(
                 lambda: {i: decode_for_model(blob, *size, max_pixels, preview=preview) for i, blob in stored.items()}

@@ -26,6 +26,7 @@ from service.multipart import install_strict_form_parsing
 from service.pair_ranking import load_pair_head
 from service.retention import purge_expired, retention_loop
 from service.routes import gallery as gallery_routes, health, query
+from service.serving import Serving
 from service.settings import Settings
 from service.store import GalleryStore
 from service.tracing import install_tracing
@@ -112,16 +113,14 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             settings.tensorrt_cache_dir or settings.store_path.parent / "tensorrt-cache",
             settings.max_batch_size,
         ).load()
-        app.state.pair_head = load_pair_head(settings, model)
-        app.state.same_person = SamePersonRule.choose(model.contract, settings.verify_threshold)
+        pair_head = load_pair_head(settings, model)
+        same_person = SamePersonRule.choose(model.contract, settings.verify_threshold)
         gallery = await asyncio.to_thread(new_gallery, settings, model)
         await asyncio.to_thread(gallery.open)
         await gallery.start()
         retention = None
-        if settings.retention_days:
-            await purge_expired(
-                gallery, settings.retention_days, metrics
-            )  # before ready: nothing expired is ever served
+        if settings.retention_days:  # purged before ready: nothing expired is ever served
+            await purge_expired(gallery, settings.retention_days, metrics)
             retention = asyncio.create_task(retention_loop(gallery, settings, metrics))
         batcher = MicroBatcher(
             model,
@@ -132,27 +131,26 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             metrics.observe_batch,
         )
         await batcher.start()
-        app.state.model, app.state.gallery, app.state.batcher = model, gallery, batcher
-        app.state.decoder = ImageDecoder(settings)
-        app.state.answerer = QueryAnswerer(
-            settings, metrics, model, gallery, batcher, app.state.pair_head, app.state.same_person
+        answerer = QueryAnswerer(settings, metrics, model, gallery, batcher, pair_head, same_person)
+        serving = Serving(
+            settings, metrics, model, gallery, batcher, ImageDecoder(settings), answerer, pair_head, same_person
         )
         metrics.gallery_size.set(gallery.size)
         metrics.describe_build(model)
         metrics.queued_images.set_function(batcher.queued_images)
         metrics.map_cache_bytes.set_function(lambda: gallery.map_cache.bytes)
-        app.state.ready = True
+        app.state.serving = serving
         try:
             yield
         finally:
-            app.state.ready = False
+            app.state.serving = None
             if retention:
                 retention.cancel()
                 await asyncio.gather(retention, return_exceptions=True)
             await batcher.stop()
             await gallery.stop()
             gallery.close()
-            app.state.decoder.close()
+            serving.decoder.close()
 
     app = FastAPI(
         title="Person re-ID retrieval",
@@ -164,7 +162,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         description="Enrol pedestrian crops, query with one, get ranked matches with Ranking Activation Map heatmaps. "
         'Every error is {"error": {"code", "message"}}.',
     )
-    app.state.ready, app.state.settings, app.state.metrics = False, settings, metrics
+    # settings and metrics from the start (the error handlers and /metrics need them); the rest once ready
+    app.state.settings, app.state.metrics, app.state.serving = settings, metrics, None
 
     install_middleware(app, settings, metrics)
     # The API reference (Swagger UI) served from the installed swagger-ui-bundle, not a CDN: it works offline.

@@ -87,7 +87,8 @@ class GalleryBase:
     """What the routes use of a gallery, whichever the backend: this embedded one (SQLite + FAISS in this
     process) or ``service.cluster_gallery`` (PostgreSQL + Milvus, shared by replicas). Both have ``open``,
     ``start``/``stop``/``close``, ``add``, ``delete``, ``erase_person``, ``erase_older_than``, ``search``,
-    ``size``, ``describe_index``, ``readiness_problem`` and ``store`` with the reads of ``service.store.StoreReads``."""
+    ``size``, ``describe_index``, ``readiness_problem`` and the reads below (``get``, ``list``, ``images``, ...), which
+    run each backend's ``store`` reads off the event loop."""
 
     def __init__(self, model: InferenceModel, settings: Settings):
         self.model, self.settings = model, settings
@@ -116,6 +117,26 @@ class GalleryBase:
     async def read(self, read: Callable[..., Any], *args) -> Any:
         """``read(*args)``, one of ``store``'s reads, called from the event loop, run off it."""
         raise NotImplementedError
+
+    # The reads the routes and the query answerer make, each run off the event loop by ``read``: they ask the
+    # gallery, never its store.
+    async def get(self, item_id: int) -> Optional[Item]:
+        return await self.read(self.store.get, item_id)
+
+    async def list(self, limit: int, offset: int, *filters) -> Tuple[int, List[Item]]:
+        """A page of items in id order; ``filters``: person, camera, captured after, captured before."""
+        return await self.read(self.store.list, limit, offset, *filters)
+
+    async def items_with_embeddings(self, ids: Sequence[int]) -> Dict[int, Tuple[Item, np.ndarray]]:
+        return await self.read(self.store.get_many_with_embeddings, ids, self.dim)
+
+    async def images(self, ids: Sequence[int]) -> Dict[int, bytes]:
+        """The stored original image bytes by id; ids no longer stored are absent."""
+        return await self.read(self.store.images, ids)
+
+    async def decoded_copies(self, ids: Sequence[int]) -> Dict[int, bytes]:
+        """``service.derived``'s copies of those of ``ids`` that have one."""
+        return await self.read(self.store.derived, ids)
 
     def remember_maps(self, maps: Dict[int, ImageMaps]) -> None:
         """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being

@@ -533,7 +533,7 @@ def test_a_full_disk_is_a_503_and_writes_nothing(tiny_model, tmp_path):
     # SQLite's own page limit makes the disk "full" (SQLITE_FULL), as a real one would.
     with in_process(tiny_model, tmp_path) as (app, c):
         enroll(c, [image_bytes(1, 1)])
-        store = app.state.gallery.store
+        store = app.state.serving.gallery.store
         pages = store.writer.execute("PRAGMA page_count").fetchone()[0]
         store.writer.execute(f"PRAGMA max_page_count = {pages}")
         noise = io.BytesIO()
@@ -549,7 +549,7 @@ def test_a_full_disk_is_a_503_and_writes_nothing(tiny_model, tmp_path):
 def test_a_query_skips_an_item_whose_delete_is_committed_but_not_yet_indexed(tiny_model, tmp_path):
     with in_process(tiny_model, tmp_path) as (app, c):
         ids = enroll(c, [image_bytes(1, 1), image_bytes(2, 1)])
-        app.state.gallery.store.delete(ids[0])  # the writer thread's commit, before the index has heard of it
+        app.state.serving.gallery.store.delete(ids[0])  # the writer thread's commit, before the index has heard of it
         response = c.post(
             "/query", files=[("image", ("q.jpg", image_bytes(1, 1), "image/jpeg"))], data={"heatmaps": "true"}
         )
@@ -559,7 +559,7 @@ def test_a_query_skips_an_item_whose_delete_is_committed_but_not_yet_indexed(tin
 
 def test_an_overloaded_service_answers_503_with_retry_after_and_writes_nothing(tiny_model, tmp_path):
     with in_process(tiny_model, tmp_path) as (app, c):
-        app.state.batcher.max_queued_images = 0  # as if the queue were full
+        app.state.serving.batcher.max_queued_images = 0  # as if the queue were full
         response = c.post("/gallery", files=files(image_bytes(1, 1)))
         assert_error(response, 503, "overloaded")
-        assert response.headers["retry-after"] == "1" and app.state.gallery.store.count() == 0
+        assert response.headers["retry-after"] == "1" and app.state.serving.gallery.store.count() == 0

@@ -4,5 +4,6 @@ they share: the ready state, the API key's declaration and the error responses. 
 adds plain routes to the app rather than an included router, so that every route stays on the app's own list,
 where the 405 handler reads the Allow header from.
 
-Import rules: routes read the app's state (``request.app.state``: settings, metrics, and once ready the model,
-the gallery, the batcher and the query answerer); they import ``service`` modules, never ``service.app``."""
+Import rules: routes read the ready service through ``common.state`` (``service.serving.Serving``: settings,
+metrics, model, gallery, batcher, decoder, query answerer), and ``request.app.state``'s settings and metrics
+before it is ready; they import ``service`` modules, never ``service.app``."""

@@ -7,6 +7,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from service.errors import ERROR_SCHEMA, APIError
+from service.serving import Serving
 
 ERRORS = {code: ERROR_SCHEMA for code in (400, 401, 404, 409, 413, 422, 503)}
 TIME_FORMAT = "ISO 8601 with a time zone (2024-06-01T12:00:00Z) or epoch seconds"
@@ -21,7 +22,9 @@ async def declare_key(key: Optional[str] = Security(api_key_header)) -> None:
 PROTECTED = [Depends(declare_key)]
 
 
-def state(request: Request):
-    if not request.app.state.ready:
+def state(request: Request) -> Serving:
+    """The ready service (``service.serving.Serving``); 503 ``not_ready`` while the model or gallery loads."""
+    serving = request.app.state.serving
+    if serving is None:
         raise APIError(503, "not_ready", "the model or the gallery is still loading")
-    return request.app.state
+    return serving

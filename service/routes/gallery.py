@@ -79,15 +79,13 @@ async def list_gallery(
 ):
     gallery = state(request).gallery
     person_id, camera_id = check_id(person_id, "person_id"), check_id(camera_id, "camera_id")
-    total, items = await gallery.read(
-        gallery.store.list, limit, offset, person_id, camera_id, *time_range(captured_after, captured_before)
-    )
+    total, items = await gallery.list(limit, offset, person_id, camera_id, *time_range(captured_after, captured_before))
     return GalleryPage(total=total, limit=limit, offset=offset, items=[item_body(i) for i in items])
 
 
 async def find(request: Request, item_id: int):
     gallery = state(request).gallery
-    item = await gallery.read(gallery.store.get, item_id)
+    item = await gallery.get(item_id)
     if item is None:
         raise APIError(404, "not_found", f"no gallery item {item_id}")
     return item
@@ -100,7 +98,7 @@ async def get_item(request: Request, item_id: ItemId):
 async def get_image(request: Request, item_id: ItemId):
     item = await find(request, item_id)
     gallery = state(request).gallery
-    data = (await gallery.read(gallery.store.images, [item_id])).get(item_id)
+    data = (await gallery.images([item_id])).get(item_id)
     if data is None:
         raise APIError(404, "not_found", f"no gallery item {item_id}")
     return Response(data, headers=image_headers(item.image_format))
