@@ -15,7 +15,9 @@ from PIL import Image
 
 from model_zoo.preprocess import DecodedImage
 
-COSTLY_PIXELS = 2_000_000  # about 20 ms to decode and resize on one core; a 12 MP JPEG decodes at 1/8 scale
+# a 2 MP PNG took 45 ms to decode and resize on this 2-core AMD EPYC, a lossless WebP 76 ms; a 12 MP JPEG decodes
+# at 1/4 or 1/8 scale and stays under it
+COSTLY_PIXELS = 2_000_000
 
 
 def derived_copy(decoded: DecodedImage) -> Optional[bytes]:

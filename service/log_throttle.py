@@ -28,6 +28,7 @@ class RepeatThrottle(logging.Filter):
             return False
         if len(self._last) >= MAX_TRACKED:
             self._last.clear()
+            self._held.clear()
         self._last[key] = now
         held = self._held.pop(key, 0)
         if held:

@@ -24,8 +24,7 @@ import numpy as np
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from service.store import FINGERPRINT_KEY, ITEM_COLUMNS, Item, NewItem, listing_filter
-from service.validation import check_writable, dump_metadata
+from service.store import FINGERPRINT_KEY, ITEM_COLUMNS, InsertedRow, Item, NewItem, insert_statement, listing_filter
 
 log = logging.getLogger(__name__)
 SCHEMA = """
@@ -168,42 +167,11 @@ class Transaction:
         self.conn = conn
 
     def insert(self, items: Sequence[NewItem]) -> List[Item]:
-        now = time.time()
-        stored = []
+        now, stored = time.time(), []
         for item in items:
-            metadata = item.metadata or {}
-            check_writable(metadata)
-            item_id = self.conn.execute(
-                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, "
-                "created_at, captured_at,"
-                " derived) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (
-                    item.person_id,
-                    item.camera_id,
-                    dump_metadata(metadata),
-                    item.image,
-                    item.image_format,
-                    item.width,
-                    item.height,
-                    np.ascontiguousarray(item.embedding, np.float32).tobytes(),
-                    now,
-                    item.captured_at,
-                    item.derived,
-                ),
-            ).fetchone()[0]
-            stored.append(
-                Item(
-                    item_id,
-                    item.person_id,
-                    item.camera_id,
-                    metadata,
-                    item.image_format,
-                    item.width,
-                    item.height,
-                    now,
-                    item.captured_at,
-                )
-            )
+            row = InsertedRow(item, now)
+            item_id = self.conn.execute(insert_statement("%s") + " RETURNING id", row.values).fetchone()[0]
+            stored.append(row.stored(item_id))
         return stored
 
     def remove(self, item_id: int) -> List[int]:

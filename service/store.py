@@ -154,6 +154,68 @@ def tolerant_text(db: sqlite3.Connection) -> sqlite3.Connection:
     return db
 
 
+INSERTED_COLUMNS = (
+    "person_id",
+    "camera_id",
+    "metadata",
+    "image",
+    "image_format",
+    "width",
+    "height",
+    "embedding",
+    "created_at",
+    "captured_at",
+    "derived",
+)
+
+
+def insert_statement(placeholder: str) -> str:
+    """One item's INSERT with the driver's ``placeholder`` (SQLite ``?``, psycopg ``%s``): both stores write it."""
+    return (
+        f"INSERT INTO items({', '.join(INSERTED_COLUMNS)}) VALUES ({', '.join([placeholder] * len(INSERTED_COLUMNS))})"
+    )
+
+
+class InsertedRow:
+    """A new item as both stores write it (INSERTED_COLUMNS' values) and answer it once written."""
+
+    def __init__(self, item: NewItem, now: float):
+        self.item, self.now, self.metadata = item, now, item.metadata or {}
+        check_writable(self.metadata)  # the last guard: what is committed must serialise back (service.validation)
+
+    @property
+    def values(self) -> tuple:
+        item = self.item
+        embedding = np.ascontiguousarray(item.embedding, np.float32).tobytes()
+        return (
+            item.person_id,
+            item.camera_id,
+            dump_metadata(self.metadata),
+            item.image,
+            item.image_format,
+            item.width,
+            item.height,
+            embedding,
+            self.now,
+            item.captured_at,
+            item.derived,
+        )
+
+    def stored(self, item_id: int) -> Item:
+        item = self.item
+        return Item(
+            item_id,
+            item.person_id,
+            item.camera_id,
+            self.metadata,
+            item.image_format,
+            item.width,
+            item.height,
+            self.now,
+            item.captured_at,
+        )
+
+
 def listing_filter(
     placeholder: str,
     person_id: Optional[str],
@@ -416,42 +478,11 @@ class GalleryStore(StoreReads):
     def insert(self, items: Sequence[NewItem]) -> List[Item]:
         """Insert items inside the caller's transaction (``add`` or ``commit_group``); returns them as stored
         (built here, not read back: a delete may already be on its way)."""
-        now = time.time()
-        stored = []
+        now, stored = time.time(), []
         for item in items:
-            metadata = item.metadata or {}
-            check_writable(metadata)  # the last guard: what is committed must serialise back (service.validation)
-            cursor = self.writer.execute(
-                "INSERT INTO items(person_id, camera_id, metadata, image, image_format, width, height, embedding, "
-                "created_at, captured_at,"
-                " derived) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    item.person_id,
-                    item.camera_id,
-                    dump_metadata(metadata),
-                    item.image,
-                    item.image_format,
-                    item.width,
-                    item.height,
-                    np.ascontiguousarray(item.embedding, np.float32).tobytes(),
-                    now,
-                    item.captured_at,
-                    item.derived,
-                ),
-            )
-            stored.append(
-                Item(
-                    cursor.lastrowid,
-                    item.person_id,
-                    item.camera_id,
-                    metadata,
-                    item.image_format,
-                    item.width,
-                    item.height,
-                    now,
-                    item.captured_at,
-                )
-            )
+            row = InsertedRow(item, now)
+            cursor = self.writer.execute(insert_statement("?"), row.values)
+            stored.append(row.stored(cursor.lastrowid))
         return stored
 
     def remove(self, item_id: int) -> bool:
