@@ -2,6 +2,7 @@
 percentiles, where a result came from, and writing a result file."""
 
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -140,6 +141,16 @@ def provenance() -> dict:
             "python": platform.python_version(),
         },
     }
+
+
+def data_fingerprint(root: Path) -> dict:
+    """sha256 over the sorted names and sizes of the test split's files: changes when the set does."""
+    digest, count = hashlib.sha256(), 0
+    for split in ("query", "bounding_box_test"):
+        for path in sorted((root / split).iterdir()):
+            digest.update(f"{split}/{path.name}:{path.stat().st_size}\n".encode())
+            count += 1
+    return {"files": count, "sha256": digest.hexdigest()}
 
 
 def generated_marker(name: str) -> "re.Pattern":

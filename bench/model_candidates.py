@@ -17,13 +17,12 @@ them (tests/test_results_tables.py checks that the committed docs are what the c
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
-from bench.common import provenance
+from bench.common import data_fingerprint, provenance
 from bench.embed_speed import measure
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
@@ -34,16 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/models.md", "model_zoo/models/*.md")
 # A marker line, then the table it owns (the lines that start with "|"), replaced as a whole.
 GENERATED = re.compile(r"^(<!-- candidates (table|rows): ?([^>]*?) -->\n)(?:\n?(?:\|.*\n)+)?", re.M)
-
-
-def data_fingerprint(root: Path) -> dict:
-    """sha256 over the sorted names and sizes of the test split's files: changes when the set does."""
-    digest, count = hashlib.sha256(), 0
-    for split in ("query", "bounding_box_test"):
-        for path in sorted((root / split).iterdir()):
-            digest.update(f"{split}/{path.name}:{path.stat().st_size}\n".encode())
-            count += 1
-    return {"files": count, "sha256": digest.hexdigest()}
 
 
 def describe_model(path: Path) -> dict:

@@ -7,7 +7,9 @@ images, in three forms:
   queries are each other's neighbours;
 - ``rerank_one_query_at_a_time``: each query alone with the gallery (queries never see each other), what a
   service can do; equal to ``rerank_all_queries`` called with one query at a time;
-- ``rerank_shortlist``: one query against a shortlist of gallery vectors (a service's index hits).
+- ``rerank_shortlist``: one query against a shortlist of gallery vectors (a service's index hits);
+and the Jaccard distance d_J alone between every pair of a set (``jaccard_distances``), which
+``training.adaptation`` clusters by.
 
 The algorithm, for a graph of nodes (queries and gallery images) with original distances d:
 1. d is the squared Euclidean distance of the features; for the project's features (each branch L2-normalised,
@@ -98,13 +100,7 @@ def rerank_distance_matrix(
     if num_queries == 0 or num_queries == len(distance):
         return np.zeros((num_queries, len(distance) - num_queries))
     k1, k2 = clamp_parameters(k1, k2, len(distance))
-    scale = _row_scale(distance.max(axis=1))
-    graph = _Graph(
-        _neighbour_lists(distance, _list_length(k1, k2)),
-        lambda rows, cols: distance[rows, cols] / scale[rows],
-        num_queries,
-    )
-    return _rerank(graph, k1, k2, lambda_value)
+    return _rerank(_matrix_graph(distance, k1, k2, num_queries), k1, k2, lambda_value)
 
 
 def rerank_one_query_at_a_time(
@@ -156,6 +152,21 @@ def rerank_shortlist(
     return distances, np.argsort(distances, kind="stable")
 
 
+def jaccard_distances(features: np.ndarray, k1: int = DEFAULT_K1, k2: int = DEFAULT_K2) -> np.ndarray:
+    """d_J [n, n] between every pair of feature rows [n, F], all in one graph (lambda 0: no original distance):
+    what clustering-based domain adaptation groups by (Cluster Contrast's k1 30, k2 6). Symmetric up to
+    rounding, zero on the diagonal; [n, n] float32, so memory grows with n squared."""
+    features, _ = _check_features(features, features, k1, k2, 0.0)
+    if len(features) < 2:
+        return np.zeros((len(features), len(features)), np.float32)
+    distance = self_distances(features)
+    k1, k2 = clamp_parameters(k1, k2, len(distance))
+    graph = _matrix_graph(distance, k1, k2, len(distance))
+    jaccard = _jaccard_distance(_encoding(graph, k1, k2), len(distance)).astype(np.float32)
+    np.fill_diagonal(jaccard, 0)
+    return jaccard
+
+
 def clamp_parameters(k1: int, k2: int, num_nodes: int) -> Tuple[int, int]:
     """k1 and k2 for a graph of ``num_nodes`` nodes: a neighbour list cannot outgrow the graph."""
     return int(max(1, min(k1, num_nodes - 1))), int(max(1, min(k2, num_nodes)))
@@ -169,6 +180,16 @@ class _Graph:
     neighbours: np.ndarray  # [n, L] node ids: each node, then its nearest in order (ties by id)
     distance: Distance  # row-normalised original distance of node pairs (broadcasting index arrays)
     num_queries: int  # nodes 0..Q-1 are the queries, the rest the gallery
+
+
+def _matrix_graph(distance: np.ndarray, k1: int, k2: int, num_queries: int) -> _Graph:
+    """The graph of a full [n, n] distance matrix, each row divided by its largest value."""
+    scale = _row_scale(distance.max(axis=1))
+    return _Graph(
+        _neighbour_lists(distance, _list_length(k1, k2)),
+        lambda rows, cols: distance[rows, cols] / scale[rows],
+        num_queries,
+    )
 
 
 def _check_features(query, gallery, k1, k2, lambda_value) -> Tuple[np.ndarray, np.ndarray]:
@@ -243,12 +264,16 @@ def _distance_with_query(to_query: np.ndarray, gallery_distance: np.ndarray, gal
 def _rerank(graph: _Graph, k1: int, k2: int, lambda_value: float) -> np.ndarray:
     """d* [Q, G] of the graph's queries to its gallery nodes."""
     n, q = len(graph.neighbours), graph.num_queries
-    rows, cols = _expanded_sets(graph.neighbours, k1)
-    encoding = _Sparse.from_entries(rows, cols, _kernel_weights(rows, cols, graph.distance), n)
-    encoding = _query_expansion(encoding, graph.neighbours[:, :k2])
-    jaccard = _jaccard_distance(encoding, q)[:, q:]
+    jaccard = _jaccard_distance(_encoding(graph, k1, k2), q)[:, q:]
     original = graph.distance(np.arange(q)[:, None], np.arange(q, n)[None, :])
     return (1 - lambda_value) * jaccard + lambda_value * original
+
+
+def _encoding(graph: _Graph, k1: int, k2: int) -> "_Sparse":
+    """V after the local query expansion: each node's weights over its expanded k-reciprocal set."""
+    rows, cols = _expanded_sets(graph.neighbours, k1)
+    encoding = _Sparse.from_entries(rows, cols, _kernel_weights(rows, cols, graph.distance), len(graph.neighbours))
+    return _query_expansion(encoding, graph.neighbours[:, :k2])
 
 
 def _reciprocal(neighbours: np.ndarray, k: int) -> np.ndarray:

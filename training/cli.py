@@ -1,4 +1,4 @@
-"""``python -m training train|evaluate|export|quantize|fp16|calibrate``: a thin layer over the Python API in
+"""``python -m training train|evaluate|export|quantize|fp16|calibrate|adapt``: a thin layer over the Python API in
 ``training``."""
 
 import argparse
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description="Train, evaluate and export re-ID models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_command in (_add_train, _add_evaluate, _add_export, _add_quantize, _add_fp16, _add_calibrate):
+    for add_command in (_add_train, _add_evaluate, _add_export, _add_quantize, _add_fp16, _add_calibrate, _add_adapt):
         add_command(commands)
     return parser
 
@@ -351,8 +351,89 @@ def _add_calibrate(commands) -> None:
     calibrate.set_defaults(run=_calibrate)
 
 
+def _adapt(args) -> None:
+    from training.adaptation import adapt
+    from training.evaluation import evaluate_onnx, results_table
+
+    record = adapt(args.model, args.crops, args.output, args.run_dir, args.settings, not args.quiet, args.limit)
+    print(
+        f"{record['output']}: {record['crops']} crops, {record['cameras']} camera(s); last epoch "
+        f"{record['clusters']} clusters, {record['outliers']} outliers; {record['seconds_total']:.0f} s"
+    )
+    for name, path in (("source", args.model), ("adapted", args.output)):
+        if args.evaluate:
+            print(f"{name}:\n" + results_table(evaluate_onnx(path, args.evaluate, progress=not args.quiet)))
+
+
+def _adaptation_settings(pairs):
+    from dataclasses import fields
+
+    from training.adaptation import AdaptationSettings
+
+    types = {field.name: field.type for field in fields(AdaptationSettings)}
+    values = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types:
+            raise argparse.ArgumentTypeError(f"unknown setting {key!r}: one of {', '.join(types)}")
+        try:
+            values[key] = types[key](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}={value}: not a {types[key].__name__}") from None
+    try:
+        return AdaptationSettings(**values)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_adapt(commands) -> None:
+    from model_zoo import DEFAULT_MODEL_PATH
+
+    adapt = commands.add_parser(
+        "adapt",
+        help="adapt a model to your cameras without labels: pseudo-labels by clustering the crops, a "
+        "contrastive memory, a per-branch linear head on the model's maps (docs/training.md)",
+    )
+    adapt.add_argument(
+        "crops",
+        help="the crops: a folder of images, the service's SQLite store (.db, sqlite:///...; read-only, "
+        "the service may run) or postgresql://...",
+    )
+    adapt.add_argument("output", type=Path, help="the adapted .onnx file to write (its card beside it, .md)")
+    adapt.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL_PATH,
+        help="the fp32 contract file to start from (default: the shipped default)",
+    )
+    adapt.add_argument("--run-dir", type=Path, default=None, help="keep each epoch's state here; rerun to resume")
+    adapt.add_argument("--limit", type=_at_least_one, default=None, help="use at most this many crops, evenly spaced")
+    adapt.add_argument(
+        "--set",
+        dest="settings",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="adaptation settings (training.adaptation.loop.AdaptationSettings), e.g. epochs=10 clusterer=mutual",
+    )
+    adapt.add_argument(
+        "--evaluate",
+        type=Path,
+        action="append",
+        default=[],
+        help="Market-layout folder to evaluate the source and the adapted file on, side by side (repeat for several)",
+    )
+    adapt.add_argument("--quiet", action="store_true", help="no progress bars")
+    adapt.set_defaults(run=_adapt)
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "adapt":
+        try:
+            args.settings = _adaptation_settings(args.settings)
+        except argparse.ArgumentTypeError as exc:
+            build_parser().error(str(exc))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format='{"level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}',

@@ -1,0 +1,186 @@
+"""Unsupervised adaptation (``python -m training adapt``) measured where labels exist (not a test).
+
+For each of CUHK03-val, PRID and GRID, the crops a deployment would hold (the set's query and gallery crops,
+labels unread) and two protocols:
+
+- ``transductive``: adapt on every crop of the set, evaluate on the set;
+- ``inductive``: adapt on the crops of half the people (every other id in sorted order), evaluate on the other
+  half's queries against the other half's gallery, the source model scored on the same half.
+
+Every variant is fixed here in advance: the four pairings of a clusterer (DBSCAN on the Jaccard distance, as
+Cluster Contrast; cross-camera mutual neighbours) and a memory (cluster centroids; camera-aware proxies, as
+CAP), each at two rates (Adam 1e-4, 3e-4) and two lengths (20, 100 steps an epoch), 10 epochs. The default
+``training adapt`` ships with is the variant best on CUHK03-val (transductive mAP), never chosen on PRID or
+GRID. Each crop's pooled maps are computed once per set (timed: the embedding's CPU cost) and kept in
+``--cache`` (a folder outside the repo).
+
+    python -m bench.adaptation --data $DATA --cache $RUNS/adaptation \\
+        --output bench/results/adaptation/adaptation.json
+    python -m bench.adaptation --write-docs bench/results/adaptation/adaptation.json   # docs/training.md's table
+"""
+
+import argparse
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+
+from bench.common import DocsTable, data_fingerprint, emit, generated_marker, provenance
+from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.contract import open_cpu_session
+from model_zoo.files import sha256_of
+from training.adaptation.head import BranchLinearHead
+from training.adaptation.loop import AdaptationSettings, adapt_head, embed
+from training.adaptation.views import pooled_views
+from training.evaluation import load_test_split, market_metrics
+
+SETS = ["cuhk03-detected", "prid", "grid"]
+PROTOCOLS = ["transductive", "inductive"]
+SELECTION = ("cuhk03-detected", "transductive")
+VARIANTS = {
+    f"{clusterer}+{memory} lr {lr:g} steps {steps}": dict(
+        clusterer=clusterer, memory=memory, lr=lr, steps_per_epoch=steps, epochs=10
+    )
+    for clusterer, memory, lr, steps in itertools.product(
+        ("dbscan", "mutual"), ("cluster", "camera"), (1e-4, 3e-4), (20, 100)
+    )
+}
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+
+
+def set_views(model: Path, data: Path, name: str, cache: Path) -> Dict[str, np.ndarray]:
+    """The set's crops as pooled views, with ids, cameras, the query count and the seconds embedding took."""
+    path = cache / f"{model.stem}_{name}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    session, contract = open_cpu_session(model)
+    query_images, query, gallery_images, gallery = load_test_split(
+        data / name, contract.input_height, contract.input_width, False
+    )
+    pixels = np.concatenate([query_images, gallery_images])
+    started = time.perf_counter()
+    views = pooled_views(session, pixels, progress=False)
+    out = {
+        "views": views,
+        "pids": np.array([r.pid for r in query + gallery]),
+        "cams": np.array([r.camid for r in query + gallery]),
+        "is_query": np.arange(len(pixels)) < len(query),
+        "embed_seconds": np.array(time.perf_counter() - started),
+    }
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def figures(head: BranchLinearHead, cached: Dict[str, np.ndarray], kept: np.ndarray) -> Dict[str, float]:
+    """R1 and mAP (%) of the kept crops' queries against the kept crops' gallery, the image view only."""
+    features = embed(head, cached["views"][:, 0])
+    q, g = kept & cached["is_query"], kept & ~cached["is_query"]
+    m = market_metrics(
+        features[q] @ features[g].T, cached["pids"][q], cached["cams"][q], cached["pids"][g], cached["cams"][g]
+    )
+    return {"rank1": round(100 * m["rank1"], 1), "mAP": round(100 * m["mAP"], 1)}
+
+
+def protocol_crops(cached: Dict[str, np.ndarray], protocol: str):
+    """(crops adapted on, crops evaluated on) as masks."""
+    everything = np.ones(len(cached["pids"]), bool)
+    if protocol == "transductive":
+        return everything, everything
+    people = np.unique(cached["pids"])
+    second_half = np.isin(cached["pids"], people[1::2])
+    return ~second_half, second_half
+
+
+def run(model: Path, data: Path, cache: Path) -> dict:
+    torch.set_num_threads(2)
+    results = {
+        "model": model.name,
+        "model_sha256": sha256_of(model),
+        "data": {name: data_fingerprint(data / name) for name in SETS},
+        "sets": {},
+    }
+    for name in SETS:
+        cached = set_views(model, data, name, cache)
+        crops = len(cached["pids"])
+        embed_minutes_per_1000 = float(cached["embed_seconds"]) / 60 / crops * 1000
+        per_set = results["sets"][name] = {
+            "crops": crops,
+            "embed_cpu_minutes_per_1000": round(embed_minutes_per_1000, 2),
+        }
+        for protocol in PROTOCOLS:
+            adapt_on, evaluate_on = protocol_crops(cached, protocol)
+            source = BranchLinearHead(*cached["views"].shape[2:])
+            rows = per_set[protocol] = {
+                "source": figures(source, cached, evaluate_on),
+                "crops_adapted_on": int(adapt_on.sum()),
+            }
+            _, cameras = np.unique(cached["cams"][adapt_on], return_inverse=True)
+            for variant, overrides in VARIANTS.items():
+                settings = AdaptationSettings(**overrides)
+                started = time.perf_counter()
+                head, history = adapt_head(cached["views"][adapt_on], cameras, settings, progress=False)
+                seconds = time.perf_counter() - started
+                rows[variant] = {
+                    **figures(head, cached, evaluate_on),
+                    "clusters": history[-1].clusters,
+                    "outliers": history[-1].outliers,
+                    "adapt_cpu_minutes_per_1000": round(seconds / 60 / adapt_on.sum() * 1000, 2),
+                }
+                print(name, protocol, variant, rows["source"], rows[variant], flush=True)
+    select_set, select_protocol = SELECTION
+    chosen = max(VARIANTS, key=lambda v: results["sets"][select_set][select_protocol][v]["mAP"])
+    results["chosen"] = {
+        "variant": chosen,
+        "settings": VARIANTS[chosen],
+        "chosen_on": f"{select_set} {select_protocol} mAP",
+    }
+    return results
+
+
+def table(results: dict) -> str:
+    """One row per variant: mAP change over the source per set and protocol, and the CPU cost per 1,000 crops."""
+    sets = results["sets"]
+    header = " | ".join(f"{name} {protocol[:5]}." for name in SETS for protocol in PROTOCOLS)
+    lines = [
+        f"| variant | {header} | CPU min / 1,000 crops (adapting) |",
+        "|---" * (2 + len(SETS) * len(PROTOCOLS)) + "|",
+        "| source mAP | " + " | ".join(f"{sets[s][p]['source']['mAP']:.1f}" for s in SETS for p in PROTOCOLS) + " | |",
+    ]
+    for variant in VARIANTS:
+        deltas = " | ".join(
+            f"{sets[s][p][variant]['mAP'] - sets[s][p]['source']['mAP']:+.1f}" for s in SETS for p in PROTOCOLS
+        )
+        cost = max(sets[s][p][variant]["adapt_cpu_minutes_per_1000"] for s in SETS for p in PROTOCOLS)
+        name = f"**{variant}** (default)" if variant == results["chosen"]["variant"] else variant
+        lines.append(f"| {name} | {deltas} | {cost:.2f} |")
+    return "\n".join(lines)
+
+
+DOCS_TABLE = DocsTable(DOCS, generated_marker("adaptation table"), table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", "data")))
+    parser.add_argument("--cache", type=Path, default=None, help="folder for each set's pooled maps (outside the repo)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--output", type=Path, default=None)
+    DOCS_TABLE.add_option(parser)
+    args = parser.parse_args()
+    if args.write_docs:
+        DOCS_TABLE.write(args.write_docs)
+        return
+    if args.cache is None:
+        parser.error("--cache is required to measure")
+    results = {**provenance(), **run(args.model, args.data, args.cache)}
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
+    emit(results, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Unsupervised adaptation to a user's cameras: ``python -m training adapt``.
+
+Owns: reading unlabeled crops (a folder, the service's SQLite store, the cluster's PostgreSQL: ``crops``),
+the source model's pooled maps of each crop and its mirror (``views``), pseudo-labels (``clustering``: DBSCAN
+on the k-reciprocal Jaccard distance, or cross-camera mutual neighbours), the contrastive memories
+(``memory``: Cluster Contrast's centroids, CAP's camera-aware proxies), the per-cell linear head it trains
+(``head``), the loop (``loop``) and this module's ``adapt``: from a contract file to an adapted contract file,
+checked for parity, with its card.
+
+May import torch, onnx, ONNX Runtime and ``model_zoo``; never imports ``service`` (the stores are read with
+plain SQL)."""
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from model_zoo.architectures.common import ReIDOutput
+from model_zoo.contract import (
+    INPUT_IMAGES,
+    METADATA_PREFIX,
+    OUTPUT_FEATURE_MAPS,
+    VERIFICATION_KEY,
+    open_cpu_session,
+    precision_of,
+)
+from model_zoo.files import sha256_of
+from model_zoo.onnx_export import check_parity
+from training.adaptation.crops import Crops, read_crops
+from training.adaptation.head import BranchLinearHead, append_head
+from training.adaptation.loop import AdaptationSettings, EpochRecord, adapt_head
+from training.adaptation.views import VIEWS, pooled_views
+
+log = logging.getLogger(__name__)
+ADAPTATION_KEY = METADATA_PREFIX + "adaptation"
+EVALUATION_KEY = METADATA_PREFIX + "evaluation"
+
+__all__ = ["AdaptationSettings", "adapt"]
+
+
+class HeadOnSource(nn.Module):
+    """The adapted model in torch terms for the parity check: the source file (ONNX Runtime) then the head."""
+
+    def __init__(self, session, head: BranchLinearHead):
+        super().__init__()
+        self.session, self.head = session, head
+
+    def forward(self, images: torch.Tensor) -> ReIDOutput:
+        (maps,) = self.session.run([OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: images.numpy()})
+        return ReIDOutput(feature_maps=self.head.maps(torch.from_numpy(maps)))
+
+
+def _views(session, crops: Crops, model_sha256: str, run_dir: Optional[Path], progress: bool) -> np.ndarray:
+    """The crops' pooled views, kept in the run folder so a resumed run does not embed them again."""
+    key = f"{model_sha256}:{hashlib.sha256(crops.pixels.tobytes()).hexdigest()}"
+    cache = run_dir / "views.npz" if run_dir else None
+    if cache and cache.exists():
+        stored = np.load(cache)
+        if str(stored["key"]) == key:
+            return stored["views"]
+    views = pooled_views(session, crops.pixels, progress)
+    if cache:
+        np.savez(cache, views=views, key=key)
+    return views
+
+
+def _settings_for(crops: Crops, settings: AdaptationSettings) -> AdaptationSettings:
+    """Camera-aware choices need two cameras or more: with one, the cluster memory and DBSCAN."""
+    if len(set(crops.cameras)) > 1:
+        return settings
+    if settings.memory == "camera" or settings.clusterer == "mutual":
+        log.warning("the crops come from one camera: adapting with the cluster memory and DBSCAN")
+    return AdaptationSettings(**{**asdict(settings), "memory": "cluster", "clusterer": "dbscan"})
+
+
+def _metadata(source: onnx.ModelProto, record: Dict) -> Dict[str, str]:
+    """The source's metadata with what no longer holds cleared (its figures, its same-person threshold) and
+    ``reid.adaptation`` added: the adapted file must be evaluated and calibrated again."""
+    metadata = {entry.key: entry.value for entry in source.metadata_props}
+    record["source_evaluation"] = json.loads(metadata.get(EVALUATION_KEY, "{}"))
+    metadata.update({EVALUATION_KEY: "{}", VERIFICATION_KEY: "{}", ADAPTATION_KEY: json.dumps(record)})
+    return metadata
+
+
+def _write(model: onnx.ModelProto, metadata: Dict[str, str], output: Path) -> None:
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(output))
+
+
+def adapt(
+    model: Path,
+    crops_source: str,
+    output: Path,
+    run_dir: Optional[Path] = None,
+    settings: AdaptationSettings = AdaptationSettings(),
+    progress: bool = True,
+    limit: Optional[int] = None,
+) -> Dict:
+    """Adapt the contract file ``model`` to the crops of ``crops_source`` and write the adapted file to
+    ``output`` (with its card beside it, ``output`` with ``.md``). ``run_dir`` keeps the state of each epoch:
+    an interrupted run given the same folder resumes. Returns the summary the card is written from."""
+    model, output = Path(model), Path(output)
+    started = time.perf_counter()
+    source = onnx.load(str(model))
+    if precision_of({e.key: e.value for e in source.metadata_props}) != "fp32":
+        raise ValueError(f"{model.name} is not an fp32 file: adapt the fp32 file, then quantize the result")
+    session, contract = open_cpu_session(model)
+    crops = read_crops(crops_source, contract.input_height, contract.input_width, progress, limit)
+    settings = _settings_for(crops, settings)
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    model_sha256 = sha256_of(model)
+    views = _views(session, crops, model_sha256, Path(run_dir) if run_dir else None, progress)
+    embedded = time.perf_counter()
+    head, history = adapt_head(
+        views, crops.camera_indices, settings, Path(run_dir) / "head.pt" if run_dir else None, progress
+    )
+    record = _record(model, model_sha256, crops, settings, history, embedded - started)
+    record["seconds_total"] = round(time.perf_counter() - started, 1)
+    _write(append_head(source, head), _metadata(source, record), output)
+    parity_sets = {
+        "crops": crops.pixels[:7],
+        "random": np.random.default_rng(0).integers(0, 256, crops.pixels[:7].shape, np.uint8),
+    }
+    try:
+        record["parity"] = check_parity(HeadOnSource(session, head), output, parity_sets)
+    except Exception:
+        output.unlink(missing_ok=True)
+        raise
+    record["output"] = output.name
+    output.with_suffix(".md").write_text(card(record))
+    return record
+
+
+def _record(model: Path, model_sha256: str, crops: Crops, settings, history, embed_seconds: float) -> Dict:
+    last: EpochRecord = history[-1]
+    return {
+        "source_model": model.name,
+        "source_sha256": model_sha256,
+        "crops": len(crops.pixels),
+        "crops_skipped": crops.skipped,
+        "crops_source": crops.description,
+        "cameras": len(set(crops.cameras)),
+        "views": list(VIEWS),
+        "settings": asdict(settings),
+        "epochs": [asdict(record) for record in history],
+        "clusters": last.clusters,
+        "outliers": last.outliers,
+        "seconds_embedding": round(embed_seconds, 1),
+        "seconds_adapting": round(sum(record.seconds for record in history), 1),
+    }
+
+
+def card(record: Dict) -> str:
+    """The adapted model's card: what it started from, what it adapted on, how, and what is left to do."""
+    rows = "\n".join(
+        f"| {e['epoch']} | {e['clusters']} | {e['outliers']} | {e['loss']:.3f} | {e['seconds']:.1f} |"
+        for e in record["epochs"]
+    )
+    settings = ", ".join(f"{k}={v}" for k, v in record["settings"].items())
+    return f"""# {record["output"]}
+
+Adapted without labels by `python -m training adapt` from `{record["source_model"]}`
+(sha256 `{record["source_sha256"]}`): a per-branch linear head on its feature maps, trained on pseudo-labels.
+
+- Crops: {record["crops"]} from {record["crops_source"]} ({record["crops_skipped"]} not decodable), \
+{record["cameras"]} camera(s).
+- Time: {record["seconds_embedding"]} s embedding the crops and their mirror images, \
+{record["seconds_adapting"]} s adapting ({record["seconds_total"]} s in all).
+- Last epoch: {record["clusters"]} clusters, {record["outliers"]} crops in none.
+- Settings: {settings}.
+
+| epoch | clusters | outliers | loss | s |
+|---|---|---|---|---|
+{rows}
+
+The source's evaluation figures and same-person threshold do not hold for this file and are cleared
+(`reid.evaluation`, `reid.verification`); evaluate it with `python -m training evaluate` where labels exist,
+and calibrate it with `python -m training calibrate`. Its licence and data terms are the source model's.
+"""

@@ -1,0 +1,189 @@
+"""The adaptation loop on pooled source maps: each epoch re-clusters every crop with the current head, builds
+a fresh memory from the clusters, and trains the head against it; outliers (crops in no cluster) sit the epoch
+out, as in Cluster Contrast, and are clustered again the next epoch."""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.adaptation.clustering import OUTLIER, cluster_features
+from training.adaptation.head import BranchLinearHead
+from training.adaptation.memory import CameraProxyMemory, ClusterMemory
+
+MEMORIES = ("cluster", "camera")
+CLUSTERERS = ("dbscan", "mutual")
+
+
+@dataclass
+class AdaptationSettings:
+    """Every setting of one adaptation; defaults are Cluster Contrast's and CAP's published ones, except where
+    a comment says why not."""
+
+    epochs: int = 20
+    clusterer: str = "dbscan"  # or "mutual": cross-camera mutual nearest neighbours (single-shot data)
+    memory: str = "camera"  # "camera" (CAP's proxies) where crops have camera ids, else "cluster"
+    eps: float = 0.6  # DBSCAN's radius on the Jaccard distance (Cluster Contrast, Market)
+    min_samples: int = 4  # DBSCAN's core size, the crop itself included
+    k1: int = 30
+    k2: int = 6
+    temperature: float = 0.05
+    momentum: float = 0.2
+    hard_negatives: int = 50  # CAP's inter-camera term: the hardest proxies of other clusters
+    inter_weight: float = 0.5  # CAP's weight of the inter-camera term
+    batch_size: int = 64
+    instances: int = 4  # crops of one cluster in a batch
+    steps_per_epoch: int = 100
+    lr: float = 3e-4  # Adam; a linear head on a strong trunk needs no more
+    weight_decay: float = 5e-4
+    anchor_weight: float = 0.0  # lambda of ||W - I||^2 + ||b||^2, a pull back toward the source model
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.clusterer not in CLUSTERERS:
+            raise ValueError(f"clusterer {self.clusterer!r}: one of {', '.join(CLUSTERERS)}")
+        if self.memory not in MEMORIES:
+            raise ValueError(f"memory {self.memory!r}: one of {', '.join(MEMORIES)}")
+        if self.batch_size % self.instances:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of instances {self.instances}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    clusters: int
+    outliers: int
+    loss: float
+    seconds: float
+
+
+def embed(head: BranchLinearHead, pooled: np.ndarray) -> np.ndarray:
+    """Adapted embeddings [n, N*D] of pooled maps [n, N, D]."""
+    with torch.no_grad():
+        return head(torch.from_numpy(pooled)).numpy()
+
+
+def _batches(labels: np.ndarray, settings: AdaptationSettings, rng: np.random.Generator):
+    """P clusters x K crops (with replacement for small clusters), ``steps_per_epoch`` batches."""
+    members = {label: np.flatnonzero(labels == label) for label in np.unique(labels[labels != OUTLIER])}
+    clusters = np.array(sorted(members))
+    per_batch = min(settings.batch_size // settings.instances, len(clusters))
+    for _ in range(settings.steps_per_epoch):
+        chosen = rng.choice(clusters, per_batch, replace=False)
+        yield np.concatenate(
+            [rng.choice(members[c], settings.instances, replace=len(members[c]) < settings.instances) for c in chosen]
+        )
+
+
+def _memory(settings: AdaptationSettings, features: torch.Tensor, labels: torch.Tensor, cameras: torch.Tensor):
+    if settings.memory == "camera":
+        return CameraProxyMemory(
+            features,
+            labels,
+            cameras,
+            settings.temperature,
+            settings.momentum,
+            settings.hard_negatives,
+            settings.inter_weight,
+        )
+    return ClusterMemory(features, labels, settings.temperature, settings.momentum)
+
+
+def adapt_head(
+    pooled_views: np.ndarray,
+    cameras: np.ndarray,
+    settings: AdaptationSettings,
+    checkpoint: Optional[Path] = None,
+    progress: bool = True,
+    on_epoch: Optional[Callable[[EpochRecord, BranchLinearHead], None]] = None,
+) -> tuple:
+    """Train a head on ``pooled_views`` [n, V, N, D] (each crop's grid-mean maps in V views: the image, its
+    mirror, ...) with ``cameras`` [n] (0..C-1; all 0 where unknown). Returns (head, [EpochRecord]).
+
+    With ``checkpoint``, the state is saved after each epoch and a run that finds one resumes after it."""
+    n, _, branches, dim = pooled_views.shape
+    head = BranchLinearHead(branches, dim)
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    history: List[EpochRecord] = []
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["settings"] != asdict(settings) or state["shape"] != list(pooled_views.shape):
+            raise ValueError(f"{checkpoint} was written by another adaptation (settings or crops differ)")
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = [EpochRecord(**record) for record in state["history"]]
+    clustering_input = pooled_views.mean(axis=1)  # the views averaged: steadier clusters than one view
+    camera_tensor = torch.from_numpy(cameras.astype(np.int64))
+    bar = tqdm(range(len(history), settings.epochs), desc="adapt", disable=not progress, initial=len(history))
+    for epoch in bar:
+        started = time.perf_counter()
+        rng = np.random.default_rng([settings.seed, epoch])
+        torch.manual_seed(settings.seed * 1000 + epoch)
+        clustering = cluster_features(
+            embed(head, clustering_input),
+            cameras,
+            settings.clusterer,
+            settings.eps,
+            settings.min_samples,
+            settings.k1,
+            settings.k2,
+        )
+        losses = []
+        if clustering.num_clusters >= 2:
+            losses = _train_epoch(head, optimizer, pooled_views, clustering.labels, camera_tensor, settings, rng)
+        record = EpochRecord(
+            epoch + 1,
+            clustering.num_clusters,
+            clustering.outliers,
+            float(np.mean(losses)) if losses else float("nan"),
+            time.perf_counter() - started,
+        )
+        history.append(record)
+        bar.set_postfix(clusters=record.clusters, outliers=record.outliers, loss=f"{record.loss:.3f}")
+        if checkpoint is not None:
+            _save(checkpoint, head, optimizer, history, settings, pooled_views.shape)
+        if on_epoch:
+            on_epoch(record, head)
+    return head, history
+
+
+def _train_epoch(head, optimizer, pooled_views, labels, cameras, settings, rng) -> List[float]:
+    clustered = labels != OUTLIER
+    with torch.no_grad():
+        features = head(torch.from_numpy(pooled_views.mean(axis=1)))
+    label_tensor = torch.from_numpy(labels)
+    memory = _memory(settings, features[clustered], label_tensor[clustered], cameras[clustered])
+    losses = []
+    for batch in _batches(labels, settings, rng):
+        views = rng.integers(0, pooled_views.shape[1], len(batch))
+        batch_features = head(torch.from_numpy(pooled_views[batch, views]))
+        batch_labels, batch_cameras = label_tensor[batch], cameras[batch]
+        loss = memory.loss(batch_features, batch_labels, batch_cameras)
+        if settings.anchor_weight:
+            loss = loss + settings.anchor_weight * head.distance_from_identity()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        memory.update(batch_features.detach(), batch_labels, batch_cameras)
+        losses.append(loss.item())
+    return losses
+
+
+def _save(path: Path, head, optimizer, history, settings, shape) -> None:
+    path = Path(path)
+    temporary = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "head": head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "history": [asdict(record) for record in history],
+            "settings": asdict(settings),
+            "shape": list(shape),
+        },
+        temporary,
+    )
+    temporary.replace(path)
