@@ -14,13 +14,16 @@ def build_parser() -> argparse.ArgumentParser:
     imports = commands.add_parser(
         "import",
         help="write a public embedding model as a contract ONNX file (RAM heatmaps exact), checked against its source",
-        description="Formats: OpenVINO IR (SRC.xml beside SRC.bin), torchreid OSNet "
+        description="Formats: OpenVINO IR (SRC.xml beside SRC.bin), plain ONNX embedding models (SRC.onnx: "
+        "one image input [B, 3, H, W], one embedding output; give --mean and --scale), torchreid OSNet "
         "checkpoints (SRC.pth: every width, IBN, AIN). The file records the "
         "source's sha256, licence and address "
         "(reid.source); see model_zoo/CONTRACT.md.",
     )
     imports.add_argument(
-        "source", type=Path, help="the model to import: an OpenVINO IR .xml (beside its .bin) or a torchreid OSNet .pth"
+        "source",
+        type=Path,
+        help="the model to import: an OpenVINO IR .xml (beside its .bin), an ONNX .onnx or a torchreid OSNet .pth",
     )
     imports.add_argument("output", type=Path, help="the .onnx file to write")
     imports.add_argument(
@@ -37,8 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("bgr", "rgb"),
         default=None,
         help="the channel order the source reads (default: BGR for OpenVINO IR, OpenVINO's "
-        "convention; torchreid reads RGB)",
+        "convention; RGB for ONNX; torchreid reads RGB)",
     )
+    for name, default, meaning, imagenet in (
+        ("mean", 0.0, "subtracts from", "123.675 116.28 103.53"),
+        ("scale", 1.0, "divides", "58.395 57.12 57.375"),
+    ):
+        imports.add_argument(
+            f"--{name}",
+            type=float,
+            nargs=3,
+            default=None,
+            metavar=("C1", "C2", "C3"),
+            help=f"ONNX only: what the model's preprocessing {meaning} each channel, in pixel units and the "
+            f"source's channel order (e.g. ImageNet's {imagenet} for RGB); default {default:g}",
+        )
     imports.add_argument(
         "--input-size",
         type=int,
@@ -55,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from model_zoo.importers import Provenance, import_model
+    from model_zoo.importers import Preprocessing, Provenance, import_model
     from model_zoo.importers.openvino_ir import UnsupportedGraph
     from model_zoo.onnx_export import ExportParityError
 
@@ -67,11 +83,12 @@ def main(argv=None) -> int:
             args.channel_order,
             args.real_images,
             tuple(args.input_size) if args.input_size else None,
+            Preprocessing(args.mean or (0.0,) * 3, args.scale or (1.0,) * 3) if args.mean or args.scale else None,
         )
     except (OSError, ValueError, ExportParityError, UnsupportedGraph) as exc:
         print(f"python -m model_zoo import: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({key: summary[key] for key in ("output", "bytes", "source", "openvino_agreement")}, indent=2))
+    print(json.dumps({key: summary[key] for key in ("output", "bytes", "source", "source_agreement")}, indent=2))
     return 0
 
 

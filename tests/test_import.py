@@ -39,7 +39,7 @@ def test_an_imported_ir_follows_the_contract_agrees_with_openvino_and_records_it
     summary = import_model(
         path, tmp_path / "tiny.onnx", Provenance(licence="Apache-2.0", url="https://example.org/tiny")
     )
-    assert max(summary["openvino_agreement"].values()) <= 1e-4
+    assert max(summary["source_agreement"].values()) <= 1e-4
     proto = onnx.load(str(tmp_path / "tiny.onnx"))
     metadata = {p.key: p.value for p in proto.metadata_props}
     source = json.loads(metadata[SOURCE_KEY])
@@ -173,7 +173,7 @@ def test_a_torchreid_osnet_checkpoint_imports_with_its_own_embedding(tmp_path, n
         and metadata["reid.branch_dim"] == "512"
         and metadata["reid.input_height"] == "128"
     )
-    assert summary["source"]["channel_order"] == "rgb" and summary["openvino_agreement"] is None
+    assert summary["source"]["channel_order"] == "rgb" and summary["source_agreement"] is None
 
 
 def test_a_file_that_is_no_osnet_is_refused(tmp_path):

@@ -133,6 +133,7 @@ DATA_INPUTS = {
     "MVN": (0,),
     "Gather": (0,),
     "Transpose": (0,),
+    "Pad": (0,),
 }
 
 
@@ -235,6 +236,16 @@ def _channel_slope(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     return slope
 
 
+def _constant_pad(layer: Layer, x: torch.Tensor, begin, end, value) -> torch.Tensor:
+    if layer.attrs.get("pad_mode", "constant") != "constant":
+        raise UnsupportedGraph(f"Pad {layer.name!r} in mode {layer.attrs['pad_mode']}: only constant padding")
+    begin, end = np.asarray(begin).reshape(-1), np.asarray(end).reshape(-1)
+    if begin[:2].any() or end[:2].any():
+        raise UnsupportedGraph(f"Pad {layer.name!r} pads the batch or the channels")
+    fill = float(layer.attrs.get("pad_value", 0.0)) if value is None else float(value.reshape(-1)[0])
+    return _pad(x, [int(b) for b in begin[2:]], [int(e) for e in end[2:]], fill)
+
+
 def _gather(layer: Layer, x: torch.Tensor, indices: np.ndarray, axis: np.ndarray) -> torch.Tensor:
     dim = int(np.asarray(axis).reshape(-1)[0]) % x.dim()
     if dim == 0 or indices.dim() != 1:
@@ -279,6 +290,7 @@ OPS: Dict[str, Callable] = {
     "Transpose": _transpose,
     "Softmax": lambda layer, x: torch.softmax(x, dim=int(layer.attrs["axis"]) % x.dim()),
     "Convert": lambda layer, x: x.float(),
+    "Pad": lambda layer, x, begin, end, value=None: _constant_pad(layer, x, begin, end, value),
     "Result": lambda layer, x: x,
 }
 
