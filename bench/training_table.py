@@ -16,30 +16,15 @@ from typing import Dict, List
 
 from training.config import TrainConfig, from_dict
 from training.evaluation import single_branch_keys
+from training.objectives import OBJECTIVE_REGISTRY
 
 FIGURES = ("rank1", "mAP", "mINP")
 
 
 def row_name(cfg: dict) -> str:
+    """The objective's name for a run (each objective names its own rows: training/objectives)."""
     model, loss = cfg["model"], cfg["loss"]
-    architecture = model.get("architecture", "cama")
-    if architecture == "fmn":
-        return f"FMN (GRN + LAN, mask at {model.get('mask_layer', 'stem')})"
-    if architecture == "casn":
-        return f"CASN ({model.get('layout', 'ide')})"
-    if architecture == "clpd":
-        attention, descriptor = model.get("clpd_attention", "multiscale"), model.get("clpd_descriptor", "SPR")
-        return f"CLPD ({attention} attention, {descriptor} descriptor)"
-    if architecture == "pmm":
-        mix = loss.get("mix", "hardmix")
-        return f"PMM ({'A-Hard-Mix' if mix == 'hardmix' else mix}, K={loss.get('mix_top_blocks')})"
-    if model["num_branches"] == 1:
-        return "IDE+BN (N=1)"
-    if loss["alpha"] == 0:
-        return f"MltB+L_id (N={model['num_branches']}, alpha=0)"
-    return (
-        f"CAMA {loss.get('oap_mode', 'symmetric')} (N={model['num_branches']}, alpha={loss['alpha']:g}, k={loss['k']})"
-    )
+    return OBJECTIVE_REGISTRY.get(loss.get("objective") or model.get("architecture", "cama")).row_name(model, loss)
 
 
 def run_label(cfg: dict) -> str:

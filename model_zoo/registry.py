@@ -1,10 +1,12 @@
 """Architectures by name, so a new architecture is a new file, not an edit of the trainer or exporter.
 
-An architecture registers a builder ``build(model_cfg, num_classes) -> nn.Module``. The module it builds
+An architecture registers a builder ``build(model_cfg, num_classes) -> nn.Module``, and the config keys only it
+reads as an options dataclass in ``MODEL_OPTIONS_REGISTRY``. The module it builds
 takes uint8 images [B, H, W, 3] and returns a ``ReIDOutput`` in training mode and in eval mode alike.
 """
 
-from typing import Callable, Dict
+from dataclasses import field
+from typing import Callable, Dict, List, Tuple
 
 
 class Registry:
@@ -33,6 +35,19 @@ class Registry:
     def names(self) -> list:
         return sorted(self._items)
 
+    def items(self) -> List[Tuple[str, Callable]]:
+        return sorted(self._items.items())
+
+
+def option(default, help: str, **kwargs):
+    """A config field with its help text (``python -m training train --help`` prints it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
 
 ARCHITECTURE_REGISTRY = Registry("architecture")
 BACKBONE_REGISTRY = Registry("backbone")
+# An architecture's own ``model.*`` config keys: a dataclass of ``option`` fields, registered under its name next to
+# its code (as fast-reid's add_*_config); the training config offers every registered class's keys.
+MODEL_OPTIONS_REGISTRY = Registry("model options")

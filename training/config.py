@@ -1,23 +1,25 @@
 """Training configuration: dataclasses with help text, YAML files that layer a ``_base_`` file, and
-``section.key=value`` overrides from the command line (values parsed as YAML)."""
+``section.key=value`` overrides from the command line (values parsed as YAML).
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+The ``model`` and ``loss`` sections hold the keys every architecture and objective share (``SharedModelOptions``,
+``SharedLossOptions``) and, beside them, every key an architecture or objective declares next to its own code
+(``model_zoo.registry.MODEL_OPTIONS_REGISTRY``, ``training.objectives.base.LOSS_OPTIONS_REGISTRY``), so a new
+architecture's options are a new class in its own file. Keys stay flat (``model.clpd_parts``), so configs and
+checkpoints written before read unchanged."""
+
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import yaml
+
+from model_zoo.registry import MODEL_OPTIONS_REGISTRY, Registry, option
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def option(default, help: str, **kwargs):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
-
-
 @dataclass
-class ModelConfig:
+class SharedModelOptions:
     architecture: str = option("cama", "architecture name in model_zoo's registry")
     backbone: str = option("mobilenetv2", "backbone: mobilenetv2 or resnet50")
     num_branches: int = option(3, "number of ordered branches N (1 = IDE+BN baseline)")
@@ -34,16 +36,6 @@ class ModelConfig:
         "norm an instance norm, and one after the residual sum ending the stride-4 "
         "and stride-8 stages)",
     )
-    layout: str = option(
-        "ide",
-        "CASN: 'ide' (GAP of the last stage) or 'pcb' (six horizontal stripes, each reduced to "
-        "reduction_dim, 256 by default)",
-    )
-    mask_layer: str = option(
-        "stem",
-        "FMN: the stage whose output the feature mask multiplies (stem = ResNet's pool1); "
-        "the LAN copies the stages after it",
-    )
     last_stride: int = option(
         1,
         "stride of the backbone's last stage (layer4): 1 (re-ID's usual, a 16x8 map at "
@@ -55,45 +47,10 @@ class ModelConfig:
         "classifier in training (the identity loss on BN features, the triplet on the raw "
         "ones, as IDE+BN's head); exported maps unchanged; a deviation from the paper",
     )
-    classifier_init_std: Optional[float] = option(
-        None,
-        "PMM: the stages' classifiers drawn from N(0, std) with zero "
-        "bias (null: the authors' Kaiming fan_out; 0.001 as CAMA's)",
-    )
-    clpd_parts: int = option(
-        8,
-        "CLPD: N, the number of part attention modules; the local feature is N part "
-        "descriptors of reduction_dim / N each",
-    )
-    clpd_attention: str = option(
-        "multiscale",
-        "CLPD: 'multiscale' (the constrained attention module, eq. 1-2) or "
-        "'single' (Table VI's AM: sigmoid(BN(conv1x1(X))))",
-    )
-    clpd_descriptor: str = option(
-        "SPR",
-        "CLPD: the part descriptor's blocks (Table VI): G (average pooling) or S "
-        "(max, min, mean, median, variance), then optionally P (barycentre) and R "
-        "(cosine distances to the other parts): G, S, GP, GR, SP, SR or SPR",
-    )
-    source: Optional[str] = option(
-        None,
-        "openvino_ir: the OpenVINO IR (.xml beside its .bin) whose graph and weights "
-        "the model is; fine-tuned as one branch, its exact per-cell maps exported "
-        "(python -m model_zoo import)",
-    )
-    channel_order: Optional[str] = option(
-        None, "openvino_ir: 'bgr' or 'rgb', the order the IR reads (null: BGR, OpenVINO's convention)"
-    )
-    clpd_middle_channels: int = option(
-        256,
-        "CLPD: channels of X, the single 1x1 conv -> BN -> ReLU on layer3 that the "
-        "attention modules and the part descriptor read",
-    )
 
 
 @dataclass
-class LossConfig:
+class SharedLossOptions:
     objective: Optional[str] = option(
         None, "the registered objective (training/objectives); null: the architecture's own"
     )
@@ -121,59 +78,6 @@ class LossConfig:
         0.0, "weight of the batch-hard triplet loss on the per-branch features (0: off; use the pk sampler)"
     )
     triplet_margin: Optional[float] = option(0.3, "triplet margin on L2-normalised features (null: soft margin)")
-    mix: str = option(
-        "hardmix",
-        "PMM: what stages II and III see in training: 'hardmix' (A-Hard-Mix: Grad-CAM's top "
-        "blocks from another person), 'cutout' (those blocks zeroed) or 'none'",
-    )
-    mix_block: List[int] = option(
-        [1, 1], "PMM: the Grad-CAM block, [rows, columns] of feature-map cells (the paper: 3x2 on a 24x8 map)"
-    )
-    mix_top_blocks: int = option(
-        8, "PMM: K, how many of the highest-ranked blocks are mixed (the paper: 3 Market, 6 Duke, 8 CUHK03)"
-    )
-    pmm_trained_stages: List[int] = option(
-        [1, 2, 3],
-        "PMM: the stages (1-3) whose identity and triplet terms train; "
-        "the others still run and are evaluated, get no gradient, and "
-        "only weight decay moves them. [1]: the shared backbone learns "
-        "from stage I alone (a diagnostic, not the paper)",
-    )
-    casn_ia_weight: float = option(
-        0.5,
-        "CASN: lambda_1, weight of the identification-attention term (the true class's "
-        "probability on the attention-masked image)",
-    )
-    casn_sa_weight: float = option(
-        0.05,
-        "CASN: lambda_2, weight of the Siamese terms (pair cross-entropy, and with "
-        "casn_consistency_weight the consistency)",
-    )
-    casn_consistency_weight: float = option(
-        0.2, "CASN: alpha_sa, weight of the attention consistency inside the Siamese term"
-    )
-    casn_mask_scale: float = option(10.0, "CASN: omega, the soft mask's sharpness, sigmoid(omega (M - sigma))")
-    casn_mask_threshold: float = option(0.5, "CASN: sigma, the soft mask's threshold on the max-normalised attention")
-    casn_row_threshold: float = option(
-        0.3, "CASN: t, the rows of a max-normalised attention profile kept for alignment"
-    )
-    rank_margin: float = option(
-        0.1, "FMN: margin of the rank loss max(0, p_G - p_L + margin) on true-class probabilities"
-    )
-    rank_weight: float = option(1.0, "FMN: weight of the rank loss")
-    clpd_ratio_weight: float = option(
-        0.1, "CLPD: lambda, weight of the activation-ratio loss L_r (eq. 6), summed over the attention modules (0: off)"
-    )
-    clpd_distribution_weight: float = option(
-        1.0,
-        "CLPD: eta, weight of the activation-distribution loss L_d (eq. 10), "
-        "summed over the attention modules (0: off)",
-    )
-    clpd_candidate_ratios: List[float] = option(
-        [0.2, 0.2, 0.3, 0.3, 0.3, 0.3, 0.4, 0.4],
-        "CLPD: per attention module, its candidates' share of the grid's cells (K = round(ratio x h x w)); one per "
-        "part",
-    )
 
 
 @dataclass
@@ -287,13 +191,66 @@ class RunConfig:
     progress: bool = option(True, "show a progress bar")
 
 
+def _copy(spec: Field) -> Field:
+    """A fresh field like ``spec`` (a dataclass takes ownership of the fields it is made from)."""
+    if spec.default_factory is not MISSING:
+        return field(default_factory=spec.default_factory, metadata=spec.metadata)
+    return field(default=spec.default, metadata=spec.metadata)
+
+
+_COMPOSED: Dict[tuple, type] = {}
+
+
+def compose_section(name: str, shared: type, registry: Registry) -> type:
+    """One dataclass with ``shared``'s keys and those of every option class in ``registry`` (made again when a
+    class has been registered since; a key declared twice is an error)."""
+    parts = [shared, *(options for _, options in registry.items())]
+    key = (name, *parts)
+    if key not in _COMPOSED:
+        owners: Dict[str, str] = {}
+        specs = []
+        for part in parts:
+            for spec in fields(part):
+                if spec.name in owners:
+                    raise TypeError(f"config key {spec.name!r} declared by {owners[spec.name]} and {part.__name__}")
+                owners[spec.name] = part.__name__
+                specs.append((spec.name, spec.type, _copy(spec)))
+        _COMPOSED[key] = make_dataclass(name, specs)
+    return _COMPOSED[key]
+
+
+def _registered() -> None:
+    """Import what registers option classes: every architecture, every objective."""
+    import model_zoo.architectures  # noqa: F401
+    import training.objectives  # noqa: F401
+
+
+def model_options() -> type:
+    """The ``model`` section's class: shared keys and every architecture's."""
+    _registered()
+    return compose_section("ModelConfig", SharedModelOptions, MODEL_OPTIONS_REGISTRY)
+
+
+def loss_options() -> type:
+    """The ``loss`` section's class: shared keys and every objective's."""
+    _registered()
+    from training.objectives.base import LOSS_OPTIONS_REGISTRY
+
+    return compose_section("LossConfig", SharedLossOptions, LOSS_OPTIONS_REGISTRY)
+
+
+def section(cls: Callable[[], type]):
+    """A config section whose class is ``cls()`` (read when a config is made, so late registrations count)."""
+    return field(default_factory=lambda: cls()(), metadata={"section": cls})
+
+
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    model: Any = section(model_options)
+    loss: Any = section(loss_options)
+    data: DataConfig = section(lambda: DataConfig)
+    solver: SolverConfig = section(lambda: SolverConfig)
+    run: RunConfig = section(lambda: RunConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -345,6 +302,13 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
     return tree
 
 
+def _section_class(spec: Field) -> Optional[type]:
+    """The dataclass a field holds, for fields that are config sections."""
+    if "section" in spec.metadata:
+        return spec.metadata["section"]()
+    return spec.default_factory if is_dataclass(spec.default_factory) else None
+
+
 def from_dict(cls, data: Dict[str, Any]):
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
@@ -352,7 +316,7 @@ def from_dict(cls, data: Dict[str, Any]):
         raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}; known: {sorted(known)}")
     values = {}
     for name, value in data.items():
-        kind = known[name].default_factory if is_dataclass(known[name].default_factory) else None
+        kind = _section_class(known[name])
         values[name] = from_dict(kind, value) if kind is not None else value
     return cls(**values)
 
@@ -365,8 +329,9 @@ def load_config(path: Optional[Path] = None, overrides: Optional[List[str]] = No
 def describe_options() -> str:
     """Every config key with its default and help, for the CLI's --help."""
     lines = []
-    for section in fields(TrainConfig):
-        for item in fields(section.default_factory):
-            default = getattr(section.default_factory(), item.name)
-            lines.append(f"  {section.name}.{item.name}={default!r}\n      {item.metadata['help']}")
+    for spec in fields(TrainConfig):
+        kind = _section_class(spec)
+        for item in fields(kind):
+            default = getattr(kind(), item.name)
+            lines.append(f"  {spec.name}.{item.name}={default!r}\n      {item.metadata['help']}")
     return "\n".join(lines)

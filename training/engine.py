@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from model_zoo.architectures import build_model
 from training.config import TrainConfig
-from training.data import MarketDataset, PairSampler, PKSampler, RandomBatchSampler, TrainAugmentation, batch_loader
+from training.data import SAMPLER_REGISTRY, MarketDataset, TrainAugmentation, batch_loader
 from training.checkpoints import model_settings
 from training.evaluation import evaluate_sets, results_table, test_roots
 from training.objectives import build_objective
@@ -225,18 +225,7 @@ class Trainer:
             self.autocast_dtype = None
 
     def _sampler(self):
-        d = self.cfg.data
-        per_source = self.dataset.source_weights(d.source_weights)
-        if d.sampler == "pk":
-            identity_weights = np.zeros(self.dataset.num_classes)
-            identity_weights[self.dataset.labels] = per_source[self.dataset.sources]
-            return PKSampler(self.dataset.labels, d.batch_size, d.num_instances, self.generator, identity_weights)
-        if d.sampler == "random":
-            weights = None if not d.source_weights else per_source[self.dataset.sources]
-            return RandomBatchSampler(len(self.dataset), d.batch_size, self.generator, weights)
-        if d.sampler == "pairs":
-            return PairSampler(self.dataset.labels, d.batch_size, self.generator, d.pair_positive_share)
-        raise ValueError(f"unknown sampler {d.sampler!r}: 'random', 'pk' or 'pairs'")
+        return SAMPLER_REGISTRY.get(self.cfg.data.sampler)(self.dataset, self.cfg.data, self.generator)
 
     @property
     def total_epochs(self) -> int:

@@ -19,6 +19,7 @@ writes it beside the file as the test-time re-ranking artifact (``model_zoo/pair
 A, which ``ide`` exports as its contract map and ``pcb`` as the optional ``pair_maps`` output.
 """
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -29,10 +30,22 @@ from model_zoo.architectures.common import InputNormalization, ReIDOutput
 from model_zoo.architectures.contract_maps import as_affine, region_map, relu_gate, stripe_masks
 from model_zoo.contract import OUTPUT_PAIR_MAPS
 from model_zoo.pair_attention import PairHead
-from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
+from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
 
 LAYOUTS = ("ide", "pcb")
 STRIPES = 6
+
+
+@MODEL_OPTIONS_REGISTRY.register("casn")
+@dataclass
+class CASNOptions:
+    """The ``model.*`` keys only casn reads."""
+
+    layout: str = option(
+        "ide",
+        "CASN: 'ide' (GAP of the last stage) or 'pcb' (six horizontal stripes, each reduced to "
+        "reduction_dim, 256 by default)",
+    )
 
 
 def two_layer_head(in_features: int, hidden: int, out_features: int) -> nn.Sequential:

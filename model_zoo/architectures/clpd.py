@@ -25,6 +25,7 @@ the part attention maps M [B, N, h, w], which the exporter writes as the optiona
 """
 
 import re
+from dataclasses import dataclass
 from typing import Dict, Iterator, Tuple
 
 import torch
@@ -42,13 +43,41 @@ from model_zoo.architectures.contract_maps import (
     variance_map,
     weighted_map,
 )
-from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
+from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
 
 STATISTICS = ("max", "min", "mean", "median", "var")
 SELECTIONS = ("max", "min", "median")
 DESCRIPTORS = re.compile(r"^[GS]P?R?$")
 BARYCENTRE_EPS = 1e-6  # in the barycentre's denominator: an all-zero channel of Z gives 0, not NaN
 COSINE_EPS = 1e-12  # contract_maps.cosine_distance_map's guard: an all-zero channel is at distance 1
+
+
+@MODEL_OPTIONS_REGISTRY.register("clpd")
+@dataclass
+class CLPDOptions:
+    """The ``model.*`` keys only clpd reads."""
+
+    clpd_parts: int = option(
+        8,
+        "CLPD: N, the number of part attention modules; the local feature is N part "
+        "descriptors of reduction_dim / N each",
+    )
+    clpd_attention: str = option(
+        "multiscale",
+        "CLPD: 'multiscale' (the constrained attention module, eq. 1-2) or "
+        "'single' (Table VI's AM: sigmoid(BN(conv1x1(X))))",
+    )
+    clpd_descriptor: str = option(
+        "SPR",
+        "CLPD: the part descriptor's blocks (Table VI): G (average pooling) or S "
+        "(max, min, mean, median, variance), then optionally P (barycentre) and R "
+        "(cosine distances to the other parts): G, S, GP, GR, SP, SR or SPR",
+    )
+    clpd_middle_channels: int = option(
+        256,
+        "CLPD: channels of X, the single 1x1 conv -> BN -> ReLU on layer3 that the "
+        "attention modules and the part descriptor read",
+    )
 
 
 class MultiscaleAttention(nn.Module):

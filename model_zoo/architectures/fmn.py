@@ -18,6 +18,7 @@ MN and LAN on cross-entropy plus the probability-margin rank loss (eq. 5).
 """
 
 import math
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
@@ -25,9 +26,21 @@ from torch import nn
 
 from model_zoo.architectures.common import InputNormalization, ReIDOutput, classifier_neck
 from model_zoo.backbones.base import STAGE_NAMES
-from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
+from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
 
 MASK_LOGIT_CLAMP = 10.0
+
+
+@MODEL_OPTIONS_REGISTRY.register("fmn")
+@dataclass
+class FMNOptions:
+    """The ``model.*`` keys only fmn reads."""
+
+    mask_layer: str = option(
+        "stem",
+        "FMN: the stage whose output the feature mask multiplies (stem = ResNet's pool1); "
+        "the LAN copies the stages after it",
+    )
 
 
 class FeatureMask(nn.Module):

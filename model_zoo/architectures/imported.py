@@ -3,14 +3,32 @@ modules (``model_zoo.importers``), one branch whose maps are the exact per-cell 
 embedding, plus an identity classifier for fine-tuning on re-ID data. Exported, it is the file
 ``python -m model_zoo import`` writes, with the fine-tuned weights."""
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from model_zoo.architectures.common import ReIDOutput, classifier_neck
 from model_zoo.importers.openvino_ir import DEFAULT_CHANNEL_ORDER, contract_model, embedding_size, input_size, read_ir
-from model_zoo.registry import ARCHITECTURE_REGISTRY
+from model_zoo.registry import ARCHITECTURE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
+
+
+@MODEL_OPTIONS_REGISTRY.register("openvino_ir")
+@dataclass
+class ImportedOptions:
+    """The ``model.*`` keys only openvino_ir reads."""
+
+    source: Optional[str] = option(
+        None,
+        "openvino_ir: the OpenVINO IR (.xml beside its .bin) whose graph and weights "
+        "the model is; fine-tuned as one branch, its exact per-cell maps exported "
+        "(python -m model_zoo import)",
+    )
+    channel_order: Optional[str] = option(
+        None, "openvino_ir: 'bgr' or 'rgb', the order the IR reads (null: BGR, OpenVINO's convention)"
+    )
 
 
 class ImportedEmbedding(nn.Module):

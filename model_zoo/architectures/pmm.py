@@ -15,6 +15,7 @@ attributions, not activations (``feature_maps_kind``), and RAM on them is spiky 
 ranks by Euclidean distance on [u_1; u_2; u_3]; the product ranks by the mean of the branch cosines.
 """
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -30,10 +31,22 @@ from model_zoo.architectures.contract_maps import (
     selection_margin,
 )
 from model_zoo.backbones.resnet import Bottleneck
-from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY
+from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
 
 # mix(stage input, that stage's logits, x_p) -> the next stage's input
 Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@MODEL_OPTIONS_REGISTRY.register("pmm")
+@dataclass
+class PMMOptions:
+    """The ``model.*`` keys only pmm reads."""
+
+    classifier_init_std: Optional[float] = option(
+        None,
+        "PMM: the stages' classifiers drawn from N(0, std) with zero "
+        "bias (null: the authors' Kaiming fan_out; 0.001 as CAMA's)",
+    )
 
 
 def init_new_layer(module: nn.Module) -> None:

@@ -3,7 +3,7 @@ the loader that makes augmented batches ahead of the model."""
 
 from training.data.loader import batch_loader
 from training.data.market import ImageRecord, MarketDataset, read_split
-from training.data.samplers import PairSampler, PKSampler, RandomBatchSampler
+from training.data.samplers import SAMPLER_REGISTRY, PairSampler, PKSampler, RandomBatchSampler
 from training.data.transforms import TrainAugmentation
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "MarketDataset",
     "read_split",
     "PairSampler",
+    "SAMPLER_REGISTRY",
     "PKSampler",
     "RandomBatchSampler",
     "TrainAugmentation",

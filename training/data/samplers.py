@@ -1,4 +1,6 @@
-"""Batch samplers: random batches, and P identities x K images (with replacement for small identities).
+"""Batch samplers: random batches, and P identities x K images (with replacement for small identities), and
+image pairs; each registered by its ``data.sampler`` name in ``SAMPLER_REGISTRY`` with a builder that reads the
+training set and the data config, so a new sampler is a new registration, not an edit of the trainer.
 
 Both take optional weights so that several training sources can be mixed in chosen proportions: the PxK
 sampler draws identities with probability proportional to their weight (uniform over identities by default,
@@ -11,6 +13,10 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from model_zoo.registry import Registry
+
+SAMPLER_REGISTRY = Registry("sampler")  # name -> build(dataset, data_cfg, generator) -> a batch sampler
 
 
 class RandomBatchSampler:
@@ -130,3 +136,21 @@ class PairSampler:
     def __iter__(self) -> Iterator[List[int]]:
         for _ in range(len(self)):
             yield [index for _ in range(self.batch_size // 2) for index in self._pair()]
+
+
+@SAMPLER_REGISTRY.register("random")
+def _random_batches(dataset, data_cfg, generator: torch.Generator) -> RandomBatchSampler:
+    weights = dataset.source_weights(data_cfg.source_weights)[dataset.sources] if data_cfg.source_weights else None
+    return RandomBatchSampler(len(dataset), data_cfg.batch_size, generator, weights)
+
+
+@SAMPLER_REGISTRY.register("pk")
+def _identities_by_instances(dataset, data_cfg, generator: torch.Generator) -> PKSampler:
+    identity_weights = np.zeros(dataset.num_classes)
+    identity_weights[dataset.labels] = dataset.source_weights(data_cfg.source_weights)[dataset.sources]
+    return PKSampler(dataset.labels, data_cfg.batch_size, data_cfg.num_instances, generator, identity_weights)
+
+
+@SAMPLER_REGISTRY.register("pairs")
+def _image_pairs(dataset, data_cfg, generator: torch.Generator) -> PairSampler:
+    return PairSampler(dataset.labels, data_cfg.batch_size, generator, data_cfg.pair_positive_share)

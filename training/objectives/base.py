@@ -9,6 +9,9 @@ from model_zoo.architectures import ReIDOutput
 from model_zoo.registry import Registry
 
 OBJECTIVE_REGISTRY = Registry("objective")
+# An objective's own ``loss.*`` config keys: a dataclass of ``model_zoo.registry.option`` fields, registered under
+# the objective's name next to its code; the training config offers every registered class's keys.
+LOSS_OPTIONS_REGISTRY = Registry("loss options")
 
 
 class Objective:
@@ -18,6 +21,12 @@ class Objective:
     def __init__(self, cfg, model: nn.Module):
         self.cfg, self.model = cfg, model
         self.overrides: Dict[str, float] = {}
+
+    @staticmethod
+    def row_name(model: Dict, loss: Dict) -> str:
+        """How a results table names a run of this objective, from its config's model and loss sections (dicts,
+        as a run's metrics.json holds them; keys added later may be missing)."""
+        return str(model.get("architecture"))
 
     def default_weights(self) -> Dict[str, float]:
         raise NotImplementedError

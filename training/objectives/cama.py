@@ -13,6 +13,15 @@ from training.objectives.base import OBJECTIVE_REGISTRY, Objective
 
 @OBJECTIVE_REGISTRY.register("cama")
 class CAMAObjective(Objective):
+    @staticmethod
+    def row_name(model: Dict, loss: Dict) -> str:
+        if model["num_branches"] == 1:
+            return "IDE+BN (N=1)"
+        if loss["alpha"] == 0:
+            return f"MltB+L_id (N={model['num_branches']}, alpha=0)"
+        branches, mode = model["num_branches"], loss.get("oap_mode", "symmetric")
+        return f"CAMA {mode} (N={branches}, alpha={loss['alpha']:g}, k={loss['k']})"
+
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
         self.id_loss = IdentificationLoss(cfg.loss.label_smoothing)

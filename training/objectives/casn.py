@@ -16,14 +16,41 @@ Terms and weights (``loss.casn_*``; the paper's lambda_1 = 0.5, lambda_2 = 0.05,
   the two profiles. A pair with an all-zero map is skipped.
 """
 
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
+from model_zoo.registry import option
 from training.gradcam import grad_cam, linear_head_cam
 from training.losses import IdentificationLoss
-from training.objectives.base import OBJECTIVE_REGISTRY, Objective
+from training.objectives.base import LOSS_OPTIONS_REGISTRY, OBJECTIVE_REGISTRY, Objective
+
+
+@LOSS_OPTIONS_REGISTRY.register("casn")
+@dataclass
+class CASNLossOptions:
+    """The ``loss.*`` keys only the casn objective reads."""
+
+    casn_ia_weight: float = option(
+        0.5,
+        "CASN: lambda_1, weight of the identification-attention term (the true class's "
+        "probability on the attention-masked image)",
+    )
+    casn_sa_weight: float = option(
+        0.05,
+        "CASN: lambda_2, weight of the Siamese terms (pair cross-entropy, and with "
+        "casn_consistency_weight the consistency)",
+    )
+    casn_consistency_weight: float = option(
+        0.2, "CASN: alpha_sa, weight of the attention consistency inside the Siamese term"
+    )
+    casn_mask_scale: float = option(10.0, "CASN: omega, the soft mask's sharpness, sigmoid(omega (M - sigma))")
+    casn_mask_threshold: float = option(0.5, "CASN: sigma, the soft mask's threshold on the max-normalised attention")
+    casn_row_threshold: float = option(
+        0.3, "CASN: t, the rows of a max-normalised attention profile kept for alignment"
+    )
 
 
 def soft_mask(attention: torch.Tensor, scale: float, threshold: float) -> torch.Tensor:
@@ -56,6 +83,10 @@ def pair_indicator(pair_logits: torch.Tensor, difference: torch.Tensor) -> torch
 
 @OBJECTIVE_REGISTRY.register("casn")
 class CASNObjective(Objective):
+    @staticmethod
+    def row_name(model: Dict, loss: Dict) -> str:
+        return f"CASN ({model.get('layout', 'ide')})"
+
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
         self.id_loss = IdentificationLoss(cfg.loss.label_smoothing)

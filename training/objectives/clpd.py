@@ -15,15 +15,37 @@ Not in the paper, for the multi-source recipe (``clpd_pool.yaml``): ``loss_tri``
 batch-hard triplet on the L2-normalised u_g and u_l (u_g alone while the local branch is not run).
 """
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
 from model_zoo.architectures.common import branch_features
+from model_zoo.registry import option
 from training.losses import BatchHardTripletLoss, IdentificationLoss
-from training.objectives.base import OBJECTIVE_REGISTRY, GlobalFirstObjective
+from training.objectives.base import GlobalFirstObjective, LOSS_OPTIONS_REGISTRY, OBJECTIVE_REGISTRY
 
 LOCAL_TERMS = ("loss_local", "loss_ratio", "loss_distribution")
+
+
+@LOSS_OPTIONS_REGISTRY.register("clpd")
+@dataclass
+class CLPDLossOptions:
+    """The ``loss.*`` keys only the clpd objective reads."""
+
+    clpd_ratio_weight: float = option(
+        0.1, "CLPD: lambda, weight of the activation-ratio loss L_r (eq. 6), summed over the attention modules (0: off)"
+    )
+    clpd_distribution_weight: float = option(
+        1.0,
+        "CLPD: eta, weight of the activation-distribution loss L_d (eq. 10), "
+        "summed over the attention modules (0: off)",
+    )
+    clpd_candidate_ratios: List[float] = option(
+        [0.2, 0.2, 0.3, 0.3, 0.3, 0.3, 0.4, 0.4],
+        "CLPD: per attention module, its candidates' share of the grid's cells (K = round(ratio x h x w)); one per "
+        "part",
+    )
 
 
 def candidate_counts(ratios: Sequence[float], cells: int) -> List[int]:
@@ -61,6 +83,11 @@ def concentration_loss(
 
 @OBJECTIVE_REGISTRY.register("clpd")
 class CLPDObjective(GlobalFirstObjective):
+    @staticmethod
+    def row_name(model: Dict, loss: Dict) -> str:
+        attention, descriptor = model.get("clpd_attention", "multiscale"), model.get("clpd_descriptor", "SPR")
+        return f"CLPD ({attention} attention, {descriptor} descriptor)"
+
     local_terms = LOCAL_TERMS
 
     def __init__(self, cfg, model):

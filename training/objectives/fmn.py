@@ -7,17 +7,34 @@ Not in the paper, for the multi-source recipe (``fmn_pool.yaml``): ``loss_tri`` 
 batch-hard triplet loss on the L2-normalised descriptor of the network being trained (the GRN while the LAN
 is not run, else the LAN)."""
 
+from dataclasses import dataclass
 from typing import Dict
 
 import torch
 
 from model_zoo.architectures.common import branch_features
+from model_zoo.registry import option
 from training.losses import BatchHardTripletLoss, IdentificationLoss, ProbabilityMarginRankLoss
-from training.objectives.base import OBJECTIVE_REGISTRY, GlobalFirstObjective
+from training.objectives.base import GlobalFirstObjective, LOSS_OPTIONS_REGISTRY, OBJECTIVE_REGISTRY
+
+
+@LOSS_OPTIONS_REGISTRY.register("fmn")
+@dataclass
+class FMNLossOptions:
+    """The ``loss.*`` keys only the fmn objective reads."""
+
+    rank_margin: float = option(
+        0.1, "FMN: margin of the rank loss max(0, p_G - p_L + margin) on true-class probabilities"
+    )
+    rank_weight: float = option(1.0, "FMN: weight of the rank loss")
 
 
 @OBJECTIVE_REGISTRY.register("fmn")
 class FMNObjective(GlobalFirstObjective):
+    @staticmethod
+    def row_name(model: Dict, loss: Dict) -> str:
+        return f"FMN (GRN + LAN, mask at {model.get('mask_layer', 'stem')})"
+
     local_terms = ("loss_lan", "loss_rank")
 
     def __init__(self, cfg, model):

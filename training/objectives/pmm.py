@@ -12,15 +12,42 @@ per stage. Stage III mixes the fresh x_p, not stage II's input (the authors' cod
 the blocks instead (Table 3's CutOut); ``none`` trains without mixing.
 """
 
-from typing import Dict, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
 
 import torch
 
+from model_zoo.registry import option
 from training.gradcam import grad_cam
 from training.losses import BatchHardTripletLoss, IdentificationLoss
-from training.objectives.base import OBJECTIVE_REGISTRY, Objective
+from training.objectives.base import LOSS_OPTIONS_REGISTRY, OBJECTIVE_REGISTRY, Objective
 
 MIXES = ("hardmix", "cutout", "none")
+
+
+@LOSS_OPTIONS_REGISTRY.register("pmm")
+@dataclass
+class PMMLossOptions:
+    """The ``loss.*`` keys only the pmm objective reads."""
+
+    mix: str = option(
+        "hardmix",
+        "PMM: what stages II and III see in training: 'hardmix' (A-Hard-Mix: Grad-CAM's top "
+        "blocks from another person), 'cutout' (those blocks zeroed) or 'none'",
+    )
+    mix_block: List[int] = option(
+        [1, 1], "PMM: the Grad-CAM block, [rows, columns] of feature-map cells (the paper: 3x2 on a 24x8 map)"
+    )
+    mix_top_blocks: int = option(
+        8, "PMM: K, how many of the highest-ranked blocks are mixed (the paper: 3 Market, 6 Duke, 8 CUHK03)"
+    )
+    pmm_trained_stages: List[int] = option(
+        [1, 2, 3],
+        "PMM: the stages (1-3) whose identity and triplet terms train; "
+        "the others still run and are evaluated, get no gradient, and "
+        "only weight decay moves them. [1]: the shared backbone learns "
+        "from stage I alone (a diagnostic, not the paper)",
+    )
 
 
 def top_block_mask(cam: torch.Tensor, block: Sequence[int], k: int) -> torch.Tensor:
@@ -69,6 +96,11 @@ class AttentiveMix:
 
 @OBJECTIVE_REGISTRY.register("pmm")
 class PMMObjective(Objective):
+    @staticmethod
+    def row_name(model: Dict, loss: Dict) -> str:
+        mix = loss.get("mix", "hardmix")
+        return f"PMM ({'A-Hard-Mix' if mix == 'hardmix' else mix}, K={loss.get('mix_top_blocks')})"
+
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
         if cfg.loss.mix not in MIXES:
