@@ -8,7 +8,7 @@ run against a loaded ONNX Runtime session. Torch-free.
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -35,6 +35,7 @@ PRECISIONS = ("fp32", "int8", "fp16")
 SOURCE_KEY = (
     METADATA_PREFIX + "source"
 )  # JSON, files written by ``python -m model_zoo import``: format, file sha256s, licence, address
+ADAPTATION_KEY = METADATA_PREFIX + "adaptation"  # JSON, files written by ``python -m training adapt``
 FLIP_KEY = (
     METADATA_PREFIX + "test_time_flip"
 )  # "true": the graph averages each image with its mirror (python -m training export --flip)
@@ -150,6 +151,18 @@ def identity_error(embedding: np.ndarray, feature_maps: np.ndarray) -> float:
     means = feature_maps.astype(np.float32).mean(axis=(3, 4))
     branches = means / np.maximum(np.linalg.norm(means, axis=2, keepdims=True), 1e-12)
     return float(np.abs(branches - split_branches(embedding, feature_maps.shape[1])).max())
+
+
+def adaptation_summary(metadata: Dict[str, str]) -> Optional[Dict[str, Any]]:
+    """What the file's ``reid.adaptation`` says in brief: its source and what it adapted on; None where the
+    file was not adapted (or the record is unreadable, which the contract leaves optional)."""
+    try:
+        record = json.loads(metadata.get(ADAPTATION_KEY, "null"))
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {key: record.get(key) for key in ("source_model", "source_sha256", "crops", "crops_source", "cameras")}
 
 
 def precision_of(metadata: Dict[str, str]) -> str:

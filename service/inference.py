@@ -21,6 +21,7 @@ from model_zoo.contract import (
     PRECISION_KEY,
     ContractError,
     ModelContract,
+    adaptation_summary,
     check_session,
     precision_of,
     precision_path,
@@ -205,7 +206,9 @@ class InferenceModel:
             provider_options=provider_options(asked, self.tensorrt_cache, input_size, self.max_batch),
         )
         self.contract: ModelContract = check_session(self.session)
-        precision = precision_of(self.session.get_modelmeta().custom_metadata_map)
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        precision = precision_of(metadata)
+        self.adaptation = adaptation_summary(metadata)
         if self.precision != "fp32" and precision != self.precision:
             raise ContractError(
                 f"{self.path} says {PRECISION_KEY}={precision}: REID_MODEL_PRECISION={self.precision} "

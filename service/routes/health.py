@@ -42,6 +42,7 @@ async def model_info(request: Request):
         "fingerprint": s.model.fingerprint,
         "file": s.model.path.name,
         "precision": s.model.precision,
+        "adaptation": s.model.adaptation,  # null, or the source and crops of a `training adapt` file
         # what the optional query steps can use: CASN's pair head (pair_attention=true), CLPD-style attention maps
         "pair_head": s.pair_head is not None,
         "attention_maps": s.model.has_attention_maps,

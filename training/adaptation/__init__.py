@@ -25,6 +25,7 @@ from torch import nn
 
 from model_zoo.architectures.common import ReIDOutput
 from model_zoo.contract import (
+    ADAPTATION_KEY,
     INPUT_IMAGES,
     METADATA_PREFIX,
     OUTPUT_FEATURE_MAPS,
@@ -40,7 +41,6 @@ from training.adaptation.loop import AdaptationSettings, EpochRecord, adapt_head
 from training.adaptation.views import VIEWS, pooled_views
 
 log = logging.getLogger(__name__)
-ADAPTATION_KEY = METADATA_PREFIX + "adaptation"
 EVALUATION_KEY = METADATA_PREFIX + "evaluation"
 
 __all__ = ["AdaptationSettings", "adapt"]
@@ -165,7 +165,8 @@ def _record(model: Path, model_sha256: str, crops: Crops, settings, history, emb
 def card(record: Dict) -> str:
     """The adapted model's card: what it started from, what it adapted on, how, and what is left to do."""
     rows = "\n".join(
-        f"| {e['epoch']} | {e['clusters']} | {e['outliers']} | {e['loss']:.3f} | {e['seconds']:.1f} |"
+        f"| {e['epoch']} | {e['clusters']} | {e['outliers']} | {e['loss_start']:.3f} -> {e['loss_end']:.3f} "
+        f"| {e['seconds']:.1f} |"
         for e in record["epochs"]
     )
     settings = ", ".join(f"{k}={v}" for k, v in record["settings"].items())
@@ -181,7 +182,7 @@ Adapted without labels by `python -m training adapt` from `{record["source_model
 - Last epoch: {record["clusters"]} clusters, {record["outliers"]} crops in none.
 - Settings: {settings}.
 
-| epoch | clusters | outliers | loss | s |
+| epoch | clusters | outliers | loss (first -> last fifth of the steps) | s |
 |---|---|---|---|---|
 {rows}
 

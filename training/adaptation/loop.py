@@ -57,7 +57,9 @@ class EpochRecord:
     epoch: int
     clusters: int
     outliers: int
-    loss: float
+    loss: float  # the epoch's mean
+    loss_start: float  # the mean over its first fifth of steps, against a memory built from the epoch's clusters
+    loss_end: float  # ... and over its last fifth: the loss falls within an epoch; each epoch starts afresh
     seconds: float
 
 
@@ -135,11 +137,14 @@ def adapt_head(
         losses = []
         if clustering.num_clusters >= 2:
             losses = _train_epoch(head, optimizer, pooled_views, clustering.labels, camera_tensor, settings, rng)
+        fifth = max(1, len(losses) // 5)
         record = EpochRecord(
             epoch + 1,
             clustering.num_clusters,
             clustering.outliers,
-            float(np.mean(losses)) if losses else float("nan"),
+            _mean(losses),
+            _mean(losses[:fifth]),
+            _mean(losses[-fifth:]),
             time.perf_counter() - started,
         )
         history.append(record)
@@ -149,6 +154,10 @@ def adapt_head(
         if on_epoch:
             on_epoch(record, head)
     return head, history
+
+
+def _mean(values: List[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _train_epoch(head, optimizer, pooled_views, labels, cameras, settings, rng) -> List[float]:
