@@ -21,12 +21,12 @@ CLUSTERERS = ("dbscan", "mutual")
 
 @dataclass
 class AdaptationSettings:
-    """Every setting of one adaptation; defaults are Cluster Contrast's and CAP's published ones, except where
-    a comment says why not."""
+    """Every setting of one adaptation. The defaults are the variant bench/adaptation.py chose on CUHK03-val
+    (docs/training.md); the clustering and memory constants are Cluster Contrast's and CAP's published ones."""
 
-    epochs: int = 20
-    clusterer: str = "dbscan"  # or "mutual": cross-camera mutual nearest neighbours (single-shot data)
-    memory: str = "camera"  # "camera" (CAP's proxies) where crops have camera ids, else "cluster"
+    epochs: int = 10
+    clusterer: str = "mutual"  # "mutual": cross-camera mutual nearest neighbours; "dbscan": Cluster Contrast's
+    memory: str = "cluster"  # "cluster": Cluster Contrast's centroids; "camera": CAP's camera-aware proxies
     eps: float = 0.6  # DBSCAN's radius on the Jaccard distance (Cluster Contrast, Market)
     min_samples: int = 4  # DBSCAN's core size, the crop itself included
     k1: int = 30
@@ -38,7 +38,7 @@ class AdaptationSettings:
     batch_size: int = 64
     instances: int = 4  # crops of one cluster in a batch
     steps_per_epoch: int = 100
-    lr: float = 3e-4  # Adam; a linear head on a strong trunk needs no more
+    lr: float = 1e-4  # Adam
     weight_decay: float = 5e-4
     anchor_weight: float = 0.0  # lambda of ||W - I||^2 + ||b||^2, a pull back toward the source model
     seed: int = 0
