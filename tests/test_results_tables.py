@@ -3,6 +3,7 @@ bench/ablation_tables.py (the ablations' seed tables), and the docs' tables gene
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,29 @@ def test_a_generated_table_in_the_docs_is_what_the_committed_result_file_prints(
     assert table.marker.search(text), f"{table.doc.name} lost its marker"
     results = json.loads((BENCH / "results" / result).read_text())
     assert table.rendered(text, results) == text, f"python -m bench.{name} --write-docs bench/results/{result}"
+
+
+def test_result_files_name_no_folder_of_the_machine_they_were_made_on():
+    """Data and run folders appear as $DATA and $RUNS (bench.common.portable_command); only throw-away files
+    (/tmp) and system tools may appear as absolute paths."""
+    allowed = ("/tmp/", "/usr/", "/proc/")
+    path_pattern = re.compile(r"(?<![\w.$:/])/(?:[\w.-]+/)+[\w.-]*")
+    found = {}
+
+    def strings(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield key
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, str):
+            yield value
+
+    for result in sorted(BENCH.glob("results/**/*.json")):
+        for text in strings(json.loads(result.read_text())):
+            for path in path_pattern.findall(text):
+                if not path.startswith(allowed):
+                    found.setdefault(result.name, path)
+    assert not found, found
