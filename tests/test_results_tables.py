@@ -277,3 +277,12 @@ def test_result_files_name_no_folder_of_the_machine_they_were_made_on():
                 if not path.startswith(allowed):
                     found.setdefault(result.name, path)
     assert not found, found
+
+
+def test_the_docs_say_which_result_files_measured_a_model_that_has_changed():
+    """A new shipped model changes its sha256: this fails until docs/results.md lists the figures measured on the
+    old file as stale (python -m bench.result_models --write-docs)."""
+    result_models = bench_module("result_models")
+    text = result_models.DOC.read_text()
+    assert result_models.MARKER.search(text), "docs/results.md lost its result models marker"
+    assert result_models.rewrite_generated(text, result_models.MARKER, result_models.table()) == text
