@@ -14,7 +14,7 @@ import torch
 from model_zoo.contract import identity_error, open_cpu_session
 from model_zoo.onnx_export import ExportParityError, check_parity
 from model_zoo.rerank import jaccard_distances, rerank_all_queries
-from training.adaptation import ADAPTATION_KEY, HeadOnSource, adapt
+from training.adaptation import ADAPTATION_KEY, HeadOnSource, adapt, add_evaluation
 from training.adaptation.clustering import OUTLIER, cross_camera_mutual_neighbours, dbscan
 from training.adaptation.crops import read_crops
 from training.adaptation.head import BranchLinearHead, append_head
@@ -167,6 +167,17 @@ def test_adapt_writes_a_contract_file_with_its_card_and_parity(tiny_model, tmp_p
     card = out.with_suffix(".md").read_text()
     assert "clusters" in card and record["source_sha256"] in card
     assert (tmp_path / "run" / "head.pt").exists() and (tmp_path / "run" / "views.npz").exists()
+
+
+def test_evaluated_where_labels_exist_the_figures_go_into_the_file_and_the_card(tiny_model, market_root, tmp_path):
+    _, source = tiny_model
+    settings = AdaptationSettings(epochs=1, min_samples=2, eps=0.5, k1=6, k2=3, steps_per_epoch=3, batch_size=16)
+    out = tmp_path / "adapted.onnx"
+    record = adapt(source, str(write_crops(tmp_path / "crops")), out, settings=settings, progress=False)
+    record = add_evaluation(record, source, out, [market_root], progress=False)
+    _, contract = open_cpu_session(out)
+    assert contract.evaluation == record["evaluation"]["adapted"] and "market" in contract.evaluation
+    assert "| market |" in out.with_suffix(".md").read_text()
 
 
 def test_the_parity_check_catches_a_file_that_is_not_the_head(tiny_model, tmp_path):

@@ -352,17 +352,18 @@ def _add_calibrate(commands) -> None:
 
 
 def _adapt(args) -> None:
-    from training.adaptation import adapt
-    from training.evaluation import evaluate_onnx, results_table
+    from training.adaptation import adapt, add_evaluation
+    from training.evaluation import results_table
 
     record = adapt(args.model, args.crops, args.output, args.run_dir, args.settings, not args.quiet, args.limit)
     print(
         f"{record['output']}: {record['crops']} crops, {record['cameras']} camera(s); last epoch "
         f"{record['clusters']} clusters, {record['outliers']} outliers; {record['seconds_total']:.0f} s"
     )
-    for name, path in (("source", args.model), ("adapted", args.output)):
-        if args.evaluate:
-            print(f"{name}:\n" + results_table(evaluate_onnx(path, args.evaluate, progress=not args.quiet)))
+    if args.evaluate:
+        record = add_evaluation(record, args.model, args.output, args.evaluate, not args.quiet)
+        for name, figures in record["evaluation"].items():
+            print(f"{name}:\n" + results_table(figures))
 
 
 def _adaptation_settings(pairs):

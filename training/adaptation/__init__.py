@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -43,7 +43,7 @@ from training.adaptation.views import VIEWS, pooled_views
 log = logging.getLogger(__name__)
 EVALUATION_KEY = METADATA_PREFIX + "evaluation"
 
-__all__ = ["AdaptationSettings", "adapt"]
+__all__ = ["AdaptationSettings", "adapt", "add_evaluation"]
 
 
 class HeadOnSource(nn.Module):
@@ -143,6 +143,23 @@ def adapt(
     return record
 
 
+def add_evaluation(record: Dict, model: Path, output: Path, roots: Sequence[Path], progress: bool = True) -> Dict:
+    """Evaluate the source and the adapted file side by side on labelled Market-layout ``roots``; the adapted
+    file's figures go into its ``reid.evaluation`` and both into its card. Returns the record with them."""
+    from training.evaluation import evaluate_onnx
+
+    figures = {
+        name: evaluate_onnx(path, roots, progress=progress) for name, path in (("source", model), ("adapted", output))
+    }
+    adapted = onnx.load(str(output))
+    metadata = {entry.key: entry.value for entry in adapted.metadata_props}
+    metadata[EVALUATION_KEY] = json.dumps(figures["adapted"])
+    _write(adapted, metadata, output)
+    record = {**record, "evaluation": figures}
+    output.with_suffix(".md").write_text(card(record))
+    return record
+
+
 def _record(model: Path, model_sha256: str, crops: Crops, settings, history, embed_seconds: float) -> Dict:
     last: EpochRecord = history[-1]
     return {
@@ -170,6 +187,14 @@ def card(record: Dict) -> str:
         for e in record["epochs"]
     )
     settings = ", ".join(f"{k}={v}" for k, v in record["settings"].items())
+    evaluation = ""
+    if record.get("evaluation"):
+        lines = ["| set | source R1 / mAP | adapted R1 / mAP |", "|---|---|---|"]
+        for name, adapted in record["evaluation"]["adapted"].items():
+            source = record["evaluation"]["source"][name]
+            cells = [f"{100 * f['all']['rank1']:.1f} / {100 * f['all']['mAP']:.1f}" for f in (source, adapted)]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        evaluation = "\nEvaluated where labels exist (single-query Market protocol, %):\n\n" + "\n".join(lines) + "\n"
     return f"""# {record["output"]}
 
 Adapted without labels by `python -m training adapt` from `{record["source_model"]}`
@@ -185,8 +210,8 @@ Adapted without labels by `python -m training adapt` from `{record["source_model
 | epoch | clusters | outliers | loss (first -> last fifth of the steps) | s |
 |---|---|---|---|---|
 {rows}
-
+{evaluation}
 The source's evaluation figures and same-person threshold do not hold for this file and are cleared
-(`reid.evaluation`, `reid.verification`); evaluate it with `python -m training evaluate` where labels exist,
-and calibrate it with `python -m training calibrate`. Its licence and data terms are the source model's.
+(`reid.verification`; `reid.evaluation` holds only figures measured on this file, with `--evaluate`); calibrate
+it with `python -m training calibrate`. Its licence and data terms are the source model's.
 """
