@@ -6,8 +6,8 @@ settings from environment variables (``settings``), ONNX Runtime inference with 
 place (``inference``), dynamic micro-batching (``batching``), the FAISS index (``index``), the durable SQLite
 store (``store``), the gallery that keeps index and store consistent (``gallery``), its cluster twin for
 several replicas, PostgreSQL (``pg_store``) and Milvus (``milvus_index``) kept consistent by
-``cluster_gallery``, heatmap rendering (``heatmaps``) and the gallery's feature-map cache behind it
-(``map_cache``), CASN's optional pairwise re-ranking stage (``pair_ranking``) and the error shape
+``cluster_gallery``, heatmap rendering (``heatmaps``), the heatmap stage's gallery maps (``match_maps``) and their
+cache (``map_cache``), CASN's optional pairwise re-ranking stage (``pair_ranking``) and the error shape
 (``errors``).
 
 Import rules: never imports torch or ``training``; psycopg and pymilvus (the ``[cluster]`` extra) only in the

@@ -11,15 +11,13 @@ import numpy as np
 
 from model_zoo.contract import split_branches
 from model_zoo.pair_attention import PairHead
-from model_zoo.preprocess import DecodedImage, decode_for_model
 from model_zoo.ram import ranking_activation_maps
 from model_zoo.rerank import rerank_shortlist
-from service.batching import MicroBatcher
-from service.derived import decoded_from_copy
 from service.errors import APIError
 from service.gallery import GalleryBase
 from service.heatmaps import overlay, png_base64
 from service.inference import ImageMaps, InferenceModel
+from service.match_maps import MatchMaps
 from service.metrics import ServiceMetrics
 from service.pair_ranking import rank_shortlist
 from service.schemas import Heatmap, Match, PairAttention, QueryResponse
@@ -166,13 +164,13 @@ def match_heatmap(
 
 @dataclass
 class QueryAnswerer:
-    """Answers the query routes' queries with the loaded model, the open gallery and the model's batcher."""
+    """Answers the query routes' queries with the loaded model, the open gallery and the heatmap stage's maps."""
 
     settings: Settings
     metrics: ServiceMetrics
     model: InferenceModel
     gallery: GalleryBase
-    batcher: MicroBatcher
+    maps: MatchMaps  # the heatmap stage's gallery maps and their cache
     pair_head: Optional[PairHead]
     same_person: SamePersonRule
 
@@ -283,48 +281,12 @@ class QueryAnswerer:
         """CASN's pairwise stage (service.pair_ranking) over the shortlist ``hits``, with their maps (cached, or
         their stored images decoded and re-embedded in one batch): (first ``top_k`` hits, their Match fields,
         {id: maps}, kept so that the heatmaps of those matches need no second model call)."""
-        maps = await self.maps_of([i for i, _ in hits], {})
+        maps = await self.maps.of([i for i, _ in hits], {})
         hits = [(i, score) for i, score in hits if i in maps]
         ranked, fields = await asyncio.to_thread(
             rank_shortlist, self.pair_head, embedding, query_maps, hits, found, maps, top_k
         )
         return ranked, fields, maps
-
-    async def decode_stored(self, ids: List[int], preview: bool) -> Dict[int, DecodedImage]:
-        """The stored images of ``ids``, decoded for the model (from ``service.derived``'s copy where an image has
-        one); an id deleted since the search is left out."""
-        size, max_pixels = self.model.input_size, self.settings.max_image_pixels
-        copies = await self.gallery.decoded_copies(ids)
-        decoded = await asyncio.to_thread(lambda: {i: decoded_from_copy(blob, size) for i, blob in copies.items()})
-        decoded = {i: d for i, d in decoded.items() if d is not None}
-        stored = await self.gallery.images([i for i in ids if i not in decoded])
-        decoded.update(
-            await asyncio.to_thread(
-                lambda: {i: decode_for_model(blob, *size, max_pixels, preview=preview) for i, blob in stored.items()}
-            )
-        )
-        return {i: decoded[i] for i in ids if i in decoded}
-
-    async def maps_of(
-        self, ids: List[int], known: Dict[int, ImageMaps], decoded: Optional[Dict[int, DecodedImage]] = None
-    ) -> Dict[int, ImageMaps]:
-        """Each id's maps: from ``known``, else from the gallery's map cache, the others from one batch of their
-        images (``decoded``, or decoded here only for those; then cached). An id deleted since the search is
-        left out."""
-        cached = self.gallery.map_cache.get([i for i in ids if i not in known])
-        self.metrics.map_cache.labels("hit").inc(len(cached))
-        known = {**cached, **known}
-        missing = [i for i in ids if i not in known]
-        fresh = {}
-        if missing:
-            decoded = decoded if decoded is not None else await self.decode_stored(missing, preview=False)
-            missing = [i for i in missing if i in decoded]
-        if missing:
-            self.metrics.map_cache.labels("miss").inc(len(missing))
-            _, maps = await self.batcher.embed(np.stack([decoded[i].pixels for i in missing]), with_maps=True)
-            fresh = {i: maps[row] for row, i in enumerate(missing)}
-            self.gallery.remember_maps(fresh)
-        return {i: fresh[i] if i in fresh else known[i] for i in ids if i in fresh or i in known}
 
     async def add_heatmaps(
         self,
@@ -339,13 +301,13 @@ class QueryAnswerer:
         took 3.7 s and answered 17.7 MB), each for the query features it was scored with (``features_by_id``)."""
         limit = self.settings.max_heatmap_matches if options.heatmap_matches is None else options.heatmap_matches
         chosen = matches[:limit]
-        decoded = await self.decode_stored([m.id for m in chosen], preview=options.overlays)
+        decoded = await self.maps.decode_stored([m.id for m in chosen], preview=options.overlays)
         gone = {m.id for m in chosen if m.id not in decoded}  # deleted since the search
         matches[:] = [m for m in matches if m.id not in gone]
         chosen = [m for m in chosen if m.id in decoded]
         if not chosen:
             return
-        maps = await self.maps_of([m.id for m in chosen], known_maps, decoded)
+        maps = await self.maps.of([m.id for m in chosen], known_maps, decoded)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
         heatmaps = await asyncio.gather(
             *(

@@ -16,6 +16,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from service.access import AccessGate, BodyLimit, NoFraming
 from service.answering import QueryAnswerer
+from service.match_maps import MatchMaps
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
 from service.gallery import Gallery, GalleryBase
@@ -131,14 +132,15 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             metrics.observe_batch,
         )
         await batcher.start()
-        answerer = QueryAnswerer(settings, metrics, model, gallery, batcher, pair_head, same_person)
+        maps = MatchMaps(settings, metrics, model, gallery, batcher)
+        answerer = QueryAnswerer(settings, metrics, model, gallery, maps, pair_head, same_person)
         serving = Serving(
             settings, metrics, model, gallery, batcher, ImageDecoder(settings), answerer, pair_head, same_person
         )
         metrics.gallery_size.set(gallery.size)
         metrics.describe_build(model)
         metrics.queued_images.set_function(batcher.queued_images)
-        metrics.map_cache_bytes.set_function(lambda: gallery.map_cache.bytes)
+        metrics.map_cache_bytes.set_function(lambda: maps.cache.bytes)
         app.state.serving = serving
         try:
             yield

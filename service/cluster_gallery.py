@@ -152,7 +152,7 @@ class ClusterGallery(GalleryBase):
         self.store.close()
 
     def _forget(self, ids: List[int]) -> None:
-        self.map_cache.discard(ids)
+        self.announce_removed(ids)
         for item_id in ids:
             self._removed[item_id] = None
         while len(self._removed) > REMEMBERED_REMOVALS:

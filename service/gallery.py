@@ -38,8 +38,7 @@ from tqdm import tqdm
 
 from model_zoo.preprocess import load_for_model
 from service.index import VectorIndex
-from service.inference import ImageMaps, InferenceModel
-from service.map_cache import FeatureMapCache
+from service.inference import InferenceModel
 from service.search_gate import SearchGate
 from service.settings import Settings
 from service.store import (
@@ -94,7 +93,7 @@ class GalleryBase:
         self.model, self.settings = model, settings
         self.dim = model.contract.embedding_dim
         self.num_branches = model.contract.num_branches
-        self.map_cache = FeatureMapCache(settings.heatmap_cache_mb * 2**20)
+        self._removal_listeners: List[Callable[[List[int]], None]] = []
 
     def holds(self, item_id: int) -> bool:
         raise NotImplementedError
@@ -138,10 +137,14 @@ class GalleryBase:
         """``service.derived``'s copies of those of ``ids`` that have one."""
         return await self.read(self.store.derived, ids)
 
-    def remember_maps(self, maps: Dict[int, ImageMaps]) -> None:
-        """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being
-        computed is left out: its delete has already cleared the cache)."""
-        self.map_cache.put({item_id: item_maps for item_id, item_maps in maps.items() if self.holds(item_id)})
+    def on_removed(self, listener: Callable[[List[int]], None]) -> None:
+        """Call ``listener(ids)`` in the same write that removes items (a delete, an erasure, another replica's
+        delete seen by the cluster backend): what keeps derived state, such as the heatmap maps' cache, exact."""
+        self._removal_listeners.append(listener)
+
+    def announce_removed(self, ids: List[int]) -> None:
+        for listener in self._removal_listeners:
+            listener(ids)
 
     def person_group(self, item_id: int) -> Tuple[str, object]:
         """What group_by=person groups by: the person, or, for an item without person_id, the item alone
@@ -291,7 +294,7 @@ class Gallery(GalleryBase):
         """Remove the item from store and index; False when there is no such item."""
 
         def in_index(removed: bool) -> None:
-            self.map_cache.discard([item_id])
+            self.announce_removed([item_id])
             if removed and item_id in self.labels:
                 self.index.remove(item_id)
                 del self.labels[item_id]
@@ -308,7 +311,7 @@ class Gallery(GalleryBase):
 
     async def _erase(self, in_store: Callable[[], List[int]]) -> List[int]:
         def in_index(erased: List[int]) -> None:
-            self.map_cache.discard(erased)
+            self.announce_removed(erased)
             held = [item_id for item_id in erased if item_id in self.labels]
             if held:
                 self.index.erase(held)
