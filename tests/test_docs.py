@@ -17,6 +17,11 @@ def test_every_setting_is_in_the_settings_table():
     assert documented == {f"REID_{name.upper()}" for name in Settings.model_fields}
 
 
+def test_the_settings_table_names_the_default_model_that_ships():
+    default = Settings.model_fields["model_path"].default.relative_to(REPO).as_posix()
+    assert f"| `REID_MODEL_PATH` | `{default}` |" in SETTINGS
+
+
 def test_every_route_has_a_curl_example():
     # path_format: the path without its converters ({person_id:path} is {person_id})
     routes = {
