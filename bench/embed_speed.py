@@ -5,9 +5,10 @@ the same round, because this machine's speed drifts over minutes; the median rat
 Batch 32 of random uint8 images at each model's own input size, one ONNX Runtime call at a time with
 ``--threads`` threads.
 
-    python -m bench.embed_speed model_zoo/models/cama_mobilenetv2_cuhk03.onnx \
-        model_zoo/models/cama_mobilenetv2_pool.onnx \
-        --output bench/results/embed_speed.json
+    python -m bench.embed_speed model_zoo/models/person_reidentification_retail_0277.onnx \
+        model_zoo/models/person_reidentification_retail_0288.onnx --output OUT.json
+
+(bench/results/embed_speed.json compared the two CAMA files their cards in model_zoo/models make.)
 """
 
 import argparse

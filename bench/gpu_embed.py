@@ -10,8 +10,9 @@ outputs back to it, as the service runs) and with IO binding (the pixels copied 
 outputs left there: what a pipeline keeping tensors on the GPU would see); random uint8 images at the file's
 input size. Where ONNX Runtime offers neither GPU provider it measures the CPU, which is how it is tested.
 
-    python -m bench.gpu_embed model_zoo/models/cama_mobilenetv2_pool.onnx \
-        model_zoo/models/cama_mobilenetv2_pool.fp16.onnx \
+    python -m training fp16 model_zoo/models/person_reidentification_retail_0277.onnx --data-root $DATA/cuhk03-detected
+    python -m bench.gpu_embed model_zoo/models/person_reidentification_retail_0277.onnx \
+        model_zoo/models/person_reidentification_retail_0277.fp16.onnx \
         --work /tmp/gpu-bench --output bench/results/gpu_embed.json
 """
 

@@ -6,8 +6,9 @@ exporter now zeroes them (``model_zoo.onnx_export.zero_subnormal_weights``); fil
 hold them. For each model: its count of subnormal float32 weights, a copy with them zeroed, the largest
 difference between the two files' embeddings on a random batch, and their images/s side by side through ONNX
 Runtime (``embed_speed.measure``: the two alternate in rounds, the ratio is the median of the rounds' ratios).
+(cama_mobilenetv2_cuhk03.onnx: the file its card, model_zoo/models/cama_mobilenetv2_cuhk03.md, makes.)
 
-    python -m bench.subnormal_weights model_zoo/models/cama_mobilenetv2_cuhk03.onnx --zeroed-dir /tmp/zeroed \
+    python -m bench.subnormal_weights cama_mobilenetv2_cuhk03.onnx --zeroed-dir /tmp/zeroed \
         --output bench/results/subnormal_weights.json
     python -m bench.subnormal_weights --checkpoint $RUNS/cama_ordered_full/model.pt --output \
         bench/results/subnormal_training.json
