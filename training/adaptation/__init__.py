@@ -81,13 +81,10 @@ def _settings_for(crops: Crops, settings: AdaptationSettings) -> AdaptationSetti
     return AdaptationSettings(**{**asdict(settings), "memory": "cluster", "clusterer": "dbscan"})
 
 
-def _metadata(source: onnx.ModelProto, record: Dict) -> Dict[str, str]:
+def _adapted_metadata(source: Dict[str, str], record: Dict) -> Dict[str, str]:
     """The source's metadata with what no longer holds cleared (its figures, its same-person threshold) and
     ``reid.adaptation`` added: the adapted file must be evaluated and calibrated again."""
-    metadata = {entry.key: entry.value for entry in source.metadata_props}
-    record["source_evaluation"] = json.loads(metadata.get(EVALUATION_KEY, "{}"))
-    metadata.update({EVALUATION_KEY: "{}", VERIFICATION_KEY: "{}", ADAPTATION_KEY: json.dumps(record)})
-    return metadata
+    return {**source, EVALUATION_KEY: "{}", VERIFICATION_KEY: "{}", ADAPTATION_KEY: json.dumps(record)}
 
 
 def _write(model: onnx.ModelProto, metadata: Dict[str, str], output: Path) -> None:
@@ -113,7 +110,8 @@ def adapt(
     model, output = Path(model), Path(output)
     started = time.perf_counter()
     source = onnx.load(str(model))
-    if precision_of({e.key: e.value for e in source.metadata_props}) != "fp32":
+    source_metadata = {entry.key: entry.value for entry in source.metadata_props}
+    if precision_of(source_metadata) != "fp32":
         raise ValueError(f"{model.name} is not an fp32 file: adapt the fp32 file, then quantize the result")
     session, contract = open_cpu_session(model)
     crops = read_crops(crops_source, contract.input_height, contract.input_width, progress, limit)
@@ -127,8 +125,9 @@ def adapt(
         views, crops.camera_indices, settings, Path(run_dir) / "head.pt" if run_dir else None, progress
     )
     record = _record(model, model_sha256, crops, settings, history, embedded - started)
+    record["source_evaluation"] = json.loads(source_metadata.get(EVALUATION_KEY, "{}"))
     record["seconds_total"] = round(time.perf_counter() - started, 1)
-    _write(append_head(source, head), _metadata(source, record), output)
+    _write(append_head(source, head), _adapted_metadata(source_metadata, record), output)
     parity_sets = {
         "crops": crops.pixels[:7],
         "random": np.random.default_rng(0).integers(0, 256, crops.pixels[:7].shape, np.uint8),
