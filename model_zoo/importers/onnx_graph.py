@@ -16,7 +16,7 @@ by name, never guessed.
 """
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -113,10 +113,10 @@ class _Translator:
             return self.const(self.constants[tensor], tensor)
         raise UnsupportedGraph(f"tensor {tensor!r} is computed from the image's shape but used as data")
 
-    def emit(self, op: str, node: onnx.NodeProto, inputs: List[str], attrs=None, output: Optional[str] = None) -> str:
-        """A layer for ``node``'s first output (or ``output``), shaped as ONNX Runtime saw that tensor."""
-        name = output or node.output[0]
-        layer = self.add(op, node.name or name, inputs, attrs, shape=self.shapes.get(node.output[0]))
+    def emit(self, op: str, node: onnx.NodeProto, inputs: List[str], attrs=None) -> str:
+        """A layer for ``node``'s first output, shaped as ONNX Runtime saw that tensor; ``_Conv``, ``_Gemm``, ...
+        (named after the ONNX op they translate) emit the layers of the ops that are not one to one."""
+        layer = self.add(op, node.name or node.output[0], inputs, attrs, shape=self.shapes.get(node.output[0]))
         self.tensors[node.output[0]] = layer
         return layer
 
@@ -323,10 +323,3 @@ def read_onnx(path: Path, mean: Sequence[float] = (0.0, 0.0, 0.0), scale: Sequen
     output = translator.data(graph.output[0].name)
     result = translator.add("Result", graph.output[0].name, [output], shape=translator.layers[output].shapes[0])
     return IRGraph(translator.layers, image, result)
-
-
-def input_size_of(path: Path) -> Tuple[int, int]:
-    dims = [
-        d.dim_value for d in onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    ]
-    return dims[2], dims[3]
