@@ -244,6 +244,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("loop_free", "loop_free.json"),
         ("heatmap_cost", "heatmap_cost.json"),
         ("adaptation", "adaptation/adaptation.json"),
+        ("threshold_estimate", "adaptation/threshold_estimate.json"),
     ],
 )
 def test_a_generated_table_in_the_docs_is_what_the_committed_result_file_prints(name, result):
