@@ -26,24 +26,10 @@ def dbscan(distance: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
     A core point has at least ``min_samples`` points (itself included) within ``eps``; clusters are the
     connected core points, and a border point joins the cluster of its nearest core neighbour."""
     near = distance <= eps
-    core = near.sum(axis=1) >= min_samples
-    parent = np.arange(len(distance))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    core_ids = np.flatnonzero(core)
-    for a, b in zip(*np.nonzero(near[np.ix_(core_ids, core_ids)])):
-        ra, rb = root(core_ids[a]), root(core_ids[b])
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    labels = np.full(len(distance), OUTLIER)
-    roots = np.array([root(i) for i in core_ids], dtype=np.int64)
-    _, labels[core_ids] = np.unique(roots, return_inverse=True)
-    for i in np.flatnonzero(~core):
+    core_ids = np.flatnonzero(near.sum(axis=1) >= min_samples)
+    rows, cols = np.nonzero(near[np.ix_(core_ids, core_ids)])  # every core point with itself, so none is left out
+    labels = _union(np.stack([core_ids[rows], core_ids[cols]], axis=1), len(distance))
+    for i in np.setdiff1d(np.arange(len(distance)), core_ids):
         neighbours = core_ids[near[i, core_ids]]
         if len(neighbours):
             labels[i] = labels[neighbours[np.argmin(distance[i, neighbours])]]

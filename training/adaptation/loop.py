@@ -125,8 +125,9 @@ def adapt_head(
         started = time.perf_counter()
         rng = np.random.default_rng([settings.seed, epoch])
         torch.manual_seed(settings.seed * 1000 + epoch)
+        features = embed(head, clustering_input)
         clustering = cluster_features(
-            embed(head, clustering_input),
+            features,
             cameras,
             settings.clusterer,
             settings.eps,
@@ -136,7 +137,9 @@ def adapt_head(
         )
         losses = []
         if clustering.num_clusters >= 2:
-            losses = _train_epoch(head, optimizer, pooled_views, clustering.labels, camera_tensor, settings, rng)
+            losses = _train_epoch(
+                head, optimizer, pooled_views, features, clustering.labels, camera_tensor, settings, rng
+            )
         fifth = max(1, len(losses) // 5)
         record = EpochRecord(
             epoch + 1,
@@ -160,12 +163,11 @@ def _mean(values: List[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _train_epoch(head, optimizer, pooled_views, labels, cameras, settings, rng) -> List[float]:
+def _train_epoch(head, optimizer, pooled_views, features, labels, cameras, settings, rng) -> List[float]:
+    """One epoch's steps against a memory built from ``features`` [n, E], the epoch's clustering input."""
     clustered = labels != OUTLIER
-    with torch.no_grad():
-        features = head(torch.from_numpy(pooled_views.mean(axis=1)))
     label_tensor = torch.from_numpy(labels)
-    memory = _memory(settings, features[clustered], label_tensor[clustered], cameras[clustered])
+    memory = _memory(settings, torch.from_numpy(features[clustered]), label_tensor[clustered], cameras[clustered])
     losses = []
     for batch in _batches(labels, settings, rng):
         views = rng.integers(0, pooled_views.shape[1], len(batch))
