@@ -5,7 +5,7 @@ reads as an options dataclass in ``MODEL_OPTIONS_REGISTRY``. The module it build
 takes uint8 images [B, H, W, 3] and returns a ``ReIDOutput`` in training mode and in eval mode alike.
 """
 
-from dataclasses import field
+from dataclasses import field, fields
 from typing import Callable, Dict, List, Tuple
 
 
@@ -51,3 +51,11 @@ BACKBONE_REGISTRY = Registry("backbone")
 # An architecture's own ``model.*`` config keys: a dataclass of ``option`` fields, registered under its name next to
 # its code (as fast-reid's add_*_config); the training config offers every registered class's keys.
 MODEL_OPTIONS_REGISTRY = Registry("model options")
+
+
+def options_of(options_class, model_cfg: dict):
+    """The architecture's options from a model config dict: its values where the dict has them, the class's
+    defaults elsewhere (a builder's one source of defaults, also for dicts a test writes by hand)."""
+    return options_class(
+        **{spec.name: model_cfg[spec.name] for spec in fields(options_class) if spec.name in model_cfg}
+    )

@@ -30,7 +30,7 @@ from model_zoo.architectures.common import InputNormalization, ReIDOutput
 from model_zoo.architectures.contract_maps import as_affine, region_map, relu_gate, stripe_masks
 from model_zoo.contract import OUTPUT_PAIR_MAPS
 from model_zoo.pair_attention import PairHead
-from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
+from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option, options_of
 
 LAYOUTS = ("ide", "pcb")
 STRIPES = 6
@@ -177,10 +177,11 @@ class CASN(nn.Module):
 
 @ARCHITECTURE_REGISTRY.register("casn")
 def build_casn(model_cfg: dict, num_classes: int) -> CASN:
+    options = options_of(CASNOptions, model_cfg)
     return CASN(
         backbone=model_cfg["backbone"],
         num_classes=num_classes,
-        layout=model_cfg.get("layout", "ide"),
+        layout=options.layout,
         dim=model_cfg.get("reduction_dim") or 256,
         pretrained=model_cfg.get("pretrained"),
         ibn=model_cfg.get("ibn", False),

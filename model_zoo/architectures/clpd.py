@@ -43,7 +43,7 @@ from model_zoo.architectures.contract_maps import (
     variance_map,
     weighted_map,
 )
-from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
+from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option, options_of
 
 STATISTICS = ("max", "min", "mean", "median", "var")
 SELECTIONS = ("max", "min", "median")
@@ -338,14 +338,15 @@ class CLPD(nn.Module):
 
 @ARCHITECTURE_REGISTRY.register("clpd")
 def build_clpd(model_cfg: dict, num_classes: int) -> CLPD:
+    options = options_of(CLPDOptions, model_cfg)
     return CLPD(
         backbone=model_cfg["backbone"],
         num_classes=num_classes,
         dim=model_cfg.get("reduction_dim") or 512,
-        parts=model_cfg.get("clpd_parts", 8),
-        middle_channels=model_cfg.get("clpd_middle_channels", 256),
-        attention=model_cfg.get("clpd_attention", "multiscale"),
-        descriptor=model_cfg.get("clpd_descriptor", "SPR"),
+        parts=options.clpd_parts,
+        middle_channels=options.clpd_middle_channels,
+        attention=options.clpd_attention,
+        descriptor=options.clpd_descriptor,
         pretrained=model_cfg.get("pretrained"),
         ibn=model_cfg.get("ibn", False),
         last_stride=model_cfg.get("last_stride", 1),

@@ -26,7 +26,7 @@ from torch import nn
 
 from model_zoo.architectures.common import InputNormalization, ReIDOutput, classifier_neck
 from model_zoo.backbones.base import STAGE_NAMES
-from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
+from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option, options_of
 
 MASK_LOGIT_CLAMP = 10.0
 
@@ -150,13 +150,14 @@ class FMN(nn.Module):
 
 @ARCHITECTURE_REGISTRY.register("fmn")
 def build_fmn(model_cfg: dict, num_classes: int) -> FMN:
+    options = options_of(FMNOptions, model_cfg)
     if "input_size" not in model_cfg:
         raise ValueError("FMN's mask is a fixed grid: model_cfg needs input_size (height, width)")
     return FMN(
         backbone=model_cfg["backbone"],
         num_classes=num_classes,
         input_size=tuple(model_cfg["input_size"]),
-        mask_layer=model_cfg.get("mask_layer", "stem"),
+        mask_layer=options.mask_layer,
         pretrained=model_cfg.get("pretrained"),
         ibn=model_cfg.get("ibn", False),
         last_stride=model_cfg.get("last_stride", 1),

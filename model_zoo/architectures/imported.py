@@ -12,7 +12,7 @@ from torch import nn
 
 from model_zoo.architectures.common import ReIDOutput, classifier_neck
 from model_zoo.importers.openvino_ir import DEFAULT_CHANNEL_ORDER, contract_model, embedding_size, input_size, read_ir
-from model_zoo.registry import ARCHITECTURE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
+from model_zoo.registry import ARCHITECTURE_REGISTRY, MODEL_OPTIONS_REGISTRY, option, options_of
 
 
 @MODEL_OPTIONS_REGISTRY.register("openvino_ir")
@@ -60,13 +60,14 @@ class ImportedEmbedding(nn.Module):
 
 @ARCHITECTURE_REGISTRY.register("openvino_ir")
 def build_openvino_ir(model_cfg: dict, num_classes: int) -> ImportedEmbedding:
-    if not model_cfg.get("source"):
+    options = options_of(ImportedOptions, model_cfg)
+    if not options.source:
         raise ValueError("openvino_ir needs model.source: the OpenVINO IR .xml to start from")
-    graph = read_ir(model_cfg["source"])
+    graph = read_ir(options.source)
     if tuple(model_cfg["input_size"]) != input_size(graph):
         raise ValueError(
-            f"{Path(model_cfg['source']).name} reads {input_size(graph)} (H, W) images: set data.height "
+            f"{Path(options.source).name} reads {input_size(graph)} (H, W) images: set data.height "
             f"and data.width to them"
         )
-    network = contract_model(graph, model_cfg.get("channel_order") or DEFAULT_CHANNEL_ORDER)
+    network = contract_model(graph, options.channel_order or DEFAULT_CHANNEL_ORDER)
     return ImportedEmbedding(network, embedding_size(graph), num_classes, model_cfg.get("bn_neck", False))

@@ -31,7 +31,7 @@ from model_zoo.architectures.contract_maps import (
     selection_margin,
 )
 from model_zoo.backbones.resnet import Bottleneck
-from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option
+from model_zoo.registry import ARCHITECTURE_REGISTRY, BACKBONE_REGISTRY, MODEL_OPTIONS_REGISTRY, option, options_of
 
 # mix(stage input, that stage's logits, x_p) -> the next stage's input
 Mix = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -192,6 +192,7 @@ class PMM(nn.Module):
 
 @ARCHITECTURE_REGISTRY.register("pmm")
 def build_pmm(model_cfg: dict, num_classes: int) -> PMM:
+    options = options_of(PMMOptions, model_cfg)
     return PMM(
         backbone=model_cfg["backbone"],
         num_classes=num_classes,
@@ -199,6 +200,6 @@ def build_pmm(model_cfg: dict, num_classes: int) -> PMM:
         pretrained=model_cfg.get("pretrained"),
         ibn=model_cfg.get("ibn", False),
         last_stride=model_cfg.get("last_stride", 1),
-        classifier_init_std=model_cfg.get("classifier_init_std"),
+        classifier_init_std=options.classifier_init_std,
         bn_neck=model_cfg.get("bn_neck", False),
     )
