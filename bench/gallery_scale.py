@@ -7,45 +7,56 @@ rest), each sighting adds within-person variation fitted the same way, and every
 L2-normalised as the contract's are. So the gallery has the spectrum and the person clusters that decide how
 well an approximate index and a reduction work, which uniform random vectors (no structure) would not.
 
+With ``--real-gallery`` the store first holds every real crop there is (the training pool and the
+validation sets' galleries: their images, person and camera ids, the model's embeddings), and the synthetic
+items fill it up to ``--size``; the real queries are then the validation sets' query crops, whose true
+matches are real crops in the gallery. ``--size 0`` keeps the real crops alone: the largest real gallery.
+
 1. Exact top-10 of the queries by streaming the whole store (the ground truth); queries are new sightings of
-   gallery people from the generator, and real query images (CUHK03-val) embedded by the model.
-2. In this process, per index setting: the service's ``VectorIndex`` built from the store as the service builds
-   it (a training sample, then the vectors added in chunks), its memory, build time, recall@10 and search
-   latency (index + exact re-scoring of the shortlist read from the store), single queries one at a time.
+   gallery people from the generator, and real query images embedded by the model (100 of CUHK03-val's, or
+   with ``--real-gallery`` every query crop of CUHK03-val, PRID and GRID).
+2. In this process, per index setting (kind ``auto`` decides by the store's size, as the service does): the
+   service's ``VectorIndex`` built from the store as the service builds it (a training sample, then the
+   vectors added in chunks), its memory, build time, recall@10 of the synthetic and of the real queries, and
+   search latency (index + exact re-scoring of the shortlist read from the store), one query at a time.
 3. A real server (``python -m service``) on the store with the chosen setting: start time, peak memory
    (VmHWM), and client-side p50/p95/p99 of ``POST /query`` (top_k=10) with real images, without and with
    heatmaps, and the recall@10 of its answers for those images.
 
     python -m bench.gallery_scale --data ../shared/data --work $RUNS/scale --size 1000000 \
         --output bench/results/gallery_1m.json
+    python -m bench.gallery_scale --data ../shared/data --work $RUNS/scale --real-gallery --size 1000000 ...
 """
 
 import argparse
 import json
 import os
-import platform
 import re
-import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from client import ReIDClient
 from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.files import sha256_of
 from model_zoo.preprocess import load_for_model
 from service.gallery import TRAINING_SAMPLE, exact_scores
 from service.index import VectorIndex
 from service.inference import InferenceModel
 from service.store import GalleryStore, NewItem
 from harness.server import ServiceProcess
-from bench.common import emit, jpeg, latency_quantiles, memory_kb, synthetic_store
+from bench.common import emit, jpeg, latency_quantiles, memory_kb, provenance, synthetic_store
 
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
+VALIDATION_SETS = ("cuhk03-detected", "prid", "grid")
 PERSON = re.compile(r"^(-?\d+)_")
+CAMERA = re.compile(r"_c(\d+)")
+EVERY = 10**9
 SIGHTINGS_PER_PERSON = 10
 COMPONENTS = 128
 
@@ -100,10 +111,50 @@ def sample(model, count: int, rng) -> np.ndarray:
     return (rng.standard_normal((count, len(std))) * std) @ axes + rest * rng.standard_normal((count, axes.shape[1]))
 
 
-def fill(store_path: Path, generator: EmbeddingGenerator, centres: np.ndarray, size: int, fingerprint: str) -> None:
+def real_crops(data: Path) -> Dict[str, List[Path]]:
+    """Every real crop: the gallery (the training pool and the validation sets' galleries) and the queries."""
+    return {
+        "gallery": [p for name in TRAIN_SETS for p in market_images(data / name, "bounding_box_train", EVERY, 0)]
+        + [p for name in VALIDATION_SETS for p in market_images(data / name, "bounding_box_test", EVERY, 0)],
+        "query": [p for name in VALIDATION_SETS for p in market_images(data / name, "query", EVERY, 0)],
+    }
+
+
+def real_item(path: Path, vector: np.ndarray) -> NewItem:
+    """A real crop as the service stores it: its image, its set-qualified person id and its camera."""
+    with Image.open(path) as image:
+        width, height = image.size
+    camera = CAMERA.search(path.name)
+    return NewItem(
+        path.read_bytes(),
+        "JPEG",
+        width,
+        height,
+        vector,
+        person_id=f"{path.parent.parent.name}/{PERSON.match(path.name).group(1)}",
+        camera_id=f"{path.parent.parent.name}/{camera.group(1) if camera else '?'}",
+    )
+
+
+def add_real(store: GalleryStore, paths: List[Path], vectors: np.ndarray) -> None:
+    for start in tqdm(range(0, len(paths), 1000), desc="enrolling the real crops", leave=False):
+        store.add([real_item(p, v) for p, v in zip(paths[start : start + 1000], vectors[start : start + 1000])])
+
+
+def fill(
+    store_path: Path,
+    generator: EmbeddingGenerator,
+    centres: np.ndarray,
+    size: int,
+    fingerprint: str,
+    real: Optional[dict] = None,
+) -> None:
+    """The store filled to ``size`` items (resumable): the real crops first when given, synthetic items after."""
     store = synthetic_store(store_path, fingerprint, generator.dim)
     placeholder = jpeg(0, (8, 16))
     rng = np.random.default_rng(2)
+    if real is not None and store.count() == 0:
+        add_real(store, [Path(p) for p in real["gallery_paths"]], real["gallery"])
     have = store.count()
     for start in tqdm(
         range(have, size, 5000), desc=f"filling the store to {size}", initial=have // 5000, total=-(-size // 5000)
@@ -139,12 +190,16 @@ def recall(found: List[List[int]], truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:10]) & set(t.tolist())) / 10 for f, t in zip(found, truth)]))
 
 
-def index_setting(store_path: Path, setting: dict, queries: np.ndarray, truth: np.ndarray, dim: int) -> List[dict]:
-    """One index built as the service builds it, then searched with each nprobe x candidates of the setting."""
+def index_setting(
+    store_path: Path, setting: dict, queries: Dict[str, np.ndarray], truth: Dict[str, np.ndarray], dim: int
+) -> List[dict]:
+    """One index built as the service builds it, then searched with each nprobe x candidates of the setting:
+    recall@10 per query set, latency over all of them."""
     store = GalleryStore(store_path)
     index = VectorIndex(
-        dim, setting["kind"], "cpu", ivf_nlist=setting.get("nlist", 1024), reduce_dim=setting["reduce_dim"]
+        dim, setting["kind"], "cpu", ivf_nlist=setting.get("nlist", 1024), reduce_dim=setting.get("reduce_dim", 0)
     )
+    index.planned_size = store.count()
     started = time.perf_counter()
     training = store.sample_embeddings(TRAINING_SAMPLE, dim)
     index.rebuild(((ids, vectors) for ids, vectors, _ in store.iter_embeddings(dim)), training)
@@ -161,21 +216,16 @@ def index_setting(store_path: Path, setting: dict, queries: np.ndarray, truth: n
             if nprobe is not None:
                 index.set_nprobe(nprobe)
             index.rescore_candidates = candidates
-            found, times = [], []
-            for query in queries:
-                begin = time.perf_counter()
-                hits = index.search(query, 10, exact=partial(exact_scores, store, query))
-                times.append((time.perf_counter() - begin) * 1000)
-                found.append([i for i, _ in hits])
-            rows.append(
-                {
-                    **built,
-                    "nprobe": nprobe,
-                    "candidates": candidates,
-                    "recall_at_10": round(recall(found, truth), 4),
-                    "search_latency": latency_quantiles(times, digits=2),
-                }
-            )
+            row, times = {**built, "nprobe": nprobe, "candidates": candidates}, []
+            for name, vectors in queries.items():
+                found = []
+                for query in vectors:
+                    begin = time.perf_counter()
+                    hits = index.search(query, 10, exact=partial(exact_scores, store, query))
+                    times.append((time.perf_counter() - begin) * 1000)
+                    found.append([i for i, _ in hits])
+                row[f"recall_at_10_{name}"] = round(recall(found, truth[name]), 4)
+            rows.append({**row, "search_latency": latency_quantiles(times, digits=2)})
             print(json.dumps(rows[-1]), flush=True)
     store.close()
     return rows
@@ -188,8 +238,8 @@ def peak_memory_gb(pid: int) -> Dict[str, float]:
 def server_figures(args, store_path: Path, setting: dict, images: List[bytes], truth: np.ndarray) -> dict:
     env = {
         "index_type": setting["kind"],
-        "index_reduce_dim": setting["reduce_dim"],
-        "index_rescore_candidates": setting["candidates"][0],
+        "index_reduce_dim": setting.get("reduce_dim", 0),
+        "index_rescore_candidates": setting.get("candidates", [100])[0],
         "ivf_nlist": setting.get("nlist", 1024),
         "ivf_nprobe": setting.get("nprobe", [32])[0],
         "intra_op_threads": 0,
@@ -222,16 +272,50 @@ def server_figures(args, store_path: Path, setting: dict, images: List[bytes], t
     return figures
 
 
+def real_embeddings(args, model: InferenceModel) -> dict:
+    """The model's embeddings of the real images (cached in the work folder per model file, so int8 queries are
+    judged against int8 truth): the generator's training sample, the real queries and, with --real-gallery,
+    every real crop."""
+    cache = args.work / f"real_{'all_' if args.real_gallery else ''}{model.path.stem}.npz"
+    if not cache.exists():
+        paths = [
+            p
+            for name in TRAIN_SETS
+            for p in market_images(args.data / name, "bounding_box_train", args.real_images // len(TRAIN_SETS), 0)
+        ]
+        crops = real_crops(args.data) if args.real_gallery else {}
+        query_paths = crops.get("query") or market_images(args.data / "cuhk03-detected", "query", 100, 1)
+        gallery_paths = crops.get("gallery", [])
+        np.savez(
+            cache,
+            train=embed(model, paths, "real training images"),
+            persons=[f"{p.parent.parent.name}/{PERSON.match(p.name).group(1)}" for p in paths],
+            query=embed(model, query_paths, "real query images"),
+            query_paths=[str(p) for p in query_paths],
+            gallery=embed(model, gallery_paths, "real gallery images") if gallery_paths else np.zeros((0, 0)),
+            gallery_paths=[str(p) for p in gallery_paths],
+        )
+    return dict(np.load(cache))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--data", type=Path, required=True, help="folder with the training sets and cuhk03-detected/query"
+        "--data", type=Path, required=True, help="folder with the training sets and the validation sets"
     )
     parser.add_argument(
-        "--work", type=Path, required=True, help="where the store (about 15 GB per million 3840-d items) and caches go"
+        "--work",
+        type=Path,
+        required=True,
+        help="where the store (about 15 GB per million 3840-d items, 1.6 GB at 256-d) and caches go",
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--size", type=int, default=1_000_000)
+    parser.add_argument("--size", type=int, default=1_000_000, help="items in the store, real crops included")
+    parser.add_argument(
+        "--real-gallery",
+        action="store_true",
+        help="the store holds every real crop first, the real queries are every validation query crop",
+    )
     parser.add_argument(
         "--precision",
         choices=["fp32", "int8"],
@@ -246,8 +330,7 @@ def main() -> None:
         "--settings",
         default='[{"kind": "ivf", "reduce_dim": 256, "nlist": 1024, "nprobe": [32, 16, 64], "candidates": [100, 50]}]',
         help="JSON list of index settings for the in-process part, each built once and searched with "
-        "every nprobe x "
-        "candidates; the first setting's first nprobe and candidates are also served",
+        "every nprobe x candidates; the first setting's first nprobe and candidates are also served",
     )
     parser.add_argument("--no-server", action="store_true", help="skip the real server's part")
     parser.add_argument(
@@ -260,52 +343,39 @@ def main() -> None:
     model = InferenceModel(args.model, "cpu", precision=args.precision).load()
     dim, branches = model.contract.embedding_dim, model.contract.num_branches
 
-    cache = (
-        args.work / f"real_{model.path.stem}.npz"
-    )  # the served file's own embeddings: int8 queries are judged against int8 truth
-    if not cache.exists():
-        paths = [
-            p
-            for name in TRAIN_SETS
-            for p in market_images(args.data / name, "bounding_box_train", args.real_images // len(TRAIN_SETS), 0)
-        ]
-        query_paths = market_images(args.data / "cuhk03-detected", "query", 100, 1)
-        np.savez(
-            cache,
-            train=embed(model, paths, "real training images"),
-            persons=[f"{p.parent.parent.name}/{PERSON.match(p.name).group(1)}" for p in paths],
-            query=embed(model, query_paths, "real query images"),
-            query_paths=[str(p) for p in query_paths],
-        )
-    real = np.load(cache)
+    real = real_embeddings(args, model)
+    size = max(args.size, len(real["gallery_paths"]))
     generator = EmbeddingGenerator(real["train"], real["persons"], branches)
     rng = np.random.default_rng(1)
-    centres = generator.centres(max(1, args.size // SIGHTINGS_PER_PERSON), rng)
-    store_path = args.work / f"gallery_{args.size}.sqlite3"
-    fill(store_path, generator, centres, args.size, model.fingerprint)
+    centres = generator.centres(max(1, size // SIGHTINGS_PER_PERSON), rng)
+    store_path = args.work / f"gallery_{'real_' if args.real_gallery else ''}{size}.sqlite3"
+    fill(store_path, generator, centres, size, model.fingerprint, real if args.real_gallery else None)
     if args.fill_only:
         return
 
-    synthetic_queries = generator.sightings(centres[rng.integers(0, len(centres), args.queries)], rng)
-    truth = exact_top10(store_path, np.concatenate([synthetic_queries, real["query"]]), dim)
+    queries = {
+        "synthetic_queries": generator.sightings(centres[rng.integers(0, len(centres), args.queries)], rng),
+        "real_queries": real["query"],
+    }
+    found = exact_top10(store_path, np.concatenate(list(queries.values())), dim)
+    truth = {"synthetic_queries": found[: args.queries], "real_queries": found[args.queries :]}
     results = {
-        "model": model.path.name,
+        **provenance(),
+        "model": {"file": model.path.name, "sha256": sha256_of(model.path)},
         "precision": args.precision,
         "embedding_dim": dim,
-        "size": args.size,
-        "command": " ".join(sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "size": size,
+        "real_items": len(real["gallery_paths"]),
         "store_file_gb": round(store_path.stat().st_size / 1e9, 2),
         "generator_fitted_on": {"training_images": len(real["train"]), "query_images": len(real["query"])},
         "settings": [],
     }
-    results["load_average_at_start"] = os.getloadavg()
     for setting in [] if args.server_only else json.loads(args.settings):
-        results["settings"] += index_setting(store_path, setting, synthetic_queries, truth[: args.queries], dim)
+        results["settings"] += index_setting(store_path, setting, queries, truth, dim)
     if not args.no_server:
         images = [Path(p).read_bytes() for p in real["query_paths"]]
         results["server"] = server_figures(
-            args, store_path, json.loads(args.settings)[0], images, truth[args.queries :]
+            args, store_path, json.loads(args.settings)[0], images, truth["real_queries"]
         )
     results["load_average_at_end"] = os.getloadavg()
     emit(results, args.output)
