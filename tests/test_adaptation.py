@@ -20,6 +20,7 @@ from training.adaptation.crops import read_crops
 from training.adaptation.head import BranchLinearHead, append_head
 from training.adaptation.loop import AdaptationSettings, adapt_head, embed
 from training.adaptation.memory import CameraProxyMemory, ClusterMemory
+from training.adaptation.views import crop_views
 from training.evaluation import market_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +149,23 @@ def write_crops(folder: Path, people=range(8), per_camera=3) -> Path:
     return folder
 
 
+def test_crops_are_decoded_a_batch_at_a_time_and_unreadable_ones_skipped(tiny_model, tmp_path):
+    _, source = tiny_model
+    session, contract = open_cpu_session(source)
+    folder = write_crops(tmp_path / "crops", people=range(2), per_camera=2)
+    (folder / "0009_c1s1_000000_00.jpg").write_bytes(b"not an image")
+    crops = read_crops(str(folder))
+    batches = list(crops.batches(contract.input_height, contract.input_width, batch_size=3))
+    assert [len(b.pixels) + b.skipped for b in batches] == [3, 3, 3] and sum(b.skipped for b in batches) == 1
+    views = crop_views(session, crops, contract.input_height, contract.input_width, progress=False)
+    assert views.views.shape == (8, 2, contract.num_branches, contract.branch_dim) and views.skipped == 1
+    assert views.camera_indices.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    fingerprint = crops.fingerprint()
+    assert read_crops(str(folder)).fingerprint() == fingerprint
+    write_crops(folder, people=range(3), per_camera=2)
+    assert read_crops(str(folder)).fingerprint() != fingerprint  # new crops: a resumed run embeds again
+
+
 def test_adapt_writes_a_contract_file_with_its_card_and_parity(tiny_model, tmp_path):
     _, source = tiny_model
     crops = write_crops(tmp_path / "crops")
@@ -159,7 +177,7 @@ def test_adapt_writes_a_contract_file_with_its_card_and_parity(tiny_model, tmp_p
     metadata = session.get_modelmeta().custom_metadata_map
     assert json.loads(metadata[ADAPTATION_KEY])["source_sha256"] == record["source_sha256"]
     assert contract.evaluation == {} and contract.verification == {}
-    pixels = read_crops(str(crops), contract.input_height, contract.input_width, progress=False).pixels
+    pixels = read_crops(str(crops)).pixels(contract.input_height, contract.input_width, 5)
     embedding, maps = session.run(None, {"images": pixels[:5]})
     assert identity_error(embedding, maps) < 1e-5
     source_embedding = open_cpu_session(source)[0].run(["embedding"], {"images": pixels[:5]})[0]
@@ -255,6 +273,7 @@ def test_crops_come_from_the_clusters_postgresql_too(cluster_servers, tiny_model
     with ServiceProcess(tiny_model[1], tmp_path / "unused.sqlite3", **settings) as server, server.client() as client:
         enrol(client, [image_bytes(1, 0), image_bytes(2, 0)], camera_id="north")
         enrol(client, [image_bytes(1, 1)])
-        crops = read_crops(settings["postgres_dsn"], TINY_HEIGHT, TINY_WIDTH, progress=False)
-    assert crops.pixels.shape == (3, TINY_HEIGHT, TINY_WIDTH, 3)
-    assert crops.cameras == ["north", "north", ""] and crops.camera_indices.tolist() == [1, 1, 0]
+        crops = read_crops(settings["postgres_dsn"])
+    (batch,) = crops.batches(TINY_HEIGHT, TINY_WIDTH)
+    assert batch.pixels.shape == (3, TINY_HEIGHT, TINY_WIDTH, 3) and batch.skipped == 0
+    assert batch.cameras == ["north", "north", ""]

@@ -10,7 +10,6 @@ checked for parity, with its card.
 May import torch, onnx, ONNX Runtime and ``model_zoo``; never imports ``service`` (the stores are read with
 plain SQL)."""
 
-import hashlib
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from model_zoo.contract import (
     INPUT_IMAGES,
     METADATA_PREFIX,
     OUTPUT_FEATURE_MAPS,
+    ModelContract,
     VERIFICATION_KEY,
     open_cpu_session,
     precision_of,
@@ -38,7 +38,7 @@ from model_zoo.onnx_export import check_parity
 from training.adaptation.crops import Crops, read_crops
 from training.adaptation.head import BranchLinearHead, append_head
 from training.adaptation.loop import AdaptationSettings, EpochRecord, adapt_head
-from training.adaptation.views import VIEWS, pooled_views
+from training.adaptation.views import VIEWS, CropViews, crop_views
 
 log = logging.getLogger(__name__)
 EVALUATION_KEY = METADATA_PREFIX + "evaluation"
@@ -58,23 +58,25 @@ class HeadOnSource(nn.Module):
         return ReIDOutput(feature_maps=self.head.maps(torch.from_numpy(maps)))
 
 
-def _views(session, crops: Crops, model_sha256: str, run_dir: Optional[Path], progress: bool) -> np.ndarray:
+def _views(
+    session, contract: ModelContract, crops: Crops, model_sha256: str, run_dir: Optional[Path], progress: bool
+) -> CropViews:
     """The crops' pooled views, kept in the run folder so a resumed run does not embed them again."""
-    key = f"{model_sha256}:{hashlib.sha256(crops.pixels.tobytes()).hexdigest()}"
+    key = f"{model_sha256}:{crops.fingerprint()}"
     cache = run_dir / "views.npz" if run_dir else None
     if cache and cache.exists():
         stored = np.load(cache)
         if str(stored["key"]) == key:
-            return stored["views"]
-    views = pooled_views(session, crops.pixels, progress)
+            return CropViews(stored["views"], stored["cameras"].tolist(), int(stored["skipped"]))
+    views = crop_views(session, crops, contract.input_height, contract.input_width, progress)
     if cache:
-        np.savez(cache, views=views, key=key)
+        np.savez(cache, views=views.views, cameras=np.array(views.cameras), skipped=views.skipped, key=key)
     return views
 
 
-def _settings_for(crops: Crops, settings: AdaptationSettings) -> AdaptationSettings:
+def _settings_for(views: CropViews, settings: AdaptationSettings) -> AdaptationSettings:
     """Camera-aware choices need two cameras or more: with one, the cluster memory and DBSCAN."""
-    if len(set(crops.cameras)) > 1:
+    if len(set(views.cameras)) > 1:
         return settings
     if settings.memory == "camera" or settings.clusterer == "mutual":
         log.warning("the crops come from one camera: adapting with the cluster memory and DBSCAN")
@@ -114,24 +116,22 @@ def adapt(
     if precision_of(source_metadata) != "fp32":
         raise ValueError(f"{model.name} is not an fp32 file: adapt the fp32 file, then quantize the result")
     session, contract = open_cpu_session(model)
-    crops = read_crops(crops_source, contract.input_height, contract.input_width, progress, limit)
-    settings = _settings_for(crops, settings)
+    crops = read_crops(crops_source, limit)
     if run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     model_sha256 = sha256_of(model)
-    views = _views(session, crops, model_sha256, Path(run_dir) if run_dir else None, progress)
+    views = _views(session, contract, crops, model_sha256, Path(run_dir) if run_dir else None, progress)
+    settings = _settings_for(views, settings)
     embedded = time.perf_counter()
     head, history = adapt_head(
-        views, crops.camera_indices, settings, Path(run_dir) / "head.pt" if run_dir else None, progress
+        views.views, views.camera_indices, settings, Path(run_dir) / "head.pt" if run_dir else None, progress
     )
-    record = _record(model, model_sha256, crops, settings, history, embedded - started)
+    record = _record(model, model_sha256, crops.description, views, settings, history, embedded - started)
     record["source_evaluation"] = json.loads(source_metadata.get(EVALUATION_KEY, "{}"))
     record["seconds_total"] = round(time.perf_counter() - started, 1)
     _write(append_head(source, head), _adapted_metadata(source_metadata, record), output)
-    parity_sets = {
-        "crops": crops.pixels[:7],
-        "random": np.random.default_rng(0).integers(0, 256, crops.pixels[:7].shape, np.uint8),
-    }
+    sample = crops.pixels(contract.input_height, contract.input_width, 7)
+    parity_sets = {"crops": sample, "random": np.random.default_rng(0).integers(0, 256, sample.shape, np.uint8)}
     try:
         record["parity"] = check_parity(HeadOnSource(session, head), output, parity_sets)
     except Exception:
@@ -159,15 +159,17 @@ def add_evaluation(record: Dict, model: Path, output: Path, roots: Sequence[Path
     return record
 
 
-def _record(model: Path, model_sha256: str, crops: Crops, settings, history, embed_seconds: float) -> Dict:
+def _record(
+    model: Path, model_sha256: str, description: str, views: CropViews, settings, history, embed_seconds: float
+) -> Dict:
     last: EpochRecord = history[-1]
     return {
         "source_model": model.name,
         "source_sha256": model_sha256,
-        "crops": len(crops.pixels),
-        "crops_skipped": crops.skipped,
-        "crops_source": crops.description,
-        "cameras": len(set(crops.cameras)),
+        "crops": len(views.views),
+        "crops_skipped": views.skipped,
+        "crops_source": description,
+        "cameras": len(set(views.cameras)),
         "views": list(VIEWS),
         "settings": asdict(settings),
         "epochs": [asdict(record) for record in history],

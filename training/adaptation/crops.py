@@ -10,15 +10,15 @@ Person ids are never read: adaptation is unsupervised. Both stores are read with
 service's schema documents (``items.image``, ``items.camera_id``), since ``training`` never imports
 ``service``."""
 
+import hashlib
 import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 from urllib.parse import unquote, urlparse
 
 import numpy as np
-from tqdm import tqdm
 
 from model_zoo.preprocess import InvalidImage, load_for_model
 
@@ -29,16 +29,53 @@ UNKNOWN_CAMERA = ""
 
 
 @dataclass
-class Crops:
-    pixels: np.ndarray  # uint8 [n, H, W, 3], the model's input
-    cameras: List[str]  # one per crop, UNKNOWN_CAMERA where none is known
-    description: str  # what they came from, for the card (no machine paths: a folder's or store's name)
-    skipped: int  # images that could not be decoded
+class CropBatch:
+    pixels: np.ndarray  # uint8 [b, H, W, 3], the model's input
+    cameras: List[str]  # one per decoded crop, UNKNOWN_CAMERA where none is known
+    skipped: int  # crops of the batch that could not be decoded
 
-    @property
-    def camera_indices(self) -> np.ndarray:
-        """Cameras as 0..C-1 (unknown is a camera of its own)."""
-        return np.unique(np.array(self.cameras), return_inverse=True)[1].astype(np.int64)
+
+@dataclass
+class Crops:
+    """The crops of a source, listed but not decoded: ``batches`` decodes them a batch at a time, so a run holds
+    one batch of pixels, not every crop's (about 100 kB each at 256x128)."""
+
+    entries: List[Tuple[object, str]]  # (an image path or an encoded image, its camera)
+    description: str  # what they came from, for the card (no machine paths: a folder's or store's name)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def fingerprint(self) -> str:
+        """sha256 over every crop's encoded bytes and camera: what a resumed run checks its cache against."""
+        digest = hashlib.sha256()
+        for data, camera in self.entries:
+            image = data.read_bytes() if isinstance(data, Path) else data
+            digest.update(hashlib.sha256(image).digest() + camera.encode() + b"\0")
+        return digest.hexdigest()
+
+    def batches(self, height: int, width: int, batch_size: int = 32) -> Iterator[CropBatch]:
+        """The crops decoded for a model of this input size, in order, ``batch_size`` at a time."""
+        for start in range(0, len(self.entries), batch_size):
+            pixels, cameras, skipped = [], [], 0
+            for data, camera in self.entries[start : start + batch_size]:
+                try:
+                    pixels.append(load_for_model(data, height, width))
+                except (InvalidImage, OSError):
+                    skipped += 1
+                    continue
+                cameras.append(camera)
+            empty = np.zeros((0, height, width, 3), np.uint8)
+            yield CropBatch(np.stack(pixels) if pixels else empty, cameras, skipped)
+
+    def pixels(self, height: int, width: int, count: int) -> np.ndarray:
+        """The first ``count`` decodable crops (a sample: the parity check's, a test's)."""
+        decoded = []
+        for batch in self.batches(height, width):
+            decoded.extend(batch.pixels)
+            if len(decoded) >= count:
+                break
+        return np.stack(decoded[:count])
 
 
 def _camera_of(path: Path, root: Path) -> str:
@@ -87,24 +124,11 @@ def _entries(source: str) -> Tuple[List[Tuple[object, str]], str]:
     raise ValueError(f"{source}: not a folder, a SQLite store (.db, .sqlite, sqlite:///...) or postgresql://...")
 
 
-def _decoded(entries: Iterable[Tuple[object, str]], height: int, width: int, progress: bool):
-    pixels, cameras, skipped = [], [], 0
-    for data, camera in tqdm(list(entries), desc="decode crops", disable=not progress, leave=False):
-        try:
-            pixels.append(load_for_model(data, height, width))
-        except (InvalidImage, OSError):
-            skipped += 1
-            continue
-        cameras.append(camera)
-    return pixels, cameras, skipped
-
-
-def read_crops(source: str, height: int, width: int, progress: bool = True, limit: Optional[int] = None) -> Crops:
-    """Every crop of ``source`` decoded for a model of this input size (at most ``limit``, evenly spaced)."""
+def read_crops(source: str, limit: Optional[int] = None) -> Crops:
+    """The crops of ``source`` (at most ``limit``, evenly spaced), listed in order, not yet decoded."""
     entries, description = _entries(str(source))
     if limit is not None and len(entries) > limit:
         entries = [entries[i] for i in np.linspace(0, len(entries) - 1, limit).round().astype(int)]
-    pixels, cameras, skipped = _decoded(entries, height, width, progress)
-    if not pixels:
-        raise ValueError(f"{description}: no image to adapt on ({skipped} could not be decoded)")
-    return Crops(np.stack(pixels), cameras, description, skipped)
+    if not entries:
+        raise ValueError(f"{description}: no image to adapt on")
+    return Crops(entries, description)
