@@ -4,9 +4,10 @@
    thread plans: the service's own (on the CPU, one single-threaded call per core, running at once) and one
    call at a time on every core. The service's ratio is taken to the faster of the two.
 2. The service's enrol throughput under concurrency: a real uvicorn server on loopback, C connections each
-   posting one image per request, from wrk (a C load generator, so the client takes little of the 2 cores
-   the server and the model share) when it is installed, else from C Python clients.
-   (1) and (2) alternate in rounds (raw, service, raw, service, ...) and the ratio is taken per round, next
+   posting one image per request (for each C of --clients: 4 and 32 by default), from wrk (a C load
+   generator, so the client takes little of the 2 cores the server and the model share) when it is
+   installed, else from C Python clients.
+   (1) and (2) alternate in rounds (raw, service with each C, raw, ...) and the ratio is taken per round, next
    to each other in time, because this machine's speed drifts by 15% over minutes; the median round ratio is
    the figure reported.
 3. Query latency p50/p95/p99 (client side, top_k=10) for galleries of 1k, 10k and 100k items, with and
@@ -15,23 +16,24 @@
    enrolled images through the API so the top-k are real items with real images for the heatmaps.
 
     python -m bench.service_bench --output bench/results/service.json
+    python -m bench.service_bench --galleries --output bench/results/service_enrol.json   # enrolment only
 """
 
 import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable, List, Tuple
 
 import httpx
 import numpy as np
@@ -43,7 +45,7 @@ from model_zoo.files import sha256_of
 from service.inference import InferenceModel
 from service.store import NewItem
 from harness.server import ServiceProcess
-from bench.common import emit, jpeg, latency_quantiles, synthetic_store
+from bench.common import emit, jpeg, latency_quantiles, provenance, synthetic_store
 
 
 SETTLE_S = 2  # between raw and service phases: the server finishes its last batches, idle threads stop spinning
@@ -142,14 +144,21 @@ def client_cpu_seconds() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def enrol_round(raws, enrol, server: ServiceProcess, seconds: float) -> dict:
-    """Each raw configuration, then the service under load, with the CPU (in cores) the server and the client
-    used meanwhile and the fraction of the time the service's model was running."""
+def enrol_round(raws, enrols, server: ServiceProcess, seconds: float) -> dict:
+    """Each raw configuration, then the service under load from each number of clients, with the CPU (in cores)
+    the server and the client used meanwhile and the fraction of the time the service's model was running."""
     figures = {}
     for name, raw in raws.items():
         time.sleep(SETTLE_S)
         figures[name] = round(raw.throughput(seconds / 2), 1)
-    time.sleep(SETTLE_S)
+    best_raw = max(figures.values())
+    for clients, enrol in enrols.items():
+        time.sleep(SETTLE_S)
+        figures[f"{clients}_clients"] = service_phase(enrol, server, seconds, best_raw)
+    return figures
+
+
+def service_phase(enrol, server: ServiceProcess, seconds: float, best_raw: float) -> dict:
     pid = server.process.pid
     model, cpu, client, started = (
         metric(server.url, "reid_model_seconds_sum"),
@@ -159,9 +168,7 @@ def enrol_round(raws, enrol, server: ServiceProcess, seconds: float) -> dict:
     )
     service_rate = enrol(seconds)
     wall = time.perf_counter() - started
-    best_raw = max(figures.values())
     return {
-        **figures,
         "service": round(service_rate, 1),
         "ratio": round(service_rate / best_raw, 3),
         "model_busy": round((metric(server.url, "reid_model_seconds_sum") - model) / wall, 3),
@@ -207,6 +214,15 @@ def latencies(url: str, images, queries: int, heatmaps: bool) -> dict:
     return latency_quantiles(times)
 
 
+def enrol_load(args, server: ServiceProcess, images, tmp: Path) -> Tuple[str, Callable[[int, float], float]]:
+    """(what generates the load, enrol(clients, seconds) -> images per second)."""
+    if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
+        return "wrk", lambda clients, seconds: enrol_throughput_wrk(server.url, clients, seconds, images[0], tmp)
+    return "httpx asyncio clients in the benchmark process", lambda clients, seconds: asyncio.run(
+        enrol_throughput(server.url, clients, seconds, images)
+    )
+
+
 def enrol_benchmark(args, images, tmp: Path) -> dict:
     # Raw in the service's own thread plan and as one call on every thread: the ratio is to the faster.
     raws = {
@@ -223,31 +239,31 @@ def enrol_benchmark(args, images, tmp: Path) -> dict:
         intra_op_threads=0,
         model_instances=0,
     ) as server:
-        if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
-
-            def enrol(seconds):
-                return enrol_throughput_wrk(server.url, args.clients, seconds, images[0], tmp)
-
-            results["enrol_client"] = f"wrk, {args.clients} connections"
-        else:
-
-            def enrol(seconds):
-                return asyncio.run(enrol_throughput(server.url, args.clients, seconds, images))
-
-            results["enrol_client"] = f"httpx, {args.clients} asyncio clients in the benchmark process"
-        enrol(3)  # warm-up: connections, first batches
+        results["enrol_client"], enrol = enrol_load(args, server, images, tmp)
+        enrol(max(args.clients), 3)  # warm-up: connections, first batches
+        enrols = {clients: partial(enrol, clients) for clients in args.clients}
         rounds = [
-            enrol_round(raws, enrol, server, args.seconds)
+            enrol_round(raws, enrols, server, args.seconds)
             for _ in tqdm(range(args.rounds), desc="raw / service rounds")
         ]
         results["service_batching"] = batching_figures(server.url)
     results["enrol_rounds"] = rounds
     for name in raws:
         results[f"{name}_images_per_s"] = statistics.median(r[name] for r in rounds)
-    results["service_enrol_images_per_s"] = statistics.median(r["service"] for r in rounds)
-    results["service_over_raw"] = round(statistics.median(r["ratio"] for r in rounds), 3)
-    results["service_over_raw_range"] = [min(r["ratio"] for r in rounds), max(r["ratio"] for r in rounds)]
+    results["service"] = {clients: enrol_summary([r[f"{clients}_clients"] for r in rounds]) for clients in args.clients}
     return results
+
+
+def enrol_summary(phases: List[dict]) -> dict:
+    """Medians over the rounds of one number of clients, and the range of the per-round ratio to raw."""
+    ratios = [phase["ratio"] for phase in phases]
+    return {
+        "enrol_images_per_s": statistics.median(phase["service"] for phase in phases),
+        "over_raw": round(statistics.median(ratios), 3),
+        "over_raw_range": [min(ratios), max(ratios)],
+        "model_busy": statistics.median(phase["model_busy"] for phase in phases),
+        "server_cores": statistics.median(phase["server_cores"] for phase in phases),
+    }
 
 
 def query_benchmark(args, images, tmp: Path) -> dict:
@@ -274,7 +290,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model (default: the shipped one)")
     parser.add_argument("--batch", type=int, default=32, help="max batch size, raw and in the service")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent enrolling clients")
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[4, 32], help="concurrent enrolling clients, each count measured"
+    )
     parser.add_argument(
         "--client",
         choices=["auto", "wrk", "httpx"],
@@ -295,16 +313,13 @@ def main() -> None:
     args = parser.parse_args()
 
     images = [jpeg(i) for i in range(64)]
-    results = {
-        "model": args.model.name,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(sys.argv),
-    }
+    results = {**provenance(), "model": {"file": args.model.name, "sha256": sha256_of(args.model)}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.rounds:  # 0: query latency only
             results.update(enrol_benchmark(args, images, Path(tmp)))
             print(json.dumps(results, indent=2), flush=True)
         results["query_latency"] = query_benchmark(args, images, Path(tmp))
+    results["load_average_at_end"] = os.getloadavg()
     emit(results, args.output)
 
 
