@@ -26,6 +26,7 @@ matches are real crops in the gallery. ``--size 0`` keeps the real crops alone: 
     python -m bench.gallery_scale --data ../shared/data --work $RUNS/scale --size 1000000 \
         --output bench/results/gallery_1m.json
     python -m bench.gallery_scale --data ../shared/data --work $RUNS/scale --real-gallery --size 1000000 ...
+    python -m bench.gallery_scale --write-docs bench/results/gallery_1m_real.json   # docs/results.md's table
 """
 
 import argparse
@@ -50,7 +51,16 @@ from service.index import VectorIndex
 from service.inference import InferenceModel
 from service.store import GalleryStore, NewItem
 from harness.server import ServiceProcess
-from bench.common import emit, jpeg, latency_quantiles, memory_kb, provenance, synthetic_store
+from bench.common import (
+    DocsTable,
+    emit,
+    generated_marker,
+    jpeg,
+    latency_quantiles,
+    memory_kb,
+    provenance,
+    synthetic_store,
+)
 
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 VALIDATION_SETS = ("cuhk03-detected", "prid", "grid")
@@ -206,6 +216,7 @@ def index_setting(
     built = {
         **setting,
         "built": index.built_kind,
+        "lists": index.lists,
         "build_s": round(time.perf_counter() - started, 1),
         "vectors_in_memory_gb": round(index.index.ntotal * index.index.d * 4 / 1e9, 2),
     }
@@ -272,6 +283,44 @@ def server_figures(args, store_path: Path, setting: dict, images: List[bytes], t
     return figures
 
 
+def _quantiles(latency: dict) -> str:
+    return f"{latency['p50_ms']} / {latency['p95_ms']} / {latency['p99_ms']}"
+
+
+def scale_table(results: dict) -> str:
+    """A docs table of a result file: each in-process setting, then the real server's row when there is one."""
+    lines = [
+        "| index, as built (in process, one query at a time) | nprobe | recall@10 synthetic / real queries "
+        "| search p50 / p95 / p99 ms | in memory | built in |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["settings"]:
+        built = row["built"] + (f", {row['lists']} lists" if row.get("lists") else "")
+        lines.append(
+            f"| {row['kind']}: {built} | {row['nprobe'] or '-'} | {row['recall_at_10_synthetic_queries']} / "
+            f"{row['recall_at_10_real_queries']} | {_quantiles(row['search_latency'])} | "
+            f"{row['vectors_in_memory_gb']} GB | {row['build_s']} s |"
+        )
+    server = results.get("server")
+    if server:
+        setting = server["setting"]
+        lines.append(
+            f"| **served** ({setting['kind']}, `POST /query` top 10 from the client, query embedding included; "
+            f"with heatmaps p50 {server['query_heatmaps_True']['p50_ms']} ms) | {setting.get('nprobe', ['-'])[0]} "
+            f"| real queries: **{server['recall_at_10_real_queries']}** | "
+            f"**{_quantiles(server['query_heatmaps_False'])}** | {server['server_memory']['VmHWM_gb']} GB peak "
+            f"| ready after {server['start_s']} s |"
+        )
+    return "\n".join(lines)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+DOCS_TABLES = {
+    "gallery_real.json": DocsTable(DOCS, generated_marker("real gallery table"), scale_table),
+    "gallery_1m_real.json": DocsTable(DOCS, generated_marker("million gallery table"), scale_table),
+}
+
+
 def real_embeddings(args, model: InferenceModel) -> dict:
     """The model's embeddings of the real images (cached in the work folder per model file, so int8 queries are
     judged against int8 truth): the generator's training sample, the real queries and, with --real-gallery,
@@ -300,13 +349,10 @@ def real_embeddings(args, model: InferenceModel) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data", type=Path, required=True, help="folder with the training sets and the validation sets"
-    )
+    parser.add_argument("--data", type=Path, help="folder with the training sets and the validation sets")
     parser.add_argument(
         "--work",
         type=Path,
-        required=True,
         help="where the store (about 15 GB per million 3840-d items, 1.6 GB at 256-d) and caches go",
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
@@ -338,7 +384,16 @@ def main() -> None:
     )
     parser.add_argument("--fill-only", action="store_true", help="fill the store (resumable) and stop")
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--write-docs",
+        type=Path,
+        help=f"rewrite docs/results.md's table of this result file ({', '.join(DOCS_TABLES)}), measure nothing",
+    )
     args = parser.parse_args()
+    if args.write_docs:
+        return DOCS_TABLES[args.write_docs.name].write(args.write_docs)
+    if not (args.data and args.work):
+        parser.error("--data and --work are required to measure")
     args.work.mkdir(parents=True, exist_ok=True)
     model = InferenceModel(args.model, "cpu", precision=args.precision).load()
     dim, branches = model.contract.embedding_dim, model.contract.num_branches

@@ -165,6 +165,11 @@ class VectorIndex:
         return self.index.ntotal - len(self.tombstones)
 
     @property
+    def lists(self) -> Optional[int]:
+        """IVF's lists as built (REID_IVF_NLIST capped by the training sample), None for other kinds."""
+        return self._inner.nlist if self.built_kind == "ivf" else None
+
+    @property
     def needs_rebuild(self) -> bool:
         stale = self.index.ntotal > 0 and len(self.tombstones) > COMPACT_FRACTION * self.index.ntotal
         is_trained = self.built_kind == "ivf" or self.rescores

@@ -73,12 +73,12 @@ def test_an_auto_index_is_exact_while_small_and_becomes_ivf_once_a_scan_is_long(
     store = GalleryStore(tmp_path / "g.sqlite3")
     store.add([NewItem(b"jpeg", "JPEG", 1, 1, v) for v in vectors[:1000]])
     index, _ = built_index(VectorIndex(32, "auto", "cpu", ivf_nlist=16, ivf_nprobe=16), store, 32)
-    assert index.built_kind == "flat" and not index.needs_rebuild
+    assert index.built_kind == "flat" and index.lists is None and not index.needs_rebuild
     added = store.add([NewItem(b"jpeg", "JPEG", 1, 1, v) for v in vectors[1000:]])
     index.add(np.array([i.id for i in added], np.int64), vectors[1000:])
     assert index.needs_rebuild
     index, _ = built_index(VectorIndex(32, "auto", "cpu", ivf_nlist=16, ivf_nprobe=16), store, 32)
-    assert index.built_kind == "ivf" and index.size == 1200 and not index.needs_rebuild
+    assert index.built_kind == "ivf" and index.lists == 16 and index.size == 1200 and not index.needs_rebuild
     assert index.search(vectors[3], 1)[0][0] == 4  # ids start at 1
     store.close()
 
