@@ -207,7 +207,12 @@ def index_setting(
     recall@10 per query set, latency over all of them."""
     store = GalleryStore(store_path)
     index = VectorIndex(
-        dim, setting["kind"], "cpu", ivf_nlist=setting.get("nlist", 1024), reduce_dim=setting.get("reduce_dim", 0)
+        dim,
+        setting["kind"],
+        "cpu",
+        ivf_nlist=setting.get("nlist", 1024),
+        hnsw_m=setting.get("m", 32),
+        reduce_dim=setting.get("reduce_dim", 0),
     )
     index.planned_size = store.count()
     started = time.perf_counter()
@@ -222,12 +227,13 @@ def index_setting(
     }
     del training
     rows = []
-    for nprobe in setting.get("nprobe", [None]):
+    breadth_name = "ef_search" if setting["kind"] == "hnsw" else "nprobe"
+    for breadth in setting.get(breadth_name, [None]):
         for candidates in setting.get("candidates", [100]):
-            if nprobe is not None:
-                index.set_nprobe(nprobe)
+            if breadth is not None:
+                index.set_search_breadth(breadth)
             index.rescore_candidates = candidates
-            row, times = {**built, "nprobe": nprobe, "candidates": candidates}, []
+            row, times = {**built, breadth_name: breadth, "candidates": candidates}, []
             for name, vectors in queries.items():
                 found = []
                 for query in vectors:
@@ -253,6 +259,8 @@ def server_figures(args, store_path: Path, setting: dict, images: List[bytes], t
         "index_rescore_candidates": setting.get("candidates", [100])[0],
         "ivf_nlist": setting.get("nlist", 1024),
         "ivf_nprobe": setting.get("nprobe", [32])[0],
+        "hnsw_m": setting.get("m", 32),
+        "hnsw_ef_search": setting.get("ef_search", [128])[0],
         "intra_op_threads": 0,
         "model_instances": 0,
         "max_top_k": 100,
@@ -287,17 +295,23 @@ def _quantiles(latency: dict) -> str:
     return f"{latency['p50_ms']} / {latency['p95_ms']} / {latency['p99_ms']}"
 
 
+def breadth(setting: dict):
+    """A setting's nprobe (IVF) or efSearch (HNSW): one value, or the first of a list."""
+    value = setting.get("nprobe", setting.get("ef_search"))
+    return value[0] if isinstance(value, list) else value
+
+
 def scale_table(results: dict) -> str:
     """A docs table of a result file: each in-process setting, then the real server's row when there is one."""
     lines = [
-        "| index, as built (in process, one query at a time) | nprobe | recall@10 synthetic / real queries "
-        "| search p50 / p95 / p99 ms | in memory | built in |",
+        "| index, as built (in process, one query at a time) | nprobe / efSearch | recall@10 synthetic / real queries "
+        "| search p50 / p95 / p99 ms | vectors in memory | built in |",
         "|---|---|---|---|---|---|",
     ]
     for row in results["settings"]:
         built = row["built"] + (f", {row['lists']} lists" if row.get("lists") else "")
         lines.append(
-            f"| {row['kind']}: {built} | {row['nprobe'] or '-'} | {row['recall_at_10_synthetic_queries']} / "
+            f"| {row['kind']}: {built} | {breadth(row) or '-'} | {row['recall_at_10_synthetic_queries']} / "
             f"{row['recall_at_10_real_queries']} | {_quantiles(row['search_latency'])} | "
             f"{row['vectors_in_memory_gb']} GB | {row['build_s']} s |"
         )
@@ -306,7 +320,7 @@ def scale_table(results: dict) -> str:
         setting = server["setting"]
         lines.append(
             f"| **served** ({setting['kind']}, `POST /query` top 10 from the client, query embedding included; "
-            f"with heatmaps p50 {server['query_heatmaps_True']['p50_ms']} ms) | {setting.get('nprobe', ['-'])[0]} "
+            f"with heatmaps p50 {server['query_heatmaps_True']['p50_ms']} ms) | {breadth(setting) or '-'} "
             f"| real queries: **{server['recall_at_10_real_queries']}** | "
             f"**{_quantiles(server['query_heatmaps_False'])}** | {server['server_memory']['VmHWM_gb']} GB peak "
             f"| ready after {server['start_s']} s |"
@@ -375,8 +389,9 @@ def main() -> None:
     parser.add_argument(
         "--settings",
         default='[{"kind": "ivf", "reduce_dim": 256, "nlist": 1024, "nprobe": [32, 16, 64], "candidates": [100, 50]}]',
-        help="JSON list of index settings for the in-process part, each built once and searched with "
-        "every nprobe x candidates; the first setting's first nprobe and candidates are also served",
+        help="JSON list of index settings for the in-process part (kind, nlist, nprobe, m, ef_search, "
+        "reduce_dim, candidates), each built once and searched with every nprobe (IVF) or ef_search (HNSW) x "
+        "candidates; the first setting's first nprobe or ef_search and candidates are also served",
     )
     parser.add_argument("--no-server", action="store_true", help="skip the real server's part")
     parser.add_argument(

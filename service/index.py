@@ -133,11 +133,14 @@ class VectorIndex:
             self.add(ids, vectors)
         self.trained_on = self.index.ntotal
 
-    def set_nprobe(self, nprobe: int) -> None:
-        """IVF lists each search visits, now and in later builds (capped by the lists the index has)."""
-        self.ivf_nprobe = nprobe
+    def set_search_breadth(self, breadth: int) -> None:
+        """How widely each search looks, now and in later builds: the IVF lists it visits (nprobe, capped by the
+        lists the index has) and the candidates HNSW keeps (efSearch)."""
+        self.ivf_nprobe = self.hnsw_ef_search = breadth
         if self.built_kind == "ivf":
-            self._inner.nprobe = min(nprobe, self._inner.nlist)
+            self._inner.nprobe = min(breadth, self._inner.nlist)
+        elif self.built_kind == "hnsw":
+            self._inner.hnsw.efSearch = breadth
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         self.index.add_with_ids(self._project(vectors), np.asarray(ids, np.int64))

@@ -39,9 +39,11 @@ def test_every_index_type_finds_added_vectors_and_forgets_deleted_ones(kind):
     index.remove(1710)
     assert 1710 not in [i for i, _ in index.search(vectors[1700], 5)]
     assert index.size == 1999
-    index.set_nprobe(4)
+    index.set_search_breadth(4)
     if kind == "ivf":  # each search now visits 4 of the 16 lists, and later builds keep it
         assert index._inner.nprobe == 4 and index.ivf_nprobe == 4
+    if kind == "hnsw":
+        assert index._inner.hnsw.efSearch == 4 and index.hnsw_ef_search == 4
 
 
 def test_tombstones_trigger_a_rebuild_and_filters_widen_the_search():
