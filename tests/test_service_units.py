@@ -126,6 +126,38 @@ def test_a_lone_request_is_split_over_the_model_instances_and_runs_at_once():
     assert model.calls == [2, 2]  # the 4-image request as two calls of 2, at once (or the barrier breaks)
 
 
+def test_with_two_model_threads_a_batch_takes_its_share_of_the_waiting_images():
+    """Images that queued while both threads were busy are shared between them, not all taken by the first
+    thread to finish: the other would then idle while those clients sent their next requests."""
+    import threading
+
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    class HeldModel(CountingModel):
+        def predict(self, images, with_maps=True):
+            entered.release()
+            release.wait(10)
+            return super().predict(images, with_maps)
+
+    model = HeldModel()
+
+    async def scenario():
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.05, instances=2)
+        await batcher.start()
+        one = lambda: batcher.embed(np.zeros((1, 2, 2, 3), np.uint8))  # noqa: E731
+        running = [asyncio.ensure_future(one()) for _ in range(2)]
+        for _ in range(2):  # each thread took one image and holds it in the model
+            assert await asyncio.to_thread(entered.acquire, True, 10)
+        waiting = [asyncio.ensure_future(one()) for _ in range(4)]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*running, *waiting)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert sorted(model.calls) == [1, 1, 1, 1, 2]  # the 4 that waited: 2 + 1 + 1, not one call of 4
+
+
 def test_past_the_queue_limit_a_request_is_refused_at_once_and_the_queue_drains():
     import threading
 
