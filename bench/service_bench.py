@@ -17,6 +17,7 @@
 
     python -m bench.service_bench --output bench/results/service.json
     python -m bench.service_bench --galleries --output bench/results/service_enrol.json   # enrolment only
+    python -m bench.service_bench --write-docs bench/results/service_enrol.json   # docs/results.md's table
 """
 
 import argparse
@@ -45,7 +46,7 @@ from model_zoo.files import sha256_of
 from service.inference import InferenceModel
 from service.store import NewItem
 from harness.server import ServiceProcess
-from bench.common import emit, jpeg, latency_quantiles, provenance, synthetic_store
+from bench.common import DocsTable, emit, generated_marker, jpeg, latency_quantiles, provenance, synthetic_store
 
 
 SETTLE_S = 2  # between raw and service phases: the server finishes its last batches, idle threads stop spinning
@@ -286,6 +287,31 @@ def query_benchmark(args, images, tmp: Path) -> dict:
     return results
 
 
+def enrol_table(results: dict) -> str:
+    """A docs table of a result file's enrolment: per number of clients, the service beside the raw model."""
+    raw = max(results[f"{name}_images_per_s"] for name in results["raw_configurations"])
+    lines = [
+        "| clients (one image per request) | service images/s | of the raw model's (rounds) | model busy (of "
+        "2 calls) | server cores |",
+        "|---|---|---|---|---|",
+    ]
+    for clients, figures in results["service"].items():
+        low, high = figures["over_raw_range"]
+        lines.append(
+            f"| {clients} | {figures['enrol_images_per_s']:.1f} | **{100 * figures['over_raw']:.1f}%** "
+            f"({100 * low:.1f}-{100 * high:.1f}%) | {figures['model_busy']} | {figures['server_cores']} |"
+        )
+    lines.append(f"| raw model, batch 32, the faster thread plan (median of the rounds) | {raw:.1f} | | | |")
+    return "\n".join(lines)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+DOCS_TABLES = {
+    "service_enrol.json": DocsTable(DOCS, generated_marker("enrolment table"), enrol_table),
+    "service_enrol_before.json": DocsTable(DOCS, generated_marker("enrolment before table"), enrol_table),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model (default: the shipped one)")
@@ -310,7 +336,14 @@ def main() -> None:
     )
     parser.add_argument("--queries", type=int, default=50, help="queries per latency figure")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--write-docs",
+        type=Path,
+        help=f"rewrite docs/results.md's table of this result file ({', '.join(DOCS_TABLES)}), measure nothing",
+    )
     args = parser.parse_args()
+    if args.write_docs:
+        return DOCS_TABLES[args.write_docs.name].write(args.write_docs)
 
     images = [jpeg(i) for i in range(64)]
     results = {**provenance(), "model": {"file": args.model.name, "sha256": sha256_of(args.model)}}

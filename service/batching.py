@@ -132,7 +132,8 @@ class MicroBatcher:
         """With several model threads, a batch takes its share of the waiting images and goes: the rest are left
         for the other threads, busy or not. Taking them all left the others idle when they finished, while this
         call's clients were still away sending their next request: 4 clients kept the model busy 43% of the
-        time (bench/results/service_enrol.json). One thread waits for company up to max_wait instead."""
+        time (bench/results/service_enrol_before.json), all of it since (service_enrol.json). One thread waits
+        for company up to max_wait instead."""
         return self.instances > 1 and count * self.instances >= self._queued_images
 
     def _run(self) -> None:
