@@ -5,8 +5,8 @@ becomes a tombstone that searches skip, and once tombstones pass a fifth of the 
 from the store. Searches widen their candidate list until ``k`` accepted hits are found or the index is
 exhausted, which serves the camera, person, time and score filters the same way, and ``k`` groups when the
 hits are grouped (at most one per person: the best). Erased ids (a person's,
-or expired ones) leave memory at once: removed in place where FAISS can, else hidden until the rebuild that
-follows the erasure.
+or expired ones) leave memory at once: removed in place where FAISS can, zeroed in place in HNSW, else (on a
+GPU) hidden until the rebuild that follows the erasure.
 
 Large galleries: ``reduce_dim`` keeps the indexed vectors in a smaller space, an uncentred PCA of the
 gallery (the top eigenvectors of its second-moment matrix, which keep inner products where a centred PCA
@@ -15,9 +15,14 @@ would shift them by each item's component along the mean). A reduced index retur
 returned score is the exact one that RAM decomposes; only which items reach the shortlist is approximate.
 The full vectors are not kept in memory: a million 3840-d embeddings are 15 GB, reduced to 256-d 1 GB.
 
-Kind ``auto`` (the default) searches exactly while a scan reads fewer than ``AUTO_IVF_FLOATS`` (items x
-dimensions: about 30 ms on one core), and becomes IVF at the rebuild that follows, so a small gallery is
-exact and a large one stays fast without a setting.
+Kind ``auto`` (the default) searches exactly while a scan reads fewer than ``AUTO_LARGE_FLOATS`` (items x
+dimensions: about 30 ms on one core), and becomes approximate at the rebuild that follows, so a small gallery
+is exact and a large one stays fast without a setting: HNSW on the CPU, IVF where FAISS has a GPU (HNSW has no
+GPU index). On the CPU HNSW is the one that meets recall@10 0.95 for real query crops in time: at a million
+256-d items (bench/results/gallery_1m_real.json) IVF needed 256 of 1,024 lists for it, 35 ms a search at
+p99, where HNSW (efSearch 512) took 6 ms. HNSW learns nothing from the gallery, so it is never rebuilt for
+growth; it is rebuilt when tombstones (deletes, and erasures, whose vectors are zeroed in place) pass a
+fifth of it.
 """
 
 import logging
@@ -30,9 +35,9 @@ log = logging.getLogger(__name__)
 COMPACT_FRACTION = 0.2
 MIN_IVF_TRAINING = 39  # FAISS wants about 39 training points per list
 MIN_TRAINED_SIZE = 1000  # below this a gallery is searched exactly: approximation buys nothing there
-# kind "auto": IVF once a flat scan would read this many floats (a 100k x 3840-d scan, 384M, took 118 ms: 3.3G a
-# second, so about 30 ms here); 390k items of 256-d, 26k of 3840-d
-AUTO_IVF_FLOATS = 100_000_000
+# kind "auto": approximate once a flat scan would read this many floats (a 100k x 3840-d scan, 384M, took 118 ms:
+# 3.3G a second, so about 30 ms here); 390k items of 256-d, 26k of 3840-d
+AUTO_LARGE_FLOATS = 100_000_000
 ExactScorer = Callable[[np.ndarray], np.ndarray]  # ids -> their exact inner products with the query
 
 
@@ -49,7 +54,7 @@ class VectorIndex:
         ivf_nlist: int = 1024,
         ivf_nprobe: int = 32,
         hnsw_m: int = 32,
-        hnsw_ef_search: int = 128,
+        hnsw_ef_search: int = 512,
         reduce_dim: int = 0,
         rescore_candidates: int = 100,
     ):
@@ -80,12 +85,16 @@ class VectorIndex:
     @property
     def trains(self) -> bool:
         """Whether this index kind learns from the gallery (IVF's lists, the reduction's axes)."""
-        return self.kind == "ivf" or self.reduce_dim > 0 or self._auto_ivf
+        return self._planned_kind == "ivf" or self.reduce_dim > 0
 
     @property
-    def _auto_ivf(self) -> bool:
-        """Kind "auto" over a gallery (of the size a rebuild planned) too large to scan."""
-        return self.kind == "auto" and self.planned_size * self.dim >= AUTO_IVF_FLOATS
+    def _planned_kind(self) -> str:
+        """The kind the next build makes: kind "auto" decides by the size the rebuild planned."""
+        if self.kind != "auto":
+            return self.kind
+        if self.planned_size * self.dim < AUTO_LARGE_FLOATS:
+            return "flat"
+        return "ivf" if self.use_gpu else "hnsw"
 
     @property
     def rescores(self) -> bool:
@@ -97,11 +106,11 @@ class VectorIndex:
         self.projection = uncentred_pca(training, self.reduce_dim) if trained and self.reduce_dim else None
         training = self._project(training)
         dim = training.shape[1]
-        if self.kind == "hnsw":
+        if self._planned_kind == "hnsw":
             inner = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efSearch = self.hnsw_ef_search
             self.built_kind = "hnsw"
-        elif (self.kind == "ivf" or self._auto_ivf) and trained:
+        elif self._planned_kind == "ivf" and trained:
             nlist = max(1, min(self.ivf_nlist, len(training) // MIN_IVF_TRAINING))
             quantizer = faiss.IndexFlatIP(dim)
             inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -154,14 +163,24 @@ class VectorIndex:
 
     def erase(self, ids: Sequence[int]) -> None:
         """Remove the vectors from memory, not only from results: in place on the CPU's flat and IVF indexes;
-        HNSW and GPU indexes cannot remove ids, so there they are hidden and ``needs_rebuild`` asks for an index
-        built without them."""
+        HNSW cannot remove ids, so there the vectors are overwritten with zeros where they lie and the ids
+        hidden (the graph keeps its links, which hold no embedding); GPU indexes can do neither, so there they
+        are hidden and ``needs_rebuild`` asks for an index built without them."""
         ids = np.asarray(ids, np.int64)
+        if self.built_kind == "hnsw" and not self.use_gpu:
+            self._held_vectors()[np.isin(faiss.vector_to_array(self.index.id_map), ids)] = 0
+            self.tombstones.update(ids.tolist())
+            return
         try:
             self.index.remove_ids(ids)
         except RuntimeError:
             self.tombstones.update(ids.tolist())
             self.holds_erased = True
+
+    def _held_vectors(self) -> np.ndarray:
+        """HNSW's stored vectors [ntotal, d], a view of FAISS' own memory (writes change the index)."""
+        storage = faiss.downcast_index(self._inner.storage)
+        return faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(storage.ntotal, storage.d)
 
     @property
     def size(self) -> int:
@@ -178,7 +197,7 @@ class VectorIndex:
         is_trained = self.built_kind == "ivf" or self.rescores
         untrained = self.trains and not is_trained and self.size >= MIN_TRAINED_SIZE
         grown = self.trains and is_trained and self.size > 4 * max(1, self.trained_on)
-        outgrew_scan = self.kind == "auto" and not is_trained and self.size * self.dim >= AUTO_IVF_FLOATS
+        outgrew_scan = self.kind == "auto" and self.built_kind == "flat" and self.size * self.dim >= AUTO_LARGE_FLOATS
         return stale or untrained or grown or outgrew_scan or self.holds_erased
 
     def search(

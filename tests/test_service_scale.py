@@ -62,13 +62,14 @@ def test_a_reduced_index_starts_exact_trains_once_large_and_needs_the_exact_scor
     assert 3 not in [i for i, _ in index.search(vectors[3], 5, exact=gone)]
 
 
-def test_an_auto_index_is_exact_while_small_and_becomes_ivf_once_a_scan_is_long(monkeypatch, tmp_path):
-    """Kind "auto" (the default): exact while a scan is short, IVF from the rebuild after it grows long (here
-    the threshold is lowered to 1,100 32-d items); the gallery's rebuild tells it the size it is building."""
+def test_an_auto_index_is_exact_while_small_and_becomes_hnsw_once_a_scan_is_long(monkeypatch, tmp_path):
+    """Kind "auto" (the default): exact while a scan is short, HNSW on the CPU from the rebuild after it grows
+    long (here the threshold is lowered to 1,100 32-d items); the gallery's rebuild tells it the size it is
+    building. HNSW learns nothing from the gallery, so growing further needs no rebuild."""
     import service.index
     from service.gallery import built_index
 
-    monkeypatch.setattr(service.index, "AUTO_IVF_FLOATS", 1100 * 32)
+    monkeypatch.setattr(service.index, "AUTO_LARGE_FLOATS", 1100 * 32)
     vectors = low_rank_rows(1200, 32, 6)
     store = GalleryStore(tmp_path / "g.sqlite3")
     store.add([NewItem(b"jpeg", "JPEG", 1, 1, v) for v in vectors[:1000]])
@@ -77,9 +78,11 @@ def test_an_auto_index_is_exact_while_small_and_becomes_ivf_once_a_scan_is_long(
     added = store.add([NewItem(b"jpeg", "JPEG", 1, 1, v) for v in vectors[1000:]])
     index.add(np.array([i.id for i in added], np.int64), vectors[1000:])
     assert index.needs_rebuild
-    index, _ = built_index(VectorIndex(32, "auto", "cpu", ivf_nlist=16, ivf_nprobe=16), store, 32)
-    assert index.built_kind == "ivf" and index.lists == 16 and index.size == 1200 and not index.needs_rebuild
+    index, _ = built_index(VectorIndex(32, "auto", "cpu"), store, 32)
+    assert index.built_kind == "hnsw" and index.size == 1200 and not index.needs_rebuild
     assert index.search(vectors[3], 1)[0][0] == 4  # ids start at 1
+    index.add(np.arange(2000, 7000), low_rank_rows(5000, 32, 6, seed=1))
+    assert not index.needs_rebuild
     store.close()
 
 
