@@ -261,8 +261,8 @@ def server_figures(args, store_path: Path, setting: dict, images: List[bytes], t
         "ivf_nprobe": setting.get("nprobe", [32])[0],
         "hnsw_m": setting.get("m", 32),
         "hnsw_ef_search": setting.get("ef_search", [128])[0],
-        "intra_op_threads": 0,
-        "model_instances": 0,
+        "intra_op_threads": setting.get("intra_op_threads", 0),
+        "model_instances": setting.get("model_instances", 0),
         "max_top_k": 100,
         "max_heatmap_matches": 10,
         "model_precision": args.precision,
@@ -318,8 +318,9 @@ def scale_table(results: dict) -> str:
     server = results.get("server")
     if server:
         setting = server["setting"]
+        plan = "".join(f", {key} {setting[key]}" for key in ("model_instances", "intra_op_threads") if key in setting)
         lines.append(
-            f"| **served** ({setting['kind']}, `POST /query` top 10 from the client, query embedding included; "
+            f"| **served** ({setting['kind']}{plan}, `POST /query` top 10 from the client, query embedding included; "
             f"with heatmaps p50 {server['query_heatmaps_True']['p50_ms']} ms) | {breadth(setting) or '-'} "
             f"| real queries: **{server['recall_at_10_real_queries']}** | "
             f"**{_quantiles(server['query_heatmaps_False'])}** | {server['server_memory']['VmHWM_gb']} GB peak "
@@ -391,7 +392,8 @@ def main() -> None:
         default='[{"kind": "ivf", "reduce_dim": 256, "nlist": 1024, "nprobe": [32, 16, 64], "candidates": [100, 50]}]',
         help="JSON list of index settings for the in-process part (kind, nlist, nprobe, m, ef_search, "
         "reduce_dim, candidates), each built once and searched with every nprobe (IVF) or ef_search (HNSW) x "
-        "candidates; the first setting's first nprobe or ef_search and candidates are also served",
+        "candidates; the first setting's first nprobe or ef_search and candidates are also served (with its "
+        "model_instances and intra_op_threads when given: the service's REID_ settings, 0 = its own plan)",
     )
     parser.add_argument("--no-server", action="store_true", help="skip the real server's part")
     parser.add_argument(
