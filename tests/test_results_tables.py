@@ -291,3 +291,21 @@ def test_the_docs_say_which_result_files_measured_a_model_that_has_changed():
     text = result_models.DOC.read_text()
     assert result_models.MARKER.search(text), "docs/results.md lost its result models marker"
     assert result_models.rewrite_generated(text, result_models.MARKER, result_models.table()) == text
+
+
+def test_every_result_file_records_its_commit_command_date_and_machine():
+    """bench.common.provenance's fields, in every result file but those listed as made before it (a list that
+    only shrinks: a file measured again must leave it, and a listed file must exist)."""
+    listed = (BENCH / "results" / "made_before_provenance.txt").read_text().splitlines()
+    before = {line for line in listed if line and not line.startswith("#")}
+    files = {path.relative_to(BENCH / "results").as_posix(): path for path in BENCH.glob("results/**/*.json")}
+    assert before <= set(files), sorted(before - set(files))
+    lacking = {}
+    for name, path in sorted(files.items()):
+        result = json.loads(path.read_text())
+        missing = [key for key in ("commit", "command", "date", "machine") if key not in result]
+        if not missing:
+            missing = [key for key in ("cpu", "cores", "load_average_1_5_15") if key not in result["machine"]]
+        if bool(missing) != (name in before):
+            lacking[name] = missing or "records provenance: take it off made_before_provenance.txt"
+    assert not lacking, lacking
