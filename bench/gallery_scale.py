@@ -333,6 +333,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 DOCS_TABLES = {
     "gallery_real.json": DocsTable(DOCS, generated_marker("real gallery table"), scale_table),
     "gallery_1m_real.json": DocsTable(DOCS, generated_marker("million gallery table"), scale_table),
+    "gallery_1m_real_one_call.json": DocsTable(DOCS, generated_marker("million gallery one call table"), scale_table),
 }
 
 
