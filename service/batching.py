@@ -4,9 +4,10 @@ Requests put their images on a thread-safe queue. The model runs in its own thre
 see ``service.inference.plan_threads``), which also form the batches: one at a time, a thread takes the first
 waiting job and keeps collecting until the batch holds ``max_batch_size`` images, or (with several threads)
 its share of the waiting images, or the first job has waited ``max_wait`` seconds; then it runs the model,
-hands the rows back to the event loop, and comes back for the next batch. The model never waits for the event
-loop to get round to starting it, which under load is what keeps it busy. A request is split into parts no
-larger than a batch, and into one part per model thread.
+hands the rows back to the event loop, and comes back for the next batch. A batch that finds no other call
+running and nothing waiting (a lone query) runs on every thread: ``InferenceModel.predict(wide=True)``. The
+model never waits for the event loop to get round to starting it, which under load is what keeps it busy. A
+request is split into parts no larger than a batch, and into one part per model thread.
 Past ``max_queued_images`` waiting images a request is refused at once (``Overloaded``) rather than queued
 behind work its client may have given up on.
 """
@@ -51,6 +52,7 @@ class MicroBatcher:
         self.model, self.max_batch_size, self.max_wait_s, self.instances = model, max_batch_size, max_wait_s, instances
         self.max_queued_images = max_queued_images
         self._queued_images = 0  # put on the queue and not yet in a batch
+        self._in_model = 0  # model calls running
         self._counting = threading.Lock()
         # observe(batch size, [queue wait of each request], model seconds), called on the event loop
         self.observe = observe
@@ -144,12 +146,16 @@ class MicroBatcher:
                 return
             with self._counting:
                 self._queued_images -= sum(len(job.images) for job in jobs)
+                alone = self._in_model == 0 and self._queued_images == 0  # a lone query, say: use every thread
+                self._in_model += 1
             started = time.perf_counter()
             batch = np.concatenate([job.images for job in jobs])
             try:
-                result, error = self.model.predict(batch, any(job.with_maps for job in jobs)), None
+                result, error = self.model.predict(batch, any(job.with_maps for job in jobs), wide=alone), None
             except Exception as exc:  # a model failure fails the requests in this batch, not the batcher
                 result, error = None, exc
+            with self._counting:
+                self._in_model -= 1
             self._loop.call_soon_threadsafe(self._deliver, jobs, result, error, started, time.perf_counter() - started)
 
     def _deliver(

@@ -6,6 +6,7 @@ import io
 import sqlite3
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -73,7 +74,7 @@ class CountingModel:
     def __init__(self):
         self.calls = []
 
-    def predict(self, images, with_maps=True):
+    def predict(self, images, with_maps=True, wide=False):
         self.calls.append(len(images))
         embedding = images.reshape(len(images), -1)[:, :4].astype(np.float32)
         return embedding, (embedding[:, None] if with_maps else None)
@@ -109,7 +110,7 @@ def test_a_lone_request_is_split_over_the_model_instances_and_runs_at_once():
     class PairedModel(CountingModel):
         both_running = threading.Barrier(2, timeout=10)  # passes only when two calls are in flight together
 
-        def predict(self, images, with_maps=True):
+        def predict(self, images, with_maps=True, wide=False):
             self.both_running.wait()
             return super().predict(images, with_maps)
 
@@ -126,6 +127,28 @@ def test_a_lone_request_is_split_over_the_model_instances_and_runs_at_once():
     assert model.calls == [2, 2]  # the 4-image request as two calls of 2, at once (or the barrier breaks)
 
 
+def test_a_batch_that_finds_the_model_idle_runs_wide_and_concurrent_parts_do_not():
+    class WideModel(CountingModel):
+        wide_calls = []
+
+        def predict(self, images, with_maps=True, wide=False):
+            self.wide_calls.append(wide)
+            time.sleep(0.05)  # a real call's length: the other part is collected while this one runs
+            return super().predict(images, with_maps)
+
+    model = WideModel()
+
+    async def scenario():
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.05, instances=2)
+        await batcher.start()
+        await batcher.embed(np.zeros((1, 2, 2, 3), np.uint8))  # a lone query: every thread
+        await batcher.embed(np.zeros((4, 2, 2, 3), np.uint8))  # two parts, one per model thread
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert model.wide_calls == [True, False, False]
+
+
 def test_with_two_model_threads_a_batch_takes_its_share_of_the_waiting_images():
     """Images that queued while both threads were busy are shared between them, not all taken by the first
     thread to finish: the other would then idle while those clients sent their next requests."""
@@ -134,7 +157,7 @@ def test_with_two_model_threads_a_batch_takes_its_share_of_the_waiting_images():
     release, entered = threading.Event(), threading.Semaphore(0)
 
     class HeldModel(CountingModel):
-        def predict(self, images, with_maps=True):
+        def predict(self, images, with_maps=True, wide=False):
             entered.release()
             release.wait(10)
             return super().predict(images, with_maps)
@@ -166,7 +189,7 @@ def test_past_the_queue_limit_a_request_is_refused_at_once_and_the_queue_drains(
     entered, release = threading.Event(), threading.Event()
 
     class BlockingModel(CountingModel):
-        def predict(self, images, with_maps=True):
+        def predict(self, images, with_maps=True, wide=False):
             entered.set()
             release.wait(10)
             return super().predict(images, with_maps)
@@ -191,7 +214,7 @@ def test_past_the_queue_limit_a_request_is_refused_at_once_and_the_queue_drains(
 
 def test_a_model_failure_fails_the_batch_not_the_batcher():
     class Failing(CountingModel):
-        def predict(self, images, with_maps=True):
+        def predict(self, images, with_maps=True, wide=False):
             if images[0, 0, 0, 0] == 1:
                 raise RuntimeError("boom")
             return super().predict(images, with_maps)
@@ -399,6 +422,15 @@ def test_provider_choice_and_report(tiny_model):
     # This machine has no GPU: whichever onnxruntime build is installed, CPU must be what runs, and said so.
     assert model.providers.active == CPU
     assert model.providers.fell_back == (model.providers.asked[0] != CPU)
+
+
+def test_a_wide_call_runs_the_same_model_on_every_thread(tiny_model):
+    model = InferenceModel(tiny_model[1], "cpu", instances=2, intra_op_threads=1).load()
+    one_call = InferenceModel(tiny_model[1], "cpu", instances=1).load()
+    assert model.wide_session is not None and one_call.wide_session is None
+    images = np.random.default_rng(0).integers(0, 256, (2, *model.input_size, 3), np.uint8)
+    (plain, plain_maps), (wide, wide_maps) = model.predict(images), model.predict(images, wide=True)
+    assert np.array_equal(plain, wide) and np.array_equal(plain_maps.features, wide_maps.features)
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
