@@ -305,8 +305,24 @@ def enrol_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def query_table(results: dict) -> str:
+    """A docs table of a result file's query latencies, per gallery size, without and with heatmaps."""
+    lines = [
+        "| gallery items | query p50 / p95 / p99 ms, no heatmaps | with heatmaps | queries each |",
+        "|---|---|---|---|",
+    ]
+    for size, figures in results["query_latency"].items():
+        cells = [
+            " / ".join(str(figures[f"heatmaps_{h}"][f"{q}_ms"]) for q in ("p50", "p95", "p99")) for h in (False, True)
+        ]
+        lines.append(f"| {int(size):,} | {cells[0]} | {cells[1]} | {figures['heatmaps_False']['queries']} |")
+    return "\n".join(lines)
+
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 DOCS_TABLES = {
+    "service_query.json": DocsTable(DOCS, generated_marker("lone query table"), query_table),
+    "service_query_before.json": DocsTable(DOCS, generated_marker("lone query before table"), query_table),
     "service_enrol.json": DocsTable(DOCS, generated_marker("enrolment table"), enrol_table),
     "service_enrol_before.json": DocsTable(DOCS, generated_marker("enrolment before table"), enrol_table),
 }
