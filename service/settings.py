@@ -83,8 +83,9 @@ class Settings(BaseSettings):
     model_instances: int = Field(
         0,
         ge=0,
-        description="model calls that run at once, each on its own batch (0: one per "
-        "core on the CPU, counting a cgroup CPU quota; 1 on CUDA)",
+        description="model calls that run at once, each on its own batch (0: one per core on the CPU, counting a "
+        "cgroup CPU quota; 1 on CUDA); with several on the CPU, a batch that finds no other call running and nothing "
+        "waiting (a lone query) runs on all their threads",
     )
     intra_op_threads: int = Field(
         0,
