@@ -186,3 +186,19 @@ class DocsTable:
 
     def write(self, result_file: Path) -> None:
         self.doc.write_text(self.rendered(self.doc.read_text(), json.loads(result_file.read_text())))
+
+
+class DocsTables(dict):
+    """Several result files of one benchmark, each with its own table on a docs page: result file name ->
+    DocsTable. ``--write-docs FILE`` picks the table by the file's name."""
+
+    def add_option(self, parser) -> None:
+        parser.add_argument(
+            "--write-docs",
+            type=Path,
+            default=None,
+            help=f"rewrite the docs table of this result file ({', '.join(self)}), measure nothing",
+        )
+
+    def write(self, result_file: Path) -> None:
+        self[result_file.name].write(result_file)

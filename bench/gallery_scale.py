@@ -53,6 +53,7 @@ from service.store import GalleryStore, NewItem
 from harness.server import ServiceProcess
 from bench.common import (
     DocsTable,
+    DocsTables,
     emit,
     generated_marker,
     jpeg,
@@ -339,12 +340,16 @@ def scale_table(results: dict) -> str:
 
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
-DOCS_TABLES = {
-    "gallery_real.json": DocsTable(DOCS, generated_marker("real gallery table"), scale_table),
-    "gallery_1m_real.json": DocsTable(DOCS, generated_marker("million gallery table"), scale_table),
-    "gallery_1m_real_one_call.json": DocsTable(DOCS, generated_marker("million gallery one call table"), scale_table),
-    "gallery_1m_real_served.json": DocsTable(DOCS, generated_marker("million gallery served table"), scale_table),
-}
+DOCS_TABLES = DocsTables(
+    {
+        "gallery_real.json": DocsTable(DOCS, generated_marker("real gallery table"), scale_table),
+        "gallery_1m_real.json": DocsTable(DOCS, generated_marker("million gallery table"), scale_table),
+        "gallery_1m_real_one_call.json": DocsTable(
+            DOCS, generated_marker("million gallery one call table"), scale_table
+        ),
+        "gallery_1m_real_served.json": DocsTable(DOCS, generated_marker("million gallery served table"), scale_table),
+    }
+)
 
 
 def real_embeddings(args, model: InferenceModel) -> dict:
@@ -412,14 +417,10 @@ def main() -> None:
     )
     parser.add_argument("--fill-only", action="store_true", help="fill the store (resumable) and stop")
     parser.add_argument("--output", type=Path)
-    parser.add_argument(
-        "--write-docs",
-        type=Path,
-        help=f"rewrite docs/results.md's table of this result file ({', '.join(DOCS_TABLES)}), measure nothing",
-    )
+    DOCS_TABLES.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
-        return DOCS_TABLES[args.write_docs.name].write(args.write_docs)
+        return DOCS_TABLES.write(args.write_docs)
     if not (args.data and args.work):
         parser.error("--data and --work are required to measure")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,16 @@ from model_zoo.files import sha256_of
 from service.inference import InferenceModel
 from service.store import NewItem
 from harness.server import ServiceProcess
-from bench.common import DocsTable, emit, generated_marker, jpeg, latency_quantiles, provenance, synthetic_store
+from bench.common import (
+    DocsTable,
+    DocsTables,
+    emit,
+    generated_marker,
+    jpeg,
+    latency_quantiles,
+    provenance,
+    synthetic_store,
+)
 
 
 SETTLE_S = 2  # between raw and service phases: the server finishes its last batches, idle threads stop spinning
@@ -320,12 +329,14 @@ def query_table(results: dict) -> str:
 
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
-DOCS_TABLES = {
-    "service_query.json": DocsTable(DOCS, generated_marker("lone query table"), query_table),
-    "service_query_before.json": DocsTable(DOCS, generated_marker("lone query before table"), query_table),
-    "service_enrol.json": DocsTable(DOCS, generated_marker("enrolment table"), enrol_table),
-    "service_enrol_before.json": DocsTable(DOCS, generated_marker("enrolment before table"), enrol_table),
-}
+DOCS_TABLES = DocsTables(
+    {
+        "service_query.json": DocsTable(DOCS, generated_marker("lone query table"), query_table),
+        "service_query_before.json": DocsTable(DOCS, generated_marker("lone query before table"), query_table),
+        "service_enrol.json": DocsTable(DOCS, generated_marker("enrolment table"), enrol_table),
+        "service_enrol_before.json": DocsTable(DOCS, generated_marker("enrolment before table"), enrol_table),
+    }
+)
 
 
 def main() -> None:
@@ -352,14 +363,10 @@ def main() -> None:
     )
     parser.add_argument("--queries", type=int, default=50, help="queries per latency figure")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument(
-        "--write-docs",
-        type=Path,
-        help=f"rewrite docs/results.md's table of this result file ({', '.join(DOCS_TABLES)}), measure nothing",
-    )
+    DOCS_TABLES.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
-        return DOCS_TABLES[args.write_docs.name].write(args.write_docs)
+        return DOCS_TABLES.write(args.write_docs)
 
     images = [jpeg(i) for i in range(64)]
     results = {**provenance(), "model": {"file": args.model.name, "sha256": sha256_of(args.model)}}
