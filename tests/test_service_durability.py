@@ -75,7 +75,8 @@ def test_kill_9_during_enrolments_loses_only_requests_in_flight(tiny_model, tmp_
 
 
 def test_concurrent_enrol_delete_and_query_keep_index_and_store_consistent(tiny_model, tmp_path):
-    with ServiceProcess(tiny_model[1], tmp_path / "g.sqlite3", max_batch_wait_ms=20) as server:
+    # One model thread: it waits for company up to max_batch_wait (several threads each take their share and go).
+    with ServiceProcess(tiny_model[1], tmp_path / "g.sqlite3", max_batch_wait_ms=20, model_instances=1) as server:
         with server.client() as client:
             seed_ids = [enroll_one(client, image_bytes(1, i), "seed") for i in range(4)]
         errors = []
