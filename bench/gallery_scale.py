@@ -228,13 +228,15 @@ def index_setting(
     }
     del training
     rows = []
-    breadth_name = "ef_search" if setting["kind"] == "hnsw" else "nprobe"
-    for breadth in setting.get(breadth_name, [None]):
+    # the breadths given (nprobe or ef_search), recorded under the name of what the index built
+    breadth_name = "ef_search" if index.built_kind == "hnsw" else "nprobe"
+    for breadth in setting.get("nprobe", setting.get("ef_search", [None])):
         for candidates in setting.get("candidates", [100]):
             if breadth is not None:
                 index.set_search_breadth(breadth)
             index.rescore_candidates = candidates
-            row, times = {**built, breadth_name: breadth, "candidates": candidates}, []
+            given = {key: value for key, value in built.items() if key not in ("nprobe", "ef_search")}
+            row, times = {**given, breadth_name: breadth, "candidates": candidates}, []
             for name, vectors in queries.items():
                 found = []
                 for query in vectors:
