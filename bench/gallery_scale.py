@@ -322,8 +322,9 @@ def scale_table(results: dict) -> str:
     ]
     for row in results["settings"]:
         built = row["built"] + (f", {row['lists']} lists" if row.get("lists") else "")
+        searched = (row["built"] != "flat" and breadth(row)) or "-"  # an exact scan has no breadth
         lines.append(
-            f"| {row['kind']}: {built} | {breadth(row) or '-'} | {row['recall_at_10_synthetic_queries']} / "
+            f"| {row['kind']}: {built} | {searched} | {row['recall_at_10_synthetic_queries']} / "
             f"{row['recall_at_10_real_queries']} | {_quantiles(row['search_latency'])} | "
             f"{row['vectors_in_memory_gb']} GB | {row['build_s']} s |"
         )
