@@ -182,7 +182,6 @@ def main() -> None:
     if args.cache is None:
         parser.error("--cache is required to measure")
     results = {**provenance(), **run(args.model, args.data, args.cache)}
-    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     emit(results, args.output)
 
 

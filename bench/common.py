@@ -88,8 +88,15 @@ def latency_quantiles(times_ms: List[float], digits: int = 1) -> Dict[str, float
     }
 
 
+def record_end_load(results: dict) -> None:
+    """Results made with ``provenance``: the machine's load averages again at the end, beside those at the start."""
+    if isinstance(results.get("machine"), dict):
+        results["machine"]["load_average_at_end"] = list(os.getloadavg())
+
+
 def emit(results: dict, output: Optional[Path]) -> None:
-    """Print the results as JSON, and write them to ``output`` when given."""
+    """Print the results as JSON (with ``record_end_load``), and write them to ``output`` when given."""
+    record_end_load(results)
     text = json.dumps(results, indent=2)
     print(text)
     if output:
@@ -119,7 +126,7 @@ def portable_command(argv: List[str], repo: Path) -> str:
 
 def provenance() -> dict:
     """What a result file records about its making: the commit (``-dirty`` with uncommitted changes), the command
-    line, the date, and the machine (CPU model, cores, load averages; the load again at the end is the caller's)."""
+    line, the date, and the machine (CPU model, cores, load averages; ``emit`` adds them again at the end)."""
     repo = Path(__file__).resolve().parents[1]
     described = subprocess.run(
         ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=repo

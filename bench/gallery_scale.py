@@ -31,7 +31,6 @@ matches are real crops in the gallery. ``--size 0`` keeps the real crops alone: 
 
 import argparse
 import json
-import os
 import re
 import time
 from functools import partial
@@ -464,7 +463,6 @@ def main() -> None:
         results["server"] = server_figures(
             args, store_path, json.loads(args.settings)[0], images, truth["real_queries"]
         )
-    results["load_average_at_end"] = os.getloadavg()
     emit(results, args.output)
 
 

@@ -285,7 +285,6 @@ def main() -> None:
             with ServiceProcess(args.model, Path(folder) / f"{name}.sqlite3") as server:
                 results[name] = run(server)
             print(name, results[name], flush=True)
-    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     emit(results, args.output)
 
 

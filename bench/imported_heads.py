@@ -20,7 +20,6 @@ Embeddings are computed once per model and kept in ``--cache`` (a folder outside
 """
 
 import argparse
-import os
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -204,7 +203,6 @@ def main() -> None:
         )
     for name, row in rows.items():
         print(f"{name:60s} {row}")
-    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     emit(results, args.output)
 
 

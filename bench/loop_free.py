@@ -192,7 +192,6 @@ def main() -> None:
             for q in ("p50_ms", "p99_ms")
         },
     }
-    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     emit(results, args.output)
 
 

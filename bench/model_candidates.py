@@ -18,11 +18,10 @@ them (tests/test_results_tables.py checks that the committed docs are what the c
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
-from bench.common import data_fingerprint, provenance
+from bench.common import data_fingerprint, provenance, record_end_load
 from bench.embed_speed import measure
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
@@ -87,7 +86,7 @@ def main() -> None:
     for threads in args.threads:
         speeds = measure(args.models, threads, args.rounds, args.seconds, args.batch_size)
         results["speed"]["threads"][threads] = {Path(path).name: figures for path, figures in speeds.items()}
-    results["machine"]["load_average_after"] = list(os.getloadavg())
+    record_end_load(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(candidates_table(results))

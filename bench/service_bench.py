@@ -375,7 +375,6 @@ def main() -> None:
             results.update(enrol_benchmark(args, images, Path(tmp)))
             print(json.dumps(results, indent=2), flush=True)
         results["query_latency"] = query_benchmark(args, images, Path(tmp))
-    results["load_average_at_end"] = os.getloadavg()
     emit(results, args.output)
 
 

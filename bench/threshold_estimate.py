@@ -13,7 +13,6 @@ Reads the pooled maps bench/adaptation.py keeps in ``--cache``.
 """
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +100,6 @@ def main() -> None:
     if args.cache is None:
         parser.error("--cache is required to measure")
     results = {**provenance(), **run(args.model, args.cache)}
-    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     emit(results, args.output)
 
 
