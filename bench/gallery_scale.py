@@ -368,13 +368,15 @@ def real_embeddings(args, model: InferenceModel) -> dict:
         crops = real_crops(args.data) if args.real_gallery else {}
         query_paths = crops.get("query") or market_images(args.data / "cuhk03-detected", "query", 100, 1)
         gallery_paths = crops.get("gallery", [])
+        gallery = embed(model, gallery_paths, "real gallery images") if gallery_paths else np.zeros((0, 0))
+        row = {path: i for i, path in enumerate(gallery_paths)}  # the training sample is among them: embedded once
         np.savez(
             cache,
-            train=embed(model, paths, "real training images"),
+            train=gallery[[row[p] for p in paths]] if row else embed(model, paths, "real training images"),
             persons=[f"{p.parent.parent.name}/{PERSON.match(p.name).group(1)}" for p in paths],
             query=embed(model, query_paths, "real query images"),
             query_paths=[str(p) for p in query_paths],
-            gallery=embed(model, gallery_paths, "real gallery images") if gallery_paths else np.zeros((0, 0)),
+            gallery=gallery,
             gallery_paths=[str(p) for p in gallery_paths],
         )
     return dict(np.load(cache))
