@@ -8,13 +8,17 @@ for one query of 10 real matches with the service's own functions, in rounds, on
 service spreads them (so the sum is CPU time, not latency), and what a cut would save: maps from a cache
 (no re-embedding), aggregate overlays only (no per-branch PNGs).
 
-Then end to end: two real servers on the shipped model, one with the feature-map cache (REID_HEATMAP_CACHE_MB,
-default) and one without (0), each holding the same real gallery crops, answer top-10 queries of real query
-crops in rounds, the variants alternating: no heatmaps; heatmaps with per-branch overlays; the aggregate
-overlay only (the default); grids only; and the last two with the matches' maps already cached (the same
-query asked before, as a user looking again or a track's next crop would). Then each variant's answer size,
-and the queries a second of ``--clients`` clients at once: without heatmaps, and grids only, uncached and
-cached.
+How close RAM grids from maps stored in int8 (service.stored_maps) come to those from the model's maps: each
+of the 11 real crops as the query against the other 10.
+
+Then end to end: three real servers on the shipped model, each holding the same real gallery crops: one reading
+its matches' maps as stored at enrolment (the default) with no feature-map cache (REID_HEATMAP_CACHE_MB=0), so
+every query reads the store; one storing none and caching none (REID_STORED_MAPS_MAX_KB=0: every heatmap
+re-embeds its matches, as before stored maps); and one with the defaults whose cache already holds the
+matches' maps (the same query asked before, as a user looking again or a track's next crop would). They
+answer top-10 queries of real query crops in rounds, the variants alternating: no heatmaps; heatmaps with
+per-branch overlays; the aggregate overlay only (the default); grids only (what the page asks). Then each
+variant's answer size, and the queries a second of ``--clients`` clients at once.
 
     python -m bench.heatmap_cost --data $DATA --output bench/results/heatmap_cost.json
     python -m bench.heatmap_cost --write-docs bench/results/heatmap_cost.json   # docs/results.md's table
@@ -41,6 +45,7 @@ from model_zoo.preprocess import decode_for_model
 from model_zoo.ram import ranking_activation_maps
 from service.heatmaps import overlay, png_base64
 from service.inference import InferenceModel
+from service.stored_maps import pack, packed_bytes, unpack
 from harness.server import ServiceProcess
 
 MATCHES = 10
@@ -127,10 +132,36 @@ def main() -> None:
         "feature_map_bytes_per_item": {
             "float32": int(maps.features[0].nbytes),
             "float16": int(maps.features[0].nbytes // 2),
+            "stored (int8)": packed_bytes(maps.features.shape[1:]),
         },
+        "stored_maps": stored_map_error(model, pixels),
         "end_to_end": end_to_end(args),
     }
     emit(results, args.output)
+
+
+def stored_map_error(model: InferenceModel, pixels: np.ndarray) -> dict:
+    """Every crop as the query against every other: RAM from stored (int8) maps against RAM from the model's,
+    the largest cell error as a share of that grid's range, and the largest change of the grid's mean."""
+    embedding, maps = model.predict(pixels, with_maps=True)
+    features = split_branches(embedding, model.contract.num_branches)
+    stored = [unpack(blob) for blob in pack(maps.features)]
+    errors, mean_moves = [], []
+    for q in range(len(pixels)):
+        for g in range(len(pixels)):
+            if g != q:
+                exact = ranking_activation_maps(features[q], maps.features[g]).aggregate
+                approx = ranking_activation_maps(features[q], stored[g]).aggregate
+                errors.append(float(np.abs(approx - exact).max() / np.ptp(exact)))
+                mean_moves.append(abs(float(approx.mean() - exact.mean())))
+    return {
+        "pairs": len(errors),
+        "cell_error_of_range": {
+            "median": round(statistics.median(errors), 5),
+            "max": round(max(errors), 5),
+        },
+        "grid_mean_change_max": float(f"{max(mean_moves):.2g}"),
+    }
 
 
 def end_to_end(args) -> dict:
@@ -143,39 +174,54 @@ def end_to_end(args) -> dict:
     plan = {"intra_op_threads": 0, "model_instances": 0}  # the service's own thread plan
     with (
         tempfile.TemporaryDirectory() as tmp,
-        ServiceProcess(args.model, Path(tmp) / "cached.sqlite3", **plan) as cached,
-        ServiceProcess(args.model, Path(tmp) / "uncached.sqlite3", heatmap_cache_mb=0, **plan) as uncached,
-        ReIDClient(cached.url, timeout=120) as with_cache,
-        ReIDClient(uncached.url, timeout=120) as without_cache,
+        ServiceProcess(args.model, Path(tmp) / "stored.sqlite3", heatmap_cache_mb=0, **plan) as stored_server,
+        ServiceProcess(
+            args.model, Path(tmp) / "none.sqlite3", heatmap_cache_mb=0, stored_maps_max_kb=0, **plan
+        ) as re_embedding_server,
+        ServiceProcess(args.model, Path(tmp) / "cached.sqlite3", **plan) as cached_server,
+        ReIDClient(stored_server.url, timeout=120) as stored,
+        ReIDClient(re_embedding_server.url, timeout=120) as re_embedding,
+        ReIDClient(cached_server.url, timeout=120) as cached,
     ):
-        for reid in (with_cache, without_cache):
+        for reid in (stored, re_embedding, cached):
             for start in range(0, len(gallery), 16):
                 reid.enroll([(f"{i}.jpg", b) for i, b in enumerate(gallery[start : start + 16])])
         for query in queries:  # the cached server has seen every query once: its matches' maps are cached
-            with_cache.query(("q.jpg", query), heatmaps=True)
+            cached.query(("q.jpg", query), heatmaps=True)
         variants = {
-            "no heatmaps": lambda q: without_cache.query(q, heatmaps=False),
-            "heatmaps, per-branch overlays, no cache": lambda q: without_cache.query(
+            "no heatmaps": lambda q: stored.query(q, heatmaps=False),
+            "heatmaps, per-branch overlays, maps re-embedded": lambda q: re_embedding.query(
                 q, heatmaps=True, branch_overlays=True
             ),
-            "heatmaps, aggregate overlay (the default), no cache": lambda q: without_cache.query(q, heatmaps=True),
-            "heatmaps, grids only, no cache": lambda q: without_cache.query(q, heatmaps=True, overlays=False),
-            "heatmaps, aggregate overlay, maps cached": lambda q: with_cache.query(q, heatmaps=True),
-            "heatmaps, grids only, maps cached": lambda q: with_cache.query(q, heatmaps=True, overlays=False),
+            "heatmaps, aggregate overlay (the default), maps stored (the default)": lambda q: stored.query(
+                q, heatmaps=True
+            ),
+            "heatmaps, aggregate overlay, maps re-embedded": lambda q: re_embedding.query(q, heatmaps=True),
+            "heatmaps, aggregate overlay, maps cached": lambda q: cached.query(q, heatmaps=True),
+            "heatmaps, grids only, maps stored": lambda q: stored.query(q, heatmaps=True, overlays=False),
+            "heatmaps, grids only, maps re-embedded": lambda q: re_embedding.query(q, heatmaps=True, overlays=False),
+            "heatmaps, grids only, maps cached": lambda q: cached.query(q, heatmaps=True, overlays=False),
         }
         asked = {name: lambda q, ask=ask: ask(("q.jpg", q)) for name, ask in variants.items()}
         latency = alternating_latency(asked, queries, args.rounds)
         answer_kb = {name: round(len(json.dumps(ask(queries[0]).raw)) / 1000, 1) for name, ask in asked.items()}
         throughput = {
             name: concurrent_rate(asked[name], queries, args.clients, args.seconds)
-            for name in ("no heatmaps", "heatmaps, grids only, no cache", "heatmaps, grids only, maps cached")
+            for name in (
+                "no heatmaps",
+                "heatmaps, aggregate overlay (the default), maps stored (the default)",
+                "heatmaps, grids only, maps stored",
+                "heatmaps, grids only, maps re-embedded",
+                "heatmaps, grids only, maps cached",
+            )
         }
     return {
         "gallery_items": len(gallery),
         "queries_per_round": len(queries),
         "rounds": args.rounds,
         "top_k": 10,
-        "server": "the service's own thread plan on every core, one request at a time",
+        "server": "the service's own thread plan on every core, one request at a time; three servers: maps "
+        "stored and no cache, neither stored maps nor cache, the defaults with the matches' maps cached",
         "latency_ms": latency,
         "answer_kb": answer_kb,
         "clients": args.clients,

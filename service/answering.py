@@ -281,7 +281,7 @@ class QueryAnswerer:
         """CASN's pairwise stage (service.pair_ranking) over the shortlist ``hits``, with their maps (cached, or
         their stored images decoded and re-embedded in one batch): (first ``top_k`` hits, their Match fields,
         {id: maps}, kept so that the heatmaps of those matches need no second model call)."""
-        maps = await self.maps.of([i for i, _ in hits], {})
+        maps = await self.maps.of([i for i, _ in hits], {}, stored=False)
         hits = [(i, score) for i, score in hits if i in maps]
         ranked, fields = await asyncio.to_thread(
             rank_shortlist, self.pair_head, embedding, query_maps, hits, found, maps, top_k
@@ -296,23 +296,31 @@ class QueryAnswerer:
         known_maps: Dict[int, ImageMaps],
         options: QueryOptions,
     ) -> None:
-        """Re-embed the first REID_MAX_HEATMAP_MATCHES matches' stored images in one batch for their feature
-        maps (unless ``known_maps`` has them), then draw their RAMs on previews (a top_k=100 query drew 100
-        took 3.7 s and answered 17.7 MB), each for the query features it was scored with (``features_by_id``)."""
+        """The first REID_MAX_HEATMAP_MATCHES matches' feature maps (``known_maps``, cached, stored, or their
+        stored images re-embedded in one batch: ``MatchMaps.of``), then their RAMs, drawn on previews only with
+        overlays (a top_k=100 query drew 100 took 3.7 s and answered 17.7 MB), each for the query features it
+        was scored with (``features_by_id``)."""
         limit = self.settings.max_heatmap_matches if options.heatmap_matches is None else options.heatmap_matches
         chosen = matches[:limit]
-        decoded = await self.maps.decode_stored([m.id for m in chosen], preview=options.overlays)
-        gone = {m.id for m in chosen if m.id not in decoded}  # deleted since the search
+        ids = [m.id for m in chosen]
+        decoded = await self.maps.decode_stored(ids, preview=True) if options.overlays else None
+        maps = await self.maps.of(ids, known_maps, decoded)
+        gone = {i for i in ids if i not in maps or (decoded is not None and i not in decoded)}  # deleted since
         matches[:] = [m for m in matches if m.id not in gone]
-        chosen = [m for m in chosen if m.id in decoded]
+        chosen = [m for m in chosen if m.id not in gone]
         if not chosen:
             return
-        maps = await self.maps.of([m.id for m in chosen], known_maps, decoded)
         # one worker thread per match: PIL and zlib release the GIL, so the overlays are drawn on every core
         heatmaps = await asyncio.gather(
             *(
                 asyncio.to_thread(
-                    match_heatmap, features_by_id[m.id], maps[m.id], decoded[m.id].preview, m, query_image, options
+                    match_heatmap,
+                    features_by_id[m.id],
+                    maps[m.id],
+                    decoded[m.id].preview if decoded else None,
+                    m,
+                    query_image,
+                    options,
                 )
                 for m in chosen
             )

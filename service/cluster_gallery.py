@@ -97,10 +97,13 @@ class ClusterGallery(GalleryBase):
                 batch = np.stack(
                     [load_for_model(bytes(image), height, width, self.settings.max_image_pixels) for _, image in rows]
                 )
-                embedding, _ = self.model.predict(batch, with_maps=False)
+                embedding, maps = self.map_storage.predict(self.model, batch)
                 conn.cursor().executemany(
-                    "UPDATE items SET embedding = %s WHERE id = %s",
-                    [(vector.astype(np.float32).tobytes(), item_id) for (item_id, _), vector in zip(rows, embedding)],
+                    "UPDATE items SET embedding = %s, maps = %s WHERE id = %s",
+                    [
+                        (vector.astype(np.float32).tobytes(), item_maps, item_id)
+                        for (item_id, _), vector, item_maps in zip(rows, embedding, maps)
+                    ],
                 )
                 bar.update(len(rows))
             write_meta(conn, self._meta)

@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 from model_zoo.preprocess import load_for_model
 from service.index import VectorIndex
-from service.inference import InferenceModel
+from service.inference import ImageMaps, InferenceModel
 from service.search_gate import SearchGate
 from service.settings import Settings
+from service.stored_maps import MapStorage
 from service.store import (
     FINGERPRINT_KEY,
     GalleryStore,
@@ -93,6 +94,7 @@ class GalleryBase:
         self.model, self.settings = model, settings
         self.dim = model.contract.embedding_dim
         self.num_branches = model.contract.num_branches
+        self.map_storage = MapStorage(model, settings.stored_maps_max_kb)
         self._removal_listeners: List[Callable[[List[int]], None]] = []
 
     def holds(self, item_id: int) -> bool:
@@ -136,6 +138,10 @@ class GalleryBase:
     async def decoded_copies(self, ids: Sequence[int]) -> Dict[int, bytes]:
         """``service.derived``'s copies of those of ``ids`` that have one."""
         return await self.read(self.store.derived, ids)
+
+    async def stored_maps(self, ids: Sequence[int]) -> Dict[int, ImageMaps]:
+        """``service.stored_maps``' maps of those of ``ids`` that have them."""
+        return await asyncio.to_thread(MapStorage.unpacked, await self.read(self.store.stored_maps, ids))
 
     def on_removed(self, listener: Callable[[List[int]], None]) -> None:
         """Call ``listener(ids)`` in the same write that removes items (a delete, an erasure, another replica's
@@ -210,8 +216,8 @@ class Gallery(GalleryBase):
                 batch = np.stack(
                     [load_for_model(image, height, width, self.settings.max_image_pixels) for _, image in rows]
                 )
-                embedding, _ = self.model.predict(batch, with_maps=False)
-                updates += [(item_id, vector) for (item_id, _), vector in zip(rows, embedding)]
+                embedding, maps = self.map_storage.predict(self.model, batch)
+                updates += [(item_id, vector, m) for (item_id, _), vector, m in zip(rows, embedding, maps)]
                 bar.update(len(rows))
         self.store.replace_embeddings(updates, self._meta)
         log.warning("re-embedded %d gallery items with model %s", len(updates), self.model.fingerprint[:12])

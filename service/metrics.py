@@ -53,7 +53,8 @@ class ServiceMetrics:
         )
         self.map_cache = Counter(
             "reid_heatmap_map_cache_total",
-            "Matches whose feature maps a heatmap took from the cache (hit) or from a model call (miss)",
+            "Matches whose feature maps a heatmap took from the cache (hit), from the store (stored, "
+            "service.stored_maps) or from a model call (miss)",
             ["result"],
             registry=self.registry,
         )

@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS items (
 );
 ALTER TABLE items ALTER COLUMN image SET STORAGE EXTERNAL;
 ALTER TABLE items ADD COLUMN IF NOT EXISTS derived BYTEA;
+ALTER TABLE items ADD COLUMN IF NOT EXISTS maps BYTEA;
+ALTER TABLE items ALTER COLUMN maps SET STORAGE EXTERNAL;
 CREATE INDEX IF NOT EXISTS items_person ON items(person_id);
 CREATE INDEX IF NOT EXISTS items_camera ON items(camera_id);
 CREATE INDEX IF NOT EXISTS items_age ON items((COALESCE(captured_at, created_at)));
@@ -132,7 +134,13 @@ class PostgresStore:
         }
 
     def derived(self, ids: Sequence[int]) -> Dict[int, bytes]:
-        rows = self._read("SELECT id, derived FROM items WHERE id = ANY(%s) AND derived IS NOT NULL", (list(ids),))
+        return self._present("derived", ids)
+
+    def stored_maps(self, ids: Sequence[int]) -> Dict[int, bytes]:
+        return self._present("maps", ids)
+
+    def _present(self, column: str, ids: Sequence[int]) -> Dict[int, bytes]:
+        rows = self._read(f"SELECT id, {column} FROM items WHERE id = ANY(%s) AND {column} IS NOT NULL", (list(ids),))
         return {i: bytes(blob) for i, blob in rows}
 
     def list(

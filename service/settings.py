@@ -179,6 +179,12 @@ class Settings(BaseSettings):
         "recently used first out) so a match drawn again needs no "
         "model call; 0: none",
     )
+    stored_maps_max_kb: int = Field(
+        64,
+        ge=0,
+        description="store each enrolled item's feature maps (int8, service.stored_maps) when they take at most "
+        "this many kB, so a heatmap never re-embeds its matches (retail-0277: 34.8 kB an item); 0: never",
+    )
     verify_threshold: Optional[float] = Field(
         None,
         ge=-1,

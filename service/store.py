@@ -53,6 +53,7 @@ MIGRATIONS = [
         f"CREATE INDEX items_age ON items({AGE})",
     ],
     ["ALTER TABLE items ADD COLUMN derived BLOB"],  # service.derived: decoded copies of costly images, NULL: none
+    ["ALTER TABLE items ADD COLUMN maps BLOB"],  # service.stored_maps: the item's feature maps, NULL: not stored
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 ITEM_COLUMNS = "id, person_id, camera_id, metadata, image_format, width, height, created_at, captured_at"
@@ -89,6 +90,7 @@ class NewItem:
     metadata: Optional[dict] = None
     captured_at: Optional[float] = None
     derived: Optional[bytes] = None  # service.derived's copy, for an image costly to decode
+    maps: Optional[bytes] = None  # service.stored_maps' form of its feature maps, where the model's are stored
 
 
 @dataclass
@@ -166,6 +168,7 @@ INSERTED_COLUMNS = (
     "created_at",
     "captured_at",
     "derived",
+    "maps",
 )
 
 
@@ -199,6 +202,7 @@ class InsertedRow:
             self.now,
             item.captured_at,
             item.derived,
+            item.maps,
         )
 
     def stored(self, item_id: int) -> Item:
@@ -282,7 +286,14 @@ class StoreReads:
 
     def derived(self, ids: Sequence[int]) -> Dict[int, bytes]:
         """``service.derived``'s copies of those of ``ids`` that have one."""
-        return {i: blob for i, blob in self._rows_by_id("id, derived", ids) if blob is not None}
+        return self._present("derived", ids)
+
+    def stored_maps(self, ids: Sequence[int]) -> Dict[int, bytes]:
+        """``service.stored_maps``' blobs of those of ``ids`` that have one."""
+        return self._present("maps", ids)
+
+    def _present(self, column: str, ids: Sequence[int]) -> Dict[int, bytes]:
+        return {i: blob for i, blob in self._rows_by_id(f"id, {column}", ids) if blob is not None}
 
     def list(
         self,
@@ -508,12 +519,15 @@ class GalleryStore(StoreReads):
             log.warning("the WAL could not be truncated after an erasure: a reader held it; the next erasure retries")
         return not busy
 
-    def replace_embeddings(self, updates: Sequence[Tuple[int, np.ndarray]], meta: Dict[str, str]) -> None:
-        """Write new embeddings and the new model's metadata in one transaction."""
+    def replace_embeddings(
+        self, updates: Sequence[Tuple[int, np.ndarray, Optional[bytes]]], meta: Dict[str, str]
+    ) -> None:
+        """Write new embeddings and stored maps (None: not stored) and the new model's metadata in one
+        transaction."""
         with self._transaction():
             self.writer.executemany(
-                "UPDATE items SET embedding = ? WHERE id = ?",
-                [(np.ascontiguousarray(e, np.float32).tobytes(), i) for i, e in updates],
+                "UPDATE items SET embedding = ?, maps = ? WHERE id = ?",
+                [(np.ascontiguousarray(e, np.float32).tobytes(), m, i) for i, e, m in updates],
             )
             self._write_meta(meta)
 

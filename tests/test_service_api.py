@@ -44,6 +44,15 @@ def client(server):
         yield c
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def client_without_stored_maps(request, tiny_model, tmp_path_factory):
+    """A server that stores no feature maps (REID_STORED_MAPS_MAX_KB=0): its heatmaps re-embed their matches."""
+    store = tmp_path_factory.mktemp("store") / "gallery.sqlite3"
+    with ServiceProcess(tiny_model[1], store, stored_maps_max_kb=0, **backend_settings(request)) as process:
+        with process.client() as c:
+            yield c
+
+
 def files(*blobs, name="images"):
     return [(name, (f"img{i}.jpg", blob, "image/jpeg")) for i, blob in enumerate(blobs)]
 
@@ -395,7 +404,26 @@ def test_metrics_expose_latency_batches_queue_gallery_and_errors(client):
     assert 'route="/query"' in text
 
 
-def test_a_match_drawn_again_takes_its_maps_from_the_cache_and_its_delete_clears_them(client):
+def test_matches_maps_are_read_from_the_store_and_match_the_query_images_own(client):
+    """service.stored_maps: no model call for the matches; the identical image's int8 maps give the grid the
+    query image's own float32 maps give, within rounding, and every grid still averages to its score."""
+    ids = enroll(client, [image_bytes(2700, v) for v in range(3)], person_id="2700")
+    counters = [f'reid_heatmap_map_cache_total{{result="{r}"}}' for r in ("stored", "miss", "hit")]
+    before = [metric(client, c) for c in counters]
+    ask = {"top_k": "3", "person_id": "2700", "overlays": "false"}
+    body = client.post("/query", files=files(image_bytes(2700, 0), name="image"), data=ask).json()
+    assert [metric(client, c) for c in counters] == [before[0] + 3, before[1], before[2]]
+    assert {m["id"] for m in body["matches"]} == set(ids) and body["heatmap_matches"] == 3
+    same = body["matches"][0]
+    assert same["score"] == pytest.approx(1.0, abs=1e-5)
+    own = np.array(body["query_heatmap"]["branch_grids"])
+    assert np.abs(np.array(same["heatmap"]["branch_grids"]) - own).max() <= 0.01 * np.ptp(own)
+    for match in body["matches"]:
+        assert np.mean(match["heatmap"]["grid"]) == pytest.approx(match["score"], abs=1e-5)
+
+
+def test_a_match_drawn_again_takes_its_maps_from_the_cache_and_its_delete_clears_them(client_without_stored_maps):
+    client = client_without_stored_maps
     ids = enroll(client, [image_bytes(2600, v) for v in range(3)], person_id="2600")
     ask = {"top_k": "3", "person_id": "2600", "branch_overlays": "false"}
     hits, misses = 'reid_heatmap_map_cache_total{result="hit"}', 'reid_heatmap_map_cache_total{result="miss"}'

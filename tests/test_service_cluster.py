@@ -126,7 +126,8 @@ def test_a_model_change_reembeds_once_and_the_old_replica_stops_writing(cluster_
     figures.write_text('{"evaluation": {"market": {"all": {"mAP": 0.5}}}}')
     export(tiny_model[0], other, evaluation=figures)  # same weights, other metadata: another fingerprint
     settings = cluster_servers.new_gallery()
-    with ServiceProcess(tiny_model[1], tmp_path / "old.sqlite3", **settings) as old, old.client() as old_client:
+    old_replica = ServiceProcess(tiny_model[1], tmp_path / "old.sqlite3", stored_maps_max_kb=0, **settings)
+    with old_replica as old, old.client() as old_client:
         [item_id] = enrol(old_client, [image_bytes(9, 0)], person_id="9")
         with pytest.raises(RuntimeError, match="REID_ON_MODEL_CHANGE"):
             ServiceProcess(other, tmp_path / "refused.sqlite3", on_model_change="refuse", **settings).start()
@@ -138,6 +139,8 @@ def test_a_model_change_reembeds_once_and_the_old_replica_stops_writing(cluster_
             assert new_client.get("/gallery").json()["total"] == 1
     with psycopg.connect(settings["postgres_dsn"]) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'model_fingerprint'").fetchone()[0] == fingerprint
+        # the old replica stored no maps; re-embedding wrote the new model's (service.stored_maps)
+        assert db.execute("SELECT maps IS NOT NULL FROM items WHERE id = %s", (item_id,)).fetchone()[0]
 
 
 def test_filters_on_labels_with_quotes_backslashes_and_emoji_match_exactly(cluster_servers, tiny_model, tmp_path):

@@ -5,8 +5,12 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
+from model_zoo.preprocess import load_for_model
+from service.inference import InferenceModel
+from service.stored_maps import unpack
 from tests.conftest import image_bytes
 from harness.server import ServiceProcess
 
@@ -130,7 +134,7 @@ def test_a_gallery_from_another_model_is_reembedded_or_refused(tiny_model, marke
     from training import export
 
     store = tmp_path / "g.sqlite3"
-    with ServiceProcess(tiny_model[1], store) as server, server.client() as client:
+    with ServiceProcess(tiny_model[1], store, stored_maps_max_kb=0) as server, server.client() as client:
         item_id = enroll_one(client, image_bytes(5, 1), "x")
         old = query_ids_scores(client, image_bytes(5, 1))
     other = tmp_path / "other.onnx"
@@ -143,7 +147,10 @@ def test_a_gallery_from_another_model_is_reembedded_or_refused(tiny_model, marke
         assert client.get(f"/gallery/{item_id}").status_code == 200
         assert query_ids_scores(client, image_bytes(5, 1))[0][0] == old[0][0]
         fingerprint = client.get("/readyz").json()["model_fingerprint"]
-    assert (
-        sqlite3.connect(store).execute("SELECT value FROM meta WHERE key = 'model_fingerprint'").fetchone()[0]
-        == fingerprint
-    )
+    db = sqlite3.connect(store)
+    assert db.execute("SELECT value FROM meta WHERE key = 'model_fingerprint'").fetchone()[0] == fingerprint
+    # re-embedding writes the new model's maps (service.stored_maps), here where the first server stored none
+    stored = unpack(db.execute("SELECT maps FROM items WHERE id = ?", (item_id,)).fetchone()[0])
+    model = InferenceModel(other, "cpu").load()
+    _, maps = model.predict(load_for_model(image_bytes(5, 1), *model.input_size)[None])
+    assert np.abs(stored - maps.features[0]).max() <= np.abs(maps.features).max() / 127

@@ -173,22 +173,25 @@ def traces(store: Path, needles: Dict[str, bytes]) -> Dict[str, List[str]]:
     return {name: labels for name, labels in found.items() if labels}
 
 
-def stored_embeddings(store: Path, ids: List[int]) -> List[bytes]:
+def stored_features(store: Path, ids: List[int]) -> List[bytes]:
+    """Each item's embedding and stored feature maps (service.stored_maps), as the store holds them."""
     db = sqlite3.connect(store)
     try:
-        return [db.execute("SELECT embedding FROM items WHERE id = ?", (i,)).fetchone()[0] for i in ids]
+        rows = [db.execute("SELECT embedding, maps FROM items WHERE id = ?", (i,)).fetchone() for i in ids]
     finally:
         db.close()
+    assert all(maps is not None for _, maps in rows)
+    return [blob for row in rows for blob in row]
 
 
-def needles_of(blobs: List[bytes], embeddings: List[bytes], *texts: str) -> Dict[str, bytes]:
+def needles_of(blobs: List[bytes], features: List[bytes], *texts: str) -> Dict[str, bytes]:
     """What would betray an item: its text, the last 48 bytes of its image's compressed pixels (the header and
-    its tables are the same in every JPEG), its embedding's bytes."""
+    its tables are the same in every JPEG), its embedding's and its stored maps' bytes."""
     needles = {text: text.encode() for text in texts}
     for i, blob in enumerate(blobs):
         needles[f"image {i}"] = blob[-50:-2]  # before the end-of-image marker
-    for i, vector in enumerate(embeddings):
-        needles[f"embedding {i}"] = vector
+    for i, vector in enumerate(features):
+        needles[f"features {i}"] = vector
     return needles
 
 
@@ -214,7 +217,7 @@ def test_erasing_a_person_leaves_nothing_in_the_store_files_or_the_index(tiny_mo
             client, blobs, person_id=person, metadata=f'{{"note": "{marker}"}}', captured_at="2024-06-01T12:00:00Z"
         )
         kept += enroll(client, [image_bytes(8002, 0)], person_id="kept too")
-        needles = needles_of(blobs, stored_embeddings(store, erased), person, marker)
+        needles = needles_of(blobs, stored_features(store, erased), person, marker)
         assert set(sum(traces(store, needles).values(), [])) == set(
             needles
         )  # the search finds them while they are there
@@ -308,7 +311,7 @@ def test_retention_erases_old_items_at_start_and_on_schedule_and_keeps_new_ones(
         old_captured = enroll(client, old_blobs[1:], person_id="old captured", captured_at=str(now - 2 * span))
     old = old_unknown + old_captured
     age_rows(store, old_unknown, 2 * span)
-    needles = needles_of(old_blobs, stored_embeddings(store, old), "old unknown", "old captured")
+    needles = needles_of(old_blobs, stored_features(store, old), "old unknown", "old captured")
 
     with (
         ServiceProcess(tiny_model[1], store, retention_days=days, retention_interval_s=0.3) as server,
@@ -322,7 +325,7 @@ def test_retention_erases_old_items_at_start_and_on_schedule_and_keeps_new_ones(
             "invalid_request",
         )  # already past retention: never stored
         [soon] = enroll(client, soon_blobs, person_id="soon", captured_at=str(time.time() - span + 2))  # expires in 2 s
-        soon_needles = needles_of(soon_blobs, stored_embeddings(store, [soon]), "soon")
+        soon_needles = needles_of(soon_blobs, stored_features(store, [soon]), "soon")
         assert soon in listed(client)
         # by the schedule; the index is updated after the WAL is wiped, so once it is, the files are clean
         wait_until(lambda: client.get("/readyz").json()["index"]["size"] == len(fresh))

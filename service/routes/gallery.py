@@ -1,5 +1,6 @@
 """The gallery: enrol images (all or nothing), list and read items, delete one, erase a person."""
 
+import asyncio
 from dataclasses import asdict
 from functools import partial
 from typing import Annotated, List, Optional
@@ -58,10 +59,12 @@ async def enroll(
     uploads = await s.decoder.read_all(
         images, s.model.input_size, preview=True
     )  # previews: for service.derived's copies
-    embedding, _ = await s.batcher.embed(pixels_of(uploads))
+    storage = s.gallery.map_storage
+    embedding, maps = await s.batcher.embed(pixels_of(uploads), with_maps=storage.enabled)
+    packed = await asyncio.to_thread(storage.packed, maps, count)
     new = [
-        NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t, derived_copy(u.decoded))
-        for u, e, p, c, m, t in zip(uploads, embedding, persons, cameras, metas, times)
+        NewItem(u.data, u.decoded.format, u.decoded.width, u.decoded.height, e, p, c, m, t, derived_copy(u.decoded), f)
+        for u, e, p, c, m, t, f in zip(uploads, embedding, persons, cameras, metas, times, packed)
     ]
     stored = await s.gallery.add(new)
     s.metrics.gallery_size.set(s.gallery.size)
