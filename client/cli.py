@@ -99,6 +99,7 @@ def run_query(reid: ReIDClient, args) -> QueryResult:
         exclude_camera_id=args.exclude_camera_id,
         camera_id=args.camera_id,
         heatmaps=not args.no_heatmaps,
+        overlays=args.save is not None,  # the PNGs --save writes; else the grids alone
         rerank=args.rerank,
         group_by="person" if args.group_by_person else None,
     )

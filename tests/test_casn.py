@@ -267,7 +267,7 @@ def test_pair_attention_orders_the_shortlist_by_the_fused_distance_and_keeps_sco
         assert client.get("/model").json()["pair_head"] is True
         ids = enrol(client, blobs)
         plain = query(client, query_blob, top_k=6, heatmaps=False).json()["matches"]
-        body = query(client, query_blob, top_k=4, pair_attention=True).json()
+        body = query(client, query_blob, top_k=4, pair_attention=True, overlays=True).json()
         assert_error(query(client, query_blob, pair_attention=True, rerank=True), 422, "invalid_request")
         # asked again, the shortlist's maps all come from the cache (float16): no model call, no stored image decoded
         misses = 'reid_heatmap_map_cache_total{result="miss"}'

@@ -210,16 +210,16 @@ def test_query_ranks_the_same_image_first_with_consistent_scores_and_heatmaps(cl
         assert png.format == "PNG" and max(png.size) <= 256
     assert np.mean(body["query_heatmap"]["grid"]) == pytest.approx(1.0, abs=1e-4)
     assert all(len(m["heatmap"]["branch_overlays_png"]) == 2 for m in matches)
-    lean = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4"}).json()
-    for heatmap in (lean["query_heatmap"], *(m["heatmap"] for m in lean["matches"])):  # by default no per-branch PNGs
+    lean = client.post(
+        "/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "overlays": "true"}
+    ).json()
+    for heatmap in (lean["query_heatmap"], *(m["heatmap"] for m in lean["matches"])):  # the aggregate's PNG alone
         assert heatmap["branch_overlays_png"] == [] and heatmap["overlay_png"] and len(heatmap["branch_grids"]) == 2
-    grids_only = client.post(
-        "/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4", "overlays": "false"}
-    )
+    grids_only = client.post("/query", files=files(image_bytes(2001, 11), name="image"), data={"top_k": "4"})
     for heatmap in (
         grids_only.json()["query_heatmap"],
         *(m["heatmap"] for m in grids_only.json()["matches"]),
-    ):  # what the page draws
+    ):  # by default, what the page draws
         assert (
             heatmap["overlay_png"] is None
             and heatmap["branch_overlays_png"] == []

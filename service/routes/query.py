@@ -44,16 +44,16 @@ async def query_options(
         "are found. Not with rerank or pair_attention (422)",
     ),
     overlays: bool = Form(
-        True,
-        description="with heatmaps: draw the aggregate map over each image as a PNG "
-        "(overlay_png); false: "
-        "grids only, no PNG at all, for a client that draws them itself (the page does): a few kB a "
-        "match",
+        False,
+        description="with heatmaps: also draw the aggregate map over each image as a PNG (overlay_png); "
+        "false (the default): grids only, a few kB a match, for a client that draws them itself (the page "
+        "does, with the colour ramp of service/heatmaps.py); 8 clients got 13 heatmap queries a second with "
+        "PNGs, 44 without (bench/results/heatmap_cost.json)",
     ),
     branch_overlays: bool = Form(
         False,
-        description="with heatmaps and overlays: also draw each branch's map as a PNG "
-        "(branch_overlays_png); the branch grids are there either way",
+        description="with heatmaps: also draw each branch's map as a PNG (branch_overlays_png), and so the "
+        "aggregate's too (overlays); the branch grids are there either way",
     ),
 ) -> QueryOptions:
     """The options every query route shares, checked before any image is read."""
@@ -74,7 +74,12 @@ async def query_options(
         captured_before=before,
     )
     return QueryOptions(
-        top_k, filters, rerank, group_by == "person", overlays=overlays, branch_overlays=branch_overlays
+        top_k,
+        filters,
+        rerank,
+        group_by == "person",
+        overlays=overlays or branch_overlays,
+        branch_overlays=branch_overlays,
     )
 
 
