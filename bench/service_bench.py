@@ -239,7 +239,10 @@ def enrol_benchmark(args, images, tmp: Path) -> dict:
         "raw_service_plan": RawModel(args.model, args.batch),
         "raw_one_call": RawModel(args.model, args.batch, instances=1),
     }
-    results = {"raw_configurations": {name: raw.label for name, raw in raws.items()}}
+    results = {
+        "raw_configurations": {name: raw.label for name, raw in raws.items()},
+        "server_settings": args.server_settings,
+    }
     # 0 = the service's own thread plan, as in raw_service_plan (the test helper otherwise pins one thread)
     with ServiceProcess(
         args.model,
@@ -248,6 +251,7 @@ def enrol_benchmark(args, images, tmp: Path) -> dict:
         max_batch_wait_ms=10,
         intra_op_threads=0,
         model_instances=0,
+        **args.server_settings,
     ) as server:
         results["enrol_client"], enrol = enrol_load(args, server, images, tmp)
         enrol(max(args.clients), 3)  # warm-up: connections, first batches
@@ -362,11 +366,20 @@ def main() -> None:
         "--galleries", type=int, nargs="*", default=[1000, 10000, 100000], help="gallery sizes for query latency"
     )
     parser.add_argument("--queries", type=int, default=50, help="queries per latency figure")
+    parser.add_argument(
+        "--server-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a service setting for the enrolment server (its REID_ name in lower case, without REID_), e.g. "
+        "stored_maps_max_kb=0; repeatable",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     DOCS_TABLES.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
         return DOCS_TABLES.write(args.write_docs)
+    args.server_settings = dict(setting.split("=", 1) for setting in args.server_setting)
 
     images = [jpeg(i) for i in range(64)]
     results = {**provenance(), "model": {"file": args.model.name, "sha256": sha256_of(args.model)}}

@@ -162,8 +162,12 @@ def test_crops_are_decoded_a_batch_at_a_time_and_unreadable_ones_skipped(tiny_mo
     assert views.camera_indices.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
     fingerprint = crops.fingerprint()
     assert read_crops(str(folder)).fingerprint() == fingerprint
+    changed = folder / "0000_c1s1_000000_00.jpg"
+    changed.write_bytes(changed.read_bytes() + b"\0")  # one crop rewritten: its size and time change
+    assert read_crops(str(folder)).fingerprint() != fingerprint  # a resumed run embeds again
+    fingerprint = read_crops(str(folder)).fingerprint()
     write_crops(folder, people=range(3), per_camera=2)
-    assert read_crops(str(folder)).fingerprint() != fingerprint  # new crops: a resumed run embeds again
+    assert read_crops(str(folder)).fingerprint() != fingerprint  # new crops: the same
 
 
 def test_adapt_writes_a_contract_file_with_its_card_and_parity(tiny_model, tmp_path):

@@ -47,11 +47,12 @@ class Crops:
         return len(self.entries)
 
     def fingerprint(self) -> str:
-        """sha256 over every crop's encoded bytes and camera: what a resumed run checks its cache against."""
+        """sha256 over every crop and its camera, what a resumed run checks its cache against: a store's crop by
+        its encoded bytes, a file by its path, size and modification time (as make and rsync judge a file
+        unchanged), so that a fresh run reads each file once, to decode it."""
         digest = hashlib.sha256()
         for data, camera in self.entries:
-            image = data.read_bytes() if isinstance(data, Path) else data
-            digest.update(hashlib.sha256(image).digest() + camera.encode() + b"\0")
+            digest.update(crop_key(data) + camera.encode() + b"\0")
         return digest.hexdigest()
 
     def batches(self, height: int, width: int, batch_size: int = 32) -> Iterator[CropBatch]:
@@ -77,6 +78,13 @@ class Crops:
                 break
         return np.stack(decoded[:count])
 
+
+
+def crop_key(data) -> bytes:
+    if isinstance(data, Path):
+        stat = data.stat()
+        return f"{data.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    return hashlib.sha256(data).digest()
 
 def _camera_of(path: Path, root: Path) -> str:
     match = MARKET_CAMERA.match(path.name)
