@@ -3,12 +3,12 @@
 Where the gallery holds no stored maps for a match (``service.stored_maps``: a model whose maps are too big to
 store, an item enrolled before maps were stored), a heatmap query re-embeds its stored image for its maps: on
 this CPU about 13 ms per match with the previous default, over half of a heatmap query's CPU once per-branch
-overlays were off (bench/heatmap_cost.py). The maps of a 3-branch MobileNetV2 item are 480 kB in float32, too big to keep for
-every item, so this is a least-recently-used cache under a byte budget (``REID_HEATMAP_CACHE_MB``) holding
-them in float16, 240 kB an item: the grid's mean then differs from the match's score by under 1e-5 (2.5e-6
-at most over 39 real pairs, against 1.7e-7 in float32); CASN's pair distance from cached maps moves by a few
-thousandths (2.6e-3 in tests/test_casn.py). Items that leave the gallery leave the cache in the
-same write (service.gallery), an erasure included. Used on the event loop only.
+overlays were off (bench/heatmap_cost.py). The maps of a 3-branch MobileNetV2 item are 480 kB in float32, too
+big to keep for every item, so this is a least-recently-used cache under a byte budget
+(``REID_HEATMAP_CACHE_MB``) holding them in float16, 240 kB an item: the grid's mean then differs from the
+match's score by under 1e-5 (2.5e-6 at most over 39 real pairs, against 1.7e-7 in float32); CASN's pair distance
+from cached maps moves by a few thousandths (2.6e-3 in tests/test_casn.py). Items that leave the gallery leave
+the cache in the same write (service.gallery), an erasure included. Used on the event loop only.
 """
 
 from collections import OrderedDict

@@ -79,12 +79,12 @@ class Crops:
         return np.stack(decoded[:count])
 
 
-
 def crop_key(data) -> bytes:
     if isinstance(data, Path):
         stat = data.stat()
         return f"{data.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
     return hashlib.sha256(data).digest()
+
 
 def _camera_of(path: Path, root: Path) -> str:
     match = MARKET_CAMERA.match(path.name)
