@@ -312,7 +312,7 @@ def enrol_table(results: dict) -> str:
         low, high = figures["over_raw_range"]
         lines.append(
             f"| {clients} | {figures['enrol_images_per_s']:.1f} | **{100 * figures['over_raw']:.1f}%** "
-            f"({100 * low:.1f}-{100 * high:.1f}%) | {figures['model_busy']} | {figures['server_cores']} |"
+            f"({100 * low:.1f}-{100 * high:.1f}%) | {figures['model_busy']:.2f} | {figures['server_cores']:.2f} |"
         )
     lines.append(f"| raw model, batch 32, the faster thread plan (median of the rounds) | {raw:.1f} | | | |")
     return "\n".join(lines)
@@ -339,6 +339,9 @@ DOCS_TABLES = DocsTables(
         "service_query_before.json": DocsTable(DOCS, generated_marker("lone query before table"), query_table),
         "service_enrol.json": DocsTable(DOCS, generated_marker("enrolment table"), enrol_table),
         "service_enrol_before.json": DocsTable(DOCS, generated_marker("enrolment before table"), enrol_table),
+        "service_enrol_no_stored_maps.json": DocsTable(
+            DOCS, generated_marker("enrolment without stored maps table"), enrol_table
+        ),
     }
 )
 
