@@ -309,7 +309,7 @@ def test_the_part_attention_maps_come_beside_ram_for_the_query_and_each_match(cl
         model = client.get("/model").json()
         assert model["attention_maps"] is True and model["pair_head"] is False
         ids = enrol(client, blobs)
-        body = query(client, blobs[0], top_k=4).json()
+        body = query(client, blobs[0], top_k=4, overlays=True).json()
         without_heatmaps = query(client, blobs[0], top_k=4, heatmaps=False).json()
     (attention,) = onnx_outputs(clpd_onnx, blobs, [OUTPUT_ATTENTION_MAPS])
     expected = dict(zip(ids, attention))  # the query is the first gallery image

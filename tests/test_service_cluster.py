@@ -35,7 +35,9 @@ def replicas(tiny_model, tmp_path, settings, count=2, model=None):
 def test_any_replica_answers_what_another_acknowledged(cluster_servers, tiny_model, tmp_path):
     settings = cluster_servers.new_gallery()
     with ExitStack() as stack:
-        a, b = (stack.enter_context(server) for server in replicas(tiny_model, tmp_path, settings))
+        # no stored maps: the matches' maps go to each replica's cache, which another replica's delete must clear
+        cached_maps = {**settings, "stored_maps_max_kb": 0}
+        a, b = (stack.enter_context(server) for server in replicas(tiny_model, tmp_path, cached_maps))
         ca, cb = stack.enter_context(a.client()), stack.enter_context(b.client())
         ids = enrol(
             ca, [image_bytes(1, 0), image_bytes(2, 0), image_bytes(3, 0)], person_id=["1", "2", "3"], camera_id="c1"

@@ -164,7 +164,9 @@ def test_heatmaps_only_for_the_first_matches_and_overlays_stay_small(client):
     )
     assert enrolled.status_code == 201, enrolled.text
     body = client.post(
-        "/query", files=files(encode(person_image(60, 0, size=(1000, 2000)), "JPEG"), name="image"), data={"top_k": 5}
+        "/query",
+        files=files(encode(person_image(60, 0, size=(1000, 2000)), "JPEG"), name="image"),
+        data={"top_k": 5, "overlays": "true"},
     ).json()
     assert body["heatmap_matches"] == 2
     assert [m["heatmap"] is not None for m in body["matches"]] == [True, True, False, False, False]

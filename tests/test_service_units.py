@@ -233,7 +233,10 @@ def test_a_model_failure_fails_the_batch_not_the_batcher():
 
 def open_gallery(tmp_path, dim=4):
     # The gallery needs only the model's shape and fingerprint; store and index are the real ones.
-    model = SimpleNamespace(contract=SimpleNamespace(embedding_dim=dim, num_branches=1), fingerprint="f" * 64)
+    shape = dict(num_branches=1, branch_dim=dim, map_height=2, map_width=1)
+    model = SimpleNamespace(
+        contract=SimpleNamespace(embedding_dim=dim, **shape), fingerprint="f" * 64, optional_maps={}
+    )
     gallery = Gallery(GalleryStore(tmp_path / "g.sqlite3"), model, Settings(store_path=tmp_path / "g.sqlite3"))
     gallery.open(progress=False)
     return gallery
