@@ -246,6 +246,9 @@ class InferenceModel:
             return None
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.instances * self.intra_op_threads
+        # Its idle threads would spin-wait after each call (ONNX Runtime's default), taking the cores from the
+        # single-threaded calls and other processes that come next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(self.path), options, **session_args)
 
     def stop_asking_for(self, field: str) -> None:
