@@ -142,6 +142,9 @@ def enrol_throughput_wrk(url: str, clients: int, seconds: float, image: bytes, t
     return float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
 
 
+SETTLE_S = 0.5  # ONNX Runtime's spinning threads go on for a moment after a call: counted in a query's CPU
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -213,15 +216,21 @@ def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> 
     store.close()
 
 
-def latencies(url: str, images, queries: int, heatmaps: bool) -> dict:
+def latencies(server: ServiceProcess, images, queries: int, heatmaps: bool) -> dict:
+    """Latency quantiles of ``queries`` queries one after the other, and the server's CPU time per query (what
+    its threads did after each answer included: the count ends SETTLE_S after the last)."""
     times = []
-    with ReIDClient(url, timeout=120) as reid:
+    with ReIDClient(server.url, timeout=120) as reid:
         for i in range(queries + 2):
+            if i == 2:  # after two warm-up queries
+                cpu = cpu_seconds(server.process.pid)
             started = time.perf_counter()
             reid.query(("q.jpg", images[i % len(images)]), top_k=10, heatmaps=heatmaps)
-            if i >= 2:  # two warm-up queries
+            if i >= 2:
                 times.append((time.perf_counter() - started) * 1000)
-    return latency_quantiles(times)
+    time.sleep(SETTLE_S)
+    cpu_ms = (cpu_seconds(server.process.pid) - cpu) * 1000 / queries
+    return {**latency_quantiles(times), "server_cpu_ms_per_query": round(cpu_ms, 1)}
 
 
 def enrol_load(args, server: ServiceProcess, images, tmp: Path) -> Tuple[str, Callable[[int, float], float]]:
@@ -292,9 +301,7 @@ def query_benchmark(args, images, tmp: Path) -> dict:
             with ReIDClient(server.url, timeout=120) as reid:
                 for i in range(0, 50, 10):
                     reid.enroll([(f"{j}.jpg", images[j]) for j in range(i, i + 10)])
-            results[str(size)] = {
-                f"heatmaps_{h}": latencies(server.url, images, args.queries, h) for h in (False, True)
-            }
+            results[str(size)] = {f"heatmaps_{h}": latencies(server, images, args.queries, h) for h in (False, True)}
         print(size, json.dumps(results[str(size)]), flush=True)
         store.unlink()
     return results
@@ -319,17 +326,22 @@ def enrol_table(results: dict) -> str:
 
 
 def query_table(results: dict) -> str:
-    """A docs table of a result file's query latencies, per gallery size, without and with heatmaps."""
+    """A docs table of a result file's query latencies, per gallery size, without and with heatmaps (and the
+    server's CPU per query, in files that record it)."""
     lines = [
         "| gallery items | query p50 / p95 / p99 ms, no heatmaps | with heatmaps | queries each |",
         "|---|---|---|---|",
     ]
     for size, figures in results["query_latency"].items():
-        cells = [
-            " / ".join(str(figures[f"heatmaps_{h}"][f"{q}_ms"]) for q in ("p50", "p95", "p99")) for h in (False, True)
-        ]
+        cells = [query_cell(figures[f"heatmaps_{h}"]) for h in (False, True)]
         lines.append(f"| {int(size):,} | {cells[0]} | {cells[1]} | {figures['heatmaps_False']['queries']} |")
     return "\n".join(lines)
+
+
+def query_cell(figures: dict) -> str:
+    cell = " / ".join(str(figures[f"{q}_ms"]) for q in ("p50", "p95", "p99"))
+    cpu = figures.get("server_cpu_ms_per_query")
+    return cell if cpu is None else f"{cell} (server CPU {cpu} ms a query)"
 
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
