@@ -350,6 +350,9 @@ DOCS_TABLES = DocsTables(
             DOCS, generated_marker("million gallery one call table"), scale_table
         ),
         "gallery_1m_real_served.json": DocsTable(DOCS, generated_marker("million gallery served table"), scale_table),
+        "gallery_1m_real_served_sleeping.json": DocsTable(
+            DOCS, generated_marker("million gallery served sleeping table"), scale_table
+        ),
     }
 )
 

@@ -255,6 +255,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("gallery_scale", "gallery_1m_real.json"),
         ("gallery_scale", "gallery_1m_real_one_call.json"),
         ("gallery_scale", "gallery_1m_real_served.json"),
+        ("gallery_scale", "gallery_1m_real_served_sleeping.json"),
     ],
 )
 def test_a_generated_table_in_the_docs_is_what_the_committed_result_file_prints(name, result):
