@@ -227,6 +227,13 @@ class ClusterGallery(GalleryBase):
         except Exception as exc:  # the orphans are never answered, and the next replica to start removes them
             log.error("could not undo a Milvus write whose transaction failed (%s); the next start removes it", exc)
 
+    async def store_maps(self, maps: Dict[int, bytes]) -> None:
+        def in_transaction() -> None:
+            with self.store.write() as tx:  # refused once another replica re-embedded with another model
+                tx.set_maps(maps)
+
+        await asyncio.to_thread(in_transaction)
+
     async def delete(self, item_id: int) -> bool:
         return bool(await self._remove(lambda tx: tx.remove(item_id)))
 

@@ -143,6 +143,10 @@ class GalleryBase:
         """``service.stored_maps``' maps of those of ``ids`` that have them."""
         return await asyncio.to_thread(MapStorage.unpacked, await self.read(self.store.stored_maps, ids))
 
+    async def store_maps(self, maps: Dict[int, bytes]) -> None:
+        """Write stored maps (``service.stored_maps``' blobs) for items stored without them."""
+        raise NotImplementedError
+
     def on_removed(self, listener: Callable[[List[int]], None]) -> None:
         """Call ``listener(ids)`` in the same write that removes items (a delete, an erasure, another replica's
         delete seen by the cluster backend): what keeps derived state, such as the heatmap maps' cache, exact."""
@@ -295,6 +299,9 @@ class Gallery(GalleryBase):
                 self.labels.update({i.id: Label(i.person_id, i.camera_id, i.captured_at) for i, _ in fresh})
 
         return await self._write(partial(self.store.insert, items), in_index)
+
+    async def store_maps(self, maps: Dict[int, bytes]) -> None:
+        await self._write(partial(self.store.set_maps, maps), lambda _: None)
 
     async def delete(self, item_id: int) -> bool:
         """Remove the item from store and index; False when there is no such item."""

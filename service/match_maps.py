@@ -1,11 +1,12 @@
-"""The heatmap stage's gallery maps: each match's feature maps, from this stage's own cache
-(``service.map_cache``), else as stored at enrolment (``service.stored_maps``), else their stored images
-decoded (from ``service.derived``'s copy where one exists) and re-embedded in one batch, then cached. The
-gallery announces the items that leave it (``GalleryBase.on_removed``) and the cache drops them in the same
-write, so a deleted or erased item's maps never outlive it."""
+"""The heatmap stage's gallery maps: each match's feature maps, from this stage's own cache (``service.map_cache``),
+else as stored at enrolment (``service.stored_maps``), else their stored images decoded (from ``service.derived``'s
+copy where one exists) and re-embedded in one batch, then cached (and stored, where this model's maps are stored,
+for items stored without them). The gallery announces the items that leave it (``GalleryBase.on_removed``) and the
+cache drops them in the same write, so a deleted or erased item's maps never outlive it."""
 
 import asyncio
-from typing import Dict, List, Optional
+import logging
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from service.inference import ImageMaps, InferenceModel
 from service.map_cache import FeatureMapCache
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+from service.stored_maps import pack
+
+log = logging.getLogger(__name__)
 
 
 class MatchMaps:
@@ -30,6 +34,7 @@ class MatchMaps:
     ):
         self.settings, self.metrics, self.model, self.gallery, self.batcher = settings, metrics, model, gallery, batcher
         self.cache = FeatureMapCache(settings.heatmap_cache_mb * 2**20)
+        self._storing: Set[asyncio.Task] = set()
         gallery.on_removed(self.cache.discard)
 
     async def decode_stored(self, ids: List[int], preview: bool) -> Dict[int, DecodedImage]:
@@ -74,7 +79,25 @@ class MatchMaps:
             _, maps = await self.batcher.embed(np.stack([decoded[i].pixels for i in missing]), with_maps=True)
             fresh = {i: maps[row] for row, i in enumerate(missing)}
             self.remember(fresh)
+            if stored and self.gallery.map_storage.enabled:
+                self.store_in_background(fresh)
         return {i: fresh[i] if i in fresh else known[i] for i in ids if i in fresh or i in known}
+
+    def store_in_background(self, maps: Dict[int, ImageMaps]) -> None:
+        """Store maps just computed for items stored without them (enrolled before maps were stored, or by a
+        server that stored none), so that their next heatmap reads them; the answer does not wait for it."""
+        task = asyncio.create_task(self._store(maps))
+        self._storing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._storing.discard)
+
+    async def _store(self, maps: Dict[int, ImageMaps]) -> None:
+        try:
+            blobs = await asyncio.to_thread(
+                lambda: dict(zip(maps, pack(np.stack([m.features for m in maps.values()]))))
+            )
+            await self.gallery.store_maps(blobs)
+        except Exception as exc:  # a full disk, a replica now on another model: the next miss tries again
+            log.warning("maps of %d items not stored: %s", len(maps), exc)
 
     def remember(self, maps: Dict[int, ImageMaps]) -> None:
         """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being

@@ -24,7 +24,16 @@ import numpy as np
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from service.store import FINGERPRINT_KEY, ITEM_COLUMNS, InsertedRow, Item, NewItem, insert_statement, listing_filter
+from service.store import (
+    FINGERPRINT_KEY,
+    ITEM_COLUMNS,
+    InsertedRow,
+    Item,
+    NewItem,
+    insert_statement,
+    listing_filter,
+    set_maps_statement,
+)
 
 log = logging.getLogger(__name__)
 SCHEMA = """
@@ -181,6 +190,9 @@ class Transaction:
             item_id = self.conn.execute(insert_statement("%s") + " RETURNING id", row.values).fetchone()[0]
             stored.append(row.stored(item_id))
         return stored
+
+    def set_maps(self, maps: Dict[int, bytes]) -> None:
+        self.conn.cursor().executemany(set_maps_statement("%s"), [(blob, item_id) for item_id, blob in maps.items()])
 
     def remove(self, item_id: int) -> List[int]:
         return self._delete("id = %s", (item_id,))

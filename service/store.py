@@ -179,6 +179,11 @@ def insert_statement(placeholder: str) -> str:
     )
 
 
+def set_maps_statement(placeholder: str) -> str:
+    """Stored maps (service.stored_maps) written back for an item stored without them; both stores run it."""
+    return f"UPDATE items SET maps = {placeholder} WHERE id = {placeholder} AND maps IS NULL"
+
+
 class InsertedRow:
     """A new item as both stores write it (INSERTED_COLUMNS' values) and answer it once written."""
 
@@ -495,6 +500,11 @@ class GalleryStore(StoreReads):
             cursor = self.writer.execute(insert_statement("?"), row.values)
             stored.append(row.stored(cursor.lastrowid))
         return stored
+
+    def set_maps(self, maps: Dict[int, bytes]) -> None:
+        """Write stored maps of items that have none, inside the caller's transaction (a deleted item's are
+        dropped: its row is gone)."""
+        self.writer.executemany(set_maps_statement("?"), [(blob, item_id) for item_id, blob in maps.items()])
 
     def remove(self, item_id: int) -> bool:
         """Delete one item inside the caller's transaction; False when there was none."""

@@ -15,21 +15,28 @@ def stored_embeddings(server, ids):
     PostgreSQL database."""
     import numpy as np
 
+    rows = stored_column(server, "embedding", ids)
+    return np.stack([np.frombuffer(rows[i], np.float32) for i in ids])
+
+
+def stored_maps(server, ids) -> int:
+    """How many of ``ids`` have stored maps (service.stored_maps) in a server's gallery."""
+    return sum(blob is not None for blob in stored_column(server, "maps", ids).values())
+
+
+def stored_column(server, column: str, ids) -> dict:
+    """{id: value of ``column``} for ``ids`` in a server's gallery: its SQLite file or its PostgreSQL database."""
     if server.env.get("REID_GALLERY_BACKEND") == "cluster":
         import psycopg
 
         with psycopg.connect(server.env["REID_POSTGRES_DSN"]) as db:
-            rows = dict(db.execute("SELECT id, embedding FROM items WHERE id = ANY(%s)", (list(ids),)).fetchall())
-    else:
-        import sqlite3
+            return dict(db.execute(f"SELECT id, {column} FROM items WHERE id = ANY(%s)", (list(ids),)).fetchall())
+    import sqlite3
 
-        db = sqlite3.connect(server.env["REID_STORE_PATH"])
-        try:
-            rows = dict(
-                db.execute(
-                    f"SELECT id, embedding FROM items WHERE id IN ({','.join('?' * len(ids))})", list(ids)
-                ).fetchall()
-            )
-        finally:
-            db.close()
-    return np.stack([np.frombuffer(rows[i], np.float32) for i in ids])
+    db = sqlite3.connect(server.env["REID_STORE_PATH"])
+    try:
+        return dict(
+            db.execute(f"SELECT id, {column} FROM items WHERE id IN ({','.join('?' * len(ids))})", list(ids)).fetchall()
+        )
+    finally:
+        db.close()

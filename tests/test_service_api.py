@@ -5,6 +5,7 @@ import contextlib
 import io
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from service.inference import cpu_cores
 from service.settings import Settings
 from tests.conftest import image_bytes
-from tests.cluster import BACKENDS, backend_settings, stored_embeddings
+from tests.cluster import BACKENDS, backend_settings, stored_embeddings, stored_maps
 from harness.server import REPO, ServiceProcess, metric
 from tests.server import assert_error
 
@@ -420,6 +421,39 @@ def test_matches_maps_are_read_from_the_store_and_match_the_query_images_own(cli
     assert np.abs(np.array(same["heatmap"]["branch_grids"]) - own).max() <= 0.01 * np.ptp(own)
     for match in body["matches"]:
         assert np.mean(match["heatmap"]["grid"]) == pytest.approx(match["score"], abs=1e-5)
+
+
+@pytest.fixture(params=BACKENDS)
+def gallery_settings(request):
+    """A fresh gallery on each backend, for tests that start their own servers on it one after the other."""
+    return backend_settings(request)
+
+
+def test_maps_computed_for_items_stored_without_them_are_stored_for_the_next_query(
+    tiny_model, tmp_path, gallery_settings
+):
+    """Items enrolled where maps were not stored (an older version, REID_STORED_MAPS_MAX_KB=0) are re-embedded by
+    their first heatmap, which stores their maps in the background; the next heatmap reads them."""
+    store = tmp_path / "gallery.sqlite3"
+    with ServiceProcess(tiny_model[1], store, stored_maps_max_kb=0, **gallery_settings) as first:
+        with first.client() as client:
+            ids = enroll(client, [image_bytes(2800, v) for v in range(3)], person_id="2800")
+    counters = [f'reid_heatmap_map_cache_total{{result="{r}"}}' for r in ("stored", "miss")]
+    ask = {"top_k": "3", "person_id": "2800"}
+    with ServiceProcess(tiny_model[1], store, heatmap_cache_mb=0, **gallery_settings) as second:
+        with second.client() as client:
+            first_answer = client.post("/query", files=files(image_bytes(2800, 0), name="image"), data=ask).json()
+            assert [metric(client, c) for c in counters] == [0, 3]
+            deadline = time.monotonic() + 10
+            while stored_maps(first, ids) < 3 and time.monotonic() < deadline:  # the answer did not wait for it
+                time.sleep(0.1)
+            again = client.post("/query", files=files(image_bytes(2800, 0), name="image"), data=ask).json()
+            assert [metric(client, c) for c in counters] == [3, 3]
+    assert {m["id"] for m in again["matches"]} == set(ids)
+    for before, after in zip(first_answer["matches"], again["matches"]):
+        grid = np.array(after["heatmap"]["grid"])
+        assert np.abs(grid - np.array(before["heatmap"]["grid"])).max() <= 0.01 * np.ptp(before["heatmap"]["grid"])
+        assert grid.mean() == pytest.approx(after["score"], abs=1e-5)
 
 
 def test_a_match_drawn_again_takes_its_maps_from_the_cache_and_its_delete_clears_them(client_without_stored_maps):
