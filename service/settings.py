@@ -183,7 +183,8 @@ class Settings(BaseSettings):
         64,
         ge=0,
         description="store each enrolled item's feature maps (int8, service.stored_maps) when they take at most "
-        "this many kB, so a heatmap never re-embeds its matches (retail-0277: 34.8 kB an item); 0: never",
+        "this many kB, so a heatmap reads its matches' maps instead of re-embedding them (retail-0277: 34.8 kB an "
+        "item); 0: never",
     )
     verify_threshold: Optional[float] = Field(
         None,
