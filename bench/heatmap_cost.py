@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import alternating_latency, DocsTable, emit, generated_marker, provenance, timed
+from bench.common import alternating_latency, DocsTable, DocsTables, emit, generated_marker, provenance, timed
 from client import ReIDClient
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import split_branches
@@ -52,7 +52,8 @@ MATCHES = 10
 
 
 def cost_table(results: dict) -> str:
-    """docs/results.md's table of a result file: each variant's latency and answer size, beside no heatmaps."""
+    """docs/results.md's table of a result file: each variant's latency and answer size, beside no heatmaps
+    (the first file, heatmap_cost_cama.json, recorded neither answer sizes nor throughput: "-")."""
     figures = results["end_to_end"]
     plain = figures["latency_ms"]["no heatmaps"]["p50_ms"]
     lines = ["| query (top 10) | p50 / p95 / p99 ms | p50 x no heatmaps | answer kB |", "|---|---|---|---|"]
@@ -60,18 +61,23 @@ def cost_table(results: dict) -> str:
         lines.append(
             f"| {name} | {latency['p50_ms']} / {latency['p95_ms']} / {latency['p99_ms']} | "
             f"{latency['p50_ms'] / plain:.2f} | "
-            f"{figures['answer_kb'][name]} |"
+            f"{figures.get('answer_kb', {}).get(name, '-')} |"
         )
-    lines.append(
-        f"| {figures['clients']} clients at once, queries/s | "
-        + ", ".join(f"{name}: {rate}" for name, rate in figures["queries_per_s"].items())
-        + " | | |"
-    )
+    if "queries_per_s" in figures:
+        lines.append(
+            f"| {figures['clients']} clients at once, queries/s | "
+            + ", ".join(f"{name}: {rate}" for name, rate in figures["queries_per_s"].items())
+            + " | | |"
+        )
     return "\n".join(lines)
 
 
-DOCS_TABLE = DocsTable(
-    Path(__file__).resolve().parents[1] / "docs" / "results.md", generated_marker("heatmap cost table"), cost_table
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+DOCS_TABLES = DocsTables(
+    {
+        "heatmap_cost.json": DocsTable(DOCS, generated_marker("heatmap cost table"), cost_table),
+        "heatmap_cost_cama.json": DocsTable(DOCS, generated_marker("heatmap cost cama table"), cost_table),
+    }
 )
 
 
@@ -87,10 +93,10 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=15, help="end to end: length of each throughput figure")
     parser.add_argument("--output", type=Path)
-    DOCS_TABLE.add_option(parser)
+    DOCS_TABLES.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
-        return DOCS_TABLE.write(args.write_docs)
+        return DOCS_TABLES.write(args.write_docs)
     if args.data is None:
         parser.error("--data is needed to measure")
     model = InferenceModel(args.model, "cpu", intra_op_threads=1, instances=1).load()

@@ -243,6 +243,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("imported_heads", "imported/imported_heads.json"),
         ("loop_free", "loop_free.json"),
         ("heatmap_cost", "heatmap_cost.json"),
+        ("heatmap_cost", "heatmap_cost_cama.json"),
         ("adaptation", "adaptation/adaptation.json"),
         ("threshold_estimate", "adaptation/threshold_estimate.json"),
         ("service_bench", "service_enrol.json"),
