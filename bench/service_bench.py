@@ -350,6 +350,7 @@ DOCS_TABLES = DocsTables(
         "service_query.json": DocsTable(DOCS, generated_marker("lone query table"), query_table),
         "service_query_before.json": DocsTable(DOCS, generated_marker("lone query before table"), query_table),
         "service_query_sleeping.json": DocsTable(DOCS, generated_marker("lone query sleeping table"), query_table),
+        "service.json": DocsTable(DOCS, generated_marker("previous default query table"), query_table),
         "service_enrol.json": DocsTable(DOCS, generated_marker("enrolment table"), enrol_table),
         "service_enrol_before.json": DocsTable(DOCS, generated_marker("enrolment before table"), enrol_table),
         "service_enrol_no_stored_maps.json": DocsTable(

@@ -250,6 +250,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("service_bench", "service_enrol_before.json"),
         ("service_bench", "service_enrol_no_stored_maps.json"),
         ("service_bench", "service_query_sleeping.json"),
+        ("service_bench", "service.json"),
         ("service_bench", "service_query.json"),
         ("service_bench", "service_query_before.json"),
         ("gallery_scale", "gallery_real.json"),
