@@ -320,3 +320,12 @@ def test_every_result_file_records_its_commit_command_date_and_machine():
         if bool(missing) != (name in before):
             lacking[name] = missing or "records provenance: take it off made_before_provenance.txt"
     assert not lacking, lacking
+
+
+def test_every_evaluation_table_in_the_docs_is_what_its_result_files_hold():
+    from bench import evaluation_tables
+
+    text = evaluation_tables.DOCS.read_text()
+    for table in evaluation_tables.TABLES:
+        assert table.marker.search(text), f"docs/results.md lost the marker of {table.name}"
+        assert table.rendered(text) == text, "python -m bench.evaluation_tables --write-docs"
