@@ -9,9 +9,10 @@ the files hold.
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import List, Tuple
 
 from bench.common import generated_marker, rewrite_generated
 
@@ -27,6 +28,15 @@ class Row:
     label: str
     file: str  # under bench/results
     part: str = "all"  # the evaluation's key: "all" (the embedding), "branch1", ...
+    map_of: Tuple[str, ...] = ()  # instead: the mAP of each of these parts, per set
+
+    def cells(self, evaluation: dict, branch_maps: bool = False) -> List[str]:
+        if branch_maps:  # the table's last column: each branch's mAP alone on CUHK03-val
+            branches = sorted(p for p in evaluation[SETS[0]] if re.fullmatch(r"branch\d+", p))
+            return self.cells(evaluation) + [", ".join(f"{100 * evaluation[SETS[0]][b]['mAP']:.1f}" for b in branches)]
+        if self.map_of:
+            return [" / ".join(f"{100 * evaluation[s][part]['mAP']:.1f}" for part in self.map_of) for s in SETS]
+        return [" / ".join(f"{100 * evaluation[s][self.part][m]:.1f}" for m in METRICS) for s in SETS]
 
 
 @dataclass(frozen=True)
@@ -34,16 +44,17 @@ class EvaluationTable:
     name: str  # the docs marker's: <!-- NAME: python -m bench.evaluation_tables --write-docs -->
     heading: str  # the first column's
     rows: Tuple[Row, ...]
+    branch_maps: bool = False  # a last column: each branch's mAP alone on CUHK03-val
 
     @property
     def marker(self):
         return generated_marker(self.name)
 
     def table(self) -> str:
-        lines = [f"| {self.heading} | {' | '.join(SET_NAMES)} |", "|---" * (1 + len(SETS)) + "|"]
+        columns = [self.heading, *SET_NAMES, *(("per-branch mAP (CUHK03-val)",) if self.branch_maps else ())]
+        lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
         for row in self.rows:
-            evaluation = json.loads((RESULTS / row.file).read_text())["evaluation"]
-            cells = [" / ".join(f"{100 * evaluation[s][row.part][m]:.1f}" for m in METRICS) for s in SETS]
+            cells = row.cells(json.loads((RESULTS / row.file).read_text())["evaluation"], self.branch_maps)
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
@@ -69,7 +80,85 @@ def clpd_variant(description: str, row: str, global_branch: bool = False) -> Tup
     )
 
 
+def pmm_stages(label: str, row: str) -> Row:
+    return Row(f"{label} (`{row}`; below), stages I+II+III", f"pool/{row}.json")
+
+
+def cama(label: str, row: str) -> Row:
+    return Row(label, f"pool/{row}.json")
+
+
 TABLES = (
+    EvaluationTable(
+        "recipe ablation table",
+        "recipe",
+        (
+            cama("the whole recipe (row `cama_ordered`)", "cama_ordered"),
+            cama("without the batch-hard triplet term (`loss.triplet_weight=0`)", "cama_ordered_no_triplet"),
+            cama(
+                "without IBN-a (`model.ibn=false`: batch norm only in MobileNetV2's early blocks)",
+                "cama_ordered_no_ibn",
+            ),
+            cama("IBN-b in place of IBN-a (`model.ibn=b`)", "cama_ordered_ibn_b"),
+            cama(
+                "without colour jitter and grayscale (`data.color_jitter=0 data.grayscale_prob=0`)",
+                "cama_ordered_no_colour",
+            ),
+            cama("without random erasing (`data.erasing_prob=0`)", "cama_ordered_no_erasing"),
+            cama(
+                "without label smoothing (`loss.label_smoothing=0`; trained in bf16 autocast, below)",
+                "cama_ordered_no_label_smoothing",
+            ),
+            cama(
+                "the whole recipe in bf16 autocast (row `cama_ordered_bf16`: the baseline of the row above)",
+                "cama_ordered_bf16",
+            ),
+        ),
+        branch_maps=True,
+    ),
+    EvaluationTable(
+        "precision table",
+        "precision",
+        (
+            cama("fp32 (row `cama_ordered`)", "cama_ordered"),
+            cama("bf16 autocast (row `cama_ordered_bf16`)", "cama_ordered_bf16"),
+        ),
+        branch_maps=True,
+    ),
+    EvaluationTable(
+        "pmm table",
+        "model",
+        (
+            Row("IDE+BN (baseline)", "pool/ide_bn.json"),
+            Row("PMM, stages I+II+III (the embedding)", "pool/pmm.json"),
+            Row("PMM, stage I alone", "pool/pmm.json", "branch1"),
+            Row("PMM, stage II alone", "pool/pmm.json", "branch2"),
+            Row("PMM, stage III alone", "pool/pmm.json", "branch3"),
+            Row("PMM, stages I+II", "pool/pmm.json", "branches1-2"),
+            Row("PMM without A-Hard-Mix (`loss.mix=none`), stages I+II+III", "pool/pmm_no_mix.json"),
+            Row(
+                "PMM without A-Hard-Mix, stage I / II / III alone (mAP)",
+                "pool/pmm_no_mix.json",
+                map_of=("branch1", "branch2", "branch3"),
+            ),
+            Row(
+                "PMM without the triplet term (`loss.triplet_weight=0`; below), stages I+II+III",
+                "pool/pmm_no_triplet.json",
+            ),
+            Row(
+                "PMM with its classifiers started from N(0, 0.001) (`model.classifier_init_std=0.001`; below), "
+                "stages I+II+III",
+                "pool/pmm_small_init.json",
+            ),
+            Row(
+                "PMM with those classifiers behind a BN neck (`model.classifier_init_std=0.001 "
+                "model.bn_neck=true`; below), stages I+II+III",
+                "pool/pmm_small_init_bn_neck.json",
+            ),
+            pmm_stages("PMM with those classifiers and without the triplet term", "pmm_ide_head_no_triplet"),
+            pmm_stages("the same without A-Hard-Mix", "pmm_ide_head_no_triplet_no_mix"),
+        ),
+    ),
     EvaluationTable("fmn seeds table", "FMN", seed_rows(1) + seed_rows(2)),
     EvaluationTable(
         "clpd table",
