@@ -29,6 +29,13 @@ class Row:
     file: str  # under bench/results
     part: str = "all"  # the evaluation's key: "all" (the embedding), "branch1", ...
     map_of: Tuple[str, ...] = ()  # instead: the mAP of each of these parts, per set
+    time_note: str = ""  # after the train time: where it ran, when not the first CPU
+
+    def train_time(self, results: dict) -> str:
+        """The run's training minutes (over every session); a branch's row is the same run's."""
+        if self.part != "all":
+            return "(same run)"
+        return " ".join(filter(None, (f"{round(results['train_seconds_total'] / 60)} min", self.time_note)))
 
     def cells(self, evaluation: dict, branch_maps: bool = False) -> List[str]:
         if branch_maps:  # the table's last column: each branch's mAP alone on CUHK03-val
@@ -45,16 +52,19 @@ class EvaluationTable:
     heading: str  # the first column's
     rows: Tuple[Row, ...]
     branch_maps: bool = False  # a last column: each branch's mAP alone on CUHK03-val
+    train_time: bool = False  # a last column: each row's training minutes
 
     @property
     def marker(self):
         return generated_marker(self.name)
 
     def table(self) -> str:
-        columns = [self.heading, *SET_NAMES, *(("per-branch mAP (CUHK03-val)",) if self.branch_maps else ())]
+        columns = [self.heading, *SET_NAMES]
+        columns += ["per-branch mAP (CUHK03-val)"] * self.branch_maps + ["train time"] * self.train_time
         lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
         for row in self.rows:
-            cells = row.cells(json.loads((RESULTS / row.file).read_text())["evaluation"], self.branch_maps)
+            results = json.loads((RESULTS / row.file).read_text())
+            cells = row.cells(results["evaluation"], self.branch_maps) + [row.train_time(results)] * self.train_time
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
@@ -89,6 +99,24 @@ def cama(label: str, row: str) -> Row:
 
 
 TABLES = (
+    EvaluationTable(
+        "fmn table",
+        "model",
+        (
+            Row("IDE+BN (baseline)", "pool/ide_bn.json"),
+            Row("FMN: GRN + LAN (the embedding)", "pool/fmn.json"),
+            Row("FMN: GRN alone", "pool/fmn.json", "branch1"),
+            Row("FMN: mask branch + LAN alone", "pool/fmn.json", "branch2"),
+            Row(
+                "FMN with a BN neck in training (row `fmn_bn_neck`; below): GRN + LAN",
+                "pool/fmn_bn_neck.json",
+                time_note="(a later session's CPU, with AMX)",
+            ),
+            Row("the same, GRN alone", "pool/fmn_bn_neck.json", "branch1"),
+            Row("the same, mask branch + LAN alone", "pool/fmn_bn_neck.json", "branch2"),
+        ),
+        train_time=True,
+    ),
     EvaluationTable(
         "recipe ablation table",
         "recipe",
