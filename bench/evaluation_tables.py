@@ -32,7 +32,8 @@ class Row:
     time_note: str = ""  # after the train time: where it ran, when not the first CPU
 
     def train_time(self, results: dict) -> str:
-        """The run's training minutes (over every session); a branch's row is the same run's."""
+        """The run's training minutes (over every session); a branch's row, or another evaluation of the run's
+        model, is the same run's."""
         if self.part != "all":
             return "(same run)"
         return " ".join(filter(None, (f"{round(results['train_seconds_total'] / 60)} min", self.time_note)))
@@ -64,7 +65,8 @@ class EvaluationTable:
         lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
         for row in self.rows:
             results = json.loads((RESULTS / row.file).read_text())
-            cells = row.cells(results["evaluation"], self.branch_maps) + [row.train_time(results)] * self.train_time
+            evaluation = results.get("evaluation", results)  # training evaluate --output writes it alone
+            cells = row.cells(evaluation, self.branch_maps) + [row.train_time(results)] * self.train_time
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
@@ -98,7 +100,62 @@ def cama(label: str, row: str) -> Row:
     return Row(label, f"pool/{row}.json")
 
 
+def casn(label: str, row: str, time_note: str = "(the same CPU)", what: str = "") -> Row:
+    """A CASN ablation's row: its label, its run, and ``what`` the paper calls it, when it names it."""
+    return Row(f"{label} (row `{row}`{what and ', ' + what})", f"pool/{row}.json", time_note=time_note)
+
+
+def with_pair_term(label: str, row: str) -> Row:
+    """The run's model evaluated with CASN's pairwise attention term over the shortlist."""
+    return Row(
+        f"{label}, features + {'the' if label == 'CASN' else 'its'} pairwise attention term over the shortlist",
+        f"pool/{row}_pair_attention_onnx_evaluation.json",
+        "all_pair",
+    )
+
+
 TABLES = (
+    EvaluationTable(
+        "casn table",
+        "model",
+        (
+            Row("IDE+BN (baseline)", "pool/ide_bn.json"),
+            Row("CASN, features (what the index ranks by)", "pool/casn.json", time_note="+ an earlier session's part"),
+            casn(
+                "CASN's IDE alone: its pair batches and recipe, the identity loss only",
+                "casn_ide",
+                "(a later session's CPU, with AMX)",
+            ),
+            casn("CASN's IDE + identification attention", "casn_ia"),
+            casn("CASN's IDE + identification attention + the pair term, without the consistency", "casn_ia_pair"),
+            casn(
+                "CASN's IDE + the pair term and the consistency, without identification attention",
+                "casn_sa",
+                what="the paper's IDE + SA",
+            ),
+            casn(
+                "the stripe layout's IDE: six 256-d stripes, the identity loss only",
+                "casn_pcb_ide",
+                what="the paper's PCB row",
+            ),
+            Row(
+                "CASN on the stripe layout: identification attention, pair term, consistency (row `casn_pcb`, the "
+                "paper's best model)",
+                "pool/casn_pcb.json",
+                time_note="(the same CPU, part in an earlier session)",
+            ),
+            with_pair_term("CASN", "casn"),
+            with_pair_term("`casn_ia_pair`", "casn_ia_pair"),
+            with_pair_term("`casn_sa`", "casn_sa"),
+            Row(
+                "`casn_pcb`, features + its pairwise attention term over the shortlist (the stripe layout's pair "
+                "head on A, the file's `pair_maps`)",
+                "pool/casn_pcb_pair_attention_onnx_evaluation.json",
+                "all_pair",
+            ),
+        ),
+        train_time=True,
+    ),
     EvaluationTable(
         "fmn table",
         "model",
