@@ -10,6 +10,7 @@ the files hold.
 import argparse
 import json
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple
@@ -30,6 +31,7 @@ class Row:
     part: str = "all"  # the evaluation's key: "all" (the embedding), "branch1", ...
     map_of: Tuple[str, ...] = ()  # instead: the mAP of each of these parts, per set
     time_note: str = ""  # after the train time: where it ran, when not the first CPU
+    seeds: Tuple[str, ...] = ()  # the same run with other seeds: cells are mean ± sample SD of R1 and mAP
 
     def train_time(self, results: dict) -> str:
         """The run's training minutes (over every session); a branch's row, or another evaluation of the run's
@@ -38,10 +40,21 @@ class Row:
             return "(same run)"
         return " ".join(filter(None, (f"{round(results['train_seconds_total'] / 60)} min", self.time_note)))
 
+    def seed_cells(self, evaluation: dict) -> List[str]:
+        runs = [evaluation] + [json.loads((RESULTS / f).read_text())["evaluation"] for f in self.seeds]
+
+        def spread(s: str, metric: str) -> str:
+            values = [100 * run[s][self.part][metric] for run in runs]
+            return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+        return [" / ".join(spread(s, m) for m in METRICS[:2]) for s in SETS]
+
     def cells(self, evaluation: dict, branch_maps: bool = False) -> List[str]:
         if branch_maps:  # the table's last column: each branch's mAP alone on CUHK03-val
             branches = sorted(p for p in evaluation[SETS[0]] if re.fullmatch(r"branch\d+", p))
             return self.cells(evaluation) + [", ".join(f"{100 * evaluation[SETS[0]][b]['mAP']:.1f}" for b in branches)]
+        if self.seeds:
+            return self.seed_cells(evaluation)
         if self.map_of:
             return [" / ".join(f"{100 * evaluation[s][part]['mAP']:.1f}" for part in self.map_of) for s in SETS]
         return [" / ".join(f"{100 * evaluation[s][self.part][m]:.1f}" for m in METRICS) for s in SETS]
@@ -114,7 +127,23 @@ def with_pair_term(label: str, row: str) -> Row:
     )
 
 
+def three_seeds(label: str, run: str, part: str = "all") -> Row:
+    """Seed 0 (the run's first file) and seeds 1 and 2."""
+    return Row(label, f"pool/{run}.json", part, seeds=tuple(f"pool/{run}_seed{seed}.json" for seed in (1, 2)))
+
+
 TABLES = (
+    EvaluationTable(
+        "pmm seeds table",
+        "model",
+        (
+            three_seeds("PMM, stages I+II+III (the embedding)", "pmm"),
+            three_seeds("PMM, stages I+II", "pmm", "branches1-2"),
+            three_seeds("PMM, stage I alone", "pmm", "branch1"),
+            three_seeds("PMM without A-Hard-Mix, stages I+II+III", "pmm_no_mix"),
+            three_seeds("PMM without A-Hard-Mix, stage I alone", "pmm_no_mix", "branch1"),
+        ),
+    ),
     EvaluationTable(
         "casn table",
         "model",
