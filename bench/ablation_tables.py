@@ -133,10 +133,14 @@ def seed_files(results: Path, figures: Figures) -> Dict[int, Path]:
     return dict(sorted((int(m.group(1) or 0), results / m.group(0)) for m in matches))
 
 
+def evaluation_of(results: dict) -> dict:
+    """The evaluation a result file holds: a metrics.json's ``evaluation``, or an evaluate --output file whole."""
+    return results.get("evaluation", results)
+
+
 def read_figures(path: Path, key: str) -> List[float]:
     """R1 and mAP per evaluation set."""
-    data = json.loads(path.read_text())
-    evaluation = data.get("evaluation", data)  # a metrics.json, or an evaluate --output file
+    evaluation = evaluation_of(json.loads(path.read_text()))
     return [evaluation[name][key][figure] for name, _ in SETS for figure in ("rank1", "mAP")]
 
 

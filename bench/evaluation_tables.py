@@ -1,7 +1,8 @@
 """docs/results.md's tables of evaluation figures (R1 / mAP / mINP on CUHK03-val, PRID and GRID), printed from
 the result files the training runs wrote (``evaluation`` in bench/results/pool/*.json): each table names its
 rows (a label, a result file, and the part of its evaluation: ``all``, the embedding, or one branch alone), so
-a figure in the docs is never copied by hand. tests/test_results_tables.py checks that the docs show what
+a figure in the docs is never copied by hand. The seed tables of the papers' ablations are bench.ablation_tables',
+written here too. tests/test_results_tables.py checks that the docs show what
 the files hold.
 
     python -m bench.evaluation_tables --write-docs   # rewrite every table below in docs/results.md
@@ -9,19 +10,22 @@ the files hold.
 
 import argparse
 import json
-import re
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple
 
+from bench.ablation_tables import ABLATIONS, RESULTS as ABLATION_RESULTS, SETS, evaluation_of, rows_table, steps_table
 from bench.common import generated_marker, rewrite_generated
+from bench.training_table import FIGURES, percent
+from training.evaluation import single_branch_keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
-SETS = ("cuhk03-detected", "prid", "grid")
-SET_NAMES = ("CUHK03-val", "PRID", "GRID")
-METRICS = ("rank1", "mAP", "mINP")
+FIRST_SET = SETS[0][0]
+
+
+def read(file: str) -> dict:
+    return json.loads((RESULTS / file).read_text())
 
 
 @dataclass(frozen=True)
@@ -40,24 +44,16 @@ class Row:
             return "(same run)"
         return " ".join(filter(None, (f"{round(results['train_seconds_total'] / 60)} min", self.time_note)))
 
-    def seed_cells(self, evaluation: dict) -> List[str]:
-        runs = [evaluation] + [json.loads((RESULTS / f).read_text())["evaluation"] for f in self.seeds]
-
-        def spread(s: str, metric: str) -> str:
-            values = [100 * run[s][self.part][metric] for run in runs]
-            return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-        return [" / ".join(spread(s, m) for m in METRICS[:2]) for s in SETS]
-
     def cells(self, evaluation: dict, branch_maps: bool = False) -> List[str]:
         if branch_maps:  # the table's last column: each branch's mAP alone on CUHK03-val
-            branches = sorted(p for p in evaluation[SETS[0]] if re.fullmatch(r"branch\d+", p))
-            return self.cells(evaluation) + [", ".join(f"{100 * evaluation[SETS[0]][b]['mAP']:.1f}" for b in branches)]
-        if self.seeds:
-            return self.seed_cells(evaluation)
+            branches = single_branch_keys(evaluation[FIRST_SET])
+            return self.cells(evaluation) + [", ".join(percent([evaluation[FIRST_SET][b]["mAP"]]) for b in branches)]
+        if self.seeds:  # mean ± sample standard deviation of R1 and mAP over the seeds
+            runs = [evaluation] + [evaluation_of(read(file)) for file in self.seeds]
+            return [" / ".join(percent([run[s][self.part][f] for run in runs]) for f in FIGURES[:2]) for s, _ in SETS]
         if self.map_of:
-            return [" / ".join(f"{100 * evaluation[s][part]['mAP']:.1f}" for part in self.map_of) for s in SETS]
-        return [" / ".join(f"{100 * evaluation[s][self.part][m]:.1f}" for m in METRICS) for s in SETS]
+            return [" / ".join(percent([evaluation[s][part]["mAP"]]) for part in self.map_of) for s, _ in SETS]
+        return [" / ".join(percent([evaluation[s][self.part][f]]) for f in FIGURES) for s, _ in SETS]
 
 
 @dataclass(frozen=True)
@@ -73,13 +69,12 @@ class EvaluationTable:
         return generated_marker(self.name)
 
     def table(self) -> str:
-        columns = [self.heading, *SET_NAMES]
+        columns = [self.heading, *(label for _, label in SETS)]
         columns += ["per-branch mAP (CUHK03-val)"] * self.branch_maps + ["train time"] * self.train_time
         lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
         for row in self.rows:
-            results = json.loads((RESULTS / row.file).read_text())
-            evaluation = results.get("evaluation", results)  # training evaluate --output writes it alone
-            cells = row.cells(evaluation, self.branch_maps) + [row.train_time(results)] * self.train_time
+            results = read(row.file)
+            cells = row.cells(evaluation_of(results), self.branch_maps) + [row.train_time(results)] * self.train_time
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
@@ -294,12 +289,39 @@ TABLES = (
 )
 
 
+@dataclass(frozen=True)
+class AblationTable:
+    """One of bench.ablation_tables' two tables of a paper's ablation over seeds: "seeds" (each row's mean) or
+    "steps" (each step paired within a seed)."""
+
+    ablation: str
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.ablation} {self.kind} table"
+
+    @property
+    def marker(self):
+        return generated_marker(self.name)
+
+    def table(self) -> str:
+        print_table = rows_table if self.kind == "seeds" else steps_table
+        return print_table(ABLATIONS[self.ablation], ABLATION_RESULTS)
+
+    def rendered(self, text: str) -> str:
+        return rewrite_generated(text, self.marker, self.table())
+
+
+ALL_TABLES = TABLES + tuple(AblationTable(name, kind) for name in ("casn", "clpd") for kind in ("seeds", "steps"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-docs", action="store_true", help="rewrite every table in docs/results.md")
     if parser.parse_args().write_docs:
         text = DOCS.read_text()
-        for table in TABLES:
+        for table in ALL_TABLES:
             text = table.rendered(text)
         DOCS.write_text(text)
 
