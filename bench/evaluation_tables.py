@@ -82,12 +82,20 @@ class EvaluationTable:
         return rewrite_generated(text, self.marker, self.table())
 
 
+BASELINE = Row("IDE+BN (baseline)", "pool/ide_bn.json")
+
+
+def parts(file: str, *labelled: Tuple[str, str]) -> Tuple[Row, ...]:
+    """Rows of one run's file: (part of its evaluation, label) each."""
+    return tuple(Row(label, f"pool/{file}.json", part) for part, label in labelled)
+
+
 def seed_rows(seed: int) -> Tuple[Row, ...]:
-    file = f"pool/fmn_seed{seed}.json"
-    return (
-        Row(f"GRN + LAN (the embedding), seed {seed}", file),
-        Row(f"GRN alone, seed {seed}", file, "branch1"),
-        Row(f"mask branch + LAN alone, seed {seed}", file, "branch2"),
+    return parts(
+        f"fmn_seed{seed}",
+        ("all", f"GRN + LAN (the embedding), seed {seed}"),
+        ("branch1", f"GRN alone, seed {seed}"),
+        ("branch2", f"mask branch + LAN alone, seed {seed}"),
     )
 
 
@@ -143,7 +151,7 @@ TABLES = (
         "casn table",
         "model",
         (
-            Row("IDE+BN (baseline)", "pool/ide_bn.json"),
+            BASELINE,
             Row("CASN, features (what the index ranks by)", "pool/casn.json", time_note="+ an earlier session's part"),
             casn(
                 "CASN's IDE alone: its pair batches and recipe, the identity loss only",
@@ -184,10 +192,13 @@ TABLES = (
         "fmn table",
         "model",
         (
-            Row("IDE+BN (baseline)", "pool/ide_bn.json"),
-            Row("FMN: GRN + LAN (the embedding)", "pool/fmn.json"),
-            Row("FMN: GRN alone", "pool/fmn.json", "branch1"),
-            Row("FMN: mask branch + LAN alone", "pool/fmn.json", "branch2"),
+            BASELINE,
+            *parts(
+                "fmn",
+                ("all", "FMN: GRN + LAN (the embedding)"),
+                ("branch1", "FMN: GRN alone"),
+                ("branch2", "FMN: mask branch + LAN alone"),
+            ),
             Row(
                 "FMN with a BN neck in training (row `fmn_bn_neck`; below): GRN + LAN",
                 "pool/fmn_bn_neck.json",
@@ -238,12 +249,15 @@ TABLES = (
         "pmm table",
         "model",
         (
-            Row("IDE+BN (baseline)", "pool/ide_bn.json"),
-            Row("PMM, stages I+II+III (the embedding)", "pool/pmm.json"),
-            Row("PMM, stage I alone", "pool/pmm.json", "branch1"),
-            Row("PMM, stage II alone", "pool/pmm.json", "branch2"),
-            Row("PMM, stage III alone", "pool/pmm.json", "branch3"),
-            Row("PMM, stages I+II", "pool/pmm.json", "branches1-2"),
+            BASELINE,
+            *parts(
+                "pmm",
+                ("all", "PMM, stages I+II+III (the embedding)"),
+                ("branch1", "PMM, stage I alone"),
+                ("branch2", "PMM, stage II alone"),
+                ("branch3", "PMM, stage III alone"),
+                ("branches1-2", "PMM, stages I+II"),
+            ),
             Row("PMM without A-Hard-Mix (`loss.mix=none`), stages I+II+III", "pool/pmm_no_mix.json"),
             Row(
                 "PMM without A-Hard-Mix, stage I / II / III alone (mAP)",
@@ -273,10 +287,13 @@ TABLES = (
         "clpd table",
         "model",
         (
-            Row("IDE+BN (baseline)", "pool/ide_bn.json"),
-            Row("CLPD, global + local (the embedding)", "pool/clpd.json"),
-            Row("CLPD, global branch alone", "pool/clpd.json", "branch1"),
-            Row("CLPD, local (part) branch alone", "pool/clpd.json", "branch2"),
+            BASELINE,
+            *parts(
+                "clpd",
+                ("all", "CLPD, global + local (the embedding)"),
+                ("branch1", "CLPD, global branch alone"),
+                ("branch2", "CLPD, local (part) branch alone"),
+            ),
             *clpd_variant("without the concentration losses", "clpd_base", global_branch=True),
             *clpd_variant("with the ratio loss L_r alone", "clpd_ratio_only"),
             *clpd_variant("with the distribution loss L_d alone", "clpd_distribution_only"),
