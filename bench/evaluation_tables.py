@@ -56,17 +56,29 @@ class Row:
         return [" / ".join(percent([evaluation[s][self.part][f]]) for f in FIGURES) for s, _ in SETS]
 
 
+class PrintedTable:
+    """A table under its marker in docs/results.md; a subclass has ``name`` (the marker's) and ``table()``."""
+
+    name: str
+
+    def table(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def marker(self):
+        return generated_marker(self.name)
+
+    def rendered(self, text: str) -> str:
+        return rewrite_generated(text, self.marker, self.table())
+
+
 @dataclass(frozen=True)
-class EvaluationTable:
+class EvaluationTable(PrintedTable):
     name: str  # the docs marker's: <!-- NAME: python -m bench.evaluation_tables --write-docs -->
     heading: str  # the first column's
     rows: Tuple[Row, ...]
     branch_maps: bool = False  # a last column: each branch's mAP alone on CUHK03-val
     train_time: bool = False  # a last column: each row's training minutes
-
-    @property
-    def marker(self):
-        return generated_marker(self.name)
 
     def table(self) -> str:
         columns = [self.heading, *(label for _, label in SETS)]
@@ -78,9 +90,6 @@ class EvaluationTable:
             cells += [row.train_time(results)] if self.train_time else []
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
         return "\n".join(lines)
-
-    def rendered(self, text: str) -> str:
-        return rewrite_generated(text, self.marker, self.table())
 
 
 BASELINE = Row("IDE+BN (baseline)", "pool/ide_bn.json")
@@ -320,7 +329,7 @@ TABLES = (
 
 
 @dataclass(frozen=True)
-class AblationTable:
+class AblationTable(PrintedTable):
     """One of bench.ablation_tables' two tables of a paper's ablation over seeds: "seeds" (each row's mean) or
     "steps" (each step paired within a seed)."""
 
@@ -331,16 +340,9 @@ class AblationTable:
     def name(self) -> str:
         return f"{self.ablation} {self.kind} table"
 
-    @property
-    def marker(self):
-        return generated_marker(self.name)
-
     def table(self) -> str:
         print_table = rows_table if self.kind == "seeds" else steps_table
         return print_table(ABLATIONS[self.ablation], ABLATION_RESULTS)
-
-    def rendered(self, text: str) -> str:
-        return rewrite_generated(text, self.marker, self.table())
 
 
 ALL_TABLES = TABLES + tuple(AblationTable(name, kind) for name in ("casn", "clpd") for kind in ("seeds", "steps"))
