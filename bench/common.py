@@ -22,6 +22,8 @@ from PIL import Image
 from service.gallery import EMBEDDING_DIM_KEY
 from service.store import FINGERPRINT_KEY, GalleryStore
 
+RESULTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "results.md"  # the page the result tables go on
+
 
 def jpeg(seed: int, size=(64, 160)) -> bytes:
     """A JPEG of random colour blocks, ``size`` = (width, height)."""

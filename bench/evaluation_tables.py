@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import List, Tuple
 
 from bench.ablation_tables import ABLATIONS, RESULTS as ABLATION_RESULTS, SETS, evaluation_of, rows_table, steps_table
-from bench.common import generated_marker, rewrite_generated
+from bench.common import RESULTS_PAGE, generated_marker, rewrite_generated
 from bench.training_table import FIGURES, percent
 from training.evaluation import single_branch_keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 FIRST_SET = SETS[0][0]
 
 
@@ -352,10 +351,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-docs", action="store_true", help="rewrite every table in docs/results.md")
     if parser.parse_args().write_docs:
-        text = DOCS.read_text()
+        text = RESULTS_PAGE.read_text()
         for table in ALL_TABLES:
             text = table.rendered(text)
-        DOCS.write_text(text)
+        RESULTS_PAGE.write_text(text)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from service.inference import InferenceModel
 from service.store import GalleryStore, NewItem
 from harness.server import ServiceProcess
 from bench.common import (
+    RESULTS_PAGE,
     DocsTable,
     DocsTables,
     emit,
@@ -341,17 +342,18 @@ def scale_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 DOCS_TABLES = DocsTables(
     {
-        "gallery_real.json": DocsTable(DOCS, generated_marker("real gallery table"), scale_table),
-        "gallery_1m_real.json": DocsTable(DOCS, generated_marker("million gallery table"), scale_table),
+        "gallery_real.json": DocsTable(RESULTS_PAGE, generated_marker("real gallery table"), scale_table),
+        "gallery_1m_real.json": DocsTable(RESULTS_PAGE, generated_marker("million gallery table"), scale_table),
         "gallery_1m_real_one_call.json": DocsTable(
-            DOCS, generated_marker("million gallery one call table"), scale_table
+            RESULTS_PAGE, generated_marker("million gallery one call table"), scale_table
         ),
-        "gallery_1m_real_served.json": DocsTable(DOCS, generated_marker("million gallery served table"), scale_table),
+        "gallery_1m_real_served.json": DocsTable(
+            RESULTS_PAGE, generated_marker("million gallery served table"), scale_table
+        ),
         "gallery_1m_real_served_sleeping.json": DocsTable(
-            DOCS, generated_marker("million gallery served sleeping table"), scale_table
+            RESULTS_PAGE, generated_marker("million gallery served sleeping table"), scale_table
         ),
     }
 )

@@ -36,7 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import alternating_latency, DocsTable, DocsTables, emit, generated_marker, provenance, timed
+from bench.common import (
+    RESULTS_PAGE,
+    alternating_latency,
+    DocsTable,
+    DocsTables,
+    emit,
+    generated_marker,
+    provenance,
+    timed,
+)
 from client import ReIDClient
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import split_branches
@@ -72,11 +81,10 @@ def cost_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 DOCS_TABLES = DocsTables(
     {
-        "heatmap_cost.json": DocsTable(DOCS, generated_marker("heatmap cost table"), cost_table),
-        "heatmap_cost_cama.json": DocsTable(DOCS, generated_marker("heatmap cost cama table"), cost_table),
+        "heatmap_cost.json": DocsTable(RESULTS_PAGE, generated_marker("heatmap cost table"), cost_table),
+        "heatmap_cost_cama.json": DocsTable(RESULTS_PAGE, generated_marker("heatmap cost cama table"), cost_table),
     }
 )
 

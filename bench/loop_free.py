@@ -26,7 +26,7 @@ from typing import Dict, List
 
 import httpx
 
-from bench.common import DocsTable, emit, generated_marker, jpeg, latency_quantiles, provenance
+from bench.common import RESULTS_PAGE, DocsTable, emit, generated_marker, jpeg, latency_quantiles, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
@@ -123,7 +123,7 @@ def loop_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-DOCS_TABLE = DocsTable(REPO / "docs" / "results.md", generated_marker("loop free table"), loop_table)
+DOCS_TABLE = DocsTable(RESULTS_PAGE, generated_marker("loop free table"), loop_table)
 
 
 def main() -> None:

@@ -16,12 +16,11 @@ import json
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
-from bench.common import generated_marker, rewrite_generated
+from bench.common import RESULTS_PAGE, generated_marker, rewrite_generated
 from model_zoo.files import sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS, MODELS = REPO / "bench" / "results", REPO / "model_zoo" / "models"
-DOC = REPO / "docs" / "results.md"
 MARKER = generated_marker("result models table")
 
 
@@ -69,10 +68,10 @@ def table() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write-docs", action="store_true", help=f"rewrite {DOC.name}'s table")
+    parser.add_argument("--write-docs", action="store_true", help=f"rewrite {RESULTS_PAGE.name}'s table")
     args = parser.parse_args()
     if args.write_docs:
-        DOC.write_text(rewrite_generated(DOC.read_text(), MARKER, table()))
+        RESULTS_PAGE.write_text(rewrite_generated(RESULTS_PAGE.read_text(), MARKER, table()))
     else:
         print(table())
 

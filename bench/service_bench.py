@@ -47,6 +47,7 @@ from service.inference import InferenceModel
 from service.store import NewItem
 from harness.server import ServiceProcess
 from bench.common import (
+    RESULTS_PAGE,
     DocsTable,
     DocsTables,
     emit,
@@ -344,17 +345,18 @@ def query_cell(figures: dict) -> str:
     return cell if cpu is None else f"{cell} (server CPU {cpu} ms a query)"
 
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 DOCS_TABLES = DocsTables(
     {
-        "service_query.json": DocsTable(DOCS, generated_marker("lone query table"), query_table),
-        "service_query_before.json": DocsTable(DOCS, generated_marker("lone query before table"), query_table),
-        "service_query_sleeping.json": DocsTable(DOCS, generated_marker("lone query sleeping table"), query_table),
-        "service.json": DocsTable(DOCS, generated_marker("previous default query table"), query_table),
-        "service_enrol.json": DocsTable(DOCS, generated_marker("enrolment table"), enrol_table),
-        "service_enrol_before.json": DocsTable(DOCS, generated_marker("enrolment before table"), enrol_table),
+        "service_query.json": DocsTable(RESULTS_PAGE, generated_marker("lone query table"), query_table),
+        "service_query_before.json": DocsTable(RESULTS_PAGE, generated_marker("lone query before table"), query_table),
+        "service_query_sleeping.json": DocsTable(
+            RESULTS_PAGE, generated_marker("lone query sleeping table"), query_table
+        ),
+        "service.json": DocsTable(RESULTS_PAGE, generated_marker("previous default query table"), query_table),
+        "service_enrol.json": DocsTable(RESULTS_PAGE, generated_marker("enrolment table"), enrol_table),
+        "service_enrol_before.json": DocsTable(RESULTS_PAGE, generated_marker("enrolment before table"), enrol_table),
         "service_enrol_no_stored_maps.json": DocsTable(
-            DOCS, generated_marker("enrolment without stored maps table"), enrol_table
+            RESULTS_PAGE, generated_marker("enrolment without stored maps table"), enrol_table
         ),
     }
 )

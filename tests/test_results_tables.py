@@ -299,7 +299,7 @@ def test_the_docs_say_which_result_files_measured_a_model_that_has_changed():
     """A new shipped model changes its sha256: this fails until docs/results.md lists the figures measured on the
     old file as stale (python -m bench.result_models --write-docs)."""
     result_models = bench_module("result_models")
-    text = result_models.DOC.read_text()
+    text = result_models.RESULTS_PAGE.read_text()
     assert result_models.MARKER.search(text), "docs/results.md lost its result models marker"
     assert result_models.rewrite_generated(text, result_models.MARKER, result_models.table()) == text
 
@@ -325,7 +325,7 @@ def test_every_result_file_records_its_commit_command_date_and_machine():
 def test_every_evaluation_table_in_the_docs_is_what_its_result_files_hold():
     from bench import evaluation_tables
 
-    text = evaluation_tables.DOCS.read_text()
+    text = evaluation_tables.RESULTS_PAGE.read_text()
     for table in evaluation_tables.ALL_TABLES:
         assert table.marker.search(text), f"docs/results.md lost the marker of {table.name}"
         assert table.rendered(text) == text, "python -m bench.evaluation_tables --write-docs"
