@@ -18,7 +18,6 @@ from service.inference import ImageMaps, InferenceModel
 from service.map_cache import FeatureMapCache
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.stored_maps import pack
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +79,23 @@ class MatchMaps:
             fresh = {i: maps[row] for row, i in enumerate(missing)}
             self.remember(fresh)
             if stored and self.gallery.map_storage.enabled:
-                self.store_in_background(fresh)
+                self.store_in_background(missing, maps)
         return {i: fresh[i] if i in fresh else known[i] for i in ids if i in fresh or i in known}
 
-    def store_in_background(self, maps: Dict[int, ImageMaps]) -> None:
-        """Store maps just computed for items stored without them (enrolled before maps were stored, or by a
-        server that stored none), so that their next heatmap reads them; the answer does not wait for it."""
-        task = asyncio.create_task(self._store(maps))
+    def store_in_background(self, ids: List[int], maps: ImageMaps) -> None:
+        """Store the batch's maps just computed (row by row ``ids``) for items stored without them (enrolled
+        before maps were stored, or by a server that stored none), so that their next heatmap reads them; the
+        answer does not wait for it."""
+        task = asyncio.create_task(self._store(ids, maps))
         self._storing.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._storing.discard)
 
-    async def _store(self, maps: Dict[int, ImageMaps]) -> None:
+    async def _store(self, ids: List[int], maps: ImageMaps) -> None:
         try:
-            blobs = await asyncio.to_thread(
-                lambda: dict(zip(maps, pack(np.stack([m.features for m in maps.values()]))))
-            )
-            await self.gallery.store_maps(blobs)
+            blobs = await asyncio.to_thread(self.gallery.map_storage.packed, maps, len(ids))
+            await self.gallery.store_maps(dict(zip(ids, blobs)))
         except Exception as exc:  # a full disk, a replica now on another model: the next miss tries again
-            log.warning("maps of %d items not stored: %s", len(maps), exc)
+            log.warning("maps of %d items not stored: %s", len(ids), exc)
 
     def remember(self, maps: Dict[int, ImageMaps]) -> None:
         """Cache freshly computed maps of items still in the gallery (one deleted while its maps were being
