@@ -1,22 +1,29 @@
-"""docs/results.md's tables of evaluation figures (R1 / mAP / mINP on CUHK03-val, PRID and GRID), printed from
-the result files the training runs wrote (``evaluation`` in bench/results/pool/*.json): each table names its
-rows (a label, a result file, and the part of its evaluation: ``all``, the embedding, or one branch alone), so
-a figure in the docs is never copied by hand. The seed tables of the papers' ablations are bench.ablation_tables',
-written here too. tests/test_results_tables.py checks that the docs show what
-the files hold.
+"""docs/results.md's research-log tables, printed from the result files the runs wrote, so that no figure in
+them is copied by hand:
+
+- evaluation tables (R1 / mAP / mINP on CUHK03-val, PRID and GRID, from ``evaluation`` in
+  bench/results/pool/*.json): each names its rows (a label, a result file or a run's history and epoch, the
+  part of its evaluation: ``all``, the embedding, or one branch alone; seeds as mean ± sample SD), with optional
+  per-branch mAP, training accuracy and training time columns;
+- whole runs as bench.training_table prints them; one-seed runs against a recipe's seeds; the training
+  accuracy of bench.frozen_feature_heads' heads; speed benchmarks' variants side by side (images/s and ratio);
+- the seed tables of the papers' ablations (bench.ablation_tables').
+
+tests/test_results_tables.py checks that the docs show what the files hold.
 
     python -m bench.evaluation_tables --write-docs   # rewrite every table below in docs/results.md
 """
 
 import argparse
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple
 
 from bench.ablation_tables import ABLATIONS, RESULTS as ABLATION_RESULTS, SETS, evaluation_of, rows_table, steps_table
 from bench.common import RESULTS_PAGE, generated_marker, rewrite_generated
-from bench.training_table import FIGURES, percent
+from bench.training_table import FIGURES, percent, table as runs_table
 from training.evaluation import single_branch_keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,25 +41,43 @@ class Row:
     part: str = "all"  # the evaluation's key: "all" (the embedding), "branch1", ...
     map_of: Tuple[str, ...] = ()  # instead: the mAP of each of these parts, per set
     time_note: str = ""  # after the train time: where it ran, when not the first CPU
-    seeds: Tuple[str, ...] = ()  # the same run with other seeds: cells are mean ± sample SD of R1 and mAP
+    seeds: Tuple[str, ...] = ()  # the same run with other seeds: cells are mean ± sample SD over all of them
+    epoch: int = 0  # the file is a run's history: its evaluation after this epoch
 
-    def train_time(self, results: dict) -> str:
-        """The run's training minutes (over every session); a branch's row, or another evaluation of the run's
+    def runs(self) -> List[dict]:
+        """The row's result files: its own, then its other seeds'; of a history, the epoch's entry."""
+        if self.epoch:
+            return [next(entry for entry in read(self.file) if entry["epoch"] == self.epoch)]
+        return [read(file) for file in (self.file, *self.seeds)]
+
+    def train_time(self, runs: List[dict]) -> str:
+        """Each run's training minutes (over every session); a branch's row, or another evaluation of the run's
         model, is the same run's."""
         if self.part != "all":
             return "(same run)"
-        return " ".join(filter(None, (f"{round(results['train_seconds_total'] / 60)} min", self.time_note)))
+        minutes = ", ".join(str(round(run["train_seconds_total"] / 60)) for run in runs)
+        return " ".join(filter(None, (f"{minutes} min", self.time_note)))
 
-    def cells(self, evaluation: dict, branch_maps: bool = False) -> List[str]:
-        if branch_maps:  # the table's last column: each branch's mAP alone on CUHK03-val
-            branches = single_branch_keys(evaluation[FIRST_SET])
-            return self.cells(evaluation) + [", ".join(percent([evaluation[FIRST_SET][b]["mAP"]]) for b in branches)]
-        if self.seeds:  # mean ± sample standard deviation of R1 and mAP over the seeds
-            runs = [evaluation] + [evaluation_of(read(file)) for file in self.seeds]
-            return [" / ".join(percent([run[s][self.part][f] for run in runs]) for f in FIGURES[:2]) for s, _ in SETS]
+    def cells(self, runs: List[dict], figures: int = 3, branch_maps: int = 0) -> List[str]:
+        evaluations = [evaluation_of(run) for run in runs]
+        if branch_maps:  # a column: each branch's mAP alone on the first sets (of the embedding's rows only)
+            branches = single_branch_keys(evaluations[0][FIRST_SET]) if self.part == "all" else []
+            maps = "; ".join(
+                ", ".join(percent([e[s][b]["mAP"] for e in evaluations]) for b in branches)
+                for s, _ in SETS[:branch_maps]
+            )
+            return self.cells(runs, figures) + [maps if branches else "-"]
         if self.map_of:
-            return [" / ".join(percent([evaluation[s][part]["mAP"]]) for part in self.map_of) for s, _ in SETS]
-        return [" / ".join(percent([evaluation[s][self.part][f]]) for f in FIGURES) for s, _ in SETS]
+            return [" / ".join(percent([evaluations[0][s][part]["mAP"]]) for part in self.map_of) for s, _ in SETS]
+        return [
+            " / ".join(percent([e[s][self.part][f] for e in evaluations]) for f in FIGURES[:figures]) for s, _ in SETS
+        ]
+
+
+def train_accuracy(runs: List[dict], part: str) -> str:
+    """Each run's training accuracy over its last epoch, in %: the whole model's, or one branch's classifier's."""
+    key = "acc" if part == "all" else f"acc_{part}"
+    return ", ".join(f"{100 * run['history'][-1][key]:.1f}" for run in runs) + "%"
 
 
 class PrintedTable:
@@ -76,18 +101,118 @@ class EvaluationTable(PrintedTable):
     name: str  # the docs marker's: <!-- NAME: python -m bench.evaluation_tables --write-docs -->
     heading: str  # the first column's
     rows: Tuple[Row, ...]
-    branch_maps: bool = False  # a last column: each branch's mAP alone on CUHK03-val
-    train_time: bool = False  # a last column: each row's training minutes
+    branch_maps: int = 0  # a column: each branch's mAP alone on this many sets (1: CUHK03-val)
+    train_accuracy: bool = False  # a column: each run's training accuracy over its last epoch
+    train_time: bool = False  # a last column: each run's training minutes
+    figures: int = 3  # per set: R1 / mAP / mINP, or R1 / mAP
 
     def table(self) -> str:
         columns = [self.heading, *(label for _, label in SETS)]
-        columns += ["per-branch mAP (CUHK03-val)"] * self.branch_maps + ["train time"] * self.train_time
+        if self.branch_maps:
+            columns.append(f"per-branch mAP ({'; '.join(label for _, label in SETS[: self.branch_maps])})")
+        columns += ["training accuracy, last epoch"] * self.train_accuracy + ["train time"] * self.train_time
         lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
         for row in self.rows:
-            results = read(row.file)
-            cells = row.cells(evaluation_of(results), self.branch_maps)
-            cells += [row.train_time(results)] if self.train_time else []
+            runs = row.runs()
+            cells = row.cells(runs, self.figures, self.branch_maps)
+            cells += [train_accuracy(runs, row.part)] if self.train_accuracy else []
+            cells += [row.train_time(runs)] if self.train_time else []
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RunsTable(PrintedTable):
+    """bench.training_table's table of whole runs (every set's figures and branches, schedule, hardware)."""
+
+    name: str
+    files: Tuple[str, ...]  # under bench/results
+
+    def table(self) -> str:
+        return runs_table([RESULTS / file for file in self.files])
+
+
+@dataclass(frozen=True)
+class AgainstSeedsTable(PrintedTable):
+    """One-seed runs against a recipe's seeds: per set, the mAP difference from the seeds' mean, in points and in
+    units of the seeds' sample standard deviation."""
+
+    name: str
+    heading: str
+    seeds: Tuple[str, ...]  # the recipe's result files, one per seed
+    rows: Tuple[Tuple[str, str], ...]  # (label, result file)
+
+    def table(self) -> str:
+        lines = [f"| {self.heading} | {' | '.join(label for _, label in SETS)} |", "|---" * (len(SETS) + 1) + "|"]
+        recipe = [evaluation_of(read(file)) for file in self.seeds]
+        for label, file in self.rows:
+            evaluation = evaluation_of(read(file))
+            cells = []
+            for name, _ in SETS:
+                maps = [100 * seed[name]["all"]["mAP"] for seed in recipe]
+                difference = 100 * evaluation[name]["all"]["mAP"] - statistics.fmean(maps)
+                cells.append(f"{difference:+.1f} ({difference / statistics.stdev(maps):+.1f} sd)")
+            lines.append(f"| {label} | {' | '.join(cells)} |")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class FrozenHeadsTable(PrintedTable):
+    """bench.frozen_feature_heads' training accuracy of each head (its key there, its label here), in %, over
+    the report that ends at each of ``at`` batches."""
+
+    name: str
+    file: str
+    heads: Tuple[Tuple[str, str], ...]  # (label, head)
+    at: Tuple[int, ...]
+
+    def table(self) -> str:
+        results = read(self.file)
+        reports = {head: {r["batches"]: r["accuracy"] for r in results["heads"][head]} for _, head in self.heads}
+        span = results["heads"][self.heads[0][1]][0]["batches"]  # batches per report: its first report's end
+        columns = ["head", *(f"batches {end - span + 1}-{end}" for end in self.at)]
+        lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
+        for label, head in self.heads:
+            lines.append(f"| {label} | {' | '.join(f'{100 * reports[head][end]:.1f}' for end in self.at)} |")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SpeedColumns:
+    """Two columns of a speed table: images/s and the ratio a speed benchmark wrote (medians of its rounds),
+    from the dict of variants found under ``within`` in ``file``."""
+
+    file: str
+    within: Tuple[str, ...]
+    images_heading: str
+    ratio_heading: str
+
+    def cells(self, variant: str) -> List[str]:
+        variants = read(self.file)
+        for key in self.within:
+            variants = variants[key]
+        if variant not in variants:
+            return ["-", "-"]
+        figures = variants[variant]
+        ratio = next(value for key, value in figures.items() if key.startswith("ratio_") and key.endswith("_median"))
+        return [f"{figures['images_per_second_median']:.1f}", f"{ratio:.2f}"]
+
+
+@dataclass(frozen=True)
+class SpeedTable(PrintedTable):
+    """Speed benchmarks' variants side by side: each row a label and its variant's key in each column pair."""
+
+    name: str
+    heading: str
+    columns: Tuple[SpeedColumns, ...]
+    rows: Tuple[Tuple[str, str], ...]  # (label, the variant's key)
+
+    def table(self) -> str:
+        headings = [self.heading, *(h for c in self.columns for h in (c.images_heading, c.ratio_heading))]
+        lines = [f"| {' | '.join(headings)} |", "|---" * len(headings) + "|"]
+        for label, variant in self.rows:
+            cells = [cell for columns in self.columns for cell in columns.cells(variant)]
+            lines.append(f"| {label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
 
@@ -145,6 +270,181 @@ def three_seeds(label: str, run: str, part: str = "all") -> Row:
 
 
 TABLES = (
+    RunsTable(
+        "short schedule table",
+        tuple(f"pool/{row}.json" for row in ("cama_ordered", "cama_symmetric", "mltb_lid", "ide_bn")),
+    ),
+    EvaluationTable(
+        "baseline seeds table",
+        "model",
+        (three_seeds("IDE+BN (N=1)", "ide_bn"), three_seeds("CAMA ordered (N=3)", "cama_ordered")),
+        branch_maps=1,
+        train_accuracy=True,
+        train_time=True,
+    ),
+    EvaluationTable(
+        "recipe seeds table",
+        "recipe",
+        (
+            three_seeds("the whole recipe (row `cama_ordered`)", "cama_ordered"),
+            three_seeds("without colour jitter and grayscale", "cama_ordered_no_colour"),
+            three_seeds("without random erasing", "cama_ordered_no_erasing"),
+            three_seeds(
+                "without either (row `cama_ordered_no_colour_no_erasing`; next paragraphs)",
+                "cama_ordered_no_colour_no_erasing",
+            ),
+        ),
+        train_accuracy=True,
+        figures=2,
+    ),
+    AgainstSeedsTable(
+        "ablations against seeds table",
+        "piece taken away",
+        tuple(f"pool/cama_ordered{seed}.json" for seed in ("", "_seed1", "_seed2")),
+        (
+            ("the batch-hard triplet term", "pool/cama_ordered_no_triplet.json"),
+            ("IBN-a", "pool/cama_ordered_no_ibn.json"),
+            ("IBN-a, IBN-b in its place", "pool/cama_ordered_ibn_b.json"),
+            ("colour jitter and grayscale", "pool/cama_ordered_no_colour.json"),
+            ("random erasing", "pool/cama_ordered_no_erasing.json"),
+            ("fp32: the whole recipe in bf16 autocast (`cama_ordered_bf16`)", "pool/cama_ordered_bf16.json"),
+        ),
+    ),
+    EvaluationTable(
+        "pmm stage one table",
+        "stage I of",
+        (
+            Row(
+                "`pmm_stage1_only` (PMM's head: Kaiming-started classifier, soft-margin triplet)",
+                "pool/pmm_stage1_only.json",
+                "branch1",
+            ),
+            Row(
+                "`pmm_stage1_ide_head` (small start, BN neck, soft-margin triplet)",
+                "pool/pmm_stage1_ide_head.json",
+                "branch1",
+            ),
+            Row(
+                "`pmm_stage1_ide_head_no_triplet` (small start, BN neck, identity loss alone)",
+                "pool/pmm_stage1_ide_head_no_triplet.json",
+                "branch1",
+            ),
+            three_seeds("IDE+BN (three seeds, the whole model)", "ide_bn"),
+        ),
+        train_accuracy=True,
+        figures=2,
+    ),
+    EvaluationTable(
+        "full schedule table",
+        "CAMA ordered, the recipe",
+        (
+            cama(
+                "short schedule, 1 + 3 epochs of 200 batches (row `cama_ordered`, the default before)", "cama_ordered"
+            ),
+            Row(
+                "full schedule after 1 + 4 of its 1 + 14 epochs (1,160 main batches)",
+                "pool/cama_ordered_full_history.json",
+                epoch=5,
+            ),
+            Row("full schedule after 1 + 9 (2,610 main batches)", "pool/cama_ordered_full_history.json", epoch=10),
+            Row("**full schedule, all 1 + 14 (4,060 main batches): the shipped default**", "accuracy_fp32.json"),
+            Row(
+                "the default with test-time flip (`--flip`, below)", "pool/cama_ordered_full_flip_onnx_evaluation.json"
+            ),
+            Row(
+                "the default with k-reciprocal re-ranking, every query in the graph (`--rerank all`)",
+                "pool/cama_ordered_full_rerank_onnx_evaluation.json",
+                "all_rerank",
+            ),
+            Row(
+                "the default with k-reciprocal re-ranking, each query alone (`--rerank single`, the service's "
+                "`rerank=true`)",
+                "pool/cama_ordered_full_rerank_single_onnx_evaluation.json",
+                "all_rerank",
+            ),
+            cama(
+                "IDE+BN (N=1), the same recipe on the full schedule, all 1 + 14 epochs (`ide_bn_full`)", "ide_bn_full"
+            ),
+            cama(
+                "the recipe without colour jitter, grayscale and random erasing, all 1 + 14 epochs "
+                '(`cama_ordered_full_no_colour_no_erasing`, "Both taken away together", above)',
+                "cama_ordered_full_no_colour_no_erasing",
+            ),
+        ),
+        branch_maps=3,
+    ),
+    FrozenHeadsTable(
+        "frozen feature heads table",
+        "pool/frozen_feature_heads.json",
+        (
+            ("IDE+BN (BN over the map, bias-free classifier from N(0, 0.001))", "ide_bn"),
+            ("IDE+BN with a ReLU on its features (all >= 0)", "ide_bn_relu"),
+            ("FMN's GRN (GAP of the ReLU6 map, biased classifier, PyTorch's start)", "fmn_grn"),
+            ("PMM stage I as the authors have it (GAP, conv, BN, ReLU; Kaiming-started biased classifier)", "pmm"),
+            ("the same without the ReLU", "pmm_no_relu"),
+            ("classifier from N(0, 0.001)", "pmm_small_init"),
+            ("classifier from N(0, 0.001), no ReLU", "pmm_small_init_no_relu"),
+            ("classifier from N(0, 0.001), a BN between u and the classifier", "pmm_small_init_bn_neck"),
+        ),
+        at=(290, 870),
+    ),
+    SpeedTable(
+        "training speed table",
+        "variant",
+        (SpeedColumns("training_speed.json", ("variants",), "images/s", "against the baseline"),),
+        (
+            ("baseline: fp32, IBN-a (fused layer), loader inline", "baseline: fp32, IBN-a, loader inline"),
+            ("bf16 autocast, forced (emulated by oneDNN on this CPU)", "bf16 autocast"),
+            ("IBN-a off", "no IBN-a"),
+            ("channels_last", "channels_last"),
+            ("decode and augment in 1 worker process", "loader in 1 worker process"),
+        ),
+    ),
+    SpeedTable(
+        "training speed amx table",
+        "variant",
+        (
+            SpeedColumns("training_speed_amx.json", ("variants",), "128x64 (`pool.yaml`), images/s", "against fp32"),
+            SpeedColumns("training_speed_amx_256x128.json", ("variants",), "256x128, images/s", "against fp32"),
+        ),
+        (
+            ("baseline: fp32, IBN-a, loader inline", "baseline"),
+            ("bf16 autocast (native)", "bf16"),
+            ("bf16 autocast, channels_last", "bf16_channels_last"),
+            ("IBN-a off", "no_ibn"),
+            ("channels_last", "channels_last"),
+            ("decode and augment in 1 worker process", "loader_worker"),
+        ),
+    ),
+    SpeedTable(
+        "family speed table",
+        "architecture",
+        (
+            SpeedColumns("family_speed.json", ("threads", "1"), "1 thread, images/s (no AMX)", "against the default"),
+            SpeedColumns("family_speed_amx.json", ("threads", "1"), "1 thread, images/s (AMX)", "against the default"),
+        ),
+        (
+            ("shipped default (CAMA ordered, N=3)", "default (shipped)"),
+            ("IDE+BN (N=1)", "ide_bn"),
+            ("CAMA (N=3), untrained", "cama"),
+            ("FMN (GRN + LAN)", "fmn"),
+            ("PMM (3 stages, GMP maps)", "pmm"),
+            ("CASN (IDE layout)", "casn"),
+            ("CASN (stripe layout: six 256-d stripes, and A as `pair_maps`)", "casn_pcb"),
+            ("CLPD (8 parts, SPR descriptor)", "clpd"),
+        ),
+    ),
+    EvaluationTable(
+        "input size table",
+        "input",
+        (
+            three_seeds("128x64 (row `ide_bn`, three seeds)", "ide_bn"),
+            Row("192x96 (row `ide_bn_192x96`, one seed; padding 8)", "pool/ide_bn_192x96.json"),
+            Row("256x128 (row `ide_bn_256x128`, one seed)", "pool/ide_bn_256x128.json"),
+        ),
+        train_accuracy=True,
+        figures=2,
+    ),
     EvaluationTable(
         "training data table",
         "training data",
@@ -167,6 +467,7 @@ TABLES = (
             three_seeds("PMM without A-Hard-Mix, stages I+II+III", "pmm_no_mix"),
             three_seeds("PMM without A-Hard-Mix, stage I alone", "pmm_no_mix", "branch1"),
         ),
+        figures=2,
     ),
     EvaluationTable(
         "casn table",
@@ -255,7 +556,7 @@ TABLES = (
                 "cama_ordered_bf16",
             ),
         ),
-        branch_maps=True,
+        branch_maps=1,
     ),
     EvaluationTable(
         "precision table",
@@ -264,7 +565,7 @@ TABLES = (
             cama("fp32 (row `cama_ordered`)", "cama_ordered"),
             cama("bf16 autocast (row `cama_ordered_bf16`)", "cama_ordered_bf16"),
         ),
-        branch_maps=True,
+        branch_maps=1,
     ),
     EvaluationTable(
         "pmm table",
