@@ -43,6 +43,8 @@ class Row:
     time_note: str = ""  # after the train time: where it ran, when not the first CPU
     seeds: Tuple[str, ...] = ()  # the same run with other seeds: cells are mean ± sample SD over all of them
     epoch: int = 0  # the file is a run's history: its evaluation after this epoch
+    speed: str = ""  # its architecture's key in the speed column's file
+    speed_note: str = ""  # after its speed
 
     def runs(self) -> List[dict]:
         """The row's result files: its own, then its other seeds'; of a history, the epoch's entry."""
@@ -58,20 +60,24 @@ class Row:
         minutes = ", ".join(str(round(run["train_seconds_total"] / 60)) for run in runs)
         return " ".join(filter(None, (f"{minutes} min", self.time_note)))
 
-    def cells(self, runs: List[dict], figures: int = 3, branch_maps: int = 0) -> List[str]:
+    def cells(self, runs: List[dict], figures: int = 3, branch_maps: int = 0, spread: bool = True) -> List[str]:
         evaluations = [evaluation_of(run) for run in runs]
+        mean = percent if spread else lambda values: percent([statistics.fmean(values)])
         if branch_maps:  # a column: each branch's mAP alone on the first sets (of the embedding's rows only)
             branches = single_branch_keys(evaluations[0][FIRST_SET]) if self.part == "all" else []
             maps = "; ".join(
                 ", ".join(percent([e[s][b]["mAP"] for e in evaluations]) for b in branches)
                 for s, _ in SETS[:branch_maps]
             )
-            return self.cells(runs, figures) + [maps if branches else "-"]
+            return self.cells(runs, figures, spread=spread) + [maps if branches else "-"]
         if self.map_of:
             return [" / ".join(percent([evaluations[0][s][part]["mAP"]]) for part in self.map_of) for s, _ in SETS]
-        return [
-            " / ".join(percent([e[s][self.part][f] for e in evaluations]) for f in FIGURES[:figures]) for s, _ in SETS
-        ]
+        return [" / ".join(mean([e[s][self.part][f] for e in evaluations]) for f in FIGURES[:figures]) for s, _ in SETS]
+
+    def speed_cell(self, file: str) -> str:
+        """The architecture's images/s as a multiple of the speed file's first row's."""
+        ratio = read(file)["threads"]["1"][self.speed]["ratio_to_first_median"]
+        return " ".join(filter(None, (f"{ratio:.2f}x", self.speed_note)))
 
 
 def train_accuracy(runs: List[dict], part: str) -> str:
@@ -105,18 +111,22 @@ class EvaluationTable(PrintedTable):
     train_accuracy: bool = False  # a column: each run's training accuracy over its last epoch
     train_time: bool = False  # a last column: each run's training minutes
     figures: int = 3  # per set: R1 / mAP / mINP, or R1 / mAP
+    spread: bool = True  # seeds' rows: mean ± sample SD, or the mean alone
+    speed_file: str = ""  # a last column: each row's one-thread speed from this bench.family_speed file
 
     def table(self) -> str:
         columns = [self.heading, *(label for _, label in SETS)]
         if self.branch_maps:
             columns.append(f"per-branch mAP ({'; '.join(label for _, label in SETS[: self.branch_maps])})")
         columns += ["training accuracy, last epoch"] * self.train_accuracy + ["train time"] * self.train_time
+        columns += ["CPU speed"] * bool(self.speed_file)
         lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
         for row in self.rows:
             runs = row.runs()
-            cells = row.cells(runs, self.figures, self.branch_maps)
+            cells = row.cells(runs, self.figures, self.branch_maps, self.spread)
             cells += [train_accuracy(runs, row.part)] if self.train_accuracy else []
             cells += [row.train_time(runs)] if self.train_time else []
+            cells += [row.speed_cell(self.speed_file)] if self.speed_file else []
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
@@ -217,6 +227,7 @@ class SpeedTable(PrintedTable):
 
 
 BASELINE = Row("IDE+BN (baseline)", "pool/ide_bn.json")
+DEFAULT_SPEED = "default (shipped)"  # the CAMA graph's key in bench.family_speed's files
 
 
 def parts(file: str, *labelled: Tuple[str, str]) -> Tuple[Row, ...]:
@@ -264,9 +275,28 @@ def with_pair_term(label: str, row: str) -> Row:
     )
 
 
-def three_seeds(label: str, run: str, part: str = "all") -> Row:
+def three_seeds(label: str, run: str, part: str = "all", **options) -> Row:
     """Seed 0 (the run's first file) and seeds 1 and 2."""
-    return Row(label, f"pool/{run}.json", part, seeds=tuple(f"pool/{run}_seed{seed}.json" for seed in (1, 2)))
+    seeds = tuple(f"pool/{run}_seed{seed}.json" for seed in (1, 2))
+    return Row(label, f"pool/{run}.json", part, seeds=seeds, **options)
+
+
+def family(label: str, row: str, speed: str) -> Row:
+    """A one-seed row of the family table: a run and its architecture's key in the speed file."""
+    return Row(label, f"pool/{row}.json", speed=speed)
+
+
+def pair_term(label: str, row: str, speed: str, seeds: Tuple[int, ...] = ()) -> Row:
+    """A CASN run's model evaluated with its pairwise attention term over the shortlist, which re-embeds it."""
+    files = tuple(f"pool/{row}_seed{seed}_pair_attention_onnx_evaluation.json" for seed in seeds)
+    return Row(
+        label,
+        f"pool/{row}_pair_attention_onnx_evaluation.json",
+        "all_pair",
+        seeds=files,
+        speed=speed,
+        speed_note="(plus the shortlist's re-embedding)",
+    )
 
 
 TABLES = (
@@ -433,6 +463,55 @@ TABLES = (
             ("CASN (stripe layout: six 256-d stripes, and A as `pair_maps`)", "casn_pcb"),
             ("CLPD (8 parts, SPR descriptor)", "clpd"),
         ),
+    ),
+    EvaluationTable(
+        "family table",
+        "model",
+        (
+            three_seeds("IDE+BN (baseline, N=1; mean of 3 seeds)", "ide_bn", speed="ide_bn"),
+            three_seeds(
+                "CAMA ordered (N=3; mean of 3 seeds; the same recipe on its full schedule is the shipped default, "
+                "above)",
+                "cama_ordered",
+                speed=DEFAULT_SPEED,
+            ),
+            family("CAMA symmetric (N=3)", "cama_symmetric", DEFAULT_SPEED),
+            family("MltB+L_id (N=3, no penalty)", "mltb_lid", DEFAULT_SPEED),
+            three_seeds("FMN (GRN + LAN; mean of 3 seeds)", "fmn", speed="fmn"),
+            family("FMN with a BN neck in training (a deviation from the paper), GRN + LAN", "fmn_bn_neck", "fmn"),
+            three_seeds("PMM (3 stages, A-Hard-Mix; mean of 3 seeds)", "pmm", speed="pmm"),
+            three_seeds("PMM without A-Hard-Mix (mean of 3 seeds)", "pmm_no_mix", speed="pmm"),
+            family(
+                "PMM with IDE+BN's kind of classifier head, without its triplet term (deviations from the paper), "
+                "A-Hard-Mix",
+                "pmm_ide_head_no_triplet",
+                "pmm",
+            ),
+            family("the same without A-Hard-Mix", "pmm_ide_head_no_triplet_no_mix", "pmm"),
+            three_seeds("CASN (IDE layout), features (mean of 3 seeds)", "casn", speed="casn"),
+            three_seeds(
+                "CASN's IDE alone (its pair batches, identity loss only; mean of 3 seeds)", "casn_ide", speed="casn"
+            ),
+            three_seeds("CASN's IDE + identification attention (mean of 3 seeds)", "casn_ia", speed="casn"),
+            three_seeds(
+                "CASN's IDE + identification attention + pair term (no consistency; mean of 3 seeds)",
+                "casn_ia_pair",
+                speed="casn",
+            ),
+            family("CASN's IDE + pair term and consistency (the paper's IDE + SA)", "casn_sa", "casn"),
+            pair_term("CASN, + its pair term over the shortlist (mean of 3 seeds)", "casn", "casn", seeds=(1, 2)),
+            family(
+                "CASN's stripe layout alone (six stripes, its pair batches, identity loss only)",
+                "casn_pcb_ide",
+                "casn_pcb",
+            ),
+            family("CASN on the stripe layout (the paper's best model), features", "casn_pcb", "casn_pcb"),
+            pair_term("CASN on the stripe layout, + its pair term over the shortlist", "casn_pcb", "casn_pcb"),
+            three_seeds("CLPD (8 parts, SPR; mean of 3 seeds)", "clpd", speed="clpd"),
+        ),
+        figures=2,
+        spread=False,
+        speed_file="family_speed_amx.json",
     ),
     EvaluationTable(
         "input size table",
