@@ -31,7 +31,8 @@ from typing import Dict
 import numpy as np
 import torch
 
-from bench.common import DocsTable, data_fingerprint, emit, generated_marker, provenance
+from bench.common import DocsTable, emit, generated_marker
+from model_zoo.provenance import data_fingerprint, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of

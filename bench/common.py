@@ -1,16 +1,11 @@
 """What the benchmarks share: synthetic images and galleries, a process's memory, throughput and latency
-percentiles, where a result came from, and writing a result file."""
+percentiles, and writing a result file (where it came from: ``model_zoo.provenance``, which training shares)."""
 
-import datetime
-import hashlib
 import io
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,63 +98,6 @@ def emit(results: dict, output: Optional[Path]) -> None:
     print(text)
     if output:
         output.write_text(text + "\n")
-
-
-def portable_command(argv: List[str], repo: Path) -> str:
-    """The command line as anyone would type it in a clone: ``python -m bench.NAME``, paths in the clone relative
-    to it, and paths under the folders named by the environment's ``DATA`` and ``RUNS`` as ``$DATA/...`` and
-    ``$RUNS/...`` (a result file names no folder of the machine it was made on)."""
-    roots = [(Path(os.environ[name]).resolve(), f"${name}") for name in ("DATA", "RUNS") if os.environ.get(name)]
-    roots.append((repo.resolve(), "."))
-
-    def portable(arg: str) -> str:
-        if not arg.startswith("/"):
-            return arg
-        for root, name in roots:
-            if Path(arg).resolve().is_relative_to(root):
-                relative = Path(arg).resolve().relative_to(root).as_posix()
-                return relative if name == "." else f"{name}/{relative}".rstrip("/.")
-        return arg
-
-    script = Path(argv[0])
-    head = f"python -m bench.{script.stem}" if script.parent.name == "bench" else portable(argv[0])
-    return " ".join([head, *map(portable, argv[1:])])
-
-
-def provenance() -> dict:
-    """What a result file records about its making: the commit (``-dirty`` with uncommitted changes), the command
-    line, the date, and the machine (CPU model, cores, load averages; ``emit`` adds them again at the end)."""
-    repo = Path(__file__).resolve().parents[1]
-    described = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=repo
-    ).stdout.strip()
-    cpuinfo = Path("/proc/cpuinfo")
-    names = (
-        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        if cpuinfo.exists()
-        else []
-    )
-    return {
-        "commit": described or "unknown",
-        "command": portable_command(sys.argv, repo),
-        "date": datetime.date.today().isoformat(),
-        "machine": {
-            "cpu": names[0] if names else platform.processor(),
-            "cores": os.cpu_count(),
-            "load_average_1_5_15": list(os.getloadavg()),
-            "python": platform.python_version(),
-        },
-    }
-
-
-def data_fingerprint(root: Path) -> dict:
-    """sha256 over the sorted names and sizes of the test split's files: changes when the set does."""
-    digest, count = hashlib.sha256(), 0
-    for split in ("query", "bounding_box_test"):
-        for path in sorted((root / split).iterdir()):
-            digest.update(f"{split}/{path.name}:{path.stat().st_size}\n".encode())
-            count += 1
-    return {"files": count, "sha256": digest.hexdigest()}
 
 
 def generated_marker(name: str) -> "re.Pattern":

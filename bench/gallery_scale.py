@@ -59,9 +59,9 @@ from bench.common import (
     jpeg,
     latency_quantiles,
     memory_kb,
-    provenance,
     synthetic_store,
 )
+from model_zoo.provenance import provenance
 
 TRAIN_SETS = ("cuhk03-detected", "peta-train", "conreid-train")
 VALIDATION_SETS = ("cuhk03-detected", "prid", "grid")

@@ -36,16 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (
-    RESULTS_PAGE,
-    alternating_latency,
-    DocsTable,
-    DocsTables,
-    emit,
-    generated_marker,
-    provenance,
-    timed,
-)
+from bench.common import RESULTS_PAGE, alternating_latency, DocsTable, DocsTables, emit, generated_marker, timed
+from model_zoo.provenance import provenance
 from client import ReIDClient
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import split_branches

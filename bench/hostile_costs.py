@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import DocsTable, emit, generated_marker, jpeg, memory_kb, provenance
+from bench.common import DocsTable, emit, generated_marker, jpeg, memory_kb
+from model_zoo.provenance import provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.common import DocsTable, emit, generated_marker, provenance
+from bench.common import DocsTable, emit, generated_marker
+from model_zoo.provenance import provenance
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, open_cpu_session
 from model_zoo.files import sha256_of
 from training.data.market import decode_records, read_split

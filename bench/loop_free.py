@@ -26,7 +26,8 @@ from typing import Dict, List
 
 import httpx
 
-from bench.common import RESULTS_PAGE, DocsTable, emit, generated_marker, jpeg, latency_quantiles, provenance
+from bench.common import RESULTS_PAGE, DocsTable, emit, generated_marker, jpeg, latency_quantiles
+from model_zoo.provenance import provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of

@@ -21,7 +21,8 @@ import json
 import re
 from pathlib import Path
 
-from bench.common import data_fingerprint, provenance, record_end_load
+from bench.common import record_end_load
+from model_zoo.provenance import data_fingerprint, provenance
 from bench.embed_speed import measure
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of

@@ -54,9 +54,9 @@ from bench.common import (
     generated_marker,
     jpeg,
     latency_quantiles,
-    provenance,
     synthetic_store,
 )
+from model_zoo.provenance import provenance
 
 
 SETTLE_S = 2  # between raw and service phases: the server finishes its last batches, idle threads stop spinning

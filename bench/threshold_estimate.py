@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import DocsTable, emit, generated_marker, provenance
+from bench.common import DocsTable, emit, generated_marker
+from model_zoo.provenance import provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.files import sha256_of
 from training.adaptation.head import BranchLinearHead

@@ -10,6 +10,8 @@ What this package owns:
 - ``onnx_export``: the writer of contract files and its ONNX Runtime-against-torch parity check (torch, onnx).
 - ``importers``: public models (OpenVINO IR, torchreid OSNet) as contract files, ``python -m model_zoo import`` (torch).
 - ``models/``: the trained ONNX models that ship with the product, each with a model card.
+- ``provenance``: where a result came from (commit, command, date, machine, data), torch-free: benchmarks and
+  training runs record it in their result files.
 
 Import rules: this package never imports ``service`` or ``training``. Importing ``model_zoo`` itself must not
 import torch, so the service can use the torch-free modules; import ``model_zoo.architectures`` (which

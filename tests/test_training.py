@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_FEATURE_MAPS, ModelContract, check_session, split_branches
+from model_zoo.provenance import data_fingerprint
 from model_zoo.ram import ranking_activation_maps
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH, tiny_overrides
 from training import evaluate, export, load_config, train
@@ -37,6 +38,17 @@ def test_training_writes_a_run_folder_with_config_checkpoints_and_metrics(traine
     # run.amp is on by default: bf16 autocast where the CPU has native bf16 (AVX512-BF16, AMX), else fp32
     assert metrics["precision"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
     assert metrics["sources"] == {SET: {"images": 36, "identities": 6}}
+
+
+def test_metrics_record_where_they_came_from_and_no_folder_of_this_machine(trained_run, market_root):
+    """metrics.json is a result file (bench/results holds copies): commit, command, date, machine, data."""
+    out, _ = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"commit", "command", "date", "machine"} <= set(metrics)
+    assert {"cpu", "cores", "load_average_1_5_15"} <= set(metrics["machine"])
+    assert metrics["data"][SET] == data_fingerprint(market_root)
+    assert metrics["config"]["data"]["roots"] == [market_root.name]
+    assert "/" not in json.dumps(metrics["config"])
 
 
 def test_warm_up_trains_only_the_classifiers_then_everything(market_root, tmp_path):

@@ -4,7 +4,6 @@ the run folder, evaluation on a list of sets every few epochs and at the end."""
 
 import json
 import logging
-import platform
 import random
 import re
 import time
@@ -19,10 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from model_zoo.architectures import build_model
+from model_zoo.provenance import cpu_name, data_fingerprint, provenance
 from training.config import TrainConfig
 from training.data import SAMPLER_REGISTRY, MarketDataset, TrainAugmentation, batch_loader
 from training.checkpoints import model_settings
-from training.evaluation import evaluate_sets, results_table, test_roots
+from training.evaluation import evaluate_sets, results_table, set_names, test_roots
 from training.objectives import build_objective
 from training.solver import (
     PhaseSchedule,
@@ -128,11 +128,6 @@ def _bf16_error(layer: nn.Module, shape: torch.Size, channels_last: bool, genera
     if not torch.isfinite(low).all():
         return float("inf")
     return float((low - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
-
-
-def cpu_name(cpuinfo: Path = CPUINFO) -> str:
-    found = re.search(r"^model name\s*:\s*(.+)$", read_cpuinfo(cpuinfo), re.MULTILINE)
-    return found.group(1).strip() if found else f"{platform.processor() or platform.machine()} CPU"
 
 
 def hardware_description(device: torch.device) -> str:
@@ -420,8 +415,10 @@ class Trainer:
             if (epoch + 1) % self.cfg.run.checkpoint_every == 0 or last_of_phase:
                 self.save(epoch)
         self.save(self.total_epochs - 1, FINAL_CHECKPOINT)
+        # metrics.json is a result file (bench/results holds copies): folders by name only, config.yaml has them
         summary = {
-            "config": self.cfg.to_dict(),
+            **provenance(),
+            "config": self.cfg.portable_dict(),
             "history": self.history,
             "hardware": hardware_description(self.device),
             "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
@@ -435,6 +432,7 @@ class Trainer:
         }
         if self.cfg.run.evaluate_at_end:
             summary["evaluation"] = self.evaluate()
+            summary["data"] = dict(zip(set_names(self.eval_roots), map(data_fingerprint, self.eval_roots)))
         write_json(self.out / "metrics.json", summary)
         return summary
 

@@ -1,0 +1,82 @@
+"""Where a result came from, recorded by whatever makes one (benchmarks, training runs): the commit, the command
+line as anyone would type it in a clone, the date, the machine, and fingerprints of the data it read. Paths
+under the folders named by the environment's ``DATA`` and ``RUNS`` are written as ``$DATA/...`` and
+``$RUNS/...``, paths in the clone relative to it: a result file names no folder of the machine it was made on.
+
+Torch-free (standard library only), so the service's benchmarks and training share it."""
+
+import datetime
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable_path(arg: str) -> str:
+    """An absolute path under ``$DATA``, ``$RUNS`` or the clone, written as anyone would type it; any other string
+    unchanged."""
+    if not arg.startswith("/"):
+        return arg
+    roots = [(Path(os.environ[name]).resolve(), f"${name}") for name in ("DATA", "RUNS") if os.environ.get(name)]
+    for root, name in [*roots, (REPO, ".")]:
+        if Path(arg).resolve().is_relative_to(root):
+            relative = Path(arg).resolve().relative_to(root).as_posix()
+            return relative if name == "." else f"{name}/{relative}".rstrip("/.")
+    return arg
+
+
+def portable_command(argv: List[str]) -> str:
+    """The command line as anyone would type it in a clone: ``python -m bench.NAME`` for a benchmark,
+    ``python -m PACKAGE`` for a package's ``__main__`` (``python -m training train ...``), paths portable."""
+    script = Path(argv[0])
+    if script.stem == "__main__":
+        head = f"python -m {script.parent.name}"
+    elif script.parent.name == "bench":
+        head = f"python -m bench.{script.stem}"
+    else:
+        head = portable_path(argv[0])
+    return " ".join([head, *map(portable_path, argv[1:])])
+
+
+def cpu_name() -> str:
+    """The CPU's model name (x86 Linux), else what ``platform`` knows of it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return f"{platform.processor() or platform.machine()} CPU"
+
+
+def provenance() -> dict:
+    """What a result file records about its making: the commit (``-dirty`` with uncommitted changes), the command
+    line, the date, and the machine (CPU model, cores, load averages)."""
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    return {
+        "commit": described or "unknown",
+        "command": portable_command(sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "load_average_1_5_15": list(os.getloadavg()),
+            "python": platform.python_version(),
+        },
+    }
+
+
+def data_fingerprint(root: Path) -> dict:
+    """sha256 over the sorted names and sizes of the test split's files: changes when the set does."""
+    digest, count = hashlib.sha256(), 0
+    for split in ("query", "bounding_box_test"):
+        for path in sorted((Path(root) / split).iterdir()):
+            digest.update(f"{split}/{path.name}:{path.stat().st_size}\n".encode())
+            count += 1
+    return {"files": count, "sha256": digest.hexdigest()}
