@@ -226,6 +226,60 @@ class SpeedTable(PrintedTable):
         return "\n".join(lines)
 
 
+def ms(latency: dict) -> str:
+    return " / ".join(f"{latency[q]:.1f}" for q in ("p50_ms", "p95_ms", "p99_ms"))
+
+
+@dataclass(frozen=True)
+class IvfSettingsTable(PrintedTable):
+    """bench.gallery_scale's in-process searches of one IVF gallery (its files from before the index was chosen
+    automatically): every setting, by reduction, then nprobe, then the larger shortlist first."""
+
+    name: str
+    file: str
+
+    def table(self) -> str:
+        lines = [
+            "| index (in process, one query at a time) | nprobe | shortlist | recall@10 "
+            "| search + re-score p50 / p95 / p99 ms | in memory |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in sorted(read(self.file)["settings"], key=lambda s: (-s["reduce_dim"], s["nprobe"], -s["candidates"])):
+            lines.append(
+                f"| IVF {s['nlist']} over PCA-{s['reduce_dim']} | {s['nprobe']} | {s['candidates']} | "
+                f"{s['recall_at_10']:.3f} | {ms(s['search_latency'])} | {s['vectors_in_memory_gb']:.2f} GB |"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ServedSettingsTable(PrintedTable):
+    """bench.gallery_scale's real servers on one gallery, a file each (its first nprobe and shortlist served)."""
+
+    name: str
+    files: Tuple[str, ...]
+
+    def table(self) -> str:
+        lines = [
+            "| served (1M items, 100 real query images, top_k=10, no heatmaps) | recall@10 | p50 / p95 / p99 ms | "
+            "with heatmaps p50 ms | peak memory | ready after |",
+            "|---|---|---|---|---|---|",
+        ]
+        for file in self.files:
+            results = read(file)
+            server, setting = results["server"], results["server"]["setting"]
+            label = (
+                f"{results.get('precision', 'fp32')}, PCA-{setting['reduce_dim']}, nprobe {setting['nprobe'][0]}, "
+                f"shortlist {setting['candidates'][0]}"
+            )
+            lines.append(
+                f"| {label} | {server['recall_at_10_real_queries']:.3f} | {ms(server['query_heatmaps_False'])} | "
+                f"{server['query_heatmaps_True']['p50_ms']:.0f} | {server['server_memory']['VmHWM_gb']:.2f} GB | "
+                f"{server['start_s']:.0f} s |"
+            )
+        return "\n".join(lines)
+
+
 BASELINE = Row("IDE+BN (baseline)", "pool/ide_bn.json")
 DEFAULT_SPEED = "default (shipped)"  # the CAMA graph's key in bench.family_speed's files
 
@@ -512,6 +566,14 @@ TABLES = (
         figures=2,
         spread=False,
         speed_file="family_speed_amx.json",
+    ),
+    IvfSettingsTable("previous default million index table", "gallery_1m.json"),
+    ServedSettingsTable(
+        "previous default million served table",
+        tuple(
+            f"gallery_1m{name}.json"
+            for name in ("", "_served_nprobe64", "_served_pca128_nprobe64", "_served_int8_pca128_nprobe64")
+        ),
     ),
     EvaluationTable(
         "input size table",
