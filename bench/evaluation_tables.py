@@ -16,6 +16,7 @@ tests/test_results_tables.py checks that the docs show what the files hold.
 
 import argparse
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,83 @@ class ServedSettingsTable(PrintedTable):
                 f"{server['start_s']:.0f} s |"
             )
         return "\n".join(lines)
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def enrolment_cell(peak: dict) -> str:
+    """The hostile enrolment's answer: its status, and for a refusal the error code and the upload it stopped at
+    (the service's message names it by its 0-based index)."""
+    if peak["status"] != 413:
+        return f"{peak['status']} after {peak['seconds']:.1f} s"
+    error = peak["answer"]["error"]
+    upload = int(re.search(r"upload (\d+)", error["message"]).group(1))
+    return f"413 `{error['code']}` at the {ordinal(upload + 1)} image, after {peak['seconds']:.1f} s"
+
+
+@dataclass(frozen=True)
+class HostileMemoryTable(PrintedTable):
+    """bench.memory_bench's runs, a file each: the server's peak memory over a hostile enrolment, its answer,
+    and a top_k=100 query with heatmaps."""
+
+    name: str
+    rows: Tuple[Tuple[str, str], ...]  # (label, result file)
+
+    def table(self) -> str:
+        lines = [
+            "| | peak memory of the server | enrolment | top_k=100 query with heatmaps |",
+            "|---|---|---|---|",
+        ]
+        for label, file in self.rows:
+            results = read(file)
+            peak, query = results["peak_memory"], results["heatmap_query"]
+            memory = f"{peak['vmhwm_before_mb']:.0f} -> {peak['vmhwm_after_mb']:,.0f} MB"
+            heatmaps = (
+                f"{query['seconds']:.1f} s, {query['response_mb']:.1f} MB, {query['matches_with_heatmaps']} heatmaps"
+            )
+            lines.append(f"| {label} | {memory} | {enrolment_cell(peak)} | {heatmaps} |")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class EmbedSpeedTable(PrintedTable):
+    """bench.embed_speed's models side by side (images/s, medians of the rounds; after the first model, the median
+    of the per-round ratios to it and their range), with each model's evaluation where a row names its file."""
+
+    name: str
+    speed_file: str
+    rows: Tuple[Tuple[str, str, str], ...]  # (label, the model's key in the speed file, its evaluation file or "")
+
+    def table(self) -> str:
+        speeds = read(self.speed_file)["threads"]
+        evaluated = any(evaluation for _, _, evaluation in self.rows)
+        columns = ["model", "input", *((label for _, label in SETS) if evaluated else ())]
+        columns += [f"{threads} thread{'s' * (threads != '1')}, images/s" for threads in speeds]
+        lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
+        for label, model, evaluation in self.rows:
+            row = Row(label, evaluation)
+            figures = row.cells(row.runs()) if evaluation else []
+            height, width = speeds["1"][model]["input"]
+            cells = [
+                f"{height}x{width}",
+                *figures,
+                *(self.speed(threads[model], threads) for threads in speeds.values()),
+            ]
+            lines.append(f"| {label} | {' | '.join(cells)} |")
+        return "\n".join(lines)
+
+    @staticmethod
+    def speed(figures: dict, models: dict) -> str:
+        first = next(iter(models.values()))
+        if figures is first:
+            return f"{figures['images_per_second_median']:.1f}"
+        ratios = [mine / theirs for mine, theirs in zip(figures["rounds"], first["rounds"])]
+        return (
+            f"{figures['images_per_second_median']:.1f} (**{figures['ratio_to_first_median']:.2f}x**, "
+            f"rounds {min(ratios):.2f}-{max(ratios):.2f})"
+        )
 
 
 BASELINE = Row("IDE+BN (baseline)", "pool/ide_bn.json")
@@ -573,6 +651,37 @@ TABLES = (
         tuple(
             f"gallery_1m{name}.json"
             for name in ("", "_served_nprobe64", "_served_pca128_nprobe64", "_served_int8_pca128_nprobe64")
+        ),
+    ),
+    HostileMemoryTable(
+        "hostile memory table",
+        (
+            (
+                "before (every image held at full size until the request ended; heatmaps for all 100)",
+                "memory_before.json",
+            ),
+            ("now, default `REID_MAX_REQUEST_PIXELS` (200 MP)", "memory.json"),
+            ("now, `--max-request-pixels 700000000` (all 16 decoded, one at a time)", "memory_all_decoded.json"),
+        ),
+    ),
+    EmbedSpeedTable(
+        "previous default speed table",
+        "embed_speed.json",
+        (
+            ("previous default (`cama_mobilenetv2_cuhk03.onnx`)", "model_zoo/models/cama_mobilenetv2_cuhk03.onnx", ""),
+            (
+                "**the default** (`cama_mobilenetv2_pool.onnx`, full schedule)",
+                "model_zoo/models/cama_mobilenetv2_pool.onnx",
+                "",
+            ),
+        ),
+    ),
+    EmbedSpeedTable(
+        "int8 table",
+        "embed_speed_int8.json",
+        (
+            ("fp32 (shipped)", "model_zoo/models/cama_mobilenetv2_pool.onnx", "accuracy_fp32.json"),
+            ("int8", "model_zoo/models/cama_mobilenetv2_pool.int8.onnx", "accuracy_int8.json"),
         ),
     ),
     EvaluationTable(
