@@ -358,6 +358,29 @@ class EmbedSpeedTable(PrintedTable):
         )
 
 
+@dataclass(frozen=True)
+class OneSetRunsTable(PrintedTable):
+    """Runs from before evaluation per set (bench/results/training: CUHK03-detected alone, one evaluation):
+    rank-1/5/10, mAP, mINP, each branch's mAP alone, train time and hardware."""
+
+    name: str
+    rows: Tuple[Tuple[str, str], ...]  # (label, result file)
+
+    def table(self) -> str:
+        lines = [
+            "| model | rank-1 | rank-5 | rank-10 | mAP | mINP | per branch mAP (alone) | train time | hardware |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, file in self.rows:
+            results = read(file)
+            evaluation = results["evaluation"]
+            figures = [percent([evaluation["all"][f]]) for f in ("rank1", "rank5", "rank10", "mAP", "mINP")]
+            branches = ", ".join(percent([evaluation[b]["mAP"]]) for b in single_branch_keys(evaluation)) or "-"
+            minutes = f"{round(results['train_seconds_total'] / 60)} min"
+            lines.append(f"| {label} | {' | '.join(figures)} | {branches} | {minutes} | {results['hardware']} |")
+        return "\n".join(lines)
+
+
 BASELINE = Row("IDE+BN (baseline)", "pool/ide_bn.json")
 DEFAULT_SPEED = "default (shipped)"  # the CAMA graph's key in bench.family_speed's files
 
@@ -683,6 +706,18 @@ TABLES = (
             ("fp32 (shipped)", "model_zoo/models/cama_mobilenetv2_pool.onnx", "accuracy_fp32.json"),
             ("int8", "model_zoo/models/cama_mobilenetv2_pool.int8.onnx", "accuracy_int8.json"),
         ),
+    ),
+    OneSetRunsTable(
+        "cuhk03 runs table",
+        (
+            ("IDE+BN (N=1)", "training/ide_bn.json"),
+            ("MltB+L_id (N=3, alpha=0)", "training/mltb_lid.json"),
+            ("CAMA (N=3, alpha=1, k=20)", "training/cama.json"),
+        ),
+    ),
+    OneSetRunsTable(
+        "cuhk03 continued table",
+        (("CAMA (N=3, alpha=1, k=20), 4 + 2 epochs: the previous default", "training/cama_continued.json"),),
     ),
     EvaluationTable(
         "input size table",
