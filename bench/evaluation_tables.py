@@ -381,6 +381,30 @@ class OneSetRunsTable(PrintedTable):
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class FirstEnrolTable(PrintedTable):
+    """bench.service_bench's first enrolment files (one client count each): the raw model's thread plans from
+    the first file, then each file's service figure against its faster raw plan."""
+
+    name: str
+    raw_labels: Tuple[str, str]  # the service's plan, one call on every thread
+    rows: Tuple[Tuple[str, str], ...]  # (label, result file)
+
+    def table(self) -> str:
+        first = read(self.rows[0][1])
+        lines = ["| measured side by side (medians of 5 rounds) | images/s |", "|---|---|"]
+        for label, key in zip(self.raw_labels, ("raw_service_plan", "raw_one_call")):
+            lines.append(f"| {label} | {first[f'{key}_images_per_s']:.1f} |")
+        for label, file in self.rows:
+            results = read(file)
+            raw = max(results["raw_service_plan_images_per_s"], results["raw_one_call_images_per_s"])
+            low, high = results["service_over_raw_range"]
+            share = f"{100 * results['service_over_raw']:.1f}% of {raw:.1f}"
+            rounds = f"rounds: {100 * low:.1f}% to {100 * high:.1f}%"
+            lines.append(f"| {label} | {results['service_enrol_images_per_s']:.1f}: {share} ({rounds}) |")
+        return "\n".join(lines)
+
+
 BASELINE = Row("IDE+BN (baseline)", "pool/ide_bn.json")
 DEFAULT_SPEED = "default (shipped)"  # the CAMA graph's key in bench.family_speed's files
 
@@ -718,6 +742,21 @@ TABLES = (
     OneSetRunsTable(
         "cuhk03 continued table",
         (("CAMA (N=3, alpha=1, k=20), 4 + 2 epochs: the previous default", "training/cama_continued.json"),),
+    ),
+    FirstEnrolTable(
+        "previous default enrolment table",
+        (
+            "raw ONNX Runtime, batch 32, 2 concurrent calls x 1 thread (the service's plan on this CPU)",
+            "raw ONNX Runtime, batch 32, 1 call x 2 threads",
+        ),
+        (
+            ("**service enrol, 32 wrk connections**", "service.json"),
+            (
+                "service enrol, 32 httpx clients in the benchmark's own process instead of wrk (8e368ea; its own raw "
+                "figures)",
+                "service_enrol_httpx.json",
+            ),
+        ),
     ),
     EvaluationTable(
         "input size table",
