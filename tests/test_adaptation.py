@@ -16,7 +16,7 @@ from model_zoo.onnx_export import ExportParityError, check_parity
 from model_zoo.rerank import jaccard_distances, rerank_all_queries
 from training.adaptation import ADAPTATION_KEY, HeadOnSource, adapt, add_evaluation
 from training.adaptation.clustering import OUTLIER, cross_camera_mutual_neighbours, dbscan
-from training.adaptation.crops import read_crops
+from training.adaptation.crops import StoredCrop, read_crops
 from training.adaptation.head import BranchLinearHead, append_head
 from training.adaptation.loop import AdaptationSettings, adapt_head, embed
 from training.adaptation.memory import CameraProxyMemory, ClusterMemory
@@ -168,6 +168,29 @@ def test_crops_are_decoded_a_batch_at_a_time_and_unreadable_ones_skipped(tiny_mo
     fingerprint = read_crops(str(folder)).fingerprint()
     write_crops(folder, people=range(3), per_camera=2)
     assert read_crops(str(folder)).fingerprint() != fingerprint  # new crops: the same
+
+
+def test_a_stores_crops_are_listed_without_their_images_and_read_a_batch_at_a_time(tmp_path):
+    """A million-item gallery is not held in memory: images are read per batch; one erased meanwhile is skipped."""
+    from service.store import GalleryStore, NewItem
+    from tests.conftest import TINY_HEIGHT, TINY_WIDTH, image_bytes
+
+    store = GalleryStore(tmp_path / "g.sqlite3")
+    try:
+        items = [
+            NewItem(image_bytes(pid, 0), "jpeg", 32, 64, np.zeros(8, np.float32), camera_id="c1") for pid in range(5)
+        ]
+        ids = [item.id for item in store.add(items)]
+        crops = read_crops(str(store.path))
+        assert all(isinstance(entry, StoredCrop) for entry, _ in crops.entries)
+        fingerprint = crops.fingerprint()
+        assert read_crops(str(store.path)).fingerprint() == fingerprint
+        assert store.delete(ids[3])
+        batches = list(crops.batches(TINY_HEIGHT, TINY_WIDTH, batch_size=2))
+        assert [len(b.pixels) for b in batches] == [2, 1, 1] and [b.skipped for b in batches] == [0, 1, 0]
+        assert read_crops(str(store.path)).fingerprint() != fingerprint
+    finally:
+        store.close()
 
 
 def test_adapt_writes_a_contract_file_with_its_card_and_parity(tiny_model, tmp_path):

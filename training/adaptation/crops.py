@@ -4,7 +4,11 @@
   (``0001_c2s1_...``), else the image's sub-folder (``cam_entrance/x.jpg``), else unknown;
 - the service's SQLite store (a ``.db`` / ``.sqlite`` file, or ``sqlite:///path``), opened read-only, so it
   can be read while the service runs: every item's stored image and ``camera_id``;
-- the cluster's PostgreSQL (``postgresql://...``), read in one read-only transaction.
+- the cluster's PostgreSQL (``postgresql://...``), read-only.
+
+A store's items are listed without their images (id, camera, and what identifies the image: its size and
+enrolment time); each batch's images are read when it is decoded, so a run over a million-item gallery holds
+one batch of them, and an item erased meanwhile is skipped, not read.
 
 Person ids are never read: adaptation is unsupervised. Both stores are read with plain SQL on the columns the
 service's schema documents (``items.image``, ``items.camera_id``), since ``training`` never imports
@@ -13,9 +17,10 @@ service's schema documents (``items.image``, ``items.camera_id``), since ``train
 import hashlib
 import re
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -24,7 +29,7 @@ from model_zoo.preprocess import InvalidImage, load_for_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MARKET_CAMERA = re.compile(r"^-?\d+_c(\d+)")
-STORE_QUERY = "SELECT image, camera_id FROM items ORDER BY id"
+LIST_QUERY = "SELECT id, camera_id, length(image), created_at FROM items ORDER BY id"
 UNKNOWN_CAMERA = ""
 
 
@@ -35,21 +40,32 @@ class CropBatch:
     skipped: int  # crops of the batch that could not be decoded
 
 
+@dataclass(frozen=True)
+class StoredCrop:
+    item_id: int
+    key: bytes  # id, image size, enrolment time: a stored image never changes, and an id is never reused
+
+
+ReadImages = Callable[[List[int]], Dict[int, bytes]]  # item ids -> their encoded images (an erased one: absent)
+Source = Tuple[List[Tuple[object, str]], str, Optional[ReadImages]]  # entries, description, a store's reader
+
+
 @dataclass
 class Crops:
-    """The crops of a source, listed but not decoded: ``batches`` decodes them a batch at a time, so a run holds
-    one batch of pixels, not every crop's (about 100 kB each at 256x128)."""
+    """The crops of a source, listed but not decoded: ``batches`` reads and decodes them a batch at a time, so a
+    run holds one batch of pixels, not every crop's (about 100 kB each at 256x128)."""
 
-    entries: List[Tuple[object, str]]  # (an image path or an encoded image, its camera)
+    entries: List[Tuple[object, str]]  # (an image path or a StoredCrop, its camera)
     description: str  # what they came from, for the card (no machine paths: a folder's or store's name)
+    read_images: Optional[ReadImages] = None  # a store's: its images, by item id
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def fingerprint(self) -> str:
-        """sha256 over every crop and its camera, what a resumed run checks its cache against: a store's crop by
-        its encoded bytes, a file by its path, size and modification time (as make and rsync judge a file
-        unchanged), so that a fresh run reads each file once, to decode it."""
+        """sha256 over every crop and its camera, what a resumed run checks its cache against: a file by its path,
+        size and modification time (as make and rsync judge a file unchanged), a store's crop by its item's id,
+        image size and enrolment time, so that a fresh run reads each image once, to decode it."""
         digest = hashlib.sha256()
         for data, camera in self.entries:
             digest.update(crop_key(data) + camera.encode() + b"\0")
@@ -58,9 +74,15 @@ class Crops:
     def batches(self, height: int, width: int, batch_size: int = 32) -> Iterator[CropBatch]:
         """The crops decoded for a model of this input size, in order, ``batch_size`` at a time."""
         for start in range(0, len(self.entries), batch_size):
+            entries = self.entries[start : start + batch_size]
+            stored = [entry.item_id for entry, _ in entries if isinstance(entry, StoredCrop)]
+            images = self.read_images(stored) if stored else {}
             pixels, cameras, skipped = [], [], 0
-            for data, camera in self.entries[start : start + batch_size]:
+            for entry, camera in entries:
+                data = images.get(entry.item_id) if isinstance(entry, StoredCrop) else entry
                 try:
+                    if data is None:  # erased since it was listed
+                        raise InvalidImage("no longer stored")
                     pixels.append(load_for_model(data, height, width))
                 except (InvalidImage, OSError):
                     skipped += 1
@@ -79,11 +101,11 @@ class Crops:
         return np.stack(decoded[:count])
 
 
-def crop_key(data) -> bytes:
-    if isinstance(data, Path):
-        stat = data.stat()
-        return f"{data.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
-    return hashlib.sha256(data).digest()
+def crop_key(entry) -> bytes:
+    if isinstance(entry, StoredCrop):
+        return entry.key
+    stat = entry.stat()
+    return f"{entry.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
 
 
 def _camera_of(path: Path, root: Path) -> str:
@@ -93,33 +115,57 @@ def _camera_of(path: Path, root: Path) -> str:
     return path.parent.relative_to(root).as_posix() if path.parent != root else UNKNOWN_CAMERA
 
 
-def _folder(root: Path) -> Tuple[List[Tuple[object, str]], str]:
+def _folder(root: Path) -> Source:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [(path, _camera_of(path, root)) for path in files], f"folder {root.name}"
+    return [(path, _camera_of(path, root)) for path in files], f"folder {root.name}", None
 
 
-def _sqlite(path: Path) -> Tuple[List[Tuple[object, str]], str]:
+def _listed(rows) -> List[Tuple[object, str]]:
+    return [
+        (StoredCrop(item_id, f"{item_id}\0{size}\0{created_at!r}".encode()), camera or UNKNOWN_CAMERA)
+        for item_id, camera, size, created_at in rows
+    ]
+
+
+def _images_query(ids: List[int], placeholder: str) -> str:
+    return f"SELECT id, image FROM items WHERE id IN ({', '.join([placeholder] * len(ids))})"
+
+
+def _sqlite(path: Path) -> Source:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such store")
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = [(bytes(image), camera or UNKNOWN_CAMERA) for image, camera in connection.execute(STORE_QUERY)]
-    finally:
-        connection.close()
-    return rows, f"SQLite store {path.name}"
+
+    def connect():
+        return closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True))
+
+    def read_images(ids: List[int]) -> Dict[int, bytes]:
+        with connect() as connection:
+            return {item_id: bytes(image) for item_id, image in connection.execute(_images_query(ids, "?"), ids)}
+
+    with connect() as connection:
+        entries = _listed(connection.execute(LIST_QUERY))
+    return entries, f"SQLite store {path.name}", read_images
 
 
-def _postgres(dsn: str) -> Tuple[List[Tuple[object, str]], str]:
+def _postgres(dsn: str) -> Source:
     import psycopg
 
-    with psycopg.connect(dsn) as connection:
+    def connect():
+        connection = psycopg.connect(dsn)
         connection.read_only = True
-        rows = [(bytes(image), camera or UNKNOWN_CAMERA) for image, camera in connection.execute(STORE_QUERY)]
+        return connection
+
+    def read_images(ids: List[int]) -> Dict[int, bytes]:
+        with connect() as connection:
+            return {item_id: bytes(image) for item_id, image in connection.execute(_images_query(ids, "%s"), ids)}
+
+    with connect() as connection:
+        entries = _listed(connection.execute(LIST_QUERY))
     parsed = urlparse(dsn)
-    return rows, f"PostgreSQL database {parsed.path.lstrip('/') or parsed.hostname}"
+    return entries, f"PostgreSQL database {parsed.path.lstrip('/') or parsed.hostname}", read_images
 
 
-def _entries(source: str) -> Tuple[List[Tuple[object, str]], str]:
+def _entries(source: str) -> Source:
     if source.startswith(("postgresql://", "postgres://")):
         return _postgres(source)
     if source.startswith("sqlite://"):
@@ -134,9 +180,9 @@ def _entries(source: str) -> Tuple[List[Tuple[object, str]], str]:
 
 def read_crops(source: str, limit: Optional[int] = None) -> Crops:
     """The crops of ``source`` (at most ``limit``, evenly spaced), listed in order, not yet decoded."""
-    entries, description = _entries(str(source))
+    entries, description, read_images = _entries(str(source))
     if limit is not None and len(entries) > limit:
         entries = [entries[i] for i in np.linspace(0, len(entries) - 1, limit).round().astype(int)]
     if not entries:
         raise ValueError(f"{description}: no image to adapt on")
-    return Crops(entries, description)
+    return Crops(entries, description, read_images)
