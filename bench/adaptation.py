@@ -19,6 +19,14 @@ folder outside the repo).
     python -m bench.adaptation --data $DATA --cache $RUNS/adaptation \\
         --output bench/results/adaptation/adaptation.json
     python -m bench.adaptation --write-docs bench/results/adaptation/adaptation.json   # docs/training.md's table
+
+``--checkpoint MODEL.pt`` measures the other kind, a training checkpoint's whole network adapted
+(``training.adaptation.trunk``), in the variants of ``NETWORK_VARIANTS`` (fixed here beforehand: the head's
+default pairing, and CAP's memory, at the fine-tune rate of ``omz_finetune.yaml``'s main phase, 4 epochs of 20
+batches: what two CPU cores run in minutes per set), from the checkpoint's own evaluation of each set:
+
+    python -m bench.adaptation --data $DATA --checkpoint $RUNS/omz0288_ft/model.pt \\
+        --output bench/results/adaptation/adaptation_network.json
 """
 
 import argparse
@@ -31,15 +39,18 @@ from typing import Dict
 import numpy as np
 import torch
 
-from bench.common import DocsTable, emit, generated_marker
+from bench.common import DocsTable, DocsTables, emit, generated_marker
 from model_zoo.provenance import data_fingerprint, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
 from training.adaptation.head import BranchLinearHead
-from training.adaptation.loop import AdaptationSettings, adapt_head, embed
+from training.adaptation.loop import AdaptationSettings, adapt_features, adapt_head, embed
+from training.adaptation.trunk import TrunkAdaptee
+from training.checkpoints import load_trained_model
+from training.data.transforms import TrainAugmentation
 from training.adaptation.views import pooled_views
-from training.evaluation import load_test_split, market_metrics
+from training.evaluation import branch_features, load_test_split, market_metrics
 
 SETS = ["cuhk03-detected", "prid", "grid"]
 PROTOCOLS = ["transductive", "inductive"]
@@ -52,6 +63,12 @@ VARIANTS = {
     for clusterer, memory, lr, steps, anchor in itertools.product(
         ("dbscan", "mutual"), ("cluster", "camera"), (1e-4, 3e-4), (20, 100), (0.0, 1.0)
     )
+}
+NETWORK_VARIANTS = {
+    f"network {clusterer}+{memory} lr 3.5e-05 steps 20": dict(
+        clusterer=clusterer, memory=memory, lr=3.5e-5, steps_per_epoch=20, epochs=4
+    )
+    for clusterer, memory in (("mutual", "cluster"), ("mutual", "camera"))
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
@@ -141,6 +158,62 @@ def run(model: Path, data: Path, cache: Path) -> dict:
     return results
 
 
+def network_figures(model, pixels: np.ndarray, cached: Dict[str, np.ndarray], kept: np.ndarray) -> Dict[str, float]:
+    """R1 and mAP (%) of a network's embeddings, as ``figures`` scores a head's."""
+    features = branch_features(model, pixels, progress=False).reshape(len(pixels), -1)
+    q, g = kept & cached["is_query"], kept & ~cached["is_query"]
+    m = market_metrics(
+        features[q] @ features[g].T, cached["pids"][q], cached["cams"][q], cached["pids"][g], cached["cams"][g]
+    )
+    return {"rank1": round(100 * m["rank1"], 1), "mAP": round(100 * m["mAP"], 1)}
+
+
+def run_network(checkpoint: Path, data: Path) -> dict:
+    """``run`` for a training checkpoint: its whole network adapted in each of ``NETWORK_VARIANTS``."""
+    torch.set_num_threads(2)
+    _, cfg = load_trained_model(checkpoint)
+    augmentation = TrainAugmentation(flip_prob=0.5, padding=cfg.data.padding, erasing_prob=cfg.data.erasing_prob)
+    results = {
+        "model": checkpoint.name,
+        "model_sha256": sha256_of(checkpoint),
+        "data": {name: data_fingerprint(data / name) for name in SETS},
+        "variants": NETWORK_VARIANTS,
+        "sets": {},
+    }
+    for name in SETS:
+        query_images, query, gallery_images, gallery = load_test_split(
+            data / name, cfg.data.height, cfg.data.width, False
+        )
+        pixels = np.concatenate([query_images, gallery_images])
+        cached = {
+            "pids": np.array([r.pid for r in query + gallery]),
+            "cams": np.array([r.camid for r in query + gallery]),
+            "is_query": np.arange(len(pixels)) < len(query),
+        }
+        per_set = results["sets"][name] = {"crops": len(pixels)}
+        for protocol in PROTOCOLS:
+            adapt_on, evaluate_on = protocol_crops(cached, protocol)
+            rows = per_set[protocol] = {
+                "source": network_figures(load_trained_model(checkpoint)[0], pixels, cached, evaluate_on),
+                "crops_adapted_on": int(adapt_on.sum()),
+            }
+            _, cameras = np.unique(cached["cams"][adapt_on], return_inverse=True)
+            for variant, overrides in NETWORK_VARIANTS.items():
+                settings = AdaptationSettings(**overrides)
+                adaptee = TrunkAdaptee(load_trained_model(checkpoint)[0], pixels[adapt_on], augmentation, settings.seed)
+                started = time.perf_counter()
+                model, history = adapt_features(adaptee, cameras, settings, progress=False)
+                seconds = time.perf_counter() - started
+                rows[variant] = {
+                    **network_figures(model, pixels, cached, evaluate_on),
+                    "clusters": history[-1].clusters,
+                    "outliers": history[-1].outliers,
+                    "adapt_cpu_minutes_per_1000": round(seconds / 60 / float(adapt_on.sum()) * 1000, 2),
+                }
+                print(name, protocol, variant, rows["source"], rows[variant], flush=True)
+    return results
+
+
 def selection_score(results: dict, variant: str) -> float:
     """The mean mAP change over the selection set's protocols."""
     rows = results["sets"][SELECTION_SET]
@@ -156,17 +229,22 @@ def table(results: dict) -> str:
         "|---" * (2 + len(SETS) * len(PROTOCOLS)) + "|",
         "| source mAP | " + " | ".join(f"{sets[s][p]['source']['mAP']:.1f}" for s in SETS for p in PROTOCOLS) + " | |",
     ]
-    for variant in VARIANTS:
+    for variant in results.get("variants", VARIANTS):
         deltas = " | ".join(
             f"{sets[s][p][variant]['mAP'] - sets[s][p]['source']['mAP']:+.1f}" for s in SETS for p in PROTOCOLS
         )
         cost = max(sets[s][p][variant]["adapt_cpu_minutes_per_1000"] for s in SETS for p in PROTOCOLS)
-        name = f"**{variant}** (default)" if variant == results["chosen"]["variant"] else variant
+        name = f"**{variant}** (default)" if variant == results.get("chosen", {}).get("variant") else variant
         lines.append(f"| {name} | {deltas} | {cost:.2f} |")
     return "\n".join(lines)
 
 
-DOCS_TABLE = DocsTable(DOCS, generated_marker("adaptation table"), table)
+DOCS_TABLES = DocsTables(
+    {
+        "adaptation.json": DocsTable(DOCS, generated_marker("adaptation table"), table),
+        "adaptation_network.json": DocsTable(DOCS, generated_marker("network adaptation table"), table),
+    }
+)
 
 
 def main() -> None:
@@ -174,11 +252,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", "data")))
     parser.add_argument("--cache", type=Path, default=None, help="folder for each set's pooled maps (outside the repo)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="adapt this training checkpoint's network")
     parser.add_argument("--output", type=Path, default=None)
-    DOCS_TABLE.add_option(parser)
+    DOCS_TABLES.add_option(parser)
     args = parser.parse_args()
     if args.write_docs:
-        DOCS_TABLE.write(args.write_docs)
+        DOCS_TABLES.write(args.write_docs)
+        return
+    if args.checkpoint:
+        emit({**provenance(), **run_network(args.checkpoint, args.data)}, args.output)
         return
     if args.cache is None:
         parser.error("--cache is required to measure")

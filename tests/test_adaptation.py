@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+from model_zoo.files import sha256_of
 from model_zoo.contract import identity_error, open_cpu_session
 from model_zoo.onnx_export import ExportParityError, check_parity
 from model_zoo.rerank import jaccard_distances, rerank_all_queries
@@ -212,6 +213,29 @@ def test_adapt_writes_a_contract_file_with_its_card_and_parity(tiny_model, tmp_p
     card = out.with_suffix(".md").read_text()
     assert "clusters" in card and record["source_sha256"] in card
     assert (tmp_path / "run" / "head.pt").exists() and (tmp_path / "run" / "views.npz").exists()
+
+
+def test_adapt_from_a_checkpoint_trains_the_whole_network_and_exports_a_contract_file(tiny_model, tmp_path):
+    """--model model.pt: the network itself adapts on the clusters, and the export holds the contract: parity
+    on the crops, the RAM identity, the adaptation record."""
+    checkpoint, source = tiny_model
+    crops = write_crops(tmp_path / "crops")
+    settings = AdaptationSettings(epochs=2, min_samples=2, eps=0.5, k1=6, k2=3, steps_per_epoch=6, batch_size=16)
+    out = tmp_path / "adapted.onnx"
+    record = adapt(checkpoint, str(crops), out, tmp_path / "run", settings, progress=False)
+    assert record["crops"] == 48 and record["clusters"] >= 2 and record["trained"].startswith("its whole network")
+    assert all(np.isfinite(e["loss"]) for e in record["epochs"]) and max(record["parity"].values()) < 1e-4
+    session, contract = open_cpu_session(out)
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata[ADAPTATION_KEY])["source_sha256"] == sha256_of(checkpoint)
+    assert contract.evaluation == {} and contract.verification == {}
+    pixels = read_crops(str(crops)).pixels(contract.input_height, contract.input_width, 5)
+    embedding, maps = session.run(None, {"images": pixels})
+    assert identity_error(embedding, maps) < 1e-5
+    source_embedding = open_cpu_session(source)[0].run(["embedding"], {"images": pixels})[0]
+    assert not np.allclose(embedding, source_embedding, atol=1e-3)  # the network moved
+    assert "its whole network" in out.with_suffix(".md").read_text()
+    assert (tmp_path / "run" / "adapted.pt").exists() and (tmp_path / "run" / "network.pt").exists()
 
 
 def test_evaluated_where_labels_exist_the_figures_go_into_the_file_and_the_card(tiny_model, market_root, tmp_path):

@@ -393,7 +393,8 @@ def _add_adapt(commands) -> None:
     adapt = commands.add_parser(
         "adapt",
         help="adapt a model to your cameras without labels: pseudo-labels by clustering the crops, a "
-        "contrastive memory, a per-branch linear head on the model's maps (docs/training.md)",
+        "contrastive memory, a per-branch linear head on a contract file's maps or a checkpoint's whole network "
+        "(docs/training.md)",
     )
     adapt.add_argument(
         "crops",
@@ -405,7 +406,8 @@ def _add_adapt(commands) -> None:
         "--model",
         type=Path,
         default=DEFAULT_MODEL_PATH,
-        help="the fp32 contract file to start from (default: the shipped default)",
+        help="the fp32 contract file to start from (default: the shipped default), or a training checkpoint "
+        "(model.pt) whose whole network adapts",
     )
     adapt.add_argument("--run-dir", type=Path, default=None, help="keep each epoch's state here; rerun to resume")
     adapt.add_argument("--limit", type=_at_least_one, default=None, help="use at most this many crops, evenly spaced")

@@ -3,15 +3,16 @@
 Owns: reading unlabeled crops (a folder, the service's SQLite store, the cluster's PostgreSQL: ``crops``),
 the source model's pooled maps of each crop and its mirror (``views``), pseudo-labels (``clustering``: DBSCAN
 on the k-reciprocal Jaccard distance, or cross-camera mutual neighbours), the contrastive memories
-(``memory``: Cluster Contrast's centroids, CAP's camera-aware proxies), the per-cell linear head it trains
-(``head``), the loop (``loop``) and this module's ``adapt``: from a contract file to an adapted contract file,
-checked for parity, with its card.
+(``memory``: Cluster Contrast's centroids, CAP's camera-aware proxies), what trains: the per-cell linear head on
+a contract file (``head``) or a training checkpoint's whole network (``trunk``), the loop (``loop``) and this
+module's ``adapt``: to an adapted contract file, checked for parity, with its card.
 
 May import torch, onnx, ONNX Runtime and ``model_zoo``; never imports ``service`` (the stores are read with
 plain SQL)."""
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,10 +38,15 @@ from model_zoo.files import sha256_of
 from model_zoo.onnx_export import check_parity
 from training.adaptation.crops import Crops, read_crops
 from training.adaptation.head import BranchLinearHead, append_head
-from training.adaptation.loop import AdaptationSettings, EpochRecord, adapt_head
+from training.adaptation.loop import AdaptationSettings, EpochRecord, adapt_features, adapt_head
+from training.adaptation.trunk import TrunkAdaptee, decoded_crops
+from training.data.transforms import TrainAugmentation
 from training.adaptation.views import VIEWS, CropViews, crop_views
 
 log = logging.getLogger(__name__)
+HEAD = "a per-branch linear head on its feature maps"
+NETWORK = "its whole network (the checkpoint's), exported as a training run's"
+ADAPTED_CHECKPOINT = "adapted.pt"  # in the run folder: the adapted network as a training checkpoint
 EVALUATION_KEY = METADATA_PREFIX + "evaluation"
 
 __all__ = ["AdaptationSettings", "adapt", "add_evaluation"]
@@ -74,9 +80,9 @@ def _views(
     return views
 
 
-def _settings_for(views: CropViews, settings: AdaptationSettings) -> AdaptationSettings:
+def _settings_for(cameras: Sequence[str], settings: AdaptationSettings) -> AdaptationSettings:
     """Camera-aware choices need two cameras or more: with one, the cluster memory and DBSCAN."""
-    if len(set(views.cameras)) > 1:
+    if len(set(cameras)) > 1:
         return settings
     if settings.memory == "camera" or settings.clusterer == "mutual":
         log.warning("the crops come from one camera: adapting with the cluster memory and DBSCAN")
@@ -106,10 +112,14 @@ def adapt(
     progress: bool = True,
     limit: Optional[int] = None,
 ) -> Dict:
-    """Adapt the contract file ``model`` to the crops of ``crops_source`` and write the adapted file to
-    ``output`` (with its card beside it, ``output`` with ``.md``). ``run_dir`` keeps the state of each epoch:
-    an interrupted run given the same folder resumes. Returns the summary the card is written from."""
+    """Adapt ``model`` to the crops of ``crops_source`` and write the adapted contract file to ``output`` (with its
+    card beside it, ``output`` with ``.md``): a contract file (``.onnx``) gains a per-branch head on its frozen
+    network; a training checkpoint (``.pt``) has its whole network adapted (``trunk``), then exported. ``run_dir``
+    keeps the state of each epoch: an interrupted run given the same folder resumes. Returns the summary the
+    card is written from."""
     model, output = Path(model), Path(output)
+    if model.suffix == ".pt":
+        return _adapt_network(model, crops_source, output, run_dir, settings, progress, limit)
     started = time.perf_counter()
     source = onnx.load(str(model))
     source_metadata = {entry.key: entry.value for entry in source.metadata_props}
@@ -121,12 +131,14 @@ def adapt(
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     model_sha256 = sha256_of(model)
     views = _views(session, contract, crops, model_sha256, Path(run_dir) if run_dir else None, progress)
-    settings = _settings_for(views, settings)
+    settings = _settings_for(views.cameras, settings)
     embedded = time.perf_counter()
     head, history = adapt_head(
         views.views, views.camera_indices, settings, Path(run_dir) / "head.pt" if run_dir else None, progress
     )
-    record = _record(model, model_sha256, crops.description, views, settings, history, embedded - started)
+    crop_counts = (len(views.views), views.skipped, views.cameras)
+    record = _record(model, model_sha256, crops.description, crop_counts, settings, history, embedded - started)
+    record.update(trained=HEAD, first_pass="embedding the crops and their mirror images")
     record["source_evaluation"] = json.loads(source_metadata.get(EVALUATION_KEY, "{}"))
     record["seconds_total"] = round(time.perf_counter() - started, 1)
     _write(append_head(source, head), _adapted_metadata(source_metadata, record), output)
@@ -142,13 +154,63 @@ def adapt(
     return record
 
 
+def _adapt_network(
+    checkpoint: Path,
+    crops_source: str,
+    output: Path,
+    run_dir: Optional[Path],
+    settings: AdaptationSettings,
+    progress: bool,
+    limit: Optional[int],
+) -> Dict:
+    """``adapt`` from a training checkpoint: its whole network trains on the crops, then exports as a run's does."""
+    from training.checkpoints import load_trained_model
+    from training.export import export_onnx, export_pair_head
+
+    started = time.perf_counter()
+    network, cfg = load_trained_model(checkpoint)
+    crops = read_crops(crops_source, limit)
+    pixels, cameras, skipped = decoded_crops(crops, cfg.data.height, cfg.data.width, progress)
+    settings = _settings_for(cameras, settings)
+    decoded = time.perf_counter()
+    run = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="adapt-"))
+    run.mkdir(parents=True, exist_ok=True)
+    augmentation = TrainAugmentation(flip_prob=0.5, padding=cfg.data.padding, erasing_prob=cfg.data.erasing_prob)
+    adaptee = TrunkAdaptee(network, pixels, augmentation, settings.seed)
+    camera_indices = np.unique(np.array(cameras), return_inverse=True)[1]
+    network, history = adapt_features(adaptee, camera_indices, settings, run / "network.pt", progress)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["model"] = network.state_dict()
+    torch.save(state, run / ADAPTED_CHECKPOINT)
+    crop_counts = (len(pixels), skipped, cameras)
+    record = _record(
+        checkpoint, sha256_of(checkpoint), crops.description, crop_counts, settings, history, decoded - started
+    )
+    record.update(trained=NETWORK, first_pass="decoding the crops")
+    export_onnx(run / ADAPTED_CHECKPOINT, output)
+    exported = onnx.load(str(output))
+    record["seconds_total"] = round(time.perf_counter() - started, 1)
+    _write(exported, _adapted_metadata({e.key: e.value for e in exported.metadata_props}, record), output)
+    export_pair_head(network.eval(), cfg, output)  # bound to the file's sha256, which the metadata changed
+    try:
+        record["parity"] = check_parity(network, output, {"crops": pixels[:7]})
+    except Exception:
+        output.unlink(missing_ok=True)
+        raise
+    record["output"] = output.name
+    output.with_suffix(".md").write_text(card(record))
+    return record
+
+
 def add_evaluation(record: Dict, model: Path, output: Path, roots: Sequence[Path], progress: bool = True) -> Dict:
-    """Evaluate the source and the adapted file side by side on labelled Market-layout ``roots``; the adapted
+    """Evaluate the source (a contract file through ONNX Runtime, a checkpoint in PyTorch) and the adapted file
+    side by side on labelled Market-layout ``roots``; the adapted
     file's figures go into its ``reid.evaluation`` and both into its card. Returns the record with them."""
-    from training.evaluation import evaluate_onnx
+    from training.evaluation import evaluate_checkpoint
 
     figures = {
-        name: evaluate_onnx(path, roots, progress=progress) for name, path in (("source", model), ("adapted", output))
+        name: evaluate_checkpoint(path, roots, progress=progress)
+        for name, path in (("source", model), ("adapted", output))
     }
     adapted = onnx.load(str(output))
     metadata = {entry.key: entry.value for entry in adapted.metadata_props}
@@ -160,16 +222,18 @@ def add_evaluation(record: Dict, model: Path, output: Path, roots: Sequence[Path
 
 
 def _record(
-    model: Path, model_sha256: str, description: str, views: CropViews, settings, history, embed_seconds: float
+    model: Path, model_sha256: str, description: str, crop_counts: tuple, settings, history, embed_seconds: float
 ) -> Dict:
+    """``crop_counts``: (crops adapted on, crops not decodable, each crop's camera)."""
+    crops, skipped, cameras = crop_counts
     last: EpochRecord = history[-1]
     return {
         "source_model": model.name,
         "source_sha256": model_sha256,
-        "crops": len(views.views),
-        "crops_skipped": views.skipped,
+        "crops": crops,
+        "crops_skipped": skipped,
         "crops_source": description,
-        "cameras": len(set(views.cameras)),
+        "cameras": len(set(cameras)),
         "views": list(VIEWS),
         "settings": asdict(settings),
         "epochs": [asdict(record) for record in history],
@@ -199,11 +263,11 @@ def card(record: Dict) -> str:
     return f"""# {record["output"]}
 
 Adapted without labels by `python -m training adapt` from `{record["source_model"]}`
-(sha256 `{record["source_sha256"]}`): a per-branch linear head on its feature maps, trained on pseudo-labels.
+(sha256 `{record["source_sha256"]}`): {record["trained"]}, trained on pseudo-labels.
 
 - Crops: {record["crops"]} from {record["crops_source"]} ({record["crops_skipped"]} not decodable), \
 {record["cameras"]} camera(s).
-- Time: {record["seconds_embedding"]} s embedding the crops and their mirror images, \
+- Time: {record["seconds_embedding"]} s {record["first_pass"]}, \
 {record["seconds_adapting"]} s adapting ({record["seconds_total"]} s in all).
 - Last epoch: {record["clusters"]} clusters, {record["outliers"]} crops in none.
 - Settings: {settings}.

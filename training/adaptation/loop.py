@@ -1,14 +1,18 @@
-"""The adaptation loop on pooled source maps: each epoch re-clusters every crop with the current head, builds
-a fresh memory from the clusters, and trains the head against it; outliers (crops in no cluster) sit the epoch
-out, as in Cluster Contrast, and are clustered again the next epoch."""
+"""The adaptation loop: each epoch re-clusters every crop with the current model, builds a fresh memory from
+the clusters, and trains against it; outliers (crops in no cluster) sit the epoch out, as in Cluster Contrast,
+and are clustered again the next epoch.
+
+What trains is an ``Adaptee``: the per-branch head on a contract file's pooled maps (``HeadAdaptee``, here), or
+a training checkpoint's whole network on the decoded crops (``training.adaptation.trunk.TrunkAdaptee``)."""
 
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from training.adaptation.clustering import OUTLIER, cluster_features
@@ -69,6 +73,42 @@ def embed(head: BranchLinearHead, pooled: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(pooled)).numpy()
 
 
+class Adaptee(Protocol):
+    """What an adaptation trains, and how it embeds the crops."""
+
+    module: nn.Module  # its parameters train; its state is what a checkpoint keeps
+    signature: list  # what a checkpoint must match to be resumed (the crops' shape)
+
+    def features(self) -> np.ndarray:
+        """Every crop's embedding [n, N*D] (each branch normalised), both views averaged: what is clustered."""
+
+    def batch_features(self, batch: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """The embeddings of the crops ``batch`` (indices) as training sees them, with their gradients."""
+
+    def penalty(self) -> torch.Tensor:
+        """How far it has moved from the source (the anchor term's penalty)."""
+
+
+class HeadAdaptee:
+    """A per-branch linear head on each crop's pooled source maps [n, V, N, D] in V views (image, mirror): an
+    epoch costs milliseconds, and any contract file can be adapted so."""
+
+    def __init__(self, pooled_views: np.ndarray):
+        self.pooled_views = pooled_views
+        self.module = BranchLinearHead(*pooled_views.shape[2:])
+        self.signature = list(pooled_views.shape)
+
+    def features(self) -> np.ndarray:
+        return embed(self.module, self.pooled_views.mean(axis=1))  # the views averaged: steadier clusters
+
+    def batch_features(self, batch: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        views = rng.integers(0, self.pooled_views.shape[1], len(batch))
+        return self.module(torch.from_numpy(self.pooled_views[batch, views]))
+
+    def penalty(self) -> torch.Tensor:
+        return self.module.distance_from_identity()
+
+
 def _batches(labels: np.ndarray, settings: AdaptationSettings, rng: np.random.Generator):
     """P clusters x K crops (with replacement for small clusters), ``steps_per_epoch`` batches."""
     members = {label: np.flatnonzero(labels == label) for label in np.unique(labels[labels != OUTLIER])}
@@ -104,28 +144,39 @@ def adapt_head(
     on_epoch: Optional[Callable[[EpochRecord, BranchLinearHead], None]] = None,
 ) -> tuple:
     """Train a head on ``pooled_views`` [n, V, N, D] (each crop's grid-mean maps in V views: the image, its
-    mirror, ...) with ``cameras`` [n] (0..C-1; all 0 where unknown). Returns (head, [EpochRecord]).
+    mirror, ...) with ``cameras`` [n] (0..C-1; all 0 where unknown). Returns (head, [EpochRecord])."""
+    return adapt_features(HeadAdaptee(pooled_views), cameras, settings, checkpoint, progress, on_epoch)
+
+
+def adapt_features(
+    adaptee: Adaptee,
+    cameras: np.ndarray,
+    settings: AdaptationSettings,
+    checkpoint: Optional[Path] = None,
+    progress: bool = True,
+    on_epoch: Optional[Callable[[EpochRecord, nn.Module], None]] = None,
+) -> tuple:
+    """Adapt ``adaptee`` to its crops, whose ``cameras`` [n] are 0..C-1 (all 0 where unknown). Returns
+    (its module, [EpochRecord]).
 
     With ``checkpoint``, the state is saved after each epoch and a run that finds one resumes after it."""
-    n, _, branches, dim = pooled_views.shape
-    head = BranchLinearHead(branches, dim)
-    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    module = adaptee.module
+    optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     history: List[EpochRecord] = []
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False)
-        if state["settings"] != asdict(settings) or state["shape"] != list(pooled_views.shape):
+        if state["settings"] != asdict(settings) or state["shape"] != adaptee.signature:
             raise ValueError(f"{checkpoint} was written by another adaptation (settings or crops differ)")
-        head.load_state_dict(state["head"])
+        module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         history = [EpochRecord(**record) for record in state["history"]]
-    clustering_input = pooled_views.mean(axis=1)  # the views averaged: steadier clusters than one view
     camera_tensor = torch.from_numpy(cameras.astype(np.int64))
     bar = tqdm(range(len(history), settings.epochs), desc="adapt", disable=not progress, initial=len(history))
     for epoch in bar:
         started = time.perf_counter()
         rng = np.random.default_rng([settings.seed, epoch])
         torch.manual_seed(settings.seed * 1000 + epoch)
-        features = embed(head, clustering_input)
+        features = adaptee.features()
         clustering = cluster_features(
             features,
             cameras,
@@ -137,9 +188,7 @@ def adapt_head(
         )
         losses = []
         if clustering.num_clusters >= 2:
-            losses = _train_epoch(
-                head, optimizer, pooled_views, features, clustering.labels, camera_tensor, settings, rng
-            )
+            losses = _train_epoch(adaptee, optimizer, features, clustering.labels, camera_tensor, settings, rng)
         fifth = max(1, len(losses) // 5)
         record = EpochRecord(
             epoch + 1,
@@ -153,29 +202,28 @@ def adapt_head(
         history.append(record)
         bar.set_postfix(clusters=record.clusters, outliers=record.outliers, loss=f"{record.loss:.3f}")
         if checkpoint is not None:
-            _save(checkpoint, head, optimizer, history, settings, pooled_views.shape)
+            _save(checkpoint, module, optimizer, history, settings, adaptee.signature)
         if on_epoch:
-            on_epoch(record, head)
-    return head, history
+            on_epoch(record, module)
+    return module, history
 
 
 def _mean(values: List[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _train_epoch(head, optimizer, pooled_views, features, labels, cameras, settings, rng) -> List[float]:
+def _train_epoch(adaptee: Adaptee, optimizer, features, labels, cameras, settings, rng) -> List[float]:
     """One epoch's steps against a memory built from ``features`` [n, E], the epoch's clustering input."""
     clustered = labels != OUTLIER
     label_tensor = torch.from_numpy(labels)
     memory = _memory(settings, torch.from_numpy(features[clustered]), label_tensor[clustered], cameras[clustered])
     losses = []
     for batch in _batches(labels, settings, rng):
-        views = rng.integers(0, pooled_views.shape[1], len(batch))
-        batch_features = head(torch.from_numpy(pooled_views[batch, views]))
+        batch_features = adaptee.batch_features(batch, rng)
         batch_labels, batch_cameras = label_tensor[batch], cameras[batch]
         loss = memory.loss(batch_features, batch_labels, batch_cameras)
         if settings.anchor_weight:
-            loss = loss + settings.anchor_weight * head.distance_from_identity()
+            loss = loss + settings.anchor_weight * adaptee.penalty()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -184,12 +232,12 @@ def _train_epoch(head, optimizer, pooled_views, features, labels, cameras, setti
     return losses
 
 
-def _save(path: Path, head, optimizer, history, settings, shape) -> None:
+def _save(path: Path, module, optimizer, history, settings, shape) -> None:
     path = Path(path)
     temporary = path.with_suffix(".tmp")
     torch.save(
         {
-            "head": head.state_dict(),
+            "module": module.state_dict(),
             "optimizer": optimizer.state_dict(),
             "history": [asdict(record) for record in history],
             "settings": asdict(settings),
