@@ -107,6 +107,16 @@ def figures(head: BranchLinearHead, cached: Dict[str, np.ndarray], kept: np.ndar
     return {"rank1": round(100 * m["rank1"], 1), "mAP": round(100 * m["mAP"], 1)}
 
 
+def variant_row(figures: Dict[str, float], history, seconds: float, adapted_on: np.ndarray) -> dict:
+    """A variant's figures, its last epoch's clusters and outliers, and its CPU minutes per 1,000 crops."""
+    return {
+        **figures,
+        "clusters": history[-1].clusters,
+        "outliers": history[-1].outliers,
+        "adapt_cpu_minutes_per_1000": round(seconds / 60 / float(adapted_on.sum()) * 1000, 2),
+    }
+
+
 def protocol_crops(cached: Dict[str, np.ndarray], protocol: str):
     """(crops adapted on, crops evaluated on) as masks."""
     everything = np.ones(len(cached["pids"]), bool)
@@ -146,12 +156,7 @@ def run(model: Path, data: Path, cache: Path) -> dict:
                 started = time.perf_counter()
                 head, history = adapt_head(cached["views"][adapt_on], cameras, settings, progress=False)
                 seconds = time.perf_counter() - started
-                rows[variant] = {
-                    **figures(head, cached, evaluate_on),
-                    "clusters": history[-1].clusters,
-                    "outliers": history[-1].outliers,
-                    "adapt_cpu_minutes_per_1000": round(seconds / 60 / float(adapt_on.sum()) * 1000, 2),
-                }
+                rows[variant] = variant_row(figures(head, cached, evaluate_on), history, seconds, adapt_on)
                 print(name, protocol, variant, rows["source"], rows[variant], flush=True)
     chosen = max(VARIANTS, key=lambda variant: selection_score(results, variant))
     results["chosen"] = {"variant": chosen, "settings": VARIANTS[chosen], "chosen_on": SELECTION}
@@ -204,12 +209,9 @@ def run_network(checkpoint: Path, data: Path) -> dict:
                 started = time.perf_counter()
                 model, history = adapt_features(adaptee, cameras, settings, progress=False)
                 seconds = time.perf_counter() - started
-                rows[variant] = {
-                    **network_figures(model, pixels, cached, evaluate_on),
-                    "clusters": history[-1].clusters,
-                    "outliers": history[-1].outliers,
-                    "adapt_cpu_minutes_per_1000": round(seconds / 60 / float(adapt_on.sum()) * 1000, 2),
-                }
+                rows[variant] = variant_row(
+                    network_figures(model, pixels, cached, evaluate_on), history, seconds, adapt_on
+                )
                 print(name, protocol, variant, rows["source"], rows[variant], flush=True)
     return results
 

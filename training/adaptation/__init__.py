@@ -144,8 +144,13 @@ def adapt(
     _write(append_head(source, head), _adapted_metadata(source_metadata, record), output)
     sample = crops.pixels(contract.input_height, contract.input_width, 7)
     parity_sets = {"crops": sample, "random": np.random.default_rng(0).integers(0, 256, sample.shape, np.uint8)}
+    return _checked(record, output, HeadOnSource(session, head), parity_sets)
+
+
+def _checked(record: Dict, output: Path, model: nn.Module, parity_sets: Dict[str, np.ndarray]) -> Dict:
+    """The written file held to ``model`` (parity; a file that fails is removed), then its card."""
     try:
-        record["parity"] = check_parity(HeadOnSource(session, head), output, parity_sets)
+        record["parity"] = check_parity(model, output, parity_sets)
     except Exception:
         output.unlink(missing_ok=True)
         raise
@@ -192,14 +197,7 @@ def _adapt_network(
     record["seconds_total"] = round(time.perf_counter() - started, 1)
     _write(exported, _adapted_metadata({e.key: e.value for e in exported.metadata_props}, record), output)
     export_pair_head(network.eval(), cfg, output)  # bound to the file's sha256, which the metadata changed
-    try:
-        record["parity"] = check_parity(network, output, {"crops": pixels[:7]})
-    except Exception:
-        output.unlink(missing_ok=True)
-        raise
-    record["output"] = output.name
-    output.with_suffix(".md").write_text(card(record))
-    return record
+    return _checked(record, output, network, {"crops": pixels[:7]})
 
 
 def add_evaluation(record: Dict, model: Path, output: Path, roots: Sequence[Path], progress: bool = True) -> Dict:
