@@ -179,7 +179,7 @@ def run_network(checkpoint: Path, data: Path) -> dict:
     _, cfg = load_trained_model(checkpoint)
     augmentation = TrainAugmentation(flip_prob=0.5, padding=cfg.data.padding, erasing_prob=cfg.data.erasing_prob)
     results = {
-        "model": checkpoint.name,
+        "model": f"{checkpoint.parent.name}/{checkpoint.name}",  # a run's model.pt: named by its run folder
         "model_sha256": sha256_of(checkpoint),
         "data": {name: data_fingerprint(data / name) for name in SETS},
         "variants": NETWORK_VARIANTS,
