@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.common import record_end_load
+from bench.common import DocsTable, DocsTables, generated_marker, record_end_load
 from model_zoo.provenance import data_fingerprint, provenance
 from bench.embed_speed import measure
 from model_zoo.contract import open_cpu_session
@@ -66,6 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         print(candidates_table(json.loads(args.table.read_text()), args.only))
+        return
+    if args.write_docs and args.write_docs.name in DOCS_TABLES:
+        DOCS_TABLES.write(args.write_docs)
         return
     if args.write_docs:
         results = json.loads(args.write_docs.read_text())
@@ -131,6 +134,16 @@ def render_docs(text: str, results: dict) -> str:
         return match.group(1) + "\n" + candidates_table(results, names if kind == "rows" else None) + "\n"
 
     return GENERATED.sub(table, text)
+
+
+# Runs of a few candidates beside the main file, each with its own table on a page: result file name -> table.
+DOCS_TABLES = DocsTables(
+    {
+        "distilled_candidates.json": DocsTable(
+            REPO / "docs" / "models.md", generated_marker("distilled candidates table"), candidates_table
+        ),
+    }
+)
 
 
 if __name__ == "__main__":
