@@ -172,13 +172,16 @@ def _adapt_network(
     from training.checkpoints import load_trained_model
     from training.export import export_onnx, export_pair_head
 
+    if run_dir is None:  # the checkpoints it writes on the way go to a folder removed at the end
+        with tempfile.TemporaryDirectory(prefix="adapt-") as scratch:
+            return _adapt_network(checkpoint, crops_source, output, Path(scratch), settings, progress, limit)
     started = time.perf_counter()
     network, cfg = load_trained_model(checkpoint)
     crops = read_crops(crops_source, limit)
     pixels, cameras, skipped = decoded_crops(crops, cfg.data.height, cfg.data.width, progress)
     settings = _settings_for(cameras, settings)
     decoded = time.perf_counter()
-    run = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="adapt-"))
+    run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     augmentation = TrainAugmentation(flip_prob=0.5, padding=cfg.data.padding, erasing_prob=cfg.data.erasing_prob)
     adaptee = TrunkAdaptee(network, pixels, augmentation, settings.seed)
