@@ -143,7 +143,7 @@ def enrol_throughput_wrk(url: str, clients: int, seconds: float, image: bytes, t
     return float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
 
 
-SETTLE_S = 0.5  # ONNX Runtime's spinning threads go on for a moment after a call: counted in a query's CPU
+CPU_SETTLE_S = 0.5  # ONNX Runtime's spinning threads go on for a moment after a call: counted in a query's CPU
 
 
 def cpu_seconds(pid: int) -> float:
@@ -219,7 +219,7 @@ def fill_synthetic(store_path: Path, model_path: Path, count: int, dim: int) -> 
 
 def latencies(server: ServiceProcess, images, queries: int, heatmaps: bool) -> dict:
     """Latency quantiles of ``queries`` queries one after the other, and the server's CPU time per query (what
-    its threads did after each answer included: the count ends SETTLE_S after the last)."""
+    its threads did after each answer included: the count ends CPU_SETTLE_S after the last)."""
     times = []
     with ReIDClient(server.url, timeout=120) as reid:
         for i in range(queries + 2):
@@ -229,7 +229,7 @@ def latencies(server: ServiceProcess, images, queries: int, heatmaps: bool) -> d
             reid.query(("q.jpg", images[i % len(images)]), top_k=10, heatmaps=heatmaps)
             if i >= 2:
                 times.append((time.perf_counter() - started) * 1000)
-    time.sleep(SETTLE_S)
+    time.sleep(CPU_SETTLE_S)
     cpu_ms = (cpu_seconds(server.process.pid) - cpu) * 1000 / queries
     return {**latency_quantiles(times), "server_cpu_ms_per_query": round(cpu_ms, 1)}
 
