@@ -131,20 +131,24 @@ def _images_query(ids: List[int], placeholder: str) -> str:
     return f"SELECT id, image FROM items WHERE id IN ({', '.join([placeholder] * len(ids))})"
 
 
-def _sqlite(path: Path) -> Source:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such store")
-
-    def connect():
-        return closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True))
+def _store(connect, placeholder: str, description: str) -> Source:
+    """A store's items listed without their images, and the reader of a batch's images (``connect``: a new
+    read-only connection as a context manager)."""
 
     def read_images(ids: List[int]) -> Dict[int, bytes]:
         with connect() as connection:
-            return {item_id: bytes(image) for item_id, image in connection.execute(_images_query(ids, "?"), ids)}
+            rows = connection.execute(_images_query(ids, placeholder), ids)
+            return {item_id: bytes(image) for item_id, image in rows}
 
     with connect() as connection:
         entries = _listed(connection.execute(LIST_QUERY))
-    return entries, f"SQLite store {path.name}", read_images
+    return entries, description, read_images
+
+
+def _sqlite(path: Path) -> Source:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such store")
+    return _store(lambda: closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)), "?", f"SQLite store {path.name}")
 
 
 def _postgres(dsn: str) -> Source:
@@ -155,14 +159,8 @@ def _postgres(dsn: str) -> Source:
         connection.read_only = True
         return connection
 
-    def read_images(ids: List[int]) -> Dict[int, bytes]:
-        with connect() as connection:
-            return {item_id: bytes(image) for item_id, image in connection.execute(_images_query(ids, "%s"), ids)}
-
-    with connect() as connection:
-        entries = _listed(connection.execute(LIST_QUERY))
     parsed = urlparse(dsn)
-    return entries, f"PostgreSQL database {parsed.path.lstrip('/') or parsed.hostname}", read_images
+    return _store(connect, "%s", f"PostgreSQL database {parsed.path.lstrip('/') or parsed.hostname}")
 
 
 def _entries(source: str) -> Source:
