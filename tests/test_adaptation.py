@@ -238,6 +238,17 @@ def test_adapt_from_a_checkpoint_trains_the_whole_network_and_exports_a_contract
     assert (tmp_path / "run" / "adapted.pt").exists() and (tmp_path / "run" / "network.pt").exists()
 
 
+def test_a_checkpoint_with_an_anchor_weight_is_refused_before_its_crops_are_read(tiny_model, tmp_path):
+    checkpoint, _ = tiny_model
+    with pytest.raises(ValueError, match="no anchor term"):
+        adapt(
+            checkpoint,
+            str(tmp_path / "no such folder"),
+            tmp_path / "o.onnx",
+            settings=AdaptationSettings(anchor_weight=1),
+        )
+
+
 def test_evaluated_where_labels_exist_the_figures_go_into_the_file_and_the_card(tiny_model, market_root, tmp_path):
     _, source = tiny_model
     settings = AdaptationSettings(epochs=1, min_samples=2, eps=0.5, k1=6, k2=3, steps_per_epoch=3, batch_size=16)

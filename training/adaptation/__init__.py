@@ -39,7 +39,7 @@ from model_zoo.onnx_export import check_parity
 from training.adaptation.crops import Crops, read_crops
 from training.adaptation.head import BranchLinearHead, append_head
 from training.adaptation.loop import AdaptationSettings, EpochRecord, adapt_features, adapt_head
-from training.adaptation.trunk import TrunkAdaptee, decoded_crops
+from training.adaptation.trunk import ANCHOR_REFUSED, TrunkAdaptee, decoded_crops
 from training.data.transforms import TrainAugmentation
 from training.adaptation.views import VIEWS, CropViews, crop_views
 
@@ -172,6 +172,8 @@ def _adapt_network(
     from training.checkpoints import load_trained_model
     from training.export import export_onnx, export_pair_head
 
+    if settings.anchor_weight:  # refused before the crops are decoded, not at the first step
+        raise ValueError(ANCHOR_REFUSED)
     if run_dir is None:  # the checkpoints it writes on the way go to a folder removed at the end
         with tempfile.TemporaryDirectory(prefix="adapt-") as scratch:
             return _adapt_network(checkpoint, crops_source, output, Path(scratch), settings, progress, limit)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from training.data.transforms import TrainAugmentation
 
 BATCH = 64
+ANCHOR_REFUSED = "anchor_weight pulls a head back to the identity: a whole network has no anchor term"
 
 
 def pooled_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ class TrunkAdaptee:
         return F.normalize(pooled_maps(self.module, images), dim=2).flatten(1)
 
     def penalty(self) -> torch.Tensor:
-        raise ValueError("anchor_weight pulls a head back to the identity: a whole network has no anchor term")
+        raise ValueError(ANCHOR_REFUSED)
 
 
 def decoded_crops(crops, height: int, width: int, progress: bool = True):
