@@ -331,3 +331,15 @@ def test_every_evaluation_table_in_the_docs_is_what_its_result_files_hold():
     for table in evaluation_tables.ALL_TABLES:
         assert table.marker.search(text), f"docs/results.md lost the marker of {table.name}"
         assert table.rendered(text) == text, "python -m bench.evaluation_tables --write-docs"
+
+
+def test_every_shipped_models_card_shows_what_its_files_and_runs_hold():
+    """Each shipped file's card prints its threshold, int8 agreement and training runs from the files themselves
+    (bench/model_cards.py), so a recalibrated or retrained file cannot leave its card's figures behind."""
+    cards = bench_module("model_cards")
+    shipped = cards.shipped_models()
+    assert {path.name for path in shipped} >= set(cards.TRAINING_RUNS)
+    for path in shipped:
+        text = path.with_suffix(".md").read_text()
+        assert cards.MARKER.search(text), f"{path.with_suffix('.md').name} has no card figures marker"
+        assert cards.rendered(path) == text, "python -m bench.model_cards --write-docs"
