@@ -9,7 +9,7 @@ What this package owns:
 - ``registry``: architectures by name; ``backbones`` and ``architectures`` (with ``contract_maps``): the torch modules.
 - ``onnx_export``: the writer of contract files and its ONNX Runtime-against-torch parity check (torch, onnx).
 - ``importers``: public models (OpenVINO IR, torchreid OSNet) as contract files, ``python -m model_zoo import`` (torch).
-- ``models/``: the trained ONNX models that ship with the product, each with a model card.
+- ``models/``: the ONNX models that ship with the product, each with a model card, and the default's source IR.
 - ``provenance``: where a result came from (commit, command, date, machine, data), torch-free: benchmarks and
   training runs record it in their result files.
 
@@ -24,3 +24,6 @@ SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
 # Intel's Open Model Zoo person-reidentification-retail-0277 (Apache-2.0), imported: the most accurate model
 # on cameras never seen that training here has not beaten yet (its card; bench/results/model_candidates.json).
 DEFAULT_MODEL_PATH = SHIPPED_MODELS_DIR / "person_reidentification_retail_0277.onnx"
+# The default's source, Intel's IR as published (its reid.source names both files' sha256): the trainable
+# network that `python -m training adapt --model` adapts whole on a user's cameras.
+DEFAULT_SOURCE_IR = SHIPPED_MODELS_DIR / "person-reidentification-retail-0277-FP16.xml"

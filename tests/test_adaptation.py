@@ -238,6 +238,30 @@ def test_adapt_from_a_checkpoint_trains_the_whole_network_and_exports_a_contract
     assert (tmp_path / "run" / "adapted.pt").exists() and (tmp_path / "run" / "network.pt").exists()
 
 
+def test_adapt_from_an_openvino_ir_trains_its_rebuilt_network(tiny_ir, market_root, tmp_path):
+    """--model IR.xml (the shipped default's source ships beside it): the IR's rebuild adapts whole and exports
+    as an imported file would, its record naming the IR's graph and weights; the source evaluates beside it."""
+    from model_zoo.importers import import_model
+
+    imported = import_model(tiny_ir, tmp_path / "imported.onnx")["output"]
+    crops = write_crops(tmp_path / "crops")
+    settings = AdaptationSettings(epochs=1, min_samples=2, eps=0.5, k1=6, k2=3, steps_per_epoch=3, batch_size=16)
+    out = tmp_path / "adapted.onnx"
+    record = adapt(tiny_ir, str(crops), out, tmp_path / "run", settings, progress=False)
+    assert record["source_model"] == tiny_ir.name and record["source_sha256"] == sha256_of(tiny_ir)
+    assert record["source_weights_sha256"] == sha256_of(tiny_ir.with_suffix(".bin"))
+    assert max(record["parity"].values()) < 1e-4
+    session, contract = open_cpu_session(out)
+    assert contract.feature_maps_kind == "attribution"
+    pixels = read_crops(str(crops)).pixels(contract.input_height, contract.input_width, 5)
+    embedding, maps = session.run(None, {"images": pixels})
+    assert identity_error(embedding, maps) < 1e-5
+    source_embedding = open_cpu_session(imported)[0].run(["embedding"], {"images": pixels})[0]
+    assert not np.allclose(embedding, source_embedding, atol=1e-3)
+    evaluated = add_evaluation(record, tiny_ir, out, [market_root], progress=False)["evaluation"]
+    assert set(evaluated["source"]) == set(evaluated["adapted"]) == {market_root.name}
+
+
 def test_a_checkpoint_with_an_anchor_weight_is_refused_before_its_crops_are_read(tiny_model, tmp_path):
     checkpoint, _ = tiny_model
     with pytest.raises(ValueError, match="no anchor term"):

@@ -17,3 +17,17 @@ def test_the_package_ships_the_default_model():
 def test_a_shipped_model_file_opens_under_the_contract(path):
     _, contract = open_cpu_session(path)
     assert contract.embedding_dim > 0
+
+
+def test_the_defaults_source_ir_ships_beside_it_as_its_metadata_names_it():
+    """``training adapt --model DEFAULT_SOURCE_IR`` adapts the default's own network: the IR must be the one the
+    default was imported from, byte for byte (both files' sha256 as ``reid.source`` records them)."""
+    import json
+
+    from model_zoo import DEFAULT_MODEL_PATH, DEFAULT_SOURCE_IR
+    from model_zoo.files import sha256_of
+
+    session, _ = open_cpu_session(DEFAULT_MODEL_PATH)
+    source = json.loads(session.get_modelmeta().custom_metadata_map["reid.source"])
+    shipped = {path.name: sha256_of(path) for path in (DEFAULT_SOURCE_IR, DEFAULT_SOURCE_IR.with_suffix(".bin"))}
+    assert source["files"] == shipped

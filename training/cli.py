@@ -406,8 +406,8 @@ def _add_adapt(commands) -> None:
         "--model",
         type=Path,
         default=DEFAULT_MODEL_PATH,
-        help="the fp32 contract file to start from (default: the shipped default), or a training checkpoint "
-        "(model.pt) whose whole network adapts",
+        help="the fp32 contract file to start from (default: the shipped default), or a network that adapts "
+        "whole: a training checkpoint (model.pt) or an OpenVINO IR (.xml; the default's ships beside it)",
     )
     adapt.add_argument("--run-dir", type=Path, default=None, help="keep each epoch's state here; rerun to resume")
     adapt.add_argument("--limit", type=_at_least_one, default=None, help="use at most this many crops, evenly spaced")

@@ -45,7 +45,8 @@ from training.adaptation.views import VIEWS, CropViews, crop_views
 
 log = logging.getLogger(__name__)
 HEAD = "a per-branch linear head on its feature maps"
-NETWORK = "its whole network (the checkpoint's), exported as a training run's"
+NETWORK = "its whole network (a checkpoint's, or an IR's rebuild), exported as a training run's"
+NETWORK_SUFFIXES = (".pt", ".xml")  # a training checkpoint, an OpenVINO IR: what adapts whole
 ADAPTED_CHECKPOINT = "adapted.pt"  # in the run folder: the adapted network as a training checkpoint
 EVALUATION_KEY = METADATA_PREFIX + "evaluation"
 
@@ -114,11 +115,12 @@ def adapt(
 ) -> Dict:
     """Adapt ``model`` to the crops of ``crops_source`` and write the adapted contract file to ``output`` (with its
     card beside it, ``output`` with ``.md``): a contract file (``.onnx``) gains a per-branch head on its frozen
-    network; a training checkpoint (``.pt``) has its whole network adapted (``trunk``), then exported. ``run_dir``
+    network; a training checkpoint (``.pt``) or an OpenVINO IR (``.xml``: the shipped default's source ships
+    beside it) has its whole network adapted (``trunk``), then exported. ``run_dir``
     keeps the state of each epoch: an interrupted run given the same folder resumes. Returns the summary the
     card is written from."""
     model, output = Path(model), Path(output)
-    if model.suffix == ".pt":
+    if model.suffix in NETWORK_SUFFIXES:
         return _adapt_network(model, crops_source, output, run_dir, settings, progress, limit)
     started = time.perf_counter()
     source = onnx.load(str(model))
@@ -168,8 +170,9 @@ def _adapt_network(
     progress: bool,
     limit: Optional[int],
 ) -> Dict:
-    """``adapt`` from a training checkpoint: its whole network trains on the crops, then exports as a run's does."""
-    from training.checkpoints import load_trained_model
+    """``adapt`` from a training checkpoint or an IR: its whole network trains on the crops, then exports as a run's
+    does."""
+    from training.checkpoints import checkpoint_state, load_trained_model
     from training.export import export_onnx, export_pair_head
 
     if settings.anchor_weight:  # refused before the crops are decoded, not at the first step
@@ -189,7 +192,7 @@ def _adapt_network(
     adaptee = TrunkAdaptee(network, pixels, augmentation, settings.seed)
     camera_indices = np.unique(np.array(cameras), return_inverse=True)[1]
     network, history = adapt_features(adaptee, camera_indices, settings, run / "network.pt", progress)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = checkpoint_state(checkpoint)
     state["model"] = network.state_dict()
     torch.save(state, run / ADAPTED_CHECKPOINT)
     crop_counts = (len(pixels), skipped, cameras)
@@ -197,6 +200,8 @@ def _adapt_network(
         checkpoint, sha256_of(checkpoint), crops.description, crop_counts, settings, history, decoded - started
     )
     record.update(trained=NETWORK, first_pass="decoding the crops")
+    if checkpoint.suffix == ".xml":  # the graph's hash alone would not name the weights
+        record["source_weights_sha256"] = sha256_of(checkpoint.with_suffix(".bin"))
     export_onnx(run / ADAPTED_CHECKPOINT, output)
     exported = onnx.load(str(output))
     record["seconds_total"] = round(time.perf_counter() - started, 1)
