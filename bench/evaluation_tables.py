@@ -16,6 +16,7 @@ from bench.printed_tables import (
     EvaluationTable,
     FirstEnrolTable,
     FrozenHeadsTable,
+    GoalsTable,
     HostileMemoryTable,
     IvfSettingsTable,
     OneSetRunsTable,
@@ -101,6 +102,15 @@ def pair_term(label: str, row: str, speed: str, seeds: Tuple[int, ...] = ()) -> 
 
 
 TABLES = (
+    GoalsTable(
+        "previous default goals table",
+        evaluation="accuracy_fp32.json",
+        rerank="pool/cama_ordered_full_rerank_onnx_evaluation.json",
+        speed="embed_speed.json",
+        repaired_speed="embed_speed_subnormals_zeroed.json",
+        sizes="model_candidates.json",
+        model="cama_mobilenetv2_pool.onnx",
+    ),
     RunsTable(
         "short schedule table",
         tuple(f"pool/{row}.json" for row in ("cama_ordered", "cama_symmetric", "mltb_lid", "ide_bn")),
