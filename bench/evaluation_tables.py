@@ -1,8 +1,8 @@
-"""docs/results.md's research-log tables: which rows each holds and which result file each row reads (the kinds
-of table are bench.printed_tables'), so that no figure in them is copied by hand. tests/test_results_tables.py
-checks that the docs show what the files hold.
+"""docs/results.md's research-log tables, and those of the previous default's card: which rows each holds and
+which result file each row reads (the kinds of table are bench.printed_tables'), so that no figure in them is
+copied by hand. tests/test_results_tables.py checks that the pages show what the files hold.
 
-    python -m bench.evaluation_tables --write-docs   # rewrite every table below in docs/results.md
+    python -m bench.evaluation_tables --write-docs   # rewrite every table below on its page
 """
 
 import argparse
@@ -587,14 +587,61 @@ TABLES = (
 ALL_TABLES = TABLES + tuple(AblationTable(name, kind) for name in ("casn", "clpd") for kind in ("seeds", "steps"))
 
 
+def pool_card_row(label: str, row: str) -> Row:
+    return Row(f"{label} (`{row}.json`)", f"pool/{row}.json")
+
+
+# The card of the CAMA model that was the default until 2026-12-06 (kept for its record and its commands).
+POOL_CARD_TABLES = (
+    EvaluationTable(
+        "card evaluation table",
+        "evaluated",
+        (
+            Row("this file through ONNX Runtime (`accuracy_fp32.json`)", "accuracy_fp32.json"),
+            Row("its branches 1-2 alone", "accuracy_fp32.json", "branches1-2"),
+        ),
+        branch_maps=3,
+    ),
+    EvaluationTable(
+        "card candidates table",
+        "model",
+        (
+            Row("**this model** (the recipe on its full schedule; `accuracy_fp32.json`)", "accuracy_fp32.json"),
+            pool_card_row("the same recipe on the short schedule (1 + 3 epochs of 200 batches)", "cama_ordered"),
+            pool_card_row("CAMA symmetric, short schedule", "cama_symmetric"),
+            pool_card_row("MltB+L_id (three branches, no penalty), short schedule", "mltb_lid"),
+            pool_card_row("IDE+BN (one branch) on the same full schedule", "ide_bn_full"),
+            pool_card_row(
+                "the recipe without colour jitter, grayscale and random erasing on the same full schedule",
+                "cama_ordered_full_no_colour_no_erasing",
+            ),
+            pool_card_row("IDE+BN (one branch), short schedule", "ide_bn"),
+            pool_card_row("the short-schedule recipe without IBN-a", "cama_ordered_no_ibn"),
+            pool_card_row("with IBN-b in place of IBN-a", "cama_ordered_ibn_b"),
+            pool_card_row("without colour jitter and grayscale", "cama_ordered_no_colour"),
+            pool_card_row("without random erasing", "cama_ordered_no_erasing"),
+            pool_card_row("without label smoothing, trained in bf16", "cama_ordered_no_label_smoothing"),
+            pool_card_row("the short-schedule recipe in bf16 autocast", "cama_ordered_bf16"),
+            pool_card_row("without the triplet term", "cama_ordered_no_triplet"),
+            pool_card_row("on CUHK03-detected alone", "cama_ordered_cuhk03_only"),
+            pool_card_row("the previous default, CUHK03 only", "previous_default_onnx_evaluation"),
+        ),
+        figures=2,
+    ),
+)
+POOL_CARD = RESULTS_PAGE.parents[1] / "model_zoo" / "models" / "cama_mobilenetv2_pool.md"
+PAGES = {RESULTS_PAGE: ALL_TABLES, POOL_CARD: POOL_CARD_TABLES}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write-docs", action="store_true", help="rewrite every table in docs/results.md")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite every table in docs/results.md and cards")
     if parser.parse_args().write_docs:
-        text = RESULTS_PAGE.read_text()
-        for table in ALL_TABLES:
-            text = table.rendered(text)
-        RESULTS_PAGE.write_text(text)
+        for page, tables in PAGES.items():
+            text = page.read_text()
+            for table in tables:
+                text = table.rendered(text)
+            page.write_text(text)
 
 
 if __name__ == "__main__":

@@ -327,10 +327,11 @@ def test_every_result_file_records_its_commit_command_date_and_machine():
 def test_every_evaluation_table_in_the_docs_is_what_its_result_files_hold():
     from bench import evaluation_tables
 
-    text = evaluation_tables.RESULTS_PAGE.read_text()
-    for table in evaluation_tables.ALL_TABLES:
-        assert table.marker.search(text), f"docs/results.md lost the marker of {table.name}"
-        assert table.rendered(text) == text, "python -m bench.evaluation_tables --write-docs"
+    for page, tables in evaluation_tables.PAGES.items():
+        text = page.read_text()
+        for table in tables:
+            assert table.marker.search(text), f"{page.name} lost the marker of {table.name}"
+            assert table.rendered(text) == text, "python -m bench.evaluation_tables --write-docs"
 
 
 def test_every_shipped_models_card_shows_what_its_files_and_runs_hold():
