@@ -262,6 +262,49 @@ def test_adapt_from_an_openvino_ir_trains_its_rebuilt_network(tiny_ir, market_ro
     assert set(evaluated["source"]) == set(evaluated["adapted"]) == {market_root.name}
 
 
+def test_oap_during_adaptation_takes_each_crops_cluster_centroid_as_its_classifier_row(tiny_model):
+    """TrunkAdaptee.overlap: branch i's activation map is the centroid's branch-i slice dotted with each cell of
+    F^i (the cell's share of the crop's score against its cluster), penalised as training's OAP; its gradient
+    reaches the branches."""
+    from training.adaptation.trunk import TrunkAdaptee
+    from training.checkpoints import load_trained_model
+    from training.data.transforms import TrainAugmentation
+    from training.losses import OverlappedActivationPenalty
+
+    network, cfg = load_trained_model(tiny_model[0])
+    pixels = np.random.default_rng(0).integers(0, 256, (6, cfg.data.height, cfg.data.width, 3), np.uint8)
+    oap = OverlappedActivationPenalty(cfg.loss.k, "ordered")
+    adaptee = TrunkAdaptee(network, pixels, TrainAugmentation(flip_prob=0.5, padding=2), oap=oap)
+    features = adaptee.batch_features(np.arange(6), np.random.default_rng(0))
+    centroids = torch.randn(6, features.shape[1])
+    maps = adaptee.batch_maps
+    by_hand = torch.einsum("bndhw,bnd->bnhw", maps, centroids.view(6, maps.shape[1], -1))
+    overlap = adaptee.overlap(centroids)
+    assert torch.allclose(overlap, oap(by_hand))
+    overlap.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.branches[1].parameters())
+
+
+def test_oap_during_adaptation_changes_what_the_network_learns_and_is_refused_where_it_cannot_apply(
+    tiny_model, tiny_ir, tmp_path
+):
+    checkpoint, source = tiny_model
+    crops = str(write_crops(tmp_path / "crops"))
+    common = dict(epochs=1, min_samples=2, eps=0.5, k1=6, k2=3, steps_per_epoch=4, batch_size=16)
+    outputs = {}
+    for weight in (0.0, 5.0):
+        out = outputs[weight] = tmp_path / f"oap{weight}.onnx"
+        record = adapt(checkpoint, crops, out, None, AdaptationSettings(**common, oap_weight=weight), progress=False)
+        assert record["settings"]["oap_weight"] == weight and max(record["parity"].values()) < 1e-4
+    pixels = read_crops(crops).pixels(64, 32, 5)
+    embeddings = [open_cpu_session(out)[0].run(["embedding"], {"images": pixels})[0] for out in outputs.values()]
+    assert not np.allclose(*embeddings, atol=1e-4)
+    with pytest.raises(ValueError, match="not a head"):
+        adapt(source, crops, tmp_path / "h.onnx", settings=AdaptationSettings(oap_weight=1))
+    with pytest.raises(ValueError, match="two branches or more"):
+        adapt(tiny_ir, crops, tmp_path / "i.onnx", settings=AdaptationSettings(oap_weight=1))
+
+
 def test_a_checkpoint_with_an_anchor_weight_is_refused_before_its_crops_are_read(tiny_model, tmp_path):
     checkpoint, _ = tiny_model
     with pytest.raises(ValueError, match="no anchor term"):

@@ -38,9 +38,10 @@ from model_zoo.files import sha256_of
 from model_zoo.onnx_export import check_parity
 from training.adaptation.crops import Crops, read_crops
 from training.adaptation.head import BranchLinearHead, append_head
-from training.adaptation.loop import AdaptationSettings, EpochRecord, adapt_features, adapt_head
+from training.adaptation.loop import OAP_NEEDS_MAPS, AdaptationSettings, EpochRecord, adapt_features, adapt_head
 from training.adaptation.trunk import ANCHOR_REFUSED, TrunkAdaptee, decoded_crops
 from training.data.transforms import TrainAugmentation
+from training.losses import OverlappedActivationPenalty
 from training.adaptation.views import VIEWS, CropViews, crop_views
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ def adapt(
     model, output = Path(model), Path(output)
     if model.suffix in NETWORK_SUFFIXES:
         return _adapt_network(model, crops_source, output, run_dir, settings, progress, limit)
+    if settings.oap_weight:  # refused before the crops are embedded, not at the first step
+        raise ValueError(OAP_NEEDS_MAPS)
     started = time.perf_counter()
     source = onnx.load(str(model))
     source_metadata = {entry.key: entry.value for entry in source.metadata_props}
@@ -182,6 +185,7 @@ def _adapt_network(
             return _adapt_network(checkpoint, crops_source, output, Path(scratch), settings, progress, limit)
     started = time.perf_counter()
     network, cfg = load_trained_model(checkpoint)
+    oap = _penalty(cfg, settings)
     crops = read_crops(crops_source, limit)
     pixels, cameras, skipped = decoded_crops(crops, cfg.data.height, cfg.data.width, progress)
     settings = _settings_for(cameras, settings)
@@ -189,7 +193,7 @@ def _adapt_network(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     augmentation = TrainAugmentation(flip_prob=0.5, padding=cfg.data.padding, erasing_prob=cfg.data.erasing_prob)
-    adaptee = TrunkAdaptee(network, pixels, augmentation, settings.seed)
+    adaptee = TrunkAdaptee(network, pixels, augmentation, settings.seed, oap)
     camera_indices = np.unique(np.array(cameras), return_inverse=True)[1]
     network, history = adapt_features(adaptee, camera_indices, settings, run / "network.pt", progress)
     state = checkpoint_state(checkpoint)
@@ -208,6 +212,15 @@ def _adapt_network(
     _write(exported, _adapted_metadata({e.key: e.value for e in exported.metadata_props}, record), output)
     export_pair_head(network.eval(), cfg, output)  # bound to the file's sha256, which the metadata changed
     return _checked(record, output, network, {"crops": pixels[:7]})
+
+
+def _penalty(cfg, settings: AdaptationSettings) -> Optional[OverlappedActivationPenalty]:
+    """The OAP ``oap_weight`` asks for, as the checkpoint trained with it (its k and form); None without."""
+    if not settings.oap_weight:
+        return None
+    if cfg.model.num_branches < 2:
+        raise ValueError(f"oap_weight needs two branches or more; this network has {cfg.model.num_branches}")
+    return OverlappedActivationPenalty(cfg.loss.k, cfg.loss.oap_mode)
 
 
 def add_evaluation(record: Dict, model: Path, output: Path, roots: Sequence[Path], progress: bool = True) -> Dict:

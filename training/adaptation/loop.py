@@ -20,6 +20,7 @@ from training.adaptation.head import BranchLinearHead
 from training.adaptation.memory import CameraProxyMemory, ClusterMemory
 
 MEMORIES = ("cluster", "camera")
+OAP_NEEDS_MAPS = "oap_weight needs a network's feature maps: adapt a checkpoint or an IR, not a head"
 CLUSTERERS = ("dbscan", "mutual")
 
 
@@ -45,6 +46,7 @@ class AdaptationSettings:
     lr: float = 1e-4  # Adam
     weight_decay: float = 5e-4
     anchor_weight: float = 0.0  # lambda of ||W - I||^2 + ||b||^2, a pull back toward the source model
+    oap_weight: float = 0.0  # CAMA's OAP on activation maps of each crop's cluster centroid (a network's branches)
     seed: int = 0
 
     def __post_init__(self):
@@ -88,6 +90,10 @@ class Adaptee(Protocol):
     def penalty(self) -> torch.Tensor:
         """How far it has moved from the source (the anchor term's penalty)."""
 
+    def overlap(self, centroids: torch.Tensor) -> torch.Tensor:
+        """OAP on the last batch's maps, each crop's activation maps taken with its cluster's centroid [B, N*D]
+        in place of an identity classifier's row."""
+
 
 class HeadAdaptee:
     """A per-branch linear head on each crop's pooled source maps [n, V, N, D] in V views (image, mirror): an
@@ -107,6 +113,9 @@ class HeadAdaptee:
 
     def penalty(self) -> torch.Tensor:
         return self.module.distance_from_identity()
+
+    def overlap(self, centroids: torch.Tensor) -> torch.Tensor:
+        raise ValueError(OAP_NEEDS_MAPS)
 
 
 def _batches(labels: np.ndarray, settings: AdaptationSettings, rng: np.random.Generator):
@@ -217,6 +226,7 @@ def _train_epoch(adaptee: Adaptee, optimizer, features, labels, cameras, setting
     clustered = labels != OUTLIER
     label_tensor = torch.from_numpy(labels)
     memory = _memory(settings, torch.from_numpy(features[clustered]), label_tensor[clustered], cameras[clustered])
+    centroids = _centroids(features, labels) if settings.oap_weight else None
     losses = []
     for batch in _batches(labels, settings, rng):
         batch_features = adaptee.batch_features(batch, rng)
@@ -224,12 +234,22 @@ def _train_epoch(adaptee: Adaptee, optimizer, features, labels, cameras, setting
         loss = memory.loss(batch_features, batch_labels, batch_cameras)
         if settings.anchor_weight:
             loss = loss + settings.anchor_weight * adaptee.penalty()
+        if settings.oap_weight:
+            loss = loss + settings.oap_weight * adaptee.overlap(centroids[batch_labels])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         memory.update(batch_features.detach(), batch_labels, batch_cameras)
         losses.append(loss.item())
     return losses
+
+
+def _centroids(features: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+    """Each cluster's mean embedding [clusters, E], by label; the epoch's, as its memory starts from them."""
+    clustered = labels != OUTLIER
+    sums = np.zeros((labels.max() + 1, features.shape[1]), np.float32)
+    np.add.at(sums, labels[clustered], features[clustered])
+    return torch.from_numpy(sums / np.maximum(np.bincount(labels[clustered], minlength=len(sums)), 1)[:, None])
 
 
 def _save(path: Path, module, optimizer, history, settings, shape) -> None:
