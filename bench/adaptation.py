@@ -27,6 +27,9 @@ batches: what two CPU cores run in minutes per set), from the checkpoint's own e
 
     python -m bench.adaptation --data $DATA --checkpoint $RUNS/omz0288_ft/model.pt \\
         --output bench/results/adaptation/adaptation_network.json
+
+An OpenVINO IR is a checkpoint too (the default's ships beside it). ``--sets``, ``--protocols`` and ``--variants``
+measure a slice, where a network is too slow for the whole on a CPU; the file records which.
 """
 
 import argparse
@@ -173,19 +176,20 @@ def network_figures(model, pixels: np.ndarray, cached: Dict[str, np.ndarray], ke
     return {"rank1": round(100 * m["rank1"], 1), "mAP": round(100 * m["mAP"], 1)}
 
 
-def run_network(checkpoint: Path, data: Path) -> dict:
-    """``run`` for a training checkpoint: its whole network adapted in each of ``NETWORK_VARIANTS``."""
+def run_network(checkpoint: Path, data: Path, sets=SETS, protocols=PROTOCOLS, variants=tuple(NETWORK_VARIANTS)) -> dict:
+    """``run`` for a training checkpoint (or an IR): its whole network adapted in each of ``variants`` (names in
+    ``NETWORK_VARIANTS``) on ``sets`` under ``protocols``; a slice of the whole where a network is slow."""
     torch.set_num_threads(2)
     _, cfg = load_trained_model(checkpoint)
     augmentation = TrainAugmentation(flip_prob=0.5, padding=cfg.data.padding, erasing_prob=cfg.data.erasing_prob)
     results = {
         "model": f"{checkpoint.parent.name}/{checkpoint.name}",  # a run's model.pt: named by its run folder
         "model_sha256": sha256_of(checkpoint),
-        "data": {name: data_fingerprint(data / name) for name in SETS},
-        "variants": NETWORK_VARIANTS,
+        "data": {name: data_fingerprint(data / name) for name in sets},
+        "variants": {variant: NETWORK_VARIANTS[variant] for variant in variants},
         "sets": {},
     }
-    for name in SETS:
+    for name in sets:
         query_images, query, gallery_images, gallery = load_test_split(
             data / name, cfg.data.height, cfg.data.width, False
         )
@@ -196,14 +200,14 @@ def run_network(checkpoint: Path, data: Path) -> dict:
             "is_query": np.arange(len(pixels)) < len(query),
         }
         per_set = results["sets"][name] = {"crops": len(pixels)}
-        for protocol in PROTOCOLS:
+        for protocol in protocols:
             adapt_on, evaluate_on = protocol_crops(cached, protocol)
             rows = per_set[protocol] = {
                 "source": network_figures(load_trained_model(checkpoint)[0], pixels, cached, evaluate_on),
                 "crops_adapted_on": int(adapt_on.sum()),
             }
             _, cameras = np.unique(cached["cams"][adapt_on], return_inverse=True)
-            for variant, overrides in NETWORK_VARIANTS.items():
+            for variant, overrides in results["variants"].items():
                 settings = AdaptationSettings(**overrides)
                 adaptee = TrunkAdaptee(load_trained_model(checkpoint)[0], pixels[adapt_on], augmentation, settings.seed)
                 started = time.perf_counter()
@@ -223,19 +227,19 @@ def selection_score(results: dict, variant: str) -> float:
 
 
 def table(results: dict) -> str:
-    """One row per variant: mAP change over the source per set and protocol, and the CPU cost per 1,000 crops."""
+    """One row per variant: mAP change over the source per set and protocol measured, and the CPU cost per 1,000
+    crops."""
     sets = results["sets"]
-    header = " | ".join(f"{name} {protocol[:5]}." for name in SETS for protocol in PROTOCOLS)
+    columns = [(s, p) for s in SETS if s in sets for p in PROTOCOLS if p in sets[s]]
+    header = " | ".join(f"{name} {protocol[:5]}." for name, protocol in columns)
     lines = [
         f"| variant | {header} | CPU min / 1,000 crops (adapting) |",
-        "|---" * (2 + len(SETS) * len(PROTOCOLS)) + "|",
-        "| source mAP | " + " | ".join(f"{sets[s][p]['source']['mAP']:.1f}" for s in SETS for p in PROTOCOLS) + " | |",
+        "|---" * (2 + len(columns)) + "|",
+        "| source mAP | " + " | ".join(f"{sets[s][p]['source']['mAP']:.1f}" for s, p in columns) + " | |",
     ]
     for variant in results.get("variants", VARIANTS):
-        deltas = " | ".join(
-            f"{sets[s][p][variant]['mAP'] - sets[s][p]['source']['mAP']:+.1f}" for s in SETS for p in PROTOCOLS
-        )
-        cost = max(sets[s][p][variant]["adapt_cpu_minutes_per_1000"] for s in SETS for p in PROTOCOLS)
+        deltas = " | ".join(f"{sets[s][p][variant]['mAP'] - sets[s][p]['source']['mAP']:+.1f}" for s, p in columns)
+        cost = max(sets[s][p][variant]["adapt_cpu_minutes_per_1000"] for s, p in columns)
         name = f"**{variant}** (default)" if variant == results.get("chosen", {}).get("variant") else variant
         lines.append(f"| {name} | {deltas} | {cost:.2f} |")
     return "\n".join(lines)
@@ -254,7 +258,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", "data")))
     parser.add_argument("--cache", type=Path, default=None, help="folder for each set's pooled maps (outside the repo)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="adapt this training checkpoint's network")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="adapt this training checkpoint's (or IR's) network"
+    )
+    parser.add_argument("--sets", nargs="+", choices=SETS, default=SETS, help="with --checkpoint: these sets only")
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=PROTOCOLS, help="with --checkpoint")
+    network_variants = list(NETWORK_VARIANTS)
+    parser.add_argument("--variants", nargs="+", choices=network_variants, default=network_variants)
     parser.add_argument("--output", type=Path, default=None)
     DOCS_TABLES.add_option(parser)
     args = parser.parse_args()
@@ -262,7 +272,8 @@ def main() -> None:
         DOCS_TABLES.write(args.write_docs)
         return
     if args.checkpoint:
-        emit({**provenance(), **run_network(args.checkpoint, args.data)}, args.output)
+        measured = run_network(args.checkpoint, args.data, args.sets, args.protocols, args.variants)
+        emit({**provenance(), **measured}, args.output)
         return
     if args.cache is None:
         parser.error("--cache is required to measure")
