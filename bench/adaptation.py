@@ -21,9 +21,10 @@ folder outside the repo).
     python -m bench.adaptation --write-docs bench/results/adaptation/adaptation.json   # docs/training.md's table
 
 ``--checkpoint MODEL.pt`` measures the other kind, a training checkpoint's whole network adapted
-(``training.adaptation.trunk``), in the variants of ``NETWORK_VARIANTS`` (fixed here beforehand: the head's
+(``training.adaptation.trunk``), in the variants of ``NETWORK_PAIRINGS`` (fixed here beforehand: the head's
 default pairing, and CAP's memory, at the fine-tune rate of ``omz_finetune.yaml``'s main phase, 4 epochs of 20
-batches: what two CPU cores run in minutes per set), from the checkpoint's own evaluation of each set:
+batches: what two CPU cores run in minutes per set; ``NETWORK_VARIANTS`` adds CAP's with OAP for a CAMA network),
+from the checkpoint's own evaluation of each set:
 
     python -m bench.adaptation --data $DATA --checkpoint $RUNS/omz0288_ft/model.pt \\
         --output bench/results/adaptation/adaptation_network.json
@@ -47,6 +48,7 @@ from model_zoo.provenance import data_fingerprint, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
+from training.adaptation import overlap_penalty
 from training.adaptation.head import BranchLinearHead
 from training.adaptation.loop import AdaptationSettings, adapt_features, adapt_head, embed
 from training.adaptation.trunk import TrunkAdaptee
@@ -73,6 +75,11 @@ NETWORK_VARIANTS = {
     )
     for clusterer, memory in (("mutual", "cluster"), ("mutual", "camera"))
 }
+NETWORK_PAIRINGS = tuple(NETWORK_VARIANTS)  # what --checkpoint measures by default: any network
+# CAP's variant with CAMA's OAP at the training recipe's weight (alpha = 1): for networks of several branches.
+NETWORK_VARIANTS["network mutual+camera lr 3.5e-05 steps 20 oap 1"] = dict(
+    clusterer="mutual", memory="camera", lr=3.5e-5, steps_per_epoch=20, epochs=4, oap_weight=1.0
+)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
@@ -176,7 +183,7 @@ def network_figures(model, pixels: np.ndarray, cached: Dict[str, np.ndarray], ke
     return {"rank1": round(100 * m["rank1"], 1), "mAP": round(100 * m["mAP"], 1)}
 
 
-def run_network(checkpoint: Path, data: Path, sets=SETS, protocols=PROTOCOLS, variants=tuple(NETWORK_VARIANTS)) -> dict:
+def run_network(checkpoint: Path, data: Path, sets=SETS, protocols=PROTOCOLS, variants=NETWORK_PAIRINGS) -> dict:
     """``run`` for a training checkpoint (or an IR): its whole network adapted in each of ``variants`` (names in
     ``NETWORK_VARIANTS``) on ``sets`` under ``protocols``; a slice of the whole where a network is slow."""
     torch.set_num_threads(2)
@@ -209,7 +216,9 @@ def run_network(checkpoint: Path, data: Path, sets=SETS, protocols=PROTOCOLS, va
             _, cameras = np.unique(cached["cams"][adapt_on], return_inverse=True)
             for variant, overrides in results["variants"].items():
                 settings = AdaptationSettings(**overrides)
-                adaptee = TrunkAdaptee(load_trained_model(checkpoint)[0], pixels[adapt_on], augmentation, settings.seed)
+                network = load_trained_model(checkpoint)[0]
+                oap = overlap_penalty(cfg, settings)
+                adaptee = TrunkAdaptee(network, pixels[adapt_on], augmentation, settings.seed, oap)
                 started = time.perf_counter()
                 model, history = adapt_features(adaptee, cameras, settings, progress=False)
                 seconds = time.perf_counter() - started
@@ -263,8 +272,7 @@ def main() -> None:
     )
     parser.add_argument("--sets", nargs="+", choices=SETS, default=SETS, help="with --checkpoint: these sets only")
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=PROTOCOLS, help="with --checkpoint")
-    network_variants = list(NETWORK_VARIANTS)
-    parser.add_argument("--variants", nargs="+", choices=network_variants, default=network_variants)
+    parser.add_argument("--variants", nargs="+", choices=list(NETWORK_VARIANTS), default=list(NETWORK_PAIRINGS))
     parser.add_argument("--output", type=Path, default=None)
     DOCS_TABLES.add_option(parser)
     args = parser.parse_args()

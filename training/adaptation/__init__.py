@@ -51,7 +51,7 @@ NETWORK_SUFFIXES = (".pt", ".xml")  # a training checkpoint, an OpenVINO IR: wha
 ADAPTED_CHECKPOINT = "adapted.pt"  # in the run folder: the adapted network as a training checkpoint
 EVALUATION_KEY = METADATA_PREFIX + "evaluation"
 
-__all__ = ["AdaptationSettings", "adapt", "add_evaluation"]
+__all__ = ["AdaptationSettings", "adapt", "add_evaluation", "overlap_penalty"]
 
 
 class HeadOnSource(nn.Module):
@@ -185,7 +185,7 @@ def _adapt_network(
             return _adapt_network(checkpoint, crops_source, output, Path(scratch), settings, progress, limit)
     started = time.perf_counter()
     network, cfg = load_trained_model(checkpoint)
-    oap = _penalty(cfg, settings)
+    oap = overlap_penalty(cfg, settings)
     crops = read_crops(crops_source, limit)
     pixels, cameras, skipped = decoded_crops(crops, cfg.data.height, cfg.data.width, progress)
     settings = _settings_for(cameras, settings)
@@ -214,7 +214,7 @@ def _adapt_network(
     return _checked(record, output, network, {"crops": pixels[:7]})
 
 
-def _penalty(cfg, settings: AdaptationSettings) -> Optional[OverlappedActivationPenalty]:
+def overlap_penalty(cfg, settings: AdaptationSettings) -> Optional[OverlappedActivationPenalty]:
     """The OAP ``oap_weight`` asks for, as the checkpoint trained with it (its k and form); None without."""
     if not settings.oap_weight:
         return None
