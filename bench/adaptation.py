@@ -258,6 +258,7 @@ DOCS_TABLES = DocsTables(
     {
         "adaptation.json": DocsTable(DOCS, generated_marker("adaptation table"), table),
         "adaptation_network.json": DocsTable(DOCS, generated_marker("network adaptation table"), table),
+        "adaptation_default_network.json": DocsTable(DOCS, generated_marker("default network adaptation table"), table),
     }
 )
 

@@ -246,6 +246,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("heatmap_cost", "heatmap_cost_cama.json"),
         ("adaptation", "adaptation/adaptation.json"),
         ("adaptation", "adaptation/adaptation_network.json"),
+        ("adaptation", "adaptation/adaptation_default_network.json"),
         ("model_candidates", "imported/distilled_candidates.json"),
         ("threshold_estimate", "adaptation/threshold_estimate.json"),
         ("service_bench", "service_enrol.json"),
