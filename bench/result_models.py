@@ -49,7 +49,7 @@ def status(name: str, sha256: str, shipped: Dict[str, str]) -> str:
 
 def survey() -> Tuple[List[Tuple[str, str, str]], int, int]:
     """(rows of (result file, model, status), files naming no model, all files)."""
-    shipped = {path.name: sha256_of(path) for path in sorted(MODELS.glob("*.onnx"))}
+    shipped = {path.name: sha256_of(path) for pattern in ("*.onnx", "*.xml") for path in sorted(MODELS.glob(pattern))}
     rows, unnamed, files = [], 0, sorted(RESULTS.glob("**/*.json"))
     for path in files:
         measured = sorted(set(named_models(json.loads(path.read_text()))))
