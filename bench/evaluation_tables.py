@@ -1,4 +1,4 @@
-"""docs/results.md's research-log tables, and those of the previous default's card: which rows each holds and
+"""docs/results.md's research-log tables, and those of the two CAMA models' cards: which rows each holds and
 which result file each row reads (the kinds of table are bench.printed_tables'), so that no figure in them is
 copied by hand. tests/test_results_tables.py checks that the pages show what the files hold.
 
@@ -629,8 +629,27 @@ POOL_CARD_TABLES = (
         figures=2,
     ),
 )
-POOL_CARD = RESULTS_PAGE.parents[1] / "model_zoo" / "models" / "cama_mobilenetv2_pool.md"
-PAGES = {RESULTS_PAGE: ALL_TABLES, POOL_CARD: POOL_CARD_TABLES}
+PREVIOUS_EVALUATION = "pool/previous_default_onnx_evaluation.json"
+# The card of the CAMA model trained on CUHK03 alone, the default before that one.
+CUHK03_CARD_TABLES = (
+    EvaluationTable(
+        "card evaluation table",
+        "features",
+        (
+            Row("all three branches (the embedding)", PREVIOUS_EVALUATION),
+            Row("branch 1 alone", PREVIOUS_EVALUATION, "branch1"),
+            Row("branch 2 alone", PREVIOUS_EVALUATION, "branch2"),
+            Row("branch 3 alone", PREVIOUS_EVALUATION, "branch3"),
+            Row("branches 1-2", PREVIOUS_EVALUATION, "branches1-2"),
+        ),
+    ),
+)
+CARDS = RESULTS_PAGE.parents[1] / "model_zoo" / "models"
+PAGES = {
+    RESULTS_PAGE: ALL_TABLES,
+    CARDS / "cama_mobilenetv2_pool.md": POOL_CARD_TABLES,
+    CARDS / "cama_mobilenetv2_cuhk03.md": CUHK03_CARD_TABLES,
+}
 
 
 def main() -> None:
