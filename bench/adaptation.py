@@ -259,6 +259,9 @@ DOCS_TABLES = DocsTables(
         "adaptation.json": DocsTable(DOCS, generated_marker("adaptation table"), table),
         "adaptation_network.json": DocsTable(DOCS, generated_marker("network adaptation table"), table),
         "adaptation_default_network.json": DocsTable(DOCS, generated_marker("default network adaptation table"), table),
+        "adaptation_default_network_grid.json": DocsTable(
+            DOCS, generated_marker("default network adaptation grid table"), table
+        ),
     }
 )
 
