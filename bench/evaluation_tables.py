@@ -603,6 +603,19 @@ POOL_CARD_TABLES = (
         branch_maps=3,
     ),
     EvaluationTable(
+        "card files table",
+        "file",
+        (
+            Row("fp32, this file (`accuracy_fp32.json`)", "accuracy_fp32.json"),
+            Row("int8 (`accuracy_int8.json`)", "accuracy_int8.json"),
+            Row("fp16 (`accuracy_fp16.json`)", "accuracy_fp16.json"),
+            Row(
+                "fp32 with test-time flip (`pool/cama_ordered_full_flip_onnx_evaluation.json`)",
+                "pool/cama_ordered_full_flip_onnx_evaluation.json",
+            ),
+        ),
+    ),
+    EvaluationTable(
         "card candidates table",
         "model",
         (
