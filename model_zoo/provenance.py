@@ -17,12 +17,17 @@ from typing import List
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Folders a command may name, each from the environment variable of that name: the data, the run folders, and
+# public weights (the Makefile's WEIGHTS); a path under one is written from the variable.
+PORTABLE_ROOTS = ("DATA", "RUNS", "WEIGHTS")
+
+
 def portable_path(arg: str) -> str:
-    """An absolute path under ``$DATA``, ``$RUNS`` or the clone, written as anyone would type it; any other string
-    unchanged."""
+    """An absolute path under a ``PORTABLE_ROOTS`` folder or the clone, written as anyone would type it; any other
+    string unchanged."""
     if not arg.startswith("/"):
         return arg
-    roots = [(Path(os.environ[name]).resolve(), f"${name}") for name in ("DATA", "RUNS") if os.environ.get(name)]
+    roots = [(Path(os.environ[name]).resolve(), f"${name}") for name in PORTABLE_ROOTS if os.environ.get(name)]
     for root, name in [*roots, (REPO, ".")]:
         if Path(arg).resolve().is_relative_to(root):
             relative = Path(arg).resolve().relative_to(root).as_posix()
@@ -40,7 +45,18 @@ def portable_command(argv: List[str]) -> str:
         head = f"python -m bench.{script.stem}"
     else:
         head = portable_path(argv[0])
-    return " ".join([head, *map(portable_path, argv[1:])])
+    return " ".join([head, *map(portable_argument, argv[1:])])
+
+
+def portable_argument(arg: str) -> str:
+    """``portable_path`` of an argument, and of each path in a ``key=value`` override (``model.pretrained=/...``,
+    ``data.roots=[/a,/b]``), so a training command names no folder of this machine either."""
+    key, equals, value = arg.partition("=")
+    if arg.startswith("/") or not equals:
+        return portable_path(arg)
+    if value.startswith("[") and value.endswith("]"):
+        return f"{key}=[{','.join(portable_path(item.strip()) for item in value[1:-1].split(','))}]"
+    return f"{key}={portable_path(value)}"
 
 
 def cpu_name() -> str:

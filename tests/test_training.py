@@ -358,3 +358,26 @@ def test_training_falls_back_to_fp32_where_bf16_computes_a_layer_wrongly(market_
     monkeypatch.setattr(engine, "bf16_layer_errors", lambda *args: {"trunk.0.0": 0.001, "trunk.1.conv.1": 1.4})
     trainer = Trainer(load_config("base.yaml", tiny_overrides(market_root, tmp_path / "wrong", **bf16)))
     assert trainer.autocast_dtype is None and "trunk.1.conv.1 1.4" in caplog.text
+
+
+def test_a_commands_overrides_name_their_folders_from_the_environment(monkeypatch, tmp_path):
+    """A training command's ``key=/path`` and ``key=[/a,/b]`` overrides are written as $DATA, $RUNS, $WEIGHTS
+    paths, as bare paths are, so the metrics a run writes can go into bench/results as they are."""
+    from model_zoo.provenance import portable_command
+
+    for name in ("DATA", "RUNS", "WEIGHTS"):
+        (tmp_path / name.lower()).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    argv = [
+        "/somewhere/training/__main__.py",
+        "train",
+        f"model.pretrained={tmp_path}/weights/osnet.pth",
+        f"data.roots=[{tmp_path}/data/a,{tmp_path}/data/b]",
+        f"run.output_dir={tmp_path}/runs/x",
+        f"{tmp_path}/data/c",
+        "solver.epochs=8",
+    ]
+    assert portable_command(argv) == (
+        "python -m training train model.pretrained=$WEIGHTS/osnet.pth data.roots=[$DATA/a,$DATA/b] "
+        "run.output_dir=$RUNS/x $DATA/c solver.epochs=8"
+    )
