@@ -444,7 +444,7 @@ class GoalsTable(PrintedTable):
 
     def table(self) -> str:
         lines = ["| goal | target | shipped default (the recipe's full schedule) | met |", "|---|---|---|---|"]
-        evaluation = read(self.evaluation)
+        evaluation = evaluation_of(read(self.evaluation))
         for name, (rank1, mean_ap) in OSNET_REFERENCE.items():
             mine = evaluation[name]["all"]
             lines.append(
@@ -456,7 +456,7 @@ class GoalsTable(PrintedTable):
         return "\n".join(lines)
 
     def in_domain_row(self, evaluation: dict) -> str:
-        reranked = read(self.rerank)
+        reranked = evaluation_of(read(self.rerank))
         plain = evaluation[FIRST_SET]["all"]["mAP"]
         costs = " and ".join(
             f"{100 * (evaluation[s]['all']['mAP'] - reranked[s]['all_rerank']['mAP']):.1f}{' mAP' * (i == 0)} on "

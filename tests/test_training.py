@@ -300,7 +300,9 @@ def test_the_whole_recipe_trains_on_two_folders_and_evaluates_each(market_root, 
         if line.startswith("| market") or line.startswith("| other")
     ]
     assert len(rows) == 2
-    assert set(json.loads((tmp_path / "figures.json").read_text())) == {"market", "other"}
+    written = json.loads((tmp_path / "figures.json").read_text())
+    assert set(written["evaluation"]) == {"market", "other"} and set(written["data"]) == {"market", "other"}
+    assert {"commit", "command", "date", "machine"} <= set(written) and written["model"] == "model.pt"
 
 
 def test_forced_bf16_trains_under_bf16_autocast_on_any_cpu(market_root, tmp_path):

@@ -30,8 +30,24 @@ def _evaluate(args) -> None:
         args.checkpoint, args.data_root, args.device, progress=not args.quiet, rerank=rerank, pair_head=args.pair_head
     )
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2))
+        Path(args.output).write_text(json.dumps(_evaluation_record(args, results), indent=2) + "\n")
     print(results_table(results))
+
+
+def _evaluation_record(args, results: dict) -> dict:
+    """What ``evaluate --output`` writes: where the figures came from (commit, command, date, machine), the model
+    and its sha256, each set's fingerprint, and the figures under ``evaluation`` (as a run's metrics.json has
+    them), so the file can go into bench/results as it is."""
+    from model_zoo.files import sha256_of
+    from model_zoo.provenance import data_fingerprint, provenance
+
+    return {
+        **provenance(),
+        "model": Path(args.checkpoint).name,
+        "model_sha256": sha256_of(args.checkpoint),
+        "data": {Path(root).name: data_fingerprint(root) for root in args.data_root or ()},
+        "evaluation": results,
+    }
 
 
 def _export(args) -> None:
