@@ -20,15 +20,20 @@ def model_settings(cfg: TrainConfig) -> dict:
     return {**asdict(cfg.model), "input_size": (cfg.data.height, cfg.data.width)}
 
 
-def ir_checkpoint_state(ir: Path) -> dict:
-    """An OpenVINO IR as a training checkpoint's state: its config (``IR_CONFIG`` at the IR's input size), its
-    rebuilt network's weights and a one-class classifier (adaptation and export read no classifier)."""
+def ir_model(ir: Path) -> Tuple[torch.nn.Module, TrainConfig]:
+    """An OpenVINO IR's rebuilt network with a one-class classifier (adaptation and export read none) and its
+    config: ``IR_CONFIG`` at the IR's input size."""
     from model_zoo.importers.openvino_ir import input_size, read_ir
 
     height, width = input_size(read_ir(ir))
     overrides = [f"model.source={Path(ir).resolve()}", f"data.height={height}", f"data.width={width}"]
     cfg = load_config(IR_CONFIG, overrides)
-    model = build_model({**model_settings(cfg), "pretrained": None}, 1)
+    return build_model({**model_settings(cfg), "pretrained": None}, 1), cfg
+
+
+def ir_checkpoint_state(ir: Path) -> dict:
+    """An OpenVINO IR as a training checkpoint's state: its config, its network's weights, one class."""
+    model, cfg = ir_model(ir)
     return {"config": cfg.to_dict(), "num_classes": 1, "model": model.state_dict()}
 
 
@@ -41,6 +46,9 @@ def checkpoint_state(checkpoint: Path, device: str = "cpu") -> dict:
 
 def load_trained_model(checkpoint: Path, device: str = "cpu") -> Tuple[torch.nn.Module, TrainConfig]:
     """The model of a training checkpoint (or an OpenVINO IR), in eval mode, and its config."""
+    if Path(checkpoint).suffix == ".xml":  # built once: through checkpoint_state it would be built twice
+        model, cfg = ir_model(checkpoint)
+        return model.to(device).eval(), cfg
     state = checkpoint_state(checkpoint, device)
     cfg = from_dict(TrainConfig, state["config"])
     model_cfg = {**model_settings(cfg), "pretrained": None}
