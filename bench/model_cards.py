@@ -24,6 +24,7 @@ from typing import Dict, List
 import onnx
 
 from bench.common import generated_marker, rewrite_generated
+from bench.model_candidates import SETS
 from model_zoo.contract import METADATA_PREFIX, VERIFICATION_KEY
 from model_zoo.files import sha256_of
 
@@ -31,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "model_zoo" / "models"
 RESULTS = REPO / "bench" / "results"
 MARKER = generated_marker("card figures")
-SETS = ("cuhk03-detected", "prid", "grid")
 # A model trained here -> its training runs' metrics files (bench/results/...), the shipped seed first.
 TRAINING_RUNS = {
     "person_reidentification_retail_0288_pool.onnx": [

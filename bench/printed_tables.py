@@ -85,6 +85,11 @@ def train_accuracy(runs: List[dict], part: str) -> str:
     return ", ".join(f"{100 * run['history'][-1][key]:.1f}" for run in runs) + "%"
 
 
+def round_ratios(figures: dict, against: dict) -> List[float]:
+    """A speed benchmark's model against another, round by round (their images/s measured side by side)."""
+    return [mine / theirs for mine, theirs in zip(figures["rounds"], against["rounds"])]
+
+
 class PrintedTable:
     """A table under its marker in docs/results.md; a subclass has ``name`` (the marker's) and ``table()``."""
 
@@ -349,7 +354,7 @@ class EmbedSpeedTable(PrintedTable):
         first = next(iter(models.values()))
         if figures is first:
             return f"{figures['images_per_second_median']:.1f}"
-        ratios = [mine / theirs for mine, theirs in zip(figures["rounds"], first["rounds"])]
+        ratios = round_ratios(figures, first)
         return (
             f"{figures['images_per_second_median']:.1f} (**{figures['ratio_to_first_median']:.2f}x**, "
             f"rounds {min(ratios):.2f}-{max(ratios):.2f})"
@@ -489,8 +494,7 @@ class GoalsTable(PrintedTable):
         ratios = {}
         for threads, models in read(file)["threads"].items():
             figures = list(models.values())
-            rounds = zip(figures[-1]["rounds"], figures[against]["rounds"])
-            ratios[threads] = statistics.median(mine / theirs for mine, theirs in rounds)
+            ratios[threads] = statistics.median(round_ratios(figures[-1], figures[against]))
         return ratios
 
     @staticmethod
