@@ -6,6 +6,6 @@ To add one: write a new file here whose builder is decorated with
 """
 
 from model_zoo.architectures.common import InputNormalization, ReIDOutput, build_model
-from model_zoo.architectures import cama, casn, clpd, fmn, imported, pmm  # noqa: F401  (registration)
+from model_zoo.architectures import cama, casn, clpd, fmn, imported, imported_cama, pmm  # noqa: F401  (registration)
 
 __all__ = ["InputNormalization", "ReIDOutput", "build_model"]

@@ -18,16 +18,17 @@ from model_zoo.registry import ARCHITECTURE_REGISTRY, MODEL_OPTIONS_REGISTRY, op
 @MODEL_OPTIONS_REGISTRY.register("openvino_ir")
 @dataclass
 class ImportedOptions:
-    """The ``model.*`` keys only openvino_ir reads."""
+    """The ``model.*`` keys only openvino_ir and openvino_ir_cama read."""
 
     source: Optional[str] = option(
         None,
         "openvino_ir: the OpenVINO IR (.xml beside its .bin) whose graph and weights "
         "the model is; fine-tuned as one branch, its exact per-cell maps exported "
-        "(python -m model_zoo import)",
+        "(python -m model_zoo import); openvino_ir_cama: the IR whose last stage and head "
+        "each branch copies",
     )
     channel_order: Optional[str] = option(
-        None, "openvino_ir: 'bgr' or 'rgb', the order the IR reads (null: BGR, OpenVINO's convention)"
+        None, "openvino_ir(_cama): 'bgr' or 'rgb', the order the IR reads (null: BGR, OpenVINO's convention)"
     )
 
 

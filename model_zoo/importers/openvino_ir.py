@@ -296,15 +296,25 @@ OPS: Dict[str, Callable] = {
 
 
 class IRNetwork(nn.Module):
-    """The IR's layers from its input to ``until`` (default: its output) as torch ops. Every float constant up
-    to the IR's output is a parameter, so a head after ``until`` can run with ``apply`` on the same weights.
-    ``forward(x)`` takes the IR's input layout (float NCHW, the channel order the IR expects)."""
+    """The IR's layers from its input (or from layer ``start``) to ``until`` (default: its output) as torch ops.
+    With ``head_weights`` every float constant up to the IR's output is a parameter, so a head after ``until``
+    can run with ``apply`` on the same weights; without, only those the layers it runs read. ``forward(x)``
+    takes the IR's input layout (float NCHW, the channel order the IR expects), or ``start``'s output."""
 
-    def __init__(self, graph: IRGraph, until: Optional[str] = None):
+    def __init__(
+        self, graph: IRGraph, until: Optional[str] = None, start: Optional[str] = None, head_weights: bool = True
+    ):
         super().__init__()
-        self.graph = graph
-        self.order, self.full_order = self._data_order(until or graph.result), self._data_order(graph.result)
-        needed = {source for layer_id in self.full_order for source, _ in graph.layers[layer_id].inputs}
+        self.graph, self.start = graph, start or graph.parameter
+        self.order = data_order(graph, until or graph.result, self.start)
+        self.full_order = data_order(graph, graph.result, self.start)
+        if start and graph.parameter in self.full_order:
+            raise UnsupportedGraph(
+                f"{graph.layers[start].type} {graph.layers[start].name!r} is not on every path from the input "
+                f"to the output: the layers after it cannot run from its output alone"
+            )
+        weighted = self.full_order if head_weights else self.order
+        needed = {source for layer_id in weighted for source, _ in graph.layers[layer_id].inputs}
         self.weights = nn.ParameterDict(
             {
                 f"c{source}": nn.Parameter(torch.from_numpy(graph.layers[source].value.astype(np.float32)))
@@ -320,22 +330,6 @@ class IRNetwork(nn.Module):
                 self.register_buffer(
                     f"i{source}", torch.as_tensor(graph.layers[source].value.astype(np.int64)), persistent=False
                 )
-
-    def _data_order(self, target: str) -> List[str]:
-        """The layers ``target`` depends on through data inputs, in the IR's (topological) order."""
-        layers, seen, stack = self.graph.layers, set(), [target]
-        while stack:
-            layer = layers[stack.pop()]
-            if layer.id in seen or layer.value is not None:
-                continue
-            if layer.type not in OPS and layer.type != "Parameter":
-                raise UnsupportedGraph(
-                    f"OpenVINO op {layer.type} ({layer.name!r}) is not supported; supported: {', '.join(sorted(OPS))}"
-                )
-            seen.add(layer.id)
-            data = DATA_INPUTS.get(layer.type, range(len(layer.inputs)))
-            stack.extend(layer.inputs[i][0] for i in data)
-        return [layer_id for layer_id in layers if layer_id in seen]
 
     def argument(self, source: Tuple[str, int], values: Dict[str, torch.Tensor]):
         """A layer's input: a computed tensor, a float constant's parameter, or an integer constant's array."""
@@ -362,11 +356,44 @@ class IRNetwork(nn.Module):
         return self._run(x, self.full_order)
 
     def _run(self, x: torch.Tensor, order: List[str]) -> torch.Tensor:
-        values = {self.graph.parameter: x}
+        values = {self.start: x}
         for layer_id in order:
-            if layer_id != self.graph.parameter:
+            if layer_id != self.start:
                 values[layer_id] = self.apply(self.graph.layers[layer_id], values)
         return values[order[-1]]
+
+
+def data_order(graph: IRGraph, target: str, start: Optional[str] = None) -> List[str]:
+    """The layers ``target`` depends on through data inputs, back to the input or to ``start``, in the IR's
+    (topological) order."""
+    layers, seen, stack = graph.layers, set(), [target]
+    while stack:
+        layer = layers[stack.pop()]
+        if layer.id in seen or layer.value is not None:
+            continue
+        if layer.type not in OPS and layer.type != "Parameter":
+            raise UnsupportedGraph(
+                f"OpenVINO op {layer.type} ({layer.name!r}) is not supported; supported: {', '.join(sorted(OPS))}"
+            )
+        seen.add(layer.id)
+        if layer.id != start:
+            data = DATA_INPUTS.get(layer.type, range(len(layer.inputs)))
+            stack.extend(layer.inputs[i][0] for i in data)
+    return [layer_id for layer_id in layers if layer_id in seen]
+
+
+def last_stage_start(graph: IRGraph, map_layer: str) -> str:
+    """Where the IR's last stage begins, as CAMA's branches copy it: the latest layer whose map is larger than
+    ``map_layer``'s and through which every path from the input to ``map_layer`` passes (a residual block's
+    input is not: its shortcut goes around)."""
+    map_cells = graph.layers[map_layer].shapes[0][2:]
+    for layer_id in reversed(data_order(graph, map_layer)[:-1]):
+        shape = graph.layers[layer_id].shapes[0]
+        if len(shape) == 4 and shape[2:] != map_cells and graph.parameter not in data_order(graph, map_layer, layer_id):
+            return layer_id
+    raise UnsupportedGraph(
+        f"no layer before the last map {graph.layers[map_layer].name!r} that a branch can start from"
+    )
 
 
 # The head after the last map: ops that are affine (their offsets dropped in the linear part) or piecewise
@@ -486,13 +513,18 @@ def contract_model(graph: IRGraph, channel_order: str) -> nn.Module:
     head = IRHead(graph)
     network = IRNetwork(graph, until=head.map_layer)
     return ExactHeadModel(
-        partial(_nchw, bgr=channel_order == "bgr"),
+        ir_input(channel_order),
         network,
         head.cell_shares(network),
         head.pooled_shape(),
         head.steps(network),
         network.source_output,
     )
+
+
+def ir_input(channel_order: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 RGB [B, H, W, 3] -> the IR's input: float NCHW in ``channel_order`` ("bgr" or "rgb")."""
+    return partial(_nchw, bgr=channel_order == "bgr")
 
 
 def _nchw(images: torch.Tensor, bgr: bool) -> torch.Tensor:
