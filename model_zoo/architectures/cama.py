@@ -31,26 +31,7 @@ class CAMABranch(nn.Module):
         return self.bn(self.reduction(self.stage(shared)))
 
 
-class BranchClassifiers:
-    """What CAMA's objective reads of a model whose ``branches`` each have a bias-free ``classifier`` on the GAP
-    of their map: the classifiers as a parameter group, the branches' logits, the target class's maps."""
-
-    def parameter_groups(self):
-        """``classifiers``: the W^i alone, which CAMA's warm-up trains first (section 4.2)."""
-        return {"classifiers": [branch.classifier for branch in self.branches]}
-
-    def branch_logits(self, maps: torch.Tensor) -> torch.Tensor:
-        """W^i . GAP(F^i) per branch, [B, N, C]."""
-        gap = maps.float().mean(dim=(3, 4))
-        return torch.stack([branch.classifier(gap[:, i]) for i, branch in enumerate(self.branches)], dim=1)
-
-    def target_activation_maps(self, feature_maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """M^i_t = W^i_t . F^i for each image's target class t (eq. 4): [B, N, h, w]."""
-        weights = torch.stack([branch.classifier.weight[targets] for branch in self.branches], dim=1)
-        return class_activation_maps(feature_maps, weights)
-
-
-class CAMA(BranchClassifiers, nn.Module):
+class CAMA(nn.Module):
     feature_maps_kind = "activations"  # F^i are the branches' BN maps (contract: reid.feature_maps_kind)
 
     def __init__(
@@ -75,12 +56,23 @@ class CAMA(BranchClassifiers, nn.Module):
         )
         self.stride = parts.stride
 
+    def parameter_groups(self):
+        """``classifiers``: the W^i alone, which CAMA's warm-up trains first (section 4.2)."""
+        return {"classifiers": [branch.classifier for branch in self.branches]}
+
     def forward(self, images: torch.Tensor) -> ReIDOutput:
         shared = self.trunk(self.normalize(images))
         maps = torch.stack([branch(shared) for branch in self.branches], dim=1)
         if not self.training:
             return ReIDOutput(feature_maps=maps)
-        return ReIDOutput(feature_maps=maps, logits=self.branch_logits(maps))
+        gap = maps.float().mean(dim=(3, 4))
+        logits = torch.stack([branch.classifier(gap[:, i]) for i, branch in enumerate(self.branches)], dim=1)
+        return ReIDOutput(feature_maps=maps, logits=logits)
+
+    def target_activation_maps(self, feature_maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """M^i_t = W^i_t . F^i for each image's target class t (eq. 4): [B, N, h, w]."""
+        weights = torch.stack([branch.classifier.weight[targets] for branch in self.branches], dim=1)
+        return class_activation_maps(feature_maps, weights)
 
     def reference_descriptors(self, images: torch.Tensor) -> torch.Tensor:
         """The paper's per-branch descriptors computed directly, [B, N, D]: GAP of each branch's map (section 3.3)."""
