@@ -17,6 +17,7 @@ from bench.printed_tables import (
     FirstEnrolTable,
     FrozenHeadsTable,
     GoalsTable,
+    HistoryTable,
     HostileMemoryTable,
     IvfSettingsTable,
     OneSetRunsTable,
@@ -587,8 +588,8 @@ TABLES = (
 ALL_TABLES = TABLES + tuple(AblationTable(name, kind) for name in ("casn", "clpd") for kind in ("seeds", "steps"))
 
 
-def pool_card_row(label: str, row: str) -> Row:
-    return Row(f"{label} (`{row}.json`)", f"pool/{row}.json")
+def pool_card_row(label: str, row: str, part: str = "all") -> Row:
+    return Row(f"{label} (`{row}.json`)", f"pool/{row}.json", part)
 
 
 # The card of the CAMA model that was the default until 2026-12-06 (kept for its record and its commands).
@@ -609,9 +610,26 @@ POOL_CARD_TABLES = (
             Row("fp32, this file (`accuracy_fp32.json`)", "accuracy_fp32.json"),
             Row("int8 (`accuracy_int8.json`)", "accuracy_int8.json"),
             Row("fp16 (`accuracy_fp16.json`)", "accuracy_fp16.json"),
-            Row(
-                "fp32 with test-time flip (`pool/cama_ordered_full_flip_onnx_evaluation.json`)",
-                "pool/cama_ordered_full_flip_onnx_evaluation.json",
+            pool_card_row("fp32 with test-time flip", "cama_ordered_full_flip_onnx_evaluation"),
+            pool_card_row(
+                "fp32 with k-reciprocal re-ranking, every query in the graph",
+                "cama_ordered_full_rerank_onnx_evaluation",
+                "all_rerank",
+            ),
+            pool_card_row(
+                "fp32 re-ranked as the service does (`rerank=true`: each query alone with its shortlist)",
+                "cama_ordered_full_rerank_single_onnx_evaluation",
+                "all_rerank",
+            ),
+        ),
+    ),
+    HistoryTable(
+        "card training table",
+        (
+            ("this model", "pool/cama_ordered_full_history.json"),
+            (
+                "without colour jitter, grayscale and erasing",
+                "pool/cama_ordered_full_no_colour_no_erasing_history.json",
             ),
         ),
     ),
@@ -656,6 +674,7 @@ CUHK03_CARD_TABLES = (
             Row("branches 1-2", PREVIOUS_EVALUATION, "branches1-2"),
         ),
     ),
+    HistoryTable("card training table", (("this model", "training/cama_continued.json"),)),
 )
 # docs/models.md: CAMA trained on a re-ID trunk, beside the trunk as imported.
 MODELS_PAGE_TABLES = (

@@ -11,7 +11,8 @@ rows and files): a table is a ``PrintedTable`` under its marker line, ``<!-- NAM
   models, with their evaluations);
 - the service's: ``IvfSettingsTable``, ``ServedSettingsTable`` (bench.gallery_scale's older files),
   ``HostileMemoryTable`` (bench.memory_bench), ``FirstEnrolTable`` (bench.service_bench's first files);
-- ``AblationTable``: bench.ablation_tables' seed tables of a paper's ablation."""
+- ``AblationTable``: bench.ablation_tables' seed tables of a paper's ablation;
+- ``HistoryTable``: runs' training histories epoch by epoch (a model card's training figures)."""
 
 import json
 import re
@@ -168,6 +169,32 @@ class AgainstSeedsTable(PrintedTable):
                 cells.append(f"{difference:+.1f} ({difference / statistics.stdev(maps):+.1f} sd)")
             lines.append(f"| {label} | {' | '.join(cells)} |")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class HistoryTable(PrintedTable):
+    """Runs' histories epoch by epoch: each run's training accuracy, then the first run's images/s and minutes
+    per epoch; a last row sums the first run's minutes."""
+
+    name: str
+    runs: Tuple[Tuple[str, str], ...]  # (label, result file: a history list, or a metrics file with "history")
+
+    def table(self) -> str:
+        histories = [history_of(read(file)) for _, file in self.runs]
+        columns = ["epoch", *(f"training accuracy, {label}" for label, _ in self.runs), "images/s", "minutes"]
+        lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
+        for index, entry in enumerate(histories[0]):
+            epoch = " ".join(filter(None, (str(entry["epoch"]), entry.get("phase") == "warmup" and "(warm-up)")))
+            accuracies = [f"{100 * history[index]['acc']:.1f}%" for history in histories]
+            cells = [epoch, *accuracies, f"{entry['images_per_s']:.1f}", f"{entry['seconds'] / 60:.0f}"]
+            lines.append(f"| {' | '.join(cells)} |")
+        total = sum(entry["seconds"] for entry in histories[0]) / 60
+        lines.append(f"| all | {' | '.join([''] * (len(columns) - 2))} | {total:.0f} |")
+        return "\n".join(lines)
+
+
+def history_of(result: object) -> List[dict]:
+    return result if isinstance(result, list) else result["history"]
 
 
 @dataclass(frozen=True)
