@@ -5,13 +5,20 @@ embedding, plus an identity classifier for fine-tuning on re-ID data. Exported, 
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from model_zoo.architectures.common import ReIDOutput, classifier_neck
-from model_zoo.importers.openvino_ir import DEFAULT_CHANNEL_ORDER, contract_model, embedding_size, input_size, read_ir
+from model_zoo.importers.openvino_ir import (
+    DEFAULT_CHANNEL_ORDER,
+    IRGraph,
+    contract_model,
+    embedding_size,
+    input_size,
+    read_ir,
+)
 from model_zoo.registry import ARCHITECTURE_REGISTRY, MODEL_OPTIONS_REGISTRY, option, options_of
 
 
@@ -59,16 +66,22 @@ class ImportedEmbedding(nn.Module):
         )
 
 
-@ARCHITECTURE_REGISTRY.register("openvino_ir")
-def build_openvino_ir(model_cfg: dict, num_classes: int) -> ImportedEmbedding:
+def source_graph(model_cfg: dict, architecture: str) -> Tuple[IRGraph, str]:
+    """The IR ``model.source`` names, checked against the input size, and the channel order it reads."""
     options = options_of(ImportedOptions, model_cfg)
     if not options.source:
-        raise ValueError("openvino_ir needs model.source: the OpenVINO IR .xml to start from")
+        raise ValueError(f"{architecture} needs model.source: the OpenVINO IR .xml to start from")
     graph = read_ir(options.source)
     if tuple(model_cfg["input_size"]) != input_size(graph):
         raise ValueError(
             f"{Path(options.source).name} reads {input_size(graph)} (H, W) images: set data.height "
             f"and data.width to them"
         )
-    network = contract_model(graph, options.channel_order or DEFAULT_CHANNEL_ORDER)
+    return graph, options.channel_order or DEFAULT_CHANNEL_ORDER
+
+
+@ARCHITECTURE_REGISTRY.register("openvino_ir")
+def build_openvino_ir(model_cfg: dict, num_classes: int) -> ImportedEmbedding:
+    graph, channel_order = source_graph(model_cfg, "openvino_ir")
+    network = contract_model(graph, channel_order)
     return ImportedEmbedding(network, embedding_size(graph), num_classes, model_cfg.get("bn_neck", False))

@@ -8,26 +8,14 @@ is, and a classifier on their raw scale learns several times slower); the neck i
 applied at each cell it gives class activation maps W_t . neck(F) that still average to the class scores
 (CAMA eq. 4). The embedding is CAMA's: the concatenation of the branches' L2-normalised embeddings."""
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from model_zoo.architectures.common import ReIDOutput, class_activation_maps, classifier_neck
-from model_zoo.architectures.imported import ImportedOptions
+from model_zoo.architectures.imported import source_graph
 from model_zoo.importers.exact_head import ExactHeadModel
-from model_zoo.importers.openvino_ir import (
-    DEFAULT_CHANNEL_ORDER,
-    IRGraph,
-    IRHead,
-    IRNetwork,
-    embedding_size,
-    input_size,
-    ir_input,
-    last_stage_start,
-    read_ir,
-)
-from model_zoo.registry import ARCHITECTURE_REGISTRY, options_of
+from model_zoo.importers.openvino_ir import IRGraph, IRHead, IRNetwork, embedding_size, ir_input, last_stage_start
+from model_zoo.registry import ARCHITECTURE_REGISTRY
 
 
 class IRBranch(nn.Module):
@@ -109,14 +97,5 @@ class ImportedCAMA(nn.Module):
 
 @ARCHITECTURE_REGISTRY.register("openvino_ir_cama")
 def build_openvino_ir_cama(model_cfg: dict, num_classes: int) -> ImportedCAMA:
-    options = options_of(ImportedOptions, model_cfg)
-    if not options.source:
-        raise ValueError("openvino_ir_cama needs model.source: the OpenVINO IR .xml whose branches it copies")
-    graph = read_ir(options.source)
-    if tuple(model_cfg["input_size"]) != input_size(graph):
-        raise ValueError(
-            f"{Path(options.source).name} reads {input_size(graph)} (H, W) images: set data.height "
-            f"and data.width to them"
-        )
-    channel_order = options.channel_order or DEFAULT_CHANNEL_ORDER
+    graph, channel_order = source_graph(model_cfg, "openvino_ir_cama")
     return ImportedCAMA(graph, channel_order, model_cfg["num_branches"], num_classes, model_cfg.get("bn_neck", False))
