@@ -262,6 +262,7 @@ DOCS_TABLES = DocsTables(
         "adaptation_default_network_grid.json": DocsTable(
             DOCS, generated_marker("default network adaptation grid table"), table
         ),
+        "adaptation_omz_cama.json": DocsTable(DOCS, generated_marker("omz cama adaptation table"), table),
     }
 )
 

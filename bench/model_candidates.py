@@ -142,6 +142,9 @@ DOCS_TABLES = DocsTables(
         "distilled_candidates.json": DocsTable(
             REPO / "docs" / "models.md", generated_marker("distilled candidates table"), candidates_table
         ),
+        "omz_cama_candidates.json": DocsTable(
+            REPO / "docs" / "models.md", generated_marker("omz cama candidates table"), candidates_table
+        ),
     }
 )
 
