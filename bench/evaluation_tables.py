@@ -687,6 +687,13 @@ MODELS_PAGE_TABLES = (
         ),
         branch_maps=3,
     ),
+    EvaluationTable(
+        "omz cama table",
+        "model",
+        (Row("CAMA on retail-0288, `omz_cama.yaml` (seed 0)", "imported/omz0288_cama_metrics.json"),),
+        branch_maps=3,
+    ),
+    HistoryTable("omz cama training table", (("all branches", "imported/omz0288_cama_metrics.json"),), branches=3),
 )
 CARDS = RESULTS_PAGE.parents[1] / "model_zoo" / "models"
 PAGES = {

@@ -173,20 +173,24 @@ class AgainstSeedsTable(PrintedTable):
 
 @dataclass(frozen=True)
 class HistoryTable(PrintedTable):
-    """Runs' histories epoch by epoch: each run's training accuracy, then the first run's images/s and minutes
-    per epoch; a last row sums the first run's minutes."""
+    """Runs' histories epoch by epoch: each run's training accuracy (and each branch classifier's of the first
+    run, with ``branches``), then the first run's images/s and minutes per epoch; a last row sums the minutes."""
 
     name: str
     runs: Tuple[Tuple[str, str], ...]  # (label, result file: a history list, or a metrics file with "history")
+    branches: int = 0
 
     def table(self) -> str:
         histories = [history_of(read(file)) for _, file in self.runs]
-        columns = ["epoch", *(f"training accuracy, {label}" for label, _ in self.runs), "images/s", "minutes"]
+        branch_keys = [f"acc_branch{i}" for i in range(1, self.branches + 1)]
+        columns = ["epoch", *(f"training accuracy, {label}" for label, _ in self.runs)]
+        columns += [f"branch {i}" for i in range(1, self.branches + 1)] + ["images/s", "minutes"]
         lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
         for index, entry in enumerate(histories[0]):
             epoch = " ".join(filter(None, (str(entry["epoch"]), entry.get("phase") == "warmup" and "(warm-up)")))
-            accuracies = [f"{100 * history[index]['acc']:.1f}%" for history in histories]
-            cells = [epoch, *accuracies, f"{entry['images_per_s']:.1f}", f"{entry['seconds'] / 60:.0f}"]
+            accuracies = [history[index]["acc"] for history in histories] + [entry[key] for key in branch_keys]
+            cells = [epoch, *(f"{100 * accuracy:.1f}%" for accuracy in accuracies)]
+            cells += [f"{entry['images_per_s']:.1f}", f"{entry['seconds'] / 60:.0f}"]
             lines.append(f"| {' | '.join(cells)} |")
         total = sum(entry["seconds"] for entry in histories[0]) / 60
         lines.append(f"| all | {' | '.join([''] * (len(columns) - 2))} | {total:.0f} |")

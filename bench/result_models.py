@@ -4,8 +4,8 @@ measured (not a test): when a shipped model changes, every figure measured on th
 A result file names its model as ``{"model": {"file": NAME, "sha256": SHA}}``, ``{"model": NAME,
 "model_sha256": SHA}`` or ``{"models": {NAME: {"sha256": SHA}}}`` (or ``{NAME: SHA}``). A model is "current"
 when the file of that name in model_zoo/models has that sha256, "stale" when it has another, and "not shipped"
-when no such file ships (a candidate or a run's file). Files from before results recorded their model are
-counted, not listed.
+when no such file ships (a candidate or a run's file). Files that name no model file (a training run's
+metrics, or files from before results recorded their model) are counted, not listed.
 
     python -m bench.result_models                 # print the table
     python -m bench.result_models --write-docs    # docs/results.md's table (tests/test_results_tables.py checks it)
@@ -62,7 +62,8 @@ def table() -> str:
     rows, unnamed, total = survey()
     lines = ["| result file | model | the shipped file of that name |", "|---|---|---|"]
     lines += [f"| {path} | {name} | {state} |" for path, name, state in rows]
-    lines.append(f"| {unnamed} of {total} files | name no model (measured before result files recorded it) | |")
+    unnamed_note = "name no model file (a training run's metrics, or measured before files recorded it)"
+    lines.append(f"| {unnamed} of {total} files | {unnamed_note} | |")
     return "\n".join(lines)
 
 
