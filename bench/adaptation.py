@@ -263,6 +263,9 @@ DOCS_TABLES = DocsTables(
             DOCS, generated_marker("default network adaptation grid table"), table
         ),
         "adaptation_omz_cama.json": DocsTable(DOCS, generated_marker("omz cama adaptation table"), table),
+        "adaptation_default_network_inductive.json": DocsTable(
+            DOCS, generated_marker("default network inductive adaptation table"), table
+        ),
     }
 )
 
