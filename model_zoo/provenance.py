@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,18 @@ def portable_command(argv: List[str]) -> str:
         head = f"python -m bench.{script.stem}"
     else:
         head = portable_path(argv[0])
-    return " ".join([head, *map(portable_argument, argv[1:])])
+    return " ".join([head, *(shell_word(portable_argument(arg)) for arg in argv[1:])])
+
+
+def shell_word(arg: str) -> str:
+    """``arg`` as one shell word: double-quoted where it holds a space or a character the shell reads (so
+    ``$DATA`` still expands), as it was typed."""
+    if arg and not SHELL_SPECIAL.search(arg):
+        return arg
+    return '"' + re.sub(r'(["\\`])', r"\\\1", arg) + '"'
+
+
+SHELL_SPECIAL = re.compile(r"[\s\"'`\\|&;<>()*?!#~{}\[\]]")
 
 
 def portable_argument(arg: str) -> str:

@@ -364,7 +364,8 @@ def test_training_falls_back_to_fp32_where_bf16_computes_a_layer_wrongly(market_
 
 def test_a_commands_overrides_name_their_folders_from_the_environment(monkeypatch, tmp_path):
     """A training command's ``key=/path`` and ``key=[/a,/b]`` overrides are written as $DATA, $RUNS, $WEIGHTS
-    paths, as bare paths are, so the metrics a run writes can go into bench/results as they are."""
+    paths, as bare paths are, so the metrics a run writes can go into bench/results as they are; an argument
+    with a space or a glob character is double-quoted, so the command runs as it was typed."""
     from model_zoo.provenance import portable_command
 
     for name in ("DATA", "RUNS", "WEIGHTS"):
@@ -378,8 +379,10 @@ def test_a_commands_overrides_name_their_folders_from_the_environment(monkeypatc
         f"run.output_dir={tmp_path}/runs/x",
         f"{tmp_path}/data/c",
         "solver.epochs=8",
+        "--variants",
+        "network mutual+camera lr 3.5e-05",
     ]
     assert portable_command(argv) == (
-        "python -m training train model.pretrained=$WEIGHTS/osnet.pth data.roots=[$DATA/a,$DATA/b] "
-        "run.output_dir=$RUNS/x $DATA/c solver.epochs=8"
+        'python -m training train model.pretrained=$WEIGHTS/osnet.pth "data.roots=[$DATA/a,$DATA/b]" '
+        'run.output_dir=$RUNS/x $DATA/c solver.epochs=8 --variants "network mutual+camera lr 3.5e-05"'
     )
