@@ -4,9 +4,12 @@ every branch starts as the imported model itself and CAMA's OAP moves them onto 
 branch's maps are the exact per-cell decomposition of its embedding (``model_zoo.importers.exact_head``), so
 GAP gives the embedding and RAM stays exact after export. Training only: a bias-free classifier reads the
 embedding, through a batch norm with ``bn_neck`` (the IR's embeddings are not batch-normalised, as CAMA's F
-is, and a classifier on their raw scale learns several times slower); the neck is a per-channel affine, so
-applied at each cell it gives class activation maps W_t . neck(F) that still average to the class scores
-(CAMA eq. 4). The embedding is CAMA's: the concatenation of the branches' L2-normalised embeddings."""
+is; on their raw scale a first pool run's identity loss stayed at chance for a third of its warm-up). The
+neck is a per-channel affine, so applied at each cell it gives class activation maps W_t . neck(F) that
+still average to the class scores (CAMA eq. 4). The embedding is CAMA's: the concatenation of the branches'
+L2-normalised embeddings."""
+
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -40,7 +43,7 @@ class IRBranch(nn.Module):
     def forward(self, shared: torch.Tensor) -> torch.Tensor:
         return self.maps(shared).feature_maps[:, 0]
 
-    def neck_affine(self, embeddings: torch.Tensor):
+    def neck_affine(self, embeddings: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The neck as (scale, shift) per channel, with the statistics it uses now (the batch's in training)."""
         if isinstance(self.neck, nn.Identity):
             return torch.ones_like(embeddings[0]), torch.zeros_like(embeddings[0])
