@@ -269,6 +269,9 @@ DOCS_TABLES = DocsTables(
         "adaptation_default_network_cuhk03.json": DocsTable(
             DOCS, generated_marker("default network cuhk03 adaptation table"), table
         ),
+        "adaptation_default_network_cuhk03_inductive.json": DocsTable(
+            DOCS, generated_marker("default network cuhk03 inductive adaptation table"), table
+        ),
     }
 )
 
