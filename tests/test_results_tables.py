@@ -250,6 +250,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("adaptation", "adaptation/adaptation_default_network_grid.json"),
         ("adaptation", "adaptation/adaptation_default_network_inductive.json"),
         ("adaptation", "adaptation/adaptation_default_network_cuhk03.json"),
+        ("adaptation", "adaptation/adaptation_default_network_cuhk03_inductive.json"),
         ("adaptation", "adaptation/adaptation_omz_cama.json"),
         ("model_candidates", "imported/distilled_candidates.json"),
         ("model_candidates", "imported/omz_cama_candidates.json"),
