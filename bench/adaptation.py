@@ -29,6 +29,12 @@ from the checkpoint's own evaluation of each set:
     python -m bench.adaptation --data $DATA --checkpoint $RUNS/omz0288_ft/model.pt \\
         --output bench/results/adaptation/adaptation_network.json
 
+``--statistics`` measures what needs no training beside it (``STATISTICS``): the model's features less the
+mean of the crops adapted on, of all of them or of each camera's, from the same cached maps:
+
+    python -m bench.adaptation --statistics --data $DATA --cache $RUNS/adaptation \\
+        --output bench/results/adaptation/camera_statistics.json
+
 An OpenVINO IR is a checkpoint too (the default's ships beside it). ``--sets``, ``--protocols`` and ``--variants``
 measure a slice, where a network is too slow for the whole on a CPU; the file records which.
 """
@@ -43,7 +49,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from bench.common import DocsTable, DocsTables, emit, generated_marker
+from bench.common import DocsTables, emit
 from model_zoo.provenance import data_fingerprint, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
@@ -80,6 +86,13 @@ NETWORK_PAIRINGS = tuple(NETWORK_VARIANTS)  # what --checkpoint measures by defa
 NETWORK_VARIANTS["network mutual+camera lr 3.5e-05 steps 20 oap 1"] = dict(
     clusterer="mutual", memory="camera", lr=3.5e-5, steps_per_epoch=20, epochs=4, oap_weight=1.0
 )
+# Label-free feature statistics instead of adaptation (``--statistics``): each crop's feature less the mean of
+# the crops adapted on (all of them, or its camera's), optionally divided by their sd, per dimension.
+STATISTICS = {
+    "global centring": dict(per_camera=False, standardise=False),
+    "camera centring": dict(per_camera=True, standardise=False),
+    "camera standardising": dict(per_camera=True, standardise=True),
+}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
@@ -109,7 +122,11 @@ def set_views(model: Path, data: Path, name: str, cache: Path) -> Dict[str, np.n
 
 def figures(head: BranchLinearHead, cached: Dict[str, np.ndarray], kept: np.ndarray) -> Dict[str, float]:
     """R1 and mAP (%) of the kept crops' queries against the kept crops' gallery, the image view only."""
-    features = embed(head, cached["views"][:, 0])
+    return scores(embed(head, cached["views"][:, 0]), cached, kept)
+
+
+def scores(features: np.ndarray, cached: Dict[str, np.ndarray], kept: np.ndarray) -> Dict[str, float]:
+    """R1 and mAP (%) of the kept crops' queries against the kept crops' gallery, from their ``features``."""
     q, g = kept & cached["is_query"], kept & ~cached["is_query"]
     m = market_metrics(
         features[q] @ features[g].T, cached["pids"][q], cached["cams"][q], cached["pids"][g], cached["cams"][g]
@@ -175,12 +192,7 @@ def run(model: Path, data: Path, cache: Path) -> dict:
 
 def network_figures(model, pixels: np.ndarray, cached: Dict[str, np.ndarray], kept: np.ndarray) -> Dict[str, float]:
     """R1 and mAP (%) of a network's embeddings, as ``figures`` scores a head's."""
-    features = branch_features(model, pixels, progress=False).reshape(len(pixels), -1)
-    q, g = kept & cached["is_query"], kept & ~cached["is_query"]
-    m = market_metrics(
-        features[q] @ features[g].T, cached["pids"][q], cached["cams"][q], cached["pids"][g], cached["cams"][g]
-    )
-    return {"rank1": round(100 * m["rank1"], 1), "mAP": round(100 * m["mAP"], 1)}
+    return scores(branch_features(model, pixels, progress=False).reshape(len(pixels), -1), cached, kept)
 
 
 def run_network(checkpoint: Path, data: Path, sets=SETS, protocols=PROTOCOLS, variants=NETWORK_PAIRINGS) -> dict:
@@ -229,6 +241,55 @@ def run_network(checkpoint: Path, data: Path, sets=SETS, protocols=PROTOCOLS, va
     return results
 
 
+def camera_statistics(
+    features: np.ndarray, cams: np.ndarray, fitted: np.ndarray, num_branches: int, per_camera: bool, standardise: bool
+) -> np.ndarray:
+    """``features`` [n, N*D] less the mean of the ``fitted`` crops of their camera (of every fitted crop without
+    ``per_camera``, or for a camera no fitted crop is from), divided per dimension by those crops' sd with
+    ``standardise``, each branch L2-normalised again: label-free statistics, no training."""
+    adjusted = np.empty_like(features)
+    for camera in np.unique(cams):
+        of_camera = fitted & (cams == camera) if per_camera else fitted
+        reference = features[of_camera if of_camera.any() else fitted]
+        scale = reference.std(axis=0) + 1e-3 if standardise else 1.0
+        adjusted[cams == camera] = (features[cams == camera] - reference.mean(axis=0)) / scale
+    branches = adjusted.reshape(len(adjusted), num_branches, -1)
+    return (branches / np.linalg.norm(branches, axis=2, keepdims=True)).reshape(len(adjusted), -1)
+
+
+def run_statistics(model: Path, data: Path, cache: Path) -> dict:
+    """``run`` for the ``STATISTICS`` variants: the source model's features adjusted by statistics of the crops
+    adapted on, instead of adapting."""
+    results = {
+        "model": model.name,
+        "model_sha256": sha256_of(model),
+        "data": {name: data_fingerprint(data / name) for name in SETS},
+        "variants": STATISTICS,
+        "sets": {},
+    }
+    for name in SETS:
+        cached = set_views(model, data, name, cache)
+        num_branches = cached["views"].shape[2]
+        features = embed(BranchLinearHead(*cached["views"].shape[2:]), cached["views"][:, 0])
+        per_set = results["sets"][name] = {"crops": len(features)}
+        for protocol in PROTOCOLS:
+            fitted, evaluate_on = protocol_crops(cached, protocol)
+            rows = per_set[protocol] = {
+                "source": scores(features, cached, evaluate_on),
+                "crops_adapted_on": int(fitted.sum()),
+            }
+            for variant, settings in STATISTICS.items():
+                started = time.process_time()
+                adjusted = camera_statistics(features, cached["cams"], fitted, num_branches, **settings)
+                minutes_per_1000 = (time.process_time() - started) / 60 / fitted.sum() * 1000
+                rows[variant] = {
+                    **scores(adjusted, cached, evaluate_on),
+                    "adapt_cpu_minutes_per_1000": round(float(minutes_per_1000), 4),
+                }
+                print(name, protocol, variant, rows["source"], rows[variant], flush=True)
+    return results
+
+
 def selection_score(results: dict, variant: str) -> float:
     """The mean mAP change over the selection set's protocols."""
     rows = results["sets"][SELECTION_SET]
@@ -254,25 +315,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-DOCS_TABLES = DocsTables(
+DOCS_TABLES = DocsTables.on_page(
+    DOCS,
+    table,
     {
-        "adaptation.json": DocsTable(DOCS, generated_marker("adaptation table"), table),
-        "adaptation_network.json": DocsTable(DOCS, generated_marker("network adaptation table"), table),
-        "adaptation_default_network.json": DocsTable(DOCS, generated_marker("default network adaptation table"), table),
-        "adaptation_default_network_grid.json": DocsTable(
-            DOCS, generated_marker("default network adaptation grid table"), table
-        ),
-        "adaptation_omz_cama.json": DocsTable(DOCS, generated_marker("omz cama adaptation table"), table),
-        "adaptation_default_network_inductive.json": DocsTable(
-            DOCS, generated_marker("default network inductive adaptation table"), table
-        ),
-        "adaptation_default_network_cuhk03.json": DocsTable(
-            DOCS, generated_marker("default network cuhk03 adaptation table"), table
-        ),
-        "adaptation_default_network_cuhk03_inductive.json": DocsTable(
-            DOCS, generated_marker("default network cuhk03 inductive adaptation table"), table
-        ),
-    }
+        "adaptation.json": "adaptation table",
+        "adaptation_network.json": "network adaptation table",
+        "adaptation_default_network.json": "default network adaptation table",
+        "adaptation_default_network_grid.json": "default network adaptation grid table",
+        "adaptation_omz_cama.json": "omz cama adaptation table",
+        "adaptation_default_network_inductive.json": "default network inductive adaptation table",
+        "adaptation_default_network_cuhk03.json": "default network cuhk03 adaptation table",
+        "adaptation_default_network_cuhk03_inductive.json": "default network cuhk03 inductive adaptation table",
+        "camera_statistics.json": "camera statistics table",
+    },
 )
 
 
@@ -287,6 +343,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", choices=SETS, default=SETS, help="with --checkpoint: these sets only")
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=PROTOCOLS, help="with --checkpoint")
     parser.add_argument("--variants", nargs="+", choices=list(NETWORK_VARIANTS), default=list(NETWORK_PAIRINGS))
+    parser.add_argument(
+        "--statistics", action="store_true", help="measure the STATISTICS variants (no training) instead"
+    )
     parser.add_argument("--output", type=Path, default=None)
     DOCS_TABLES.add_option(parser)
     args = parser.parse_args()
@@ -299,7 +358,8 @@ def main() -> None:
         return
     if args.cache is None:
         parser.error("--cache is required to measure")
-    results = {**provenance(), **run(args.model, args.data, args.cache)}
+    measure = run_statistics if args.statistics else run
+    results = {**provenance(), **measure(args.model, args.data, args.cache)}
     emit(results, args.output)
 
 

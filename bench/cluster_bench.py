@@ -6,13 +6,12 @@ Each setting gets a fresh gallery. Enrolment: CLIENTS concurrent clients each po
 until ENROL images are in. Queries: CLIENTS concurrent clients, QUERIES queries of one image, top_k 10, no
 heatmaps. With replicas, the clients take turns over them as a round-robin load balancer would.
 
-    python -m bench.cluster_bench --data ../shared/data --output bench/results/cluster.json
+    python -m bench.cluster_bench --data $DATA --enrol 600 --queries 160 --output bench/results/cluster.json
+    python -m bench.cluster_bench --write-docs bench/results/cluster.json   # docs/deployment.md's table
 """
 
 import argparse
 import asyncio
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -24,10 +23,12 @@ from typing import Dict, List
 
 import httpx
 
-from bench.common import emit, latency_quantiles
+from bench.common import DocsTable, emit, generated_marker, latency_quantiles
 from harness.cluster import ClusterServers, unavailable
 from harness.server import ServiceProcess
 from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.files import sha256_of
+from model_zoo.provenance import data_fingerprint, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,11 +108,30 @@ def run_setting(name: str, servers: List[ServiceProcess], gallery: List[bytes], 
     return {"setting": name, "replicas": len(servers), "gallery_size": size, "enrol": enrol, "query": query}
 
 
+def table(results: dict) -> str:
+    """One row per setting: enrolment and query throughput (against the embedded gallery's) and latency."""
+    lines = [
+        "| setting | enrol images/s (vs embedded) | enrol request p50 / p99 ms | queries/s (vs embedded) "
+        "| query p50 / p99 ms | of which embed / search p50 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        enrol, query = run["enrol"], run["query"]
+        lines.append(
+            f"| {run['setting']} | {enrol['images_per_s']} ({run['enrol_vs_embedded']}x) "
+            f"| {enrol['request_ms']['p50_ms']} / {enrol['request_ms']['p99_ms']} "
+            f"| {query['queries_per_s']} ({run['query_vs_embedded']}x) | {query['p50_ms']} / {query['p99_ms']} "
+            f"| {query['embed_p50_ms']} / {query['search_p50_ms']} |"
+        )
+    return "\n".join(lines)
+
+
+DOCS_TABLE = DocsTable(REPO / "docs" / "deployment.md", generated_marker("cluster table"), table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data", type=Path, required=True, help="the data folder (cuhk03-detected's crops are the images)"
-    )
+    parser.add_argument("--data", type=Path, help="the data folder (cuhk03-detected's crops are the images)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--enrol", type=int, default=1200, help="images enrolled per setting")
     parser.add_argument("--queries", type=int, default=400)
@@ -119,7 +139,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--work", type=Path, default=Path("/tmp/reid-cluster-bench"))
     parser.add_argument("--output", type=Path)
+    DOCS_TABLE.add_option(parser)
     args = parser.parse_args()
+    if args.write_docs:
+        DOCS_TABLE.write(args.write_docs)
+        return
+    if args.data is None:
+        parser.error("--data is required to measure")
     reason = unavailable()
     if reason:
         sys.exit(f"the cluster backend cannot run here: {reason}")
@@ -158,13 +184,14 @@ def main() -> None:
         run["query_vs_embedded"] = round(run["query"]["queries_per_s"] / base["query"]["queries_per_s"], 2)
     emit(
         {
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": None},
+            **provenance(),
             "model": args.model.name,
+            "model_sha256": sha256_of(args.model),
+            "data": {"cuhk03-detected": data_fingerprint(args.data / "cuhk03-detected")},
             "enrolled": args.enrol,
             "queries": args.queries,
             "batch": args.batch,
             "clients": args.clients,
-            "command": "python " + " ".join(sys.argv),
             "runs": runs,
         },
         args.output,

@@ -147,5 +147,10 @@ class DocsTables(dict):
             help=f"rewrite the docs table of this result file ({', '.join(self)}), measure nothing",
         )
 
+    @classmethod
+    def on_page(cls, doc: Path, table: Callable[[dict], str], markers: Dict[str, str]) -> "DocsTables":
+        """Tables on one page printed by one function: result file name -> the name in its marker."""
+        return cls({name: DocsTable(doc, generated_marker(marker), table) for name, marker in markers.items()})
+
     def write(self, result_file: Path) -> None:
         self[result_file.name].write(result_file)

@@ -52,10 +52,8 @@ from service.store import GalleryStore, NewItem
 from harness.server import ServiceProcess
 from bench.common import (
     RESULTS_PAGE,
-    DocsTable,
     DocsTables,
     emit,
-    generated_marker,
     jpeg,
     latency_quantiles,
     memory_kb,
@@ -342,20 +340,16 @@ def scale_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-DOCS_TABLES = DocsTables(
+DOCS_TABLES = DocsTables.on_page(
+    RESULTS_PAGE,
+    scale_table,
     {
-        "gallery_real.json": DocsTable(RESULTS_PAGE, generated_marker("real gallery table"), scale_table),
-        "gallery_1m_real.json": DocsTable(RESULTS_PAGE, generated_marker("million gallery table"), scale_table),
-        "gallery_1m_real_one_call.json": DocsTable(
-            RESULTS_PAGE, generated_marker("million gallery one call table"), scale_table
-        ),
-        "gallery_1m_real_served.json": DocsTable(
-            RESULTS_PAGE, generated_marker("million gallery served table"), scale_table
-        ),
-        "gallery_1m_real_served_sleeping.json": DocsTable(
-            RESULTS_PAGE, generated_marker("million gallery served sleeping table"), scale_table
-        ),
-    }
+        "gallery_real.json": "real gallery table",
+        "gallery_1m_real.json": "million gallery table",
+        "gallery_1m_real_one_call.json": "million gallery one call table",
+        "gallery_1m_real_served.json": "million gallery served table",
+        "gallery_1m_real_served_sleeping.json": "million gallery served sleeping table",
+    },
 )
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS_PAGE, alternating_latency, DocsTable, DocsTables, emit, generated_marker, timed
+from bench.common import RESULTS_PAGE, alternating_latency, DocsTables, emit, timed
 from model_zoo.provenance import provenance
 from client import ReIDClient
 from model_zoo import DEFAULT_MODEL_PATH
@@ -73,11 +73,10 @@ def cost_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-DOCS_TABLES = DocsTables(
-    {
-        "heatmap_cost.json": DocsTable(RESULTS_PAGE, generated_marker("heatmap cost table"), cost_table),
-        "heatmap_cost_cama.json": DocsTable(RESULTS_PAGE, generated_marker("heatmap cost cama table"), cost_table),
-    }
+DOCS_TABLES = DocsTables.on_page(
+    RESULTS_PAGE,
+    cost_table,
+    {"heatmap_cost.json": "heatmap cost table", "heatmap_cost_cama.json": "heatmap cost cama table"},
 )
 
 

@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.common import DocsTable, DocsTables, generated_marker, record_end_load
+from bench.common import DocsTables, record_end_load
 from model_zoo.provenance import data_fingerprint, provenance
 from bench.embed_speed import measure
 from model_zoo.contract import open_cpu_session
@@ -137,15 +137,13 @@ def render_docs(text: str, results: dict) -> str:
 
 
 # Runs of a few candidates beside the main file, each with its own table on a page: result file name -> table.
-DOCS_TABLES = DocsTables(
+DOCS_TABLES = DocsTables.on_page(
+    REPO / "docs" / "models.md",
+    candidates_table,
     {
-        "distilled_candidates.json": DocsTable(
-            REPO / "docs" / "models.md", generated_marker("distilled candidates table"), candidates_table
-        ),
-        "omz_cama_candidates.json": DocsTable(
-            REPO / "docs" / "models.md", generated_marker("omz cama candidates table"), candidates_table
-        ),
-    }
+        "distilled_candidates.json": "distilled candidates table",
+        "omz_cama_candidates.json": "omz cama candidates table",
+    },
 )
 
 

@@ -73,3 +73,25 @@ def test_subnormal_weights_bench_times_a_training_step_as_is_and_zeroed(tiny_mod
     )
     assert figures["subnormal_values"] >= 0 and figures["ratio_median"] > 0
     assert len(figures["rounds"]["as_is"]) == len(figures["rounds"]["zeroed"]) == 1
+
+
+def test_camera_centring_removes_each_cameras_offset_and_falls_back_to_all_fitted_crops():
+    import numpy as np
+
+    statistics = bench_module("adaptation").camera_statistics
+    rng = np.random.default_rng(0)
+    people = rng.normal(size=(6, 2 * 8))
+    offsets = {1: 3 * rng.normal(size=16), 2: 3 * rng.normal(size=16)}
+    cams = np.array([1] * 6 + [2] * 6 + [3])
+    features = np.concatenate([people + offsets[1], people + offsets[2], people[:1] + offsets[2]])
+    fitted = cams != 3
+
+    centred = statistics(features, cams, fitted, num_branches=2, per_camera=True, standardise=False)
+    assert np.allclose(np.linalg.norm(centred.reshape(13, 2, 8), axis=2), 1)
+    assert (np.argmax(centred[:6] @ centred[6:12].T, axis=1) == np.arange(6)).all()
+    everything = features[fitted].mean(axis=0)
+    expected = (features[12] - everything).reshape(2, 8)
+    assert np.allclose(centred[12].reshape(2, 8), expected / np.linalg.norm(expected, axis=1, keepdims=True))
+    pooled = statistics(features, cams, fitted, num_branches=2, per_camera=False, standardise=False)
+    assert np.allclose(pooled[12], centred[12])
+    assert not np.allclose(pooled[:6], centred[:6])
