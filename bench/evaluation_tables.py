@@ -695,10 +695,13 @@ MODELS_PAGE_TABLES = (
     ),
     HistoryTable("omz cama training table", (("all branches", "imported/omz0288_cama_metrics.json"),), branches=3),
 )
+# docs/training.md: the quick start's run.
+TRAINING_PAGE_TABLES = (RunsTable("quick run table", ("quick/quick_cuhk03_metrics.json",)),)
 CARDS = RESULTS_PAGE.parents[1] / "model_zoo" / "models"
 PAGES = {
     RESULTS_PAGE: ALL_TABLES,
     RESULTS_PAGE.parent / "models.md": MODELS_PAGE_TABLES,
+    RESULTS_PAGE.parent / "training.md": TRAINING_PAGE_TABLES,
     CARDS / "cama_mobilenetv2_pool.md": POOL_CARD_TABLES,
     CARDS / "cama_mobilenetv2_cuhk03.md": CUHK03_CARD_TABLES,
 }
