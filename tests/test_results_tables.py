@@ -240,6 +240,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
     "name, result",
     [
         ("hostile_costs", "hostile_costs.json"),
+        ("cluster_bench", "cluster.json"),
         ("imported_heads", "imported/imported_heads.json"),
         ("loop_free", "loop_free.json"),
         ("heatmap_cost", "heatmap_cost.json"),
