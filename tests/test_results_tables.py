@@ -253,6 +253,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("adaptation", "adaptation/adaptation_default_network_cuhk03.json"),
         ("adaptation", "adaptation/adaptation_default_network_cuhk03_inductive.json"),
         ("adaptation", "adaptation/adaptation_omz_cama.json"),
+        ("adaptation", "adaptation/camera_statistics.json"),
         ("model_candidates", "imported/distilled_candidates.json"),
         ("model_candidates", "imported/omz_cama_candidates.json"),
         ("threshold_estimate", "adaptation/threshold_estimate.json"),
