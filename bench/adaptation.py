@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from bench.common import DocsTables, emit
+from bench.printed_tables import CENTRED
 from model_zoo.provenance import data_fingerprint, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
@@ -93,7 +94,6 @@ STATISTICS = {
     "camera centring": dict(per_camera=True, standardise=False),
     "camera standardising": dict(per_camera=True, standardise=True),
 }
-CENTRED = "camera centred"  # a network's figures with each camera's mean removed, beside its own
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
@@ -338,12 +338,7 @@ DOCS_TABLES = DocsTables.on_page(
     {
         "adaptation.json": "adaptation table",
         "adaptation_network.json": "network adaptation table",
-        "adaptation_default_network.json": "default network adaptation table",
-        "adaptation_default_network_grid.json": "default network adaptation grid table",
         "adaptation_omz_cama.json": "omz cama adaptation table",
-        "adaptation_default_network_inductive.json": "default network inductive adaptation table",
-        "adaptation_default_network_cuhk03.json": "default network cuhk03 adaptation table",
-        "adaptation_default_network_cuhk03_inductive.json": "default network cuhk03 inductive adaptation table",
         "camera_statistics.json": "camera statistics table",
     },
 )

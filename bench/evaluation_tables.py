@@ -10,6 +10,7 @@ from typing import Tuple
 
 from bench.common import RESULTS_PAGE
 from bench.printed_tables import (
+    AdaptationRunsTable,
     AblationTable,
     AgainstSeedsTable,
     EmbedSpeedTable,
@@ -696,7 +697,16 @@ MODELS_PAGE_TABLES = (
     HistoryTable("omz cama training table", (("all branches", "imported/omz0288_cama_metrics.json"),), branches=3),
 )
 # docs/training.md: the quick start's run.
-TRAINING_PAGE_TABLES = (RunsTable("quick run table", ("quick/quick_cuhk03_metrics.json",)),)
+TRAINING_PAGE_TABLES = (
+    RunsTable("quick run table", ("quick/quick_cuhk03_metrics.json",)),
+    AdaptationRunsTable(
+        "default network adaptation runs table",
+        tuple(
+            f"adaptation/adaptation_default_network{slice_}.json"
+            for slice_ in ("_cuhk03", "_cuhk03_inductive", "", "_grid", "_inductive")
+        ),
+    ),
+)
 CARDS = RESULTS_PAGE.parents[1] / "model_zoo" / "models"
 PAGES = {
     RESULTS_PAGE: ALL_TABLES,

@@ -27,6 +27,7 @@ from bench.training_table import FIGURES, percent, table as runs_table
 from training.evaluation import single_branch_keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CENTRED = "camera centred"  # bench.adaptation's key: a network's figures with each camera's mean removed
 FIRST_SET = SETS[0][0]
 
 
@@ -539,3 +540,53 @@ class GoalsTable(PrintedTable):
             f"| file size | under {self.size_goal_mb:.0f} MB | {fp32:.1f} MB (int8 {int8:.1f} MB) "
             f"| {'yes' if fp32 < self.size_goal_mb else 'no'} |"
         )
+
+
+@dataclass(frozen=True)
+class AdaptationRunsTable(PrintedTable):
+    """bench.adaptation's runs of one network in one variant, a row per set and protocol measured: the source's
+    and the adapted network's R1 / mAP, the change, both again with each camera's mean removed where the file has
+    them, the last epoch's clusters and outliers, the CPU cost and the file."""
+
+    name: str
+    files: Tuple[str, ...]  # under bench/results
+
+    def table(self) -> str:
+        columns = [
+            "set",
+            "protocol",
+            "crops adapted on",
+            "source R1 / mAP",
+            "adapted R1 / mAP",
+            "mAP change",
+            "camera-centred mAP: source / adapted",
+            "clusters / outliers",
+            "CPU min / 1,000 crops",
+            "file",
+        ]
+        lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
+        for file in self.files:
+            results = read(file)
+            for name, per_set in results["sets"].items():
+                for protocol in (p for p in ("transductive", "inductive") if p in per_set):
+                    (variant,) = results["variants"]
+                    lines.append(self.row(name, protocol, per_set[protocol], per_set[protocol][variant], file))
+        return "\n".join(lines)
+
+    @staticmethod
+    def row(name: str, protocol: str, rows: dict, adapted: dict, file: str) -> str:
+        source = rows["source"]
+        centred = f"{source[CENTRED]['mAP']:.1f} / {adapted[CENTRED]['mAP']:.1f}" if CENTRED in adapted else "-"
+        cells = [
+            name,
+            protocol,
+            str(rows["crops_adapted_on"]),
+            f"{source['rank1']:.1f} / {source['mAP']:.1f}",
+            f"{adapted['rank1']:.1f} / {adapted['mAP']:.1f}",
+            f"{adapted['mAP'] - source['mAP']:+.1f}",
+            centred,
+            f"{adapted['clusters']} / {adapted['outliers']}",
+            f"{adapted['adapt_cpu_minutes_per_1000']:.1f}",
+            f"`{Path(file).name}`",
+        ]
+        return f"| {' | '.join(cells)} |"
