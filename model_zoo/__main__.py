@@ -1,4 +1,5 @@
-"""``python -m model_zoo import SRC OUT.onnx``: a thin layer over ``model_zoo.importers.import_model``."""
+"""``python -m model_zoo import SRC OUT.onnx`` and ``python -m model_zoo ensemble A.onnx B.onnx ... OUT.onnx``: thin
+layers over ``model_zoo.importers.import_model`` and ``model_zoo.ensemble.ensemble``."""
 
 import argparse
 import json
@@ -66,11 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument(
         "--real-images", type=Path, default=None, help="a folder of images for the parity check, beside random ones"
     )
+    ensembles = commands.add_parser(
+        "ensemble",
+        help="write contract files as one, each member's branches beside the others' (RAM heatmaps exact)",
+        description="The score is the mean of the members' scores weighted by their branch counts: list a "
+        "file twice to weigh it twice. Members share the input size and the maps' shape; the file records "
+        "each member's sha256 and source (reid.source). Evaluate and calibrate the result: the members' "
+        "figures do not hold for it.",
+    )
+    ensembles.add_argument("members", type=Path, nargs="+", help="two contract .onnx files or more, then the output")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "ensemble":
+        return ensemble_command(args.members[:-1], args.members[-1])
     from model_zoo.importers import Preprocessing, Provenance, import_model
     from model_zoo.importers.openvino_ir import UnsupportedGraph
     from model_zoo.onnx_export import ExportParityError
@@ -89,6 +101,19 @@ def main(argv=None) -> int:
         print(f"python -m model_zoo import: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({key: summary[key] for key in ("output", "bytes", "source", "source_agreement")}, indent=2))
+    return 0
+
+
+def ensemble_command(members, output: Path) -> int:
+    from model_zoo.contract import ContractError
+    from model_zoo.ensemble import EnsembleError, ensemble
+
+    try:
+        summary = ensemble(members, output)
+    except (OSError, ContractError, EnsembleError) as exc:
+        print(f"python -m model_zoo ensemble: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
     return 0
 
 
