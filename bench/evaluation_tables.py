@@ -703,7 +703,7 @@ TRAINING_PAGE_TABLES = (
         "default network adaptation runs table",
         tuple(
             f"adaptation/adaptation_default_network{slice_}.json"
-            for slice_ in ("_cuhk03", "_cuhk03_inductive", "", "_grid", "_inductive")
+            for slice_ in ("_cuhk03", "_cuhk03_inductive", "", "_grid", "_inductive", "_centred")
         ),
     ),
 )
