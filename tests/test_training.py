@@ -224,6 +224,17 @@ def test_a_parity_failure_is_reported(trained_run, tmp_path, shift):
         check_parity(model, tmp_path / "model.onnx", parity_images(TINY_HEIGHT, TINY_WIDTH, None))
 
 
+def test_an_embedding_slices_parity_bound_grows_with_its_branchs_conditioning():
+    from model_zoo.onnx_export import CONDITIONING_REFERENCE, EMBEDDING_TOLERANCE, embedding_bounds
+
+    maps = np.ones((1, 2, 4, 2, 2), np.float32)  # branch 1: every cell its mean, max|F| / |mean F| = 0.5
+    maps[0, 1] = -2.0
+    maps[0, 1, :, 0, 0] = 7.0  # branch 2: mean 0.25 a channel, so |mean F| = 0.5 against a peak of 7
+    np.testing.assert_allclose(
+        embedding_bounds(maps), [[EMBEDDING_TOLERANCE, EMBEDDING_TOLERANCE * 14 / CONDITIONING_REFERENCE]]
+    )
+
+
 def test_contract_metadata_round_trips():
     contract = ModelContract(
         "cama", "mobilenetv2", 3, 1280, 16, 8, 256, 128, "data", {"cuhk03": {"all": {"mAP": 0.5}}}, {"a": 1}
