@@ -320,18 +320,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def centred_table(results: dict) -> str:
-    """mAP of the source and of each variant per set and protocol measured, as they are and camera-centred."""
-    sets = results["sets"]
-    columns = [(s, p) for s in SETS if s in sets for p in PROTOCOLS if p in sets[s]]
-    header = " | ".join(f"{name} {protocol[:5]}. mAP: as is / camera-centred" for name, protocol in columns)
-    lines = [f"| model | {header} |", "|---" * (1 + len(columns)) + "|"]
-    for row in ("source", *results["variants"]):
-        cells = [f"{sets[s][p][row]['mAP']:.1f} / {sets[s][p][row][CENTRED]['mAP']:.1f}" for s, p in columns]
-        lines.append(f"| {row} | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
 DOCS_TABLES = DocsTables.on_page(
     DOCS,
     table,
