@@ -90,3 +90,20 @@ def test_the_command_writes_the_file_or_says_why_in_one_line(tiny_model, tmp_pat
     (tmp_path / "notes.onnx").write_text("not a model")
     assert main(["ensemble", str(tiny_model[1]), str(tmp_path / "notes.onnx"), str(tmp_path / "out.onnx")]) == 1
     assert "notes.onnx: ONNX Runtime cannot read it" in capsys.readouterr().err
+
+
+def test_the_service_serves_an_ensemble_and_adapt_takes_it_as_any_contract_file(tiny_model, tmp_path):
+    from tests.server import assert_heatmaps_sum_to_scores
+    from tests.test_adaptation import write_crops
+    from training.adaptation import adapt
+    from training.adaptation.loop import AdaptationSettings
+
+    second = retrained(tiny_model[1], tmp_path / "second.onnx", seed=2)
+    ensemble([tiny_model[1], second], tmp_path / "ensemble.onnx")
+    assert_heatmaps_sum_to_scores(tmp_path / "ensemble.onnx", tmp_path / "g.sqlite3", "ensemble", 4)
+
+    settings = AdaptationSettings(epochs=2, min_samples=2, eps=0.5, k1=6, k2=3, steps_per_epoch=5, batch_size=16)
+    adapt(tmp_path / "ensemble.onnx", str(write_crops(tmp_path / "crops")), tmp_path / "adapted.onnx", None, settings)
+    images = np.random.default_rng(1).integers(0, 256, (3, TINY_HEIGHT, TINY_WIDTH, 3), dtype=np.uint8)
+    contract, embedding, maps = run(tmp_path / "adapted.onnx", images)
+    assert contract.num_branches == 4 and identity_error(embedding, maps) < 1e-5
