@@ -81,6 +81,19 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} CPU"
 
 
+# The vector instructions that change a figure: speed, and the int8 and bf16 kernels (so their rounding) that
+# ONNX Runtime and PyTorch pick. Two CPUs of one model name ("AMD EPYC") can differ in them.
+VECTOR_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> List[str]:
+    """Which of ``VECTOR_FEATURES`` the CPU has (x86 Linux; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.exists() else []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return [feature for feature in VECTOR_FEATURES if feature in flags]
+
+
 def provenance() -> dict:
     """What a result file records about its making: the commit (``-dirty`` with uncommitted changes), the command
     line, the date, and the machine (CPU model, cores, load averages)."""
@@ -93,6 +106,7 @@ def provenance() -> dict:
         "date": datetime.date.today().isoformat(),
         "machine": {
             "cpu": cpu_name(),
+            "cpu_features": cpu_features(),
             "cores": os.cpu_count(),
             "load_average_1_5_15": list(os.getloadavg()),
             "python": platform.python_version(),

@@ -45,7 +45,7 @@ def test_metrics_record_where_they_came_from_and_no_folder_of_this_machine(train
     out, _ = trained_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"commit", "command", "date", "machine"} <= set(metrics)
-    assert {"cpu", "cores", "load_average_1_5_15"} <= set(metrics["machine"])
+    assert {"cpu", "cpu_features", "cores", "load_average_1_5_15"} <= set(metrics["machine"])
     assert metrics["data"][SET] == data_fingerprint(market_root)
     assert metrics["config"]["data"]["roots"] == [market_root.name]
     assert "/" not in json.dumps(metrics["config"])
