@@ -93,7 +93,7 @@ import-default: $(VENV)/.test-$(RUNTIME)
 
 # The accurate ensemble, remade from the same IRs: retail-0286 and retail-0287 imported as above (into
 # build/ensemble, not shipped alone), written with the shipped retail-0277 as one file's three branches (python -m
-# model_zoo ensemble), then its threshold calibrated on CUHK03-val.
+# model_zoo ensemble), then its threshold calibrated on CUHK03-val and its int8 file made.
 ENSEMBLE := model_zoo/models/person_reidentification_retail_0277_0286_0287.onnx
 import-ensemble: $(VENV)/.test-$(RUNTIME)
 	mkdir -p build/ensemble
@@ -104,6 +104,7 @@ import-ensemble: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python -m model_zoo ensemble $(DEFAULT_MODEL).onnx build/ensemble/person_reidentification_retail_0286.onnx \
 		build/ensemble/person_reidentification_retail_0287.onnx $(ENSEMBLE)
 	$(BIN)/python -m training calibrate $(ENSEMBLE) $(EVAL_SETS) --quiet
+	$(BIN)/python -m training quantize $(ENSEMBLE) $(TRAIN_SETS)
 
 # Every shipped model, and the imported public models it is judged against, in one table: accuracy and CPU
 # images/s side by side in one run (bench/model_candidates.py). IMPORTED: a folder of further candidates'

@@ -144,6 +144,7 @@ DOCS_TABLES = DocsTables.on_page(
         "distilled_candidates.json": "distilled candidates table",
         "omz_cama_candidates.json": "omz cama candidates table",
         "ensemble_candidates.json": "ensemble candidates table",
+        "ensemble_int8_candidates.json": "ensemble int8 candidates table",
     },
 )
 

@@ -252,6 +252,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("model_candidates", "imported/distilled_candidates.json"),
         ("model_candidates", "imported/omz_cama_candidates.json"),
         ("model_candidates", "imported/ensemble_candidates.json"),
+        ("model_candidates", "imported/ensemble_int8_candidates.json"),
         ("threshold_estimate", "adaptation/threshold_estimate.json"),
         ("service_bench", "service_enrol.json"),
         ("service_bench", "service_enrol_before.json"),
