@@ -69,18 +69,22 @@ def read_member(path: Path) -> Member:
     return Member(path, proto, contract, metadata)
 
 
+def default_opset(member: Member) -> int:
+    return next((o.version for o in member.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def check_compatible(members: Sequence[Member]) -> None:
-    """The members' shared input size and map shape, which one contract file needs."""
+    """The members' shared input size, map shape and opset, which one contract file needs (an operator's meaning
+    may change between opsets, so one graph cannot mix them)."""
     first = members[0]
     for member in members[1:]:
         for what, of in (
-            ("input size", lambda c: (c.input_height, c.input_width)),
-            ("map shape (D, h, w)", lambda c: (c.branch_dim, c.map_height, c.map_width)),
+            ("input size", lambda m: (m.contract.input_height, m.contract.input_width)),
+            ("map shape (D, h, w)", lambda m: (m.contract.branch_dim, m.contract.map_height, m.contract.map_width)),
+            ("ONNX opset", default_opset),
         ):
-            if of(member.contract) != of(first.contract):
-                raise EnsembleError(
-                    f"{member.path.name}'s {what} is {of(member.contract)}, {first.path.name}'s {of(first.contract)}"
-                )
+            if of(member) != of(first):
+                raise EnsembleError(f"{member.path.name}'s {what} is {of(member)}, {first.path.name}'s {of(first)}")
 
 
 def prefixed(member: Member, prefix: str) -> onnx.ModelProto:
@@ -118,7 +122,7 @@ def ensemble_proto(listed: Sequence[Member], distinct: Sequence[Member]) -> onnx
         initializer=[tensor for g in graphs for tensor in g.initializer],
     )
     opsets: Dict[str, int] = {}
-    for member in distinct:
+    for member in distinct:  # one default opset (check_compatible); other domains' highest
         for opset in member.proto.opset_import:
             opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
     model = helper.make_model(

@@ -1,6 +1,7 @@
 """``python -m model_zoo ensemble`` (model_zoo/ensemble.py): contract files as branches of one, on tiny models made
 here; the file is read as the service reads it (ONNX Runtime, the contract checked)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from onnx import numpy_helper
 from model_zoo.__main__ import main
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, PRECISION_KEY, SOURCE_KEY
 from model_zoo.contract import identity_error, open_cpu_session
-from model_zoo.ensemble import EnsembleError, ensemble
+from model_zoo.ensemble import EnsembleError, check_compatible, ensemble, read_member
 from model_zoo.files import sha256_of
 from tests.conftest import TINY_HEIGHT, TINY_WIDTH
 
@@ -76,6 +77,12 @@ def test_members_that_cannot_share_one_file_are_refused_by_name(tiny_model, tiny
     onnx.save(proto, str(tmp_path / "labelled_int8.onnx"))
     with pytest.raises(EnsembleError, match="labelled_int8.onnx is int8"):
         ensemble([tiny_model[1], tmp_path / "labelled_int8.onnx"], tmp_path / "out.onnx")
+    member = read_member(tiny_model[1])
+    other_opset = onnx.ModelProto()
+    other_opset.CopyFrom(member.proto)
+    next(o for o in other_opset.opset_import if o.domain in ("", "ai.onnx")).version += 1
+    with pytest.raises(EnsembleError, match="ONNX opset"):
+        check_compatible([member, dataclasses.replace(member, proto=other_opset)])
     with pytest.raises(EnsembleError, match="two members or more"):
         ensemble([tiny_model[1]], tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
