@@ -71,26 +71,29 @@ def portable_argument(arg: str) -> str:
     return f"{key}={portable_path(value)}"
 
 
-def cpu_name() -> str:
-    """The CPU's model name (x86 Linux), else what ``platform`` knows of it."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return f"{platform.processor() or platform.machine()} CPU"
-
-
+CPUINFO = Path("/proc/cpuinfo")
 # The vector instructions that change a figure: speed, and the int8 and bf16 kernels (so their rounding) that
 # ONNX Runtime and PyTorch pick. Two CPUs of one model name ("AMD EPYC") can differ in them.
 VECTOR_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-def cpu_features() -> List[str]:
+def cpuinfo_field(key: str, cpuinfo: Path = CPUINFO) -> str:
+    """The value of the first ``key`` line of Linux's CPU description ('' where there is none)."""
+    try:
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (x86 Linux), else what ``platform`` knows of it."""
+    return cpuinfo_field("model name") or f"{platform.processor() or platform.machine()} CPU"
+
+
+def cpu_features(cpuinfo: Path = CPUINFO) -> List[str]:
     """Which of ``VECTOR_FEATURES`` the CPU has (x86 Linux; empty elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.exists() else []
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    flags = cpuinfo_field("flags", cpuinfo).split()
     return [feature for feature in VECTOR_FEATURES if feature in flags]
 
 

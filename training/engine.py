@@ -5,7 +5,6 @@ the run folder, evaluation on a list of sets every few epochs and at the end."""
 import json
 import logging
 import random
-import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model_zoo.architectures import build_model
-from model_zoo.provenance import cpu_name, data_fingerprint, provenance
+from model_zoo.provenance import CPUINFO, cpu_features, cpu_name, data_fingerprint, provenance
 from training.config import TrainConfig
 from training.data import SAMPLER_REGISTRY, MarketDataset, TrainAugmentation, batch_loader
 from training.checkpoints import model_settings
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "model.pt"
 HISTORY_FILE = "history.json"  # every epoch so far, rewritten after each: a long run's figures without its checkpoint
-CPUINFO = Path("/proc/cpuinfo")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,18 +45,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def read_cpuinfo(path: Path = CPUINFO) -> str:
-    """Linux's CPU description ('' elsewhere)."""
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
 def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
     """AVX512-BF16 or AMX: where bf16 autocast speeds training up. The CPU's flags, not oneDNN, decide: oneDNN
     reports bf16 on any AVX512 CPU and there emulates it, slower than fp32 (docs/results.md, Results)."""
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", read_cpuinfo(cpuinfo)) is not None
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_features(cpuinfo)))
 
 
 def autocast_dtype(device: torch.device, amp: bool, force_cpu_bf16: bool = False) -> Optional[torch.dtype]:
