@@ -107,11 +107,13 @@ def check_parity(model: nn.Module, onnx_path: Path, images: Dict[str, np.ndarray
                     else (margins(torch.from_numpy(x)) >= NEAR_TIE_TOLERANCE).numpy()
                 )
             emb, maps, *extra = session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS, *extras], {INPUT_IMAGES: x})
-            emb_diff = float(np.abs(emb - out.embedding.numpy()).max())
-            slice_diffs = split_branches(np.abs(emb - out.embedding.numpy()), maps.shape[1]).max(axis=2)
-            emb_excess = float((slice_diffs / embedding_bounds(out.feature_maps.float().numpy())).max())
+            emb_diffs = np.abs(emb - out.embedding.numpy())
+            emb_diff = float(emb_diffs.max())
+            torch_maps = out.feature_maps.float().numpy()
+            slice_diffs = split_branches(emb_diffs, maps.shape[1]).max(axis=2)
+            emb_excess = float((slice_diffs / embedding_bounds(torch_maps)).max())
             map_scale = max(1.0, float(np.abs(maps).max()))
-            map_diff = float(np.abs(maps - out.feature_maps.float().numpy())[kept].max(initial=0.0)) / map_scale
+            map_diff = float(np.abs(maps - torch_maps)[kept].max(initial=0.0)) / map_scale
             # The identity on the ONNX outputs alone: 0 up to rounding where the graph computes the embedding from the
             # maps.
             identity_diff = identity_error(emb, maps)
