@@ -15,7 +15,7 @@ Imports onnx, numpy and ONNX Runtime, never torch: the service may read what it 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import onnx
@@ -48,6 +48,7 @@ class EnsembleError(ValueError):
 class Member:
     path: Path
     proto: onnx.ModelProto
+    session: Any  # ONNX Runtime's, opened to check the contract; the parity check runs the member alone on it
     contract: ModelContract
     metadata: Dict[str, str]
 
@@ -57,7 +58,7 @@ def read_member(path: Path) -> Member:
     if not path.is_file():
         raise EnsembleError(f"{path}: no such file")
     try:
-        _, contract = open_cpu_session(path)
+        session, contract = open_cpu_session(path)
     except ContractError:
         raise
     except Exception as exc:  # ONNX Runtime's own errors derive from Exception alone
@@ -66,7 +67,7 @@ def read_member(path: Path) -> Member:
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
     if precision_of(metadata) != "fp32":
         raise EnsembleError(f"{path.name} is {precision_of(metadata)}: ensemble the fp32 files, then quantize")
-    return Member(path, proto, contract, metadata)
+    return Member(path, proto, session, contract, metadata)
 
 
 def default_opset(member: Member) -> int:
@@ -180,9 +181,8 @@ def parity(output: Path, listed: Sequence[Member], seed: int = 0) -> Dict[str, f
     images = np.random.default_rng(seed).integers(0, 256, (PARITY_IMAGES, *input_shape(contract)), dtype=np.uint8)
     session, _ = open_cpu_session(output)
     embedding, maps = session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: images})
-    alone = {}
-    for member in dict.fromkeys(m.path for m in listed):
-        alone[member] = open_cpu_session(member)[0].run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: images})
+    distinct = {member.path: member for member in listed}.values()
+    alone = {m.path: m.session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: images}) for m in distinct}
     expected_embedding = np.concatenate([alone[m.path][0] for m in listed], axis=1)
     expected_maps = np.concatenate([alone[m.path][1] for m in listed], axis=1)
     return {
