@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ensemble",
         help="write contract files as one, each member's branches beside the others' (RAM heatmaps exact)",
         description="The score is the mean of the members' scores weighted by their branch counts: list a "
-        "file twice to weigh it twice. Members share the input size and the maps' shape; the file records "
-        "each member's sha256 and source (reid.source). Evaluate and calibrate the result: the members' "
-        "figures do not hold for it.",
+        "file twice to weigh it twice. Members share the input size, the maps' shape and the ONNX opset; the "
+        "file records each member's sha256 and source (reid.source). Evaluate and calibrate the result: the "
+        "members' figures do not hold for it.",
     )
     ensembles.add_argument("members", type=Path, nargs="+", help="two contract .onnx files or more, then the output")
     return parser
