@@ -10,7 +10,7 @@ RUNTIME := $(if $(HAS_GPU),gpu,cpu)
 OTHER_RUNTIME_PACKAGES := $(if $(HAS_GPU),onnxruntime faiss-cpu,onnxruntime-gpu faiss-gpu-cu12)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: serve test lint docs install weights browser postgres compose bench ship import-default import-ensemble candidates model-figures clean
+.PHONY: serve test lint docs install weights browser postgres compose bench ship import-omz import-default candidates model-figures clean
 
 serve: $(VENV)/.serve-$(RUNTIME)
 	$(BIN)/python -m service
@@ -52,7 +52,7 @@ $(VENV)/.test-$(RUNTIME): pyproject.toml $(VENV)/.serve-$(RUNTIME)
 # folder (training sets, cuhk03-detected, prid, grid); BENCH_WORK: room for a 16 GB gallery store.
 DATA ?= ../shared/data
 BENCH_WORK ?= /tmp/reid-bench
-DEFAULT_MODEL := model_zoo/models/person_reidentification_retail_0277
+DEFAULT_MODEL := model_zoo/models/person_reidentification_retail_0277_0286_0287
 FIGURES ?= bench/results
 EVAL_SETS := --data-root $(DATA)/cuhk03-detected --data-root $(DATA)/prid --data-root $(DATA)/grid
 bench: $(VENV)/.test-$(RUNTIME)
@@ -79,32 +79,33 @@ ship: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python -m training fp16 model_zoo/models/$(NAME).onnx $(TRAIN_SETS)
 	$(MAKE) model-figures MODEL=model_zoo/models/$(NAME)
 
-# The shipped default and the fast tier, remade from Intel's Open Model Zoo IRs (Apache-2.0): imported with the
-# parity checks (against OpenVINO too), then their thresholds calibrated on CUHK03-val. WEIGHTS: the folder
-# with person-reidentification-retail-0277-FP16.{xml,bin} and -0288-FP32.{xml,bin} (their addresses: the cards).
+# Retail-0277 (the default's first member, shipped alone too) and the fast tier, remade from Intel's Open Model Zoo
+# IRs (Apache-2.0): imported with the parity checks (against OpenVINO too), then their thresholds calibrated on
+# CUHK03-val. WEIGHTS: the folder with person-reidentification-retail-0277-FP16.{xml,bin}, -0286-FP16, -0287-FP32
+# and -0288-FP32 (their addresses: the cards).
 WEIGHTS ?= ../shared/weights/openvino
 OMZ_URL := https://github.com/openvinotoolkit/open_model_zoo/tree/master/models/intel
-import-default: $(VENV)/.test-$(RUNTIME)
+import-omz: $(VENV)/.test-$(RUNTIME)
 	for ir in 0277-FP16 0288-FP32; do n=$${ir%-*}; \
 		$(BIN)/python -m model_zoo import $(WEIGHTS)/person-reidentification-retail-$$ir.xml model_zoo/models/person_reidentification_retail_$$n.onnx \
 			--licence Apache-2.0 --url $(OMZ_URL)/person-reidentification-retail-$$n --training-data "not published by Intel" \
 			--real-images $(DATA)/cuhk03-detected/query && \
 		$(BIN)/python -m training calibrate model_zoo/models/person_reidentification_retail_$$n.onnx $(EVAL_SETS) --quiet || exit 1; done
 
-# The accurate ensemble, remade from the same IRs: retail-0286 and retail-0287 imported as above (into
+# The default, the accurate ensemble, remade from the same IRs: retail-0286 and retail-0287 imported as above (into
 # build/ensemble, not shipped alone), written with the shipped retail-0277 as one file's three branches (python -m
 # model_zoo ensemble), then its threshold calibrated on CUHK03-val and its int8 file made.
-ENSEMBLE := model_zoo/models/person_reidentification_retail_0277_0286_0287.onnx
-import-ensemble: $(VENV)/.test-$(RUNTIME)
+import-default: import-omz
 	mkdir -p build/ensemble
 	for ir in 0286-FP16 0287-FP32; do n=$${ir%-*}; \
 		$(BIN)/python -m model_zoo import $(WEIGHTS)/person-reidentification-retail-$$ir.xml build/ensemble/person_reidentification_retail_$$n.onnx \
 			--licence Apache-2.0 --url $(OMZ_URL)/person-reidentification-retail-$$n --training-data "not published by Intel" \
 			--real-images $(DATA)/cuhk03-detected/query || exit 1; done
-	$(BIN)/python -m model_zoo ensemble $(DEFAULT_MODEL).onnx build/ensemble/person_reidentification_retail_0286.onnx \
-		build/ensemble/person_reidentification_retail_0287.onnx $(ENSEMBLE)
-	$(BIN)/python -m training calibrate $(ENSEMBLE) $(EVAL_SETS) --quiet
-	$(BIN)/python -m training quantize $(ENSEMBLE) $(TRAIN_SETS)
+	$(BIN)/python -m model_zoo ensemble model_zoo/models/person_reidentification_retail_0277.onnx \
+		build/ensemble/person_reidentification_retail_0286.onnx build/ensemble/person_reidentification_retail_0287.onnx \
+		$(DEFAULT_MODEL).onnx
+	$(BIN)/python -m training calibrate $(DEFAULT_MODEL).onnx $(EVAL_SETS) --quiet
+	$(BIN)/python -m training quantize $(DEFAULT_MODEL).onnx $(TRAIN_SETS)
 
 # Every shipped model, and the imported public models it is judged against, in one table: accuracy and CPU
 # images/s side by side in one run (bench/model_candidates.py). IMPORTED: a folder of further candidates'
@@ -112,7 +113,7 @@ import-ensemble: $(VENV)/.test-$(RUNTIME)
 IMPORTED ?= build/candidates
 candidates: $(VENV)/.test-$(RUNTIME)
 	$(BIN)/python -m bench.model_candidates --data $(DATA) --output bench/results/model_candidates.json \
-		$(DEFAULT_MODEL).onnx $(filter-out %.int8.onnx %.fp16.onnx $(DEFAULT_MODEL).onnx,$(wildcard model_zoo/models/*.onnx)) $(wildcard $(IMPORTED)/*.onnx)
+		$(DEFAULT_MODEL).onnx $(filter-out %.fp16.onnx $(DEFAULT_MODEL).onnx,$(wildcard model_zoo/models/*.onnx)) $(wildcard $(IMPORTED)/*.onnx)
 
 # A shipped model's files on the three validation sets: fp32, and int8 and fp16 where it has them. MODEL: the
 # file without .onnx (default: the shipped default).

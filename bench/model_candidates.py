@@ -12,7 +12,8 @@ machine (CPU model, cores, load), each model's sha256 and size, each data set's 
     python -m bench.model_candidates --write-docs bench/results/model_candidates.json   # every table in the docs
 
 The docs never hold a hand-copied figure from it: each table sits under a marker, ``<!-- candidates table: ... -->``
-(every model) or ``<!-- candidates rows: NAME ... -->`` (a model card's rows), and ``--write-docs`` rewrites
+(every model), ``<!-- candidates rows: NAME ... -->`` (a model card's rows) or ``<!-- candidates versus: NAME:OTHER
+... -->`` (each model's mAP and speed less another's: a tier against its reference), and ``--write-docs`` rewrites
 them (tests/test_results_tables.py checks that the committed docs are what the committed file prints).
 """
 
@@ -32,7 +33,7 @@ SETS = ("cuhk03-detected", "prid", "grid")
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/models.md", "model_zoo/models/*.md")
 # A marker line, then the table it owns (the lines that start with "|"), replaced as a whole.
-GENERATED = re.compile(r"^(<!-- candidates (table|rows): ?([^>]*?) -->\n)(?:\n?(?:\|.*\n)+)?", re.M)
+GENERATED = re.compile(r"^(<!-- candidates (table|rows|versus): ?([^>]*?) -->\n)(?:\n?(?:\|.*\n)+)?", re.M)
 
 
 def describe_model(path: Path) -> dict:
@@ -122,6 +123,25 @@ def candidates_table(results: dict, only=None) -> str:
     return "\n".join(lines)
 
 
+def versus_table(results: dict, pairs) -> str:
+    """Each ``(model, other)`` pair's row: the model's mAP on each set less the other's, in points, and its images/s
+    as a multiple of the other's (from the same rounds)."""
+    threads = max(results["speed"]["threads"], key=int)
+    speed = results["speed"]["threads"][threads]
+    lines = [
+        "| model | against | " + " | ".join(f"{name} mAP" for name in SETS) + f" | CPU images/s ({threads} threads) |",
+        "|" + "---|" * (len(SETS) + 3),
+    ]
+    for name, other in pairs:
+        mean_ap = [
+            100 * results["models"][model]["evaluation"][s]["all"]["mAP"] for model in (name, other) for s in SETS
+        ]
+        gaps = " | ".join(f"{mine - theirs:+.1f}" for mine, theirs in zip(mean_ap[: len(SETS)], mean_ap[len(SETS) :]))
+        ratio = speed[name]["ratio_to_first_median"] / speed[other]["ratio_to_first_median"]
+        lines.append(f"| {name} | {other} | {gaps} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
 def doc_files():
     return [path for pattern in DOCS for path in sorted(REPO.glob(pattern))]
 
@@ -131,6 +151,8 @@ def render_docs(text: str, results: dict) -> str:
 
     def table(match) -> str:
         kind, names = match.group(2), match.group(3).split()
+        if kind == "versus":
+            return match.group(1) + "\n" + versus_table(results, [name.split(":") for name in names]) + "\n"
         return match.group(1) + "\n" + candidates_table(results, names if kind == "rows" else None) + "\n"
 
     return GENERATED.sub(table, text)
@@ -144,7 +166,6 @@ DOCS_TABLES = DocsTables.on_page(
         "distilled_candidates.json": "distilled candidates table",
         "omz_cama_candidates.json": "omz cama candidates table",
         "ensemble_candidates.json": "ensemble candidates table",
-        "ensemble_int8_candidates.json": "ensemble int8 candidates table",
     },
 )
 

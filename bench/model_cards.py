@@ -11,6 +11,8 @@ benchmark: nothing is measured here). Each card of a shipped file (``model_zoo/m
   bench/results): each seed's mAP per set as the run evaluated it, its training time and machine.
 
 Accuracy and speed beside the other candidates are bench.model_candidates' rows, under their own marker.
+docs/api.md's table of the default model's thresholds (``<!-- default thresholds: ... -->``) is printed from the
+default file's ``reid.verification`` too.
 
     python -m bench.model_cards                # print every card's table
     python -m bench.model_cards --write-docs   # rewrite them in the cards
@@ -25,6 +27,7 @@ import onnx
 
 from bench.common import generated_marker, rewrite_generated
 from bench.model_candidates import SETS
+from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import METADATA_PREFIX, VERIFICATION_KEY
 from model_zoo.files import sha256_of
 
@@ -32,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "model_zoo" / "models"
 RESULTS = REPO / "bench" / "results"
 MARKER = generated_marker("card figures")
+API = REPO / "docs" / "api.md"
+DEFAULT_THRESHOLDS = generated_marker("default thresholds")
 # A model trained here -> its training runs' metrics files (bench/results/...), the shipped seed first.
 TRAINING_RUNS = {
     "person_reidentification_retail_0288_pool.onnx": [
@@ -72,6 +77,33 @@ def threshold_rows(verification: Dict) -> List[str]:
             f"| `reid.verification` |"
         )
     return rows
+
+
+def thresholds_table(path: Path) -> str:
+    """The thresholds ``python -m training calibrate`` swept for ``path`` (the stored one in bold), then what the
+    stored one gives on each set held out."""
+    verification = json.loads(metadata(path)[VERIFICATION_KEY])
+    calibrated_on = verification["calibrated_on"]
+    rows = [f"| target FMR | threshold | {calibrated_on} FMR | {calibrated_on} TMR |", "|---|---|---|---|"]
+    for point in verification["roc"]:
+        stored = point["threshold"] == verification["threshold"]
+        target, threshold = (
+            f"**{value}**" if stored else value for value in (f"{point['target_fmr']:g}", f"{point['threshold']:.3f}")
+        )
+        rows.append(
+            f"| {target}{' (stored)' if stored else ''} | {threshold} | {point['fmr']:.1e} | {point['tmr']:.3f} |"
+        )
+    for name, held in verification.get("held_out", {}).items():
+        rows.append(
+            f"| {name}, held out | {verification['threshold']:.3f} | {held['fmr']:.1e} "
+            f"({held['fmr'] / verification['target_fmr']:.1f}x the target) | {held['tmr']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def rendered_api(text: str) -> str:
+    """docs/api.md with the default model's thresholds printed again."""
+    return rewrite_generated(text, DEFAULT_THRESHOLDS, thresholds_table(DEFAULT_MODEL_PATH))
 
 
 def int8_rows(path: Path) -> List[str]:
@@ -128,6 +160,10 @@ def main() -> None:
             path.with_suffix(".md").write_text(rendered(path))
         else:
             print(f"{path.with_suffix('.md').name}\n{card_table(path)}\n")
+    if args.write_docs:
+        API.write_text(rendered_api(API.read_text()))
+    else:
+        print(f"{API.name}, the default's thresholds\n{thresholds_table(DEFAULT_MODEL_PATH)}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ again when a gallery is re-embedded by another model, so stored maps are always 
 stored without them by its first heatmap (``service.match_maps``). Each is int8 per cell with one scale per (branch,
 channel), beside each channel's exact mean over the grid in float32: RAM's grid mean (the match's score) then stays
 exact, and a cell moves by at most one quantisation step (half for the rounding, up to half again for putting the
-exact mean back). For retail-0277 (256 x 16 x 8) that is 34.8 kB an item against 131 kB in float32; its RAM grids
-from stored maps, measured on real query / match pairs, are in bench/results/heatmap_cost.json (``stored_maps``).
+exact mean back). For retail-0277 (256 x 16 x 8) that is 34.8 kB an item against 131 kB in float32 (the default,
+three such maps, 104.5 kB); its RAM grids from stored maps, measured on real query / match pairs, are in
+bench/results/heatmap_cost.json (``stored_maps``).
 Maps bigger than REID_STORED_MAPS_MAX_KB (a 3-branch MobileNetV2 CAMA model's are 490 kB) and models with attention
 or pair maps (which these do not hold) are not stored: their matches are re-embedded as before.
 """
