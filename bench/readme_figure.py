@@ -2,10 +2,11 @@
 
 Starts the service on a fresh store, enrols a Market-layout gallery (bounding_box_test) through the API with
 person and camera ids from the file names, asks one query in headless Chromium and saves a screenshot of the
-query panel. Research-licensed data may appear in the README only as such a small illustration.
+query panel. The query is the folder's first by name unless ``--query`` names one, so the picture is not chosen
+by how well the model does on it. Research-licensed data may appear in the README only as such a small
+illustration.
 
-    python -m bench.readme_figure ../shared/data/cuhk03-detected --query 1003_c1s1_007270_00.jpg --output \
-        docs/query_result.png
+    python -m bench.readme_figure ../shared/data/cuhk03-detected --output docs/query_result.png
 """
 
 import argparse
@@ -67,17 +68,16 @@ def screenshot(url: str, query: Path, person: str, top_k: int, output: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_root", type=Path, help="Market-layout folder")
-    parser.add_argument("--query", required=True, help="file name in data_root/query")
+    parser.add_argument("--query", default=None, help="file name in data_root/query (default: the first by name)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="ONNX model")
     parser.add_argument("--top-k", type=int, default=10, help="matches to show")
     parser.add_argument("--output", type=Path, default=Path("docs/query_result.png"), help="PNG to write")
     args = parser.parse_args()
+    query = args.query or min(path.name for path in (args.data_root / "query").glob("*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         with ServiceProcess(args.model, Path(tmp) / "g.sqlite3") as server, server.client() as client:
             print("enrolled", enrol_gallery(client, args.data_root))
-            screenshot(
-                server.url, args.data_root / "query" / args.query, args.query.split("_")[0], args.top_k, args.output
-            )
+            screenshot(server.url, args.data_root / "query" / query, query.split("_")[0], args.top_k, args.output)
     print(args.output)
 
 
