@@ -353,6 +353,10 @@ DOCS_TABLES = DocsTables(
             RESULTS_PAGE, generated_marker("lone query sleeping table"), query_table
         ),
         "service.json": DocsTable(RESULTS_PAGE, generated_marker("previous default query table"), query_table),
+        "service_query_ensemble.json": DocsTable(RESULTS_PAGE, generated_marker("default query table"), query_table),
+        "service_enrol_ensemble.json": DocsTable(
+            RESULTS_PAGE, generated_marker("default enrolment table"), enrol_table
+        ),
         "service_enrol.json": DocsTable(RESULTS_PAGE, generated_marker("enrolment table"), enrol_table),
         "service_enrol_before.json": DocsTable(RESULTS_PAGE, generated_marker("enrolment before table"), enrol_table),
         "service_enrol_no_stored_maps.json": DocsTable(

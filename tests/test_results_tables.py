@@ -260,6 +260,8 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("service_bench", "service.json"),
         ("service_bench", "service_query.json"),
         ("service_bench", "service_query_before.json"),
+        ("service_bench", "service_enrol_ensemble.json"),
+        ("service_bench", "service_query_ensemble.json"),
         ("gallery_scale", "gallery_real.json"),
         ("gallery_scale", "gallery_1m_real.json"),
         ("gallery_scale", "gallery_1m_real_one_call.json"),
@@ -353,3 +355,13 @@ def test_every_shipped_models_card_shows_what_its_files_and_runs_hold():
     assert cards.DEFAULT_THRESHOLDS.search(api) and cards.rendered_api(api) == api, (
         "python -m bench.model_cards --write-docs"
     )
+
+
+def test_training_adapt_defaults_to_the_variant_the_adaptation_benchmark_chose():
+    """bench.adaptation chooses the head's default variant by a fixed rule on the shipped default's CUHK03-val
+    figures; ``training adapt`` must run that variant, whatever model it was last measured on."""
+    from training.adaptation.loop import AdaptationSettings
+
+    chosen = json.loads((BENCH / "results" / "adaptation" / "adaptation.json").read_text())["chosen"]["settings"]
+    defaults = AdaptationSettings()
+    assert {key: getattr(defaults, key) for key in chosen} == chosen

@@ -43,7 +43,7 @@ class AdaptationSettings:
     batch_size: int = 64
     instances: int = 4  # crops of one cluster in a batch
     steps_per_epoch: int = 100
-    lr: float = 1e-4  # Adam
+    lr: float = 3e-4  # Adam
     weight_decay: float = 5e-4
     anchor_weight: float = 0.0  # lambda of ||W - I||^2 + ||b||^2, a pull back toward the source model
     oap_weight: float = 0.0  # CAMA's OAP on activation maps of each crop's cluster centroid (a network's branches)
