@@ -132,11 +132,12 @@ def versus_table(results: dict, pairs) -> str:
         "| model | against | " + " | ".join(f"{name} mAP" for name in SETS) + f" | CPU images/s ({threads} threads) |",
         "|" + "---|" * (len(SETS) + 3),
     ]
+
+    def mean_ap(model: str) -> list:
+        return [100 * results["models"][model]["evaluation"][s]["all"]["mAP"] for s in SETS]
+
     for name, other in pairs:
-        mean_ap = [
-            100 * results["models"][model]["evaluation"][s]["all"]["mAP"] for model in (name, other) for s in SETS
-        ]
-        gaps = " | ".join(f"{mine - theirs:+.1f}" for mine, theirs in zip(mean_ap[: len(SETS)], mean_ap[len(SETS) :]))
+        gaps = " | ".join(f"{mine - theirs:+.1f}" for mine, theirs in zip(mean_ap(name), mean_ap(other)))
         ratio = speed[name]["ratio_to_first_median"] / speed[other]["ratio_to_first_median"]
         lines.append(f"| {name} | {other} | {gaps} | {ratio:.2f}x |")
     return "\n".join(lines)

@@ -86,13 +86,10 @@ def thresholds_table(path: Path) -> str:
     calibrated_on = verification["calibrated_on"]
     rows = [f"| target FMR | threshold | {calibrated_on} FMR | {calibrated_on} TMR |", "|---|---|---|---|"]
     for point in verification["roc"]:
-        stored = point["threshold"] == verification["threshold"]
-        target, threshold = (
-            f"**{value}**" if stored else value for value in (f"{point['target_fmr']:g}", f"{point['threshold']:.3f}")
-        )
-        rows.append(
-            f"| {target}{' (stored)' if stored else ''} | {threshold} | {point['fmr']:.1e} | {point['tmr']:.3f} |"
-        )
+        target, threshold = f"{point['target_fmr']:g}", f"{point['threshold']:.3f}"
+        if point["threshold"] == verification["threshold"]:
+            target, threshold = f"**{target}** (stored)", f"**{threshold}**"
+        rows.append(f"| {target} | {threshold} | {point['fmr']:.1e} | {point['tmr']:.3f} |")
     for name, held in verification.get("held_out", {}).items():
         rows.append(
             f"| {name}, held out | {verification['threshold']:.3f} | {held['fmr']:.1e} "

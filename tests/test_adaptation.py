@@ -43,6 +43,21 @@ def test_jaccard_distances_are_the_rerank_papers_with_lambda_zero():
     assert np.allclose(np.diag(jaccard), 0) and np.allclose(jaccard, jaccard.T, atol=1e-6)
 
 
+def test_crops_of_one_camera_take_the_one_camera_settings_where_none_was_set():
+    from training.adaptation import _settings_for
+
+    asked = AdaptationSettings(lr=5e-4, epochs=2, clusterer="mutual", memory="camera")
+    resolved = _settings_for(["cam1"] * 3, asked)
+    assert (resolved.clusterer, resolved.memory, resolved.lr, resolved.steps_per_epoch, resolved.epochs) == (
+        "dbscan",
+        "cluster",
+        5e-4,
+        20,
+        2,
+    )
+    assert _settings_for(["cam1", "cam2"], asked) == asked
+
+
 def test_mutual_neighbours_pair_each_person_across_cameras():
     rng = np.random.default_rng(1)
     people = rng.normal(size=(5, 16))

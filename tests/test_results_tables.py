@@ -357,11 +357,17 @@ def test_every_shipped_models_card_shows_what_its_files_and_runs_hold():
     )
 
 
-def test_training_adapt_defaults_to_the_variant_the_adaptation_benchmark_chose():
-    """bench.adaptation chooses the head's default variant by a fixed rule on the shipped default's CUHK03-val
-    figures; ``training adapt`` must run that variant, whatever model it was last measured on."""
+def test_training_adapt_defaults_to_the_variants_the_adaptation_benchmark_chose():
+    """bench.adaptation chooses the head's default variant, and the one for crops of one camera, by a fixed rule
+    on the shipped default's CUHK03-val figures; ``training adapt`` must run them, whatever model it was last
+    measured on."""
+    from training.adaptation import _settings_for
     from training.adaptation.loop import AdaptationSettings
 
-    chosen = json.loads((BENCH / "results" / "adaptation" / "adaptation.json").read_text())["chosen"]["settings"]
-    defaults = AdaptationSettings()
-    assert {key: getattr(defaults, key) for key in chosen} == chosen
+    results = json.loads((BENCH / "results" / "adaptation" / "adaptation.json").read_text())
+    for key, settings in (
+        ("chosen", AdaptationSettings()),
+        ("chosen_one_camera", _settings_for(["cam"], AdaptationSettings())),
+    ):
+        chosen = results[key]["settings"]
+        assert {name: getattr(settings, name) for name in chosen} == chosen, key

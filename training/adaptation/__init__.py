@@ -38,7 +38,14 @@ from model_zoo.files import sha256_of
 from model_zoo.onnx_export import check_parity
 from training.adaptation.crops import Crops, read_crops
 from training.adaptation.head import BranchLinearHead, append_head
-from training.adaptation.loop import OAP_NEEDS_MAPS, AdaptationSettings, EpochRecord, adapt_features, adapt_head
+from training.adaptation.loop import (
+    OAP_NEEDS_MAPS,
+    ONE_CAMERA_SETTINGS,
+    AdaptationSettings,
+    EpochRecord,
+    adapt_features,
+    adapt_head,
+)
 from training.adaptation.trunk import ANCHOR_REFUSED, TrunkAdaptee, decoded_crops
 from training.data.transforms import TrainAugmentation
 from training.losses import OverlappedActivationPenalty
@@ -83,12 +90,18 @@ def _views(
 
 
 def _settings_for(cameras: Sequence[str], settings: AdaptationSettings) -> AdaptationSettings:
-    """Camera-aware choices need two cameras or more: with one, the cluster memory and DBSCAN."""
+    """Camera-aware choices need two cameras or more: with one, ``ONE_CAMERA_SETTINGS`` in place of every one of
+    them left at its default, and DBSCAN with the cluster memory whatever was asked."""
     if len(set(cameras)) > 1:
         return settings
-    if settings.memory == "camera" or settings.clusterer == "mutual":
-        log.warning("the crops come from one camera: adapting with the cluster memory and DBSCAN")
-    return AdaptationSettings(**{**asdict(settings), "memory": "cluster", "clusterer": "dbscan"})
+    defaults = asdict(AdaptationSettings())
+    values = asdict(settings)
+    values.update({key: value for key, value in ONE_CAMERA_SETTINGS.items() if values[key] == defaults[key]})
+    values.update(clusterer="dbscan", memory="cluster")
+    changed = ", ".join(f"{key}={value}" for key, value in values.items() if value != getattr(settings, key))
+    if changed:
+        log.warning(f"the crops come from one camera: adapting with {changed}")
+    return AdaptationSettings(**values)
 
 
 def _adapted_metadata(source: Dict[str, str], record: Dict) -> Dict[str, str]:

@@ -58,6 +58,12 @@ class AdaptationSettings:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of instances {self.instances}")
 
 
+# Crops of one camera: DBSCAN and the cluster memory (the camera-aware choices need two cameras or more), and
+# where a setting is left at its default, the value bench/adaptation.py chose for them (``chosen_one_camera``:
+# the best of the variants that need no camera ids, by the same rule as the default).
+ONE_CAMERA_SETTINGS = dict(clusterer="dbscan", memory="cluster", lr=1e-4, steps_per_epoch=20)
+
+
 @dataclass
 class EpochRecord:
     epoch: int
