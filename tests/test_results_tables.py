@@ -245,6 +245,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("loop_free", "loop_free.json"),
         ("heatmap_cost", "heatmap_cost.json"),
         ("heatmap_cost", "heatmap_cost_cama.json"),
+        ("heatmap_cost", "heatmap_cost_ensemble.json"),
         ("adaptation", "adaptation/adaptation.json"),
         ("adaptation", "adaptation/adaptation_network.json"),
         ("adaptation", "adaptation/adaptation_omz_cama.json"),
