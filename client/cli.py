@@ -1,4 +1,4 @@
-"""``python -m client``: enrol a folder, query an image (print the matches, or save them with their heatmap
+"""``python -m client``: enrol folders or images, query an image (print the matches, or save them with their heatmap
 overlays), compare two images, delete an item, erase a person. A thin layer over ``ReIDClient``. The URL and key
 come from ``--url`` / ``--api-key`` or the environment (``REID_URL``, ``REID_API_KEY``). Every failure, the
 server's refusals and an unreachable server alike, is one line on stderr and exit status 1."""
@@ -29,15 +29,27 @@ def market_ids(path: Path) -> Tuple[Optional[str], Optional[str]]:
     return (found.group(1), f"c{found.group(2)}") if found else (None, None)
 
 
-def folder_images(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+def enrolment_images(paths: List[Path]) -> List[Path]:
+    """The images of ``paths`` in their order: a folder's by name, a file as given (the server accepts or
+    refuses it)."""
+    images = [
+        image
+        for path in paths
+        for image in (
+            sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+        )
+    ]
+    if not images:
+        raise SystemExit(f"error: no images in {', '.join(map(str, paths))} ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
 
 
-def enroll_folder(
-    reid: ReIDClient, folder: Path, batch: int, market_names: bool, person_id=None, camera_id=None
+def enroll_images(
+    reid: ReIDClient, paths: List[Path], batch: int, market_names: bool, person_id=None, camera_id=None
 ) -> int:
-    """Enrol every image of ``folder`` in batches (each all or nothing); returns how many were enrolled."""
-    images = folder_images(folder)
+    """Enrol the images of ``paths`` (folders or image files) in batches (each all or nothing); returns how many
+    were enrolled."""
+    images = enrolment_images(paths)
     if market_names and any(market_ids(p)[0] is None for p in images):
         raise SystemExit(
             f"--market-names: {next(p.name for p in images if market_ids(p)[0] is None)} is not PPPP_cC..."
@@ -113,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=os.environ.get("REID_URL", DEFAULT_URL), help="the service (env REID_URL)")
     parser.add_argument("--api-key", default=os.environ.get("REID_API_KEY"), help="X-API-Key (env REID_API_KEY)")
     commands = parser.add_subparsers(dest="command", required=True)
-    enrol = commands.add_parser("enrol", help="enrol every image of a folder")
-    enrol.add_argument("folder", type=Path)
+    enrol = commands.add_parser("enrol", help="enrol every image of folders, or image files")
+    enrol.add_argument("paths", type=Path, nargs="+", metavar="FOLDER_OR_IMAGE")
     enrol.add_argument(
         "--batch", type=int, default=32, help="images per request (at most the server's REID_MAX_IMAGES_PER_REQUEST)"
     )
@@ -155,8 +167,8 @@ def main(argv=None) -> None:
     try:
         with ReIDClient(args.url, api_key=args.api_key) as reid:
             if args.command == "enrol":
-                count = enroll_folder(reid, args.folder, args.batch, args.market_names, args.person_id, args.camera_id)
-                print(f"enrolled {count} images from {args.folder}")
+                count = enroll_images(reid, args.paths, args.batch, args.market_names, args.person_id, args.camera_id)
+                print(f"enrolled {count} images from {', '.join(map(str, args.paths))}")
             elif args.command == "query":
                 result = run_query(reid, args)
                 print_result(result)

@@ -103,6 +103,21 @@ def test_the_cli_enrols_a_market_folder_and_saves_a_query_with_overlays(reid, se
     assert capsys.readouterr().out.startswith("score ")
 
 
+def test_the_cli_enrols_image_files_beside_folders_and_names_an_empty_one(reid, server, tmp_path, capsys):
+    folder, lone = tmp_path / "crops", tmp_path / "lone.jpg"
+    folder.mkdir()
+    person_image(7, 1).save(folder / "a.jpg")
+    person_image(7, 2).save(lone)
+    common = ["--url", server.url, "--api-key", "secret"]
+    cli([*common, "enrol", str(folder), str(lone), "--person-id", "7"])
+    assert "enrolled 2 images" in capsys.readouterr().out
+    assert [item.person_id for item in reid.iter_gallery()] == ["7", "7"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        cli([*common, "enrol", str(tmp_path / "empty")])
+    assert str(stopped.value.code).startswith("error: no images in ")
+
+
 def test_the_cli_says_in_one_line_what_went_wrong(tmp_path, capsys):
     for args in (
         ["--url", "http://127.0.0.1:9", "erase-person", "7"],
