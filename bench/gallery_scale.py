@@ -345,6 +345,7 @@ DOCS_TABLES = DocsTables.on_page(
     scale_table,
     {
         "gallery_real.json": "real gallery table",
+        "gallery_real_ensemble.json": "default real gallery table",
         "gallery_1m_real.json": "million gallery table",
         "gallery_1m_real_one_call.json": "million gallery one call table",
         "gallery_1m_real_served.json": "million gallery served table",

@@ -264,6 +264,7 @@ def test_every_candidates_table_in_the_docs_is_what_the_committed_result_file_pr
         ("service_bench", "service_enrol_ensemble.json"),
         ("service_bench", "service_query_ensemble.json"),
         ("gallery_scale", "gallery_real.json"),
+        ("gallery_scale", "gallery_real_ensemble.json"),
         ("gallery_scale", "gallery_1m_real.json"),
         ("gallery_scale", "gallery_1m_real_one_call.json"),
         ("gallery_scale", "gallery_1m_real_served.json"),
