@@ -57,7 +57,7 @@ from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
 from training.adaptation import overlap_penalty
 from training.adaptation.head import BranchLinearHead
-from training.adaptation.loop import AdaptationSettings, adapt_features, adapt_head, embed
+from training.adaptation.loop import CAMERA_FREE, AdaptationSettings, adapt_features, adapt_head, embed
 from training.adaptation.trunk import TrunkAdaptee
 from training.checkpoints import load_trained_model
 from training.data.transforms import TrainAugmentation
@@ -68,7 +68,6 @@ SETS = ["cuhk03-detected", "prid", "grid"]
 PROTOCOLS = ["transductive", "inductive"]
 SELECTION_SET = "cuhk03-detected"
 SELECTION = f"the mean mAP change over {SELECTION_SET}'s transductive and inductive protocols"
-ONE_CAMERA = ("dbscan", "cluster")  # the clusterer and memory that need no camera ids
 VARIANTS = {
     f"{clusterer}+{memory} lr {lr:g} steps {steps} anchor {anchor:g}": dict(
         clusterer=clusterer, memory=memory, lr=lr, steps_per_epoch=steps, anchor_weight=anchor, epochs=10
@@ -192,13 +191,13 @@ def run(model: Path, data: Path, cache: Path) -> dict:
 
 def choices(results: dict) -> dict:
     """The default variant (``chosen``), and the one for crops of one camera (``chosen_one_camera``: of the
-    variants that need no camera, DBSCAN with the cluster memory), each the best by ``SELECTION``."""
-    one_camera = [name for name, variant in VARIANTS.items() if (variant["clusterer"], variant["memory"]) == ONE_CAMERA]
-    return {
-        key: {"variant": best, "settings": VARIANTS[best], "chosen_on": SELECTION}
-        for key, candidates in (("chosen", VARIANTS), ("chosen_one_camera", one_camera))
-        for best in [max(candidates, key=lambda variant: selection_score(results, variant))]
+    variants that need no camera ids, ``CAMERA_FREE``), each the best by ``SELECTION``."""
+    camera_free = [name for name, variant in VARIANTS.items() if CAMERA_FREE.items() <= variant.items()]
+    picks = {
+        "chosen": max(VARIANTS, key=lambda variant: selection_score(results, variant)),
+        "chosen_one_camera": max(camera_free, key=lambda variant: selection_score(results, variant)),
     }
+    return {key: {"variant": pick, "settings": VARIANTS[pick], "chosen_on": SELECTION} for key, pick in picks.items()}
 
 
 def network_figures(model, pixels: np.ndarray, cached: Dict[str, np.ndarray], kept: np.ndarray, fitted: np.ndarray):

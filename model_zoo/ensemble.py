@@ -174,14 +174,14 @@ def ensemble_metadata(listed: Sequence[Member]) -> Dict[str, str]:
     return {**contract.to_metadata(), SOURCE_KEY: json.dumps({"format": ENSEMBLE_FORMAT, "members": members})}
 
 
-def parity(output: Path, listed: Sequence[Member], seed: int = 0) -> Dict[str, float]:
-    """The written file against its members run alone on random images: the largest differences of
-    ``embedding`` and ``feature_maps`` from the members' concatenated, and the RAM identity's error."""
+def parity(output: Path, listed: Sequence[Member], distinct: Sequence[Member], seed: int = 0) -> Dict[str, float]:
+    """The written file against its members run alone (each distinct one once) on random images: the largest
+    differences of ``embedding`` and ``feature_maps`` from the members' concatenated, and the RAM identity's
+    error."""
     contract = listed[0].contract
     images = np.random.default_rng(seed).integers(0, 256, (PARITY_IMAGES, *input_shape(contract)), dtype=np.uint8)
     session, _ = open_cpu_session(output)
     embedding, maps = session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: images})
-    distinct = {member.path: member for member in listed}.values()
     alone = {m.path: m.session.run([OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAPS], {INPUT_IMAGES: images}) for m in distinct}
     expected_embedding = np.concatenate([alone[m.path][0] for m in listed], axis=1)
     expected_maps = np.concatenate([alone[m.path][1] for m in listed], axis=1)
@@ -197,15 +197,15 @@ def ensemble(members: Sequence[Path], output: Path) -> dict:
     if len(members) < 2:
         raise EnsembleError("an ensemble needs two members or more (list a file twice to weigh it twice)")
     read = {path: read_member(path) for path in dict.fromkeys(Path(p) for p in members)}
-    listed = [read[Path(path)] for path in members]
+    listed, distinct = [read[Path(path)] for path in members], list(read.values())
     check_compatible(listed)
-    model = ensemble_proto(listed, list(read.values()))
+    model = ensemble_proto(listed, distinct)
     for key, value in ensemble_metadata(listed).items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(output))
-    differences = parity(output, listed)
+    differences = parity(output, listed, distinct)
     if max(differences.values()) > PARITY_TOLERANCE:
         output.unlink()
         raise EnsembleError(f"the ensemble does not agree with its members: {differences}")

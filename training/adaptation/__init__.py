@@ -39,8 +39,9 @@ from model_zoo.onnx_export import check_parity
 from training.adaptation.crops import Crops, read_crops
 from training.adaptation.head import BranchLinearHead, append_head
 from training.adaptation.loop import (
+    CAMERA_FREE,
     OAP_NEEDS_MAPS,
-    ONE_CAMERA_SETTINGS,
+    ONE_CAMERA_DEFAULTS,
     AdaptationSettings,
     EpochRecord,
     adapt_features,
@@ -90,14 +91,14 @@ def _views(
 
 
 def _settings_for(cameras: Sequence[str], settings: AdaptationSettings) -> AdaptationSettings:
-    """Camera-aware choices need two cameras or more: with one, ``ONE_CAMERA_SETTINGS`` in place of every one of
-    them left at its default, and DBSCAN with the cluster memory whatever was asked."""
+    """Camera-aware choices need two cameras or more: with one, ``CAMERA_FREE``, and ``ONE_CAMERA_DEFAULTS`` in
+    place of the settings among them left at their defaults."""
     if len(set(cameras)) > 1:
         return settings
     defaults = asdict(AdaptationSettings())
     values = asdict(settings)
-    values.update({key: value for key, value in ONE_CAMERA_SETTINGS.items() if values[key] == defaults[key]})
-    values.update(clusterer="dbscan", memory="cluster")
+    values.update({key: value for key, value in ONE_CAMERA_DEFAULTS.items() if values[key] == defaults[key]})
+    values.update(CAMERA_FREE)
     changed = ", ".join(f"{key}={value}" for key, value in values.items() if value != getattr(settings, key))
     if changed:
         log.warning(f"the crops come from one camera: adapting with {changed}")

@@ -58,10 +58,11 @@ class AdaptationSettings:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of instances {self.instances}")
 
 
-# Crops of one camera: DBSCAN and the cluster memory (the camera-aware choices need two cameras or more), and
-# where a setting is left at its default, the value bench/adaptation.py chose for them (``chosen_one_camera``:
-# the best of the variants that need no camera ids, by the same rule as the default).
-ONE_CAMERA_SETTINGS = dict(clusterer="dbscan", memory="cluster", lr=1e-4, steps_per_epoch=20)
+# Crops of one camera: the clusterer and memory that need no camera ids (the camera-aware ones need two cameras or
+# more), whatever was asked; and where a setting is left at its default, the value bench/adaptation.py chose for
+# such crops (``chosen_one_camera``: the best of the camera-free variants, by the same rule as the default).
+CAMERA_FREE = dict(clusterer="dbscan", memory="cluster")
+ONE_CAMERA_DEFAULTS = dict(lr=1e-4, steps_per_epoch=20)
 
 
 @dataclass
