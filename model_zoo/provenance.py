@@ -97,14 +97,31 @@ def cpu_features(cpuinfo: Path = CPUINFO) -> List[str]:
     return [feature for feature in VECTOR_FEATURES if feature in flags]
 
 
+# A benchmark's own output lands here, in the clone it runs from: a result file written there is not a change
+# to the code that measured, so it does not make the commit dirty.
+RESULTS_FOLDER = "bench/results"
+
+
+def described_commit(repo: Path) -> str:
+    """The checkout's commit, with ``-dirty`` where a tracked file outside ``RESULTS_FOLDER`` differs from it;
+    "unknown" outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS_FOLDER}")
+    return f"{commit}-dirty" if changed else commit
+
+
 def provenance() -> dict:
-    """What a result file records about its making: the commit (``-dirty`` with uncommitted changes), the command
-    line, the date, and the machine (CPU model, cores, load averages)."""
-    described = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
+    """What a result file records about its making: the commit (``-dirty`` where code or docs differ from it; a
+    result file written in the clone does not count), the command line, the date, and the machine (CPU model,
+    cores, load averages)."""
     return {
-        "commit": described or "unknown",
+        "commit": described_commit(REPO),
         "command": portable_command(sys.argv),
         "date": datetime.date.today().isoformat(),
         "machine": {

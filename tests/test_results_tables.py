@@ -4,6 +4,7 @@ bench/ablation_tables.py (the ablations' seed tables), and the docs' tables gene
 import importlib.util
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,27 @@ def test_training_adapt_defaults_to_the_variants_the_adaptation_benchmark_chose(
     ):
         chosen = results[key]["settings"]
         assert {name: getattr(settings, name) for name in chosen} == chosen, key
+
+
+def test_a_result_file_written_in_the_clone_does_not_make_its_commit_dirty(tmp_path, monkeypatch):
+    """A benchmark run from a clone writes into its bench/results; the next one run there still names the clean
+    commit, while a changed code file makes it ``-dirty``."""
+    from model_zoo.provenance import described_commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # not the repository tmp_path may lie in
+    assert described_commit(tmp_path) == "unknown"
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "speed.json").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "m")
+    commit = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "bench" / "results" / "speed.json").write_text('{"images_per_s": 1}\n')
+    (tmp_path / "bench" / "results" / "new.json").write_text("{}\n")
+    assert described_commit(tmp_path) == commit
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert described_commit(tmp_path) == f"{commit}-dirty"
