@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from bench.common import emit
 from bench.pool_runs import ROWS, pool_bench_parser, row_trainer
+from model_zoo.provenance import provenance
 from training.data.loader import batch_loader
 from training.engine import Trainer
 from training.solver import set_learning_rate
@@ -75,7 +76,12 @@ def main() -> None:
     parser.add_argument("--report-every", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {"batch": "one PxK batch of the pool (seed 0), the same for every row", "steps": args.steps, "rows": {}}
+    results = {
+        **provenance(),
+        "batch": "one PxK batch of the pool (seed 0), the same for every row",
+        "steps": args.steps,
+        "rows": {},
+    }
     for name in args.rows:
         results["rows"][name] = uptake(
             row_trainer(name, args.data.resolve(), args.scratch), args.steps, args.report_every

@@ -12,16 +12,15 @@ Batch 32 of random uint8 images at each model's own input size, one ONNX Runtime
 """
 
 import argparse
-import json
-import platform
 import statistics
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from bench.common import rate
+from bench.common import emit, rate
 from model_zoo.contract import INPUT_IMAGES, check_session
+from model_zoo.provenance import provenance
 
 
 def session_for(path: Path, threads: int) -> ort.InferenceSession:
@@ -73,7 +72,7 @@ def main() -> None:
     add_speed_arguments(parser, rounds=5, seconds=5.0)
     args = parser.parse_args()
     results = {
-        "machine": f"{platform.machine()} {platform.processor()}",
+        **provenance(),
         "onnxruntime": ort.__version__,
         "batch_size": args.batch_size,
         "threads": {},
@@ -85,8 +84,7 @@ def main() -> None:
                 f"{threads} thread(s)  {Path(path).name:45s} {figures['input']}  "
                 f"{figures['images_per_second_median']:7.1f} img/s  x{figures['ratio_to_first_median']:.2f}"
             )
-    if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+    emit(results, args.output)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,17 @@ alternating rounds; ratios are to the first model, the shipped default.
 """
 
 import argparse
-import json
-import platform
 import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
 import torch
 
-from embed_speed import measure
+from bench.common import emit
+from bench.embed_speed import measure
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.architectures import build_model
+from model_zoo.provenance import provenance
 from training import export, load_config
 from training.checkpoints import model_settings
 from training.engine import resolve_pretrained
@@ -59,7 +59,7 @@ def main() -> None:
         paths = [DEFAULT_MODEL_PATH, *(untrained_export(name, *row, Path(folder)) for name, row in rows.items())]
         names = ["default (shipped)", *rows]
         results = {
-            "machine": f"{platform.machine()} {platform.processor()}",
+            **provenance(),
             "onnxruntime": ort.__version__,
             "threads": {},
         }
@@ -73,8 +73,7 @@ def main() -> None:
                     f"{threads} thread(s)  {name:18s} {f['input']}  {f['images_per_second_median']:7.1f} img/s  "
                     f"x{f['ratio_to_first_median']:.2f}"
                 )
-    if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+    emit(results, args.output)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bench.common import emit
+from model_zoo.provenance import provenance
 from training.checkpoints import load_trained_model
 from training.evaluation import load_test_split, market_ids, market_metrics
 
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--branch", type=int, default=0, help="which branch (0: the first, FMN's GRN)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    results = {}
+    results = {**provenance(), "scores": {}}
     for checkpoint in args.checkpoints:
         model, cfg = load_trained_model(checkpoint, "cpu")
         model.eval()
@@ -68,7 +69,7 @@ def main() -> None:
             query_images, query, gallery_images, gallery = load_test_split(
                 root, cfg.data.height, cfg.data.width, progress=False
             )
-            results[f"{checkpoint.parent.name}/{root.name}"] = scored_three_ways(
+            results["scores"][f"{checkpoint.parent.name}/{root.name}"] = scored_three_ways(
                 descriptors(model, query_images, args.branch),
                 descriptors(model, gallery_images, args.branch),
                 market_ids(query, gallery),

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from bench.common import emit
 from bench.pool_runs import pool_bench_parser, row_trainer
+from model_zoo.provenance import provenance
 from model_zoo.architectures.cama import CAMABranch
 from model_zoo.architectures.pmm import GlobalStage
 
@@ -147,6 +148,7 @@ def main() -> None:
         )
     )
     results = {
+        **provenance(),
         "images": len(labels),
         "people": int(labels.max()) + 1,
         "map": list(maps.shape[1:]),

@@ -17,8 +17,6 @@ input size. Where ONNX Runtime offers neither GPU provider it measures the CPU, 
 """
 
 import argparse
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import onnxruntime as ort
 
 from bench.common import emit, rate
 from model_zoo.contract import INPUT_IMAGES
+from model_zoo.provenance import provenance
 from service.inference import CPU, CUDA, TENSORRT, InferenceModel, ProviderUnavailable
 
 BATCHES = (1, 8, 32, 64, 128, 256)
@@ -84,10 +83,9 @@ def main() -> None:
     offered = ort.get_available_providers()
     providers = [name for name in args.providers if PROVIDERS[name] in offered] or ["cpu"]
     results = {
-        "machine": platform.processor() or platform.machine(),
+        **provenance(),
         "onnxruntime": ort.__version__,
         "offered": offered,
-        "command": " ".join(sys.argv),
         "models": {},
     }
     for path in args.models:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bench.common import emit
+from model_zoo.provenance import portable_path, provenance
 from training.config import TrainConfig, from_dict
 from training.data import batch_loader
 from training.engine import Trainer
@@ -78,7 +79,8 @@ def main() -> None:
         print(f"{term:16s}", "  ".join(f"{part} {norm:9.4f}" for part, norm in by_part.items()), file=sys.stderr)
     emit(
         {
-            "checkpoint": str(args.checkpoint),
+            **provenance(),
+            "checkpoint": portable_path(str(args.checkpoint)),
             "epoch": state["epoch"] + 1,
             "batches": args.batches,
             "gradient_norms": gradients,

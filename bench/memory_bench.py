@@ -13,7 +13,6 @@ raises it so that all 16 images are decoded, as before the limit existed.
 
 import argparse
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from model_zoo import DEFAULT_MODEL_PATH
-from bench.common import memory_kb
+from model_zoo.provenance import provenance
+from bench.common import emit, memory_kb
 from harness.server import ServiceProcess
 
 SIDE = 6300  # 39.7 MP: under the default REID_MAX_IMAGE_PIXELS (40 MP)
@@ -93,14 +93,13 @@ def main() -> None:
             server.client() as client,
         ):
             figures = {
+                **provenance(),
                 "model": DEFAULT_MODEL_PATH.name,
                 "settings": settings,
                 "peak_memory": peak_memory(server, client),
                 "heatmap_query": heatmap_query(client),
             }
-    print(json.dumps(figures, indent=2))
-    if args.output:
-        args.output.write_text(json.dumps(figures, indent=2) + "\n")
+    emit(figures, args.output)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ the default cache after the same queries were asked once (every hit's maps cache
 """
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 from bench.common import alternating_latency, emit
 from harness.server import ServiceProcess, enrol, query
+from model_zoo.provenance import provenance
 
 VARIANTS = {
     "plain": {},
@@ -50,8 +48,7 @@ def main() -> None:
     gallery = [f.read_bytes() for f in sorted((root / "bounding_box_test").glob("*.jpg"))[: args.gallery]]
     queries = [f.read_bytes() for f in sorted((root / "query").glob("*.jpg"))[: args.queries]]
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(sys.argv),
+        **provenance(),
         "gallery_items": len(gallery),
         "queries_per_round": len(queries),
         "rounds": args.rounds,

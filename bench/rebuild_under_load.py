@@ -13,9 +13,6 @@ timed, and the two enrolled items are deleted at the end, leaving the store as i
 
 import argparse
 import asyncio
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import numpy as np
 
 from bench.common import emit, jpeg, latency_quantiles
 from model_zoo import DEFAULT_MODEL_PATH
+from model_zoo.provenance import provenance
 from service.gallery import Gallery
 from service.inference import InferenceModel
 from service.settings import Settings
@@ -100,9 +98,8 @@ def main() -> None:
     started = time.perf_counter()
     gallery.open()
     results = {
+        **provenance(),
         "size": args.size,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(sys.argv),
         "index": "IVF 1024 over PCA-128, nprobe 64, shortlist 50",
         "open_and_build_s": round(time.perf_counter() - started, 1),
         **asyncio.run(scenario(gallery, queries, args.quiet_seconds)),

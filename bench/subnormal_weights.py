@@ -24,8 +24,6 @@ applies every 50 steps on a CPU), alternating in rounds.
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import tempfile
 from contextlib import nullcontext
@@ -36,9 +34,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from bench.common import rate
+from bench.common import emit, rate
 from bench.embed_speed import add_speed_arguments, measure, session_for
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session
+from model_zoo.provenance import provenance
 from training.checkpoints import load_trained_model
 from model_zoo.onnx_export import zero_subnormal_weights
 from training.solver import SMALLEST_NORMAL, zero_subnormals
@@ -163,15 +162,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     results = {
-        "machine": f"{platform.machine()} {platform.processor()}",
+        **provenance(),
         "onnxruntime": ort.__version__,
         "batch_size": args.batch_size,
         "models": report_exports(args),
     }
     if args.checkpoint:
         results["training"] = report_training(args)
-    if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+    emit(results, args.output)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ speed is divided by the baseline's in the same round, because this machine's spe
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -21,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.common import emit
+from model_zoo.provenance import provenance
 from training import load_config
 from training.engine import Trainer, cpu_has_native_bf16, hardware_description
 
@@ -105,6 +106,7 @@ def main() -> None:
                 speeds[name].append(images_per_second(trainer, args.iters))
     baseline = speeds[args.variants[0]]
     results = {
+        **provenance(),
         "hardware": hardware_description(torch.device("cpu")),
         "native_bf16": cpu_has_native_bf16(),
         "batch": f"64 (16 ids x 4), {args.size[0]}x{args.size[1]}, CAMA N=3 MobileNetV2, pool.yaml losses",
@@ -123,8 +125,7 @@ def main() -> None:
             f"{figures['what']:40s} {figures['images_per_second_median']:6.1f} img/s  "
             f"x{figures['ratio_to_baseline_median']:.2f}"
         )
-    if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+    emit(results, args.output)
 
 
 if __name__ == "__main__":

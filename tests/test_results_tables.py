@@ -398,3 +398,15 @@ def test_a_result_file_written_in_the_clone_does_not_make_its_commit_dirty(tmp_p
     assert described_commit(tmp_path) == commit
     (tmp_path / "code.py").write_text("x = 2\n")
     assert described_commit(tmp_path) == f"{commit}-dirty"
+
+
+def test_every_benchmark_that_writes_a_result_file_records_where_it_came_from():
+    """A bench writing through bench.common.emit (or its own json) starts its results from provenance(), so a
+    file measured again leaves made_before_provenance.txt instead of joining it."""
+    writers = [
+        path
+        for path in sorted(BENCH.glob("*.py"))
+        if re.search(r"(?<!def )\bemit\(|write_text\(json\.dumps\(", path.read_text())
+    ]
+    lacking = [path.name for path in writers if "provenance()" not in path.read_text()]
+    assert writers and not lacking, lacking
