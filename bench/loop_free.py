@@ -27,7 +27,7 @@ from typing import Dict, List
 import httpx
 
 from bench.common import RESULTS_PAGE, DocsTable, emit, generated_marker, jpeg, latency_quantiles
-from model_zoo.provenance import provenance
+from model_zoo.provenance import described_commit, provenance
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.contract import open_cpu_session
 from model_zoo.files import sha256_of
@@ -38,12 +38,6 @@ FILL = (
     "import sys; from pathlib import Path; from bench.service_bench import fill_synthetic; "
     "fill_synthetic(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))"
 )
-
-
-def describe(tree: Path) -> str:
-    return subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=tree
-    ).stdout.strip()
 
 
 def serve(tree: Path, model: Path, store: Path) -> subprocess.Popen:
@@ -151,7 +145,7 @@ def main() -> None:
         "items": args.items,
         "clients": args.clients,
         "seconds": args.seconds,
-        "trees": {name: describe(tree) for name, tree in trees.items()},
+        "trees": {name: described_commit(tree) for name, tree in trees.items()},
         "rounds": [],
     }
     with tempfile.TemporaryDirectory() as folder:
