@@ -7,7 +7,7 @@ cannot fit one batch in a few steps cannot learn 1,462 people in 290 batches (th
 docs/results.md, PMM). Step counts, not time, so a busy CPU does not change the figures; the same seed gives the same
 batch and initial weights to every row.
 
-    python -m bench.classifier_uptake --data ../shared/data --rows ide_bn cama_ordered pmm pmm_small_init fmn casn \
+    python -m bench.classifier_uptake --data $DATA --rows ide_bn cama_ordered pmm pmm_small_init fmn casn \
         clpd \
         --output bench/results/pool/classifier_uptake.json
 """

@@ -7,7 +7,7 @@ activations (every feature >= 0, gallery cosines all high), IDE+BN's the GAP of 
 were the cause, centring would close the gap after training.
 
     python -m bench.feature_geometry $RUNS/fmn/model.pt $RUNS/ide_bn/model.pt \
-        --data-root ../shared/data/cuhk03-detected --data-root ../shared/data/prid --output \
+        --data-root $DATA/cuhk03-detected --data-root $DATA/prid --output \
             bench/results/pool/feature_geometry.json
 """
 

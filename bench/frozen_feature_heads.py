@@ -18,7 +18,7 @@ Training accuracy and cross-entropy are each batch's before its step, as the tra
 Fixed, unaugmented features are easier than a warm-up's (augmented images, the backbone's batch norms on batch
 statistics), so the figures compare heads with each other, not with the training runs' accuracies.
 
-    python -m bench.frozen_feature_heads --data ../shared/data --output bench/results/pool/frozen_feature_heads.json
+    python -m bench.frozen_feature_heads --data $DATA --output bench/results/pool/frozen_feature_heads.json
 """
 
 import itertools

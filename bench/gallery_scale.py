@@ -23,9 +23,9 @@ matches are real crops in the gallery. ``--size 0`` keeps the real crops alone: 
    (VmHWM), and client-side p50/p95/p99 of ``POST /query`` (top_k=10) with real images, without and with
    heatmaps, and the recall@10 of its answers for those images.
 
-    python -m bench.gallery_scale --data ../shared/data --work $RUNS/scale --size 1000000 \
+    python -m bench.gallery_scale --data $DATA --work $RUNS/scale --size 1000000 \
         --output bench/results/gallery_1m.json
-    python -m bench.gallery_scale --data ../shared/data --work $RUNS/scale --real-gallery --size 1000000 ...
+    python -m bench.gallery_scale --data $DATA --work $RUNS/scale --real-gallery --size 1000000 ...
     python -m bench.gallery_scale --write-docs bench/results/gallery_1m_real.json   # docs/results.md's table
 """
 

@@ -6,7 +6,7 @@ on), then all of them take turns in one speed run (``bench/embed_speed.measure``
 the same round, because this machine's speed drifts). The result file records the commit, the command, the
 machine (CPU model, cores, load), each model's sha256 and size, each data set's fingerprint and the date.
 
-    python -m bench.model_candidates --data ../shared/data --output bench/results/model_candidates.json \
+    python -m bench.model_candidates --data $DATA --output bench/results/model_candidates.json \
         model_zoo/models/person_reidentification_retail_0277.onnx model_zoo/models/cama_mobilenetv2_pool.onnx ...
     python -m bench.model_candidates --table bench/results/model_candidates.json   # the docs' table, from the file
     python -m bench.model_candidates --write-docs bench/results/model_candidates.json   # every table in the docs

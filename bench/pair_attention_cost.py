@@ -10,7 +10,7 @@ shortlist (the other re-ranking stage, for scale), the pair stage; each without 
 (REID_HEATMAP_CACHE_MB=0: every shortlist is re-embedded, as for a gallery larger than the cache) and one with
 the default cache after the same queries were asked once (every hit's maps cached: the best case).
 
-    python -m bench.pair_attention_cost --data ../shared/data --model RUN_A/casn_ide.onnx --model RUN_B/casn_pcb.onnx \
+    python -m bench.pair_attention_cost --data $DATA --model RUN_A/casn_ide.onnx --model RUN_B/casn_pcb.onnx \
         --output bench/results/pair_attention_cost.json
 """
 

@@ -10,13 +10,13 @@ with one piece taken away (ablation). A row whose run folder has a ``metrics.jso
 resumes from it, so a schedule longer than one session runs across sessions (or hand the runs folder to a GPU
 host, with a longer schedule given as phases for every row).
 
-    python -m bench.pool_runs --data ../shared/data --runs $RUNS --only cama_ordered_no_triplet
-    python -m bench.pool_runs --data ../shared/data --runs $RUNS --only cama_ordered \
+    python -m bench.pool_runs --data $DATA --runs $RUNS --only cama_ordered_no_triplet
+    python -m bench.pool_runs --data $DATA --runs $RUNS --only cama_ordered \
         'solver.phases=[{name: warmup, epochs: 10, trainable: [classifiers], scheduler: linear, start_lr: 3.5e-6},
         {name: main, epochs: 120, scheduler: cosine}]'
-    python -m bench.pool_runs --data ../shared/data --runs $RUNS --only casn_ia --seeds 0 1 2
-    python -m bench.pool_runs --data ../shared/data --runs $RUNS --table-only
-    python -m bench.pool_runs --data ../shared/data --runs $RUNS --status --only cama_ordered_full ide_bn_full
+    python -m bench.pool_runs --data $DATA --runs $RUNS --only casn_ia --seeds 0 1 2
+    python -m bench.pool_runs --data $DATA --runs $RUNS --table-only
+    python -m bench.pool_runs --data $DATA --runs $RUNS --status --only cama_ordered_full ide_bn_full
 
 ``--seeds`` trains each row once per seed (``run.seed``; seed 0 in the row's own folder, seed s in
 ``ROW_seedS``), for effects too small for one seed (with 451 CUHK03 queries, under about 4 rank-1 points);

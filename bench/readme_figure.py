@@ -6,7 +6,7 @@ query panel. The query is the folder's first by name unless ``--query`` names on
 by how well the model does on it. Research-licensed data may appear in the README only as such a small
 illustration.
 
-    python -m bench.readme_figure ../shared/data/cuhk03-detected --output docs/query_result.png
+    python -m bench.readme_figure $DATA/cuhk03-detected --output docs/query_result.png
 """
 
 import argparse
