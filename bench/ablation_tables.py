@@ -2,7 +2,8 @@
 
 Each row's seeds are its result files in ``bench/results/pool/`` (``ROW.json`` is seed 0, ``ROW_seedS.json`` seed
 S, copies of the run folders' metrics.json; a pair re-ranking evaluation adds ``_pair_attention_onnx_evaluation``).
-The first table is each row's mean ± sample standard deviation over the seeds it has; the second, each step of
+The first table is each row's mean ± sample standard deviation over the seeds it has, with the CPU each seed
+trained on (training on another CPU moves a row by about a seed's deviation); the second, each step of
 the ablation paired within a seed (both sides trained from the same seed) over the seeds both sides have, beside
 the paper's own figure for that step. R1 / mAP on CUHK03-val, PRID and GRID, in % (as training_table.py writes them).
 
@@ -22,6 +23,7 @@ from bench.training_table import percent
 RESULTS = Path(__file__).resolve().parent / "results" / "pool"
 SETS = (("cuhk03-detected", "CUHK03-val"), ("prid", "PRID"), ("grid", "GRID"))
 PAIR_EVALUATION = "_pair_attention_onnx_evaluation"
+CPU_FAMILIES = ("Xeon", "EPYC")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,26 @@ def read_figures(path: Path, key: str) -> List[float]:
     return [evaluation[name][key][figure] for name, _ in SETS for figure in ("rank1", "mAP")]
 
 
+def trained_on(path: Path) -> str:
+    """The CPU family a run trained on, from its provenance (``machine``) or, in older files, ``hardware``."""
+    results = json.loads(path.read_text())
+    machine = results.get("machine")
+    description = machine["cpu"] if isinstance(machine, dict) else results.get("hardware") or "unrecorded"
+    return next((family for family in CPU_FAMILIES if family in description), description.split(",")[0])
+
+
+def seeds_cell(results: Path, figures: Figures, seeds: Sequence[int]) -> str:
+    """The seeds grouped by the CPU they trained on, e.g. "0 Xeon; 1, 2 EPYC"."""
+    files = seed_files(results, Figures(figures.row))
+    groups: List[Tuple[str, List[str]]] = []
+    for seed in seeds:
+        cpu = trained_on(files[seed])
+        if not groups or groups[-1][0] != cpu:
+            groups.append((cpu, []))
+        groups[-1][1].append(str(seed))
+    return "; ".join(f"{', '.join(numbers)} {cpu}" for cpu, numbers in groups)
+
+
 def per_seed(results: Path, figures: Figures) -> Dict[int, List[float]]:
     return {seed: read_figures(path, figures.key) for seed, path in seed_files(results, figures).items()}
 
@@ -153,16 +175,24 @@ def set_cells(by_seed: Dict[int, List[float]], signed: bool) -> List[str]:
     return [" / ".join(percent(columns[at + i], signed) for i in (0, 1)) for at in range(0, len(columns), 2)]
 
 
-def table_row(label: str, feature: str, seeds: Dict[int, List[float]], signed: bool, extra: Sequence[str] = ()) -> str:
-    cells = [label, *([feature] if feature else []), ", ".join(map(str, seeds)), *set_cells(seeds, signed), *extra]
+def table_row(
+    label: str,
+    feature: str,
+    seeds: Dict[int, List[float]],
+    signed: bool,
+    seeds_text: str = "",
+    extra: Sequence[str] = (),
+) -> str:
+    seeds_text = seeds_text or ", ".join(map(str, seeds))
+    cells = [label, *([feature] if feature else []), seeds_text, *set_cells(seeds, signed), *extra]
     return "| " + " | ".join(cells) + " |"
 
 
-def header(first: str, ablation: Ablation, extra: Sequence[str] = ()) -> List[str]:
+def header(first: str, ablation: Ablation, seeds: str = "seeds", extra: Sequence[str] = ()) -> List[str]:
     cells = [
         first,
         *(["features"] if ablation.features[0][1] else []),
-        "seeds",
+        seeds,
         *(f"{label} R1 / mAP" for _, label in SETS),
         *extra,
     ]
@@ -170,12 +200,13 @@ def header(first: str, ablation: Ablation, extra: Sequence[str] = ()) -> List[st
 
 
 def rows_table(ablation: Ablation, results: Path) -> str:
-    lines = header("row", ablation)
+    lines = header("row", ablation, seeds="seeds, CPU trained on")
     for label, row in ablation.rows:
         for key, feature in ablation.features:
-            seeds = per_seed(results, Figures(row, key))
+            figures = Figures(row, key)
+            seeds = per_seed(results, figures)
             if seeds:
-                lines.append(table_row(label, feature, seeds, signed=False))
+                lines.append(table_row(label, feature, seeds, False, seeds_cell(results, figures, list(seeds))))
     return "\n".join(lines)
 
 
@@ -192,7 +223,7 @@ def paired_differences(results: Path, plus: Figures, minus: Figures) -> Dict[int
 
 
 def steps_table(ablation: Ablation, results: Path) -> str:
-    lines = header("step, paired within each seed", ablation, [ablation.paper_header])
+    lines = header("step, paired within each seed", ablation, extra=[ablation.paper_header])
     for step in ablation.steps:
         for (key, feature), paper in zip(ablation.features, step.paper):
             differences = paired_differences(results, *step_sides(step, key))

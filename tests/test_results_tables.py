@@ -158,30 +158,34 @@ def test_status_says_how_far_each_row_has_got(tmp_path):
     assert pool_runs.progress("ide_bn", tmp_path / "data", runs, []) == "done"
 
 
-def write_result(folder: Path, name: str, figures: dict) -> None:
-    """A result file whose every set has these figures (key -> (rank1, mAP) in %)."""
+def write_result(folder: Path, name: str, figures: dict, **where) -> None:
+    """A result file whose every set has these figures (key -> (rank1, mAP) in %); ``where``: its machine or
+    hardware keys."""
     sets = {
         s: {key: {"rank1": r1 / 100, "mAP": ap / 100} for key, (r1, ap) in figures.items()}
         for s in ("cuhk03-detected", "prid", "grid")
     }
-    body = sets if name.endswith("_evaluation.json") else {"evaluation": sets}
+    body = sets if name.endswith("_evaluation.json") else {"evaluation": sets, **where}
     (folder / name).write_text(json.dumps(body))
 
 
-def test_ablation_rows_average_their_seeds_and_steps_pair_only_the_seeds_both_sides_have(tmp_path):
+def test_ablation_rows_average_their_seeds_name_their_cpus_and_steps_pair_only_the_seeds_both_sides_have(tmp_path):
     ablation = bench_module("ablation_tables")
-    write_result(tmp_path, "clpd_base.json", {"all": (40.0, 30.0), "branch2": (20.0, 10.0)})
-    write_result(tmp_path, "clpd_base_seed1.json", {"all": (42.0, 34.0), "branch2": (22.0, 12.0)})
-    write_result(tmp_path, "clpd_base_seed2.json", {"all": (44.0, 32.0), "branch2": (24.0, 14.0)})
+    xeon = {"hardware": "Intel(R) Xeon(R) Processor, 2 threads"}  # how files before provenance name the CPU
+    epyc = {"machine": {"cpu": "AMD EPYC", "cores": 2}}
+    write_result(tmp_path, "clpd_base.json", {"all": (40.0, 30.0), "branch2": (20.0, 10.0)}, **xeon)
+    write_result(tmp_path, "clpd_base_seed1.json", {"all": (42.0, 34.0), "branch2": (22.0, 12.0)}, **epyc)
+    write_result(tmp_path, "clpd_base_seed2.json", {"all": (44.0, 32.0), "branch2": (24.0, 14.0)}, **epyc)
     write_result(tmp_path, "clpd_ratio_only.json", {"all": (40.0, 31.0), "branch2": (20.0, 10.0)})
     write_result(tmp_path, "clpd_ratio_only_seed2.json", {"all": (45.0, 30.0), "branch2": (24.0, 14.0)})
     rows, steps = ablation.tables("clpd", tmp_path).split("\n\n")
     assert rows.splitlines()[2] == (
-        "| without the concentration losses (`clpd_base`) | global + local | 0, 1, 2 | "
+        "| without the concentration losses (`clpd_base`) | global + local | 0 Xeon; 1, 2 EPYC | "
         "42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 |"
     )
     assert rows.splitlines()[5].endswith(
-        "| part branch alone | 0, 2 | 22.0 ± 2.8 / 12.0 ± 2.8 | 22.0 ± 2.8 / 12.0 ± 2.8 | 22.0 ± 2.8 / 12.0 ± 2.8 |"
+        "| part branch alone | 0, 2 unrecorded | "
+        "22.0 ± 2.8 / 12.0 ± 2.8 | 22.0 ± 2.8 / 12.0 ± 2.8 | 22.0 ± 2.8 / 12.0 ± 2.8 |"
     )
     assert len(rows.splitlines()) == 2 + 4  # rows without result files are left out
     step = steps.splitlines()[2].split(" | ")
@@ -196,7 +200,9 @@ def test_the_pair_terms_step_compares_one_evaluation_with_and_without_re_ranking
     write_result(tmp_path, "casn.json", {"all": (30.0, 20.0)})
     write_result(tmp_path, "casn_pair_attention_onnx_evaluation.json", {"all": (30.0, 20.0), "all_pair": (27.0, 14.0)})
     rows, steps = ablation.tables("casn", tmp_path).split("\n\n")
-    assert rows.splitlines()[0] == "| row | seeds | CUHK03-val R1 / mAP | PRID R1 / mAP | GRID R1 / mAP |"
+    assert rows.splitlines()[0] == (
+        "| row | seeds, CPU trained on | CUHK03-val R1 / mAP | PRID R1 / mAP | GRID R1 / mAP |"
+    )
     assert steps.splitlines()[2] == (
         "| `casn`'s pair term as the re-ranking stage (features + pair term - features) | "
         "0 | "
