@@ -1,11 +1,13 @@
-"""CPU embedding speed of every architecture of the family, side by side with the shipped default model.
+"""CPU embedding speed of every architecture of the family, side by side with a reference model.
 
 Speed does not depend on the weights, so each architecture is exported from its multi-source config
 (``*_pool.yaml``: MobileNetV2 with IBN-a, 128x64, the pool's 1,462 classes) with ImageNet weights and untrained
 heads, through the normal exporter (with its parity check), then ``embed_speed.measure`` runs them in
-alternating rounds; ratios are to the first model, the shipped default.
+alternating rounds; ratios are to the first model, the reference (``--reference``, by default the shipped
+default; its key in the file is "reference", its path ``reference_model``).
 
-    python -m bench.family_speed --output bench/results/family_speed.json
+    python -m bench.family_speed --reference model_zoo/models/cama_mobilenetv2_pool.onnx --threads 1 \
+        --output bench/results/family_speed.json
 """
 
 import argparse
@@ -48,6 +50,7 @@ def untrained_export(name: str, config: str, overrides: list, folder: Path) -> P
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, default=DEFAULT_MODEL_PATH, help="the model ratios are to")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -56,11 +59,12 @@ def main() -> None:
     configs = Path(__file__).resolve().parents[1] / "training" / "configs"
     rows = {name: row for name, row in ROWS.items() if (configs / row[0]).exists()}
     with tempfile.TemporaryDirectory() as folder:
-        paths = [DEFAULT_MODEL_PATH, *(untrained_export(name, *row, Path(folder)) for name, row in rows.items())]
-        names = ["default (shipped)", *rows]
+        paths = [args.reference, *(untrained_export(name, *row, Path(folder)) for name, row in rows.items())]
+        names = ["reference", *rows]
         results = {
             **provenance(),
             "onnxruntime": ort.__version__,
+            "reference_model": str(args.reference),
             "threads": {},
         }
         for threads in args.threads:

@@ -19,7 +19,7 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 from bench.ablation_tables import ABLATIONS, RESULTS as ABLATION_RESULTS, SETS, evaluation_of, rows_table, steps_table
 from bench.common import generated_marker, rewrite_generated
@@ -233,13 +233,15 @@ class SpeedColumns:
     images_heading: str
     ratio_heading: str
 
-    def cells(self, variant: str) -> List[str]:
+    def cells(self, variant: Tuple[str, ...]) -> List[str]:
+        """The first of the variant's keys (a key a bench renamed: its old name after it) the file holds."""
         variants = read(self.file)
         for key in self.within:
             variants = variants[key]
-        if variant not in variants:
+        present = [key for key in variant if key in variants]
+        if not present:
             return ["-", "-"]
-        figures = variants[variant]
+        figures = variants[present[0]]
         ratio = next(value for key, value in figures.items() if key.startswith("ratio_") and key.endswith("_median"))
         return [f"{figures['images_per_second_median']:.1f}", f"{ratio:.2f}"]
 
@@ -251,13 +253,14 @@ class SpeedTable(PrintedTable):
     name: str
     heading: str
     columns: Tuple[SpeedColumns, ...]
-    rows: Tuple[Tuple[str, str], ...]  # (label, the variant's key)
+    rows: Tuple[Tuple[str, Union[str, Tuple[str, ...]]], ...]  # (label, the variant's key or keys)
 
     def table(self) -> str:
         headings = [self.heading, *(h for c in self.columns for h in (c.images_heading, c.ratio_heading))]
         lines = [f"| {' | '.join(headings)} |", "|---" * len(headings) + "|"]
         for label, variant in self.rows:
-            cells = [cell for columns in self.columns for cell in columns.cells(variant)]
+            keys = (variant,) if isinstance(variant, str) else variant
+            cells = [cell for columns in self.columns for cell in columns.cells(keys)]
             lines.append(f"| {label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
