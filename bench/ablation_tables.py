@@ -24,6 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pool"
 SETS = (("cuhk03-detected", "CUHK03-val"), ("prid", "PRID"), ("grid", "GRID"))
 PAIR_EVALUATION = "_pair_attention_onnx_evaluation"
 CPU_FAMILIES = ("Xeon", "EPYC")
+VECTOR_EXTENSIONS = (("amx", "AMX"), ("avx512", "AVX-512"), ("avx2", "AVX2"))  # /proc/cpuinfo prefix, name
 
 
 @dataclass(frozen=True)
@@ -147,15 +148,19 @@ def read_figures(path: Path, key: str) -> List[float]:
 
 
 def trained_on(path: Path) -> str:
-    """The CPU family a run trained on, from its provenance (``machine``) or, in older files, ``hardware``."""
+    """The CPU a run trained on: its family, from its provenance (``machine``) or, in older files, ``hardware``,
+    and its widest vector extension where the file records them (two EPYCs of one name differ in AVX-512)."""
     results = json.loads(path.read_text())
     machine = results.get("machine")
     description = machine["cpu"] if isinstance(machine, dict) else results.get("hardware") or "unrecorded"
-    return next((family for family in CPU_FAMILIES if family in description), description.split(",")[0])
+    family = next((family for family in CPU_FAMILIES if family in description), description.split(",")[0])
+    features = machine.get("cpu_features", []) if isinstance(machine, dict) else []
+    widest = next((name for prefix, name in VECTOR_EXTENSIONS if any(f.startswith(prefix) for f in features)), "")
+    return f"{family} {widest}".strip()
 
 
 def seeds_cell(results: Path, figures: Figures, seeds: Sequence[int]) -> str:
-    """The seeds grouped by the CPU they trained on, e.g. "0 Xeon; 1, 2 EPYC"."""
+    """The seeds grouped by the CPU they trained on, e.g. "0 Xeon; 1, 2 EPYC AVX-512"."""
     files = seed_files(results, Figures(figures.row))
     groups: List[Tuple[str, List[str]]] = []
     for seed in seeds:

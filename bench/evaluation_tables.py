@@ -48,15 +48,6 @@ def seed_rows(seed: int) -> Tuple[Row, ...]:
     )
 
 
-def clpd_variant(description: str, row: str, global_branch: bool = False) -> Tuple[Row, ...]:
-    file = f"pool/{row}.json"
-    return (
-        Row(f"CLPD {description} (row `{row}`), global + local", file),
-        *((Row("the same, global branch alone", file, "branch1"),) if global_branch else ()),
-        Row("the same, local (part) branch alone", file, "branch2"),
-    )
-
-
 def pmm_stages(label: str, row: str) -> Row:
     return Row(f"{label} (`{row}`; below), stages I+II+III", f"pool/{row}.json")
 
@@ -565,23 +556,15 @@ TABLES = (
     EvaluationTable("fmn seeds table", "FMN", seed_rows(1) + seed_rows(2)),
     EvaluationTable(
         "clpd table",
-        "model",
+        "model (three seeds each)",
         (
-            BASELINE,
-            *parts(
-                "clpd",
-                ("all", "CLPD, global + local (the embedding)"),
-                ("branch1", "CLPD, global branch alone"),
-                ("branch2", "CLPD, local (part) branch alone"),
-            ),
-            *clpd_variant("without the concentration losses", "clpd_base", global_branch=True),
-            *clpd_variant("with the ratio loss L_r alone", "clpd_ratio_only"),
-            *clpd_variant("with the distribution loss L_d alone", "clpd_distribution_only"),
-            *clpd_variant(
-                "with single-scale attention modules and neither loss, the paper's base", "clpd_single_scale_base"
-            ),
-            *clpd_variant("with average pooling of each part in place of the SPR descriptor", "clpd_gap_descriptor"),
+            three_seeds("IDE+BN (baseline)", "ide_bn"),
+            three_seeds("CLPD, global + local (the embedding)", "clpd"),
+            three_seeds("CLPD, global branch alone", "clpd", "branch1"),
+            three_seeds("CLPD, local (part) branch alone", "clpd", "branch2"),
         ),
+        figures=2,
+        train_time=True,
     ),
 )
 

@@ -172,7 +172,7 @@ def write_result(folder: Path, name: str, figures: dict, **where) -> None:
 def test_ablation_rows_average_their_seeds_name_their_cpus_and_steps_pair_only_the_seeds_both_sides_have(tmp_path):
     ablation = bench_module("ablation_tables")
     xeon = {"hardware": "Intel(R) Xeon(R) Processor, 2 threads"}  # how files before provenance name the CPU
-    epyc = {"machine": {"cpu": "AMD EPYC", "cores": 2}}
+    epyc = {"machine": {"cpu": "AMD EPYC", "cpu_features": ["avx2", "avx512f", "avx512_vnni"], "cores": 2}}
     write_result(tmp_path, "clpd_base.json", {"all": (40.0, 30.0), "branch2": (20.0, 10.0)}, **xeon)
     write_result(tmp_path, "clpd_base_seed1.json", {"all": (42.0, 34.0), "branch2": (22.0, 12.0)}, **epyc)
     write_result(tmp_path, "clpd_base_seed2.json", {"all": (44.0, 32.0), "branch2": (24.0, 14.0)}, **epyc)
@@ -180,7 +180,7 @@ def test_ablation_rows_average_their_seeds_name_their_cpus_and_steps_pair_only_t
     write_result(tmp_path, "clpd_ratio_only_seed2.json", {"all": (45.0, 30.0), "branch2": (24.0, 14.0)})
     rows, steps = ablation.tables("clpd", tmp_path).split("\n\n")
     assert rows.splitlines()[2] == (
-        "| without the concentration losses (`clpd_base`) | global + local | 0 Xeon; 1, 2 EPYC | "
+        "| without the concentration losses (`clpd_base`) | global + local | 0 Xeon; 1, 2 EPYC AVX-512 | "
         "42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 | 42.0 ± 2.0 / 32.0 ± 2.0 |"
     )
     assert rows.splitlines()[5].endswith(
