@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from bench.common import emit, rate
 from model_zoo.contract import INPUT_IMAGES, check_session
-from model_zoo.provenance import provenance
+from model_zoo.provenance import portable_path, provenance
 
 
 def session_for(path: Path, threads: int) -> ort.InferenceSession:
@@ -45,7 +45,7 @@ def measure(paths, threads: int, rounds: int, seconds: float, batch_size: int) -
         for i, (session, batch) in enumerate(zip(sessions, batches)):
             speeds[i].append(rate(lambda: session.run(None, {INPUT_IMAGES: batch}), len(batch), seconds))
     return {
-        str(path): {
+        portable_path(str(path)): {
             "input": list(batch.shape[1:3]),
             "images_per_second_median": statistics.median(s),
             "ratio_to_first_median": statistics.median(a / b for a, b in zip(s, speeds[0])),

@@ -37,7 +37,7 @@ import torch
 from bench.common import emit, rate
 from bench.embed_speed import add_speed_arguments, measure, session_for
 from model_zoo.contract import INPUT_IMAGES, OUTPUT_EMBEDDING, check_session
-from model_zoo.provenance import provenance
+from model_zoo.provenance import portable_path, provenance
 from training.checkpoints import load_trained_model
 from model_zoo.onnx_export import zero_subnormal_weights
 from training.solver import SMALLEST_NORMAL, zero_subnormals
@@ -59,7 +59,7 @@ def compare(model: Path, threads: list, rounds: int, seconds: float, batch_size:
     zeroed_file = work / f"{model.stem}.subnormals_zeroed.onnx"
     onnx.save(proto, str(zeroed_file))
     speeds = {threads_: measure([model, zeroed_file], threads_, rounds, seconds, batch_size) for threads_ in threads}
-    as_is, repaired = str(model), str(zeroed_file)
+    as_is, repaired = portable_path(str(model)), portable_path(str(zeroed_file))  # embed_speed's keys
     return {
         "subnormal_weights": zeroed,
         "max_embedding_difference": largest_embedding_difference(model, zeroed_file, batch_size),

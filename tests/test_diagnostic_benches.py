@@ -1,5 +1,6 @@
 """The diagnostic benches on real modules: bench/frozen_feature_heads.py (its heads are the architectures' own
-modules, and only their classifiers learn, as in a warm-up) and bench/loss_gradients.py (each term on each part)."""
+modules, and only their classifiers learn, as in a warm-up), bench/loss_gradients.py (each term on each part),
+bench/subnormal_weights.py and the model names bench/embed_speed.py writes."""
 
 import torch
 
@@ -46,7 +47,18 @@ def test_loss_gradients_reports_each_term_on_each_part(market_root, tmp_path):
     assert gradients["loss_id"]["classifiers"] > 0 and gradients["loss_oap"]["trunk"] > 0
 
 
-def test_subnormal_weights_bench_counts_zeroes_and_times_both_files(tiny_model, tmp_path):
+def test_embed_speed_names_a_model_in_the_runs_folder_as_a_result_file_may(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("RUNS", str(tmp_path))
+    model = tmp_path / "run" / "model.onnx"
+    model.parent.mkdir()
+    shutil.copy(tiny_model[1], model)
+    speeds = bench_module("embed_speed").measure([model], 1, rounds=1, seconds=0.05, batch_size=2)
+    assert list(speeds) == ["$RUNS/run/model.onnx"]
+
+
+def test_subnormal_weights_bench_counts_zeroes_and_times_both_files(tiny_model, tmp_path, monkeypatch):
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -58,6 +70,7 @@ def test_subnormal_weights_bench_counts_zeroes_and_times_both_files(tiny_model, 
     convolution.CopyFrom(numpy_helper.from_array(weights, convolution.name))
     with_subnormals = tmp_path / "old_export.onnx"
     onnx.save(proto, str(with_subnormals))
+    monkeypatch.setenv("RUNS", str(tmp_path))  # both files in the runs folder: timed under their $RUNS names
     figures = bench_module("subnormal_weights").compare(
         with_subnormals, [1], rounds=1, seconds=0.05, batch_size=2, work=tmp_path
     )
