@@ -31,7 +31,7 @@ from bench.printed_tables import (
 
 
 BASELINE = Row("IDE+BN (baseline)", "pool/ide_bn.json")
-DEFAULT_SPEED = "default (shipped)"  # the CAMA graph's key in bench.family_speed's files
+DEFAULT_SPEED = "default (shipped)"  # the CAMA graph's key in bench.family_speed's files before --reference
 
 
 def parts(file: str, *labelled: Tuple[str, str]) -> Tuple[Row, ...]:

@@ -21,7 +21,7 @@ from bench.common import emit
 from bench.embed_speed import measure
 from model_zoo import DEFAULT_MODEL_PATH
 from model_zoo.architectures import build_model
-from model_zoo.provenance import provenance
+from model_zoo.provenance import portable_path, provenance
 from training import export, load_config
 from training.checkpoints import model_settings
 from training.engine import resolve_pretrained
@@ -64,7 +64,7 @@ def main() -> None:
         results = {
             **provenance(),
             "onnxruntime": ort.__version__,
-            "reference_model": str(args.reference),
+            "reference_model": portable_path(str(args.reference)),
             "threads": {},
         }
         for threads in args.threads:

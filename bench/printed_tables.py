@@ -233,12 +233,12 @@ class SpeedColumns:
     images_heading: str
     ratio_heading: str
 
-    def cells(self, variant: Tuple[str, ...]) -> List[str]:
-        """The first of the variant's keys (a key a bench renamed: its old name after it) the file holds."""
+    def cells(self, keys: Tuple[str, ...]) -> List[str]:
+        """The first of a variant's keys (a key a bench renamed: its old name after it) the file holds."""
         variants = read(self.file)
         for key in self.within:
             variants = variants[key]
-        present = [key for key in variant if key in variants]
+        present = [key for key in keys if key in variants]
         if not present:
             return ["-", "-"]
         figures = variants[present[0]]
