@@ -159,12 +159,12 @@ def trained_on(path: Path) -> str:
     return f"{family} {widest}".strip()
 
 
-def seeds_cell(results: Path, figures: Figures, seeds: Sequence[int]) -> str:
-    """The seeds grouped by the CPU they trained on, e.g. "0 Xeon; 1, 2 EPYC AVX-512"."""
-    files = seed_files(results, Figures(figures.row))
+def seeds_cell(files: Dict[int, Path]) -> str:
+    """The seeds (their result files, by seed) grouped by the CPU they trained on, e.g. "0 Xeon; 1, 2 EPYC
+    AVX-512"."""
     groups: List[Tuple[str, List[str]]] = []
-    for seed in seeds:
-        cpu = trained_on(files[seed])
+    for seed, path in files.items():
+        cpu = trained_on(path)
         if not groups or groups[-1][0] != cpu:
             groups.append((cpu, []))
         groups[-1][1].append(str(seed))
@@ -211,7 +211,7 @@ def rows_table(ablation: Ablation, results: Path) -> str:
             figures = Figures(row, key)
             seeds = per_seed(results, figures)
             if seeds:
-                lines.append(table_row(label, feature, seeds, False, seeds_cell(results, figures, list(seeds))))
+                lines.append(table_row(label, feature, seeds, False, seeds_cell(seed_files(results, figures))))
     return "\n".join(lines)
 
 
