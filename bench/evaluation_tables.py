@@ -115,6 +115,7 @@ TABLES = (
         branch_maps=1,
         train_accuracy=True,
         train_time=True,
+        cpus=True,
     ),
     EvaluationTable(
         "recipe seeds table",
@@ -130,6 +131,7 @@ TABLES = (
         ),
         train_accuracy=True,
         figures=2,
+        cpus=True,
     ),
     AgainstSeedsTable(
         "ablations against seeds table",
@@ -394,6 +396,7 @@ TABLES = (
         ),
         train_accuracy=True,
         figures=2,
+        cpus=True,
     ),
     EvaluationTable(
         "training data table",

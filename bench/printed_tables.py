@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple, Union
 
-from bench.ablation_tables import ABLATIONS, RESULTS as ABLATION_RESULTS, SETS, evaluation_of, rows_table, steps_table
+from bench.ablation_tables import (
+    ABLATIONS,
+    RESULTS as ABLATION_RESULTS,
+    SETS,
+    evaluation_of,
+    rows_table,
+    seeds_cell,
+    steps_table,
+)
 from bench.common import generated_marker, rewrite_generated
 from bench.training_table import FIGURES, percent, table as runs_table
 from training.evaluation import single_branch_keys
@@ -60,6 +68,10 @@ class Row:
             return "(same run)"
         minutes = ", ".join(str(round(run["train_seconds_total"] / 60)) for run in runs)
         return " ".join(filter(None, (f"{minutes} min", self.time_note)))
+
+    def cpu_cell(self) -> str:
+        """Its seeds grouped by the CPU each trained on, e.g. "0 Xeon; 1, 2 EPYC AVX-512"."""
+        return seeds_cell({seed: RESULTS / file for seed, file in enumerate((self.file, *self.seeds))})
 
     def cells(self, runs: List[dict], figures: int = 3, branch_maps: int = 0, spread: bool = True) -> List[str]:
         evaluations = [evaluation_of(run) for run in runs]
@@ -119,13 +131,14 @@ class EvaluationTable(PrintedTable):
     figures: int = 3  # per set: R1 / mAP / mINP, or R1 / mAP
     spread: bool = True  # seeds' rows: mean ± sample SD, or the mean alone
     speed_file: str = ""  # a last column: each row's one-thread speed from this bench.family_speed file
+    cpus: bool = False  # a last column: the CPU each seed trained on (a CPU moves a row by about a seed's SD)
 
     def table(self) -> str:
         columns = [self.heading, *(label for _, label in SETS)]
         if self.branch_maps:
             columns.append(f"per-branch mAP ({'; '.join(label for _, label in SETS[: self.branch_maps])})")
         columns += ["training accuracy, last epoch"] * self.train_accuracy + ["train time"] * self.train_time
-        columns += ["CPU speed"] * bool(self.speed_file)
+        columns += ["CPU speed"] * bool(self.speed_file) + ["seeds, CPU trained on"] * self.cpus
         lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
         for row in self.rows:
             runs = row.runs()
@@ -133,6 +146,7 @@ class EvaluationTable(PrintedTable):
             cells += [train_accuracy(runs, row.part)] if self.train_accuracy else []
             cells += [row.train_time(runs)] if self.train_time else []
             cells += [row.speed_cell(self.speed_file)] if self.speed_file else []
+            cells += [row.cpu_cell()] if self.cpus else []
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
