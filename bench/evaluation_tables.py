@@ -141,8 +141,6 @@ TABLES = (
             ("the batch-hard triplet term", "pool/cama_ordered_no_triplet.json"),
             ("IBN-a", "pool/cama_ordered_no_ibn.json"),
             ("IBN-a, IBN-b in its place", "pool/cama_ordered_ibn_b.json"),
-            ("colour jitter and grayscale", "pool/cama_ordered_no_colour.json"),
-            ("random erasing", "pool/cama_ordered_no_erasing.json"),
             ("fp32: the whole recipe in bf16 autocast (`cama_ordered_bf16`)", "pool/cama_ordered_bf16.json"),
         ),
     ),
@@ -510,6 +508,7 @@ TABLES = (
             ),
         ),
         branch_maps=1,
+        cpus=True,
     ),
     EvaluationTable(
         "precision table",
