@@ -141,16 +141,20 @@ def evaluation_of(results: dict) -> dict:
     return results.get("evaluation", results)
 
 
-def read_figures(path: Path, key: str) -> List[float]:
+def read_runs(results: Path, figures: Figures) -> Dict[int, dict]:
+    """The row's result files, read, per seed."""
+    return {seed: json.loads(path.read_text()) for seed, path in seed_files(results, figures).items()}
+
+
+def figures_of(run: dict, key: str) -> List[float]:
     """R1 and mAP per evaluation set."""
-    evaluation = evaluation_of(json.loads(path.read_text()))
+    evaluation = evaluation_of(run)
     return [evaluation[name][key][figure] for name, _ in SETS for figure in ("rank1", "mAP")]
 
 
-def trained_on(path: Path) -> str:
+def trained_on(results: dict) -> str:
     """The CPU a run trained on: its family, from its provenance (``machine``) or, in older files, ``hardware``,
     and its widest vector extension where the file records them (two EPYCs of one name differ in AVX-512)."""
-    results = json.loads(path.read_text())
     machine = results.get("machine")
     description = machine["cpu"] if isinstance(machine, dict) else results.get("hardware") or "unrecorded"
     family = next((family for family in CPU_FAMILIES if family in description), description.split(",")[0])
@@ -159,12 +163,12 @@ def trained_on(path: Path) -> str:
     return f"{family} {widest}".strip()
 
 
-def seeds_cell(files: Dict[int, Path]) -> str:
-    """The seeds (their result files, by seed) grouped by the CPU they trained on, e.g. "0 Xeon; 1, 2 EPYC
-    AVX-512"."""
+def seeds_cell(runs: Dict[int, dict]) -> str:
+    """The seeds (their result files' contents, by seed) grouped by the CPU they trained on, e.g. "0 Xeon; 1, 2
+    EPYC AVX-512"."""
     groups: List[Tuple[str, List[str]]] = []
-    for seed, path in files.items():
-        cpu = trained_on(path)
+    for seed, run in runs.items():
+        cpu = trained_on(run)
         if not groups or groups[-1][0] != cpu:
             groups.append((cpu, []))
         groups[-1][1].append(str(seed))
@@ -172,7 +176,7 @@ def seeds_cell(files: Dict[int, Path]) -> str:
 
 
 def per_seed(results: Path, figures: Figures) -> Dict[int, List[float]]:
-    return {seed: read_figures(path, figures.key) for seed, path in seed_files(results, figures).items()}
+    return {seed: figures_of(run, figures.key) for seed, run in read_runs(results, figures).items()}
 
 
 def set_cells(by_seed: Dict[int, List[float]], signed: bool) -> List[str]:
@@ -208,10 +212,10 @@ def rows_table(ablation: Ablation, results: Path) -> str:
     lines = header("row", ablation, seeds="seeds, CPU trained on")
     for label, row in ablation.rows:
         for key, feature in ablation.features:
-            figures = Figures(row, key)
-            seeds = per_seed(results, figures)
-            if seeds:
-                lines.append(table_row(label, feature, seeds, False, seeds_cell(seed_files(results, figures))))
+            runs = read_runs(results, Figures(row, key))
+            if runs:
+                seeds = {seed: figures_of(run, key) for seed, run in runs.items()}
+                lines.append(table_row(label, feature, seeds, False, seeds_cell(runs)))
     return "\n".join(lines)
 
 

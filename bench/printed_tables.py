@@ -69,10 +69,6 @@ class Row:
         minutes = ", ".join(str(round(run["train_seconds_total"] / 60)) for run in runs)
         return " ".join(filter(None, (f"{minutes} min", self.time_note)))
 
-    def cpu_cell(self) -> str:
-        """Its seeds grouped by the CPU each trained on, e.g. "0 Xeon; 1, 2 EPYC AVX-512"."""
-        return seeds_cell({seed: RESULTS / file for seed, file in enumerate((self.file, *self.seeds))})
-
     def cells(self, runs: List[dict], figures: int = 3, branch_maps: int = 0, spread: bool = True) -> List[str]:
         evaluations = [evaluation_of(run) for run in runs]
         mean = percent if spread else lambda values: percent([statistics.fmean(values)])
@@ -146,7 +142,7 @@ class EvaluationTable(PrintedTable):
             cells += [train_accuracy(runs, row.part)] if self.train_accuracy else []
             cells += [row.train_time(runs)] if self.train_time else []
             cells += [row.speed_cell(self.speed_file)] if self.speed_file else []
-            cells += [row.cpu_cell()] if self.cpus else []
+            cells += [seeds_cell(dict(enumerate(runs)))] if self.cpus else []  # runs: seed 0, 1, ...
             lines.append(f"| {row.label} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
