@@ -175,8 +175,9 @@ def seeds_cell(runs: Dict[int, dict]) -> str:
     return "; ".join(f"{', '.join(numbers)} {cpu}" for cpu, numbers in groups)
 
 
-def per_seed(results: Path, figures: Figures) -> Dict[int, List[float]]:
-    return {seed: figures_of(run, figures.key) for seed, run in read_runs(results, figures).items()}
+def per_seed(runs: Dict[int, dict], key: str) -> Dict[int, List[float]]:
+    """R1 and mAP per evaluation set of each seed's run (``read_runs``)."""
+    return {seed: figures_of(run, key) for seed, run in runs.items()}
 
 
 def set_cells(by_seed: Dict[int, List[float]], signed: bool) -> List[str]:
@@ -214,8 +215,7 @@ def rows_table(ablation: Ablation, results: Path) -> str:
         for key, feature in ablation.features:
             runs = read_runs(results, Figures(row, key))
             if runs:
-                seeds = {seed: figures_of(run, key) for seed, run in runs.items()}
-                lines.append(table_row(label, feature, seeds, False, seeds_cell(runs)))
+                lines.append(table_row(label, feature, per_seed(runs, key), False, seeds_cell(runs)))
     return "\n".join(lines)
 
 
@@ -227,7 +227,7 @@ def step_sides(step: Step, key: str) -> Tuple[Figures, Figures]:
 
 def paired_differences(results: Path, plus: Figures, minus: Figures) -> Dict[int, List[float]]:
     """plus - minus per seed, over the seeds both sides have."""
-    high, low = per_seed(results, plus), per_seed(results, minus)
+    high, low = (per_seed(read_runs(results, side), side.key) for side in (plus, minus))
     return {seed: [up - down for up, down in zip(high[seed], low[seed])] for seed in sorted(high.keys() & low.keys())}
 
 
