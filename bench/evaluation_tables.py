@@ -486,7 +486,6 @@ TABLES = (
             Row(
                 "FMN with a BN neck in training (row `fmn_bn_neck`; below): GRN + LAN",
                 "pool/fmn_bn_neck.json",
-                time_note="(a later session's CPU, with AMX)",
             ),
             Row("the same, GRN alone", "pool/fmn_bn_neck.json", "branch1"),
             Row("the same, mask branch + LAN alone", "pool/fmn_bn_neck.json", "branch2"),
